@@ -1,0 +1,220 @@
+"""Rules over parameter pytrees: plan, quantize, dequantize, report.
+
+Paths are '/'-joined keys (``params/layers_0/attn/q_proj/kernel``); the same strings arise for
+linen variable dicts and nnx state (the trailing ``value`` of an nnx Variable is dropped).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq import metrics
+from jq.qarray import ActivationQuant, QArray, dequantize
+from jq.quantize import check_float_input, quantize
+from jq.spec import ActMode, Algorithm, Granularity, Rule
+
+PyTree = Any
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+  """'/'-joined path of a ``tree_flatten_with_path`` key path (nnx ``value`` suffix dropped)."""
+  parts = [_key_str(k) for k in keypath]
+  if parts and parts[-1] in ("value", "raw_value"):
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, leaf)]`` with QArrays as leaves."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
+  return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """``tree_map`` with the '/'-joined path as first argument (QArrays are leaves)."""
+  return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_str(kp), x), tree,
+                                          is_leaf=is_qarray)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What the rules decided for one leaf."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  rule: Rule | None  # None: no rule matched (left in float)
+
+  @property
+  def quantized(self) -> bool:
+    return self.rule is not None and self.rule.weight is not None
+
+
+def plan(params: PyTree, rules: Sequence[Rule]) -> list[LayerPlan]:
+  """Matches every leaf against the ordered rules (first match wins).
+
+  Raises:
+    ValueError: a required rule matched no leaf (usually a typo in its pattern).
+  """
+  rules = tuple(rules)
+  used = [False] * len(rules)
+  out = []
+  for path, leaf in leaves_with_paths(params):
+    rule = None
+    for i, r in enumerate(rules):
+      if r.matches(path):
+        rule, used[i] = r, True
+        break
+    shape = tuple(getattr(leaf, "shape", ()))
+    out.append(LayerPlan(path, shape, str(getattr(leaf, "dtype", type(leaf).__name__)), rule))
+  missing = [r.pattern for r, u in zip(rules, used) if r.required and not u]
+  if missing:
+    sample = ", ".join(p.path for p in out[:6])
+    raise ValueError(f"rule pattern(s) {missing} matched no parameter; paths look like: {sample}")
+  return out
+
+
+def _check_rule_fits(path: str, leaf, rule: Rule) -> None:
+  spec = rule.weight
+  where = f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}"
+  if leaf.ndim < 2 and spec.granularity is not Granularity.TENSOR:
+    raise ValueError(f"{where}: per-channel/group quantization of a rank-{leaf.ndim} tensor; "
+                     "skip it with a rule (weight=None) or use Granularity.TENSOR")
+  if rule.algorithm is not Algorithm.RTN:
+    raise ValueError(f"{path}: rule asks for {rule.algorithm.value}, which needs calibration data; "
+                     "use jq.ptq.quantize_model(...) instead of quantize_tree")
+
+
+def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
+                  act_scales: Mapping[str, tuple[jax.Array, jax.Array | None]] | None = None
+                  ) -> PyTree:
+  """Returns ``params`` with every leaf that a rule quantizes replaced by a :class:`QArray`.
+
+  Pure and jittable (rules are static); under ``jax.jit`` with sharded inputs each leaf keeps its
+  sharding.  Leaves skipped by a rule, or matched by none, are returned unchanged.
+
+  Args:
+    params: a pytree of arrays (linen variables, or nnx state).
+    rules: ordered rules; first match wins; see :func:`jq.spec.default_rules`.
+    act_scales: for rules with static activation quantization, ``{kernel path: (scale, zp)}`` from
+      calibration (see ``jq.calibrate``).
+
+  Example:
+    >>> qparams = quantize_tree(params, default_rules(W4A16_G128))
+  """
+  rules = tuple(rules)
+  decided = {p.path: p for p in plan(params, rules)}
+  act_scales = dict(act_scales or {})
+
+  def one(path, leaf):
+    pl = decided[path]
+    if not pl.quantized or isinstance(leaf, QArray):
+      return leaf
+    check_float_input(leaf, path)
+    _check_rule_fits(path, leaf, pl.rule)
+    q = quantize(leaf, pl.rule.weight, name=path)
+    act = pl.rule.activation
+    if act is None:
+      return q
+    if act.mode is ActMode.STATIC:
+      if path not in act_scales:
+        raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: static activation "
+                         "quantization needs a calibrated input scale; run jq.calibrate first")
+      s, z = act_scales[path]
+      aq = ActivationQuant(scale=jnp.asarray(s, jnp.float32), zero_point=z, spec=act)
+    else:
+      aq = ActivationQuant(scale=None, zero_point=None, spec=act)
+    return dataclasses.replace(q, activation=aq)
+
+  return map_with_paths(one, params)
+
+
+def dequantize_tree(tree: PyTree, dtype=jnp.float32) -> PyTree:
+  """Replaces every QArray by its dequantized array in ``dtype``; other leaves unchanged."""
+  return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, tree,
+                                is_leaf=is_qarray)
+
+
+def nbytes(tree: PyTree) -> int:
+  """Bytes of storage of a tree (QArrays counted packed)."""
+  total = 0
+  for _, leaf in leaves_with_paths(tree):
+    if is_qarray(leaf):
+      total += leaf.nbytes
+    elif hasattr(leaf, "dtype"):
+      total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  path: str
+  shape: tuple[int, ...]
+  spec: str
+  mse: float
+  sqnr_db: float
+  bytes_before: int
+  bytes_after: int
+
+
+def report(params: PyTree, qparams: PyTree) -> list[LayerReport]:
+  """Per quantized leaf: error metrics of the dequantized weight against the float one, and sizes."""
+  ref = dict(leaves_with_paths(params))
+  rows = []
+  for path, q in leaves_with_paths(qparams):
+    if not is_qarray(q):
+      continue
+    if path not in ref:
+      raise ValueError(f"report: {path} is quantized but missing from the float tree")
+    w = ref[path]
+    deq = dequantize(q, jnp.float32)
+    desc = f"{q.qtype.value} tile={'x'.join(map(str, q.tile))}"
+    desc += "" if q.zero_point is None else " asym"
+    desc += "" if q.activation is None else f" {q.activation.spec.describe()}"
+    rows.append(LayerReport(path, tuple(q.shape), desc, float(metrics.mse(w, deq)),
+                            float(metrics.sqnr(w, deq)),
+                            int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize, q.nbytes))
+  return rows
+
+
+def format_report(rows: Sequence[LayerReport], *, limit: int | None = None) -> str:
+  """A plain-text table of a :func:`report` (worst SQNR first when ``limit`` is set)."""
+  if limit is not None:
+    rows = sorted(rows, key=lambda r: r.sqnr_db)[:limit]
+  head = ("path", "shape", "spec", "MSE", "SQNR dB", "bytes before", "bytes after")
+  body = [(r.path, "x".join(map(str, r.shape)), r.spec, f"{r.mse:.3e}", f"{r.sqnr_db:.2f}",
+           f"{r.bytes_before:,}", f"{r.bytes_after:,}") for r in rows]
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+  line = lambda cells: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+  if rows:
+    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+    out.append(f"{len(rows)} quantized tensors: {before:,} -> {after:,} bytes "
+               f"({after / max(before, 1):.3f}x)")
+  return "\n".join(out)
+
+
+def tree_error(params: PyTree, qparams: PyTree) -> dict[str, float]:
+  """Error metrics over all quantized leaves together (concatenated)."""
+  rows = report(params, qparams)
+  ref = dict(leaves_with_paths(params))
+  q = dict(leaves_with_paths(qparams))
+  a = jnp.concatenate([jnp.ravel(ref[r.path]).astype(jnp.float32) for r in rows]) if rows else jnp.zeros(0)
+  b = jnp.concatenate([jnp.ravel(dequantize(q[r.path])) for r in rows]) if rows else jnp.zeros(0)
+  return metrics.error_stats(a, b) if rows else {}
