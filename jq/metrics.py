@@ -25,15 +25,17 @@ def sqnr(ref: jax.Array, approx: jax.Array) -> jax.Array:
   """
   a, b = _f32(ref, approx)
   noise = jnp.sum((a - b) ** 2)
-  return 10.0 * jnp.log10(jnp.sum(a * a) / noise)
+  return jnp.where(noise == 0, jnp.inf, 10.0 * jnp.log10(jnp.sum(a * a) / noise))
 
 
 def cosine(ref: jax.Array, approx: jax.Array) -> jax.Array:
   """Cosine similarity of the flattened tensors (1 for two all-zero tensors)."""
   a, b = _f32(ref, approx)
   a, b = a.ravel(), b.ravel()
+  # normalise first: the product of norms of large tensors overflows float32
   na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
-  return jnp.where((na == 0) & (nb == 0), 1.0, jnp.dot(a, b) / jnp.maximum(na * nb, 1e-30))
+  ua, ub = a / jnp.where(na == 0, 1.0, na), b / jnp.where(nb == 0, 1.0, nb)
+  return jnp.where((na == 0) & (nb == 0), 1.0, jnp.clip(jnp.dot(ua, ub), -1.0, 1.0))
 
 
 def max_abs_error(ref: jax.Array, approx: jax.Array) -> jax.Array:
@@ -42,10 +44,14 @@ def max_abs_error(ref: jax.Array, approx: jax.Array) -> jax.Array:
 
 
 def kl_divergence(logits_p: jax.Array, logits_q: jax.Array, axis: int = -1) -> jax.Array:
-  """Per-position ``KL(softmax(p) || softmax(q))`` along ``axis`` (nats)."""
+  """Per-position ``KL(softmax(p) || softmax(q))`` along ``axis`` (nats).
+
+  Entries where ``p`` has zero probability (e.g. ``-inf`` masked logits) contribute 0.
+  """
   lp = jax.nn.log_softmax(jnp.asarray(logits_p, jnp.float32), axis=axis)
   lq = jax.nn.log_softmax(jnp.asarray(logits_q, jnp.float32), axis=axis)
-  return jnp.sum(jnp.exp(lp) * (lp - lq), axis=axis)
+  p = jnp.exp(lp)
+  return jnp.sum(jnp.where(p > 0, p * (lp - lq), 0.0), axis=axis)
 
 
 def error_stats(ref: jax.Array, approx: jax.Array) -> dict[str, float]:

@@ -67,31 +67,134 @@ def unpack(packed: jax.Array, qtype: QType, n: int) -> jax.Array:
   return v.astype(qtype.unpacked_dtype)
 
 
+def _axis_kind(s: int, t: int) -> str:
+  """'g' for a grouped axis (several tiles of length > 1), 'f' for a single full tile, 'e' for
+  one tile per element."""
+  if t >= s:
+    return "f"
+  return "e" if t == 1 else "g"
+
+
+def split_shape(shape: Sequence[int], tile: Sequence[int]) -> tuple[int, ...]:
+  """Shape of :func:`split` output: every grouped axis ``s`` becomes ``(ceil(s / t), t)``."""
+  out = []
+  for s, t in zip(shape, tile):
+    out.extend((-(-s // t), t) if _axis_kind(s, t) == "g" else (s,))
+  return tuple(out)
+
+
+def _group_positions(shape: Sequence[int], tile: Sequence[int]) -> list[tuple[int, int]]:
+  """``[(axis, position of its group-interior axis in the split layout)]`` for grouped axes."""
+  out, pos = [], 0
+  for axis, (s, t) in enumerate(zip(shape, tile)):
+    if _axis_kind(s, t) == "g":
+      out.append((axis, pos + 1))
+      pos += 2
+    else:
+      pos += 1
+  return out
+
+
+def _pad_end(x: jax.Array, axis: int, n: int, fill: float | str) -> jax.Array:
+  """Appends ``n`` entries along one axis only (other axes, possibly sharded, are untouched)."""
+  if fill == "edge":
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    tail = jnp.broadcast_to(last, (*x.shape[:axis], n, *x.shape[axis + 1:]))
+    return jnp.concatenate([x, tail], axis=axis)
+  cfg = [(0, n if a == axis else 0, 0) for a in range(x.ndim)]
+  return jax.lax.pad(x, jnp.asarray(fill, x.dtype), cfg)
+
+
+def split(x: jax.Array, tile: Sequence[int], fill: float | str = "edge") -> jax.Array:
+  """Splits every grouped axis of ``x`` into ``(groups, group_size)`` (see :func:`split_shape`).
+
+  Axes with one scale per element or one scale overall stay as they are, so per-channel and
+  per-tensor tiles cost no reshape at all.  A partial last group is padded: ``fill="edge"``
+  repeats the axis' last element (min/max of the group are unchanged), a float pads with it (NaN
+  for nan-aware statistics).  Reshapes split one axis at a time, which keeps shardings
+  propagating (also on meshes with explicit axis types).
+  """
+  shape = x.shape
+  for axis, _ in _group_positions(shape, tile):
+    n = (-shape[axis]) % tile[axis]
+    if n:
+      x = _pad_end(x, axis, n, fill)
+  for axis, _ in reversed(_group_positions(shape, tile)):  # earlier axes are not split yet
+    n, t = -(-shape[axis] // tile[axis]), tile[axis]
+    x = x.reshape(*x.shape[:axis], n, t, *x.shape[axis + 1:])
+  return x
+
+
+def merge(xb: jax.Array, tile: Sequence[int], shape: Sequence[int]) -> jax.Array:
+  """Inverse of :func:`split`: merges group axes back and cuts the padding of partial groups.
+
+  Axes of size 1 in ``xb`` (a single-tile axis left for broadcasting) stay size 1.
+  """
+  groups = _group_positions(shape, tile)
+  for axis, pos in groups:  # after merging earlier groups, this group sits at ``axis``
+    xb = xb.reshape(*xb.shape[:axis], xb.shape[axis] * xb.shape[axis + 1], *xb.shape[axis + 2:])
+  for axis, _ in groups:
+    if xb.shape[axis] != shape[axis]:
+      xb = jax.lax.slice_in_dim(xb, 0, shape[axis], axis=axis)
+  return xb
+
+
+def tile_axes(shape: Sequence[int], tile: Sequence[int]) -> tuple[int, ...]:
+  """Axes of the :func:`split` layout to reduce over for per-tile statistics (keepdims)."""
+  out, pos = [], 0
+  for s, t in zip(shape, tile):
+    k = _axis_kind(s, t)
+    if k == "g":
+      out.append(pos + 1)
+      pos += 2
+    else:
+      if k == "f":
+        out.append(pos)
+      pos += 1
+  return tuple(out)
+
+
+def stats_to_tiles(stat: jax.Array, shape: Sequence[int], tile: Sequence[int]) -> jax.Array:
+  """A keepdims reduction over :func:`tile_axes` -> shape ``num_tiles(shape, tile)``."""
+  pos = tuple(p for _, p in _group_positions(shape, tile))
+  return jnp.squeeze(stat, axis=pos) if pos else stat
+
+
+def tiles_to_split(t: jax.Array, shape: Sequence[int], tile: Sequence[int]) -> jax.Array:
+  """Per-tile values (shape ``num_tiles``) -> broadcastable against the :func:`split` layout."""
+  pos = tuple(p for _, p in _group_positions(shape, tile))
+  return jnp.expand_dims(t, pos) if pos else t
+
+
 def expand(t: jax.Array, tile: Sequence[int], shape: Sequence[int]) -> jax.Array:
   """Broadcasts per-tile values ``t`` (shape ``num_tiles(shape, tile)``) to the logical shape.
 
   Axes with a single tile stay size 1 (broadcasting does the rest), so per-channel and per-tensor
-  scales cost nothing; group axes are repeated and cut to length (partial last group).
+  scales cost nothing; group axes are broadcast as ``(groups, group_size)`` and merged (no
+  ``jnp.repeat``, which keeps shardings), then cut to length (partial last group).
   """
-  for axis, (tl, s) in enumerate(zip(tile, shape)):
-    if t.shape[axis] != 1 and tl != 1:
-      t = jnp.repeat(t, tl, axis=axis, total_repeat_length=t.shape[axis] * tl)
-      if t.shape[axis] != s:
-        t = jax.lax.slice_in_dim(t, 0, s, axis=axis)
-  return t
+  tb = tiles_to_split(t, shape, tile)
+  target = list(tb.shape)
+  for axis, pos in _group_positions(shape, tile):
+    target[pos] = tile[axis]
+  tb = jnp.broadcast_to(tb, tuple(target))
+  return merge(tb, tile, shape)
 
 
 def to_blocks(x: jax.Array, tile: Sequence[int], fill: float = float("nan")) -> jax.Array:
   """Reshapes ``x`` to ``(n0, t0, n1, t1, ...)``; a partial last tile is padded with ``fill``.
 
   Reductions over the odd axes then give per-tile statistics (use nan-aware reductions with the
-  default NaN fill).
+  default NaN fill).  Prefer :func:`split`, which only splits grouped axes (cheaper, and friendly
+  to sharded inputs).
   """
   tiles = num_tiles(x.shape, tile)
   pads = [(0, n * t - s) for n, t, s in zip(tiles, tile, x.shape)]
   if any(p[1] for p in pads):
-    x = jnp.pad(x, pads, constant_values=fill)
-  return x.reshape([d for nt in zip(tiles, tile) for d in nt])
+    x = jnp.pad(x, pads, constant_values=jnp.asarray(fill, x.dtype))
+  for axis in reversed(range(x.ndim)):  # one axis at a time (sharding rules handle single splits)
+    x = x.reshape(*x.shape[:axis], tiles[axis], x.shape[axis] // tiles[axis], *x.shape[axis + 1:])
+  return x
 
 
 def tile_reduce_axes(ndim: int) -> tuple[int, ...]:
@@ -114,9 +217,59 @@ def nf4_table(dtype=jnp.float32) -> jax.Array:
 
 
 def nf4_encode(v: jax.Array) -> jax.Array:
-  """Index of the nearest NF4 table entry for values already divided by the scale."""
-  mids = jnp.asarray((NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2, jnp.float32)
-  return jnp.searchsorted(mids, v.astype(jnp.float32), side="left").astype(jnp.uint8)
+  """Index of the nearest NF4 table entry for values already divided by the scale.
+
+  Counts the table midpoints below ``v`` (15 fused compares; a value exactly on a midpoint takes
+  the lower entry).
+  """
+  v = v.astype(jnp.float32)
+  mids = (NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2
+  idx = jnp.zeros(v.shape, jnp.uint8)
+  for m in mids:
+    idx = idx + (v > np.float32(m)).astype(jnp.uint8)
+  return idx
+
+
+# ---- scales ----------------------------------------------------------------------------------
+# float32 scales are rounded to SCALE_BITS significant bits.  Recomputing a scale from its own
+# dequantized tensor then lands back on it exactly (the float noise of ``q * s`` and of the range
+# arithmetic is far below half a unit of the 20-bit grid), which makes quantize idempotent.
+SCALE_BITS = 20
+_F32_DROP = 24 - SCALE_BITS
+_F32_MAX_SNAPPED = np.array(0x7F7FFFFF & ~((1 << _F32_DROP) - 1), np.uint32).view(np.float32)
+
+
+def scale_limits(dtype) -> tuple[float, float]:
+  """``(smallest, largest)`` scale jq stores in ``dtype`` (float16 allows subnormal scales)."""
+  dt = jnp.dtype(dtype)
+  fi = jnp.finfo(dt)
+  lo = float(fi.smallest_subnormal if dt == jnp.float16 else fi.smallest_normal)
+  hi = float(_F32_MAX_SNAPPED) if dt == jnp.float32 else float(fi.max)
+  return lo, hi
+
+
+def snap_scale(y: jax.Array, dtype) -> jax.Array:
+  """The stored scale for an ideal scale ``y >= 0``: 0 becomes 1 (an all-zero tile), the value is
+  clamped to :func:`scale_limits` and rounded to nearest in ``dtype`` (float32: to
+  ``SCALE_BITS`` significant bits).  NaN stays NaN, so ``QArray.validate`` can flag it."""
+  dt = jnp.dtype(dtype)
+  lo, hi = scale_limits(dt)
+  y = y.astype(jnp.float32)
+  y = jnp.clip(jnp.where(y == 0, 1.0, y), lo, hi)
+  if dt == jnp.float32:
+    u = jax.lax.bitcast_convert_type(y, jnp.uint32)
+    u = (u + np.uint32(1 << (_F32_DROP - 1))) & np.uint32(~((1 << _F32_DROP) - 1) & 0xFFFFFFFF)
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
+  return y.astype(dt)
+
+
+def prev_scale(s: jax.Array) -> jax.Array:
+  """The next smaller representable scale (one unit of the grid of :func:`snap_scale`)."""
+  if s.dtype == jnp.float32:
+    u = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    return jax.lax.bitcast_convert_type(u - np.uint32(1 << _F32_DROP), jnp.float32)
+  u = jax.lax.bitcast_convert_type(s, jnp.uint16)
+  return jax.lax.bitcast_convert_type(u - np.uint16(1), s.dtype)
 
 
 def is_concrete(x) -> bool:

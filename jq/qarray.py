@@ -59,7 +59,7 @@ class QArray:
 
   @property
   def dtype(self):
-    """The dtype a dequantized copy has by default (the scale's)."""
+    """The scale's dtype (``dequantize`` returns float32 unless given a dtype)."""
     return self.scale.dtype
 
   @property
@@ -83,9 +83,9 @@ class QArray:
   def validate(self, name: str = "<qarray>") -> "QArray":
     """Checks storage shapes and dtypes against the static metadata; raises ValueError naming
     ``name``.  Value checks (finite, positive scales) run only on concrete arrays."""
-    where = f"{name}: QArray(qtype={self.qtype.value}, shape={self.shape}, tile={self.tile})"
     if not isinstance(self.qtype, QType):
       raise ValueError(f"{name}: qtype {self.qtype!r} is not a QType")
+    where = f"{name}: QArray(qtype={self.qtype.value}, shape={self.shape}, tile={self.tile})"
     if len(self.tile) != len(self.shape) or any(t < 1 for t in self.tile):
       raise ValueError(f"{where}: tile must have one positive entry per axis")
     want = numerics.packed_shape(self.shape, self.qtype)
@@ -104,6 +104,11 @@ class QArray:
       if tuple(self.zero_point.shape) != tiles or self.zero_point.dtype != self.qtype.unpacked_dtype:
         raise ValueError(f"{where}: zero_point has shape {tuple(self.zero_point.shape)} dtype "
                          f"{self.zero_point.dtype}, expected {tiles} {self.qtype.unpacked_dtype}")
+      if numerics.is_concrete(self.zero_point) and self.zero_point.size:
+        zp = np.asarray(self.zero_point)
+        if zp.min() < self.qtype.qmin or zp.max() > self.qtype.qmax:
+          raise ValueError(f"{where}: zero points must lie in [{self.qtype.qmin}, "
+                           f"{self.qtype.qmax}] (found {zp.min()}..{zp.max()})")
     if numerics.is_concrete(self.scale):
       s = np.asarray(jnp.asarray(self.scale, jnp.float32))
       if s.size and not (np.all(np.isfinite(s)) and np.all(s > 0)):

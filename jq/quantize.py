@@ -17,57 +17,126 @@ from jq.spec import ClipMethod, QuantSpec
 
 
 def check_float_input(x, name: str = "<tensor>") -> None:
-  """Raises ValueError (naming ``name``, shape and dtype) for non-float or non-finite input."""
+  """Raises ValueError (naming ``name``, shape and dtype) for non-float or non-finite input.
+
+  The finiteness check runs on concrete arrays only (on device; one bool comes back), not on
+  tracers under ``jit``.
+  """
   dt = getattr(x, "dtype", None)
   if dt is None or not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(f"{name}: shape {tuple(np.shape(x))} dtype {dt}: only floating-point tensors "
-                     "can be quantized")
-  if numerics.is_concrete(x):
-    bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
-    if bad:
+                     "can be quantized; skip this parameter with a rule (weight=None)")
+  if numerics.is_concrete(x) and np.size(x):
+    finite = jnp.isfinite(jnp.asarray(x))
+    if not bool(jnp.all(finite)):
+      bad = int(np.size(x)) - int(jnp.count_nonzero(finite))
       raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype} has {bad} NaN/Inf values; "
                        "refusing to quantize a non-finite tensor")
 
 
+def _check_shape(x, name: str) -> None:
+  if x.ndim == 0:
+    raise ValueError(f"{name}: shape () dtype {x.dtype}: scalars are not quantized; skip them "
+                     "with a rule (weight=None)")
+  if x.size == 0:
+    raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: empty tensors are not "
+                     "quantized; skip them with a rule (weight=None)")
+
+
 def _range_to_params(lo, hi, spec: QuantSpec):
-  """Scale and zero point for per-tile ranges ``[lo, hi]`` (both include 0)."""
+  """Scale and zero point for per-tile ranges ``[lo, hi]`` (``lo <= 0 <= hi``).
+
+  Symmetric: ``scale = absmax / qmax`` (``absmax`` for NF4), no zero point.  Asymmetric:
+  ``scale = (hi - lo) / (qmax - qmin)`` and ``zero_point = qmin - round(lo / scale)``, so ``lo``
+  maps to ``qmin`` exactly and 0 is on the grid.  When rounding the scale to its stored precision
+  made the grid too short for ``hi`` to reach ``qmax``, the scale is lowered by one unit: the grid
+  ends are then always used, which is what makes :func:`quantize` idempotent on its own output.
+  """
   qt = spec.qtype
   sdt = jnp.dtype(spec.scale_dtype)
   if spec.symmetric:
-    absmax = jnp.maximum(-lo, hi)
-    scale = absmax / (1.0 if qt.is_table else float(qt.qmax))
-    zp = None
-  else:
-    scale = (hi - lo) / float(qt.qmax - qt.qmin)
-  # an all-zero tile gets scale 1 (every value maps to the zero point); tiny ranges stay positive
-  scale = jnp.where(scale > 0, scale, 1.0).astype(sdt)
-  scale = jnp.maximum(scale, jnp.finfo(sdt).tiny).astype(sdt)
-  if not spec.symmetric:
-    zp = numerics.round_half_even(qt.qmin - lo / scale.astype(jnp.float32))
-    zp = jnp.clip(zp, qt.qmin, qt.qmax).astype(qt.unpacked_dtype)
+    scale = numerics.snap_scale(hi / (1.0 if qt.is_table else float(qt.qmax)), sdt)
+    return scale, None
+  n = float(qt.qmax - qt.qmin)
+  scale = numerics.snap_scale(hi / n - lo / n, sdt)  # (hi - lo) / n can overflow
+  r = 1.0 / scale.astype(jnp.float32)
+  a, b = jnp.round(lo * r), jnp.round(hi * r)
+  short = (b - a < n) & (hi > lo) & (scale > numerics.scale_limits(sdt)[0])
+  scale = jnp.where(short, numerics.prev_scale(scale), scale)
+  r = 1.0 / scale.astype(jnp.float32)
+  zp = jnp.clip(float(qt.qmin) - jnp.round(lo * r), qt.qmin, qt.qmax).astype(qt.unpacked_dtype)
   return scale, zp
 
 
-def _quantize_values(x, scale, zp, spec: QuantSpec, tile):
-  """Integer values (unpacked) of ``x`` on the grid given by per-tile ``scale``/``zp``."""
+def _quantize_split(xb, scale, zp, spec: QuantSpec, shape, tile):
+  """Unpacked integer values of ``xb`` (the ``numerics.split`` layout) on the given grid:
+  ``clip(round(x / scale) + zero_point)`` (NF4: nearest table entry of ``x / scale``)."""
   qt = spec.qtype
-  s = numerics.expand(scale.astype(jnp.float32), tile, x.shape)
-  v = x.astype(jnp.float32) / s
+  r = numerics.tiles_to_split(1.0 / scale.astype(jnp.float32), shape, tile)
+  v = xb.astype(jnp.float32) * r
   if qt.is_table:
     return numerics.nf4_encode(v)
+  v = numerics.round_half_even(v)
   if zp is not None:
-    v = v + numerics.expand(zp.astype(jnp.float32), tile, x.shape)
-  return jnp.clip(numerics.round_half_even(v), qt.qmin, qt.qmax).astype(qt.unpacked_dtype)
+    v = v + numerics.tiles_to_split(zp.astype(jnp.float32), shape, tile)
+  return jnp.clip(v, qt.qmin, qt.qmax).astype(qt.unpacked_dtype)
 
 
-def _dequant_values(q, scale, zp, spec: QuantSpec, tile):
-  s = numerics.expand(scale.astype(jnp.float32), tile, q.shape)
+def _dequant_split(qb, scale, zp, spec: QuantSpec, shape, tile):
+  s = numerics.tiles_to_split(scale.astype(jnp.float32), shape, tile)
   if spec.qtype.is_table:
-    return numerics.nf4_table()[q.astype(jnp.int32)] * s
-  v = q.astype(jnp.float32)
+    return numerics.nf4_table()[qb.astype(jnp.int32)] * s
+  v = qb.astype(jnp.float32)
   if zp is not None:
-    v = v - numerics.expand(zp.astype(jnp.float32), tile, q.shape)
+    v = v - numerics.tiles_to_split(zp.astype(jnp.float32), shape, tile)
   return v * s
+
+
+def _reduce(fn, xb, shape, tile):
+  axes = numerics.tile_axes(shape, tile)
+  return numerics.stats_to_tiles(fn(xb, axis=axes, keepdims=True), shape, tile)
+
+
+def _ranges(xf, xb, spec: QuantSpec, tile):
+  """Per-tile ``(lo, hi)`` with ``lo <= 0 <= hi`` (``lo == -hi`` if symmetric), clipping applied.
+
+  ``xf`` is the float32 tensor, ``xb`` its ``split`` layout (edge padded).
+  """
+  shape = xf.shape
+  clip = spec.clip
+  if clip.method is ClipMethod.PERCENTILE:
+    xn = numerics.split(xf, tile, fill=float("nan"))
+    pct = lambda q: functools.partial(jnp.nanpercentile, q=q)
+    if spec.symmetric:
+      hi = _reduce(pct(clip.percentile), jnp.abs(xn), shape, tile)
+      lo = -hi
+    else:
+      hi = _reduce(pct(clip.percentile), xn, shape, tile)
+      lo = _reduce(pct(100.0 - clip.percentile), xn, shape, tile)
+  elif spec.symmetric:
+    hi = _reduce(jnp.max, jnp.abs(xb), shape, tile)
+    lo = -hi
+  else:
+    lo, hi = _reduce(jnp.min, xb, shape, tile), _reduce(jnp.max, xb, shape, tile)
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if spec.symmetric:
+    hi = jnp.maximum(-lo, hi)
+    lo = -hi
+  if clip.method is ClipMethod.FIXED:
+    lo, hi = lo * clip.ratio, hi * clip.ratio
+  elif clip.method is ClipMethod.MSE:
+    lo, hi = _mse_search(xb, lo, hi, spec, shape, tile)
+  return lo, hi
+
+
+def _params(x, spec: QuantSpec, name: str):
+  """``(tile, float32 split layout of x, scale, zero_point)``."""
+  tile = spec.tile(x.shape, name=name, dtype=x.dtype)
+  xf = x.astype(jnp.float32)
+  xb = numerics.split(xf, tile, fill="edge")
+  lo, hi = _ranges(xf, xb, spec, tile)
+  scale, zp = _range_to_params(lo, hi, spec)
+  return tile, xb, scale, zp
 
 
 def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>"
@@ -76,45 +145,30 @@ def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>"
 
   The range always contains 0, so 0 is represented exactly; all-zero tiles get scale 1.
   """
-  tile = spec.tile(x.shape, name=name, dtype=x.dtype)
-  xf = x.astype(jnp.float32)
-  blocks = numerics.to_blocks(xf, tile)
-  axes = numerics.tile_reduce_axes(x.ndim)
-
-  def stat(fn, b):
-    return numerics.from_block_stats(fn(b, axis=axes, keepdims=True))
-
-  clip = spec.clip
-  if clip.method is ClipMethod.PERCENTILE:
-    if spec.symmetric:
-      hi = stat(functools.partial(jnp.nanpercentile, q=clip.percentile), jnp.abs(blocks))
-      lo = -hi
-    else:
-      hi = stat(functools.partial(jnp.nanpercentile, q=clip.percentile), blocks)
-      lo = stat(functools.partial(jnp.nanpercentile, q=100.0 - clip.percentile), blocks)
-  else:
-    lo, hi = stat(jnp.nanmin, blocks), stat(jnp.nanmax, blocks)
-  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-  if spec.symmetric:
-    hi = jnp.maximum(-lo, hi)
-    lo = -hi
-  if clip.method is ClipMethod.FIXED:
-    lo, hi = lo * clip.ratio, hi * clip.ratio
-  elif clip.method is ClipMethod.MSE:
-    lo, hi = _mse_search(xf, lo, hi, spec, tile)
-  return _range_to_params(lo, hi, spec)
+  x = jnp.asarray(x)
+  _check_shape(x, name)
+  _, _, scale, zp = _params(x, spec, name)
+  return scale, zp
 
 
-def _mse_search(x, lo, hi, spec: QuantSpec, tile):
-  """Per tile, the shrink ratio of ``[lo, hi]`` with the least squared quantization error."""
+def _mse_search(xb, lo, hi, spec: QuantSpec, shape, tile):
+  """Per tile, the shrink ratio of ``[lo, hi]`` with the least squared quantization error.
+
+  Ratio 1 (no clipping) is the starting point and is only replaced by a strictly better one, so
+  the result is never worse than no clipping.  A scan over ratios: memory stays one tensor.
+  """
   ratios = jnp.linspace(spec.clip.min_ratio, 1.0, spec.clip.grid, dtype=jnp.float32)
-  axes = numerics.tile_reduce_axes(x.ndim)
+  pad = any(s % t and 1 < t < s for s, t in zip(shape, tile))
+  mask = numerics.split(jnp.ones(shape, jnp.bool_), tile, fill=False) if pad else None
 
   def err(r):
     scale, zp = _range_to_params(lo * r, hi * r, spec)
-    d = _dequant_values(_quantize_values(x, scale, zp, spec, tile), scale, zp, spec, tile) - x
-    e = numerics.to_blocks(d * d, tile, fill=0.0)
-    return numerics.from_block_stats(jnp.sum(e, axis=axes, keepdims=True))
+    d = _dequant_split(_quantize_split(xb, scale, zp, spec, shape, tile), scale, zp, spec, shape,
+                       tile) - xb
+    e = d * d
+    if mask is not None:
+      e = jnp.where(mask, e, 0.0)
+    return _reduce(jnp.sum, e, shape, tile)
 
   def body(carry, r):
     best_err, best_r = carry
@@ -128,38 +182,68 @@ def _mse_search(x, lo, hi, spec: QuantSpec, tile):
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>") -> QArray:
-  """Quantizes ``x`` to a :class:`QArray` (round to nearest, ties to even).
+  """Quantizes ``x`` to a :class:`QArray`: ``q = clip(round(x / scale) + zero_point)``.
+
+  Rounding is to nearest, ties to even.  Invariants (no clipping configured): every element is
+  within half a step of its dequantized value (asymmetric grids: plus at most
+  ``(qmax - qmin) * 2**-(p - 1)`` steps at the range ends, ``p`` the scale's significant bits, 20
+  for float32 scales), zeros stay exactly zero, and ``quantize(dequantize(q))`` reproduces ``q``.
 
   Example:
     >>> q = quantize(w, QuantSpec(qtype=QType.INT8))       # per-output-channel int8
     >>> w_hat = q.dequantize(jnp.bfloat16)
   """
   check_float_input(x, name)
-  if x.ndim == 0:
-    raise ValueError(f"{name}: shape () dtype {x.dtype}: scalars are not quantized")
-  scale, zp = compute_params(x, spec, name=name)
-  tile = spec.tile(x.shape, name=name, dtype=x.dtype)
-  q = _quantize_values(x, scale, zp, spec, tile)
+  x = jnp.asarray(x)
+  _check_shape(x, name)
+  tile, xb, scale, zp = _params(x, spec, name)
+  q = numerics.merge(_quantize_split(xb, scale, zp, spec, x.shape, tile), tile, x.shape)
   return QArray(values=numerics.pack(q, spec.qtype), scale=scale, zero_point=zp, activation=None,
                 qtype=spec.qtype, shape=tuple(x.shape), tile=tile)
 
 
 def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None,
                          spec: QuantSpec, *, name: str = "<tensor>") -> QArray:
-  """Quantizes ``x`` on a given grid (used by GPTQ/AWQ, which choose scales themselves)."""
+  """Quantizes ``x`` on a given grid (used by GPTQ/AWQ, which choose scales themselves).
+
+  ``scale`` is cast to ``spec.scale_dtype`` first (the grid used is the stored one); a float
+  ``zero_point`` is rounded to integers.
+  """
+  check_float_input(x, name)
+  x = jnp.asarray(x)
+  _check_shape(x, name)
   tile = spec.tile(x.shape, name=name, dtype=x.dtype)
-  q = _quantize_values(x, scale, zero_point, spec, tile)
-  return QArray(values=numerics.pack(q, spec.qtype), scale=scale.astype(spec.scale_dtype),
-                zero_point=zero_point, activation=None, qtype=spec.qtype, shape=tuple(x.shape),
-                tile=tile).validate(name)
+  scale = jnp.asarray(scale).astype(spec.scale_dtype)
+  if zero_point is not None:
+    if spec.symmetric:
+      raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: a zero point was given "
+                       f"for the symmetric spec {spec.describe()}")
+    zero_point = jnp.asarray(zero_point)
+    if jnp.issubdtype(zero_point.dtype, jnp.floating):
+      zero_point = jnp.round(zero_point)
+    zero_point = jnp.clip(zero_point, spec.qtype.qmin, spec.qtype.qmax).astype(
+        spec.qtype.unpacked_dtype)
+  elif not spec.symmetric:
+    raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: the asymmetric spec "
+                     f"{spec.describe()} needs a zero point")
+  want = numerics.num_tiles(x.shape, tile)
+  if tuple(scale.shape) != want:
+    raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: scale has shape "
+                     f"{tuple(scale.shape)}, expected {want} for tile {tile}")
+  xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
+  q = numerics.merge(_quantize_split(xb, scale, zero_point, spec, x.shape, tile), tile, x.shape)
+  return QArray(values=numerics.pack(q, spec.qtype), scale=scale, zero_point=zero_point,
+                activation=None, qtype=spec.qtype, shape=tuple(x.shape), tile=tile).validate(name)
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
   """``dequantize(quantize(x))`` in ``x.dtype`` with a straight-through gradient (for QAT)."""
-  tile = spec.tile(x.shape, dtype=x.dtype)
-  scale, zp = compute_params(jax.lax.stop_gradient(x), spec)
-  y = _dequant_values(_quantize_values(x, scale, zp, spec, tile), scale, zp, spec, tile)
-  return x + jax.lax.stop_gradient(y.astype(x.dtype) - x)
+  tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>")
+  xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
+  yb = _dequant_split(_quantize_split(xb, scale, zp, spec, x.shape, tile), scale, zp, spec,
+                      x.shape, tile)
+  y = numerics.merge(yb, tile, x.shape).astype(x.dtype)
+  return x + jax.lax.stop_gradient(y - x)
 
 
 __all__ = ["compute_params", "quantize", "quantize_with_params", "fake_quant", "dequantize",

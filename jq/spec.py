@@ -88,8 +88,20 @@ class QuantSpec:
   clip: Clip = Clip()
 
   def __post_init__(self):
+    if isinstance(self.channel_axes, int):
+      object.__setattr__(self, "channel_axes", (self.channel_axes,))
+    object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
+    if not all(isinstance(a, int) for a in self.channel_axes) or not isinstance(self.group_axis, int):
+      raise ValueError(f"QuantSpec: channel_axes={self.channel_axes} and group_axis="
+                       f"{self.group_axis} must be ints")
+    if self.group_size is not None and not isinstance(self.group_size, int):
+      raise ValueError(f"QuantSpec.group_size={self.group_size!r} must be an int")
     if not isinstance(self.qtype, QType):
       raise ValueError(f"QuantSpec.qtype must be a QType, got {self.qtype!r}")
+    if not isinstance(self.granularity, Granularity):
+      raise ValueError(f"QuantSpec.granularity must be a Granularity, got {self.granularity!r}")
+    if not isinstance(self.clip, Clip):
+      raise ValueError(f"QuantSpec.clip must be a Clip, got {self.clip!r}")
     if self.qtype.is_table and not self.symmetric:
       raise ValueError("QuantSpec: NF4 is a symmetric table type; use symmetric=True")
     if self.symmetric and not self.qtype.signed and not self.qtype.is_table:
@@ -102,7 +114,6 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: group_size={self.group_size} needs granularity=GROUP")
     if self.scale_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: use float32, bfloat16 or float16")
-    object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
 
   def tile(self, shape: Sequence[int], *, name: str = "<tensor>", dtype=None) -> tuple[int, ...]:
     """The per-scale tile of a tensor of ``shape`` under this spec (see ``jq.numerics``)."""

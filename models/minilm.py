@@ -19,7 +19,7 @@ Example::
 
   model, tokenizer = load_minilm()
   emb = embed_sentences(model, tokenizer, ["A cat sits.", "A kitten is sitting."])
-  float(emb[0] @ emb[1])  # cosine similarity, about 0.8
+  float(emb[0] @ emb[1])  # cosine similarity of unit vectors
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ SEQ_BUCKETS = (16, 32, 64, 128, 256, 512)
 _IGNORED_PREFIXES = ("pooler.",)
 _IGNORED_NAMES = ("embeddings.position_ids",)
 
-Path_ = tuple[str | int, ...]
+StatePath = tuple[str | int, ...]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,7 +189,8 @@ class BertEncoder(nnx.Module):
     return x
 
 
-def encode(model: BertEncoder, input_ids: jax.typing.ArrayLike, attention_mask: jax.typing.ArrayLike,
+def encode(model: BertEncoder, input_ids: jax.typing.ArrayLike,
+           attention_mask: jax.typing.ArrayLike,
            token_type_ids: jax.typing.ArrayLike | None = None) -> jax.Array:
   """Last hidden states ``(batch, length, hidden)`` of ``model`` (not jitted; wrap as you like).
 
@@ -229,9 +230,9 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 # Weights
 
 
-def _hf_names(config: BertConfig) -> dict[str, tuple[Path_, bool]]:
+def _hf_names(config: BertConfig) -> dict[str, tuple[StatePath, bool]]:
   """HF BERT tensor name -> (nnx state path, transpose?)."""
-  names: dict[str, tuple[Path_, bool]] = {
+  names: dict[str, tuple[StatePath, bool]] = {
       "embeddings.word_embeddings.weight": (("embeddings", "word", "embedding"), False),
       "embeddings.position_embeddings.weight": (("embeddings", "position", "embedding"), False),
       "embeddings.token_type_embeddings.weight": (("embeddings", "token_type", "embedding"), False),
@@ -291,10 +292,10 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], config: BertConfig = Bert
     found[key] = arr
 
   missing = []
-  values: dict[Path_, nnx.Variable] = {}
+  values: dict[StatePath, nnx.Variable] = {}
   for key, (path, transpose) in expected.items():
     slot = slots[path]
-    want = tuple(slot.value.shape)
+    want = tuple(slot.get_value().shape)
     want_hf = want[::-1] if transpose else want
     if key not in found:
       missing.append(f"{key} (expected shape {want_hf} float)")
@@ -308,7 +309,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], config: BertConfig = Bert
                       f"for {'/'.join(map(str, path))} under {config}")
       continue
     value = arr.T if transpose else arr
-    values[path] = slot.replace(value=jnp.asarray(value, dtype=slot.value.dtype))
+    values[path] = slot.replace(value=jnp.asarray(value, dtype=slot.get_value().dtype))
 
   errors = []
   if missing:
@@ -317,7 +318,8 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], config: BertConfig = Bert
     errors.append(f"unexpected tensor(s): {', '.join(unexpected)}")
   errors += problems
   if errors:
-    raise ValueError(f"{source} does not fit a BERT encoder with {config}:\n  " + "\n  ".join(errors))
+    raise ValueError(f"{source} does not fit a BERT encoder with {config}:\n  "
+                     + "\n  ".join(errors))
   return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
@@ -401,7 +403,8 @@ def _pack(tokenizer: tokenizers.Tokenizer, encs: Sequence[tokenizers.Encoding], 
   length = bucket_length(longest) if length is None else length
   rows = len(encs) if rows is None else rows
   if longest > length or rows < len(encs):
-    raise ValueError(f"{len(encs)} sentences of up to {longest} tokens do not fit ({rows}, {length})")
+    raise ValueError(f"{len(encs)} sentences of up to {longest} tokens do not fit "
+                     f"({rows}, {length})")
   out = {k: np.zeros((rows, length), np.int32)
          for k in ("input_ids", "attention_mask", "token_type_ids")}
   out["input_ids"][:] = tokenizer.padding["pad_id"] if tokenizer.padding else 0
@@ -438,7 +441,8 @@ def embed_sentences(model: BertEncoder, tokenizer: tokenizers.Tokenizer, sentenc
     similarity = emb @ emb.T
   """
   if isinstance(sentences, str):
-    raise TypeError("sentences must be a sequence of strings, not a single string; wrap it in a list")
+    raise TypeError("sentences must be a sequence of strings, not a single string; "
+                    "wrap it in a list")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   sentences = list(sentences)

@@ -1,0 +1,300 @@
+"""``jq-quant``: quantize, evaluate, inspect, run and export models (the app layer).
+
+  jq-quant quantize [--model smollm2] [--recipe NAME | --rules FILE] [--out PATH]
+  jq-quant eval CKPT [--json]
+  jq-quant inspect CKPT
+  jq-quant generate CKPT --prompt "..."
+  jq-quant plan [--model smollm2] --bits 4.5          # sensitivity scan + mixed-precision rules
+  jq-quant export CKPT --format gguf --type q4_0 --out model.gguf
+  jq-quant export CKPT --format compressed-tensors --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RECIPE = "w4a16-g128"
+
+
+def _print(*a, **k):
+  print(*a, **k, flush=True)
+
+
+def _fmt_bytes(n: float) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def _table(head, rows) -> str:
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+  line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization
+
+
+def _rules_for(args) -> tuple[Any, str]:
+  from jq import spec, spec_json
+  from jq.ptq import recipes
+  if args.rules:
+    return spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
+  return recipes.rules(args.recipe), args.recipe
+
+
+def _quantize_model(model, rules, recipe: str, args):
+  """Returns the quantized variables (params tree with QArray leaves)."""
+  from jq import ptq
+  if model.kind == "causal_lm":
+    return ptq.quantize_causal_lm(model, rules, calib_sequences=args.calib_sequences,
+                                  calib_len=args.calib_len, progress=True)
+  return ptq.quantize_encoder(model, rules, progress=True)
+
+
+def cmd_quantize(args) -> int:
+  from jq import io as jqio
+  from jq import tree as jqtree
+  from jq.eval import model_eval
+  from models import registry
+  t0 = time.perf_counter()
+  _print(f"loading {args.model} ...")
+  model = registry.load(args.model)
+  rules, recipe = _rules_for(args)
+  _print(f"quantizing with {recipe} ...")
+  t1 = time.perf_counter()
+  qvars = _quantize_model(model, rules, recipe, args)
+  t_quant = time.perf_counter() - t1
+  fvars = model_eval.float_variables(model)
+  rows = jqtree.report(fvars, qvars)
+  _print("\nworst layers by SQNR:")
+  _print(jqtree.format_report(rows, limit=args.worst))
+  quality = {}
+  if not args.no_eval:
+    _print("\nevaluating on held-out text ...")
+    quality = model_eval.evaluate(model, qvars, windows=args.eval_windows, window=args.window)
+  out = Path(args.out or f"{args.model}-{recipe.replace(':', '-')}.safetensors")
+  meta = {"model": args.model, "recipe": recipe, "quality": quality}
+  jqio.save(out, qvars, metadata=meta, rules=rules)
+  before, after = jqtree.nbytes(fvars), jqtree.nbytes(qvars)
+  _print("\n" + _summary_table(args.model, recipe, before, after, quality, t_quant,
+                               time.perf_counter() - t0))
+  _print(f"\nwrote {out} ({_fmt_bytes(out.stat().st_size)})")
+  return 0
+
+
+def _summary_table(name, recipe, before, after, quality, t_quant, t_total) -> str:
+  rows = [("model", name), ("recipe", recipe),
+          ("params size", f"{_fmt_bytes(before)} -> {_fmt_bytes(after)} ({after / before:.3f}x)")]
+  for k, v in quality.items():
+    rows.append((k, f"{v:.4f}" if isinstance(v, float) else str(v)))
+  rows += [("time to quantize", f"{t_quant:.1f} s"), ("total time", f"{t_total:.1f} s")]
+  return _table(("summary", ""), rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _load_ckpt(path: str):
+  from jq import io as jqio
+  from models import registry
+  header = jqio.load_header(path)
+  meta = header.get("metadata", {})
+  name = meta.get("model")
+  if name not in registry.MODELS:
+    raise SystemExit(f"error: {path} names model {name!r}, which jq-quant does not know "
+                     f"(known: {', '.join(registry.MODELS)})")
+  model = registry.load(name)
+  qvars = jqio.load(path)
+  from jq.eval import model_eval
+  model_eval.check_matches(model, qvars, source=path)
+  return model, qvars, header
+
+
+def cmd_eval(args) -> int:
+  from jq.eval import model_eval
+  model, qvars, header = _load_ckpt(args.ckpt)
+  quality = model_eval.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
+                                progress=not args.json)
+  if args.json:
+    _print(json.dumps({"checkpoint": args.ckpt, "model": model.name,
+                       "recipe": header.get("metadata", {}).get("recipe"), **quality}, indent=2))
+  else:
+    _print(_table(("metric", "value"), [(k, f"{v:.4f}" if isinstance(v, float) else v)
+                                        for k, v in quality.items()]))
+  return 0
+
+
+def cmd_inspect(args) -> int:
+  from jq import io as jqio
+  header = jqio.load_header(args.ckpt)
+  meta = header.get("metadata", {})
+  rows = []
+  total = 0
+  for path, leaf in header["leaves"].items():
+    nbytes = sum(int(header["tensors"][t]["nbytes"]) if "nbytes" in header["tensors"][t] else
+                 _tensor_bytes(header["tensors"][t]) for t in _leaf_tensors(path, leaf, header))
+    total += nbytes
+    if leaf["kind"] == "qarray":
+      act = leaf.get("activation")
+      rows.append((path, "x".join(map(str, leaf["shape"])), leaf["qtype"],
+                   leaf.get("granularity", ""), "sym" if leaf.get("symmetric") else "asym",
+                   "-" if not act else f"a8 {act['mode']}", f"{nbytes:,}"))
+    else:
+      t = header["tensors"].get(leaf.get("tensor", ""), {})
+      rows.append((path, "x".join(map(str, t.get("shape", []))), t.get("dtype", leaf["kind"]),
+                   "float", "", "", f"{nbytes:,}"))
+  _print(f"{args.ckpt}: model={meta.get('model')} recipe={meta.get('recipe')} "
+         f"format v{header.get('version')}")
+  _print(_table(("path", "shape", "type", "granularity", "", "activations", "bytes"), rows))
+  _print(f"{len(rows)} tensors, {_fmt_bytes(total)}")
+  return 0
+
+
+def _leaf_tensors(path, leaf, header):
+  if leaf["kind"] == "qarray":
+    return [f"{path}.{c}" for c in leaf.get("components", ()) if f"{path}.{c}" in header["tensors"]]
+  return [leaf["tensor"]] if "tensor" in leaf else []
+
+
+def _tensor_bytes(t) -> int:
+  import numpy as np
+  from jq.io.codec import DTYPES
+  return int(np.prod(t["shape"])) * DTYPES[t["dtype"]].itemsize
+
+
+def cmd_generate(args) -> int:
+  from jq.eval import model_eval
+  model, qvars, _ = _load_ckpt(args.ckpt)
+  if model.kind != "causal_lm":
+    raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
+  t0 = time.perf_counter()
+  text, n = model_eval.generate(model, qvars, args.prompt, max_new_tokens=args.max_new_tokens,
+                                chat=not args.raw)
+  dt = time.perf_counter() - t0
+  _print(text)
+  _print(f"\n[{n} tokens in {dt:.1f} s incl. compile, greedy, jitted with a KV cache]",
+         file=sys.stderr)
+  return 0
+
+
+def cmd_plan(args) -> int:
+  from jq.eval import model_eval
+  from jq import spec_json
+  from models import registry
+  model = registry.load(args.model)
+  result = model_eval.mixed_precision_plan(model, bits_per_weight=args.bits, progress=True)
+  _print(result["scan"].table())
+  _print(f"\nplan at {args.bits} bits/weight: {result['bits']:.3f} bits/weight, "
+         f"estimated KL {result['kl']:.4f}")
+  text = spec_json.rules_to_json(result["rules"])
+  if args.out:
+    Path(args.out).write_text(text)
+    _print(f"rules written to {args.out} (use: jq-quant quantize --rules {args.out})")
+  else:
+    _print(text)
+  return 0
+
+
+def cmd_export(args) -> int:
+  from jq import io as jqio
+  header = jqio.load_header(args.ckpt)
+  name = header.get("metadata", {}).get("model")
+  qvars = jqio.load(args.ckpt)
+  if args.format == "gguf":
+    from jq.io import gguf_io
+    from models import registry
+    if name != "smollm2":
+      raise SystemExit(f"error: GGUF export knows Llama-family models; {args.ckpt} holds {name!r}")
+    model = registry.load(name)
+    gguf_io.export_model(model, qvars, args.out, ggml_type=args.type, requantize=args.requantize)
+  else:
+    from jq.io import compressed_tensors
+    if name != "smollm2":
+      raise SystemExit(f"error: compressed-tensors export knows Llama-family models; "
+                       f"{args.ckpt} holds {name!r}")
+    compressed_tensors.export_model(qvars, args.out, requantize=args.requantize)
+  _print(f"wrote {args.out}")
+  return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from jq.ptq import recipes
+  p = argparse.ArgumentParser(prog="jq-quant", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="command")
+
+  def eval_opts(sp):
+    sp.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (default 8)")
+    sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+
+  q = sub.add_parser("quantize", help="quantize a model and write a jq checkpoint")
+  q.add_argument("--model", default="smollm2", help="smollm2 (default) or minilm")
+  g = q.add_mutually_exclusive_group()
+  g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=recipes.names(),
+                 help=f"named recipe (default {DEFAULT_RECIPE})")
+  g.add_argument("--rules", help="JSON rules file (see jq.spec_json)")
+  q.add_argument("--out", help="output .safetensors path")
+  q.add_argument("--worst", type=int, default=8, help="layers shown in the worst-SQNR table")
+  q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+  q.add_argument("--calib-sequences", type=int, default=32)
+  q.add_argument("--calib-len", type=int, default=512)
+  eval_opts(q)
+  q.set_defaults(fn=cmd_quantize)
+
+  e = sub.add_parser("eval", help="perplexity/KL (or cosine similarity) of a checkpoint")
+  e.add_argument("ckpt")
+  e.add_argument("--json", action="store_true", help="machine-readable output")
+  eval_opts(e)
+  e.set_defaults(fn=cmd_eval)
+
+  i = sub.add_parser("inspect", help="per-tensor table from the checkpoint header alone")
+  i.add_argument("ckpt")
+  i.set_defaults(fn=cmd_inspect)
+
+  gen = sub.add_parser("generate", help="greedy decoding from a quantized causal LM")
+  gen.add_argument("ckpt")
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+  gen.set_defaults(fn=cmd_generate)
+
+  pl = sub.add_parser("plan", help="sensitivity scan and a mixed-precision plan as rules")
+  pl.add_argument("--model", default="smollm2")
+  pl.add_argument("--bits", type=float, default=4.5, help="budget: average bits per weight")
+  pl.add_argument("--out", help="write the rules JSON here")
+  pl.set_defaults(fn=cmd_plan)
+
+  x = sub.add_parser("export", help="export to GGUF (llama.cpp) or compressed-tensors (vLLM)")
+  x.add_argument("ckpt")
+  x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+  x.add_argument("--type", default="q8_0", help="GGUF tensor type for quantized kernels")
+  x.add_argument("--out", required=True)
+  x.add_argument("--requantize", action="store_true",
+                 help="allow re-rounding where jq's grid has no exact equivalent")
+  x.set_defaults(fn=cmd_export)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help()
+    return 2
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    _print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

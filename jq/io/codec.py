@@ -1,0 +1,630 @@
+"""Pytree <-> (JSON header, flat named tensors): the container-independent half of jq checkpoints.
+
+``encode`` turns a (quantized) parameter tree into a JSON-able header and an ordered dict of named
+host arrays; ``decode`` rebuilds the identical tree from them.  Both the safetensors and the orbax
+formats store exactly these two things, so they share naming, schema and validation.
+
+Tensor names are the '/'-joined parameter paths of :func:`jq.tree.leaves_with_paths`:
+
+* a float (or any array) leaf ``params/dense/bias`` is stored as ``params/dense/bias``;
+* a :class:`~jq.qarray.QArray` at ``params/dense/kernel`` is stored as
+  ``params/dense/kernel.values`` (packed storage), ``.scale``, ``.zero_point`` (asymmetric only),
+  and ``.act_scale`` / ``.act_zero_point`` (static activation quantization only).
+
+Header schema (format version 1)::
+
+  {"format": "jq", "version": 1, "jq_version": "0.1.0",
+   "metadata": {...user metadata...},
+   "rules": [<rule>, ...],   # as passed to save, in jq.spec_json form (a valid --rules file)
+   "tree": <node>,           # the container structure
+   "leaves": {path: <leaf>, ...},
+   "tensors": {name: {"dtype": "bfloat16", "shape": [64, 32], "crc32": 123}, ...}}
+                             # crc32: zlib CRC-32 of the tensor's little-endian bytes
+
+  <node> := {"kind": "dict", "items": [[key, <node>], ...]}    # key: str or int, insertion order
+          | {"kind": "list" | "tuple", "items": [<node>, ...]}
+          | {"kind": "none"}
+          | {"kind": "leaf", "path": path}
+          | {"kind": "nnx.State", "keys": [...], "items": [<node>, ...]}
+          | {"kind": "nnx.Variable", "type": "Param", "metadata": [[name, value], ...],
+             "child": <node>}                        # tuples as {"__tuple__": [...]}
+  <leaf> := {"kind": "array", "tensor": name, "array_type": "jax" | "numpy" | "numpy_scalar"}
+          | {"kind": "python", "value": 3}           # int, float, bool or str leaves
+          | {"kind": "qarray", "qtype": "uint4", "shape": [64, 48], "tile": [32, 1],
+             "granularity": "groups of 32 along axis 0; per-channel along axis 1",
+             "symmetric": false, "scale_dtype": "float32",
+             "components": ["values", "scale", "zero_point"],
+             "activation": null | {"mode": "static", "qtype": "int8", "symmetric": true},
+             "rule": null | {"index": 3, "pattern": "(^|/)kernel$", "describe": "rtn w:uint4 ..."}}
+
+Float leaves matched by a skip rule carry ``"rule"`` too.  Decoding never imports model code: the
+only classes it can build are dict/list/tuple, QArray/ActivationQuant and, when flax is importable,
+``flax.nnx.State`` and the public ``flax.nnx`` Variable types.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jq import spec_json
+from jq.qarray import ActivationQuant, QArray
+from jq.qtypes import QType
+from jq.spec import ActivationSpec, ActMode, Rule
+from jq.tree import path_str
+
+PyTree = Any
+
+FORMAT = "jq"
+FORMAT_VERSION = 1
+COMPONENTS = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
+
+# numpy dtypes a checkpoint may hold, by the name written in the header.
+DTYPES: dict[str, np.dtype] = {
+    np.dtype(t).name: np.dtype(t) for t in (
+        np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+        np.uint64, np.float16, np.float32, np.float64, np.complex64, ml_dtypes.bfloat16,
+        ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be written or read faithfully (message names path, shape and dtype)."""
+
+
+def _jq_version() -> str:
+  import jq  # pylint: disable=import-outside-toplevel  (jq/__init__ imports jq.tree -> no cycle)
+  return getattr(jq, "__version__", "unknown")
+
+
+# ---- rules and specs as JSON (the same form as ``jq-quant --rules FILE``: jq.spec_json) ---------
+
+
+def _act_to_json(act: ActivationSpec) -> dict:
+  return spec_json.spec_to_json(act)
+
+
+def _act_from_json(d: Any, where: str) -> ActivationSpec:
+  try:
+    return spec_json.activation_from_json(d, where)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: malformed activation spec {d!r} in checkpoint header "
+                          f"({e})") from e
+
+
+def rules_from_header(header: Mapping) -> tuple[Rule, ...]:
+  """The rules a checkpoint was saved with, as :class:`Rule` objects (``header["rules"]`` is also
+  a valid ``--rules`` file: ``json.dumps(header["rules"])``)."""
+  rules = header.get("rules", [])
+  if not isinstance(rules, list):
+    raise CheckpointError(f"checkpoint header 'rules' is not a list: {rules!r}")
+  try:
+    return tuple(spec_json.rule_from_json(d, f"header rules[{i}]") for i, d in enumerate(rules))
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"malformed rule in checkpoint header: {e}") from e
+
+
+def describe_granularity(shape: Sequence[int], tile: Sequence[int]) -> str:
+  """Human-readable scale layout, e.g. ``groups of 128 along axis 0; per-channel along axis 1``."""
+  if tuple(tile) == tuple(shape):
+    return "per-tensor"
+  chan = [i for i, (s, t) in enumerate(zip(shape, tile)) if t == 1 and s != 1]
+  groups = [(i, t) for i, (s, t) in enumerate(zip(shape, tile)) if 1 < t < s]
+  parts = [f"groups of {t} along axis {i}" for i, t in groups]
+  if chan:
+    parts.append(f"per-channel along axis {', '.join(map(str, chan))}")
+  return "; ".join(parts) or "per-tensor"
+
+
+# ---- tagged JSON for nnx Variable metadata (keeps tuples tuples) -------------------------------
+
+
+def _to_tagged(v: Any, where: str) -> Any:
+  if v is None or isinstance(v, (bool, int, str)):
+    return v
+  if isinstance(v, float):
+    return v if math.isfinite(v) else {"__float__": repr(v)}
+  if isinstance(v, tuple):
+    return {"__tuple__": [_to_tagged(x, where) for x in v]}
+  if isinstance(v, list):
+    return [_to_tagged(x, where) for x in v]
+  if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+    return {"__dict__": [[k, _to_tagged(x, where)] for k, x in v.items()]}
+  raise CheckpointError(f"{where}: metadata value {v!r} of type {type(v).__name__} cannot be "
+                        "stored in a checkpoint header (use None, bool, int, float, str, tuples, "
+                        "lists or str-keyed dicts)")
+
+
+def _from_tagged(v: Any) -> Any:
+  if isinstance(v, list):
+    return [_from_tagged(x) for x in v]
+  if isinstance(v, dict):
+    if set(v) == {"__tuple__"}:
+      return tuple(_from_tagged(x) for x in v["__tuple__"])
+    if set(v) == {"__dict__"}:
+      return {k: _from_tagged(x) for k, x in v["__dict__"]}
+    if set(v) == {"__float__"}:
+      return float(v["__float__"])
+    raise CheckpointError(f"malformed tagged metadata value {v!r}")
+  return v
+
+
+def _nnx():
+  """flax.nnx if it is importable (only needed for nnx State trees)."""
+  try:
+    return importlib.import_module("flax.nnx")
+  except ImportError:
+    return None
+
+
+def _nnx_if_loaded():
+  """flax.nnx if the caller already imported it (saving never imports flax itself)."""
+  return sys.modules.get("flax.nnx")
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+
+
+def host_array(x: Any, where: str) -> np.ndarray:
+  """``x`` as a C-contiguous little-endian numpy array of a supported dtype."""
+  arr = np.asarray(jax.device_get(x))
+  if arr.dtype.name not in DTYPES or arr.dtype != DTYPES[arr.dtype.name]:
+    raise CheckpointError(f"{where}: shape {tuple(arr.shape)} dtype {arr.dtype} cannot be stored; "
+                          f"supported dtypes: {', '.join(sorted(DTYPES))}")
+  if arr.dtype.byteorder == ">":
+    arr = arr.astype(arr.dtype.newbyteorder("<"))
+  return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+
+
+def crc32(arr: np.ndarray) -> int:
+  """CRC-32 of an array's raw little-endian bytes."""
+  return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
+class _Encoder:
+  def __init__(self, rules: Sequence[Rule]):
+    self.rules = tuple(rules)
+    self.leaves: dict[str, dict] = {}
+    self.tensors: dict[str, np.ndarray] = {}
+
+  def _rule_for(self, path: str) -> tuple[int, Rule] | None:
+    for i, r in enumerate(self.rules):
+      if r.matches(path):
+        return i, r
+    return None
+
+  def _add_tensor(self, name: str, x: Any, where: str) -> None:
+    if name in self.tensors:
+      raise CheckpointError(f"{where}: tensor name {name!r} is used twice (two paths collide, e.g. "
+                            "a key containing '/' or a leaf named like a QArray component); "
+                            "rename the keys")
+    self.tensors[name] = host_array(x, where)
+
+  def _add_leaf(self, path: str, info: dict, where: str) -> dict:
+    if path in self.leaves:
+      raise CheckpointError(f"{where}: path {path!r} occurs twice in the tree (keys containing '/' "
+                            "or a trailing 'value' key collide); rename the keys")
+    self.leaves[path] = info
+    return {"kind": "leaf", "path": path}
+
+  def _rule_json(self, path: str, leaf: Any) -> dict | None:
+    hit = self._rule_for(path)
+    if hit is None:
+      return None
+    i, rule = hit
+    where = (f"{path}: shape {tuple(getattr(leaf, 'shape', ()))} "
+             f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)}")
+    if isinstance(leaf, QArray):
+      w = rule.weight
+      problem = None
+      if w is None:
+        problem = "it keeps the leaf in float, but the leaf is quantized"
+      elif w.qtype is not leaf.qtype:
+        problem = f"it asks for {w.qtype.value}, but the leaf is {leaf.qtype.value}"
+      elif w.tile(leaf.shape, name=path) != tuple(leaf.tile):
+        problem = f"it gives tile {w.tile(leaf.shape, name=path)}, but the leaf has {leaf.tile}"
+      elif w.symmetric != (leaf.zero_point is None):
+        problem = (f"it is {'symmetric' if w.symmetric else 'asymmetric'}, but the leaf "
+                   f"{'has' if leaf.zero_point is not None else 'has no'} zero point")
+      elif rule.activation != (None if leaf.activation is None else leaf.activation.spec):
+        problem = "its activation spec differs from the leaf's"
+      if problem:
+        raise CheckpointError(f"{where}: rule {i} ({rule.pattern!r}: {rule.describe()}) is the "
+                              f"first match, but {problem}; pass the rules that produced this tree")
+    elif rule.weight is not None:
+      raise CheckpointError(f"{where}: rule {i} ({rule.pattern!r}: {rule.describe()}) is the first "
+                            "match and quantizes it, but the leaf is not a QArray; pass the rules "
+                            "that produced this tree")
+    return {"index": i, "pattern": rule.pattern, "describe": rule.describe()}
+
+  def node(self, x: Any, keypath: tuple) -> dict:
+    path = path_str(keypath)
+    where = path or "<root>"
+    if x is None:
+      return {"kind": "none"}
+    if isinstance(x, QArray):
+      return self._add_leaf(path, self.qarray(path, x), where)
+    if type(x) is dict:  # pylint: disable=unidiomatic-typecheck  (subclasses have other treedefs)
+      items = []
+      for k, v in x.items():
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+          raise CheckpointError(f"{where}: dict key {k!r} of type {type(k).__name__} is not "
+                                "supported; use str or int keys")
+        items.append([k, self.node(v, keypath + (jax.tree_util.DictKey(k),))])
+      return {"kind": "dict", "items": items}
+    if type(x) in (list, tuple):
+      return {"kind": type(x).__name__,
+              "items": [self.node(v, keypath + (jax.tree_util.SequenceKey(i),))
+                        for i, v in enumerate(x)]}
+    nnx = _nnx_if_loaded()
+    if nnx is not None and isinstance(x, nnx.State):
+      children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+      keys = list(treedef.node_data()[1])
+      for k in keys:
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+          raise CheckpointError(f"{where}: nnx.State key {k!r} is not supported; use str or int")
+      return {"kind": "nnx.State", "keys": keys,
+              "items": [self.node(c, keypath + (jax.tree_util.DictKey(k),))
+                        for k, c in zip(keys, children)]}
+    if nnx is not None and isinstance(x, nnx.Variable):
+      cls = type(x)
+      if getattr(nnx, cls.__name__, None) is not cls:
+        raise CheckpointError(f"{where}: custom nnx Variable type "
+                              f"{cls.__module__}.{cls.__qualname__} cannot be rebuilt without "
+                              "model code; convert it to a public nnx type (e.g. nnx.Param) or "
+                              "save state.to_pure_dict()")
+      children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+      aux = treedef.node_data()[1]
+      if not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in aux):
+        raise CheckpointError(f"{where}: nnx.{cls.__name__} has unexpected pytree metadata {aux!r}")
+      meta = [[k, _to_tagged(v, f"{where} (metadata {k!r})")] for k, v in aux]
+      return {"kind": "nnx.Variable", "type": cls.__name__, "metadata": meta,
+              "child": self.node(children[0], keypath + (jax.tree_util.GetAttrKey("value"),))}
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+      kind = ("jax" if isinstance(x, jax.Array) else
+              "numpy" if isinstance(x, np.ndarray) else "numpy_scalar")
+      self._add_tensor(path, x, where)
+      info = {"kind": "array", "tensor": path, "array_type": kind}
+      rule = self._rule_json(path, x)
+      if rule is not None:
+        info["rule"] = rule
+      return self._add_leaf(path, info, where)
+    if type(x) in (bool, int, float, str):
+      return self._add_leaf(path, {"kind": "python", "value": _to_tagged(x, where)}, where)
+    raise CheckpointError(f"{where}: cannot store a {type(x).__module__}.{type(x).__qualname__}; "
+                          "checkpoints hold dicts, lists, tuples, None, arrays, QArrays, python "
+                          "scalars and nnx State (convert e.g. FrozenDict with flax.core.unfreeze)")
+
+  def qarray(self, path: str, q: QArray) -> dict:
+    qt = getattr(q.qtype, "value", q.qtype)
+    where = f"{path}: QArray(qtype={qt}, shape={q.shape}, tile={q.tile})"
+    try:
+      q.validate(path)
+    except ValueError as e:
+      raise CheckpointError(f"refusing to save an invalid QArray: {e}") from e
+    parts = {"values": q.values, "scale": q.scale, "zero_point": q.zero_point}
+    act = None
+    if q.activation is not None:
+      a = q.activation
+      parts["act_scale"], parts["act_zero_point"] = a.scale, a.zero_point
+      act = _act_to_json(a.spec)
+    components = [c for c in COMPONENTS if parts.get(c) is not None]
+    for c in components:
+      self._add_tensor(f"{path}.{c}", parts[c], where)
+    return {"kind": "qarray", "qtype": q.qtype.value, "shape": list(q.shape), "tile": list(q.tile),
+            "granularity": describe_granularity(q.shape, q.tile),
+            "symmetric": q.zero_point is None, "scale_dtype": np.dtype(q.scale.dtype).name,
+            "components": components, "activation": act, "rule": self._rule_json(path, q)}
+
+
+def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
+           rules: Sequence[Rule] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """Splits ``tree`` into a JSON-able header and ``{tensor name: host array}`` (see module doc).
+
+  Args:
+    tree: a dict / list / tuple (or nnx State) of arrays, QArrays and python scalars.
+    metadata: JSON-serialisable user metadata (model name, recipe, ...), stored verbatim.
+    rules: the rules that produced ``tree``; each leaf records the first that matches, and a rule
+      that contradicts its leaf (e.g. int4 rule, int8 leaf) is an error.
+
+  Raises:
+    CheckpointError: unsupported node type or dtype, colliding paths, invalid QArray,
+      non-JSON metadata, rules that disagree with the tree.
+  """
+  if not isinstance(tree, (dict, list, tuple)) and not (
+      _nnx_if_loaded() is not None and isinstance(tree, _nnx_if_loaded().State)):
+    raise CheckpointError(f"the tree root must be a dict, list, tuple or nnx.State, got "
+                          f"{type(tree).__name__}; wrap a single array as {{'w': x}}")
+  rules = tuple(rules or ())
+  for r in rules:
+    if not isinstance(r, Rule):
+      raise CheckpointError(f"rules must be jq.spec.Rule objects, got {r!r}")
+  enc = _Encoder(rules)
+  root = enc.node(tree, ())
+  user = dict(metadata or {})
+  try:
+    json.dumps(user, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"metadata must be JSON-serialisable (str keys; finite numbers): "
+                          f"{e}") from e
+  header = {
+      "format": FORMAT, "version": FORMAT_VERSION, "jq_version": _jq_version(),
+      "metadata": user, "rules": [spec_json.rule_to_json(r) for r in rules], "tree": root,
+      "leaves": enc.leaves,
+      "tensors": {name: {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": crc32(a)}
+                  for name, a in enc.tensors.items()},
+  }
+  return header, enc.tensors
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+
+def _need(d: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+  if not isinstance(d, dict) or key not in d:
+    raise CheckpointError(f"{where}: checkpoint header entry lacks {key!r}")
+  v = d[key]
+  allowed = types if isinstance(types, tuple) else (types,)
+  if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+    raise CheckpointError(f"{where}: checkpoint header entry {key!r}={v!r} has the wrong type")
+  return v
+
+
+def _int_tuple(v: Any, where: str, what: str) -> tuple[int, ...]:
+  if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                        for i in v):
+    raise CheckpointError(f"{where}: {what} {v!r} in the checkpoint header is not a list of "
+                          "non-negative ints")
+  return tuple(v)
+
+
+def check_header(header: Any, *, source: str) -> dict:
+  """Checks the header's format and version; returns it.
+
+  Raises:
+    CheckpointError: not a jq header, or a format version this jq cannot read.
+  """
+  if not isinstance(header, dict) or header.get("format") != FORMAT:
+    raise CheckpointError(f"{source}: not a jq checkpoint header (format="
+                          f"{header.get('format') if isinstance(header, dict) else header!r})")
+  version = header.get("version")
+  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    raise CheckpointError(f"{source}: invalid jq checkpoint format version {version!r}")
+  if version > FORMAT_VERSION:
+    raise CheckpointError(f"{source}: jq checkpoint format version {version} is newer than this jq "
+                          f"reads (up to {FORMAT_VERSION}); upgrade jq")
+  for key, typ in (("tree", dict), ("leaves", dict), ("tensors", dict), ("metadata", dict),
+                   ("rules", list)):
+    _need(header, key, typ, source)
+  return header
+
+
+def _tensor_spec(name: str, t: Any, source: str) -> tuple[np.dtype, tuple[int, ...]]:
+  where = f"{source}: tensor {name!r}"
+  dt = _need(t, "dtype", str, where)
+  if dt not in DTYPES:
+    raise CheckpointError(f"{where}: unsupported dtype {dt!r} in checkpoint header")
+  return DTYPES[dt], _int_tuple(_need(t, "shape", list, where), where, "shape")
+
+
+def tensor_specs(header: dict, *, source: str) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+  """``{name: (dtype, shape)}`` the header promises."""
+  return {name: _tensor_spec(name, t, source) for name, t in header["tensors"].items()}
+
+
+def check_tensors(header: dict, found: Mapping[str, tuple[np.dtype, tuple[int, ...]]], *,
+                  source: str) -> None:
+  """Checks that the container holds exactly the tensors the header lists, with their dtypes and
+  shapes (cheap: no tensor data is read).
+
+  Raises:
+    CheckpointError: naming the tensor, with both shapes and dtypes.
+  """
+  want = tensor_specs(header, source=source)
+  missing = [n for n in want if n not in found]
+  if missing:
+    n = missing[0]
+    raise CheckpointError(f"{source}: tensor {n!r} (shape {want[n][1]} dtype {want[n][0]}) is "
+                          f"listed in the jq header but missing from the file"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  extra = [n for n in found if n not in want]
+  if extra:
+    n = extra[0]
+    raise CheckpointError(f"{source}: tensor {n!r} (shape {tuple(found[n][1])} dtype "
+                          f"{found[n][0]}) is in the file but not described by the jq header")
+  for n, (dt, shape) in want.items():
+    fdt, fshape = found[n]
+    if np.dtype(fdt) != dt or tuple(fshape) != shape:
+      raise CheckpointError(f"{source}: tensor {n!r} is stored with shape {tuple(fshape)} dtype "
+                            f"{np.dtype(fdt)}, but the jq header says shape {shape} dtype {dt}; "
+                            "the file was modified or is corrupt")
+
+
+class _Decoder:
+  def __init__(self, header: dict, arrays: Mapping[str, np.ndarray], source: str, verify: bool):
+    self.header, self.arrays, self.source, self.verify = header, arrays, source, verify
+    self.used: set[str] = set()
+    self.seen: set[str] = set()
+
+  def tensor(self, name: str, where: str) -> np.ndarray:
+    if name not in self.arrays or name not in self.header["tensors"]:
+      raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint")
+    if name in self.used:
+      raise CheckpointError(f"{where}: tensor {name!r} is claimed by two leaves in the header")
+    arr = self.arrays[name]
+    dt, shape = _tensor_spec(name, self.header["tensors"][name], self.source)
+    if arr.dtype != dt or tuple(arr.shape) != shape:
+      raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} dtype "
+                            f"{arr.dtype}, but the jq header says shape {shape} dtype {dt}")
+    if self.verify:
+      want = self.header["tensors"][name].get("crc32")
+      if not isinstance(want, int) or crc32(arr) != want:
+        raise CheckpointError(f"{where}: tensor {name!r} (shape {shape} dtype {dt}) fails its "
+                              f"CRC-32 check (stored {want!r}); the data is corrupt")
+    self.used.add(name)
+    return arr
+
+  def node(self, n: Any, where: str) -> Any:
+    kind = _need(n, "kind", str, where)
+    if kind == "none":
+      return None
+    if kind == "leaf":
+      return self.leaf(_need(n, "path", str, where))
+    if kind in ("dict", "list", "tuple"):
+      items = _need(n, "items", list, where)
+      if kind == "dict":
+        out = {}
+        for it in items:
+          if (not isinstance(it, list) or len(it) != 2 or isinstance(it[0], bool)
+              or not isinstance(it[0], (str, int))):
+            raise CheckpointError(f"{where}: malformed dict item {it!r} in checkpoint header")
+          out[it[0]] = self.node(it[1], f"{where}/{it[0]}")
+        return out
+      children = [self.node(c, f"{where}/{i}") for i, c in enumerate(items)]
+      return children if kind == "list" else tuple(children)
+    if kind in ("nnx.State", "nnx.Variable"):
+      nnx = _nnx()
+      if nnx is None:
+        raise CheckpointError(f"{where}: the checkpoint holds an {kind}; install flax to load it")
+      if kind == "nnx.State":
+        keys = _need(n, "keys", list, where)
+        items = _need(n, "items", list, where)
+        if len(keys) != len(items):
+          raise CheckpointError(f"{where}: nnx.State has {len(keys)} keys but {len(items)} items")
+        return nnx.State({k: self.node(c, f"{where}/{k}") for k, c in zip(keys, items)})
+      name = _need(n, "type", str, where)
+      cls = getattr(nnx, name, None)
+      if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
+        raise CheckpointError(f"{where}: unknown nnx Variable type {name!r}")
+      pairs = _need(n, "metadata", list, where)
+      if not all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) for kv in pairs):
+        raise CheckpointError(f"{where}: malformed nnx Variable metadata {pairs!r}")
+      meta = tuple((k, _from_tagged(v)) for k, v in pairs)
+      child = self.node(_need(n, "child", dict, where), where)
+      star = jax.tree_util.tree_structure(0)
+      try:
+        treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
+            jax.tree_util.default_registry, (cls, meta), [star])
+        return jax.tree_util.tree_unflatten(treedef, [child])
+      except Exception as e:  # pylint: disable=broad-except  (flax decides what metadata is valid)
+        raise CheckpointError(f"{where}: cannot rebuild nnx.{name} with metadata {meta!r}: "
+                              f"{e}") from e
+    raise CheckpointError(f"{where}: unknown node kind {kind!r} in checkpoint header")
+
+  def leaf(self, path: str) -> Any:
+    where = f"{self.source}: {path or '<root>'}"
+    if path in self.seen:
+      raise CheckpointError(f"{where}: leaf occurs twice in the checkpoint tree")
+    self.seen.add(path)
+    leaves = self.header["leaves"]
+    if path not in leaves:
+      raise CheckpointError(f"{where}: leaf is missing from the checkpoint header's 'leaves'")
+    info = leaves[path]
+    kind = _need(info, "kind", str, where)
+    if kind == "python":
+      v = _from_tagged(info.get("value"))
+      if type(v) not in (bool, int, float, str):
+        raise CheckpointError(f"{where}: malformed python leaf {v!r}")
+      return v
+    if kind == "array":
+      arr = self.tensor(_need(info, "tensor", str, where), where)
+      typ = info.get("array_type", "jax")
+      if typ == "numpy":
+        return np.array(arr)
+      if typ == "numpy_scalar":
+        return np.asarray(arr)[()]
+      if typ != "jax":
+        raise CheckpointError(f"{where}: unknown array_type {typ!r}")
+      out = jnp.asarray(arr)
+      if out.dtype != arr.dtype:
+        raise CheckpointError(f"{where}: shape {tuple(arr.shape)} dtype {arr.dtype} would become "
+                              f"{out.dtype} as a jax array; enable jax_enable_x64 to load it")
+      return out
+    if kind == "qarray":
+      return self.qarray(path, info, where)
+    raise CheckpointError(f"{where}: unknown leaf kind {kind!r}")
+
+  def qarray(self, path: str, info: dict, where: str) -> QArray:
+    try:
+      qtype = QType(_need(info, "qtype", str, where))
+    except ValueError as e:
+      raise CheckpointError(f"{where}: unknown qtype {info['qtype']!r}") from e
+    shape = _int_tuple(_need(info, "shape", list, where), where, "logical shape")
+    tile = _int_tuple(_need(info, "tile", list, where), where, "tile")
+    desc = f"{where}: QArray(qtype={qtype.value}, shape={shape}, tile={tile})"
+    comps = _need(info, "components", list, where)
+    unknown = [c for c in comps if c not in COMPONENTS]
+    if unknown:
+      raise CheckpointError(f"{desc}: unknown components {unknown}")
+    for c in ("values", "scale"):
+      if c not in comps:
+        raise CheckpointError(f"{desc}: the header lists no {c!r} tensor ({path}.{c}); a QArray "
+                              "needs packed values and scales")
+    sym = _need(info, "symmetric", bool, where)
+    if sym == ("zero_point" in comps):
+      raise CheckpointError(f"{desc}: header says symmetric={sym} but "
+                            f"{'lists' if 'zero_point' in comps else 'lacks'} a zero_point tensor")
+    get = lambda c: jnp.asarray(self.tensor(f"{path}.{c}", desc)) if c in comps else None
+    act_json = info.get("activation")
+    activation = None
+    if act_json is not None:
+      spec = _act_from_json(act_json, desc)
+      static = spec.mode is ActMode.STATIC
+      if static != ("act_scale" in comps):
+        raise CheckpointError(f"{desc}: activation mode {spec.mode.value} "
+                              f"{'needs' if static else 'takes no'} an act_scale tensor "
+                              f"({path}.act_scale)")
+      a_scale, a_zp = get("act_scale"), get("act_zero_point")
+      if a_scale is not None and not jnp.issubdtype(a_scale.dtype, jnp.floating):
+        raise CheckpointError(f"{desc}: act_scale has shape {a_scale.shape} dtype {a_scale.dtype};"
+                              " expected a floating-point scale")
+      activation = ActivationQuant(scale=a_scale, zero_point=a_zp, spec=spec)
+    elif "act_scale" in comps or "act_zero_point" in comps:
+      raise CheckpointError(f"{desc}: activation tensors stored but no activation spec in header")
+    q = QArray(values=get("values"), scale=get("scale"), zero_point=get("zero_point"),
+               activation=activation, qtype=qtype, shape=shape, tile=tile)
+    try:
+      return q.validate(f"{self.source}: {path}")
+    except ValueError as e:
+      raise CheckpointError(f"{e} (the checkpoint header disagrees with its tensors)") from e
+
+
+def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
+           verify: bool = True) -> PyTree:
+  """Rebuilds the tree :func:`encode` split (arrays as jax arrays unless saved as numpy).
+
+  Args:
+    header: the parsed header (checked with :func:`check_header` here).
+    arrays: ``{tensor name: numpy array}`` read from the container.
+    source: the file or directory, for error messages.
+    verify: check each tensor's CRC-32 against the header.
+
+  Raises:
+    CheckpointError: any disagreement between header and tensors, naming path, shape and dtype.
+  """
+  check_header(header, source=source)
+  dec = _Decoder(header, arrays, source, verify)
+  tree = dec.node(header["tree"], source)
+  unused = set(header["tensors"]) - dec.used
+  if unused:
+    raise CheckpointError(f"{source}: tensor(s) {sorted(unused)[:3]} are listed in the jq header "
+                          "but belong to no leaf of its tree")
+  unreached = set(header["leaves"]) - dec.seen
+  if unreached:
+    raise CheckpointError(f"{source}: leaves {sorted(unreached)[:3]} are in the header but not "
+                          "in its tree")
+  return tree
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "COMPONENTS", "DTYPES", "CheckpointError", "encode",
+           "decode", "check_header", "check_tensors", "tensor_specs", "rules_from_header",
+           "describe_granularity", "crc32", "host_array"]

@@ -1,0 +1,188 @@
+"""Layer math shared by the linen and nnx adapters, and the route recorder behind ``explain``.
+
+Invariant: each function computes exactly what the float Flax layer computes with
+``kernel = dequantize(q)`` (same dtype promotion, bias broadcast and output layout), but through
+``jq.ops`` so the weight stays quantized inside the jitted computation.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq import ops
+from jq.qarray import QArray
+
+
+# ---- explain: a trace-time recorder -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """How one layer runs.
+
+  Attributes:
+    path: the kernel's parameter path.
+    layer: the Flax layer type.
+    weight: ``"float32"`` or the QArray's description (qtype, tile, asym).
+    mode: ``"float"``, ``"weight-only"``, ``"int8 dynamic"`` or ``"int8 static"``.
+    impl: the implementation ``jq.ops`` chose (``"float"`` for float layers).
+    m: rows of the contraction (tokens incl. batch), None when unknown.
+    note: performance note (``jq.ops.PerfNote``) or None.
+  """
+  path: str
+  layer: str
+  weight: str
+  mode: str
+  impl: str
+  m: int | None = None
+  note: ops.PerfNote | None = None
+
+  @property
+  def slower_than_float(self) -> bool:
+    return self.note is not None and self.note.slower_than_float
+
+
+@dataclasses.dataclass
+class _Recorder:
+  backend: str | None
+  routes: list[Route]
+
+
+_RECORDERS: list[_Recorder] = []
+
+
+@contextlib.contextmanager
+def recording(backend: str | None = None) -> Iterator[list[Route]]:
+  """Collects a :class:`Route` for every adapted layer traced inside the block."""
+  rec = _Recorder(backend, [])
+  _RECORDERS.append(rec)
+  try:
+    yield rec.routes
+  finally:
+    _RECORDERS.remove(rec)
+
+
+def record_float(path: str, layer: str, dtype, m: int | None = None) -> None:
+  for rec in _RECORDERS:
+    rec.routes.append(Route(path, layer, str(np.dtype(dtype)), "float", "float", m))
+
+
+_MODE_LABEL = {ops.Mode.WEIGHT_ONLY: "weight-only", ops.Mode.DYNAMIC: "int8 dynamic",
+               ops.Mode.STATIC: "int8 static"}
+
+
+def describe_qarray(q: QArray) -> str:
+  """``int4 tile=32x1 asym`` style label."""
+  out = f"{q.qtype.value} tile={'x'.join(map(str, q.tile))}"
+  return out + (" asym" if q.zero_point is not None else "")
+
+
+def quantized_dot(x: jax.Array, q: QArray, dimension_numbers, *, path: str, layer: str,
+                  precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
+  """``jq.ops.dot_general`` that also reports its route to active recorders."""
+  for rec in _RECORDERS:
+    c = ops.route(x, q, dimension_numbers, backend=rec.backend, name=path,
+                  out_sharding=out_sharding)
+    rec.routes.append(Route(path, layer, describe_qarray(q), _MODE_LABEL[c.problem.mode], c.name,
+                            c.problem.m, c.note))
+  return ops.dot_general(x, q, dimension_numbers, precision, preferred_element_type,
+                         out_sharding=out_sharding, name=path)
+
+
+# ---- layer math ------------------------------------------------------------------------------
+
+def compute_dtype(x: jax.Array, param_dtype, bias: jax.Array | None, dtype):
+  """Flax's ``promote_dtype`` with the float kernel's ``param_dtype`` standing in for the kernel."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  args = [x.dtype, jnp.dtype(param_dtype)] + ([] if bias is None else [bias.dtype])
+  return jnp.result_type(*args)
+
+
+def check_kernel(q: QArray, expected: Sequence[int], *, path: str, layer: str,
+                 x: jax.Array | None = None) -> None:
+  """ValueError naming the path when a QArray does not have the layer's kernel shape."""
+  if not isinstance(q, QArray):
+    raise ValueError(f"{path}: expected a jq.QArray kernel, got {type(q).__name__}")
+  if tuple(q.shape) != tuple(expected):
+    inp = "" if x is None else f" for input shape {tuple(x.shape)} dtype {x.dtype}"
+    raise ValueError(f"{path}: QArray shape {q.shape} ({q.qtype.value}) does not match {layer}"
+                     f"{inp}, which needs a kernel of shape {tuple(expected)}; quantize the "
+                     "parameters of this model (jq.quantize_tree) or skip this layer")
+  q.validate(path)
+
+
+def normalize_axes(axes: Sequence[int], ndim: int, *, path: str) -> tuple[int, ...]:
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"{path}: axes {tuple(axes)} out of range for input rank {ndim}")
+  return tuple(a % ndim for a in axes)
+
+
+def dense_general(x: jax.Array, q: QArray, bias: jax.Array | None, *, axis: Sequence[int],
+                  batch_axes: Sequence[int], features: Sequence[int], dtype, param_dtype,
+                  precision, path: str, layer: str, preferred_element_type=None,
+                  out_sharding=None) -> jax.Array:
+  """``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (and ``Dense``/``Linear``) with a QArray kernel.
+
+  Kernel layout ``(batch…, in…, features…)``; output ``(batch…, x free…, features…)`` plus bias.
+  """
+  x = jnp.asarray(x)
+  axis = normalize_axes(axis, x.ndim, path=path)
+  batch_axes = normalize_axes(batch_axes, x.ndim, path=path)
+  features = tuple(features)
+  expected = tuple(x.shape[a] for a in batch_axes) + tuple(x.shape[a] for a in axis) + features
+  check_kernel(q, expected, path=path, layer=layer, x=x)
+  cdt = compute_dtype(x, param_dtype, bias, dtype)
+  x = x.astype(cdt)
+  nb = len(batch_axes)
+  dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch_axes, tuple(range(nb))))
+  y = quantized_dot(x, q, dims, path=path, layer=layer, precision=precision,
+                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+  if bias is not None:
+    expanded = tuple(x.shape[a] if a in batch_axes else 1 for a in range(x.ndim) if a not in axis)
+    y = y + jnp.reshape(bias.astype(cdt), expanded + features).astype(y.dtype)
+  return y
+
+
+def einsum_bias_shape(einsum_str: str, x_ndim: int, w_shape: Sequence[int]) -> tuple[int, ...]:
+  """Broadcast shape of an Einsum layer's bias: kernel sizes at output letters from the kernel."""
+  ins, out = einsum_str.replace(" ", "").split("->")
+  xs, ws = ins.split(",")
+  if "..." in out:
+    n_ell = x_ndim - (len(xs) - 3) if "..." in xs else 0
+    out = out.replace("...", "." * n_ell)
+  return tuple(w_shape[ws.index(c)] if c in ws else 1 for c in out)
+
+
+def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str: str,
+                 kernel_shape: Sequence[int], dtype, param_dtype, precision, path: str,
+                 layer: str, preferred_element_type=None) -> jax.Array:
+  """``nn.Einsum`` / ``nnx.Einsum`` with a QArray kernel."""
+  x = jnp.asarray(x)
+  check_kernel(q, kernel_shape, path=path, layer=layer, x=x)
+  cdt = compute_dtype(x, param_dtype, bias, dtype)
+  x = x.astype(cdt)
+  plan = ops.parse_einsum(einsum_str, x.ndim, q.ndim, name=path)
+  if plan.lhs_sum_axes:
+    x = jnp.sum(x, axis=plan.lhs_sum_axes)
+  y = quantized_dot(x, q, plan.dimension_numbers, path=path, layer=layer, precision=precision,
+                    preferred_element_type=preferred_element_type)
+  if plan.out_perm != tuple(range(y.ndim)):
+    y = jnp.transpose(y, plan.out_perm)
+  if bias is not None:
+    shape = einsum_bias_shape(einsum_str, x.ndim + len(plan.lhs_sum_axes), q.shape)
+    y = y + jnp.reshape(bias.astype(cdt), shape).astype(y.dtype)
+  return y
+
+
+def rows(x: jax.Array, contracting: Sequence[int]) -> int:
+  """Number of output rows (tokens) of a contraction of ``x`` over ``contracting``."""
+  return int(np.prod([d for i, d in enumerate(np.shape(x)) if i not in contracting], dtype=np.int64))
+
+
+__all__ = ["Route", "recording", "record_float", "quantized_dot", "dense_general", "einsum_layer",
+           "check_kernel", "describe_qarray", "compute_dtype", "einsum_bias_shape", "rows"]

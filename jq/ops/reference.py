@@ -1,0 +1,260 @@
+"""XLA reference implementations of ``float x × QArray w`` contractions.
+
+Invariants (every registered kernel must agree with these within float rounding):
+
+* Weight-only: ``y = dot_general(x, dequantize(w))``.  When every contracting axis of ``w`` has a
+  single scale (per-channel/per-tensor), the scale factors out of the sum and is applied to the
+  output: ``y = dot_general(x, q − zp) · s`` (``table[q]`` for NF4), accumulated in float32.
+* Int8 activations: ``x`` is quantized to 8 bits (per token for dynamic mode, one calibrated scale
+  for static mode), ``acc = Σ (qx − zx)(qw − zw)`` is computed exactly in int32 as
+  ``Σ qx·qw − zw·Σqx − zx·Σqw + K·zx·zw`` from an ``int8 × int8 -> int32`` ``lax.dot_general``,
+  and ``y = acc · sx ⊗ sw``.  Unsigned operands are shifted by −128 into int8 (with their zero
+  points), which leaves ``(q − z)`` unchanged.
+
+All functions share ``lax.dot_general``'s signature with the QArray on the right-hand side; the
+output has ``lax.dot_general``'s layout ``(batch…, lhs free…, rhs free…)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jq import numerics
+from jq.qarray import ActivationQuant, QArray, dequantize
+from jq.qtypes import QType
+from jq.spec import ActMode
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DotLayout:
+  """Normalized ``dot_general`` dimension numbers and helpers to move per-operand tensors into the
+  output layout ``(batch…, lhs free…, rhs free…)``.
+
+  Attributes:
+    x_ndim, w_ndim: operand ranks.
+    xc, wc: contracting axes of lhs / rhs (paired).
+    xb, wb: batch axes of lhs / rhs (paired).
+    x_free, w_free: the remaining axes, in order.
+  """
+  x_ndim: int
+  w_ndim: int
+  xc: tuple[int, ...]
+  wc: tuple[int, ...]
+  xb: tuple[int, ...]
+  wb: tuple[int, ...]
+
+  @property
+  def x_free(self) -> tuple[int, ...]:
+    return tuple(a for a in range(self.x_ndim) if a not in self.xc and a not in self.xb)
+
+  @property
+  def w_free(self) -> tuple[int, ...]:
+    return tuple(a for a in range(self.w_ndim) if a not in self.wc and a not in self.wb)
+
+  @property
+  def dimension_numbers(self) -> DimensionNumbers:
+    return ((self.xc, self.wc), (self.xb, self.wb))
+
+  @classmethod
+  def make(cls, dimension_numbers, x_shape: Sequence[int], w_shape: Sequence[int], *,
+           name: str = "<dot_general>") -> "DotLayout":
+    """Validates ``dimension_numbers`` against the operand shapes (ValueError naming ``name``)."""
+    try:
+      (xc, wc), (xb, wb) = dimension_numbers
+      xc, wc, xb, wb = (tuple(int(a) for a in axes) for axes in (xc, wc, xb, wb))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{name}: dimension_numbers {dimension_numbers!r} must be "
+                       "((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))") from e
+    where = f"{name}: lhs shape {tuple(x_shape)}, rhs QArray shape {tuple(w_shape)}"
+    nx, nw = len(x_shape), len(w_shape)
+
+    def norm(axes, nd, side):
+      if any(not -nd <= a < nd for a in axes):
+        raise ValueError(f"{where}: {side} axes {axes} out of range for rank {nd}")
+      return tuple(a % nd for a in axes)
+
+    xc, xb = norm(xc, nx, "lhs"), norm(xb, nx, "lhs")
+    wc, wb = norm(wc, nw, "rhs"), norm(wb, nw, "rhs")
+    if len(xc) != len(wc) or len(xb) != len(wb):
+      raise ValueError(f"{where}: contracting/batch axis lists must pair up, got "
+                       f"{dimension_numbers!r}")
+    if len(set(xc + xb)) != len(xc + xb) or len(set(wc + wb)) != len(wc + wb):
+      raise ValueError(f"{where}: an axis appears twice in {dimension_numbers!r}")
+    for a, b in zip(xc + xb, wc + wb):
+      if x_shape[a] != w_shape[b]:
+        raise ValueError(f"{where}: lhs axis {a} (size {x_shape[a]}) does not match rhs axis {b} "
+                         f"(size {w_shape[b]})")
+    return cls(nx, nw, xc, wc, xb, wb)
+
+  def lhs_to_out(self, t: jax.Array) -> jax.Array:
+    """A keepdims reduction over the lhs contracting axes -> broadcastable to the output."""
+    if t.ndim == 0:
+      return t
+    t = jnp.transpose(t, self.xb + self.x_free + self.xc)
+    keep = t.shape[:len(self.xb) + len(self.x_free)]
+    return t.reshape(keep + (1,) * len(self.w_free))
+
+  def rhs_to_out(self, t: jax.Array) -> jax.Array:
+    """A per-tile rhs tensor with size 1 on every contracting axis -> broadcastable to the output."""
+    t = jnp.transpose(t, self.wb + self.w_free + self.wc)
+    nb, nf = len(self.wb), len(self.w_free)
+    return t.reshape(t.shape[:nb] + (1,) * len(self.x_free) + t.shape[nb:nb + nf])
+
+
+def scales_factor_out(w: QArray, contracting: Sequence[int]) -> bool:
+  """True when ``w`` has a single scale along every contracting axis (per-channel or per-tensor),
+  so ``Σ_k x_k·(q_k − z)·s = s·Σ_k x_k·(q_k − z)``."""
+  return all(w.scale.shape[a] == 1 for a in contracting)
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+  """float32 for 16/32-bit floats, float64 for float64."""
+  return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def integer_valued_weight(w: QArray, dtype) -> jax.Array:
+  """``q − zero_point`` (or ``NF4_TABLE[q]``) in ``dtype``, without the scale.
+
+  Exact for uniform types in any float dtype (``|q − z| ≤ 255``).
+  """
+  v = w.unpacked()
+  if w.qtype.is_table:
+    return numerics.nf4_table(jnp.float32)[v.astype(jnp.int32)].astype(dtype)
+  if w.zero_point is None:
+    return v.astype(dtype)
+  z = numerics.expand(w.zero_point.astype(jnp.int32), w.tile, w.shape)
+  return (v.astype(jnp.int32) - z).astype(dtype)
+
+
+def weight_only_dot_general(x: jax.Array, w: QArray, dimension_numbers: DimensionNumbers,
+                            precision=None, preferred_element_type=None, *,
+                            out_sharding=None) -> jax.Array:
+  """``dot_general(x, dequantize(w))`` computed with the scale on the output where it factors.
+
+  Per-channel: ``dot_general(x, q − zp) · s`` in float32 accumulation.  Group scales: the weight is
+  dequantized to ``x.dtype`` inside the computation (XLA fuses it into the dot operand).
+  Output dtype: ``preferred_element_type`` or ``x.dtype``.
+  """
+  lay = DotLayout.make(dimension_numbers, x.shape, w.shape)
+  out_dtype = preferred_element_type or x.dtype
+  acc = accumulation_dtype(x.dtype)
+  if scales_factor_out(w, lay.wc):
+    wv = integer_valued_weight(w, x.dtype)
+    y = lax.dot_general(x, wv, lay.dimension_numbers, precision=precision,
+                        preferred_element_type=acc, out_sharding=out_sharding)
+    y = y * lay.rhs_to_out(w.scale.astype(acc))
+  else:
+    y = lax.dot_general(x, dequantize(w, x.dtype), lay.dimension_numbers, precision=precision,
+                        preferred_element_type=acc, out_sharding=out_sharding)
+  return y.astype(out_dtype)
+
+
+def quantize_activations(x: jax.Array, contracting: Sequence[int], act: ActivationQuant
+                         ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Quantizes ``x`` to ``act.spec.qtype`` (int8 or uint8).
+
+  Dynamic mode: one scale per token, i.e. per index of the non-contracting axes (a keepdims
+  reduction over ``contracting``); symmetric ``s = absmax/127``, asymmetric ``s = (max − min)/255``
+  with the range widened to contain 0 and an integer zero point.  Static mode: the calibrated
+  per-tensor ``act.scale`` / ``act.zero_point``.
+
+  Returns:
+    ``(q, scale, zero_point)``: ``q`` int32 values in ``[qmin, qmax]``; ``scale`` float32 (keepdims
+    shape or scalar); ``zero_point`` int32 of the same shape, or None when symmetric.
+  """
+  spec = act.spec
+  qt = spec.qtype
+  xf = x.astype(jnp.float32)
+  if spec.mode is ActMode.DYNAMIC:
+    axes = tuple(contracting)
+    if spec.symmetric:
+      s = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / float(qt.qmax)
+      z = None
+    else:
+      lo = jnp.minimum(jnp.min(xf, axis=axes, keepdims=True), 0.0)
+      hi = jnp.maximum(jnp.max(xf, axis=axes, keepdims=True), 0.0)
+      s = (hi - lo) / float(qt.qmax - qt.qmin)
+    s = jnp.where(s > 0, s, 1.0)
+    if not spec.symmetric:
+      z = jnp.clip(numerics.round_half_even(qt.qmin - lo / s), qt.qmin, qt.qmax).astype(jnp.int32)
+  else:
+    if act.scale is None:
+      raise ValueError("static activation quantization needs a calibrated scale "
+                       "(ActivationQuant.scale is None); run calibration first")
+    s = jnp.asarray(act.scale, jnp.float32)
+    z = None
+    if act.zero_point is not None:
+      z = numerics.round_half_even(jnp.asarray(act.zero_point).astype(jnp.float32)).astype(jnp.int32)
+    elif not spec.symmetric:
+      raise ValueError("static asymmetric activation quantization needs a calibrated zero point "
+                       "(ActivationQuant.zero_point is None)")
+  v = numerics.round_half_even(xf / s)
+  if z is not None:
+    v = v + z.astype(jnp.float32)
+  q = jnp.clip(v, qt.qmin, qt.qmax).astype(jnp.int32)
+  return q, s, z
+
+
+def fake_quant_activations(x: jax.Array, contracting: Sequence[int], act: ActivationQuant
+                           ) -> jax.Array:
+  """``(q − zero_point) · scale`` of :func:`quantize_activations`, in ``x.dtype`` (a reference)."""
+  q, s, z = quantize_activations(x, contracting, act)
+  if z is not None:
+    q = q - z
+  return (q.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def _to_int8(q: jax.Array, z: jax.Array | None, qtype: QType
+             ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Values (and zero point) of a uint8/int8 operand -> (int8 values, int32 values, int32 zp),
+  shifting unsigned ones by −128 so ``q − z`` is unchanged."""
+  q32 = q.astype(jnp.int32)
+  z = None if z is None else z.astype(jnp.int32)
+  if not qtype.signed:
+    q32 = q32 - 128
+    z = (jnp.int32(0) if z is None else z) - 128
+  q8 = q if q.dtype == jnp.int8 else q32.astype(jnp.int8)
+  return q8, q32, z
+
+
+def int8_dot_general(x: jax.Array, w: QArray, dimension_numbers: DimensionNumbers,
+                     precision=None, preferred_element_type=None, *,
+                     out_sharding=None) -> jax.Array:
+  """Int8 × int8 -> int32 ``dot_general`` with exact zero-point corrections, rescaled to float.
+
+  ``w`` must be an 8-bit QArray whose scale (and zero point) is constant along the contracting
+  axes, carrying ``w.activation`` (dynamic or static).  ``precision`` is unused (integer dots are
+  exact).  Output dtype: ``preferred_element_type`` or ``x.dtype``.
+  """
+  del precision
+  lay = DotLayout.make(dimension_numbers, x.shape, w.shape)
+  out_dtype = preferred_element_type or x.dtype
+  act = w.activation
+  qx, sx, zx = quantize_activations(x, lay.xc, act)
+  qx8, qx, zx = _to_int8(qx, zx, act.spec.qtype)
+  qw8, qw, zw = _to_int8(w.unpacked(), w.zero_point, w.qtype)
+  acc = lax.dot_general(qx8, qw8, lay.dimension_numbers, preferred_element_type=jnp.int32,
+                        out_sharding=out_sharding)
+  zw_out = None if zw is None else lay.rhs_to_out(jnp.broadcast_to(zw, w.scale.shape))
+  zx_out = None if zx is None else lay.lhs_to_out(zx)
+  if zw_out is not None:
+    acc = acc - zw_out * lay.lhs_to_out(jnp.sum(qx, axis=lay.xc, keepdims=True, dtype=jnp.int32))
+  if zx_out is not None:
+    acc = acc - zx_out * lay.rhs_to_out(jnp.sum(qw, axis=lay.wc, keepdims=True, dtype=jnp.int32))
+    if zw_out is not None:
+      k = int(np.prod([w.shape[a] for a in lay.wc], dtype=np.int64))
+      acc = acc + jnp.int32(k) * zx_out * zw_out  # wraps mod 2^32 exactly like the sums above
+  y = acc.astype(jnp.float32) * lay.lhs_to_out(sx) * lay.rhs_to_out(w.scale.astype(jnp.float32))
+  return y.astype(out_dtype)
+
+
+__all__ = ["DotLayout", "weight_only_dot_general", "int8_dot_general", "quantize_activations",
+           "fake_quant_activations", "integer_valued_weight", "scales_factor_out",
+           "accumulation_dtype"]

@@ -1,0 +1,115 @@
+"""JSON forms of specs and rules (for ``--rules FILE``, checkpoint headers and printed plans).
+
+Example rules file::
+
+  [
+    {"pattern": "embed|norm|lm_head", "weight": null},
+    {"pattern": "layers_0/", "weight": {"qtype": "int8", "granularity": "channel"}},
+    {"pattern": "kernel$", "weight": {"qtype": "uint4", "symmetric": false,
+                                      "granularity": "group", "group_size": 128},
+     "algorithm": "gptq"}
+  ]
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jq.qtypes import QType
+from jq.spec import (ActivationSpec, ActMode, Algorithm, Clip, ClipMethod, Granularity, QuantSpec,
+                     Rule)
+
+_ENUMS = {"qtype": QType, "granularity": Granularity, "method": ClipMethod, "mode": ActMode,
+          "algorithm": Algorithm}
+
+
+def _to_json(obj: Any) -> Any:
+  if isinstance(obj, enum.Enum):
+    return obj.value
+  if dataclasses.is_dataclass(obj):
+    return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, tuple):
+    return list(obj)
+  return obj
+
+
+def _build(cls, d: dict[str, Any], where: str):
+  if not isinstance(d, dict):
+    raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {sorted(unknown)} for {cls.__name__}; "
+                     f"known: {sorted(names)}")
+  kw = {}
+  for k, v in d.items():
+    if k in _ENUMS and v is not None:
+      try:
+        v = _ENUMS[k](v)
+      except ValueError as e:
+        raise ValueError(f"{where}: {k}={v!r} is not one of "
+                         f"{[m.value for m in _ENUMS[k]]}") from e
+    elif k == "clip" and v is not None:
+      v = _build(Clip, v, f"{where}.clip")
+    elif k == "channel_axes":
+      v = tuple(v)
+    kw[k] = v
+  return cls(**kw)
+
+
+def spec_to_json(spec: QuantSpec | ActivationSpec | None) -> Any:
+  return None if spec is None else _to_json(spec)
+
+
+def spec_from_json(d: dict[str, Any] | None, where: str = "spec") -> QuantSpec | None:
+  return None if d is None else _build(QuantSpec, d, where)
+
+
+def activation_from_json(d: dict[str, Any] | None, where: str = "activation"
+                         ) -> ActivationSpec | None:
+  return None if d is None else _build(ActivationSpec, d, where)
+
+
+def rule_to_json(rule: Rule) -> dict[str, Any]:
+  return _to_json(rule)
+
+
+def rule_from_json(d: dict[str, Any], where: str = "rule") -> Rule:
+  if not isinstance(d, dict) or "pattern" not in d:
+    raise ValueError(f"{where}: a rule needs at least 'pattern' and 'weight'")
+  d = dict(d)
+  d["weight"] = spec_from_json(d.get("weight"), f"{where}.weight")
+  d["activation"] = activation_from_json(d.get("activation"), f"{where}.activation")
+  if "algorithm" in d:
+    try:
+      d["algorithm"] = Algorithm(d["algorithm"])
+    except ValueError as e:
+      raise ValueError(f"{where}: algorithm={d['algorithm']!r} is not one of "
+                       f"{[a.value for a in Algorithm]}") from e
+  names = {f.name for f in dataclasses.fields(Rule)}
+  if set(d) - names:
+    raise ValueError(f"{where}: unknown field(s) {sorted(set(d) - names)}; known: {sorted(names)}")
+  return Rule(**d)
+
+
+def rules_to_json(rules: Sequence[Rule]) -> str:
+  """Rules as pretty JSON (reusable with ``jq-quant quantize --rules FILE``)."""
+  return json.dumps([rule_to_json(r) for r in rules], indent=2)
+
+
+def rules_from_json(text: str) -> tuple[Rule, ...]:
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"rules: not valid JSON: {e}") from e
+  if not isinstance(data, list):
+    raise ValueError("rules: expected a JSON list of rule objects")
+  return tuple(rule_from_json(d, f"rules[{i}]") for i, d in enumerate(data))
+
+
+def load_rules(path: str | Path) -> tuple[Rule, ...]:
+  return rules_from_json(Path(path).read_text())
