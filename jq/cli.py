@@ -48,18 +48,18 @@ def _rules_for(args) -> tuple[Any, str]:
 
 
 def _quantize_model(model, rules, recipe: str, args):
-  """Returns the quantized variables (params tree with QArray leaves)."""
-  from jq import ptq
-  if model.kind == "causal_lm":
-    return ptq.quantize_causal_lm(model, rules, calib_sequences=args.calib_sequences,
-                                  calib_len=args.calib_len, progress=True)
-  return ptq.quantize_encoder(model, rules, progress=True)
+  """Returns ``(qvars, ref_vars, log)``."""
+  from jq import app
+  from jq.ptq import recipes
+  cfg = recipes.config(recipe) if not args.rules else None
+  return app.quantize_model(model, rules, ptq_config=cfg, calib_sequences=args.calib_sequences,
+                            calib_len=args.calib_len, progress=True)
 
 
 def cmd_quantize(args) -> int:
   from jq import io as jqio
   from jq import tree as jqtree
-  from jq.eval import model_eval
+  from jq import app
   from models import registry
   t0 = time.perf_counter()
   _print(f"loading {args.model} ...")
@@ -67,16 +67,18 @@ def cmd_quantize(args) -> int:
   rules, recipe = _rules_for(args)
   _print(f"quantizing with {recipe} ...")
   t1 = time.perf_counter()
-  qvars = _quantize_model(model, rules, recipe, args)
+  qvars, ref_vars, log = _quantize_model(model, rules, recipe, args)
   t_quant = time.perf_counter() - t1
-  fvars = model_eval.float_variables(model)
-  rows = jqtree.report(fvars, qvars)
+  for line in log:
+    _print("  " + line)
+  fvars = app.float_variables(model)
+  rows = jqtree.report(ref_vars, qvars)
   _print("\nworst layers by SQNR:")
   _print(jqtree.format_report(rows, limit=args.worst))
   quality = {}
   if not args.no_eval:
     _print("\nevaluating on held-out text ...")
-    quality = model_eval.evaluate(model, qvars, windows=args.eval_windows, window=args.window)
+    quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window)
   out = Path(args.out or f"{args.model}-{recipe.replace(':', '-')}.safetensors")
   meta = {"model": args.model, "recipe": recipe, "quality": quality}
   jqio.save(out, qvars, metadata=meta, rules=rules)
@@ -111,15 +113,15 @@ def _load_ckpt(path: str):
                      f"(known: {', '.join(registry.MODELS)})")
   model = registry.load(name)
   qvars = jqio.load(path)
-  from jq.eval import model_eval
-  model_eval.check_matches(model, qvars, source=path)
+  from jq import app
+  app.check_matches(model, qvars, source=path)
   return model, qvars, header
 
 
 def cmd_eval(args) -> int:
-  from jq.eval import model_eval
+  from jq import app
   model, qvars, header = _load_ckpt(args.ckpt)
-  quality = model_eval.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
+  quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
                                 progress=not args.json)
   if args.json:
     _print(json.dumps({"checkpoint": args.ckpt, "model": model.name,
@@ -169,12 +171,12 @@ def _tensor_bytes(t) -> int:
 
 
 def cmd_generate(args) -> int:
-  from jq.eval import model_eval
+  from jq import app
   model, qvars, _ = _load_ckpt(args.ckpt)
   if model.kind != "causal_lm":
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
   t0 = time.perf_counter()
-  text, n = model_eval.generate(model, qvars, args.prompt, max_new_tokens=args.max_new_tokens,
+  text, n = app.generate(model, qvars, args.prompt, max_new_tokens=args.max_new_tokens,
                                 chat=not args.raw)
   dt = time.perf_counter() - t0
   _print(text)
@@ -184,11 +186,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-  from jq.eval import model_eval
+  from jq import app
   from jq import spec_json
   from models import registry
   model = registry.load(args.model)
-  result = model_eval.mixed_precision_plan(model, bits_per_weight=args.bits, progress=True)
+  result = app.mixed_precision_plan(model, bits_per_weight=args.bits, progress=True)
   _print(result["scan"].table())
   _print(f"\nplan at {args.bits} bits/weight: {result['bits']:.3f} bits/weight, "
          f"estimated KL {result['kl']:.4f}")

@@ -32,7 +32,9 @@ def cosine(ref: jax.Array, approx: jax.Array) -> jax.Array:
   """Cosine similarity of the flattened tensors (1 for two all-zero tensors)."""
   a, b = _f32(ref, approx)
   a, b = a.ravel(), b.ravel()
-  # normalise first: the product of norms of large tensors overflows float32
+  # rescale by the largest magnitude first: squares of large tensors overflow float32
+  a = a / jnp.maximum(jnp.max(jnp.abs(a), initial=0.0), jnp.finfo(jnp.float32).tiny)
+  b = b / jnp.maximum(jnp.max(jnp.abs(b), initial=0.0), jnp.finfo(jnp.float32).tiny)
   na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
   ua, ub = a / jnp.where(na == 0, 1.0, na), b / jnp.where(nb == 0, 1.0, nb)
   return jnp.where((na == 0) & (nb == 0), 1.0, jnp.clip(jnp.dot(ua, ub), -1.0, 1.0))

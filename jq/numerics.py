@@ -216,6 +216,16 @@ def nf4_table(dtype=jnp.float32) -> jax.Array:
   return jnp.asarray(NF4_TABLE, dtype)
 
 
+def nf4_decode(idx: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """``NF4_TABLE[idx]`` as a chain of elementwise selects: no gather, so it fuses and keeps the
+  sharding of ``idx`` (a table gather fails on meshes with explicit axis types)."""
+  idx = idx.astype(jnp.int32)
+  out = jnp.full(idx.shape, NF4_TABLE[0], dtype)
+  for k in range(1, len(NF4_TABLE)):
+    out = jnp.where(idx == k, jnp.asarray(NF4_TABLE[k], dtype), out)
+  return out
+
+
 def nf4_encode(v: jax.Array) -> jax.Array:
   """Index of the nearest NF4 table entry for values already divided by the scale.
 

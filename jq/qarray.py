@@ -127,7 +127,7 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
   v = q.unpacked()
   scale = numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape)
   if q.qtype.is_table:
-    x = numerics.nf4_table(jnp.float32)[v.astype(jnp.int32)]
+    x = numerics.nf4_decode(v, jnp.float32)
   else:
     x = v.astype(jnp.float32)
     if q.zero_point is not None:

@@ -55,10 +55,13 @@ def _range_to_params(lo, hi, spec: QuantSpec):
   qt = spec.qtype
   sdt = jnp.dtype(spec.scale_dtype)
   if spec.symmetric:
-    scale = numerics.snap_scale(hi / (1.0 if qt.is_table else float(qt.qmax)), sdt)
+    scale = numerics.snap_scale(hi * np.float32(1.0 / (1.0 if qt.is_table else qt.qmax)), sdt)
     return scale, None
   n = float(qt.qmax - qt.qmin)
-  scale = numerics.snap_scale(hi / n - lo / n, sdt)  # (hi - lo) / n can overflow
+  # One rounding of the range and one of the product: XLA turns ``/ n`` into ``* (1 / n)`` and
+  # would refactor ``hi / n - lo / n`` differently in eager and jitted code.  (A range wider than
+  # float32's maximum becomes inf and is clamped to the largest scale.)
+  scale = numerics.snap_scale((hi - lo) * np.float32(1.0 / n), sdt)
   r = 1.0 / scale.astype(jnp.float32)
   a, b = jnp.round(lo * r), jnp.round(hi * r)
   short = (b - a < n) & (hi > lo) & (scale > numerics.scale_limits(sdt)[0])
@@ -85,7 +88,7 @@ def _quantize_split(xb, scale, zp, spec: QuantSpec, shape, tile):
 def _dequant_split(qb, scale, zp, spec: QuantSpec, shape, tile):
   s = numerics.tiles_to_split(scale.astype(jnp.float32), shape, tile)
   if spec.qtype.is_table:
-    return numerics.nf4_table()[qb.astype(jnp.int32)] * s
+    return numerics.nf4_decode(qb) * s
   v = qb.astype(jnp.float32)
   if zp is not None:
     v = v - numerics.tiles_to_split(zp.astype(jnp.float32), shape, tile)

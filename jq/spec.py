@@ -9,6 +9,8 @@ import enum
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from jq.qtypes import QType
 
 
@@ -118,7 +120,8 @@ class QuantSpec:
   def tile(self, shape: Sequence[int], *, name: str = "<tensor>", dtype=None) -> tuple[int, ...]:
     """The per-scale tile of a tensor of ``shape`` under this spec (see ``jq.numerics``)."""
     nd = len(shape)
-    where = f"{name}: shape {tuple(shape)}" + (f" dtype {dtype}" if dtype is not None else "")
+    where = f"{name}: shape {tuple(shape)}" + (
+        f" dtype {np.dtype(dtype).name}" if dtype is not None else "")
     if self.granularity is Granularity.TENSOR:
       return tuple(shape)
     chan = set()

@@ -194,8 +194,9 @@ def report(params: PyTree, qparams: PyTree) -> list[LayerReport]:
 
 def format_report(rows: Sequence[LayerReport], *, limit: int | None = None) -> str:
   """A plain-text table of a :func:`report` (worst SQNR first when ``limit`` is set)."""
+  all_rows = list(rows)
   if limit is not None:
-    rows = sorted(rows, key=lambda r: r.sqnr_db)[:limit]
+    rows = sorted(all_rows, key=lambda r: r.sqnr_db)[:limit]
   head = ("path", "shape", "spec", "MSE", "SQNR dB", "bytes before", "bytes after")
   body = [(r.path, "x".join(map(str, r.shape)), r.spec, f"{r.mse:.3e}", f"{r.sqnr_db:.2f}",
            f"{r.bytes_before:,}", f"{r.bytes_after:,}") for r in rows]
@@ -203,9 +204,9 @@ def format_report(rows: Sequence[LayerReport], *, limit: int | None = None) -> s
   line = lambda cells: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths)))
   out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
-  if rows:
-    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
-    out.append(f"{len(rows)} quantized tensors: {before:,} -> {after:,} bytes "
+  if all_rows:
+    before, after = sum(r.bytes_before for r in all_rows), sum(r.bytes_after for r in all_rows)
+    out.append(f"{len(all_rows)} quantized tensors: {before:,} -> {after:,} bytes "
                f"({after / max(before, 1):.3f}x)")
   return "\n".join(out)
 

@@ -3,7 +3,7 @@
 The module tree uses only standard linen layers so a quantization tool can intercept them::
 
   params/embed/embedding                      (vocab, d)        tied input embedding / output head
-  params/layers_{i}/input_norm/scale          (d,)              nn.RMSNorm
+  params/layers_{i}/input_norm/scale          (d,)              RMSNorm
   params/layers_{i}/attn/{q,k,v,o}_proj/kernel (in, out)        nn.Dense, no bias
   params/layers_{i}/post_attn_norm/scale      (d,)
   params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense, no bias (SwiGLU)
@@ -160,9 +160,25 @@ def _dense(features: int, name: str, config: LlamaConfig) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=jnp.float32, name=name)
 
 
-def _rms_norm(name: str, config: LlamaConfig) -> nn.RMSNorm:
-  return nn.RMSNorm(epsilon=config.rms_norm_eps, dtype=config.dtype, param_dtype=jnp.float32,
-                    name=name)
+class RMSNorm(nn.Module):
+  """``x / sqrt(mean(x**2) + epsilon) * scale``, computed in float32, returned in ``dtype``.
+
+  (``nn.RMSNorm`` mixes a float32 scale with bfloat16 inputs implicitly, which fails under
+  ``jax.numpy_dtype_promotion("strict")``; the param is likewise called ``scale``.)
+  """
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+def _rms_norm(name: str, config: LlamaConfig) -> RMSNorm:
+  return RMSNorm(epsilon=config.rms_norm_eps, dtype=config.dtype, name=name)
 
 
 class Attention(nn.Module):

@@ -38,9 +38,11 @@ Implementation notes (differences from the reference implementation are marked *
   but group ``g`` keeps the scale of the *original contiguous* rows ``[g·G, (g+1)·G)``.  The stored
   :class:`~jq.qarray.QArray` therefore has ordinary contiguous groups and needs no ``g_idx``
   permutation at inference (the reference's ``desc_act`` without static groups would).
-* Everything runs under one ``jax.jit`` with ``lax.fori_loop`` over blocks and rows; the weights
-  are padded to whole blocks with zero rows whose Hessian block is the identity, so they never
-  interact with real rows and quantize exactly to 0.
+* Two jitted stages: the factorisation (compiled once per ``K``, shared by all specs) and the
+  blocked loop (``lax.fori_loop`` over blocks and rows).  The weights are padded to whole blocks
+  with zero rows whose Hessian block is the identity, so they never interact with real rows and
+  quantize exactly to 0.  ``gptq_quantize`` can itself be called under ``jax.jit`` (the value
+  checks then only run on concrete inputs).
 * The rounding grid is jq's own (``jq.quantize``), and the result is built with
   :func:`jq.quantize.quantize_with_params`, so ``dequantize(result)`` is exactly the weights GPTQ
   optimised.
@@ -126,7 +128,7 @@ def _upper_chol_inverse(h: jax.Array, damp: jax.Array, max_retries: int):
   return u, rel, tries, ~ok
 
 
-def _block_layout(spec: QuantSpec, k: int, block_size: int, dynamic_groups: bool, g: int
+def _block_layout(k: int, block_size: int, dynamic_groups: bool, g: int
                   ) -> tuple[int, int]:
   """Effective block size and padded row count."""
   b = max(1, min(block_size, k))
@@ -140,25 +142,34 @@ def _block_layout(spec: QuantSpec, k: int, block_size: int, dynamic_groups: bool
   return b, -(-k // span) * span
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups",
-                                             "max_retries"))
-def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, spec: QuantSpec, block_size: int,
-          act_order: bool, static_groups: bool, max_retries: int):
-  k, n = w.shape
-  w = w.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("act_order", "max_retries"))
+def _prepare(h: jax.Array, damp: jax.Array, *, act_order: bool, max_retries: int):
+  """Dead inputs, processing order and the factor ``U`` (compiled once per K, shared by specs).
+
+  Returns ``(u, perm, dead, relative_damp, retries, failed)``; ``u`` is in processing order.
+  """
+  k = h.shape[0]
   h = h.astype(jnp.float32)
   h = 0.5 * (h + h.T)
-  diag = jnp.diag(h)
-  dead = ~(diag > 0)
-  eye = jnp.eye(k, dtype=jnp.float32)
-  h = jnp.where(dead[:, None] | dead[None, :], eye, h)
-  w = jnp.where(dead[:, None], 0.0, w)
+  dead = ~(jnp.diag(h) > 0)
+  h = jnp.where(dead[:, None] | dead[None, :], jnp.eye(k, dtype=jnp.float32), h)
+  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
+  u, rel, retries, failed = _upper_chol_inverse(h[perm][:, perm], damp, max_retries)
+  return u, perm, dead, rel, retries, failed
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups"))
+def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec: QuantSpec,
+          block_size: int, static_groups: bool):
+  """The blocked GPTQ loop; returns ``(qarray, loss, fallback_to_rtn)``."""
+  k, n = w.shape
+  w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
 
   tile = spec.tile((k, n))
   dynamic_groups = (spec.granularity is Granularity.GROUP and spec.group_axis % 2 == 0
-                    and not act_order and not static_groups)
+                    and not static_groups)     # (act-order implies static groups)
   g = tile[0]
-  b, kp = _block_layout(spec, k, block_size, dynamic_groups, g)
+  b, kp = _block_layout(k, block_size, dynamic_groups, g)
   n_groups = -(-k // g)
   has_zp = not spec.symmetric and not spec.qtype.is_table
 
@@ -168,11 +179,8 @@ def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, spec: QuantSpec, block
   def per_element(t):
     return jnp.broadcast_to(numerics.expand(t.astype(jnp.float32), tile, (k, n)), (k, n))
 
-  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
   inv_perm = jnp.argsort(perm)
   wp = w[perm]
-  hp = h[perm][:, perm]
-  u, rel, retries, failed = _upper_chol_inverse(hp, damp.astype(jnp.float32), max_retries)
 
   pad = kp - k
   wp = jnp.pad(wp, ((0, pad), (0, 0)))
@@ -270,11 +278,7 @@ def _gptq(w: jax.Array, h: jax.Array, damp: jax.Array, *, spec: QuantSpec, block
     zp = jnp.where(ok, zp, zp0)
   scale = jnp.where(ok, scale, scale0)
   wq = jnp.where(ok, wq, w)     # RTN fallback: quantize_with_params rounds w on scale0
-  qarr = quantize_with_params(wq, scale, zp, spec)
-  fallback = jnp.where(ok, failed.astype(jnp.int32), jnp.int32(2))
-  info = GPTQInfo(loss=0.5 * loss, damp=rel, retries=retries,
-                  dead=jnp.sum(dead, dtype=jnp.int32), fallback=fallback)
-  return qarr, info
+  return quantize_with_params(wq, scale, zp, spec), 0.5 * loss, ~ok
 
 
 def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
@@ -331,8 +335,9 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
     if not np.all(np.isfinite(hf)):
       raise ValueError(f"{name}: the Hessian has NaN/Inf entries; check the calibration inputs")
     if not np.any(np.diag(hf) > 0):
-      raise ValueError(f"{name}: the Hessian is zero (empty calibration statistics: the layer saw "
-                       "no nonzero input); calibrate with data that reaches this layer")
+      raise ValueError(f"{name}: the Hessian is zero (no positive diagonal entry: empty "
+                       "calibration statistics, the layer saw no nonzero input); calibrate with "
+                       "data that reaches this layer")
   if not damp > 0:
     raise ValueError(f"{name}: damp={damp} must be > 0")
   if int(block_size) < 1:
@@ -340,9 +345,12 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
   if int(max_retries) < 0:
     raise ValueError(f"{name}: max_retries={max_retries} must be >= 0")
   spec.tile((k, n), name=name, dtype=w.dtype)   # validates axes with a named error
-  qarr, info = _gptq(w, h, jnp.float32(damp), spec=spec, block_size=int(block_size),
-                     act_order=bool(act_order), static_groups=bool(static_groups),
-                     max_retries=int(max_retries))
+  u, perm, dead, rel, retries, failed = _prepare(h, jnp.float32(damp), act_order=bool(act_order),
+                                                 max_retries=int(max_retries))
+  qarr, loss, rtn = _gptq(w, u, perm, dead, spec=spec, block_size=int(block_size),
+                          static_groups=bool(static_groups or act_order))
+  info = GPTQInfo(loss=loss, damp=rel, retries=retries, dead=jnp.sum(dead, dtype=jnp.int32),
+                  fallback=jnp.where(rtn, jnp.int32(2), failed.astype(jnp.int32)))
   return qarr.validate(name), info
 
 

@@ -26,6 +26,7 @@ PyTorch's ``HistogramObserver``).  The resolution is at least ``max|x| / bins`` 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -120,6 +121,29 @@ def _batch_minmax(x, finite):
   return lo, hi
 
 
+@functools.partial(jax.jit, static_argnames=("per_channel",))
+def _minmax_update(state: MinMaxState, x: jax.Array, per_channel: bool) -> MinMaxState:
+  xf, finite = _channels(x, state.lo.shape[0], per_channel, "minmax observer")
+  lo, hi = _batch_minmax(xf, finite)
+  return MinMaxState(lo=jnp.minimum(state.lo, lo), hi=jnp.maximum(state.hi, hi),
+                     count=state.count + jnp.int32(x.size),
+                     nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("per_channel",))
+def _ema_update(state: MinMaxState, x: jax.Array, momentum: jax.Array, per_channel: bool
+                ) -> MinMaxState:
+  xf, finite = _channels(x, state.lo.shape[0], per_channel, "moving_average_minmax observer")
+  lo, hi = _batch_minmax(xf, finite)
+  first = ~jnp.isfinite(state.lo)
+  lo = jnp.where(jnp.isfinite(lo), lo, state.lo)   # a batch of only non-finite values: skipped
+  hi = jnp.where(jnp.isfinite(hi), hi, state.hi)
+  new_lo = jnp.where(first, lo, momentum * state.lo + (1.0 - momentum) * lo)
+  new_hi = jnp.where(first, hi, momentum * state.hi + (1.0 - momentum) * hi)
+  return MinMaxState(lo=new_lo, hi=new_hi, count=state.count + jnp.int32(x.size),
+                     nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
+
+
 def _minmax_finalize(state: MinMaxState, name: str, per_channel: bool) -> Range:
   _check(state.count, state.nonfinite, name)
   lo = jnp.where(jnp.isfinite(state.lo), state.lo, 0.0)
@@ -138,11 +162,7 @@ def minmax(*, per_channel: bool = False) -> Observer:
     return _minmax_init(num_channels, per_channel)
 
   def update(state: MinMaxState, x: jax.Array) -> MinMaxState:
-    xf, finite = _channels(jnp.asarray(x), state.lo.shape[0], per_channel, "minmax observer")
-    lo, hi = _batch_minmax(xf, finite)
-    return MinMaxState(lo=jnp.minimum(state.lo, lo), hi=jnp.maximum(state.hi, hi),
-                       count=state.count + jnp.int32(np.size(x)),
-                       nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
+    return _minmax_update(state, jnp.asarray(x), per_channel)
 
   def finalize(state: MinMaxState, name: str = "<activation>") -> Range:
     return _minmax_finalize(state, name, per_channel)
@@ -155,7 +175,7 @@ def moving_average_minmax(momentum: float = 0.9, *, per_channel: bool = False) -
 
   ``lo ← momentum · lo + (1 − momentum) · min(batch)`` (likewise ``hi``); the first batch sets
   the range.  Less sensitive than :func:`minmax` to a single outlier batch (as in TensorFlow's and
-  PyTorch's ``MovingAverageMinMaxObserver``).
+  PyTorch's ``MovingAverageMinMaxObserver``).  Empty batches are skipped.
   """
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"moving_average_minmax: momentum={momentum} must be in [0, 1)")
@@ -165,18 +185,9 @@ def moving_average_minmax(momentum: float = 0.9, *, per_channel: bool = False) -
 
   def update(state: MinMaxState, x: jax.Array) -> MinMaxState:
     x = jnp.asarray(x)
-    xf, finite = _channels(x, state.lo.shape[0], per_channel, "moving_average_minmax observer")
-    lo, hi = _batch_minmax(xf, finite)
-    n = int(np.size(x))
-    if n == 0:
+    if x.size == 0:
       return state
-    first = ~jnp.isfinite(state.lo)
-    lo = jnp.where(jnp.isfinite(lo), lo, state.lo)  # a batch of only non-finite values: skip
-    hi = jnp.where(jnp.isfinite(hi), hi, state.hi)
-    new_lo = jnp.where(first, lo, momentum * state.lo + (1.0 - momentum) * lo)
-    new_hi = jnp.where(first, hi, momentum * state.hi + (1.0 - momentum) * hi)
-    return MinMaxState(lo=new_lo, hi=new_hi, count=state.count + jnp.int32(n),
-                       nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
+    return _ema_update(state, x, jnp.float32(momentum), per_channel)
 
   def finalize(state: MinMaxState, name: str = "<activation>") -> Range:
     return _minmax_finalize(state, name, per_channel)
@@ -212,9 +223,9 @@ def _rebin(h: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.zeros_like(h).at[rows, idx].add(h)
 
 
+@functools.partial(jax.jit, static_argnames=("per_channel", "where"))
 def _hist_update(state: HistogramState, x: jax.Array, per_channel: bool, where: str
                  ) -> HistogramState:
-  x = jnp.asarray(x)
   c, bins = state.pos.shape
   xf, finite = _channels(x, c, per_channel, where)
   ax = jnp.abs(xf)
@@ -230,7 +241,7 @@ def _hist_update(state: HistogramState, x: jax.Array, per_channel: bool, where: 
   lo, hi = _batch_minmax(xf, finite)
   return HistogramState(pos=pos, neg=neg, exp=exp, lo=jnp.minimum(state.lo, lo),
                         hi=jnp.maximum(state.hi, hi),
-                        count=state.count + jnp.int32(np.size(x)),
+                        count=state.count + jnp.int32(x.size),
                         nonfinite=state.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
 
 
@@ -273,36 +284,45 @@ def percentile(p: float = 99.99, *, symmetric: bool = True, bins: int = 2048,
     return _hist_init(num_channels, bins, per_channel)
 
   def update(state: HistogramState, x: jax.Array) -> HistogramState:
-    return _hist_update(state, x, per_channel, "percentile observer")
+    return _hist_update(state, jnp.asarray(x), per_channel, "percentile observer")
 
   def finalize(state: HistogramState, name: str = "<activation>") -> Range:
     _check(state.count, state.nonfinite, name)
-    width = jnp.ldexp(jnp.ones_like(state.lo), state.exp) / bins     # (C,)
-    lo_obs = jnp.where(jnp.isfinite(state.lo), state.lo, 0.0)
-    hi_obs = jnp.where(jnp.isfinite(state.hi), state.hi, 0.0)
-    if symmetric:
-      t = _quantile(state.pos + state.neg, jnp.float32(p / 100.0)) * width
-      t = jnp.minimum(t, jnp.maximum(-lo_obs, hi_obs))
-      lo, hi = -t, t
-    else:
-      signed = jnp.concatenate([state.neg[:, ::-1], state.pos], axis=-1)   # over [-R, R]
-      edge = -bins * width
-      hi = edge + _quantile(signed, jnp.float32(p / 100.0)) * width
-      lo = edge + _quantile(signed, jnp.float32(1.0 - p / 100.0)) * width
-      lo, hi = jnp.clip(lo, lo_obs, hi_obs), jnp.clip(hi, lo_obs, hi_obs)
+    lo, hi = _percentile_range(state, jnp.float32(p / 100.0), symmetric)
     return _squeeze(lo, per_channel), _squeeze(hi, per_channel)
 
   return Observer(init, update, finalize)
+
+
+@functools.partial(jax.jit, static_argnames=("symmetric",))
+def _percentile_range(state: HistogramState, q: jax.Array, symmetric: bool) -> Range:
+  bins = state.pos.shape[1]
+  width = jnp.ldexp(jnp.ones_like(state.lo), state.exp) / bins     # (C,)
+  lo_obs = jnp.where(jnp.isfinite(state.lo), state.lo, 0.0)
+  hi_obs = jnp.where(jnp.isfinite(state.hi), state.hi, 0.0)
+  if symmetric:
+    t = _quantile(state.pos + state.neg, q) * width
+    t = jnp.minimum(t, jnp.maximum(-lo_obs, hi_obs))
+    return -t, t
+  signed = jnp.concatenate([state.neg[:, ::-1], state.pos], axis=-1)   # over [-R, R]
+  edge = -bins * width
+  hi = edge + _quantile(signed, q) * width
+  lo = edge + _quantile(signed, 1.0 - q) * width
+  return jnp.clip(lo, lo_obs, hi_obs), jnp.clip(hi, lo_obs, hi_obs)
 
 
 def mse_range(bits: int = 8, *, symmetric: bool = True, bins: int = 2048, grid: int = 128,
               min_ratio: float = 0.05, per_channel: bool = False) -> Observer:
   """The range minimising the int-``bits`` quantization MSE of the observed activations.
 
-  The error of a candidate range ``[lo, hi]`` is estimated from the histogram (as in PyTorch's
-  ``HistogramObserver``): values inside contribute the uniform rounding noise ``Δ²/12`` with
-  ``Δ = (hi − lo) / (2^bits − 1)`` (``Δ = hi / (2^(bits−1) − 1)`` if symmetric), values outside
-  the squared clipping distance (at their bin centre).  Candidates shrink the observed range
+  The error of a candidate range ``[lo, hi]`` is computed from the histogram, taking the values
+  in each bin as uniformly spread over the bin: a bin inside the range contributes the exact mean
+  squared rounding error of that uniform distribution on the grid ``Δ·ℤ`` (``Δ = (hi − lo) /
+  (2^bits − 1)``, or ``hi / (2^(bits−1) − 1)`` if symmetric), which tends to ``Δ²/12`` for wide
+  bins and to the centre's rounding error for narrow ones; a bin whose centre is outside
+  contributes its squared clipping distance.  (PyTorch's ``HistogramObserver`` uses ``Δ²/12``
+  throughout, which overestimates the error of coarse grids over concentrated data and so clips
+  far too much at 4 bits.)  Candidates shrink the observed range
   ``[min(x, 0), max(x, 0)]`` (or ``±max|x|``) by ``grid`` ratios in ``[min_ratio, 1]``; the search
   is a ``lax.scan`` over candidates.
 
@@ -326,47 +346,68 @@ def mse_range(bits: int = 8, *, symmetric: bool = True, bins: int = 2048, grid: 
     return _hist_init(num_channels, bins, per_channel)
 
   def update(state: HistogramState, x: jax.Array) -> HistogramState:
-    return _hist_update(state, x, per_channel, "mse_range observer")
+    return _hist_update(state, jnp.asarray(x), per_channel, "mse_range observer")
 
   def finalize(state: HistogramState, name: str = "<activation>") -> Range:
     _check(state.count, state.nonfinite, name)
-    width = jnp.ldexp(jnp.ones_like(state.lo), state.exp) / bins          # (C,)
-    lo_obs = jnp.minimum(jnp.where(jnp.isfinite(state.lo), state.lo, 0.0), 0.0)
-    hi_obs = jnp.maximum(jnp.where(jnp.isfinite(state.hi), state.hi, 0.0), 0.0)
-    centers = (jnp.arange(bins, dtype=jnp.float32) + 0.5)[None, :] * width[:, None]  # (C, B)
-    if symmetric:
-      counts = (state.pos + state.neg,)
-      values = (centers,)
-      lo0, hi0 = -jnp.maximum(-lo_obs, hi_obs), jnp.maximum(-lo_obs, hi_obs)
-    else:
-      counts = (state.pos, state.neg)
-      values = (centers, -centers)
-      lo0, hi0 = lo_obs, hi_obs
-
-    def err(r):
-      lo, hi = lo0 * r, hi0 * r
-      step = (hi / levels) if symmetric else (hi - lo) / levels
-      total = jnp.zeros_like(lo)
-      for h, v in zip(counts, values):
-        mag = jnp.abs(v) if symmetric else v
-        low, high = (-hi if symmetric else lo)[:, None], hi[:, None]
-        clipped = jnp.where(mag > high, mag - high, 0.0) + jnp.where(mag < low, low - mag, 0.0)
-        e = jnp.where(clipped > 0, clipped * clipped, (step * step / 12.0)[:, None])
-        total = total + jnp.sum(h * e, axis=-1)
-      return total
-
-    def body(carry, r):
-      best_e, best_r = carry
-      e = err(r)
-      better = e < best_e
-      return (jnp.where(better, e, best_e), jnp.where(better, r, best_r)), None
-
-    ratios = jnp.linspace(min_ratio, 1.0, grid, dtype=jnp.float32)
-    init_c = (err(jnp.float32(1.0)), jnp.ones_like(lo0))
-    (_, best), _ = jax.lax.scan(body, init_c, ratios[:-1])
-    return _squeeze(lo0 * best, per_channel), _squeeze(hi0 * best, per_channel)
+    lo, hi = _mse_search_range(state, levels=levels, symmetric=symmetric, grid=grid,
+                               min_ratio=float(min_ratio))
+    return _squeeze(lo, per_channel), _squeeze(hi, per_channel)
 
   return Observer(init, update, finalize)
+
+
+@functools.partial(jax.jit, static_argnames=("levels", "symmetric", "grid", "min_ratio"))
+def _mse_search_range(state: HistogramState, *, levels: float, symmetric: bool, grid: int,
+                      min_ratio: float) -> Range:
+  bins = state.pos.shape[1]
+  width = jnp.ldexp(jnp.ones_like(state.lo), state.exp) / bins          # (C,)
+  lo_obs = jnp.minimum(jnp.where(jnp.isfinite(state.lo), state.lo, 0.0), 0.0)
+  hi_obs = jnp.maximum(jnp.where(jnp.isfinite(state.hi), state.hi, 0.0), 0.0)
+  centers = (jnp.arange(bins, dtype=jnp.float32) + 0.5)[None, :] * width[:, None]  # (C, B)
+  if symmetric:
+    counts, values = (state.pos + state.neg,), (centers,)
+    lo0, hi0 = -jnp.maximum(-lo_obs, hi_obs), jnp.maximum(-lo_obs, hi_obs)
+  else:
+    counts, values = (state.pos, state.neg), (centers, -centers)
+    lo0, hi0 = lo_obs, hi_obs
+  half_w = (0.5 * width)[:, None]
+
+  def err(r):
+    lo, hi = lo0 * r, hi0 * r
+    step = (hi / levels) if symmetric else (hi - lo) / levels
+    step = jnp.maximum(step, jnp.finfo(jnp.float32).tiny)[:, None]
+    total = jnp.zeros_like(lo)
+    for h, v in zip(counts, values):
+      low, high = (-hi if symmetric else lo)[:, None], hi[:, None]
+      clipped = jnp.where(v > high, v - high, 0.0) + jnp.where(v < low, low - v, 0.0)
+      e_clip = clipped * clipped + half_w * half_w / 3.0
+      e_round = _mean_rounding_error(v - half_w, v + half_w, step)
+      total = total + jnp.sum(h * jnp.where(clipped > 0, e_clip, e_round), axis=-1)
+    return total
+
+  def body(carry, r):
+    best_e, best_r = carry
+    e = err(r)
+    better = e < best_e
+    return (jnp.where(better, e, best_e), jnp.where(better, r, best_r)), None
+
+  ratios = jnp.linspace(min_ratio, 1.0, grid, dtype=jnp.float32)
+  init_c = (err(jnp.float32(1.0)), jnp.ones_like(lo0))
+  (_, best), _ = jax.lax.scan(body, init_c, ratios[:-1])
+  return lo0 * best, hi0 * best
+
+
+def _mean_rounding_error(a: jax.Array, b: jax.Array, step: jax.Array) -> jax.Array:
+  """Mean of ``(u − step·round(u/step))²`` for ``u`` uniform on ``[a, b]`` (closed form).
+
+  With ``F(u) = ∫_{−Δ/2}^{u} r(s)² ds = k Δ³/12 + (r³ + Δ³/8)/3`` (``k = round(u/Δ)``,
+  ``r = u − kΔ``), the mean is ``(F(b) − F(a)) / (b − a)``.
+  """
+  ka, kb = jnp.round(a / step), jnp.round(b / step)
+  ra, rb = a - ka * step, b - kb * step
+  integral = (kb - ka) * step ** 3 / 12.0 + (rb ** 3 - ra ** 3) / 3.0
+  return jnp.maximum(integral / jnp.maximum(b - a, jnp.finfo(jnp.float32).tiny), 0.0)
 
 
 # --- activation quantization parameters -----------------------------------------------------------
@@ -392,13 +433,17 @@ def act_params(lo: jax.Array, hi: jax.Array, activation_spec: ActivationSpec
     if not (bool(jnp.all(jnp.isfinite(lo))) and bool(jnp.all(jnp.isfinite(hi)))):
       raise ValueError(f"act_params: the range [{lo}, {hi}] is not finite")
   lo, hi = jnp.broadcast_arrays(lo, hi)
-  shape = lo.shape
-  # the range as a 2-row tensor: compute_params' per-column range is then exactly [lo, hi]
   spec = QuantSpec(qtype=activation_spec.qtype, symmetric=activation_spec.symmetric,
                    granularity=Granularity.CHANNEL, channel_axes=(-1,))
+  return _act_params(lo, hi, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _act_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
+  # the range as a 2-row tensor: compute_params' per-column range is then exactly [lo, hi]
   scale, zp = compute_params(jnp.stack([lo.reshape(-1), hi.reshape(-1)]), spec,
                              name="act_params")
-  return scale.reshape(shape), None if zp is None else zp.reshape(shape)
+  return scale.reshape(lo.shape), None if zp is None else zp.reshape(lo.shape)
 
 
 __all__ = ["Observer", "MinMaxState", "HistogramState", "minmax", "moving_average_minmax",

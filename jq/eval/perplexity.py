@@ -5,11 +5,13 @@ every call here has the same shape, so it compiles once). Log-probabilities are 
 ``log_softmax``; sums are accumulated in float64 on the host.
 
 Windows: the token stream is cut into windows of ``window`` model inputs starting every ``stride``
-tokens (default ``stride = window``, disjoint windows). The first window scores all of its
-predictions; a later window scores only its last ``stride`` predictions (the targets that earlier
-windows have not scored), so every target is scored once, with at least ``window - stride`` tokens
-of context. A tail shorter than a window is dropped. With ``bos_id``, each window is
-``[bos] + window - 1`` text tokens and the first text token is scored too (from BOS alone).
+tokens (default: disjoint windows). The first window scores all of its ``window - 1`` predictions;
+a later window scores only its last ``min(stride, window - 1)`` predictions (the targets that
+earlier windows have not scored), so no target is scored twice and each has at least
+``window - stride`` tokens of context. With disjoint windows and no BOS, the first token of each
+window is context only (as in llama.cpp). A tail shorter than a window is dropped. With
+``bos_id``, each window is ``[bos] + window - 1`` text tokens and every text token is a target
+(the first one predicted from BOS alone), so disjoint windows then score every token once.
 
   nll = mean over scored targets of -log p(target | context);   ppl = exp(nll)
   KL(P_ref || P_q) = sum_v p_ref(v) (log p_ref(v) - log p_q(v)), averaged over the same positions
@@ -101,7 +103,7 @@ def _batches(plan: _Plan, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndar
   n_pred = plan.window - 1
   first = np.ones(n_pred, bool)
   later = np.zeros(n_pred, bool)
-  later[n_pred - plan.stride:] = True
+  later[max(0, n_pred - plan.stride):] = True
   rows, masks = [], []
   for i, s in enumerate(plan.starts):
     row = plan.tokens[s:s + plan.body]

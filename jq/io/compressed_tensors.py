@@ -70,9 +70,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jq import numerics
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
-from jq.io.gguf_io import LlamaHParams
+from jq.io.gguf_io import LlamaHParams, _dequantize_np, _pack_np, _unpacked_np
 from jq.io.safetensors_io import read_tensors, write_safetensors
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType
@@ -117,11 +116,17 @@ def pack_int32(values: np.ndarray, num_bits: int, packed_dim: int = 1) -> np.nda
     u = u.T
   rows, cols = u.shape
   n_words = -(-cols * num_bits // 32)
+  if 32 % num_bits == 0:  # fast path: whole values per word, value j of a word at bit j·b
+    per = 32 // num_bits
+    u = np.pad(u, ((0, 0), (0, n_words * per - cols))).reshape(rows, n_words, per)
+    words = (u << (np.arange(per, dtype=np.int64) * num_bits)).sum(-1, dtype=np.int64)
+    out = words.astype(np.uint32).view(np.int32)
+    return np.ascontiguousarray(out.T if packed_dim == 0 else out)
   groups = -(-cols // 32)
   u = np.pad(u, ((0, 0), (0, groups * 32 - cols)))
   bits = ((u[..., None] >> np.arange(num_bits)) & 1).astype(np.uint8)      # (rows, g*32, b)
   bits = bits.reshape(rows, groups, 32 * num_bits)
-  words = np.packbits(bits, axis=-1, bitorder="little").view("<i4")        # (rows, g, b)
+  words = np.ascontiguousarray(np.packbits(bits, axis=-1, bitorder="little")).view("<i4")
   out = words.reshape(rows, groups * num_bits)[:, :n_words].astype(np.int32)
   return np.ascontiguousarray(out.T if packed_dim == 0 else out)
 
@@ -142,12 +147,19 @@ def unpack_int32(packed: np.ndarray, num_bits: int, shape: tuple[int, int],
   if rows != int(shape[1 - packed_dim]) or n_words != -(-cols * num_bits // 32):
     raise ValueError(f"unpack_int32: packed shape {np.asarray(packed).shape} does not hold "
                      f"{num_bits}-bit values of shape {tuple(shape)} packed along dim {packed_dim}")
+  offset = 1 << (num_bits - 1)
+  if 32 % num_bits == 0:  # fast path (see pack_int32)
+    per = 32 // num_bits
+    u = (w.view(np.uint32)[..., None] >> (np.arange(per, dtype=np.uint32) * num_bits)) & (
+        (1 << num_bits) - 1)
+    out = (u.reshape(rows, n_words * per)[:, :cols].astype(np.int16) - offset).astype(np.int8)
+    return np.ascontiguousarray(out.T if packed_dim == 0 else out)
   groups = -(-n_words // num_bits)
   w = np.pad(w, ((0, 0), (0, groups * num_bits - n_words)))
   b = np.ascontiguousarray(w.astype("<i4")).view(np.uint8).reshape(rows, groups, 4 * num_bits)
   bits = np.unpackbits(b, axis=-1, bitorder="little").reshape(rows, groups * 32, num_bits)
   u = (bits.astype(np.int32) << np.arange(num_bits, dtype=np.int32)).sum(-1)[:, :cols]
-  out = (u - (1 << (num_bits - 1))).astype(np.int8)
+  out = (u - offset).astype(np.int8)
   return np.ascontiguousarray(out.T if packed_dim == 0 else out)
 
 
@@ -258,7 +270,7 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   if strategy == "tensor" and q.scale.size != 1:
     raise CompressedTensorsError(f"{where}: unexpected scale shape {q.scale.shape}")
   shift = 0 if q.qtype.signed else 1 << (bits - 1)
-  v = np.asarray(q.unpacked()).astype(np.int32).T - shift         # (out, in)
+  v = _unpacked_np(q).astype(np.int32).T - shift         # (out, in)
   scale = np.asarray(q.scale)
   zp = None if sym else np.asarray(q.zero_point).astype(np.int32) - shift
   if strategy == "tensor":
@@ -334,7 +346,7 @@ def _ct_requantize(w: np.ndarray, bits: int, sym: bool, strategy: str, g: int | 
 
 def _requantized_qarray(q: QArray) -> QArray:
   """A CT-representable jq QArray holding CT's own quantization of ``q``'s dequantized values."""
-  w = np.asarray(q.dequantize(jnp.float32)).T                        # (out, in)
+  w = _dequantize_np(q).T                        # (out, in)
   n_out, n_in = w.shape
   bits = 4 if q.qtype.is_table else q.qtype.bits
   sym = q.zero_point is None
@@ -366,7 +378,7 @@ def _qarray_from_ct(qv: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bi
     s, tile = scale.T, (g, 1)
     z = None if zp is None else zp.T
   zq = None if z is None else jnp.asarray((z.astype(np.int32) + shift).astype(qtype.unpacked_dtype))
-  return QArray(values=numerics.pack(jnp.asarray(v.astype(qtype.unpacked_dtype)), qtype),
+  return QArray(values=jnp.asarray(_pack_np(v.astype(qtype.unpacked_dtype), qtype)),
                 scale=jnp.asarray(np.ascontiguousarray(s)), zero_point=zq, activation=activation,
                 qtype=qtype, shape=(n_in, n_out), tile=tile)
 

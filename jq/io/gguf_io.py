@@ -75,7 +75,6 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from jq import numerics
 from jq.qarray import QArray
 from jq.qtypes import QType
 from jq.spec import Granularity, QuantSpec
@@ -287,6 +286,36 @@ def _expand_np(t: np.ndarray, tile: tuple[int, ...], shape: tuple[int, ...]) -> 
   return np.broadcast_to(t, shape)
 
 
+def _pack_np(v: np.ndarray, qtype: QType) -> np.ndarray:
+  """numpy twin of ``numerics.pack`` (no JAX dispatch or compilation per shape)."""
+  v = np.asarray(v)
+  if qtype.storage_bits == 8:
+    return np.ascontiguousarray(v.astype(qtype.storage_dtype))
+  per, bits = qtype.per_byte, qtype.storage_bits
+  u = v.astype(np.int32) & ((1 << bits) - 1)
+  pad = (-u.shape[-1]) % per
+  if pad:
+    u = np.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
+  u = u.reshape(*u.shape[:-1], u.shape[-1] // per, per)
+  return np.ascontiguousarray((u << (np.arange(per, dtype=np.int32) * bits)).sum(-1)
+                              .astype(np.uint8))
+
+
+def _unpacked_np(q: QArray) -> np.ndarray:
+  """numpy twin of ``QArray.unpacked()``: integer values in logical shape."""
+  packed = np.asarray(q.values)
+  qt = q.qtype
+  if qt.storage_bits == 8:
+    return packed.reshape(q.shape)
+  per, bits = qt.per_byte, qt.storage_bits
+  v = (packed.astype(np.int32)[..., None] >> (np.arange(per, dtype=np.int32) * bits)) & (
+      (1 << bits) - 1)
+  if qt.signed:
+    v = np.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+  v = v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :q.shape[-1]]
+  return v.astype(qt.unpacked_dtype).reshape(q.shape)
+
+
 def _qarray_codes(q: QArray, block_axis: int, name: str) -> tuple[np.ndarray, np.ndarray]:
   """``(k, s)`` of a 2-D QArray with the block axis moved last: integer offsets ``k = v - zp``
   (int32, shape (rows, n)) and per-element float32 scales ``s`` (rows, n) with ``x = k · s``."""
@@ -297,10 +326,10 @@ def _qarray_codes(q: QArray, block_axis: int, name: str) -> tuple[np.ndarray, np
   if len(q.shape) != 2:
     raise GGUFExportError(f"{where}: only 2-D tensors are written as quantized GGUF tensors")
   q.validate(name)
-  v = np.asarray(q.unpacked()).astype(np.int32)
+  v = _unpacked_np(q).astype(np.int32)
   if q.zero_point is not None:
     v = v - _expand_np(np.asarray(q.zero_point).astype(np.int32), q.tile, q.shape)
-  s = _expand_np(np.asarray(jnp.asarray(q.scale, jnp.float32)), q.tile, q.shape)
+  s = _expand_np(np.asarray(q.scale).astype(np.float32), q.tile, q.shape)
   if block_axis % 2 == 0:
     v, s = v.T, s.T
   return np.ascontiguousarray(v), np.ascontiguousarray(s, dtype=np.float32)
@@ -455,8 +484,8 @@ def _assemble(v: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, qtype: QT
   if block_axis == 0:
     v, scale, tile = v.T, scale.T, (bs, 1)
     zp = None if zp is None else zp.T
-  v = jnp.asarray(np.ascontiguousarray(v).astype(qtype.unpacked_dtype))
-  return QArray(values=numerics.pack(v, qtype), scale=jnp.asarray(np.ascontiguousarray(scale)),
+  v = np.ascontiguousarray(v).astype(qtype.unpacked_dtype)
+  return QArray(values=jnp.asarray(_pack_np(v, qtype)), scale=jnp.asarray(np.ascontiguousarray(scale)),
                 zero_point=None if zp is None else jnp.asarray(np.ascontiguousarray(zp)),
                 activation=None, qtype=qtype, shape=tuple(v.shape), tile=tile)
 
@@ -507,7 +536,16 @@ def _float_bytes(x: np.ndarray, t: GGMLType) -> np.ndarray:
 
 
 def _dequantize_np(q: QArray) -> np.ndarray:
-  return np.asarray(q.dequantize(jnp.float32))
+  """numpy twin of ``QArray.dequantize(float32)`` (same float32 operations, no JAX compilation)."""
+  v = _unpacked_np(q)
+  s = _expand_np(np.asarray(q.scale).astype(np.float32), q.tile, q.shape)
+  if q.qtype.is_table:
+    from jq.qtypes import NF4_TABLE
+    return NF4_TABLE[v.astype(np.int32)] * s
+  x = v.astype(np.float32)
+  if q.zero_point is not None:
+    x = x - _expand_np(np.asarray(q.zero_point).astype(np.float32), q.tile, q.shape)
+  return x * s
 
 
 def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize: bool = False,
@@ -956,12 +994,12 @@ def _permute_rows(x: Any, perm: np.ndarray, block_axis: int) -> Any:
       raise GGUFExportError(f"QArray tile {q.tile} shares scales across output rows of the Q/K "
                             "projection; cannot permute rows exactly (use per-channel or group "
                             "scales, or requantize=True)")
-  v = np.take(np.asarray(q.unpacked()), perm, axis=out_axis)
+  v = np.take(_unpacked_np(q), perm, axis=out_axis)
   scale = q.scale if q.scale.shape[out_axis] == 1 else jnp.take(q.scale, perm, axis=out_axis)
   zp = q.zero_point
   if zp is not None and zp.shape[out_axis] != 1:
     zp = jnp.take(zp, perm, axis=out_axis)
-  return dataclasses.replace(q, values=numerics.pack(jnp.asarray(v), q.qtype), scale=scale,
+  return dataclasses.replace(q, values=jnp.asarray(_pack_np(v, q.qtype)), scale=scale,
                              zero_point=zp)
 
 
@@ -1210,8 +1248,8 @@ def gguf_to_params(tensors: Mapping[str, QArray | np.ndarray], metadata: Mapping
 def _transpose(x: Any) -> Any:
   if not is_qarray(x):
     return np.ascontiguousarray(np.asarray(x).T)
-  v = jnp.asarray(np.asarray(x.unpacked()).T)
-  return QArray(values=numerics.pack(v, x.qtype), scale=x.scale.T,
+  v = _unpacked_np(x).T
+  return QArray(values=jnp.asarray(_pack_np(v, x.qtype)), scale=x.scale.T,
                 zero_point=None if x.zero_point is None else x.zero_point.T,
                 activation=x.activation, qtype=x.qtype, shape=tuple(x.shape[::-1]),
                 tile=tuple(x.tile[::-1]))

@@ -41,8 +41,17 @@ def triton_params(*, num_warps: int | None = None, num_stages: int | None = None
 
 
 def _resolve(name: str):
+  """``plgpu.<name>``, else the old ``pl.<name>``; a stub that raises on use if neither exists
+  (so importing jq never fails because a kernel helper moved)."""
   fn = getattr(_pltriton, name, None) if _pltriton is not None else None
-  return fn if fn is not None else getattr(pl, name)
+  fn = fn if fn is not None else getattr(pl, name, None)
+  if fn is None:
+    def missing(*args, **kwargs):
+      raise NotImplementedError(f"jax {jax.__version__} has neither "
+                                f"jax.experimental.pallas.triton.{name} nor pallas.{name}; "
+                                "update jq/ops/_compat.py")
+    return missing
+  return fn
 
 
 _load = _resolve("load")

@@ -81,11 +81,13 @@ def _act_quant_kernel(x_ref, q_ref, s_ref, *z_ref, m: int, k: int, bm: int, bk: 
     # zeros are neutral: |x| >= 0, and the asymmetric range is widened to contain 0 below
     st = lax.fori_loop(0, nk, merge,
                        tuple(jnp.zeros((bm,), jnp.float32) for _ in range(1 if symmetric else 2)))
+  # ``a / c`` for a constant ``c`` is ``a * (1 / c)``: the rewrite XLA applies to the reference
+  # under jit, so both round identically.
   if symmetric:
-    s = st[0] / float(qmax)
+    s = st[0] * np.float32(1.0 / qmax)
   else:  # masked lanes load 0, and the range is widened to contain 0 anyway
     lo, hi = jnp.minimum(st[0], 0.0), jnp.maximum(st[1], 0.0)
-    s = (hi - lo) / float(qmax - qmin)
+    s = (hi - lo) * np.float32(1.0 / (qmax - qmin))
   s = jnp.where(s > 0, s, 1.0)
   z = None
   if not symmetric:
@@ -128,6 +130,9 @@ def quantize_per_token(x: jax.Array, spec: ActivationSpec = ActivationSpec(), *,
   """
   m, k = x.shape
   qt = spec.qtype
+  if m == 0 or k == 0:
+    return (jnp.zeros((m, k), jnp.int8), jnp.ones((m,), jnp.float32),
+            None if spec.symmetric else jnp.zeros((m,), jnp.int32))
   bk = block_k or min(_compat.next_pow2(k), 4096)
   bm = block_m or max(1, min(_compat.next_pow2(m), 8192 // bk, 16))
   nk = _compat.cdiv(k, bk)
@@ -199,7 +204,7 @@ def default_config(m: int, k: int, n: int) -> BlockConfig:
   if m <= 64:
     bm = min(64, max(16, _compat.next_pow2(m)))
     bn, bk = 64, min(256, kp)
-    nb = _compat.cdiv(n, bn) * _compat.cdiv(m, bm)
+    nb = max(1, _compat.cdiv(n, bn) * _compat.cdiv(m, bm))
     nkb = _compat.cdiv(k, bk)
     split = 1
     target = 2 * _compat.num_sms()
@@ -317,7 +322,12 @@ def int8_matmul_2d(x: jax.Array, x_scale: jax.Array, w_values: jax.Array, w_scal
   for f in ("block_m", "block_n", "block_k"):
     v = getattr(cfg, f)
     if v < 16 or v & (v - 1):
-      raise ValueError(f"{f}={v} must be a power of two >= 16")
+      raise ValueError(f"{f}={v} must be a power of two >= 16 (Triton tensor and dot shapes)")
+  if cfg.block_k < 32:
+    raise ValueError(f"block_k={cfg.block_k}: int8 tensor-core dots need block_k >= 32")
+  if m == 0 or n == 0 or k == 0:  # empty sums
+    y = jnp.zeros((m, n), jnp.float32)
+    return (y if bias is None else y + bias.astype(jnp.float32)[None, :]).astype(out_dtype)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   nkb = _compat.cdiv(k, bk)
   k_steps = _compat.cdiv(nkb, max(1, min(cfg.split_k, nkb)))

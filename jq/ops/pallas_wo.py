@@ -114,7 +114,7 @@ def default_config(m: int, k: int, n: int, *, packed: bool, group: int | None) -
     bm = min(64, max(16, _compat.next_pow2(m)))
     bn = 128 if packed else 64
     bk = min(128 if packed else 256, bk_cap, kp)
-    nb = _compat.cdiv(n, bn) * _compat.cdiv(m, bm)
+    nb = max(1, _compat.cdiv(n, bn) * _compat.cdiv(m, bm))
     nkb = _compat.cdiv(k, bk)
     split = 1
     target = 2 * _compat.num_sms()
@@ -178,7 +178,7 @@ def _wo_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, bm: int, bn: 
     return (_compat.load(ref.at[g, pl.ds(j * bn, bn)], mask=col_masks[0], other=0).astype(dtype),)
 
   if group_blocks is None and has_zp:
-    zps0 = per_col(zp_ref, 0, jnp.int32)
+    zps0 = per_col(zp_ref, 0, xdt)
 
   def body(t, accs):
     kb = s * k_steps + t
@@ -190,24 +190,24 @@ def _wo_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, bm: int, bn: 
       c0 = j * bn2
       cmask = (c0 + jnp.arange(bn2)) < w_ref.shape[1]
       b = _compat.load(w_ref.at[pl.ds(k0, bk), pl.ds(c0, bn2)],
-                       mask=kmask[:, None] & cmask[None, :], other=0).astype(jnp.int32)
-      ws = [b & 0xF, (b >> 4) & 0xF]
-      if signed:
-        ws = [(v ^ 8) - 8 for v in ws]
+                       mask=kmask[:, None] & cmask[None, :], other=0)  # uint8
+      ws = [b & 0xF, b >> 4]  # low nibble: even column, high nibble: odd column
+      if signed:  # sign-extend 4 -> 8 bits
+        ws = [(v ^ 8).astype(jnp.int8) - 8 for v in ws]
     else:
-      b = _compat.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)],
-                       mask=kmask[:, None] & col_masks[0][None, :], other=0)
-      ws = [b.astype(jnp.int32)]
+      ws = [_compat.load(w_ref.at[pl.ds(k0, bk), pl.ds(j * bn, bn)],
+                         mask=kmask[:, None] & col_masks[0][None, :], other=0)]
+    # 8-bit integers convert exactly to bf16/f16/f32, and so does q − zp (|q − zp| <= 255)
+    ws = [v.astype(xdt) for v in ws]
     if group_blocks is None:
       g = None
       zps = zps0 if has_zp else None
     else:  # K blocks past the end (last split) clamp to the last group; their x is all zero
       g = jnp.minimum(lax.div(kb, group_blocks), n_groups - 1)
-      zps = per_col(zp_ref, g, jnp.int32) if has_zp else None
+      zps = per_col(zp_ref, g, xdt) if has_zp else None
     if zps is not None:
       ws = [v - z[None, :] for v, z in zip(ws, zps)]
-    parts = [jnp.dot(xb, v.astype(xdt), precision=precision, preferred_element_type=jnp.float32)
-             for v in ws]
+    parts = [jnp.dot(xb, v, precision=precision, preferred_element_type=jnp.float32) for v in ws]
     if g is not None:
       parts = [p * sc[None, :] for p, sc in zip(parts, per_col(s_ref, g, jnp.float32))]
     return tuple(a + p for a, p in zip(accs, parts))
@@ -258,6 +258,8 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, precision=None,
                         block_k=block_k, split_k=split_k, num_warps=num_warps,
                         num_stages=num_stages)
   out_dtype = np.dtype(out_dtype or x.dtype)
+  if m == 0 or n == 0 or k == 0:
+    return jnp.zeros((m, n), out_dtype)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   nkb = _compat.cdiv(k, bk)
   k_steps = _compat.cdiv(nkb, min(cfg.split_k, nkb))

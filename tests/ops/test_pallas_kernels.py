@@ -19,12 +19,13 @@ import pytest
 from jq import spec as S
 from jq.ops import _compat, pallas_w8a8, pallas_wo, reference
 from jq.qarray import ActivationQuant
-from jq.quantize import quantize
+from jq.quantize import quantize as _quantize_eager
 from jq.qtypes import QType
 
 ON_GPU = _compat.on_gpu()
 INTERPRET = not ON_GPU
 HIGHEST = jax.lax.Precision.HIGHEST
+quantize = jax.jit(_quantize_eager, static_argnums=1)  # one compile instead of ~50 eager ops
 
 
 def _dn(x_ndim: int):
@@ -36,6 +37,10 @@ def _data(m, k, n, seed=0, dtype=jnp.float32):
   x = jnp.asarray(rng.standard_normal((m, k)), dtype)
   w = jnp.asarray(rng.standard_normal((k, n)) * 0.1, jnp.float32)
   return x, w
+
+
+_ref_wo = jax.jit(reference.weight_only_dot_general, static_argnums=(2, 3, 4))
+_ref_int8 = jax.jit(reference.int8_dot_general, static_argnums=2)
 
 
 def _close(y, yr, rtol=2e-5):
@@ -54,12 +59,11 @@ INT8_TENSOR = S.QuantSpec(qtype=QType.INT8, granularity=S.Granularity.TENSOR)
 WO_CASES = [
     (S.W8A16, (1, 64, 64), {}),
     (S.W8A16, (33, 576, 130), {}),
-    (S.W8A16, (80, 96, 130), {}),  # large-M launch
-    (UINT8_ASYM, (5, 96, 130), dict(block_k=32, split_k=2)),
-    (INT8_TENSOR, (5, 96, 64), {}),
+    (UINT8_ASYM, (80, 96, 130), {}),  # large-M launch
+    (INT8_TENSOR, (5, 96, 64), dict(block_k=32, split_k=2)),
     (S.W4A16_G128, (5, 576, 130), {}),  # uint4 asym, partial last group
     (S.W4A16_G128, (33, 576, 64), dict(block_k=64, split_k=3)),
-    (INT4_G32, (1, 96, 65), {}),  # odd N
+    (INT4_G32, (1, 96, 65), {}),  # odd N: half-empty last byte
     (INT4_G32, (80, 64, 64), {}),
     (UINT4_G64, (5, 96, 130), {}),
     (INT4_CHANNEL, (5, 96, 130), {}),
@@ -74,7 +78,7 @@ def test_weight_only_matches_reference(spec, shape, blocks):
   q = quantize(w, spec)
   y = pallas_wo.weight_only_dot_general(x, q, _dn(2), HIGHEST, interpret=INTERPRET, **blocks)
   assert y.shape == (m, n) and y.dtype == x.dtype
-  _close(y, reference.weight_only_dot_general(x, q, _dn(2), HIGHEST))
+  _close(y, _ref_wo(x, q, _dn(2), HIGHEST))
   _close(y, jnp.dot(x, q.dequantize(jnp.float32), precision=HIGHEST))  # independent of reference
 
 
@@ -84,7 +88,7 @@ def test_weight_only_bf16_batched_input():
   x3 = x.reshape(2, 3, 576)
   y = pallas_wo.weight_only_dot_general(x3, q, _dn(3), interpret=INTERPRET)
   assert y.shape == (2, 3, 130) and y.dtype == jnp.bfloat16
-  yr = reference.weight_only_dot_general(x3, q, _dn(3))
+  yr = _ref_wo(x3, q, _dn(3))
   _close(y, yr, rtol=2e-2)  # one bf16 rounding of the output
 
 
@@ -94,8 +98,7 @@ def test_weight_only_preferred_element_type():
   y = pallas_wo.weight_only_dot_general(x, q, _dn(2), preferred_element_type=jnp.float32,
                                         interpret=INTERPRET)
   assert y.dtype == jnp.float32
-  _close(y, reference.weight_only_dot_general(x, q, _dn(2), preferred_element_type=jnp.float32),
-         rtol=1e-5)
+  _close(y, _ref_wo(x, q, _dn(2), None, jnp.float32), rtol=1e-5)
 
 
 def test_unsupported_layouts_are_reported():
@@ -126,8 +129,7 @@ STATIC_ASYM = ActivationQuant(jnp.float32(0.03), jnp.asarray(100, jnp.uint8),
 W8A8_CASES = [
     (S.W8A16, DYN_SYM, (1, 64, 64), {}),
     (S.W8A16, DYN_SYM, (33, 576, 130), {}),
-    (S.W8A16, DYN_SYM, (80, 96, 64), {}),  # large-M launch
-    (UINT8_ASYM, DYN_ASYM, (5, 96, 130), dict(block_k=32, split_k=2)),
+    (UINT8_ASYM, DYN_ASYM, (80, 96, 130), {}),  # large-M launch
     (S.W8A16, STATIC_SYM, (5, 96, 130), {}),
     (UINT8_ASYM, STATIC_ASYM, (5, 96, 130), dict(block_k=32, split_k=3)),
 ]
@@ -142,9 +144,11 @@ def test_int8_dot_general_matches_reference(wspec, act, shape, blocks):
   q = dataclasses.replace(quantize(w, wspec), activation=act)
   y = pallas_w8a8.int8_dot_general(x, q, _dn(2), interpret=INTERPRET, **blocks)
   # jit the reference: XLA turns x / 127 into x * (1/127) under jit, and so does interpret mode
-  yr = jax.jit(reference.int8_dot_general, static_argnums=2)(x, q, _dn(2))
+  yr = _ref_int8(x, q, _dn(2))
   assert y.shape == (m, n) and y.dtype == x.dtype
-  _close(y, yr, rtol=1e-6)
+  # interpret mode rounds exactly like the jitted reference; on a GPU, x / s may round differently
+  # from XLA's and move a tie by one activation step
+  _close(y, yr, rtol=1e-6 if INTERPRET else 2e-2)
 
 
 @pytest.mark.parametrize("act,shape,blocks", [
@@ -157,12 +161,13 @@ def test_quantize_per_token_matches_reference(act, shape, blocks):
   x = x.at[1].set(0.0)  # an all-zero row gets scale 1
   q, s, z = pallas_w8a8.quantize_activations(x, (1,), act, interpret=INTERPRET, **blocks)
   qr, sr, zr = jax.jit(reference.quantize_activations, static_argnums=1)(x, (1,), act)
-  np.testing.assert_array_equal(np.asarray(q), np.asarray(qr))
-  np.testing.assert_array_equal(np.asarray(s), np.asarray(sr))
+  step = 0 if INTERPRET else 1  # see test_int8_dot_general_matches_reference
+  np.testing.assert_array_less(np.abs(np.asarray(q) - np.asarray(qr)), step + 1)
+  np.testing.assert_allclose(np.asarray(s), np.asarray(sr), rtol=0 if INTERPRET else 1e-6)
   if zr is None:
     assert z is None
   else:
-    np.testing.assert_array_equal(np.asarray(z), np.asarray(zr))
+    np.testing.assert_array_less(np.abs(np.asarray(z) - np.asarray(zr)), step + 1)
 
 
 @pytest.mark.parametrize("w_unsigned,zero_points,blocks", [
@@ -182,7 +187,6 @@ def test_int8_matmul_is_int32_exact(w_unsigned, zero_points, blocks):
   y = pallas_w8a8.int8_matmul_2d(xq, jnp.ones((m,), jnp.float32), wq, jnp.ones((n,), jnp.float32),
                                  x_zero_point=xz, w_zero_point=wz, out_dtype=jnp.float32,
                                  interpret=INTERPRET, **blocks)
-  a = xq.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
   a = np.asarray(xq, np.int64) - (0 if xz is None else np.asarray(xz, np.int64)[:, None])
   b = np.asarray(wq, np.int64) - (0 if wz is None else np.asarray(wz, np.int64)[None, :])
   want = a @ b
@@ -202,20 +206,22 @@ def test_int8_bias_is_fused():
 # ---- Triton lowering without a GPU ----------------------------------------------------------
 
 def _lower_for_cuda(fn, *args):
+  """StableHLO text of ``fn`` lowered for CUDA (the Pallas call becomes a Triton custom call)."""
   try:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except (NotImplementedError, ValueError, RuntimeError) as e:
-    if "Unknown backend" in str(e) or "unsupported platform" in str(e).lower():
-      pytest.skip(f"CUDA lowering is not available in this jaxlib: {e}")
-    raise
+    traced = jax.jit(fn).trace(*args)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+  except (TypeError, RuntimeError) as e:
+    # an API move, or a jaxlib that compiles Triton at lowering time and has no CUDA compiler
+    if ON_GPU or not any(s in str(e) for s in ("lowering_platforms", "compilation handler",
+                                                "Unknown backend", "not available")):
+      raise
+    pytest.skip(f"CUDA lowering is not available without a GPU here: {e}")
 
 
 @pytest.mark.parametrize("spec,shape", [
-    (S.W8A16, (1, 576, 1536)),
-    (UINT8_ASYM, (300, 576, 130)),
-    (S.W4A16_G128, (1, 576, 1536)),
-    (INT4_G32, (300, 576, 129)),
-])
+    (UINT8_ASYM, (1, 576, 1536)),
+    (S.W4A16_G128, (300, 576, 129)),
+], ids=["uint8-decode", "uint4g128-large"])
 def test_weight_only_lowers_to_triton(spec, shape):
   m, k, n = shape
   x, w = _data(m, k, n, dtype=jnp.bfloat16)
@@ -225,8 +231,8 @@ def test_weight_only_lowers_to_triton(spec, shape):
   assert "__gpu$xla.gpu.triton" in text or "triton_kernel_call" in text
 
 
-@pytest.mark.parametrize("wspec,act,m", [(S.W8A16, DYN_SYM, 1), (UINT8_ASYM, STATIC_ASYM, 300),
-                                         (S.W8A16, DYN_ASYM, 300)])
+@pytest.mark.parametrize("wspec,act,m", [(S.W8A16, DYN_ASYM, 1), (UINT8_ASYM, STATIC_ASYM, 300)],
+                         ids=["dynamic-decode", "static-large"])
 def test_int8_lowers_to_triton(wspec, act, m):
   x, w = _data(m, 576, 1536, dtype=jnp.bfloat16)
   q = dataclasses.replace(quantize(w, wspec), activation=act)
@@ -240,8 +246,7 @@ def test_int8_lowers_to_triton(wspec, act, m):
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.devices()[0].platform == 'gpu')")
 
-GPU_SHAPES = [(1, 576, 1536), (16, 4096, 1024), (64, 1536, 576), (300, 576, 1536),
-              (1024, 4096, 4096)]
+GPU_SHAPES = [(1, 576, 1536), (16, 4096, 1024), (300, 576, 1536)]
 
 
 @pytest.mark.gpu
@@ -270,8 +275,19 @@ def test_gpu_int8(wspec, act, shape):
   x, w = _data(m, k, n, dtype=jnp.bfloat16)
   q = dataclasses.replace(quantize(w, wspec), activation=act)
   y = jax.jit(functools.partial(pallas_w8a8.int8_dot_general, dimension_numbers=_dn(2)))(x, q)
-  yr = jax.jit(reference.int8_dot_general, static_argnums=2)(x, q, _dn(2))
+  yr = _ref_int8(x, q, _dn(2))
   # the activation rounding may differ by one step where x / s lands on a tie (GPU division)
+  _close(y, yr, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("spec", [S.W8A16, S.W4A16_G128], ids=lambda s: s.describe())
+def test_gpu_large_m(spec):
+  x, w = _data(1024, 4096, 4096, dtype=jnp.bfloat16)
+  q = quantize(w, spec)
+  y = jax.jit(functools.partial(pallas_wo.weight_only_dot_general, dimension_numbers=_dn(2)))(x, q)
+  yr = jnp.dot(x.astype(jnp.float32), q.dequantize(jnp.float32), precision=HIGHEST)
   _close(y, yr, rtol=2e-2)
 
 

@@ -1,0 +1,161 @@
+"""One-call GPU check: kernel correctness on the device, then the matmul and decode benchmarks.
+
+Run from the repository root on the GPU machine (writes everything under ``$OUT``)::
+
+  python benchmarks/gpu_check.py            # < 9 min, each stage time-boxed (150+200+100+75 s)
+
+Stages (each in its own subprocess with a hard timeout, so one hang cannot eat the others):
+
+1. ``pytest tests/ops/test_pallas_kernels.py`` (when pytest is importable, with ``--noconftest``
+   so hypothesis/strict-promotion setup is not needed): on a GPU the interpret-mode tests run the
+   *compiled* kernels on the odd small shapes, plus the ``gpu``-marked large-shape tests.
+   Without pytest, a built-in subset (:func:`builtin_checks`) runs instead.
+2. ``benchmarks/matmul.py`` (``--budget-s``: shapes not started in time are skipped).
+3. ``benchmarks/decode.py``.
+4. ``benchmarks/matmul.py --sweep``: jq kernels under several launch configs at decode shapes
+   (``sweep.json``), to tune the default block sizes.
+
+Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
+``matmul.json``, ``decode.json``, ``<stage>.txt`` (each stage's output), ``summary.json`` (stage
+exit codes and timings, device, versions).  Without a GPU it is a dry run (interpret mode,
+``--small`` benchmarks) that checks the script itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("OUT") or "/tmp/jq_gpu_check")
+
+
+def builtin_checks(out: Path) -> int:
+  """Kernel-vs-reference checks on GPU shapes, for machines without pytest."""
+  sys.path.insert(0, str(ROOT))
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jq import spec as S
+  from jq.ops import pallas_w8a8, pallas_wo, reference
+  from jq.qarray import ActivationQuant
+  from jq.quantize import quantize
+  from jq.qtypes import QType
+
+  on_gpu = jax.devices()[0].platform == "gpu"
+  interpret = not on_gpu  # a CPU dry run of this script checks one small shape in interpret mode
+  dn = (((1,), (0,)), ((), ()))
+  specs = [S.W8A16, S.QuantSpec(qtype=QType.UINT8, symmetric=False), S.W4A16_G128,
+           S.QuantSpec(qtype=QType.INT4, granularity=S.Granularity.GROUP, group_size=32)]
+  acts = [ActivationQuant(None, None, S.A8_DYNAMIC),
+          ActivationQuant(jnp.float32(0.02), None, S.A8_STATIC)]
+  shapes = [(1, 576, 1536), (5, 96, 130), (16, 4096, 1024), (300, 576, 1536), (1024, 4096, 4096)]
+  shapes = shapes if on_gpu else [(5, 96, 130)]
+  results, failures = [], 0
+  rng = np.random.default_rng(0)
+  for m, k, n in shapes:
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32)
+    cases = [(sp.describe(), quantize(w, sp), "wo") for sp in specs]
+    cases += [(f"w8 {a.spec.describe()}", dataclasses.replace(quantize(w, S.W8A16), activation=a),
+               "int8") for a in acts]
+    for name, q, kind in cases:
+      row = dict(shape=(m, k, n), case=name)
+      try:
+        if kind == "wo":
+          y = jax.jit(functools.partial(pallas_wo.weight_only_dot_general, dimension_numbers=dn,
+                                        interpret=interpret))(x, q)
+          yr = jnp.dot(x.astype(jnp.float32), q.dequantize(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+        else:
+          y = jax.jit(functools.partial(pallas_w8a8.int8_dot_general, dimension_numbers=dn,
+                                        interpret=interpret))(x, q)
+          yr = jax.jit(reference.int8_dot_general, static_argnums=2)(x, q, dn)
+        y, yr = np.asarray(y, np.float32), np.asarray(yr, np.float32)
+        err = float(np.abs(y - yr).max() / max(1e-30, np.abs(yr).max()))
+        row.update(max_rel_err=err, ok=bool(err < 2e-2))
+      except Exception as e:  # noqa: BLE001
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+      failures += not row["ok"]
+      results.append(row)
+      print(row, flush=True)
+  (out / "checks.json").write_text(json.dumps(results, indent=1))
+  return 1 if failures else 0
+
+
+def _stage(name: str, cmd: list[str], timeout: float, log) -> dict:
+  t0 = time.monotonic()
+  log(f"\n===== {name}: {' '.join(cmd)} (timeout {timeout:.0f}s)")
+  try:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout, env=dict(os.environ, OUT=str(OUT)))
+    rc, text = proc.returncode, proc.stdout
+  except subprocess.TimeoutExpired as e:
+    rc, text = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (
+        e.stdout or "")
+  log(text)
+  (OUT / f"{name}.txt").write_text(text)
+  res = dict(stage=name, rc=rc, seconds=round(time.monotonic() - t0, 1))
+  log(f"===== {name}: rc={rc} in {res['seconds']}s")
+  return res
+
+
+def main() -> int:
+  if len(sys.argv) > 1 and sys.argv[1] == "--builtin-checks":
+    return builtin_checks(OUT)
+  OUT.mkdir(parents=True, exist_ok=True)
+  logf = open(OUT / "gpu_check.log", "w")
+
+  def log(s: str):
+    print(s, flush=True)
+    logf.write(s + "\n")
+    logf.flush()
+
+  py = sys.executable
+  summary = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), stages=[])
+  small = []
+  try:
+    import jax
+    dev = jax.devices()[0]
+    summary.update(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                   python=sys.version.split()[0])
+    log(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}")
+    if dev.platform != "gpu":
+      small = ["--small"]
+      log("no GPU: a dry run (benchmarks with --small, kernels in interpret mode)")
+  except Exception:  # noqa: BLE001
+    log(traceback.format_exc())
+  if importlib.util.find_spec("pytest") is not None:
+    summary["stages"].append(_stage(
+        "pytest", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-rfEs",
+                   "--durations=10", f"--junitxml={OUT / 'pytest.xml'}",
+                   "tests/ops/test_pallas_kernels.py"], 150, log))
+  else:
+    summary["stages"].append(_stage("builtin-checks", [py, __file__, "--builtin-checks"], 150,
+                                    log))
+  summary["stages"].append(_stage(
+      "matmul", [py, "benchmarks/matmul.py", "--out", str(OUT / "matmul.json"), "--budget-s",
+                 "140", "--iters", "3" if small else "10"] + small, 200, log))
+  summary["stages"].append(_stage(
+      "decode", [py, "benchmarks/decode.py", "--out", str(OUT / "decode.json"), "--budget-s", "50",
+                 "--steps", "4" if small else "64", "--iters", "2" if small else "3"] + small,
+      100, log))
+  summary["stages"].append(_stage(
+      "sweep", [py, "benchmarks/matmul.py", "--sweep", "--out", str(OUT / "sweep.json"),
+                "--budget-s", "55", "--iters", "3" if small else "5"] + small, 75, log))
+  (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
+  log(json.dumps(summary, indent=1))
+  return 0 if all(s["rc"] == 0 for s in summary["stages"]) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,143 @@
+"""Model-level workflows behind ``jq-quant``: quantize, evaluate, generate, plan.
+
+Works on the small model interface of ``models.registry`` (duck-typed: ``kind``, ``module``,
+``params``/``variables``, ``tokenizer``, ``blocks``, ``eval_tokens()``, ``calibration_tokens()``,
+``embed()``, ``eval_sentences()``), so nothing here imports ``models``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq import tree as jqtree
+from jq.eval.perplexity import compare
+from jq.eval import sensitivity
+from jq.ptq import pipeline, recipes
+from jq.spec import Rule, SKIP_PATTERNS
+
+
+def float_variables(model) -> Any:
+  """The float variables a quantized tree of this model is compared against."""
+  if model.kind == "causal_lm":
+    return model.variables
+  from flax import nnx
+  return nnx.state(model.module, nnx.Param)
+
+
+def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConfig | None = None,
+                   calib_sequences: int = 32, calib_len: int = 512, progress: bool = False
+                   ) -> tuple[Any, Any, list[str]]:
+  """Returns ``(qvars, ref_vars, log)``: the quantized tree, the float tree it approximates
+  (with any AWQ/SmoothQuant scales folded in) and notes from calibration."""
+  rules = tuple(rules)
+  if model.kind == "causal_lm":
+    if recipes.needs_calibration(rules):
+      calib = model.calibration_tokens(calib_sequences, calib_len)
+      res = pipeline.quantize_blockwise(model.variables, model.blocks, rules, calib,
+                                        config=ptq_config or pipeline.PTQConfig(),
+                                        progress=progress)
+      return res.qparams, res.ref_params, res.log
+    return jax.jit(lambda v: jqtree.quantize_tree(v, rules))(model.variables), model.variables, []
+  if recipes.needs_calibration(rules):
+    raise ValueError(f"{model.name}: calibration-based recipes (GPTQ/AWQ/SmoothQuant/static "
+                     "activations) are implemented for block-structured causal LMs; use an RTN "
+                     "recipe (w8a16, w4a16-g128, w8a8-dynamic, ...) for this encoder")
+  state = float_variables(model)
+  return jqtree.quantize_tree(state, rules), state, []
+
+
+def check_matches(model, qvars, *, source: str) -> None:
+  """Raises ValueError if the checkpoint's tree does not fit the model (paths and shapes)."""
+  want = {p: tuple(getattr(x, "shape", ())) for p, x in jqtree.leaves_with_paths(float_variables(model))}
+  got = {p: tuple(getattr(x, "shape", ())) for p, x in jqtree.leaves_with_paths(qvars)}
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(f"{source} does not fit model {model.name}: missing {missing[:5]}, "
+                     f"unexpected {extra[:5]} (a checkpoint for another model?)")
+  bad = [(p, got[p], want[p]) for p in want if got[p] != want[p]]
+  if bad:
+    p, g, w = bad[0]
+    raise ValueError(f"{source}: {p} has shape {g}, model {model.name} expects {w}")
+
+
+def _logits_fns(model, qvars):
+  from jq.nn import quantized_apply
+  f_apply = jax.jit(model.module.apply)
+  q_apply = jax.jit(quantized_apply(model.module.apply))
+  fvars = model.variables
+  return (lambda t: f_apply(fvars, t)), (lambda t: q_apply(qvars, t))
+
+
+def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: bool = False
+             ) -> dict[str, float]:
+  """Quality of ``qvars`` against the float model on held-out text.
+
+  Causal LM: perplexity of both, mean KL(float || quant), top-1 agreement, tokens/s, over
+  ``windows`` disjoint windows of ``window`` tokens.  Encoder: mean/min cosine similarity of
+  sentence embeddings on held-out sentences.
+  """
+  if model.kind == "causal_lm":
+    tokens = model.eval_tokens()
+    need = windows * window
+    if len(tokens) < window:
+      raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than one window of {window}")
+    tokens = tokens[:need]
+    f_fn, q_fn = _logits_fns(model, qvars)
+    cmp = compare(f_fn, q_fn, tokens, window=window)
+    return {"ppl_float": cmp.ref.ppl, "ppl_quant": cmp.quant.ppl, "kl": cmp.kl,
+            "top1_agreement": cmp.top1_agreement, "eval_tokens": cmp.ref.n_predictions,
+            "tokens_per_s_float": cmp.ref.tokens_per_s, "tokens_per_s_quant": cmp.quant.tokens_per_s}
+  from jq.nn import quantize_module
+  sentences = model.eval_sentences()
+  ref = model.embed(model.module, sentences)
+  qmod = quantize_module(model.module, qvars)
+  got = model.embed(qmod, sentences)
+  cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+  return {"cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)),
+          "sentences": len(sentences)}
+
+
+def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool = True
+             ) -> tuple[str, int]:
+  """Greedy continuation of ``prompt`` by the quantized model (jitted, KV cache)."""
+  from jq.nn import quantized_apply
+  ids = model.prompt_ids(prompt, chat=chat)
+  out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens)
+  eos = model.tokenizer.eos_id
+  toks = [int(t) for t in out]
+  if eos is not None and eos in toks:
+    toks = toks[:toks.index(eos)]
+  return model.tokenizer.decode(toks, skip_special_tokens=True), len(toks)
+
+
+DEFAULT_OPTIONS = {"w8 channel": "w8a16", "w4 g128": "w4a16-g128", "w4 g32": "w4a16-g32",
+                   "w2 g32": "w2a16-g32"}
+
+
+def mixed_precision_plan(model, *, bits_per_weight: float, calib_len: int = 256,
+                         calib_sequences: int = 2, progress: bool = False) -> dict[str, Any]:
+  """Sensitivity scan per transformer block, then a plan under ``bits_per_weight``.
+
+  Returns ``{"scan", "plan", "rules", "bits", "kl"}``; ``rules`` is reusable with
+  ``jq-quant quantize --rules``.
+  """
+  if model.kind != "causal_lm":
+    raise ValueError(f"{model.name}: the sensitivity scan measures next-token KL; it needs a causal LM")
+  from jq.spec import RECIPES
+  options = {k: RECIPES[v][0] for k, v in DEFAULT_OPTIONS.items()}
+  tokens = jnp.asarray(model.calibration_tokens(calib_sequences, calib_len))
+  params = model.variables
+  groups = sensitivity.group_paths(sensitivity.quantizable_kernels(params))
+  scan = sensitivity.sensitivity_scan(lambda p, t: model.module.apply(p, t), params, tokens,
+                                      groups, options, progress=progress)
+  plan = sensitivity.plan_mixed_precision(scan, bits_per_weight=bits_per_weight)
+  skips = tuple(Rule(pattern=p, weight=None, required=False) for p in SKIP_PATTERNS)
+  rules = sensitivity.plan_to_rules(plan, scan, skip_rules=skips)
+  return {"scan": scan, "plan": plan, "rules": rules,
+          "bits": sensitivity.plan_bits_per_weight(plan, scan),
+          "kl": sensitivity.planned_kl(plan, scan)}

@@ -1,0 +1,339 @@
+"""compressed-tensors export/import: packing vectors, round trips, config layout, bad input."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+from jq.io import compressed_tensors as C
+from jq.io.safetensors_io import read_tensors, write_safetensors
+from jq.tree import is_qarray, leaves_with_paths
+
+CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+           num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_seq_len=256,
+           tie_embeddings=True)
+KERNELS = r"(^|/)kernel$"
+
+
+def tiny_llama(rng, cfg=CFG):
+  d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+  q, kv = cfg["num_heads"] * cfg["head_dim"], cfg["num_kv_heads"] * cfg["head_dim"]
+  w = lambda *s: (rng.standard_normal(s) * 0.05).astype(np.float32)
+  p = {"embed": {"embedding": w(v, d)}, "final_norm": {"scale": 1 + w(d)}}
+  for i in range(cfg["num_layers"]):
+    p[f"layers_{i}"] = {
+        "attn": {"q_proj": {"kernel": w(d, q)}, "k_proj": {"kernel": w(d, kv)},
+                 "v_proj": {"kernel": w(d, kv)}, "o_proj": {"kernel": w(q, d)}},
+        "mlp": {"gate_proj": {"kernel": w(d, f)}, "up_proj": {"kernel": w(d, f)},
+                "down_proj": {"kernel": w(f, d)}},
+        "input_norm": {"scale": 1 + w(d)}, "post_attn_norm": {"scale": 1 + w(d)}}
+  return p
+
+
+_dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
+
+
+def qtree(params, rules, act_scales=None):
+  """``jq.quantize_tree`` under one ``jax.jit`` (eager dispatch compiles every op per shape)."""
+  rules = tuple(rules)
+  return jax.jit(lambda p, a: jq.quantize_tree(p, rules, act_scales=a))(params, act_scales)
+
+
+def _deq(x):
+  return np.asarray(_dequantize(x)) if is_qarray(x) else np.asarray(x)
+
+
+def _assert_same_values(a, b):
+  la, lb = dict(leaves_with_paths(a)), dict(leaves_with_paths(b))
+  assert set(la) == set(lb), set(la) ^ set(lb)
+  for k in la:
+    assert is_qarray(la[k]) == is_qarray(lb[k]), k
+    assert np.array_equal(_deq(la[k]), _deq(lb[k])), k
+
+
+# ---- packing --------------------------------------------------------------------------------
+
+def test_pack_hand_computed_vectors():
+  # int4 [-8, -7, -1, 0, 1, 2, 6, 7] + 8 = [0, 1, 7, 8, 9, 10, 14, 15], value i in nibble i:
+  words = C.pack_int32(np.array([[-8, -7, -1, 0, 1, 2, 6, 7]]), 4)
+  assert words.dtype == np.int32 and words.shape == (1, 1)
+  assert int(words.view(np.uint32)[0, 0]) == 0xFEA98710
+  assert int(words[0, 0]) == 0xFEA98710 - 2**32
+  assert int(words.view(np.uint32)[0, 0]) != 0x76210F98   # two's-complement nibbles: not CT's
+  # int3: 32 values fill exactly 3 words; value 10 (bits 30..32) straddles words 0 and 1.
+  q = np.full((1, 32), -4)
+  q[0, 0], q[0, 10] = -3, 3                                 # offset codes 1 and 7 = 0b111
+  assert list(C.pack_int32(q, 3).view(np.uint32)[0]) == [0xC0000001, 0x00000001, 0]
+  # a partial last word is zero-padded after the offset (padding decodes to the minimum value)
+  w = C.pack_int32(np.array([[7] * 12]), 4)
+  assert list(w.view(np.uint32)[0]) == [0xFFFFFFFF, 0x0000FFFF]
+  # zero points are packed along dim 0
+  zp = np.arange(-8, 8).reshape(16, 1).repeat(3, axis=1)
+  zpp = C.pack_int32(zp, 4, packed_dim=0)
+  assert zpp.shape == (2, 3) and int(zpp.view(np.uint32)[0, 0]) == 0x76543210
+  assert np.array_equal(C.unpack_int32(zpp, 4, (16, 3), packed_dim=0), zp)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("cols", [1, 7, 32, 33, 100])
+def test_pack_round_trip(bits, cols):
+  rng = np.random.default_rng(bits * 100 + cols)
+  x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=(3, cols))
+  p = C.pack_int32(x, bits)
+  assert p.shape == (3, -(-cols * bits // 32))
+  assert np.array_equal(C.unpack_int32(p, bits, x.shape), x)
+  p0 = C.pack_int32(x, bits, packed_dim=0)
+  assert np.array_equal(C.unpack_int32(p0, bits, x.shape, packed_dim=0), x)
+  with pytest.raises(ValueError, match="outside int"):
+    C.pack_int32(x + (1 << bits), bits)
+
+
+# ---- export / import ------------------------------------------------------------------------
+
+SPECS = {
+    "w4a16-g32-asym": (jq.W4A16_G32, None),
+    "w4a16-g32-sym": (jq.QuantSpec(qtype=jq.QType.INT4, granularity=jq.Granularity.GROUP,
+                                   group_size=32), None),
+    "w4-channel-asym-bf16": (jq.QuantSpec(qtype=jq.QType.UINT4, symmetric=False,
+                                          scale_dtype="bfloat16"), None),
+    "w8a16": (jq.W8A16, None),
+    "w8a8-dynamic": (jq.W8A16, jq.A8_DYNAMIC),
+    "w3-g32": (jq.QuantSpec(qtype=jq.QType.UINT3, symmetric=False,
+                            granularity=jq.Granularity.GROUP, group_size=32), None),
+    "w2-tensor-sym": (jq.QuantSpec(qtype=jq.QType.INT2, granularity=jq.Granularity.TENSOR), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_round_trip(tmp_path, name):
+  spec, act = SPECS[name]
+  params = tiny_llama(np.random.default_rng(0))
+  q = qtree(params, jq.default_rules(spec, act))
+  qc = C.export_compressed_tensors({"params": q}, CFG, tmp_path / "ck")
+  hf, back = C.load_compressed_tensors(tmp_path / "ck")
+  _assert_same_values(q, back)
+  assert C.llama_hparams(hf) == jq.io.gguf_io.LlamaHParams(**CFG)
+  (g,) = qc["config_groups"].values()
+  bits = spec.qtype.bits
+  assert g["targets"] == ["Linear"] and g["weights"]["num_bits"] == bits
+  assert g["weights"]["symmetric"] == spec.symmetric and g["weights"]["type"] == "int"
+  assert qc["format"] == ("int-quantized" if act else "pack-quantized")
+  assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+  on_disk = json.loads((tmp_path / "ck" / "config.json").read_text())
+  assert on_disk["quantization_config"] == qc and on_disk["architectures"] == ["LlamaForCausalLM"]
+  t = read_tensors(tmp_path / "ck" / "model.safetensors")
+  m = "model.layers.1.mlp.down_proj"                     # jq kernel (96, 64) -> HF (64, 96)
+  assert t["model.embed_tokens.weight"].shape == (128, 64)
+  assert t["model.layers.0.input_layernorm.weight"].shape == (64,)
+  if act:
+    assert t[f"{m}.weight"].dtype == np.int8 and t[f"{m}.weight"].shape == (64, 96)
+    assert g["input_activations"]["strategy"] == "token" and g["input_activations"]["dynamic"]
+  else:
+    assert t[f"{m}.weight_packed"].dtype == np.int32
+    assert t[f"{m}.weight_packed"].shape == (64, -(-96 * bits // 32))
+    assert list(t[f"{m}.weight_shape"]) == [64, 96] and t[f"{m}.weight_shape"].dtype == np.int64
+  strategy = g["weights"]["strategy"]
+  want_scale = {"group": (64, 3), "channel": (64, 1), "tensor": (1,)}[strategy]
+  assert t[f"{m}.weight_scale"].shape == want_scale
+  assert t[f"{m}.weight_scale"].dtype == np.dtype(jnp.dtype(spec.scale_dtype))
+  if not spec.symmetric:
+    assert t[f"{m}.weight_zero_point"].shape == (-(-64 * bits // 32), want_scale[1])
+    assert t[f"{m}.weight_zero_point"].dtype == np.int32
+  else:
+    assert f"{m}.weight_zero_point" not in t
+  qd = back["layers_1"]["mlp"]["down_proj"]["kernel"]
+  assert qd.qtype is (spec.qtype if spec.symmetric else jq.QType.from_bits(bits, signed=False))
+
+
+def test_static_w8a8_and_mixed_precision(tmp_path):
+  params = tiny_llama(np.random.default_rng(1))
+  paths = [p for p, _ in leaves_with_paths(params) if p.endswith("kernel")]
+  a8s = jq.ActivationSpec(mode=jq.ActMode.STATIC, qtype=jq.QType.UINT8, symmetric=False)
+  rules = [jq.Rule(pattern=r"o_proj", weight=None),
+           jq.Rule(pattern=r"layers_0/attn", weight=jq.W8A16, activation=a8s),
+           jq.Rule(pattern=r"mlp", weight=jq.W4A16_G32),
+           jq.Rule(pattern=KERNELS, weight=jq.W8A16)]
+  scales = {p: (jnp.float32(0.02), jnp.uint8(131)) for p in paths}
+  q = qtree(params, rules, scales)
+  qc = C.export_compressed_tensors(q, CFG, tmp_path / "mixed")
+  assert qc["format"] == "mixed-precision" and len(qc["config_groups"]) == 3
+  assert qc["ignore"] == ["lm_head", "model.layers.0.self_attn.o_proj",
+                          "model.layers.1.self_attn.o_proj"]
+  static = next(g for g in qc["config_groups"].values() if g["format"] == "int-quantized")
+  assert static["targets"] == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj",
+                               "model.layers.0.self_attn.v_proj"]
+  assert static["input_activations"]["strategy"] == "tensor"
+  assert not static["input_activations"]["dynamic"] and not static["input_activations"]["symmetric"]
+  t = read_tensors(tmp_path / "mixed" / "model.safetensors")
+  assert t["model.layers.0.self_attn.q_proj.input_scale"].tolist() == [np.float32(0.02)]
+  assert t["model.layers.0.self_attn.q_proj.input_zero_point"].tolist() == [131 - 128]
+  _, back = C.load_compressed_tensors(tmp_path / "mixed")
+  _assert_same_values(q, back)
+  a = back["layers_0"]["attn"]["q_proj"]["kernel"].activation
+  assert a.spec == a8s and int(a.zero_point) == 131 and float(a.scale) == np.float32(0.02)
+  assert not is_qarray(back["layers_1"]["attn"]["o_proj"]["kernel"])
+
+
+def test_unrepresentable_grids(tmp_path):
+  params = tiny_llama(np.random.default_rng(2))
+  partial = qtree(params, jq.default_rules(jq.QuantSpec(
+      qtype=jq.QType.UINT4, symmetric=False, granularity=jq.Granularity.GROUP, group_size=48)))
+  with pytest.raises(C.CompressedTensorsError,
+                     match=r"model\.layers\.0\..*group size 48 does not divide.*requantize=True"):
+    C.export_compressed_tensors(partial, CFG, tmp_path / "p")
+  assert not (tmp_path / "p").exists()
+  C.export_compressed_tensors(partial, CFG, tmp_path / "p", requantize=True)
+  _, back = C.load_compressed_tensors(tmp_path / "p")
+  for p, x in leaves_with_paths(back):
+    if is_qarray(x):
+      w = _deq(dict(leaves_with_paths(partial))[p])
+      assert x.qtype is jq.QType.UINT4, p
+      if x.shape[0] == 96:                                    # 48 divides 96: stored exactly
+        assert x.tile == (48, 1) and np.array_equal(_deq(x), w), p
+        continue
+      assert x.tile == (64, 1), p                             # re-rounded per channel
+      step = np.asarray(x.scale, np.float32)
+      assert np.all(np.abs(_deq(x) - w) <= step * (1 + 1e-6)), p
+      assert not np.array_equal(_deq(x), w), p
+  nf4 = qtree(params, jq.default_rules(jq.NF4_G64))
+  with pytest.raises(C.CompressedTensorsError, match="NF4"):
+    C.export_compressed_tensors(nf4, CFG, tmp_path / "n")
+  C.export_compressed_tensors(nf4, CFG, tmp_path / "n", requantize=True)
+  _, back = C.load_compressed_tensors(tmp_path / "n")
+  assert back["layers_0"]["mlp"]["up_proj"]["kernel"].qtype is jq.QType.INT4
+
+
+def test_export_errors(tmp_path):
+  params = tiny_llama(np.random.default_rng(3))
+  with pytest.raises(C.CompressedTensorsError, match="no QArray kernels"):
+    C.export_compressed_tensors(params, CFG, tmp_path / "f")
+  bert = {"encoder": {"layer_0": {"attention": {"query": {"kernel": np.zeros((4, 4))}}}}}
+  with pytest.raises(C.CompressedTensorsError, match="params/encoder/layer_0.*Llama-family"):
+    C.export_compressed_tensors(bert, CFG, tmp_path / "b")
+  with pytest.raises(ValueError, match="architecture 'bert'"):
+    C.export_compressed_tensors(params, {**CFG, "model_type": "bert"}, tmp_path / "b")
+  q = qtree(params, [jq.Rule(pattern="embed", weight=jq.QuantSpec(
+      qtype=jq.QType.INT8)), jq.Rule(pattern=KERNELS, weight=jq.W8A16)])
+  with pytest.raises(C.CompressedTensorsError, match="embed/embedding: only Linear kernels"):
+    C.export_compressed_tensors(q, CFG, tmp_path / "e")
+
+
+def test_import_errors(tmp_path):
+  params = tiny_llama(np.random.default_rng(4))
+  q = qtree(params, jq.default_rules(jq.W4A16_G32))
+  ck = tmp_path / "ck"
+  C.export_compressed_tensors(q, CFG, ck)
+  cfg = json.loads((ck / "config.json").read_text())
+  with pytest.raises(FileNotFoundError):
+    C.load_compressed_tensors(tmp_path / "nothing")
+
+  def with_config(mutate):
+    c = json.loads(json.dumps(cfg))
+    mutate(c)
+    (ck / "config.json").write_text(json.dumps(c))
+
+  with_config(lambda c: c["quantization_config"].update(quant_method="gptq"))
+  with pytest.raises(C.CompressedTensorsError, match="not 'compressed-tensors'"):
+    C.load_compressed_tensors(ck)
+  with_config(lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+      type="float"))
+  with pytest.raises(C.CompressedTensorsError, match="weight type 'float'"):
+    C.load_compressed_tensors(ck)
+  with_config(lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+      num_bits=8))
+  with pytest.raises(C.CompressedTensorsError, match="does not hold 8-bit values"):
+    C.load_compressed_tensors(ck)
+  with_config(lambda c: None)
+  t = read_tensors(ck / "model.safetensors")
+  good = t["model.layers.0.mlp.up_proj.weight_scale"]
+  t["model.layers.0.mlp.up_proj.weight_scale"] = good[:, :1]
+  write_safetensors(ck / "model.safetensors", t)
+  with pytest.raises(C.CompressedTensorsError, match=r"up_proj.*weight_scale shape \(96, 1\)"):
+    C.load_compressed_tensors(ck)
+  t["model.layers.0.mlp.up_proj.weight_scale"] = good
+  t["model.layers.7.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+  write_safetensors(ck / "model.safetensors", t)
+  with pytest.raises(C.CompressedTensorsError, match="model.layers.7.mlp.up_proj"):
+    C.load_compressed_tensors(ck)
+
+
+# ---- against the compressed-tensors package itself (optional: needs torch + the package) -----
+
+def test_matches_compressed_tensors_package(tmp_path):
+  ct = pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+  from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+  from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+  from compressed_tensors.quantization import QuantizationConfig
+  from compressed_tensors.quantization.utils import calculate_qparams
+  from compressed_tensors.quantization.lifecycle.forward import quantize
+
+  assert ct.__version__.startswith("0.20")
+  rng = np.random.default_rng(5)
+  for bits in range(1, 9):
+    x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=(5, 70))
+    for dim in (0, 1):
+      ref = pack_to_int32(torch.tensor(x, dtype=torch.int8), bits, packed_dim=dim).numpy()
+      assert np.array_equal(C.pack_int32(x, bits, packed_dim=dim), ref), (bits, dim)
+  params = tiny_llama(rng)
+  for name, (spec, act) in SPECS.items():
+    q = qtree(params, jq.default_rules(spec, act))
+    qc = C.export_compressed_tensors(q, CFG, tmp_path / name)
+    (scheme,) = QuantizationConfig.model_validate(qc).config_groups.values()
+    t = read_tensors(tmp_path / name / "model.safetensors")
+    comp = IntQuantizationCompressor if act else PackedQuantizationCompressor
+    for p, x in leaves_with_paths(q):
+      if not is_qarray(x):
+        continue
+      mod, _ = C.hf_module_name(p)
+      sd = {k[len(mod) + 1:]: torch.from_numpy(np.array(v).astype(np.float32)
+                                               if v.dtype == jnp.bfloat16 else np.array(v))
+            for k, v in t.items() if k.startswith(mod + ".")}
+      if spec.scale_dtype == "bfloat16":
+        sd["weight_scale"] = sd["weight_scale"].to(torch.bfloat16).to(torch.float32)
+      w = comp.decompress(sd, scheme)["weight"].float().numpy()
+      assert np.array_equal(w, _deq(x).T), (name, p)
+  # requantize=True uses CT's own min-max formulas
+  w = (rng.standard_normal((64, 80)) * 0.05).astype(np.float32)      # (out, in), 80 % 32 != 0
+  for sym in (True, False):
+    qv, s, zp = C._ct_requantize(w, 4, sym, "channel", None, np.dtype(np.float32))
+    from compressed_tensors.quantization import QuantizationArgs
+    args = QuantizationArgs(num_bits=4, symmetric=sym, strategy="channel")
+    tw = torch.from_numpy(w)
+    rs, rz = calculate_qparams(tw.amin(1, keepdim=True), tw.amax(1, keepdim=True), args)
+    rq = quantize(tw, rs, rz, args, dtype=torch.int8)
+    assert np.array_equal(s, rs.numpy()) and np.array_equal(qv, rq.numpy())
+    if not sym:
+      assert np.array_equal(zp, rz.numpy())
+
+
+# ---- the real model -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_w4a16_g64_round_trip(tmp_path):
+  fetch = pytest.importorskip("models.fetch")
+  from jq.io import gguf_io
+  hp, qparams, meta = gguf_io.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
+  params = jq.dequantize_tree(qparams)
+  spec = jq.QuantSpec(qtype=jq.QType.UINT4, symmetric=False, granularity=jq.Granularity.GROUP,
+                      group_size=64)            # 576 and 1536 are multiples of 64, not of 128
+  quantize = jax.jit(jq.quantize, static_argnames=("spec", "name"))   # 4 kernel shapes
+  q = jq.tree.map_with_paths(lambda p, x: quantize(x, spec) if p.endswith("kernel") else x, params)
+  qc = C.export_compressed_tensors(q, hp, tmp_path / "smollm2",
+                                   hf_config_extra={"bos_token_id": 1, "eos_token_id": 2})
+  assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
+  hf, back = C.load_compressed_tensors(tmp_path / "smollm2")
+  assert hf["num_hidden_layers"] == 30 and hf["tie_word_embeddings"] and hf["eos_token_id"] == 2
+  a, b = dict(leaves_with_paths(q)), dict(leaves_with_paths(back))
+  assert set(a) == set(b) and sum(map(is_qarray, b.values())) == 30 * 7
+  for p in ("layers_0/attn/q_proj/kernel", "layers_29/mlp/down_proj/kernel", "embed/embedding"):
+    assert np.array_equal(_deq(a[p]), _deq(b[p])), p
+  w128 = dict(q, layers_0=dict(q["layers_0"], attn=dict(q["layers_0"]["attn"], q_proj={
+      "kernel": quantize(params["layers_0"]["attn"]["q_proj"]["kernel"], jq.W4A16_G128)})))
+  with pytest.raises(C.CompressedTensorsError, match="q_proj.*group size 128 does not divide the input dim 576"):
+    C.export_compressed_tensors(w128, hp, tmp_path / "g128")
