@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
 from jq.ops import _compat, pallas_w8a8, pallas_wo, reference  # noqa: E402
-from jq.qarray import ActivationQuant, QArray  # noqa: E402
+from jq.qarray import ActivationQuant  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
 
 FULL_KN = [(4096, 14336), (8192, 8192), (14336, 4096)]
@@ -190,7 +190,8 @@ def bench(kn_list, m_list, *, copies: int, iters: int, interpret: bool, only: se
   return rows
 
 
-# Launch configurations tried by --sweep (decode shapes): (block_n, block_k, split_k, warps, stages).
+# Launch configurations tried by --sweep (decode shapes):
+# (block_n, block_k, split_k, num_warps, num_stages); split_k None = the shape-based default.
 SWEEP = {
     "jq-w8a16": [(32, 256, None, 4, 4), (64, 128, None, 4, 4), (64, 256, None, 4, 4),
                  (64, 256, 1, 4, 4), (128, 128, None, 4, 4), (128, 256, None, 8, 4),

@@ -259,13 +259,13 @@ def scale_limits(dtype) -> tuple[float, float]:
 
 
 def snap_scale(y: jax.Array, dtype) -> jax.Array:
-  """The stored scale for an ideal scale ``y >= 0``: 0 becomes 1 (an all-zero tile), the value is
-  clamped to :func:`scale_limits` and rounded to nearest in ``dtype`` (float32: to
-  ``SCALE_BITS`` significant bits).  NaN stays NaN, so ``QArray.validate`` can flag it."""
+  """The stored scale for an ideal scale ``y >= 0``: clamped to :func:`scale_limits` and rounded
+  to nearest in ``dtype`` (float32: to ``SCALE_BITS`` significant bits).  NaN stays NaN, so
+  ``QArray.validate`` can flag it.  (Callers give all-zero tiles scale 1 themselves: XLA on CPU
+  flushes subnormals, so a tiny nonzero range can arrive here as 0.)"""
   dt = jnp.dtype(dtype)
   lo, hi = scale_limits(dt)
-  y = y.astype(jnp.float32)
-  y = jnp.clip(jnp.where(y == 0, 1.0, y), lo, hi)
+  y = jnp.clip(y.astype(jnp.float32), lo, hi)
   if dt == jnp.float32:
     u = jax.lax.bitcast_convert_type(y, jnp.uint32)
     u = (u + np.uint32(1 << (_F32_DROP - 1))) & np.uint32(~((1 << _F32_DROP) - 1) & 0xFFFFFFFF)

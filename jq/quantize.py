@@ -27,9 +27,11 @@ def check_float_input(x, name: str = "<tensor>") -> None:
     raise ValueError(f"{name}: shape {tuple(np.shape(x))} dtype {dt}: only floating-point tensors "
                      "can be quantized; skip this parameter with a rule (weight=None)")
   if numerics.is_concrete(x) and np.size(x):
-    finite = jnp.isfinite(jnp.asarray(x))
-    if not bool(jnp.all(finite)):
-      bad = int(np.size(x)) - int(jnp.count_nonzero(finite))
+    with jax.ensure_compile_time_eval():  # a concrete array closed over by a jit trace
+      finite = jnp.isfinite(jnp.asarray(x))
+      ok = bool(jnp.all(finite))
+    if not ok:
+      bad = int(np.size(x)) - int(np.count_nonzero(np.asarray(finite)))
       raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype} has {bad} NaN/Inf values; "
                        "refusing to quantize a non-finite tensor")
 
@@ -48,7 +50,7 @@ def _range_to_params(lo, hi, spec: QuantSpec):
 
   Symmetric: ``scale = absmax / qmax`` (``absmax`` for NF4), no zero point.  Asymmetric:
   ``scale = (hi - lo) / (qmax - qmin)`` and ``zero_point = qmin - round(lo / scale)``, so ``lo``
-  maps to ``qmin`` exactly and 0 is on the grid.  When rounding the scale to its stored precision
+  maps to ``qmin`` exactly and 0 is on the grid.  An all-zero tile gets scale 1.  When rounding the scale to its stored precision
   made the grid too short for ``hi`` to reach ``qmax``, the scale is lowered by one unit: the grid
   ends are then always used, which is what makes :func:`quantize` idempotent on its own output.
   """
@@ -56,12 +58,13 @@ def _range_to_params(lo, hi, spec: QuantSpec):
   sdt = jnp.dtype(spec.scale_dtype)
   if spec.symmetric:
     scale = numerics.snap_scale(hi * np.float32(1.0 / (1.0 if qt.is_table else qt.qmax)), sdt)
-    return scale, None
+    return jnp.where(hi == 0, jnp.ones((), sdt), scale), None  # all-zero tile: scale 1
   n = float(qt.qmax - qt.qmin)
   # One rounding of the range and one of the product: XLA turns ``/ n`` into ``* (1 / n)`` and
   # would refactor ``hi / n - lo / n`` differently in eager and jitted code.  (A range wider than
   # float32's maximum becomes inf and is clamped to the largest scale.)
   scale = numerics.snap_scale((hi - lo) * np.float32(1.0 / n), sdt)
+  scale = jnp.where(hi == lo, jnp.ones((), sdt), scale)  # all-zero tile: scale 1
   r = 1.0 / scale.astype(jnp.float32)
   a, b = jnp.round(lo * r), jnp.round(hi * r)
   short = (b - a < n) & (hi > lo) & (scale > numerics.scale_limits(sdt)[0])

@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jq import numerics
 from jq.quantize import compute_params

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) export and import of jq QArrays, byte-exact with gguf-py's reference quantizers.
+"""GGUF (llama.cpp) export and import of jq QArrays, byte-exact with gguf-py's / ggml's quantizers.
 
 GGUF stores a linear weight as a row-major ``(out, in)`` matrix (GGUF lists dims innermost first,
 ``ne = [in, out]``) cut into blocks of 32 consecutive ``in`` values; each block carries an fp16
@@ -16,11 +16,14 @@ the jq twin (:func:`gguf_spec`, :func:`quantize_for_gguf`)::
   Q4_1  d = (max-min)/15; m = min;                                 x = d*u + m       none (float)
         u = clip(trunc((x-min) * (1/d) + 0.5), 0, 15)
   Q5_1  as Q4_1 with 31                                            x = d*u + m       none (float)
-  Q6_K  (import only) 256-blocks, 16 int8 sub-scales, 6-bit q      x = d*sc*(q-32)   int8, g16, f32 scale
+  Q6_K  256-blocks; per 16: make_qx_quants (rmse search), int8     x = d*sc*(q-32)   int8, g16, f32 scale
+        sub-scales sc = nearest(-128/max_scale * scale), d fp16       (import; export exact-fit)
+  Q4_K  256-blocks; per 32: make_qkx2_quants (weighted min/scale    x = d*sc*q - dmin*m   none (float)
+        search), 6-bit sc/m, fp16 d/dmin
   Q3_K  (import only) 256-blocks, 16 6-bit sub-scales, 3-bit q     x = d*(sc-32)*q   int4, g16, f32 scale
 
-In every case ``d`` is computed in float32, used unrounded to pick the codes, and only then stored as
-fp16; dequantization multiplies by the fp16 value.  The jq twin stores exactly that fp16 value as
+For the 32-blocks, ``d`` is computed in float32, used unrounded to pick the codes, and only then
+stored as fp16; dequantization multiplies by the fp16 value.  The jq twin stores exactly that fp16 value as
 its scale (``scale_dtype=float16``), so ``QArray.dequantize()`` equals ``gguf.quants.dequantize``
 bit for bit (both are one exact float32 product).  Two details make the twin work:
 
@@ -39,14 +42,22 @@ with an integer ``zp``, which gguf's own quantizer essentially never produces, s
 imported as exact float32 arrays (``gguf.quants.dequantize``).  The other direction works whenever
 it is exact: a jq QArray (e.g. int4 symmetric, or uint4 asymmetric whose ``zp·scale`` is an fp16
 value) is written as Q4_1 with ``d = scale``, ``m = -c·scale`` for an integer offset ``c``.
-Q4_K/Q5_K/Q2_K/IQ* are imported as float32.  gguf-py has no quantizer for any K-quant, so there is
-no reference to be byte-exact against: exporting floats to K-quants is not offered.
+Q4_K/Q5_K/Q2_K/IQ* are imported as float32.
+
+K-quants: gguf-py can only dequantize them, so Q6_K and Q4_K export uses numpy ports of
+ggml-quants.c's ``quantize_row_q6_K_ref`` / ``quantize_row_q4_K_ref`` (float32 operations in the C
+order, ggml's ``nearest_int``); their bytes were checked equal to ggml's ``ggml_quantize_chunk``
+(libggml from llama-cpp-python 0.3.36 built without FMA; a build that lets the C compiler contract
+``a*b + c`` into FMA may round differently).  They need rows that are a multiple of 256 (SmolLM2's
+576-wide rows are not: llama.cpp itself falls back to other types for those).  A QArray is written
+as Q6_K when its values fit exactly (e.g. one imported from Q6_K; the bytes may then differ from
+the source in sign conventions, the values do not); Q4_K takes QArrays only with ``requantize``.
 
 Export rules (:func:`encode_tensor`): a QArray is written without re-rounding when its grid is
 representable in the requested type (blocks of 32 lie inside one jq tile; scales are fp16 values;
 codes fit); otherwise it is refused with a ValueError naming the tensor unless ``requantize=True``,
 which dequantizes and quantizes with gguf's reference.  Float arrays are quantized with the gguf
-reference formulas above (bytes equal ``gguf.quants.quantize``).  Int8 activation quantization
+reference formulas above (bytes equal ``gguf.quants.quantize``, and ggml's C quantizers).  Int8 activation quantization
 (``QArray.activation``) has no GGUF equivalent (llama.cpp quantizes activations itself) and is not
 written.
 
@@ -86,13 +97,15 @@ QK_K = gguf.QK_K    # super-block length of the K-quants
 
 #: Types :func:`encode_tensor` and :func:`export_gguf` can write.
 EXPORT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
-                GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+                GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q6_K)
 #: Types with an exact jq QArray twin (:func:`quantize_for_gguf`, :func:`gguf_spec`).
 TWIN_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0)
 #: Types imported as QArrays (others are imported as float32).
 QARRAY_IMPORT_TYPES = TWIN_TYPES + (GGMLType.Q6_K, GGMLType.Q3_K)
 
 _FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+_K_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K)
+_K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q6_K: GGMLType.Q8_0}
 _SYM = {GGMLType.Q8_0: (-128, 127), GGMLType.Q4_0: (-8, 7), GGMLType.Q5_0: (-16, 15)}
 _ASYM_QMAX = {GGMLType.Q4_1: 15, GGMLType.Q5_1: 31}
 
@@ -169,6 +182,180 @@ def _reference_fields(blocks: np.ndarray, t: GGMLType) -> _Fields:
       codes = codes.astype(np.uint8).clip(0, qmax)
       return _Fields(codes, d[:, 0].astype(np.float16), lo[:, 0].astype(np.float16))
   raise GGUFExportError(f"no reference quantizer for {t.name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Q6_K: port of ggml-quants.c ``quantize_row_q6_K_ref`` (gguf-py has no K-quant quantizer).
+# ------------------------------------------------------------------------------------------------
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+  """ggml's ``nearest_int``: ``fval + 1.5·2^23`` in float32, low mantissa bits (ties to even)."""
+  val = (np.asarray(v, np.float32) + np.float32(12582912.0)).view(np.int32)
+  return (val & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+def _make_qx_quants_6(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``make_qx_quants(16, 32, x, L, rmse_type=1, NULL)`` for every row of ``x`` (S, 16) at once.
+
+  Returns ``(scale (S,), L (S, 16) in [0, 63])``; float32 throughout, sums in element order.
+  """
+  f32 = np.float32
+  nmax = 32
+  ax = np.abs(x)
+  amax = ax.max(axis=1)
+  xmax = np.take_along_axis(x, ax.argmax(axis=1)[:, None], axis=1)[:, 0]
+  zero = amax < f32(1e-15)
+  xmax = np.where(zero, f32(1.0), xmax)
+  w = x * x
+
+  def sums(iscale):
+    lq = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    lf = lq.astype(f32)
+    sumlx = np.zeros(len(x), f32)
+    suml2 = np.zeros(len(x), f32)
+    for i in range(x.shape[1]):
+      sumlx = sumlx + w[:, i] * x[:, i] * lf[:, i]
+      suml2 = suml2 + w[:, i] * lf[:, i] * lf[:, i]
+    return lq, sumlx, suml2
+
+  with np.errstate(divide="ignore", invalid="ignore"):
+    lq, sumlx, suml2 = sums(f32(-nmax) / xmax)
+    L = lq + nmax
+    scale = np.where(suml2 != 0, sumlx / suml2, f32(0.0)).astype(f32)
+    best = scale * sumlx
+    for step in range(-9, 10):
+      if step == 0:
+        continue
+      iscale = -(f32(nmax) + f32(0.1) * f32(step)) / xmax
+      lq, sumlx, suml2 = sums(iscale)
+      better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+      L = np.where(better[:, None], lq + nmax, L)
+      scale = np.where(better, sumlx / suml2, scale).astype(f32)
+      best = np.where(better, scale * sumlx, best).astype(f32)
+  return np.where(zero, f32(0.0), scale), np.where(zero[:, None], 0, L)
+
+
+def _q6_k_bytes(rows: np.ndarray) -> np.ndarray:
+  """Q6_K blocks (n, 210) of float32 rows whose length is a multiple of 256 (ggml's reference)."""
+  f32 = np.float32
+  x = np.asarray(rows, f32).reshape(-1, QK_K)
+  nb = x.shape[0]
+  scales, L = _make_qx_quants_6(x.reshape(-1, 16))
+  scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+  abs_s = np.abs(scales)
+  max_scale = np.take_along_axis(scales, abs_s.argmax(axis=1)[:, None], axis=1)[:, 0]
+  zero = abs_s.max(axis=1) < f32(1e-15)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    iscale = f32(-128.0) / np.where(zero, f32(1.0), max_scale)
+    d = (f32(1.0) / iscale).astype(np.float16)
+    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    dl = d.astype(f32)[:, None] * sc.astype(f32)                          # (nb, 16)
+    lq = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -32, 31) + 32
+  L = np.where((dl != 0)[:, :, None], lq, L).reshape(nb, 2, 4, 32).astype(np.uint8)
+  # per 128-value half: ql[l] = L[l] | L[l+64] << 4, ql[l+32] = L[l+32] | L[l+96] << 4,
+  # qh[l] = L[l]>>4 | L[l+32]>>4 << 2 | L[l+64]>>4 << 4 | L[l+96]>>4 << 6
+  lo = L & np.uint8(0x0F)
+  ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
+                       lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
+  hi = L >> np.uint8(4)
+  qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
+        | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
+  out = np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+  out[zero] = 0
+  return out
+
+
+def _make_qkx2_quants_4(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``make_qkx2_quants(32, 15, x, w, L, &min, Laux, -1, 0.1, 20, false)`` over rows (S, 32).
+
+  Returns ``(scale (S,), the_min (S,) = -min, L (S, 32) in [0, 15])``.  Like the C code, the
+  running ``min`` (and so ``max - min``) changes when a better candidate is found.
+  """
+  f32 = np.float32
+  n, nmax = x.shape[1], 15
+  xmin, xmax = x[:, 0].copy(), x[:, 0].copy()
+  sum_w = w[:, 0].copy()
+  sum_x = sum_w * x[:, 0]
+  for i in range(1, n):
+    xmin = np.where(x[:, i] < xmin, x[:, i], xmin)
+    xmax = np.where(x[:, i] > xmax, x[:, i], xmax)
+    sum_w = sum_w + w[:, i]
+    sum_x = sum_x + w[:, i] * x[:, i]
+  xmin = np.where(xmin > 0, f32(0.0), xmin)
+  flat = xmax == xmin
+  rng_ = np.where(flat, f32(1.0), xmax - xmin)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    iscale = f32(nmax) / rng_
+    scale = f32(1.0) / iscale
+    L = np.clip(_nearest_int(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+    best = np.zeros(len(x), f32)
+    for i in range(n):
+      diff = scale * L[:, i].astype(f32) + xmin - x[:, i]
+      best = best + w[:, i] * (diff * diff)
+    for step in range(21):
+      iscale = (f32(-1.0) + f32(0.1) * f32(step) + f32(nmax)) / (xmax - xmin)
+      laux = np.clip(_nearest_int(iscale[:, None] * (x - xmin[:, None])), 0, nmax)
+      lf = laux.astype(f32)
+      sum_l = np.zeros(len(x), f32)
+      sum_l2 = np.zeros(len(x), f32)
+      sum_xl = np.zeros(len(x), f32)
+      for i in range(n):
+        sum_l = sum_l + w[:, i] * lf[:, i]
+        sum_l2 = sum_l2 + w[:, i] * lf[:, i] * lf[:, i]
+        sum_xl = sum_xl + w[:, i] * lf[:, i] * x[:, i]
+      D = sum_w * sum_l2 - sum_l * sum_l
+      ok = D > 0
+      this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+      this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+      pos = this_min > 0
+      this_min = np.where(pos, f32(0.0), this_min)
+      this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+      cur = np.zeros(len(x), f32)
+      for i in range(n):
+        diff = this_scale * lf[:, i] + this_min - x[:, i]
+        cur = cur + w[:, i] * (diff * diff)
+      better = ok & (cur < best) & ~flat
+      L = np.where(better[:, None], laux, L)
+      best = np.where(better, cur, best)
+      scale = np.where(better, this_scale, scale)
+      xmin = np.where(better, this_min, xmin)
+  return (np.where(flat, f32(0.0), scale).astype(f32), (-xmin).astype(f32),
+          np.where(flat[:, None], 0, L))
+
+
+def _q4_k_bytes(rows: np.ndarray) -> np.ndarray:
+  """Q4_K blocks (n, 144) of float32 rows whose length is a multiple of 256 (ggml's reference)."""
+  f32 = np.float32
+  x = np.asarray(rows, f32).reshape(-1, QK_K)
+  nb = x.shape[0]
+  xs = x.reshape(-1, 32)
+  sum_x2 = np.zeros(len(xs), f32)
+  for i in range(32):
+    sum_x2 = sum_x2 + xs[:, i] * xs[:, i]
+  av_x = np.sqrt(sum_x2 / f32(32))
+  weights = av_x[:, None] + np.abs(xs)
+  scales, mins, L = _make_qkx2_quants_4(xs, weights)
+  scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+  max_scale = np.maximum(scales.max(axis=1), f32(0.0))
+  max_min = np.maximum(mins.max(axis=1), f32(0.0))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    inv_scale = np.where(max_scale > 0, f32(63.0) / max_scale, f32(0.0))
+    inv_min = np.where(max_min > 0, f32(63.0) / max_min, f32(0.0))
+  ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
+  lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+  packed = np.zeros((nb, 12), np.uint8)
+  packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+  packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+  packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+  d = (max_scale / f32(63.0)).astype(np.float16)
+  dmin = (max_min / f32(63.0)).astype(np.float16)
+  dl = d.astype(f32)[:, None] * ls.astype(f32)                 # sc/m read back from ``packed``
+  dm = dmin.astype(f32)[:, None] * lm.astype(f32)              # equal ls/lm (both < 64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    lq = np.clip(_nearest_int((x.reshape(nb, 8, 32) + dm[:, :, None]) / dl[:, :, None]), 0, 15)
+  L = np.where((dl != 0)[:, :, None], lq, L).astype(np.uint8).reshape(nb, 4, 2, 32)
+  qs = (L[:, :, 0] | (L[:, :, 1] << np.uint8(4))).reshape(nb, 128)
+  return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,6 +582,65 @@ def _fit_fields(kb: np.ndarray, sb: np.ndarray, t: GGMLType, name: str) -> _Fiel
   return _Fields((kb + chosen[:, None]).astype(np.uint8), d16, m)
 
 
+def _fit_q6_k(q: QArray, block_axis: int, name: str) -> np.ndarray | None:
+  """Q6_K bytes that dequantize exactly to ``q`` (e.g. a QArray imported from Q6_K), else None.
+
+  Per super-block: ``|d| = max(scale) / n`` for some ``n`` in ``128..1`` (ggml's own files use 128)
+  must be an fp16 value, every sub-block scale ``|d·sc|`` with ``sc`` int8, and the codes
+  ``32 ± k`` in ``[0, 63]`` for some choice of the signs of ``d`` and ``sc``.
+  """
+  try:
+    k, s = _qarray_codes(q, block_axis, name)
+    kb, sb = _block_scales(k, s, 16, name)
+  except GGUFExportError:
+    return None
+  rows = k.shape[0]
+  kb = kb.reshape(-1, 16, 16)
+  sb = sb.reshape(-1, 16)
+  nb = kb.shape[0]
+  zero_sub = np.all(kb == 0, axis=2)
+  smax = np.where(zero_sub, 0, sb).max(axis=1)
+  kmin, kmax = kb.min(axis=2), kb.max(axis=2)
+  done = np.zeros(nb, bool)
+  d_out = np.zeros(nb, np.float16)
+  sc_out = np.zeros((nb, 16), np.int8)
+  sign_out = np.ones((nb, 16), np.int64)
+  for div in range(128, 0, -1):
+    if done.all():
+      break
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+      d = (smax / np.float32(div)).astype(np.float16)
+      df = d.astype(np.float32)
+      r = np.rint(sb / np.where(df == 0, 1, df)[:, None])
+      exact = (df[:, None] * r.astype(np.float32) == sb) & (r >= 1) & (r <= 128)
+    up = (kmin >= -32) & (kmax <= 31)          # code 32 + k
+    down = (kmin >= -31) & (kmax <= 32)        # code 32 - k
+    for dsign in (1, -1):
+      # dl = d·sc > 0 needs sc = dsign·r (|sc| <= 127 if sc > 0, <= 128 if sc < 0): codes 32 + k
+      lim_up = np.where(dsign > 0, 127, 128)
+      lim_down = np.where(dsign > 0, 128, 127)
+      use_up = exact & up & (r <= lim_up)
+      use_down = exact & down & (r <= lim_down)
+      ok = (use_up | use_down | zero_sub).all(axis=1) & ((smax == 0) | (df > 0)) & ~done
+      sign = np.where(use_up, 1, -1)
+      sc = np.where(zero_sub, 0, dsign * sign * r)
+      d_out = np.where(ok, d * np.float16(dsign), d_out)
+      sc_out = np.where(ok[:, None], sc.astype(np.int8), sc_out)
+      sign_out = np.where(ok[:, None], np.where(zero_sub, 1, sign), sign_out)
+      done |= ok
+  if not done.all():
+    return None
+  L = (sign_out[:, :, None] * kb + 32).astype(np.uint8).reshape(nb, 2, 4, 32)
+  lo = L & np.uint8(0x0F)
+  ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
+                       lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
+  hi = L >> np.uint8(4)
+  qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
+        | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
+  out = np.concatenate([ql, qh, sc_out.view(np.uint8), _f16_bytes(d_out)], axis=1)
+  return out.reshape(rows, -1)
+
+
 def _raise_unrepresentable(ok: np.ndarray, kb, sb, t: GGMLType, name: str, need: str) -> None:
   if ok.all():
     return
@@ -596,6 +842,26 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
     if not (np.issubdtype(xf.dtype, np.floating) or xf.dtype == jnp.bfloat16):
       raise ValueError(f"{name}: shape {shape} dtype {xf.dtype}: expected a float tensor")
     return _float_bytes(_rows(xf.astype(np.float32), block_axis) if xf.ndim == 2 else xf, t)
+  if t in _K_TYPES:
+    _check_blockable(shape, block_axis, QK_K, name, dtype)
+    if is_qarray(x):
+      fit = _fit_q6_k(x, block_axis, name) if t is GGMLType.Q6_K else None
+      if fit is not None:
+        return fit
+      if not requantize:
+        raise GGUFExportError(
+            f"{name}: QArray(qtype={x.qtype.value}, shape={shape}, tile={x.tile}) cannot be stored "
+            f"exactly as {t.name} (super-blocks of 256 with 6-bit{'/int8' if t is GGMLType.Q6_K else ''} "
+            "sub-block scales of one fp16 scale); pass requantize=True to quantize its dequantized "
+            "values with ggml's reference")
+      xf = _dequantize_np(x)
+    else:
+      xf = np.asarray(x).astype(np.float32)
+    if not np.all(np.isfinite(xf)):
+      raise ValueError(f"{name}: shape {shape} dtype {dtype} has NaN/Inf values")
+    rows = _rows(xf, block_axis)
+    out = _q4_k_bytes(rows) if t is GGMLType.Q4_K else _q6_k_bytes(rows)
+    return out.reshape(rows.shape[0], -1)
   _check_blockable(shape, block_axis, BLOCK, name, dtype)
   if is_qarray(x):
     if requantize:
@@ -1045,6 +1311,8 @@ def _add_kv(writer: gguf.GGUFWriter, key: str, v: Any) -> None:
 def _file_type(t: GGMLType) -> int:
   if t is GGMLType.F32:
     return int(gguf.LlamaFileType.ALL_F32)
+  if t is GGMLType.Q4_K:
+    return int(gguf.LlamaFileType.MOSTLY_Q4_K_S)   # llama.cpp names K-quant mixes; pure Q4_K ~ S
   return int(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
 
 
@@ -1071,7 +1339,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       ``None`` writes no tokenizer (llama.cpp then cannot tokenize).
     path: output ``.gguf``.
     ggml_type: type of the linear weights (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``,
-      ``f16``, ``bf16``, ``f32``).
+      ``q4_k``, ``q6_k``, ``f16``, ``bf16``, ``f32``).  Like llama-quantize, a tensor whose rows
+      are not a multiple of 256 falls back from Q4_K to Q5_0 and from Q6_K to Q8_0.
     embed_type: type of ``token_embd`` (and ``output``); default ``ggml_type``.
     tensor_types: overrides, ``{regex on the GGUF tensor name: type}``; first match wins.
     requantize: re-round QArrays the chosen type cannot store exactly instead of raising.
@@ -1147,6 +1416,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
           t = ot
           break
     x, block_axis = leaf, (1 if kind == "embed" else 0)
+    if t in _K_FALLBACK and leaf.shape[block_axis] % QK_K:
+      t = _K_FALLBACK[t]   # llama-quantize's fallback for rows that are not a multiple of 256
     if ".attn_q." in gname or ".attn_k." in gname:
       heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
       x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)

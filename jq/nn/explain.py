@@ -24,9 +24,10 @@ _FLOAT_NNX = tuple(TWINS) + (nnx.Conv,)
 
 
 def _abstract_call(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """``fn(*args, **kwargs)`` under ``jax.eval_shape``; only array leaves are abstracted."""
+  """``fn(*args, **kwargs)`` under ``jax.eval_shape``; array (and ``ShapeDtypeStruct``) leaves are
+  abstracted, other leaves (flags, strings) stay static."""
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-  is_arr = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+  is_arr = [isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for x in leaves]
 
   def run(*arrays):
     it = iter(arrays)
@@ -51,7 +52,8 @@ def trace_routes(model: Any, *args, backend: str | None = None, **kwargs) -> lis
 
   Args:
     model: a linen module or apply function (then ``args[0]`` is the variables dict), or an nnx
-      module (typically from :func:`jq.nn.quantize_module`).
+      module (typically from :func:`jq.nn.quantize_module`).  Parameters and inputs may be
+      ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of ``quantize_tree``): nothing is computed.
     *args, **kwargs: what you would pass to ``apply`` / call the nnx module with.
     backend: explain for this backend ("cpu", "gpu", "tpu") instead of the default one.
   """

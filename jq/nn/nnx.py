@@ -214,10 +214,12 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
       _set_child(modules[path[:-1]], path[-1], twin)
   unused = [p for p, v in leaves.items() if isinstance(v, QArray) and p not in used]
   if unused:
-    kinds = {p: type(modules.get(tuple(p.split("/")[:-1]), None)).__name__ for p in unused}
-    raise ValueError(f"quantize_module: QArrays at {unused} belong to layers "
-                     f"{sorted(set(kinds.values()))} that jq.nn.nnx does not run quantized "
-                     f"(supported: {[c.__name__ for c in TWINS]}); skip them with "
+    by_key = {_key(p): m for p, m in layers}
+    owners = ", ".join(f"{p} ({type(by_key.get(p.rpartition('/')[0])).__name__}, shape "
+                       f"{leaves[p].shape})" for p in unused)
+    raise ValueError(f"quantize_module: {owners}: quantized parameters of layers that "
+                     f"jq.nn.nnx does not run quantized (supported: "
+                     f"{[c.__name__ for c in TWINS]} kernels); keep them in float with "
                      "Rule(pattern=..., weight=None)")
   rest = {p: v for p, v in leaves.items() if p not in used}
   if rest:

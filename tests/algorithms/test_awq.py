@@ -37,7 +37,8 @@ def _err(x, w, w_hat):
 
 def _awq_weights(s, w, spec=W4A16_G32):
   """What the model effectively multiplies x by: Q(diag(s) W) / s."""
-  return np.asarray(quantize(scale_consumer(jnp.asarray(w), s), spec).dequantize()) / np.asarray(s)[:, None]
+  q = quantize(scale_consumer(jnp.asarray(w), s), spec)
+  return np.asarray(q.dequantize()) / np.asarray(s)[:, None]
 
 
 def test_scale_search_beats_rtn_for_shared_consumers():

@@ -59,7 +59,9 @@ def _reference_gptq(w, h, spec, *, damp=0.01, act_order=False):
   static = spec.granularity is not Granularity.GROUP or act_order
   if static:
     s, z = compute_params(jnp.asarray(w, jnp.float32), spec)
-    full = lambda t: np.broadcast_to(np.asarray(numerics.expand(t.astype(jnp.float32), tile, (k, n))), (k, n))
+    def full(t):
+      return np.broadcast_to(np.asarray(numerics.expand(t.astype(jnp.float32), tile, (k, n))),
+                             (k, n))
     s_el, z_el = full(s), (None if z is None else full(z))
   perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
   w, h = w[perm], h[perm][:, perm]

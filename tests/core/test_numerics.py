@@ -129,9 +129,9 @@ def test_snap_scale_float32(y):
   assert np.isfinite(sv) and sv > 0
   lo, hi = numerics.scale_limits(jnp.float32)
   assert lo <= sv <= hi
-  if y == 0:
-    assert sv == 1.0
-  elif lo <= y <= hi:
+  if y < lo:
+    assert sv == lo
+  elif y <= hi:
     assert abs(sv - y) <= y * 2.0 ** -numerics.SCALE_BITS
   bits = np.asarray(s).view(np.uint32)
   assert bits % (1 << (24 - numerics.SCALE_BITS)) == 0  # on the 20-bit grid
@@ -140,7 +140,9 @@ def test_snap_scale_float32(y):
   assert float(numerics.snap_scale(s * np.float32(1 + 2**-22), jnp.float32)) == sv
   assert float(numerics.snap_scale(s * np.float32(1 - 2**-22), jnp.float32)) == sv
   p = numerics.prev_scale(s)
-  assert float(p) < sv and float(numerics.snap_scale(p, jnp.float32)) == float(p)
+  assert float(p) < sv
+  if sv > lo:  # the core never steps below the smallest scale
+    assert float(numerics.snap_scale(p, jnp.float32)) == float(p)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -150,7 +152,7 @@ def test_snap_scale_low_precision(dtype):
   assert s.dtype == dtype
   sf = np.asarray(s.astype(jnp.float32))
   assert np.all(np.isfinite(sf)) and np.all(sf > 0)
-  assert sf[0] == 1.0
+  assert sf[0] == numerics.scale_limits(dtype)[0]
   np.testing.assert_array_equal(np.asarray(numerics.snap_scale(s.astype(jnp.float32), dtype)),
                                 np.asarray(s))
   assert np.all(np.asarray(numerics.prev_scale(s).astype(jnp.float32)) < sf)

@@ -212,10 +212,74 @@ def test_tensor_level_errors():
     G.gguf_spec("q4_1")
   with pytest.raises(ValueError, match="unknown GGUF tensor type"):
     G.to_ggml_type("q9_9")
-  with pytest.raises(G.GGUFExportError, match="Q6_K is not supported"):
-    G.encode_tensor(np.zeros((256, 8), np.float32), "q6_k")
+  with pytest.raises(G.GGUFExportError, match="IQ4_NL is not supported"):
+    G.encode_tensor(np.zeros((256, 8), np.float32), "iq4_nl")
+  with pytest.raises(ValueError, match=r"axis 0 \(96\) is not a multiple of the GGUF block size 256"):
+    G.encode_tensor(np.zeros((96, 8), np.float32), "q6_k")
   with pytest.raises(ValueError, match="NaN"):
     G.quantize_for_gguf(np.full((32, 2), np.nan, np.float32), "q8_0")
+
+
+@pytest.mark.parametrize("t", ["Q6_K", "Q4_K"])
+def test_k_quants(t):
+  rng = np.random.default_rng(10)
+  w = _weights(rng, (512, 24))                     # kernel (in=512, out=24): rows of 2 super-blocks
+  w[:256, 2] = 0.0                                 # an all-zero super-block
+  b = G.encode_tensor(w, t)
+  bs, ts = gguf.GGML_QUANT_SIZES[T[t]]
+  assert b.shape == (24, 2 * ts) and b.dtype == np.uint8
+  deq = gguf.quants.dequantize(b, T[t])
+  amax = np.abs(w.T).reshape(24, -1, 256).max(-1, keepdims=True)    # per super-block
+  err = np.abs(deq - w.T).reshape(24, -1, 256)
+  assert np.all(err <= amax * (1 / 32 if t == "Q6_K" else 1 / 8)) and np.all(deq[2, :256] == 0)
+  back = G.decode_tensor(b, t, (24, 512))
+  assert np.array_equal(_deq(back), deq)
+  if t == "Q6_K":   # the imported QArray is written back exactly (values; sign conventions may differ)
+    assert is_qarray(back) and back.tile == (1, 16)
+    again = G.encode_tensor(back, t, block_axis=1)
+    assert np.array_equal(gguf.quants.dequantize(again, T[t]), deq)
+  else:
+    with pytest.raises(G.GGUFExportError, match="Q4_K.*requantize=True"):
+      G.encode_tensor(G.quantize_for_gguf(w, "q8_0"), t)
+    q = G.quantize_for_gguf(w, "q8_0")
+    assert np.array_equal(G.encode_tensor(q, t, requantize=True), G.encode_tensor(_deq(q), t))
+
+
+def _ggml_lib():
+  """libggml-base from an installed llama-cpp-python, with ``ggml_quantize_chunk`` (or None)."""
+  import ctypes
+  import importlib.util
+  import pathlib
+  spec = importlib.util.find_spec("llama_cpp")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for d in spec.submodule_search_locations:
+    for name in ("libggml-base.so", "libggml-base.dylib", "libggml.so"):
+      for f in pathlib.Path(d).rglob(name):
+        lib = ctypes.CDLL(str(f))
+        if hasattr(lib, "ggml_quantize_chunk"):
+          lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+          lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p]
+          return lib
+  return None
+
+
+def test_bytes_equal_ggml_c_reference():
+  """Optional: every writable block type equals ggml's own C quantizer (needs llama-cpp-python)."""
+  lib = _ggml_lib()
+  if lib is None:
+    pytest.skip("llama_cpp (with libggml-base) is not installed")
+  rng = np.random.default_rng(11)
+  x = _weights(rng, (512, 64)).T.copy()           # (rows=64, n=512)
+  x[3, :256] = 0.0
+  x[4, :64] = 1e-3
+  for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K"):
+    bs, ts = gguf.GGML_QUANT_SIZES[T[t]]
+    ref = np.zeros((64, 512 // bs * ts), np.uint8)
+    lib.ggml_quantize_chunk(int(T[t]), x.ctypes.data, ref.ctypes.data, 0, 64, 512, None)
+    assert np.array_equal(G.encode_tensor(x, t, block_axis=1), ref), t
 
 
 # ---- model level ----------------------------------------------------------------------------
@@ -258,6 +322,21 @@ def test_llama_export_reads_back(tmp_path, t):
       gd = gd.T if heads is None else G._permute_rows(gd, np.argsort(G._qk_perm(
           gd.shape[0], heads, p)), 1).T
     assert np.array_equal(_deq(x), gd), p
+
+
+def test_llama_export_k_quants_and_fallback(tmp_path):
+  cfg = {**CFG, "hidden_size": 256, "head_dim": 64, "intermediate_size": 320}
+  params = tiny_llama(np.random.default_rng(12), cfg)
+  written = G.export_gguf(params, cfg, None, tmp_path / "k.gguf", "q6_k")
+  assert written["blk.0.attn_q.weight"] == T.Q6_K and written["token_embd.weight"] == T.Q6_K
+  assert written["blk.0.ffn_down.weight"] == T.Q8_0        # 320 inputs: llama-quantize's fallback
+  written = G.export_gguf(params, cfg, None, tmp_path / "k4.gguf", "q4_k", embed_type="q8_0")
+  assert written["blk.1.ffn_up.weight"] == T.Q4_K and written["blk.1.ffn_down.weight"] == T.Q5_0
+  hp, back, _ = G.load_gguf_params(tmp_path / "k.gguf")
+  q = back["layers_0"]["attn"]["q_proj"]["kernel"]
+  assert is_qarray(q) and q.tile == (16, 1) and hp.hidden_size == 256
+  err = np.abs(_deq(q) - params["layers_0"]["attn"]["q_proj"]["kernel"]).max()
+  assert err < 0.05 * np.abs(params["layers_0"]["attn"]["q_proj"]["kernel"]).max()
 
 
 def test_qarray_tree_round_trip(tmp_path):

@@ -68,6 +68,11 @@ def linen():
   return model, variables, tokens, y_float, ranges
 
 
+def _jit_quantize(variables, rules):
+  """``quantize_tree`` as one compiled computation (much cheaper than op-by-op on CPU)."""
+  return jax.jit(lambda v: jq.quantize_tree(v, rules))(variables)
+
+
 def _quantize(variables, ranges, wspec, act):
   scales = None
   if act is not None and act.mode is ActMode.STATIC:
@@ -96,7 +101,7 @@ def test_quantized_model_matches_float_and_dequantized_reference(linen, wspec, a
 def test_jit_once_with_kv_cache_collection(linen):
   """Prefill + decode with mutable=["cache"]: one trace per shape; decode equals full forward."""
   model, variables, _, _, _ = linen
-  qvars = jq.quantize_tree(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
+  qvars = _jit_quantize(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
   traces = []
 
   def counted(v, t):
@@ -120,16 +125,16 @@ def test_jit_once_with_kv_cache_collection(linen):
 
 def test_module_and_apply_fn_give_the_same_function(linen):
   model, variables, tokens, _, _ = linen
-  qvars = jq.quantize_tree(variables, jq.default_rules(jq.W4A16_G32))
-  a = jax.jit(jqnn.quantized_apply(model))(qvars, tokens)
-  b = jax.jit(jqnn.quantized_apply(model.apply))(qvars, tokens)
+  qvars = _jit_quantize(variables, jq.default_rules(jq.W4A16_G32))
+  from_module, from_apply = jqnn.quantized_apply(model), jqnn.quantized_apply(model.apply)
+  a, b = jax.jit(lambda v, t: (from_module(v, t), from_apply(v, t)))(qvars, tokens)
   np.testing.assert_array_equal(a, b)
 
 
 def test_skipped_layers_run_in_float_and_explain_says_so(linen):
   model, variables, tokens, _, _ = linen
   rules = (Rule(pattern=r"mlp/down_proj", weight=None),) + jq.default_rules(jq.W4A16_G32)
-  qvars = jq.quantize_tree(variables, rules)
+  qvars = jax.eval_shape(lambda v: jq.quantize_tree(v, rules), variables)  # explain is abstract
   out = io.StringIO()
   routes = jqnn.explain(model, qvars, tokens, file=out)
   by_path = {r.path: r for r in routes}
@@ -147,13 +152,16 @@ def test_skipped_layers_run_in_float_and_explain_says_so(linen):
 
 def test_explain_int8_modes_and_gpu_warnings(linen):
   model, variables, tokens, _, ranges = linen
-  dyn = jq.quantize_tree(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
+  quantize = lambda v, rules, scales=None: jax.eval_shape(
+      lambda v: jq.quantize_tree(v, rules, act_scales=scales), v)
+  dyn = quantize(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
   modes = {r.mode for r in jqnn.explain(model, dyn, tokens, file=None)}
   assert modes == {"int8 dynamic", "float"}
-  static = _quantize(variables, ranges, jq.W8A16, jq.A8_STATIC)
+  static = quantize(variables, jq.default_rules(jq.W8A16, jq.A8_STATIC),
+                    tm.scales_from_ranges(ranges, jq.A8_STATIC))
   routes = jqnn.explain(model, static, tokens, file=None)
   assert {r.impl for r in routes if r.mode == "int8 static"} == {"xla_reference_int8"}
-  g4 = jq.quantize_tree(variables, jq.default_rules(jq.W4A16_G32))
+  g4 = quantize(variables, jq.default_rules(jq.W4A16_G32))
   big = tm.tokens(3, (8, 16))  # M = 128 rows
   gpu = jqnn.explain(model, g4, big, backend="gpu", file=None)
   assert all(r.slower_than_float for r in gpu if r.mode != "float")
