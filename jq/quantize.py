@@ -103,15 +103,18 @@ def _reduce(fn, xb, shape, tile):
   return numerics.stats_to_tiles(fn(xb, axis=axes, keepdims=True), shape, tile)
 
 
-def _ranges(xf, xb, spec: QuantSpec, tile):
-  """Per-tile ``(lo, hi)`` with ``lo <= 0 <= hi`` (``lo == -hi`` if symmetric), clipping applied.
+def _ranges(x, xb, spec: QuantSpec, tile):
+  """Per-tile float32 ``(lo, hi)`` with ``lo <= 0 <= hi`` (``lo == -hi`` if symmetric), clipping
+  applied.
 
-  ``xf`` is the float32 tensor, ``xb`` its ``split`` layout (edge padded).
+  ``x`` is the input tensor, ``xb`` its ``split`` layout (edge padded), both in the input dtype:
+  min/max/absmax are exact in any float dtype, so they run on the input (a bfloat16 weight is
+  never copied to float32 in full).
   """
-  shape = xf.shape
+  shape = x.shape
   clip = spec.clip
   if clip.method is ClipMethod.PERCENTILE:
-    xn = numerics.split(xf, tile, fill=float("nan"))
+    xn = numerics.split(x.astype(jnp.float32), tile, fill=float("nan"))
     pct = lambda q: functools.partial(jnp.nanpercentile, q=q)
     if spec.symmetric:
       hi = _reduce(pct(clip.percentile), jnp.abs(xn), shape, tile)
@@ -120,10 +123,11 @@ def _ranges(xf, xb, spec: QuantSpec, tile):
       hi = _reduce(pct(clip.percentile), xn, shape, tile)
       lo = _reduce(pct(100.0 - clip.percentile), xn, shape, tile)
   elif spec.symmetric:
-    hi = _reduce(jnp.max, jnp.abs(xb), shape, tile)
+    hi = _reduce(jnp.max, jnp.abs(xb), shape, tile).astype(jnp.float32)
     lo = -hi
   else:
-    lo, hi = _reduce(jnp.min, xb, shape, tile), _reduce(jnp.max, xb, shape, tile)
+    lo = _reduce(jnp.min, xb, shape, tile).astype(jnp.float32)
+    hi = _reduce(jnp.max, xb, shape, tile).astype(jnp.float32)
   lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
   if spec.symmetric:
     hi = jnp.maximum(-lo, hi)
@@ -136,11 +140,10 @@ def _ranges(xf, xb, spec: QuantSpec, tile):
 
 
 def _params(x, spec: QuantSpec, name: str):
-  """``(tile, float32 split layout of x, scale, zero_point)``."""
+  """``(tile, split layout of x (input dtype), scale, zero_point)``."""
   tile = spec.tile(x.shape, name=name, dtype=x.dtype)
-  xf = x.astype(jnp.float32)
-  xb = numerics.split(xf, tile, fill="edge")
-  lo, hi = _ranges(xf, xb, spec, tile)
+  xb = numerics.split(x, tile, fill="edge")
+  lo, hi = _ranges(x, xb, spec, tile)
   scale, zp = _range_to_params(lo, hi, spec)
   return tile, xb, scale, zp
 
@@ -166,6 +169,8 @@ def _mse_search(xb, lo, hi, spec: QuantSpec, shape, tile):
   ratios = jnp.linspace(spec.clip.min_ratio, 1.0, spec.clip.grid, dtype=jnp.float32)
   pad = any(s % t and 1 < t < s for s, t in zip(shape, tile))
   mask = numerics.split(jnp.ones(shape, jnp.bool_), tile, fill=False) if pad else None
+
+  xb = xb.astype(jnp.float32)
 
   def err(r):
     scale, zp = _range_to_params(lo * r, hi * r, spec)
@@ -200,7 +205,11 @@ def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>") -> QArray
     >>> w_hat = q.dequantize(jnp.bfloat16)
   """
   check_float_input(x, name)
-  x = jnp.asarray(x)
+  return _quantize_checked(jnp.asarray(x), spec, name)
+
+
+def _quantize_checked(x: jax.Array, spec: QuantSpec, name: str) -> QArray:
+  """:func:`quantize` for an input that already passed :func:`check_float_input`."""
   _check_shape(x, name)
   tile, xb, scale, zp = _params(x, spec, name)
   q = numerics.merge(_quantize_split(xb, scale, zp, spec, x.shape, tile), tile, x.shape)
@@ -244,6 +253,7 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
 
 def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
   """``dequantize(quantize(x))`` in ``x.dtype`` with a straight-through gradient (for QAT)."""
+  check_float_input(x, "<fake_quant>")
   tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>")
   xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
   yb = _dequant_split(_quantize_split(xb, scale, zp, spec, x.shape, tile), scale, zp, spec,

@@ -15,7 +15,7 @@ import numpy as np
 
 from jq import metrics
 from jq.qarray import ActivationQuant, QArray, dequantize
-from jq.quantize import check_float_input, quantize
+from jq.quantize import _quantize_checked, check_float_input
 from jq.spec import ActMode, Algorithm, Granularity, Rule
 
 PyTree = Any
@@ -125,9 +125,9 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
     pl = decided[path]
     if not pl.quantized or isinstance(leaf, QArray):
       return leaf
-    check_float_input(leaf, path)
+    check_float_input(leaf, path)  # once per leaf: the finiteness check reads the whole tensor
     _check_rule_fits(path, leaf, pl.rule)
-    q = quantize(leaf, pl.rule.weight, name=path)
+    q = _quantize_checked(jnp.asarray(leaf), pl.rule.weight, name=path)
     act = pl.rule.activation
     if act is None:
       return q

@@ -817,8 +817,7 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
   """
   t = to_ggml_type(t)
   if t not in EXPORT_TYPES:
-    raise GGUFExportError(f"{name}: writing GGUF {t.name} is not supported (gguf-py has no "
-                          f"reference quantizer to match); choose one of "
+    raise GGUFExportError(f"{name}: writing GGUF {t.name} is not supported; choose one of "
                           f"{[x.name for x in EXPORT_TYPES]}")
   shape = tuple(x.shape)
   dtype = x.qtype.value if is_qarray(x) else getattr(x, "dtype", type(x).__name__)
@@ -851,9 +850,9 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
       if not requantize:
         raise GGUFExportError(
             f"{name}: QArray(qtype={x.qtype.value}, shape={shape}, tile={x.tile}) cannot be stored "
-            f"exactly as {t.name} (super-blocks of 256 with 6-bit{'/int8' if t is GGMLType.Q6_K else ''} "
-            "sub-block scales of one fp16 scale); pass requantize=True to quantize its dequantized "
-            "values with ggml's reference")
+            f"exactly as {t.name} (super-blocks of 256 whose sub-block scales are integer multiples "
+            "of one fp16 scale); pass requantize=True to quantize its dequantized values with "
+            "ggml's reference")
       xf = _dequantize_np(x)
     else:
       xf = np.asarray(x).astype(np.float32)

@@ -456,3 +456,37 @@ def test_smollm2_export_q8_0_q4_0(tmp_path):
   r = gguf.GGUFReader(tmp_path / "smollm2.q8_0.gguf")   # gguf-py's own reader agrees
   assert len(r.tensors) == 272 and r.fields["general.file_type"].contents() == 7
   assert r.fields["tokenizer.ggml.tokens"].contents()[:3] == meta["tokenizer.ggml.tokens"][:3]
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_export_with_jq_perplexity(tmp_path):
+  """Optional: llama.cpp loads the exported SmolLM2 and its perplexity matches jq's own."""
+  llama_cpp = pytest.importorskip("llama_cpp")
+  fetch = pytest.importorskip("models.fetch")
+  smollm2 = pytest.importorskip("models.smollm2")
+  text = pytest.importorskip("models.text")
+  tokenizer = pytest.importorskip("models.tokenizer")
+  from jq.eval.perplexity import perplexity
+  hp, qparams, meta = G.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
+  params = jq.dequantize_tree(qparams)
+  model = smollm2.Llama(smollm2.LlamaConfig(**dataclasses.asdict(hp)))
+  logits_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  results = {}
+  for t in ("q8_0", "q4_0"):
+    out = tmp_path / f"smollm2.{t}.gguf"
+    G.export_gguf(params, hp, G.tokenizer_metadata(meta), out, t)
+    ids = tokenizer.load_tokenizer(out).encode(text.eval_text())[:1024]   # tokenizer carried over
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=1024, n_batch=1024, logits_all=True,
+                          n_threads=2, verbose=False)
+    assert llm.tokenize(text.eval_text()[:400].encode(), add_bos=False)[:50] == ids[:50]
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[:1024], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    ppl_cpp = float(np.exp(-logp[np.arange(1023), ids[1:]].mean()))
+    _, back, _ = G.load_gguf_params(out)        # the same file in jq: QArrays, dequantized
+    deq = jq.dequantize_tree(back)
+    ppl_jq = perplexity(lambda x: logits_fn(deq, x), np.asarray(ids), window=1024).ppl
+    results[t] = (ppl_jq, ppl_cpp)
+    assert abs(ppl_cpp / ppl_jq - 1) < 0.03, (t, ppl_jq, ppl_cpp)
+  print("SmolLM2 perplexity, first 1024 eval tokens (jq, llama.cpp):", results)
