@@ -13,3 +13,6 @@ from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, 
                      quantize_tree, report, tree_error)
 
 __version__ = "0.1.0"
+
+from jq import io, nn, ops  # noqa: E402  (subpackages: checkpoints, Flax adapters, quantized ops)
+from jq.nn import explain  # noqa: E402

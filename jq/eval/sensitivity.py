@@ -83,7 +83,7 @@ def sensitivity_scan(logits_fn: Callable[[Any, jax.Array], jax.Array], params: A
   ref_logp = jax.nn.log_softmax(ref.astype(jnp.float32), axis=-1)
 
   @jax.jit
-  def kl_of(p):
+  def kl_of(p, ref_logp, tokens):  # arrays as arguments: closed-over ones become HLO constants
     return jnp.mean(metrics.kl_divergence(ref_logp, fwd(p, tokens)))
 
   leaves = dict(leaves_with_paths(params))
@@ -101,7 +101,7 @@ def sensitivity_scan(logits_fn: Callable[[Any, jax.Array], jax.Array], params: A
     cache[g, o] = qs
     swapped = map_with_paths(
         lambda path, x: qs[path].dequantize(x.dtype) if path in qs else x, params)
-    kl.setdefault(g, {})[o] = float(kl_of(swapped))
+    kl.setdefault(g, {})[o] = float(kl_of(swapped, ref_logp, tokens))
     nb.setdefault(g, {})[o] = int(sum(q.nbytes for q in qs.values()))
   return ScanResult(dict(groups), dict(options), kl, nb, numel)
 

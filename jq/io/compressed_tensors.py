@@ -52,6 +52,14 @@ How jq maps onto it (all exact, no re-rounding):
   quantizes with CT's own min-max formulas at the same bit width/symmetry, group size if it divides
   ``in``, else per channel): NF4, a partial last group, groups along the output axis.
 
+Checked against the real packages (optional tests, skipped without them): compressed-tensors
+0.20's ``pack_to_int32`` and its compressors' ``decompress`` reproduce jq's packing and dequantized
+weights bit for bit; transformers 5.24 loads symmetric checkpoints and its logits equal jq's.
+Asymmetric checkpoints hit a transformers/compressed-tensors 0.20 problem: the model is compressed
+on the meta device, where ``PackedQuantizationCompressor.compress`` leaves ``weight_zero_point``
+unpacked ``(out, groups)``, so the packed zero points (which CT's own compressor writes and vLLM
+reads) are rejected as a size mismatch.
+
 Example:
   >>> export_compressed_tensors(qparams, config, "smollm2-w4a16")
   >>> hf_config, params = load_compressed_tensors("smollm2-w4a16")
@@ -524,6 +532,23 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   return qconfig
 
 
+def export_model(params: Any, path: str | os.PathLike, *, config: Any = None,
+                 model: Any = None, requantize: bool = False, **kwargs: Any) -> dict[str, Any]:
+  """:func:`export_compressed_tensors` with the config taken from ``config`` or ``model.config``.
+
+  Raises:
+    CompressedTensorsError: neither was given (head counts, RoPE base and norm epsilon cannot be
+      read off the parameter shapes).
+  """
+  if config is None and model is not None:
+    config = getattr(model, "config", None)
+  if config is None:
+    raise CompressedTensorsError(
+        "export_model: pass config=<LlamaConfig> (or model=<object with .config>); head counts, "
+        "rope_theta and rms_norm_eps cannot be inferred from the parameter shapes")
+  return export_compressed_tensors(params, config, path, requantize=requantize, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Import.
 # ------------------------------------------------------------------------------------------------
@@ -701,6 +726,6 @@ def _qarray_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[st
   return q.validate(module)
 
 
-__all__ = ["export_compressed_tensors", "load_compressed_tensors", "pack_int32", "unpack_int32",
+__all__ = ["export_compressed_tensors", "export_model", "load_compressed_tensors", "pack_int32", "unpack_int32",
            "hf_llama_config", "llama_hparams", "hf_module_name", "jq_param_path",
            "CompressedTensorsError", "PACK_QUANTIZED", "INT_QUANTIZED", "CT_VERSION"]

@@ -66,6 +66,10 @@ float and/or QArray leaves) as a llama.cpp ``llama`` GGUF, re-applying llama.cpp
 permutation; :func:`load_gguf_qarrays` reads any GGUF into ``{name: QArray | float32 array}``;
 :func:`gguf_to_params` turns that back into the jq param tree.
 
+Checked with llama-cpp-python 0.3.36 (optional test): exported SmolLM2 files load and run; the
+perplexity of the first 1024 tokens of ``models.text.eval_text()`` is 27.99 in jq vs 28.17 in
+llama.cpp for Q8_0 and 39.21 vs 39.36 for Q4_0 (llama.cpp also quantizes activations to 8 bits).
+
 Example:
   >>> meta, _ = load_gguf_qarrays("SmolLM2-135M-Instruct.Q4_1.gguf")
   >>> export_gguf(qparams, config, tokenizer_metadata(meta), "smollm2.q8_0.gguf", "q8_0")
@@ -1470,6 +1474,31 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   return written
 
 
+def export_model(model: Any, params: Any, path: str | os.PathLike, *,
+                 ggml_type: GGMLType | str = "q8_0", requantize: bool = False,
+                 tokenizer_meta: Mapping[str, Any] | None = None,
+                 source_gguf: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, GGMLType]:
+  """:func:`export_gguf` for an app-level model object (anything with a ``.config``).
+
+  The tokenizer is carried over from ``tokenizer_meta``, else from the ``tokenizer.*`` metadata of
+  ``source_gguf``, else of ``model.gguf_path`` if the model has one.  ``kwargs`` go to
+  :func:`export_gguf` (``embed_type``, ``tensor_types``, ``name``, ...).
+
+  Raises:
+    GGUFExportError: no tokenizer source was given (a GGUF without one does not run in llama.cpp).
+  """
+  if tokenizer_meta is None:
+    source = source_gguf if source_gguf is not None else getattr(model, "gguf_path", None)
+    if source is None:
+      raise GGUFExportError(
+          "export_model: pass tokenizer_meta=tokenizer_metadata(<source .gguf>) or "
+          "source_gguf=<the model's original .gguf> so the tokenizer (tokens, merges, "
+          "pre-tokenizer, special ids) can be carried over")
+    tokenizer_meta = tokenizer_metadata(source)
+  return export_gguf(params, model.config, tokenizer_meta, path, ggml_type,
+                     requantize=requantize, **kwargs)
+
+
 def gguf_to_params(tensors: Mapping[str, QArray | np.ndarray], metadata: Mapping[str, Any]
                    ) -> tuple[LlamaHParams, dict[str, Any]]:
   """``(hparams, params)``: a llama GGUF's tensors as the jq param tree of ``models/smollm2.py``.
@@ -1535,4 +1564,5 @@ def load_gguf_params(path: str | os.PathLike) -> tuple[LlamaHParams, dict[str, A
 __all__ = ["GGMLType", "EXPORT_TYPES", "TWIN_TYPES", "QARRAY_IMPORT_TYPES", "GGUFFormatError",
            "GGUFExportError", "LlamaHParams", "to_ggml_type", "gguf_spec", "quantize_for_gguf",
            "encode_tensor", "decode_tensor", "load_gguf_qarrays", "read_gguf_metadata",
-           "tokenizer_metadata", "export_gguf", "gguf_to_params", "load_gguf_params"]
+           "tokenizer_metadata", "export_gguf", "export_model", "gguf_to_params",
+           "load_gguf_params"]

@@ -181,7 +181,8 @@ def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str:
 
 def rows(x: jax.Array, contracting: Sequence[int]) -> int:
   """Number of output rows (tokens) of a contraction of ``x`` over ``contracting``."""
-  return int(np.prod([d for i, d in enumerate(np.shape(x)) if i not in contracting], dtype=np.int64))
+  sizes = [d for i, d in enumerate(np.shape(x)) if i not in contracting]
+  return int(np.prod(sizes, dtype=np.int64))
 
 
 __all__ = ["Route", "recording", "record_float", "quantized_dot", "dense_general", "einsum_layer",

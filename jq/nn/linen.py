@@ -26,6 +26,10 @@ from jq.nn import common
 from jq.qarray import QArray
 
 
+def _as_tuple(v) -> tuple:
+  return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
 def _path(mod: nn.Module, leaf: str = "kernel") -> str:
   return "/".join(("params",) + tuple(str(p) for p in mod.path) + (leaf,))
 
@@ -67,15 +71,14 @@ _HANDLERS: tuple[tuple[type, Callable], ...] = (
     (nn.Dense, _dense), (nn.DenseGeneral, _dense_general), (nn.Einsum, _einsum))
 
 
+_ADAPTED = tuple(cls for cls, _ in _HANDLERS)
+
+
 def _handler(mod: nn.Module):
   for cls, fn in _HANDLERS:
     if isinstance(mod, cls) and type(mod).__call__ is cls.__call__:
       return fn
   return None
-
-
-def _as_tuple(v) -> tuple:
-  return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
 def _contracted_rows(mod: nn.Module, inputs) -> int | None:
@@ -107,12 +110,12 @@ def _refuse_quantized_params(mod: nn.Module) -> None:
 
 
 def _interceptor(next_fun, args, kwargs, context):
+  """Routes Dense/DenseGeneral/Einsum ``__call__`` with a QArray kernel to ``jq.ops``."""
   mod = context.module
-  if context.method_name != "__call__":
-    return next_fun(*args, **kwargs)
-  handler = _handler(mod)
+  handler = _handler(mod) if context.method_name == "__call__" else None
   if handler is None:
-    _refuse_quantized_params(mod)
+    if not isinstance(mod, _ADAPTED):  # (lifted wrappers of adapted layers reach them inside)
+      _refuse_quantized_params(mod)
     return next_fun(*args, **kwargs)
   if mod.scope is None or not mod.has_variable("params", "kernel"):
     return next_fun(*args, **kwargs)  # initialization: the float layer creates its params

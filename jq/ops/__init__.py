@@ -3,13 +3,15 @@
 ``jq.ops.dispatch`` picks an implementation from a registry keyed by (backend, mode, qtype, shape
 predicate); ``jq.ops.reference`` holds the XLA reference twins every kernel is tested against.
 """
-from jq.ops.dispatch import (Choice, EinsumPlan, Impl, Mode, Problem, choose, dot_general, einsum,
-                             make_problem, matmul, mode_of, parse_einsum, PerfNote, register, registered,
-                             route, unregister)
+from jq.ops.dispatch import (Choice, EinsumPlan, Impl, Mode, PerfNote, Problem, choose,
+                             dot_general, einsum, make_problem, matmul, mode_of, parse_einsum,
+                             register, registered, route, unregister)
 from jq.ops.reference import (DotLayout, fake_quant_activations, int8_dot_general,
                               quantize_activations, weight_only_dot_general)
 
-__all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "Mode", "Problem", "choose",
+__all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "Mode", "PerfNote", "Problem", "choose",
            "dot_general", "einsum", "fake_quant_activations", "int8_dot_general", "make_problem",
-           "matmul", "mode_of", "parse_einsum", "PerfNote", "quantize_activations", "register", "registered",
+           "matmul", "mode_of", "parse_einsum", "quantize_activations", "register", "registered",
            "route", "unregister", "weight_only_dot_general"]
+
+from jq.ops import kernels  # noqa: E402,F401  (registers the Pallas GPU kernels; see kernels.py)

@@ -102,7 +102,7 @@ class DotLayout:
     return t.reshape(keep + (1,) * len(self.w_free))
 
   def rhs_to_out(self, t: jax.Array) -> jax.Array:
-    """A per-tile rhs tensor with size 1 on every contracting axis -> broadcastable to the output."""
+    """A per-tile rhs tensor (size 1 on every contracting axis) -> broadcastable to the output."""
     t = jnp.transpose(t, self.wb + self.w_free + self.wc)
     nb, nf = len(self.wb), len(self.w_free)
     return t.reshape(t.shape[:nb] + (1,) * len(self.x_free) + t.shape[nb:nb + nf])
@@ -191,7 +191,8 @@ def quantize_activations(x: jax.Array, contracting: Sequence[int], act: Activati
     s = jnp.asarray(act.scale, jnp.float32)
     z = None
     if act.zero_point is not None:
-      z = numerics.round_half_even(jnp.asarray(act.zero_point).astype(jnp.float32)).astype(jnp.int32)
+      z = jnp.asarray(act.zero_point).astype(jnp.float32)
+      z = numerics.round_half_even(z).astype(jnp.int32)
     elif not spec.symmetric:
       raise ValueError("static asymmetric activation quantization needs a calibrated zero point "
                        "(ActivationQuant.zero_point is None)")

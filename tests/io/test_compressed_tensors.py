@@ -337,3 +337,37 @@ def test_smollm2_w4a16_g64_round_trip(tmp_path):
       "kernel": quantize(params["layers_0"]["attn"]["q_proj"]["kernel"], jq.W4A16_G128)})))
   with pytest.raises(C.CompressedTensorsError, match="q_proj.*group size 128 does not divide the input dim 576"):
     C.export_compressed_tensors(w128, hp, tmp_path / "g128")
+
+
+def test_transformers_loads_checkpoint(tmp_path):
+  """Optional: transformers (+ compressed-tensors) loads a symmetric checkpoint; logits match jq.
+
+  Asymmetric (packed zero point) checkpoints are not checked here: transformers 5.x builds the
+  compressed model on the meta device, where compressed-tensors 0.20 leaves zero points unpacked
+  and then rejects the packed ``weight_zero_point`` its own compressor (and vLLM) use.
+  """
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  smollm2 = pytest.importorskip("models.smollm2")
+  params = tiny_llama(np.random.default_rng(6))
+  toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
+  model = smollm2.Llama(smollm2.LlamaConfig(**CFG))
+  for spec in (jq.W8A16, SPECS["w4a16-g32-sym"][0]):
+    q = qtree(params, jq.default_rules(spec))
+    C.export_compressed_tensors(q, CFG, tmp_path / "ck")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+      got = hf(torch.tensor(toks)).logits.numpy()
+    want = np.asarray(model.apply({"params": jq.dequantize_tree(q)}, jnp.asarray(toks)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_export_model_adapter(tmp_path):
+  import types
+  q = qtree(tiny_llama(np.random.default_rng(7)), jq.default_rules(jq.W8A16))
+  with pytest.raises(C.CompressedTensorsError, match="pass config="):
+    C.export_model({"params": q}, tmp_path / "x")
+  C.export_model({"params": q}, tmp_path / "x", model=types.SimpleNamespace(config=CFG))
+  _, back = C.load_compressed_tensors(tmp_path / "x")
+  _assert_same_values(q, back)

@@ -490,3 +490,17 @@ def test_llama_cpp_runs_export_with_jq_perplexity(tmp_path):
     results[t] = (ppl_jq, ppl_cpp)
     assert abs(ppl_cpp / ppl_jq - 1) < 0.03, (t, ppl_jq, ppl_cpp)
   print("SmolLM2 perplexity, first 1024 eval tokens (jq, llama.cpp):", results)
+
+
+def test_export_model_adapter(tmp_path):
+  import types
+  model = types.SimpleNamespace(config=CFG)
+  params = {"params": tiny_llama(np.random.default_rng(13))}
+  with pytest.raises(G.GGUFExportError, match="tokenizer_meta=tokenizer_metadata"):
+    G.export_model(model, params, tmp_path / "a.gguf", ggml_type="q4_0")
+  src = tmp_path / "src.gguf"
+  G.export_gguf(params, CFG, tiny_tokenizer(), src, "f32")
+  G.export_model(model, params, tmp_path / "a.gguf", ggml_type="q4_0", source_gguf=src)
+  meta = G.read_gguf_metadata(tmp_path / "a.gguf")
+  assert meta["tokenizer.ggml.tokens"] == tiny_tokenizer()["tokenizer.ggml.tokens"]
+  assert meta["general.file_type"] == 2

@@ -26,17 +26,15 @@ A_ASYM_DYN = ActivationSpec(qtype=QType.UINT8, symmetric=False)
 A_ASYM_STATIC = dataclasses.replace(A_ASYM_DYN, mode=ActMode.STATIC)
 UINT8_ASYM = QuantSpec(qtype=QType.UINT8, symmetric=False)
 
-# mode x bits (8, 4, 2, NF4) x granularity (channel; group 16 divides 48 and 80; 32 does not)
+# mode x bits (8, 4, 2, NF4) x granularity (channel; group 32 does not divide 48 and 80, 16 does)
 CASES = [
     (QuantSpec(qtype=QType.INT8), None),
-    (_g(QType.INT8, 16), None),
     (_g(QType.UINT8, 32, symmetric=False), None),
     (QuantSpec(qtype=QType.INT4), None),
     (_g(QType.INT4, 16), None),
     (_g(QType.UINT4, 32, symmetric=False), None),
     (QuantSpec(qtype=QType.UINT2, symmetric=False), None),
-    (_g(QType.INT2, 16), None),
-    (_g(QType.UINT2, 32, symmetric=False), None),
+    (_g(QType.INT2, 32), None),
     (QuantSpec(qtype=QType.NF4), None),
     (_g(QType.NF4, 16), None),
     (_g(QType.NF4, 32), None),
@@ -85,7 +83,7 @@ def test_quantized_model_matches_float_and_dequantized_reference(linen, wspec, a
   model, variables, tokens, y_float, ranges = linen
   qapply = jqnn.quantized_apply(model)
 
-  @jax.jit
+  @tm.fast_jit
   def run(v, t):  # one compile: quantize, quantized model, reference
     qv = _quantize(v, ranges, wspec, act)
     return qapply(qv, t), tm.linen_reference(model, qv, t), tm.relative_weight_error(qv)
@@ -195,7 +193,7 @@ def _replace(tree, path, value):
 def test_bad_input_errors_name_the_layer(linen, path, make, match):
   model, variables, tokens, _, _ = linen
   leaf = dict(jq.leaves_with_paths(variables))[path]
-  qvars = _replace(variables, path, make(leaf))
+  qvars = _replace(variables, path, jax.jit(make)(leaf))
   with pytest.raises(ValueError, match=match) as e:
     jax.eval_shape(jqnn.quantized_apply(model), qvars, tokens)
   assert path in str(e.value)

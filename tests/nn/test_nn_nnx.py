@@ -60,7 +60,7 @@ def test_quantized_module_matches_float_and_dequantized_reference(nnx_setup, wsp
   model, tokens, y_float, ranges = nnx_setup
   rules, scales = _rules(ranges, wspec, act)
 
-  @jax.jit
+  @tm.fast_jit
   def run(t):  # one compile: quantize, swap layers, run, reference
     qstate = jq.quantize_tree(nnx.state(model, nnx.Param), rules, act_scales=scales)
     qmodel = jqnn.quantize_module(model, qstate)
@@ -155,27 +155,30 @@ def _edit(qstate, path, fn):
   return out
 
 
-def test_bad_inputs_name_the_layer(quantized, nnx_setup):
+def _quantize(x, spec):
+  return jax.jit(lambda x: jq.quantize(x, spec))(x)
+
+
+def test_bad_inputs_name_the_layer(quantized):
   model, tokens, qstate, _ = quantized
-  w = nnx.state(model, nnx.Param)
-  raw = dict(jq.leaves_with_paths(w))
+  raw = dict(jq.leaves_with_paths(nnx.state(model, nnx.Param)))
   # a QArray whose shape disagrees with the layer
   bad = _edit(qstate, "blocks/0/mlp/up_proj/kernel",
-              lambda q: jq.quantize(raw["blocks/0/mlp/up_proj/kernel"][:40], jq.W8A16))
+              lambda q: _quantize(raw["blocks/0/mlp/up_proj/kernel"][:40], jq.W8A16))
   with pytest.raises(ValueError, match=r"blocks/0/mlp/up_proj/kernel.*\(40, 80\).*\(48, 80\)"):
     jqnn.quantize_module(model, bad)
   # a quantized parameter of a layer jq does not run quantized
   bad = _edit(qstate, "blocks/0/ln_1/scale",
-              lambda _: jq.quantize(raw["blocks/0/ln_1/scale"],
-                                    QuantSpec(granularity=Granularity.TENSOR)))
+              lambda _: _quantize(raw["blocks/0/ln_1/scale"],
+                                  QuantSpec(granularity=Granularity.TENSOR)))
   with pytest.raises(ValueError, match=r"blocks/0/ln_1/scale.*LayerNorm"):
     jqnn.quantize_module(model, bad)
   # int8 activations on an Einsum with group scales; static mode without a calibrated scale
   for path, q, match in [
       ("blocks/0/mlp/gate_proj/kernel",
-       jq.quantize(raw["blocks/0/mlp/gate_proj/kernel"], QuantSpec(
+       _quantize(raw["blocks/0/mlp/gate_proj/kernel"], QuantSpec(
            granularity=Granularity.GROUP, group_size=16)), "group scales"),
-      ("blocks/1/attn/v_proj/kernel", jq.quantize(raw["blocks/1/attn/v_proj/kernel"], jq.W8A16),
+      ("blocks/1/attn/v_proj/kernel", _quantize(raw["blocks/1/attn/v_proj/kernel"], jq.W8A16),
        "needs a calibrated scale")]:
     spec = jq.A8_DYNAMIC if match == "group scales" else jq.A8_STATIC
     bad = _edit(qstate, path, lambda _: dataclasses.replace(

@@ -1,4 +1,4 @@
-"""The dispatch registry: (backend, mode, qtype, shape predicate) -> implementation; clear errors."""
+"""The dispatch registry: (backend, mode, qtype, predicate) -> implementation; clear errors."""
 from __future__ import annotations
 
 import dataclasses
