@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -21,6 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+@functools.cache
+def load_model(name: str):
+  """``models.registry.load(name)``, once per process (the smoke tests run both scripts in one)."""
+  from models import registry
+  return registry.load(name)
 
 
 @jax.jit

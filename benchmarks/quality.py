@@ -23,7 +23,8 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (EncoderReference, LMReference, checkpoint_bytes, fmt,  # noqa: E402
-                          jq_logits_fn, log, markdown_table, mib, quantized_linear_bytes)
+                          jq_logits_fn, load_model, log, markdown_table, mib,
+                          quantized_linear_bytes)
 
 DEFAULT_RECIPES = ("w8a16", "w8a8-dynamic", "w4a16-g128", "w4a16-g32", "w2a16-g32", "nf4-g64")
 SMALL_RECIPES = ("w8a16", "w4a16-g128")
@@ -49,9 +50,8 @@ def _encoder_applicable(name: str) -> bool:
 def run_lm(args) -> dict:
   from jq import app
   from jq import tree as jqtree
-  from models import registry
   log("loading smollm2")
-  model = registry.load("smollm2")
+  model = load_model("smollm2")
   log(f"float reference: {args.windows} windows of {args.window} tokens")
   ref = LMReference(model, windows=args.windows, window=args.window)
   fvars = app.float_variables(model)
@@ -78,13 +78,12 @@ def run_lm(args) -> dict:
 def run_encoder(args) -> dict:
   from jq import app
   from jq import tree as jqtree
-  from models import registry
   names = [n for n in args.recipes if _encoder_applicable(n)]
   skipped = [n for n in args.recipes if n not in names]
   if not names:
     return {"rows": [], "skipped": skipped}
   log("loading minilm")
-  model = registry.load("minilm")
+  model = load_model("minilm")
   ref = EncoderReference(model, sentences=args.sentences)
   fvars = app.float_variables(model)
   float_row = {"recipe": "float", "params_bytes": jqtree.nbytes(fvars),

@@ -61,8 +61,10 @@ class ScanResult:
   def table(self) -> str:
     names = list(self.options)
     head = "group".ljust(14) + "".join(f"{n:>16}" for n in names)
+    order = sorted(self.groups, key=lambda g: [int(t) if t.isdigit() else t
+                                               for t in re.split(r"(\d+)", g)])
     rows = [head] + [g.ljust(14) + "".join(f"{self.kl[g][n]:>16.5f}" for n in names)
-                     for g in self.groups]
+                     for g in order]
     return "\n".join(rows)
 
 

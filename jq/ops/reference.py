@@ -126,7 +126,7 @@ def integer_valued_weight(w: QArray, dtype) -> jax.Array:
   """
   v = w.unpacked()
   if w.qtype.is_table:
-    return numerics.nf4_table(jnp.float32)[v.astype(jnp.int32)].astype(dtype)
+    return numerics.nf4_decode(v, jnp.float32).astype(dtype)
   if w.zero_point is None:
     return v.astype(dtype)
   z = numerics.expand(w.zero_point.astype(jnp.int32), w.tile, w.shape)
