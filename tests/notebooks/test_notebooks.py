@@ -8,7 +8,6 @@ interpreter) and ``matplotlib``; without them it is skipped with a message.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
