@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
+from jq import ops as jq_ops  # noqa: E402
 from jq.ops import _compat, pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant, QArray  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
@@ -87,6 +88,10 @@ VARIANTS = {
     "xla-w8a16": (S.W8A16, None, "xla"),
     "xla-w4a16-g128": (S.W4A16_G128, None, "xla"),
     "xla-w8a8": (S.W8A16, S.A8_DYNAMIC, "xla"),
+    # jq.ops.dot_general: whatever dispatch picks under the JQ_PALLAS policy (default "auto")
+    "jq-auto-w8a16": (S.W8A16, None, "dispatch"),
+    "jq-auto-w4a16-g128": (S.W4A16_G128, None, "dispatch"),
+    "jq-auto-w8a8": (S.W8A16, S.A8_DYNAMIC, "dispatch"),
 }
 
 
@@ -115,6 +120,8 @@ def make_matmul(variant: str, interpret: bool):
     if not isinstance(w, QArray):
       return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dn = (((x.ndim - 1,), (0,)), ((), ()))
+    if impl == "dispatch":
+      return jq_ops.dot_general(x, w, dn)
     if impl == "jq":
       if act is not None:
         return pallas_w8a8.int8_dot_general(x, w, dn, interpret=interpret)

@@ -58,14 +58,15 @@ def init_stats(num_channels: int) -> LayerStats:
 
 
 @jax.jit
-def _update(stats: LayerStats, x: jax.Array) -> LayerStats:
+def _update(stats: LayerStats, x: jax.Array, token_weight: jax.Array | None) -> LayerStats:
   k = stats.absmax.shape[0]
   x = x.reshape(-1, k).astype(jnp.float32)
   finite = jnp.isfinite(x)
   x = jnp.where(finite, x, 0.0)
   ax = jnp.abs(x)
+  xw = x if token_weight is None else x * token_weight.reshape(-1, 1).astype(jnp.float32)
   # HIGHEST: on TPU/GPU the default f32 matmul precision may round inputs to bf16/tf32
-  xtx = jax.lax.dot_general(x, x, (((0,), (0,)), ((), ())),
+  xtx = jax.lax.dot_general(xw, x, (((0,), (0,)), ((), ())),
                             precision=jax.lax.Precision.HIGHEST,
                             preferred_element_type=jnp.float32)
   return LayerStats(
@@ -76,18 +77,33 @@ def _update(stats: LayerStats, x: jax.Array) -> LayerStats:
       nonfinite=stats.nonfinite + jnp.sum(~finite, dtype=jnp.int32))
 
 
-def update_stats(stats: LayerStats, x: jax.Array) -> LayerStats:
+def update_stats(stats: LayerStats, x: jax.Array, token_weight: jax.Array | None = None
+                 ) -> LayerStats:
   """Adds a batch of inputs ``x`` of shape ``(..., K)`` (any float dtype) to ``stats`` (jitted).
 
+  Args:
+    stats: the statistics so far.
+    x: inputs ``(..., K)``.
+    token_weight: optional non-negative weights of shape ``x.shape[:-1]`` applied to the
+      ``XᵀX`` sum only (``Σ w_t x_tᵀx_t``; ``count`` stays the number of tokens).  Used to give
+      rare but influential tokens (a sequence's first, attention-sink token) more say in GPTQ's
+      Hessian; see ``PTQConfig.gptq_first_token_weight``.
+
   Raises:
-    ValueError: if the last axis of ``x`` is not K or ``x`` is not floating point.
+    ValueError: if the last axis of ``x`` is not K, ``x`` is not floating point, or
+      ``token_weight`` has the wrong shape.
   """
   k = stats.absmax.shape[0]
   if np.ndim(x) < 1 or np.shape(x)[-1] != k:
     raise ValueError(f"update_stats: input of shape {tuple(np.shape(x))} does not end in K={k}")
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise ValueError(f"update_stats: input dtype {jnp.result_type(x)} is not floating point")
-  return _update(stats, jnp.asarray(x))
+  if token_weight is not None:
+    token_weight = jnp.asarray(token_weight)
+    if tuple(token_weight.shape) != tuple(np.shape(x))[:-1]:
+      raise ValueError(f"update_stats: token_weight of shape {tuple(token_weight.shape)} does not "
+                       f"match the input's token axes {tuple(np.shape(x))[:-1]}")
+  return _update(stats, jnp.asarray(x), token_weight)
 
 
 def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:

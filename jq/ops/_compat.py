@@ -87,6 +87,20 @@ def next_pow2(n: int) -> int:
   return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+# Shared memory a Triton program may use on sm_90 is 227 KiB (232448 bytes); keep headroom for
+# the layout-conversion buffers Triton adds and for the scale tiles.
+SMEM_BUDGET = 192 * 1024
+
+
+def fit_stages(per_stage: int, fixed: int, stages: int, budget: int = SMEM_BUDGET) -> int:
+  """The largest software-pipelining depth ``<= stages`` (and >= 1) whose shared-memory estimate
+  ``stages * per_stage + fixed`` fits ``budget`` (a GPU run hit the 227 KiB limit with
+  ``block_m=64, block_k=256`` and 4 stages)."""
+  while stages > 1 and stages * per_stage + fixed > budget:
+    stages -= 1
+  return stages
+
+
 def on_gpu() -> bool:
   """True when the default JAX backend is an (NVIDIA or AMD) GPU."""
   try:

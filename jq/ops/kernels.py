@@ -1,17 +1,21 @@
 """Registers the Pallas GPU kernels in the ``jq.ops`` dispatch registry.
 
 The kernels (``pallas_wo``, ``pallas_w8a8``) are held equal to their XLA reference twins by tests
-in Pallas interpret mode on CPU.  They have **not yet been compiled or timed on a GPU** by this
-project (no GPU run so far), so dispatch only chooses them when ``JQ_PALLAS=1`` is set in the
-environment (or :func:`enable` is called); ``benchmarks/gpu_check.py`` sets it.  Once a GPU run
-has shown them faster than bf16 where the predicates below accept them, the default flips.
+in Pallas interpret mode on CPU, and were compiled, checked and timed on an H100
+(``benchmarks/gpu_check.py``; results in ``benchmarks/results/gpu_h100.md``).
 
-Shape policy (from the measurements quoted in the kernel issue: XLA's dequant path reaches ~0.43x
-bf16 for int4 g128 at any M and ~1.1-1.2x for int8 per-channel at M <= 16; XLA int8 x int8 reaches
-~1.45x at M <= 16 but ~0.45x at M = 256):
+``JQ_PALLAS`` (environment) or :func:`enable` choose the policy:
 
-* weight-only int4/uint4 (any M) and int8/uint8 (any M): Pallas kernel;
-* W8A8 dynamic/static: Pallas kernel.
+* ``auto`` (default): the Pallas weight-only kernel where the H100 runs measured it ahead of both
+  bf16 and XLA's dequant path: 4-bit weights with at most ``AUTO_MAX_M_INT4`` (16) rows, 8-bit
+  weights with at most ``AUTO_MAX_M_INT8`` (4) rows.  End to end (``benchmarks/decode.py``,
+  Llama-3.2-1B shapes, batch 1) that decodes 1.5x (int4) to 1.6x (int8) faster than bf16, while
+  XLA's int4 path is 1.4x *slower* than bf16.  Elsewhere XLA's reference paths: at batch 16 XLA's
+  int8 path beat the kernel (13.9k vs 11.3k tok/s) and at M >= 64 the kernels are 1.1-6.7x
+  slower than bf16.  W8A8 stays on XLA's int8 dot (faster than the kernel in both runs).  The
+  int8 threshold (4) lies between the measured M=1 (kernel ahead) and M=16 (XLA ahead).
+* ``1``: every problem the kernels accept (what ``benchmarks/gpu_check.py`` tests).
+* ``0``: never.
 """
 from __future__ import annotations
 
@@ -20,25 +24,48 @@ import os
 from jq.ops import pallas_w8a8, pallas_wo
 from jq.ops.dispatch import Impl, Mode, PerfNote, Problem, register
 
-_ENABLED = os.environ.get("JQ_PALLAS", "0") == "1"
+AUTO_MAX_M_INT4 = 16
+AUTO_MAX_M_INT8 = 4
+_POLICIES = ("auto", "1", "0")
+
+
+def _policy_from_env() -> str:
+  v = os.environ.get("JQ_PALLAS", "auto").strip().lower() or "auto"
+  if v not in _POLICIES:
+    raise ValueError(f"JQ_PALLAS={v!r}: expected one of {_POLICIES}")
+  return v
+
+
+_POLICY = _policy_from_env()
 
 
 def enabled() -> bool:
-  return _ENABLED
+  """True unless the policy is ``0`` (``auto`` still limits the kernels to small M)."""
+  return _POLICY != "0"
+
+
+def policy() -> str:
+  return _POLICY
 
 
 def _wo_ok(p: Problem) -> bool:
-  return _ENABLED and p.out_sharding is None and pallas_wo.unsupported_reason(
+  if _POLICY == "0":
+    return False
+  if _POLICY == "auto" and p.m > (AUTO_MAX_M_INT4 if p.qtype.storage_bits == 4 else
+                                  AUTO_MAX_M_INT8):
+    return False
+  return p.out_sharding is None and pallas_wo.unsupported_reason(
       p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
 
 
 def _w8a8_ok(p: Problem) -> bool:
-  return _ENABLED and p.out_sharding is None and pallas_w8a8.unsupported_reason(
+  return _POLICY == "1" and p.out_sharding is None and pallas_w8a8.unsupported_reason(
       p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
 
 
 def _note(p: Problem) -> PerfNote:
-  return PerfNote("Pallas GPU kernel (interpret-mode verified; GPU speed not yet measured by jq)")
+  return PerfNote("Pallas GPU kernel (checked and timed on an H100: benchmarks/results/"
+                  "gpu_h100.md)")
 
 
 def _register() -> None:
@@ -50,10 +77,13 @@ def _register() -> None:
                 predicate=_w8a8_ok, priority=10, note=_note))
 
 
-def enable(on: bool = True) -> None:
-  """Lets dispatch choose the Pallas GPU kernels (default: ``JQ_PALLAS`` environment variable)."""
-  global _ENABLED
-  _ENABLED = bool(on)
+def enable(on: bool | str = True) -> None:
+  """Sets the policy: ``True``/``"1"`` (all accepted problems), ``"auto"``, ``False``/``"0"``."""
+  global _POLICY
+  v = {True: "1", False: "0"}.get(on, on) if isinstance(on, bool) else str(on)
+  if v not in _POLICIES:
+    raise ValueError(f"enable({on!r}): expected a bool or one of {_POLICIES}")
+  _POLICY = v
 
 
 def disable() -> None:
@@ -62,4 +92,4 @@ def disable() -> None:
 
 _register()
 
-__all__ = ["enable", "disable", "enabled"]
+__all__ = ["enable", "disable", "enabled", "policy", "AUTO_MAX_M_INT4", "AUTO_MAX_M_INT8"]

@@ -210,11 +210,14 @@ def default_config(m: int, k: int, n: int) -> BlockConfig:
     target = 2 * _compat.num_sms()
     if nb < target:
       split = max(1, min(_compat.cdiv(target, nb), nkb // 4))
+    stages = _compat.fit_stages(bm * bk + bk * bn, 0, 4)
     return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
-                       num_stages=4)
+                       num_stages=stages)
   bm = 64 if m <= 128 else 128
-  return BlockConfig(block_m=bm, block_n=128, block_k=min(128, kp), split_k=1,
-                     num_warps=8 if bm >= 128 else 4, num_stages=3)
+  bk = min(128, kp)
+  return BlockConfig(block_m=bm, block_n=128, block_k=bk, split_k=1,
+                     num_warps=8 if bm >= 128 else 4,
+                     num_stages=_compat.fit_stages(bm * bk + bk * 128, 0, 3))
 
 
 def _int8_kernel(x_ref, w_ref, xs_ref, ws_ref, *refs, m: int, k: int, n: int, bm: int, bn: int,

@@ -106,32 +106,43 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
   return None
 
 
-def default_config(m: int, k: int, n: int, *, packed: bool, group: int | None) -> BlockConfig:
+def default_config(m: int, k: int, n: int, *, packed: bool, group: int | None,
+                   x_bytes: int = 2) -> BlockConfig:
   """Shape-based launch parameters (tuned by reasoning for an H100; see benchmarks/matmul.py)."""
   bk_cap = 1 << 30 if group is None else _pow2_factor(group)
   kp = max(16, _compat.next_pow2(k))
   if m <= 64:  # decode / small batch: memory bound, maximise bytes in flight
+    # block_n=128 with block_k=128 (int8) / 64 (int4) were the fastest of the configurations
+    # benchmarks/matmul.py --sweep tried on an H100 at M=1 (benchmarks/results/gpu_h100.md)
     bm = min(64, max(16, _compat.next_pow2(m)))
-    bn = 128 if packed else 64
-    bk = min(128 if packed else 256, bk_cap, kp)
+    bn = 128
+    bk = min(64 if packed else 128, bk_cap, kp)
     nb = max(1, _compat.cdiv(n, bn) * _compat.cdiv(m, bm))
     nkb = _compat.cdiv(k, bk)
     split = 1
     target = 2 * _compat.num_sms()
     if nb < target:
       split = max(1, min(_compat.cdiv(target, nb), nkb // 4))
+    stages = _compat.fit_stages(_smem_per_stage(bm, bn, bk, packed, x_bytes), bk * bn * 2, 4)
     return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
-                       num_stages=4)
+                       num_stages=stages)
   bm = 64 if m <= 128 else 128
   bn = 128
   bk = min(64 if not packed else 128, bk_cap, kp)
+  stages = _compat.fit_stages(_smem_per_stage(bm, bn, bk, packed, x_bytes), bk * bn * 2, 3)
   return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=1,
-                     num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+                     num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=stages)
+
+
+def _smem_per_stage(bm: int, bn: int, bk: int, packed: bool, x_bytes: int) -> int:
+  """Shared-memory bytes one pipeline stage holds: the x tile and the weight tile (int8, or two
+  int4 per byte).  The dequantized bf16 weight tile (``bk * bn * 2``) is counted once."""
+  return bm * bk * x_bytes + bk * bn // (2 if packed else 1)
 
 
 def _resolve_config(m, k, n, *, packed, group, block_m, block_n, block_k, split_k, num_warps,
-                    num_stages) -> BlockConfig:
-  cfg = default_config(m, k, n, packed=packed, group=group)
+                    num_stages, x_bytes: int = 2) -> BlockConfig:
+  cfg = default_config(m, k, n, packed=packed, group=group, x_bytes=x_bytes)
   cfg = dataclasses.replace(
       cfg, **{f: v for f, v in dict(block_m=block_m, block_n=block_n, block_k=block_k,
                                     split_k=split_k, num_warps=num_warps,
@@ -256,7 +267,7 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, precision=None,
   group = _group_rows(w)
   cfg = _resolve_config(m, k, n, packed=packed, group=group, block_m=block_m, block_n=block_n,
                         block_k=block_k, split_k=split_k, num_warps=num_warps,
-                        num_stages=num_stages)
+                        num_stages=num_stages, x_bytes=np.dtype(x.dtype).itemsize)
   out_dtype = np.dtype(out_dtype or x.dtype)
   if m == 0 or n == 0 or k == 0:
     return jnp.zeros((m, n), out_dtype)

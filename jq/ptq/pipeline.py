@@ -50,6 +50,14 @@ class PTQConfig:
   Attributes:
     sequential: calibrate block ``i`` on the outputs of the quantized blocks ``< i``.
     gptq_damp, gptq_block_size, gptq_act_order: GPTQ options (see ``gptq_quantize``).
+    gptq_first_token_weight: weight of each calibration sequence's first token in GPTQ's Hessian
+      (``Σ w_t x_tᵀx_t``).  Position 0 is the attention sink every later token attends to, and its
+      inputs point in directions the other tokens rarely visit; with plain ``XᵀX`` (weight 1)
+      GPTQ pushes its error into exactly those directions.  On SmolLM2 (w4a16 g128) that made the
+      sink's q/k/v error ~10x RTN's and perplexity *worse* than RTN's although every layer's
+      error on ordinary tokens was 2-5x lower; weight 16 fixed it
+      (``benchmarks/results/ptq_compare_cpu.md``).  The idea that these pivot tokens must be
+      kept intact is IntactKV's (Liu et al., 2024, arXiv:2403.01241); 1 gives textbook GPTQ.
     awq_grid: number of ``α`` candidates in AWQ's scale search.
     awq_clip: run AWQ's per-group clip search after scaling.
     smoothquant_alpha: SmoothQuant migration strength.
@@ -60,6 +68,7 @@ class PTQConfig:
   gptq_damp: float = 0.01
   gptq_block_size: int = 128
   gptq_act_order: bool = False
+  gptq_first_token_weight: float = 16.0
   awq_grid: int = 20
   awq_clip: bool = True
   smoothquant_alpha: float = 0.5
@@ -80,8 +89,9 @@ class PTQResult:
 class _Capture:
   """Jitted streaming statistics for every Dense input of one block."""
 
-  def __init__(self, blocks: BlockwiseModel, sample_per_chunk: int):
+  def __init__(self, blocks: BlockwiseModel, sample_per_chunk: int, first_token_weight: float):
     self.blocks = blocks
+    self.first_token_weight = float(first_token_weight)
     self.obs = minmax(per_channel=True)
     self.sample_per_chunk = sample_per_chunk
     self._step = jax.jit(self._step_impl)
@@ -98,7 +108,11 @@ class _Capture:
                                                        self.obs.init(inp.shape[-1]))
       flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
       idx = jnp.linspace(0, flat.shape[0] - 1, self.sample_per_chunk).astype(jnp.int32)
-      new[path] = (update_stats(st, flat), self.obs.update(mm, flat), flat[idx])
+      # (batch, length, K): the first position of each sequence gets its own Hessian weight
+      tw = jnp.ones(inp.shape[:-1], jnp.float32)
+      if inp.ndim >= 3 and self.first_token_weight != 1.0:
+        tw = tw.at[..., 0].set(self.first_token_weight)
+      new[path] = (update_stats(st, flat, tw.reshape(-1)), self.obs.update(mm, flat), flat[idx])
     return new
 
   def run(self, bp, xs: Sequence[jax.Array]):
@@ -155,7 +169,9 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
   p = params["params"]
   chunk = max(1, min(config.chunk, calib.shape[0]))
   n_chunks = -(-calib.shape[0] // chunk)
-  cap = _Capture(blocks, max(1, config.sample_tokens // n_chunks))
+  if not config.gptq_first_token_weight >= 0:
+    raise ValueError(f"gptq_first_token_weight={config.gptq_first_token_weight} must be >= 0")
+  cap = _Capture(blocks, max(1, config.sample_tokens // n_chunks), config.gptq_first_token_weight)
   embed = jax.jit(blocks.embed)
   xs = [embed(p, jnp.asarray(calib[i:i + chunk], jnp.int32)) for i in range(0, len(calib), chunk)]
   log: list[str] = []

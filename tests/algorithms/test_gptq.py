@@ -197,3 +197,48 @@ def test_errors_are_clear():
     gptq_quantize(wj.reshape(K, 4, 4), _hessian(x), W4A16_G32)
   with pytest.raises(ValueError, match="damp"):
     gptq_quantize(wj, _hessian(x), W4A16_G32, damp=0.0)
+
+
+def test_token_weights_enter_the_hessian_only():
+  x, _ = _layer(20)
+  wts = np.linspace(0.5, 3.0, T).astype(np.float32)
+  st = update_stats(init_stats(K), jnp.asarray(x), jnp.asarray(wts))
+  np.testing.assert_allclose(np.asarray(st.xtx), (x * wts[:, None]).T @ x, rtol=2e-5, atol=1e-3)
+  assert int(st.count) == T   # count stays the number of tokens
+  np.testing.assert_allclose(np.asarray(st.abssum), np.abs(x).sum(0), rtol=1e-5)
+  with pytest.raises(ValueError, match="token_weight of shape"):
+    update_stats(init_stats(K), jnp.asarray(x), jnp.ones((T + 1,), jnp.float32))
+
+
+def test_upweighting_a_rare_token_protects_it():
+  """The attention-sink failure seen on SmolLM2, in miniature: one token per sequence points in
+  a direction the others never visit.  Plain XᵀX lets GPTQ push error there (sink error >> RTN's);
+  weighting that token in the Hessian (``PTQConfig.gptq_first_token_weight``) brings it back
+  while keeping most of GPTQ's gain on the ordinary tokens."""
+  rng = np.random.default_rng(7)
+  seqs, length = 32, 64
+  basis = np.linalg.qr(rng.standard_normal((K, K)))[0]
+  common, rare = basis[:, :K - 8], basis[:, K - 8:]
+  x = (rng.standard_normal((seqs, length, K - 8)) * np.linspace(3, 0.3, K - 8)) @ common.T
+  sink = 0.3 * rng.standard_normal((K - 8,)) @ common.T + 4.0 * rare @ rng.standard_normal(8)
+  x[:, 0] = sink + 0.05 * rng.standard_normal((seqs, K))
+  x = x.astype(np.float32)
+  w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+  flat = x.reshape(-1, K)
+
+  def errs(wq):
+    e = ((flat @ w - flat @ wq) ** 2).sum(-1) / ((flat @ w) ** 2).sum(-1)
+    e = e.reshape(seqs, length)
+    return float(e[:, 0].mean()), float(e[:, 1:].mean())
+
+  rtn = errs(np.asarray(quantize(jnp.asarray(w), W4A16_G32).dequantize()))
+  out = {}
+  for w0 in (1.0, 16.0):
+    tw = np.ones((seqs, length), np.float32)
+    tw[:, 0] = w0
+    st = update_stats(init_stats(K), jnp.asarray(flat), jnp.asarray(tw.reshape(-1)))
+    q, _ = gptq_quantize(jnp.asarray(w), st, W4A16_G32)
+    out[w0] = errs(np.asarray(q.dequantize()))
+  assert out[1.0][0] > 1.2 * rtn[0], (out, rtn)         # textbook GPTQ sacrifices the rare token
+  assert out[16.0][0] < 0.25 * out[1.0][0], (out, rtn)  # the weight protects it
+  assert out[16.0][1] < 0.7 * rtn[1], (out, rtn)        # ordinary tokens still beat RTN

@@ -117,6 +117,23 @@ def test_unsupported_layouts_are_reported():
     pallas_wo.weight_only_dot_general(x, q, _dn(2), block_k=24, interpret=True)
 
 
+
+@pytest.mark.parametrize("m", [1, 16, 33, 64, 65, 256, 4096])
+@pytest.mark.parametrize("k,n", [(576, 130), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("x_bytes", [2, 4])
+def test_default_configs_fit_shared_memory(m, k, n, x_bytes):
+  """Default launches stay inside the shared-memory budget (an H100 run once failed with
+  'requested 262144, available 232448' for block_m=64, block_k=256, 4 stages)."""
+  for packed, group in ((False, None), (True, 128), (True, 32)):
+    c = pallas_wo.default_config(m, k, n, packed=packed, group=group, x_bytes=x_bytes)
+    smem = c.num_stages * pallas_wo._smem_per_stage(c.block_m, c.block_n, c.block_k, packed,
+                                                    x_bytes) + c.block_k * c.block_n * 2
+    assert c.num_stages >= 2 and smem <= _compat.SMEM_BUDGET, (packed, group, c, smem)
+  c = pallas_w8a8.default_config(m, k, n)
+  assert c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) <= _compat.SMEM_BUDGET
+  assert _compat.fit_stages(100, 10, 4, budget=250) == 2
+  assert _compat.fit_stages(10**6, 0, 4, budget=1) == 1
+
 # ---- W8A8 -----------------------------------------------------------------------------------
 
 DYN_SYM = ActivationQuant(None, None, S.A8_DYNAMIC)

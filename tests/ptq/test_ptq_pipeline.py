@@ -113,3 +113,10 @@ def test_algorithm_outside_blocks_is_an_error(tiny):
                                algorithm=Algorithm.GPTQ),) + _rules(W4A16_G32, Algorithm.GPTQ)
   with pytest.raises(ValueError, match="only available for the linears inside"):
     quantize_blockwise(fvars, LlamaBlocks(CFG), rules, calib)
+
+
+def test_negative_first_token_weight_is_refused(tiny):
+  _, fvars, calib, _ = tiny
+  with pytest.raises(ValueError, match="gptq_first_token_weight"):
+    quantize_blockwise(fvars, LlamaBlocks(CFG), _rules(W4A16_G32, Algorithm.GPTQ), calib,
+                       config=PTQConfig(gptq_first_token_weight=-1.0))
