@@ -54,10 +54,12 @@ class PTQConfig:
       (``Σ w_t x_tᵀx_t``).  Position 0 is the attention sink every later token attends to, and its
       inputs point in directions the other tokens rarely visit; with plain ``XᵀX`` (weight 1)
       GPTQ pushes its error into exactly those directions.  On SmolLM2 (w4a16 g128) that made the
-      sink's q/k/v error ~10x RTN's and perplexity *worse* than RTN's although every layer's
-      error on ordinary tokens was 2-5x lower; weight 16 fixed it
-      (``benchmarks/results/ptq_compare_cpu.md``).  The idea that these pivot tokens must be
-      kept intact is IntactKV's (Liu et al., 2024, arXiv:2403.01241); 1 gives textbook GPTQ.
+      sink's q/k/v error ~10x RTN's and perplexity *worse* than RTN's (41.7 vs 38.0, float 29.1)
+      although every layer's error on ordinary tokens was 2-5x lower; with weight 16 GPTQ gives
+      35.1, with act-order 33.4 (``benchmarks/results/ptq_compare_cpu.md``; 16 was the best of
+      1/4/8/16/32/128/1024 in a sweep on 8 of the evaluation windows).  The idea that these pivot
+      tokens must be kept intact is IntactKV's (Liu et al., 2024, arXiv:2403.01241); weight 1 gives
+      textbook GPTQ.
     awq_grid: number of ``α`` candidates in AWQ's scale search.
     awq_clip: run AWQ's per-group clip search after scaling.
     smoothquant_alpha: SmoothQuant migration strength.
