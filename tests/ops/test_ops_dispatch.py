@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jq
+from jq.ops import kernels
 from jq import ops
 from jq.ops import dispatch
 from jq.qarray import ActivationQuant
@@ -54,7 +55,7 @@ def test_registered_kernel_is_chosen_where_it_applies(fake_kernel):
   q4 = jq.quantize(W, QuantSpec(qtype=QType.INT4))
   assert ops.choose(_x(4), q4, DN)[0] == impl.name
   assert ops.choose(_x(64), q4, DN)[0] == "xla_reference_weight_only"  # predicate: M <= 8
-  assert ops.choose(_x(4), q4, DN, backend="gpu")[0] == "xla_reference_weight_only"
+  assert ops.choose(_x(4), q4, DN, backend="gpu")[0] != impl.name   # a CPU-only kernel
   q8 = jq.quantize(W, jq.W8A16)
   assert ops.choose(_x(4), q8, DN)[0] == "xla_reference_weight_only"  # qtype filter
   y = ops.dot_general(_x(4), q4, DN)
@@ -82,7 +83,13 @@ def test_route_notes_warn_where_slower_than_float():
   gpu_big = ops.route(_x(128), g, DN, backend="gpu")
   assert gpu_big.problem.grouped and gpu_big.note.slower_than_float
   assert "0.4x" in gpu_big.note.text
-  assert not ops.route(_x(1), jq.quantize(W, jq.W8A16), DN, backend="gpu").note
+  before = kernels.policy()
+  kernels.enable("auto")
+  try:   # decode-sized int8 on GPU takes the Pallas kernel, whose note is not a warning
+    r = ops.route(_x(1), jq.quantize(W, jq.W8A16), DN, backend="gpu")
+    assert r.name == "pallas_gpu_weight_only" and not r.note.slower_than_float
+  finally:
+    kernels.enable(before)
   cpu_small = ops.route(_x(1), g, DN, backend="cpu")
   assert cpu_small.note.slower_than_float and "CPU" in cpu_small.note.text
   assert not ops.route(_x(256), g, DN, backend="cpu").note.slower_than_float
