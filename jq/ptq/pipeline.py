@@ -110,10 +110,10 @@ class _Capture:
                                                        self.obs.init(inp.shape[-1]))
       flat = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
       idx = jnp.linspace(0, flat.shape[0] - 1, self.sample_per_chunk).astype(jnp.int32)
-      # (batch, length, K): the first position of each sequence gets its own Hessian weight
+      # (batch, length, ..., K): position 0 of each sequence gets its own Hessian weight
       tw = jnp.ones(inp.shape[:-1], jnp.float32)
       if inp.ndim >= 3 and self.first_token_weight != 1.0:
-        tw = tw.at[..., 0].set(self.first_token_weight)
+        tw = tw.at[:, 0].set(self.first_token_weight)
       new[path] = (update_stats(st, flat, tw.reshape(-1)), self.obs.update(mm, flat), flat[idx])
     return new
 
