@@ -80,7 +80,7 @@ def _register() -> None:
 def enable(on: bool | str = True) -> None:
   """Sets the policy: ``True``/``"1"`` (all accepted problems), ``"auto"``, ``False``/``"0"``."""
   global _POLICY
-  v = {True: "1", False: "0"}.get(on, on) if isinstance(on, bool) else str(on)
+  v = ("1" if on else "0") if isinstance(on, bool) else str(on)
   if v not in _POLICIES:
     raise ValueError(f"enable({on!r}): expected a bool or one of {_POLICIES}")
   _POLICY = v

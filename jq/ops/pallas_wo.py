@@ -123,21 +123,27 @@ def default_config(m: int, k: int, n: int, *, packed: bool, group: int | None,
     target = 2 * _compat.num_sms()
     if nb < target:
       split = max(1, min(_compat.cdiv(target, nb), nkb // 4))
-    stages = _compat.fit_stages(_smem_per_stage(bm, bn, bk, packed, x_bytes), bk * bn * 2, 4)
+    stages = _fit_stages(bm, bn, bk, packed, x_bytes, 4)
     return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=4,
                        num_stages=stages)
   bm = 64 if m <= 128 else 128
   bn = 128
   bk = min(64 if not packed else 128, bk_cap, kp)
-  stages = _compat.fit_stages(_smem_per_stage(bm, bn, bk, packed, x_bytes), bk * bn * 2, 3)
+  stages = _fit_stages(bm, bn, bk, packed, x_bytes, 3)
   return BlockConfig(block_m=bm, block_n=bn, block_k=bk, split_k=1,
                      num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=stages)
 
 
-def _smem_per_stage(bm: int, bn: int, bk: int, packed: bool, x_bytes: int) -> int:
-  """Shared-memory bytes one pipeline stage holds: the x tile and the weight tile (int8, or two
-  int4 per byte).  The dequantized bf16 weight tile (``bk * bn * 2``) is counted once."""
-  return bm * bk * x_bytes + bk * bn // (2 if packed else 1)
+def smem_bytes(bm: int, bn: int, bk: int, packed: bool, x_bytes: int, stages: int) -> int:
+  """Shared-memory estimate of a launch: per pipeline stage the x tile and the weight tile (int8,
+  or two int4 per byte), plus the dequantized bf16 weight tile once."""
+  return stages * (bm * bk * x_bytes + bk * bn // (2 if packed else 1)) + bk * bn * 2
+
+
+def _fit_stages(bm: int, bn: int, bk: int, packed: bool, x_bytes: int, stages: int) -> int:
+  per_stage = smem_bytes(bm, bn, bk, packed, x_bytes, 1) - smem_bytes(bm, bn, bk, packed,
+                                                                       x_bytes, 0)
+  return _compat.fit_stages(per_stage, smem_bytes(bm, bn, bk, packed, x_bytes, 0), stages)
 
 
 def _resolve_config(m, k, n, *, packed, group, block_m, block_n, block_k, split_k, num_warps,

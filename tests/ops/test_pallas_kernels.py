@@ -126,8 +126,7 @@ def test_default_configs_fit_shared_memory(m, k, n, x_bytes):
   'requested 262144, available 232448' for block_m=64, block_k=256, 4 stages)."""
   for packed, group in ((False, None), (True, 128), (True, 32)):
     c = pallas_wo.default_config(m, k, n, packed=packed, group=group, x_bytes=x_bytes)
-    smem = c.num_stages * pallas_wo._smem_per_stage(c.block_m, c.block_n, c.block_k, packed,
-                                                    x_bytes) + c.block_k * c.block_n * 2
+    smem = pallas_wo.smem_bytes(c.block_m, c.block_n, c.block_k, packed, x_bytes, c.num_stages)
     assert c.num_stages >= 2 and smem <= _compat.SMEM_BUDGET, (packed, group, c, smem)
   c = pallas_w8a8.default_config(m, k, n)
   assert c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n) <= _compat.SMEM_BUDGET
