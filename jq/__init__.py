@@ -2,6 +2,7 @@
 
 Pure functions over parameter pytrees: ``params -> quantized params`` and ``(x, qweight) -> y``.
 """
+from jq.layout import Layout
 from jq.metrics import cosine, error_stats, kl_divergence, max_abs_error, mse, sqnr
 from jq.qarray import ActivationQuant, QArray, dequantize
 from jq.qtypes import NF4_TABLE, QType
@@ -14,5 +15,5 @@ from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, 
 
 __version__ = "0.1.0"
 
-from jq import io, nn, ops  # noqa: E402  (subpackages: checkpoints, Flax adapters, quantized ops)
+from jq import io, nn, ops, sharding  # noqa: E402  (checkpoints, Flax adapters, ops, sharding)
 from jq.nn import explain  # noqa: E402

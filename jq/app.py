@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq import nn as jqnn
 from jq import tree as jqtree
 from jq.eval.perplexity import compare
 from jq.eval import sensitivity
@@ -42,13 +43,15 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
                                         config=ptq_config or pipeline.PTQConfig(),
                                         progress=progress)
       return res.qparams, res.ref_params, res.log
-    return jax.jit(lambda v: jqtree.quantize_tree(v, rules))(model.variables), model.variables, []
+    lays = jqnn.layouts(model.module, model.variables, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    return (jax.jit(lambda v: jqtree.quantize_tree(v, rules, layouts=lays))(model.variables),
+            model.variables, [])
   if recipes.needs_calibration(rules):
     raise ValueError(f"{model.name}: calibration-based recipes (GPTQ/AWQ/SmoothQuant/static "
                      "activations) are implemented for block-structured causal LMs; use an RTN "
                      "recipe (w8a16, w4a16-g128, w8a8-dynamic, ...) for this encoder")
   state = float_variables(model)
-  return jqtree.quantize_tree(state, rules), state, []
+  return jqtree.quantize_tree(state, rules, layouts=jqnn.layouts(model.module)), state, []
 
 
 def check_matches(model, qvars, *, source: str) -> None:

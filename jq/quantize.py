@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import numerics
+from jq.layout import Layout
 from jq.qarray import QArray, dequantize
 from jq.qtypes import QType
 from jq.spec import ClipMethod, QuantSpec
@@ -139,24 +140,25 @@ def _ranges(x, xb, spec: QuantSpec, tile):
   return lo, hi
 
 
-def _params(x, spec: QuantSpec, name: str):
+def _params(x, spec: QuantSpec, name: str, layout: Layout | None = None):
   """``(tile, split layout of x (input dtype), scale, zero_point)``."""
-  tile = spec.tile(x.shape, name=name, dtype=x.dtype)
+  tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
   xb = numerics.split(x, tile, fill="edge")
   lo, hi = _ranges(x, xb, spec, tile)
   scale, zp = _range_to_params(lo, hi, spec)
   return tile, xb, scale, zp
 
 
-def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>"
-                   ) -> tuple[jax.Array, jax.Array | None]:
+def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
+                   layout: Layout | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Per-tile ``(scale, zero_point)`` of ``x`` under ``spec`` (zero_point None if symmetric).
 
   The range always contains 0, so 0 is represented exactly; all-zero tiles get scale 1.
+  ``layout`` gives the roles of ``x``'s axes (see :meth:`QuantSpec.tile`).
   """
   x = jnp.asarray(x)
   _check_shape(x, name)
-  _, _, scale, zp = _params(x, spec, name)
+  _, _, scale, zp = _params(x, spec, name, layout)
   return scale, zp
 
 
@@ -192,7 +194,8 @@ def _mse_search(xb, lo, hi, spec: QuantSpec, shape, tile):
   return lo * best, hi * best
 
 
-def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>") -> QArray:
+def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
+             layout: Layout | None = None) -> QArray:
   """Quantizes ``x`` to a :class:`QArray`: ``q = clip(round(x / scale) + zero_point)``.
 
   Rounding is to nearest, ties to even.  Invariants (no clipping configured): every element is
@@ -200,25 +203,30 @@ def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>") -> QArray
   ``(qmax - qmin) * 2**-(p - 1)`` steps at the range ends, ``p`` the scale's significant bits, 20
   for float32 scales), zeros stay exactly zero, and ``quantize(dequantize(q))`` reproduces ``q``.
 
+  ``layout`` gives the roles of ``x``'s axes (contracting / channels / stacked layers, see
+  :class:`jq.Layout`); without it a 2-D ``x`` is read as a Dense kernel ``(in, out)``.
+
   Example:
     >>> q = quantize(w, QuantSpec(qtype=QType.INT8))       # per-output-channel int8
     >>> w_hat = q.dequantize(jnp.bfloat16)
   """
   check_float_input(x, name)
-  return _quantize_checked(jnp.asarray(x), spec, name)
+  return _quantize_checked(jnp.asarray(x), spec, name, layout)
 
 
-def _quantize_checked(x: jax.Array, spec: QuantSpec, name: str) -> QArray:
+def _quantize_checked(x: jax.Array, spec: QuantSpec, name: str,
+                      layout: Layout | None = None) -> QArray:
   """:func:`quantize` for an input that already passed :func:`check_float_input`."""
   _check_shape(x, name)
-  tile, xb, scale, zp = _params(x, spec, name)
+  tile, xb, scale, zp = _params(x, spec, name, layout)
   q = numerics.merge(_quantize_split(xb, scale, zp, spec, x.shape, tile), tile, x.shape)
   return QArray(values=numerics.pack(q, spec.qtype), scale=scale, zero_point=zp, activation=None,
                 qtype=spec.qtype, shape=tuple(x.shape), tile=tile)
 
 
 def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None,
-                         spec: QuantSpec, *, name: str = "<tensor>") -> QArray:
+                         spec: QuantSpec, *, name: str = "<tensor>",
+                         layout: Layout | None = None) -> QArray:
   """Quantizes ``x`` on a given grid (used by GPTQ/AWQ, which choose scales themselves).
 
   ``scale`` is cast to ``spec.scale_dtype`` first (the grid used is the stored one); a float
@@ -227,7 +235,7 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
   check_float_input(x, name)
   x = jnp.asarray(x)
   _check_shape(x, name)
-  tile = spec.tile(x.shape, name=name, dtype=x.dtype)
+  tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
   scale = jnp.asarray(scale).astype(spec.scale_dtype)
   if zero_point is not None:
     if spec.symmetric:
@@ -251,10 +259,10 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
                 activation=None, qtype=spec.qtype, shape=tuple(x.shape), tile=tile).validate(name)
 
 
-def fake_quant(x: jax.Array, spec: QuantSpec) -> jax.Array:
+def fake_quant(x: jax.Array, spec: QuantSpec, *, layout: Layout | None = None) -> jax.Array:
   """``dequantize(quantize(x))`` in ``x.dtype`` with a straight-through gradient (for QAT)."""
   check_float_input(x, "<fake_quant>")
-  tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>")
+  tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>", layout)
   xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
   yb = _dequant_split(_quantize_split(xb, scale, zp, spec, x.shape, tile), scale, zp, spec,
                       x.shape, tile)

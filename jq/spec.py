@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from jq.layout import Layout, group_tile
 from jq.qtypes import QType
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 class Granularity(enum.Enum):
@@ -69,10 +75,13 @@ class QuantSpec:
     symmetric: symmetric (zero point 0, ``scale = absmax / qmax``) or asymmetric (range
       ``[min, max]`` stretched over ``[qmin, qmax]`` with an integer zero point; 0 is always exact).
     granularity: see :class:`Granularity`.
-    channel_axes: axes that keep one scale per index (CHANNEL and GROUP).  ``(-1,)`` is the output
-      axis of a Dense kernel ``(in, out)``.
-    group_size: group length along ``group_axis`` (GROUP only).
-    group_axis: the contracting axis that is split into groups (axis 0 of a Dense kernel).
+    channel_axes: axes that keep one scale per index (CHANNEL and GROUP).  ``None`` (the default):
+      the layer's own output axes, read from its :class:`jq.Layout` (every output axis: per head
+      and per feature), or ``(1,)`` for a 2-D kernel without a layout (Dense ``(in, out)``).
+    group_size: at most this many elements per group along the contracting axes (GROUP only).
+    group_axis: ``None`` (the default): groups run along the layer's contracting axes, flattened
+      where there are several (see :func:`jq.layout.group_tile`); an int names one axis instead.
+      Stacked-layer axes (``nn.scan``) always get one scale set per layer.
     scale_dtype: dtype of stored scales (name, e.g. ``"float32"`` or ``"bfloat16"``).
     clip: range selection, see :class:`Clip`.
 
@@ -83,20 +92,22 @@ class QuantSpec:
   qtype: QType = QType.INT8
   symmetric: bool = True
   granularity: Granularity = Granularity.CHANNEL
-  channel_axes: tuple[int, ...] = (-1,)
+  channel_axes: tuple[int, ...] | None = None
   group_size: int | None = None
-  group_axis: int = 0
+  group_axis: int | None = None
   scale_dtype: str = "float32"
   clip: Clip = Clip()
 
   def __post_init__(self):
-    if isinstance(self.channel_axes, int):
-      object.__setattr__(self, "channel_axes", (self.channel_axes,))
-    object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
-    if not all(isinstance(a, int) for a in self.channel_axes) or not isinstance(self.group_axis, int):
+    if self.channel_axes is not None:
+      if isinstance(self.channel_axes, int):
+        object.__setattr__(self, "channel_axes", (self.channel_axes,))
+      object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
+    if ((self.channel_axes is not None and not all(_is_int(a) for a in self.channel_axes))
+        or (self.group_axis is not None and not _is_int(self.group_axis))):
       raise ValueError(f"QuantSpec: channel_axes={self.channel_axes} and group_axis="
-                       f"{self.group_axis} must be ints")
-    if self.group_size is not None and not isinstance(self.group_size, int):
+                       f"{self.group_axis} must be ints (or None: from the layer's layout)")
+    if self.group_size is not None and not _is_int(self.group_size):
       raise ValueError(f"QuantSpec.group_size={self.group_size!r} must be an int")
     if not isinstance(self.qtype, QType):
       raise ValueError(f"QuantSpec.qtype must be a QType, got {self.qtype!r}")
@@ -114,30 +125,112 @@ class QuantSpec:
         raise ValueError(f"QuantSpec: granularity=GROUP needs group_size >= 1, got {self.group_size}")
     elif self.group_size is not None:
       raise ValueError(f"QuantSpec: group_size={self.group_size} needs granularity=GROUP")
+    elif self.group_axis is not None:
+      raise ValueError(f"QuantSpec: group_axis={self.group_axis} needs granularity=GROUP")
     if self.scale_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: use float32, bfloat16 or float16")
 
-  def tile(self, shape: Sequence[int], *, name: str = "<tensor>", dtype=None) -> tuple[int, ...]:
-    """The per-scale tile of a tensor of ``shape`` under this spec (see ``jq.numerics``)."""
+  def tile(self, shape: Sequence[int], *, layout: Layout | None = None, name: str = "<tensor>",
+           dtype=None) -> tuple[int, ...]:
+    """The per-scale tile of a tensor of ``shape`` under this spec.
+
+    With a ``layout`` (see :mod:`jq.layout`): batch (stacked-layer) axes always get tile 1; CHANNEL
+    gives tile 1 on every output axis; GROUP adds groups of at most ``group_size`` elements along
+    the flattened contracting axes; TENSOR is one scale per batch index.  Axes named in the spec
+    must agree with the layout (no scale shared across output axes or stacked layers).  Without
+    a layout, a 2-D kernel is read as Dense ``(in, out)``; a kernel of higher rank needs its axes
+    named in the spec (TENSOR needs no axes: one scale for the whole tensor).
+
+    Raises:
+      ValueError: naming ``name``, the shape (and dtype, layer): axes out of range, axes the layer
+        does not have, or a rank > 2 kernel with neither a layout nor named axes.
+    """
     nd = len(shape)
     where = f"{name}: shape {tuple(shape)}" + (
         f" dtype {np.dtype(dtype).name}" if dtype is not None else "")
+    if layout is not None:
+      layout.check(shape, name=name)
+      where += f" ({layout.layer})" if layout.layer else ""
+    elif self.granularity is not Granularity.TENSOR and (
+        self.channel_axes is None or (self.granularity is Granularity.GROUP
+                                      and self.group_axis is None)):
+      if nd == 2:
+        layout = Layout(contracting=(0,), channels=(1,), layer="Dense (in, out)")
+      else:
+        raise ValueError(
+            f"{where}: a rank-{nd} kernel without a layout: which axes are heads, features or "
+            "stacked layers is not known, so a scale could be shared across them; use "
+            "jq.nn.quantize_variables(model, variables, rules, *inputs) (linen) or "
+            "jq.nn.quantize_module (nnx), pass layouts=jq.nn.layouts(...) to quantize_tree, or "
+            "name channel_axes (and group_axis) in the QuantSpec")
+    batch = set(layout.batch) if layout is not None else set()
     if self.granularity is Granularity.TENSOR:
-      return tuple(shape)
+      return tuple(1 if i in batch else s for i, s in enumerate(shape))
+    chan = self._channels(nd, layout, where)
+    tile = [1 if i in chan else s for i, s in enumerate(shape)]
+    if self.granularity is Granularity.GROUP:
+      if self.group_axis is None:
+        axes = layout.contracting
+        for a, t in zip(axes, group_tile([shape[a] for a in axes], self.group_size)):
+          tile[a] = t
+      else:
+        if not -nd <= self.group_axis < nd:
+          raise ValueError(f"{where}: group_axis {self.group_axis} is out of range for rank {nd}")
+        g = self.group_axis % nd
+        if g in chan:
+          raise ValueError(f"{where}: group_axis {self.group_axis} is also a channel axis")
+        if layout is not None and g not in layout.contracting:
+          raise ValueError(f"{where}: group_axis {self.group_axis} is not a contracting axis of "
+                           f"the layer (layout {layout.describe()})")
+        tile[g] = min(self.group_size, shape[g]) if shape[g] else self.group_size
+    return tuple(tile)
+
+  def _channels(self, nd: int, layout: Layout | None, where: str) -> set[int]:
+    if self.channel_axes is None:
+      return set(layout.channels) | set(layout.batch)
     chan = set()
     for a in self.channel_axes:
       if not -nd <= a < nd:
         raise ValueError(f"{where}: channel axis {a} is out of range for rank {nd}")
       chan.add(a % nd)
-    tile = [1 if i in chan else s for i, s in enumerate(shape)]
-    if self.granularity is Granularity.GROUP:
-      if not -nd <= self.group_axis < nd:
-        raise ValueError(f"{where}: group_axis {self.group_axis} is out of range for rank {nd}")
-      g = self.group_axis % nd
-      if g in chan:
-        raise ValueError(f"{where}: group_axis {self.group_axis} is also a channel axis")
-      tile[g] = min(self.group_size, shape[g]) if shape[g] else self.group_size
-    return tuple(tile)
+    if layout is not None:
+      wrong = sorted(chan & set(layout.contracting))
+      if wrong:
+        raise ValueError(f"{where}: channel_axes={self.channel_axes} names contracting axis "
+                         f"{wrong} of the layer (layout {layout.describe()}); drop channel_axes "
+                         "to use the layer's own output axes")
+      shared = sorted((set(layout.channels) | set(layout.batch)) - chan)
+      if shared:
+        raise ValueError(f"{where}: channel_axes={self.channel_axes} would share one scale across "
+                         f"output/stacked axes {shared} (layout {layout.describe()}); drop "
+                         "channel_axes to use the layer's own output axes")
+    return chan
+
+  def admits_tile(self, shape: Sequence[int], tile: Sequence[int]) -> bool:
+    """Whether some layout of ``shape`` gives ``tile`` under this spec (checks a stored tile)."""
+    shape, tile = tuple(shape), tuple(tile)
+    if self.channel_axes is not None and (self.granularity is not Granularity.GROUP
+                                          or self.group_axis is not None):
+      try:
+        if self.tile(shape) == tile:
+          return True
+      except ValueError:
+        pass
+    nd = len(shape)
+    if nd > 6:
+      return False
+    for roles in itertools.product(range(3), repeat=nd):
+      if 0 not in roles:
+        continue
+      lay = Layout(contracting=tuple(i for i, r in enumerate(roles) if r == 0),
+                   channels=tuple(i for i, r in enumerate(roles) if r == 1),
+                   batch=tuple(i for i, r in enumerate(roles) if r == 2))
+      try:
+        if self.tile(shape, layout=lay) == tile:
+          return True
+      except ValueError:
+        continue
+    return False
 
   def describe(self) -> str:
     """Short human-readable label, e.g. ``int4 asym g128``."""

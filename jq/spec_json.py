@@ -55,7 +55,9 @@ def _build(cls, d: dict[str, Any], where: str):
                          f"{[m.value for m in _ENUMS[k]]}") from e
     elif k == "clip" and v is not None:
       v = _build(Clip, v, f"{where}.clip")
-    elif k == "channel_axes":
+    elif k == "channel_axes" and v is not None:
+      if not isinstance(v, list):
+        raise ValueError(f"{where}: channel_axes={v!r} must be a list of ints or null")
       v = tuple(v)
     kw[k] = v
   return cls(**kw)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import metrics
+from jq.layout import Layout
 from jq.qarray import ActivationQuant, QArray, dequantize
 from jq.quantize import _quantize_checked, check_float_input
 from jq.spec import ActMode, Algorithm, Granularity, Rule
@@ -101,8 +102,8 @@ def _check_rule_fits(path: str, leaf, rule: Rule) -> None:
 
 
 def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
-                  act_scales: Mapping[str, tuple[jax.Array, jax.Array | None]] | None = None
-                  ) -> PyTree:
+                  act_scales: Mapping[str, tuple[jax.Array, jax.Array | None]] | None = None,
+                  layouts: Mapping[str, Layout] | None = None) -> PyTree:
   """Returns ``params`` with every leaf that a rule quantizes replaced by a :class:`QArray`.
 
   Pure and jittable (rules are static); under ``jax.jit`` with sharded inputs each leaf keeps its
@@ -112,14 +113,20 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
     params: a pytree of arrays (linen variables, or nnx state).
     rules: ordered rules; first match wins; see :func:`jq.spec.default_rules`.
     act_scales: for rules with static activation quantization, ``{kernel path: (scale, zp)}`` from
-      calibration (see ``jq.calibrate``).
+      calibration (see ``jq.calibrate``); stacked kernels take one scale per stacked layer.
+    layouts: ``{kernel path: Layout}``, the roles of each kernel's axes in the layer that uses it
+      (from ``jq.nn.layouts``).  Without it a 2-D kernel is read as Dense ``(in, out)`` and a kernel
+      of higher rank needs a spec that names its axes.  With it, every quantized path needs an
+      entry (a missing one means no layer jq can run quantized uses that parameter).
 
   Example:
     >>> qparams = quantize_tree(params, default_rules(W4A16_G128))
+    >>> qvars = quantize_tree(variables, rules, layouts=jq.nn.layouts(model, variables, x))
   """
   rules = tuple(rules)
   decided = {p.path: p for p in plan(params, rules)}
   act_scales = dict(act_scales or {})
+  layouts = None if layouts is None else dict(layouts)
 
   def one(path, leaf):
     pl = decided[path]
@@ -127,7 +134,14 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
       return leaf
     check_float_input(leaf, path)  # once per leaf: the finiteness check reads the whole tensor
     _check_rule_fits(path, leaf, pl.rule)
-    q = _quantize_checked(jnp.asarray(leaf), pl.rule.weight, name=path)
+    layout = None
+    if layouts is not None:
+      if path not in layouts:
+        raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: no layer that jq "
+                         "runs quantized uses this parameter (it has no layout); keep it in float "
+                         f"with Rule(pattern={path!r}, weight=None)")
+      layout = layouts[path]
+    q = _quantize_checked(jnp.asarray(leaf), pl.rule.weight, name=path, layout=layout)
     act = pl.rule.activation
     if act is None:
       return q

@@ -166,7 +166,7 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
   w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
 
   tile = spec.tile((k, n))
-  dynamic_groups = (spec.granularity is Granularity.GROUP and spec.group_axis % 2 == 0
+  dynamic_groups = (spec.granularity is Granularity.GROUP and (spec.group_axis or 0) % 2 == 0
                     and not static_groups)     # (act-order implies static groups)
   g = tile[0]
   b, kp = _block_layout(k, block_size, dynamic_groups, g)

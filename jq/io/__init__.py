@@ -5,7 +5,9 @@
   jq JSON header in ``__metadata__["jq"]`` (schema in :mod:`jq.io.codec`).
 * :func:`save_orbax` / :func:`load_orbax`: the same tensors and header as an orbax checkpoint.
 
-Loading needs no model code and rebuilds the identical tree; every write is atomic.
+Loading needs no model code and rebuilds the identical tree; every write is atomic.  Both loaders
+take ``shardings=`` (e.g. from :func:`jq.sharding.shardings`) to place every array directly in its
+sharding, each device reading only its own slice.
 
 Example:
   >>> jq.io.save("model.safetensors", qparams, metadata={"model": "SmolLM2-135M"}, rules=rules)

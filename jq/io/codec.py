@@ -37,7 +37,8 @@ Header schema (format version 1)::
              "activation": null | {"mode": "static", "qtype": "int8", "symmetric": true},
              "rule": null | {"index": 3, "pattern": "(^|/)kernel$", "describe": "rtn w:uint4 ..."}}
 
-Float leaves matched by a skip rule carry ``"rule"`` too.  Decoding never imports model code: the
+Float leaves matched by a skip rule carry ``"rule"`` too; a float kernel matched by a quantizing
+rule (kept float because its layer cannot run quantized) carries it with ``"applied": false``.  Decoding never imports model code: the
 only classes it can build are dict/list/tuple, QArray/ActivationQuant and, when flax is importable,
 ``flax.nnx.State`` and the public ``flax.nnx`` Variable types.
 """
@@ -230,8 +231,9 @@ class _Encoder:
         problem = "it keeps the leaf in float, but the leaf is quantized"
       elif w.qtype is not leaf.qtype:
         problem = f"it asks for {w.qtype.value}, but the leaf is {leaf.qtype.value}"
-      elif w.tile(leaf.shape, name=path) != tuple(leaf.tile):
-        problem = f"it gives tile {w.tile(leaf.shape, name=path)}, but the leaf has {leaf.tile}"
+      elif not w.admits_tile(leaf.shape, leaf.tile):
+        problem = (f"it ({w.describe()}) cannot give tile {leaf.tile} for shape {leaf.shape} "
+                   "under any layout")
       elif w.symmetric != (leaf.zero_point is None):
         problem = (f"it is {'symmetric' if w.symmetric else 'asymmetric'}, but the leaf "
                    f"{'has' if leaf.zero_point is not None else 'has no'} zero point")
@@ -241,9 +243,12 @@ class _Encoder:
         raise CheckpointError(f"{where}: rule {i} ({rule.pattern!r}: {rule.describe()}) is the "
                               f"first match, but {problem}; pass the rules that produced this tree")
     elif rule.weight is not None:
-      raise CheckpointError(f"{where}: rule {i} ({rule.pattern!r}: {rule.describe()}) is the first "
-                            "match and quantizes it, but the leaf is not a QArray; pass the rules "
-                            "that produced this tree")
+      if len(getattr(leaf, "shape", ())) < 2:
+        raise CheckpointError(f"{where}: rule {i} ({rule.pattern!r}: {rule.describe()}) is the "
+                              "first match and quantizes it, but the leaf is not a QArray; pass "
+                              "the rules that produced this tree")
+      # a kernel jq kept in float because its layer cannot run quantized (jq.nn reports those)
+      return {"index": i, "pattern": rule.pattern, "describe": rule.describe(), "applied": False}
     return {"index": i, "pattern": rule.pattern, "describe": rule.describe()}
 
   def node(self, x: Any, keypath: tuple) -> dict:

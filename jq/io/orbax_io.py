@@ -29,6 +29,7 @@ import numpy as np
 from jq.io import codec
 from jq.io.atomic import replace_dir, temporary_sibling_dir
 from jq.io.codec import CheckpointError
+from jq.io.safetensors_io import check_shardings_tree, tensor_shardings
 from jq.spec import Rule
 
 PyTree = Any
@@ -87,16 +88,27 @@ def _stored_specs(ocp, path: str, source: str) -> dict[str, tuple[np.dtype, tupl
   return {name: (np.dtype(m.dtype), tuple(m.shape)) for name, m in tree.items()}
 
 
-def load_orbax(directory: str | os.PathLike, *, verify: bool = True) -> PyTree:
-  """Loads a checkpoint written by :func:`save_orbax` (arrays on the default device).
+def load_orbax(directory: str | os.PathLike, *, verify: bool = True,
+               shardings: PyTree | None = None) -> PyTree:
+  """Loads a checkpoint written by :func:`save_orbax` (arrays on the default device, or laid out
+  by ``shardings``).
+
+  With ``shardings``, orbax restores every array straight into its sharding (each device reads
+  only its own slice).
 
   Args:
     directory: the checkpoint directory.
-    verify: check each tensor's CRC-32 against the header.
+    verify: check each tensor's CRC-32 against the header (this copies one tensor at a time to
+      the host).
+    shardings: None, or a shardings tree as for :func:`jq.io.load`.
+
+  Example:
+    >>> qparams = jq.io.load_orbax("ckpt/", shardings=jq.sharding.shardings(qshapes, float_sh))
 
   Raises:
-    CheckpointError: not a jq orbax checkpoint, an unknown format version, or a header that
-      disagrees with the stored tensors (naming path, shape and dtype).
+    CheckpointError: not a jq orbax checkpoint, an unknown format version, a header that
+      disagrees with the stored tensors (naming path, shape and dtype), or a shardings tree that
+      differs from the stored tree (naming the path).
   """
   src = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(os.path.join(src, _HEADER)):
@@ -111,18 +123,22 @@ def load_orbax(directory: str | os.PathLike, *, verify: bool = True) -> PyTree:
       raise CheckpointError(f"{src}: cannot read the jq header item: {e}") from e
     codec.check_header(header, source=src)
     want = codec.tensor_specs(header, source=src)
+    placement = {} if shardings is None else tensor_shardings(header, shardings, source=src)
     arrays: dict[str, Any] = {}
     if want or os.path.isdir(os.path.join(src, _TENSORS)):
       if not os.path.isdir(os.path.join(src, _TENSORS)):
         raise CheckpointError(f"{src}: the jq header lists {len(want)} tensors but the checkpoint "
                               f"has no {_TENSORS!r} item")
       codec.check_tensors(header, _stored_specs(ocp, os.path.join(src, _TENSORS), src), source=src)
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+      default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=placement.get(n) or default)
                   for n, (dt, shape) in want.items()}
       arrays = ckpt.restore(src, args=ocp.args.Composite(
           **{_TENSORS: ocp.args.StandardRestore(abstract)}))[_TENSORS]
-  return codec.decode(header, arrays, source=src, verify=verify)
+  tree = codec.decode(header, arrays, source=src, verify=verify)
+  if shardings is not None:
+    check_shardings_tree(tree, shardings, source=src)
+  return tree
 
 
 __all__ = ["save_orbax", "load_orbax"]

@@ -21,16 +21,22 @@ import dataclasses
 import json
 import os
 import struct
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from jq.io import codec
 from jq.io.atomic import atomic_write
 from jq.io.codec import CheckpointError
+from jq.qarray import ActivationQuant, QArray
+from jq.qtypes import QType
+from jq.sharding import qarray_sharding
 from jq.spec import Rule
+from jq.tree import path_str
 
 PyTree = Any
 
@@ -214,14 +220,9 @@ def _read_array(f: BinaryIO, t: TensorInfo, data_start: int, name: str, source: 
   return arr
 
 
-class _LazyArrays(Mapping):
-  """Reads each tensor on first access, so loading holds one numpy copy at a time."""
-
-  def __init__(self, f: BinaryIO, infos: dict[str, TensorInfo], data_start: int, source: str):
-    self._f, self._infos, self._start, self._source = f, infos, data_start, source
-
-  def __getitem__(self, name: str) -> np.ndarray:
-    return _read_array(self._f, self._infos[name], self._start, name, self._source)
+class _Tensors(Mapping):
+  """A mapping over the tensors described by ``self._infos``."""
+  _infos: dict[str, TensorInfo]
 
   def __contains__(self, name: object) -> bool:
     return name in self._infos
@@ -231,6 +232,16 @@ class _LazyArrays(Mapping):
 
   def __len__(self) -> int:
     return len(self._infos)
+
+
+class _LazyArrays(_Tensors):
+  """Reads each tensor on first access, so loading holds one numpy copy at a time."""
+
+  def __init__(self, f: BinaryIO, infos: dict[str, TensorInfo], data_start: int, source: str):
+    self._f, self._infos, self._start, self._source = f, infos, data_start, source
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return _read_array(self._f, self._infos[name], self._start, name, self._source)
 
 
 def read_safetensors_header(path: str | os.PathLike
@@ -275,29 +286,262 @@ def load_header(path: str | os.PathLike) -> dict:
   return _jq_header(meta, os.fspath(path))
 
 
-def load(path: str | os.PathLike, *, verify: bool = True) -> PyTree:
+# ---- sharded reading (shared with the orbax format) --------------------------------------------
+
+
+def _is_entry(x: Any) -> bool:
+  return isinstance(x, (jax.sharding.Sharding, jax.ShapeDtypeStruct, QArray))
+
+
+def _leaf_shardings(info: Any, specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], path: str,
+                    entry: Any, source: str) -> dict[str, jax.sharding.Sharding | None]:
+  """``{tensor name: sharding}`` of one header leaf (None: default placement / numpy)."""
+  where = f"{source}: {path or '<root>'}"
+  kind = info.get("kind") if isinstance(info, dict) else None
+  if kind == "array":
+    name = info.get("tensor")
+    if name not in specs:
+      raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint")
+    dt, shape = specs[name]
+    if isinstance(entry, QArray):
+      raise CheckpointError(f"{where}: the shardings tree has a QArray here, but the checkpoint "
+                            f"holds a plain array of shape {shape} dtype {dt}")
+    if isinstance(entry, jax.ShapeDtypeStruct):
+      if tuple(entry.shape) != shape or np.dtype(entry.dtype) != dt:
+        raise CheckpointError(f"{where}: the abstract tree says shape {tuple(entry.shape)} dtype "
+                              f"{np.dtype(entry.dtype)}, but the checkpoint holds shape {shape} "
+                              f"dtype {dt}")
+      entry = entry.sharding
+    return {name: entry if info.get("array_type", "jax") == "jax" else None}
+  if kind != "qarray":
+    return {}  # python scalars (and malformed leaves, which decoding reports)
+  try:
+    qtype, shape, tile = QType(info["qtype"]), tuple(info["shape"]), tuple(info["tile"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: malformed QArray entry in the checkpoint header ({e})") from e
+  abstract = {c: jax.ShapeDtypeStruct(specs[f"{path}.{c}"][1], specs[f"{path}.{c}"][0])
+              for c in codec.COMPONENTS if f"{path}.{c}" in specs}
+  has_act = "act_scale" in abstract or "act_zero_point" in abstract
+  q = QArray(values=abstract.get("values"), scale=abstract.get("scale"),
+             zero_point=abstract.get("zero_point"),
+             activation=ActivationQuant(abstract.get("act_scale"), abstract.get("act_zero_point"),
+                                        None) if has_act else None,
+             qtype=qtype, shape=shape, tile=tile)
+  if isinstance(entry, jax.ShapeDtypeStruct):
+    if tuple(entry.shape) != shape:
+      raise CheckpointError(f"{where}: the abstract tree says shape {tuple(entry.shape)}, but the "
+                            f"checkpoint holds a QArray of shape {shape}")
+    entry = entry.sharding
+  if entry is None:
+    return {f"{path}.{c}": None for c in abstract}
+  if isinstance(entry, jax.sharding.Sharding):
+    try:
+      entry = qarray_sharding(q, entry)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{where}: {e}") from e
+  elif (entry.qtype, tuple(entry.shape), tuple(entry.tile)) != (qtype, shape, tile):
+    raise CheckpointError(f"{where}: the shardings tree has a QArray(qtype={entry.qtype.value}, "
+                          f"shape={entry.shape}, tile={entry.tile}), but the checkpoint holds "
+                          f"QArray(qtype={qtype.value}, shape={shape}, tile={tile})")
+  act = entry.activation
+  fields = {"values": entry.values, "scale": entry.scale, "zero_point": entry.zero_point,
+            "act_scale": None if act is None else act.scale,
+            "act_zero_point": None if act is None else act.zero_point}
+  given = [c for c in codec.COMPONENTS if fields[c] is not None]
+  if given != list(abstract):
+    raise CheckpointError(f"{where}: the shardings tree gives QArray fields {given}, but the "
+                          f"checkpoint stores {list(abstract)}")
+  out = {}
+  for c in given:
+    s = fields[c].sharding if isinstance(fields[c], jax.ShapeDtypeStruct) else fields[c]
+    if s is not None and not isinstance(s, jax.sharding.Sharding):
+      raise CheckpointError(f"{where}: QArray field {c} has {type(s).__name__}, not a Sharding")
+    out[f"{path}.{c}"] = s
+  return out
+
+
+def _check_fits(sharding: jax.sharding.Sharding, dtype: np.dtype, shape: tuple[int, ...],
+                where: str) -> None:
+  try:
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) > len(shape):
+      raise ValueError(f"{sharding.spec} has more entries than the tensor has axes")
+    sharding.shard_shape(shape)  # checks mesh axes and divisibility
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where} (shape {shape} dtype {dtype}) cannot be laid out as "
+                          f"{sharding}: {e}") from e
+
+
+def tensor_shardings(header: dict, shardings: PyTree, *, source: str
+                     ) -> dict[str, jax.sharding.Sharding | None]:
+  """``{tensor name: Sharding or None}`` for every tensor of a checkpoint, from a shardings tree.
+
+  ``shardings`` has the structure of the stored tree, with QArrays either expanded (a QArray of
+  Shardings, as :func:`jq.sharding.shardings` returns) or given as one Sharding for the whole
+  QArray (split with :func:`jq.sharding.qarray_sharding`); ``jax.ShapeDtypeStruct`` leaves stand
+  for their ``.sharding``.  A Sharding may also stand for a whole subtree.  None: default device;
+  numpy leaves always stay numpy.
+
+  Raises:
+    CheckpointError: naming the path where the shardings tree and the checkpoint's tree differ.
+  """
+  leaves = header["leaves"]
+  specs = codec.tensor_specs(header, source=source)
+  out: dict[str, jax.sharding.Sharding | None] = {}
+  covered: set[str] = set()
+  for kp, entry in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_entry)[0]:
+    path = path_str(kp)
+    where = f"{source}: {path or '<root>'}"
+    if not _is_entry(entry):
+      raise CheckpointError(f"{where}: the shardings tree holds a {type(entry).__name__}; expected "
+                            "a jax.sharding.Sharding, a QArray of them or a jax.ShapeDtypeStruct")
+    if path in leaves:
+      targets = [path]
+    else:
+      targets = [p for p in leaves if path == "" or p.startswith(path + "/")]
+      if not targets:
+        raise CheckpointError(f"{where}: the shardings tree has an entry here, but the checkpoint "
+                              "has no leaf at this path")
+      if not isinstance(entry, jax.sharding.Sharding):
+        raise CheckpointError(f"{where}: the checkpoint has a subtree here ({targets[0]}, ...); "
+                              f"only a Sharding can stand for a subtree, not a "
+                              f"{type(entry).__name__}")
+    for p in targets:
+      for name, sharding in _leaf_shardings(leaves[p], specs, p, entry, source).items():
+        if sharding is not None:
+          _check_fits(sharding, *specs[name], f"{source}: {p or '<root>'}: tensor {name!r}")
+        out[name] = sharding
+      covered.add(p)
+  missing = [p for p in leaves if p not in covered]
+  if missing:
+    raise CheckpointError(f"{source}: {missing[0] or '<root>'}: the checkpoint has a leaf here but "
+                          "the shardings tree has no entry for it"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  return out
+
+
+def _first_difference(shardings: PyTree, tree: PyTree, keypath: tuple = ()
+                      ) -> tuple[tuple, Any, Any] | None:
+  """``(key path, shardings node, tree node)`` where the containers first differ, or None."""
+  if _is_entry(shardings):
+    return None
+  level = lambda x: jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+  (s_kids, s_def), (t_kids, t_def) = level(shardings), level(tree)
+  if s_def.node_data() is None or s_def.node_data() != t_def.node_data() or (
+      len(s_kids) != len(t_kids)):
+    return keypath, s_def, t_def
+  for (key, s), (_, t) in zip(s_kids, t_kids):
+    found = _first_difference(s, t, keypath + key)
+    if found is not None:
+      return found
+  return None
+
+
+def check_shardings_tree(tree: PyTree, shardings: PyTree, *, source: str) -> None:
+  """Checks that ``shardings`` is a prefix of the loaded ``tree`` (same containers and keys).
+
+  Raises:
+    CheckpointError: naming the path where the containers differ (e.g. a tuple for a list).
+  """
+  found = _first_difference(shardings, tree)
+  if found is not None:
+    keypath, s_def, t_def = found
+    raise CheckpointError(f"{source}: {path_str(keypath) or '<root>'}: the shardings tree has "
+                          f"{s_def} here, but the checkpoint has {t_def}")
+
+
+def _crc32_stream(data: np.ndarray, chunk: int = 1 << 24) -> int:
+  """CRC-32 of a 1-D uint8 array, read ``chunk`` bytes at a time (a memmap stays on disk)."""
+  crc = 0
+  for i in range(0, data.size, chunk):
+    crc = zlib.crc32(data[i:i + chunk], crc)
+  return crc
+
+
+def _copy_slice(host: np.ndarray, index: Any) -> np.ndarray:
+  """One device's slice of a memory-mapped tensor, copied: on CPU, jax would otherwise alias the
+  file mapping (a file truncated later would then crash the process).  Read-only, so that jax
+  adopts the copy instead of copying it again."""
+  out = np.array(host[index])
+  out.flags.writeable = False
+  return out
+
+
+class _PlacedArrays(_Tensors):
+  """Tensors of a memory-mapped file as jax arrays laid out by their shardings: each device
+  receives only its own slice, read from the page cache (numpy views where the sharding is None).
+
+  With ``verify``, each tensor's CRC-32 is checked first by streaming its bytes on the host.
+  """
+
+  def __init__(self, data: np.ndarray, infos: dict[str, TensorInfo], header: dict,
+               placement: Mapping[str, jax.sharding.Sharding | None], source: str, verify: bool):
+    self._data, self._infos, self._header = data, infos, header
+    self._placement, self._source, self._verify = placement, source, verify
+
+  def __getitem__(self, name: str) -> np.ndarray | jax.Array:
+    t = self._infos[name]
+    raw = self._data[t.begin:t.end]
+    if self._verify:
+      want = self._header["tensors"].get(name, {}).get("crc32")
+      if not isinstance(want, int) or _crc32_stream(raw) != want:
+        raise CheckpointError(f"{self._source}: tensor {name!r} (shape {t.shape} dtype {t.dtype}) "
+                              f"fails its CRC-32 check (stored {want!r}); the data is corrupt")
+    host = raw.view(t.dtype).reshape(t.shape)
+    sharding = self._placement.get(name)
+    if sharding is None:
+      return host
+    return jax.make_array_from_callback(t.shape, sharding, lambda idx: _copy_slice(host, idx))
+
+
+def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | None = None
+         ) -> PyTree:
   """Loads a checkpoint written by :func:`save`; no model code needed.
 
   The tree is rebuilt with the same containers and keys, QArrays with their static metadata, and
-  every array bit for bit (jax arrays on the default device; numpy leaves stay numpy).  Every
-  QArray is checked with ``QArray.validate``.
+  every array bit for bit (jax arrays on the default device, or laid out by ``shardings``; numpy
+  leaves stay numpy).  Every QArray is checked with ``QArray.validate``.
+
+  With ``shardings``, each array is built with ``jax.make_array_from_callback`` from a memory map
+  of the file: every device receives only its own slice, copied from the mapping, and no tensor
+  is first read whole into host memory (CRC-32s are computed by streaming the mapped bytes).
 
   Args:
     path: a ``.safetensors`` file written by :func:`save`.
     verify: check each tensor's CRC-32 (catches flipped or overwritten bytes).
+    shardings: None (default device), or a tree with the loaded tree's structure whose leaves are
+      ``jax.sharding.Sharding``s (QArrays expanded as by :func:`jq.sharding.shardings`, or one
+      NamedSharding per QArray: its fields are then split like the float kernel's) or
+      ``jax.ShapeDtypeStruct``s with ``.sharding`` set (``jax.eval_shape`` output).  One Sharding
+      may stand for a whole subtree.
+
+  Example:
+    >>> qshapes = jax.eval_shape(lambda p: jq.quantize_tree(p, rules), params)
+    >>> qparams = jq.io.load("model.safetensors",
+    ...                      shardings=jq.sharding.shardings(qshapes, float_shardings))
 
   Raises:
     CheckpointError (a ValueError): truncated or corrupt file, a header that disagrees with the
-      tensors (naming the parameter path, shape and dtype), a file without a jq header, or an
-      unknown format version.
+      tensors (naming the parameter path, shape and dtype), a file without a jq header, an
+      unknown format version, or a shardings tree that differs from the stored tree (naming the
+      path).
   """
   source = os.fspath(path)
   with open(source, "rb") as f:
     infos, meta, start = _read_header(f, source)
     header = _jq_header(meta, source)
     codec.check_tensors(header, {n: (t.dtype, t.shape) for n, t in infos.items()}, source=source)
-    return codec.decode(header, _LazyArrays(f, infos, start, source), source=source, verify=verify)
+    if shardings is None:
+      return codec.decode(header, _LazyArrays(f, infos, start, source), source=source,
+                          verify=verify)
+    placement = tensor_shardings(header, shardings, source=source)
+    data = (np.memmap(f, np.uint8, mode="r", offset=start)  # (outlives the file object)
+            if os.fstat(f.fileno()).st_size > start else np.zeros(0, np.uint8))
+  arrays = _PlacedArrays(data, infos, header, placement, source, verify)
+  tree = codec.decode(header, arrays, source=source, verify=False)  # (CRCs checked by arrays)
+  check_shardings_tree(tree, shardings, source=source)
+  return tree
 
 
 __all__ = ["save", "load", "load_header", "read_tensors", "read_safetensors_header",
-           "write_safetensors", "TensorInfo", "HEADER_KEY"]
+           "write_safetensors", "tensor_shardings", "check_shardings_tree", "TensorInfo",
+           "HEADER_KEY"]

@@ -7,8 +7,10 @@ Invariant: each function computes exactly what the float Flax layer computes wit
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,7 @@ class Route:
     impl: the implementation ``jq.ops`` chose (``"float"`` for float layers).
     m: rows of the contraction (tokens incl. batch), None when unknown.
     note: performance note (``jq.ops.PerfNote``) or None.
+    reason: why a layer stays float although it has a kernel (e.g. custom code on its params).
   """
   path: str
   layer: str
@@ -40,6 +43,7 @@ class Route:
   impl: str
   m: int | None = None
   note: ops.PerfNote | None = None
+  reason: str = ""
 
   @property
   def slower_than_float(self) -> bool:
@@ -52,23 +56,55 @@ class _Recorder:
   routes: list[Route]
 
 
-_RECORDERS: list[_Recorder] = []
+# Active explain recorders and calibration observers: context variables, so concurrent traces
+# (threads, nested calls) never see each other's.
+_RECORDERS: contextvars.ContextVar[tuple[_Recorder, ...]] = contextvars.ContextVar(
+    "jq_explain_recorders", default=())
+_OBSERVERS: contextvars.ContextVar[tuple[Callable[[str, jax.Array], None], ...]] = (
+    contextvars.ContextVar("jq_input_observers", default=()))
+
+
+@contextlib.contextmanager
+def _pushed(var: contextvars.ContextVar, item) -> Iterator[None]:
+  token = var.set(var.get() + (item,))
+  try:
+    yield
+  finally:
+    var.reset(token)
 
 
 @contextlib.contextmanager
 def recording(backend: str | None = None) -> Iterator[list[Route]]:
   """Collects a :class:`Route` for every adapted layer traced inside the block."""
   rec = _Recorder(backend, [])
-  _RECORDERS.append(rec)
-  try:
+  with _pushed(_RECORDERS, rec):
     yield rec.routes
-  finally:
-    _RECORDERS.remove(rec)
 
 
-def record_float(path: str, layer: str, dtype, m: int | None = None) -> None:
-  for rec in _RECORDERS:
-    rec.routes.append(Route(path, layer, str(np.dtype(dtype)), "float", "float", m))
+@contextlib.contextmanager
+def observing(fn: Callable[[str, jax.Array], None]) -> Iterator[None]:
+  """Calls ``fn(kernel path, layer input)`` for every adapted layer run inside the block (float
+  or quantized), before the layer computes; used by calibration."""
+  with _pushed(_OBSERVERS, fn):
+    yield
+
+
+def observe(path: str, x) -> None:
+  for fn in _OBSERVERS.get():
+    fn(path, x)
+
+
+def record_float(path: str, layer: str, dtype, m: int | None = None, reason: str = "") -> None:
+  for rec in _RECORDERS.get():
+    rec.routes.append(Route(path, layer, str(np.dtype(dtype)), "float", "float", m,
+                            reason=reason))
+
+
+def record_quantized(path: str, layer: str, q: QArray, impl: str, m: int | None = None) -> None:
+  """A route for a layer computed outside ``jq.ops.dot_general`` (e.g. a quantized conv)."""
+  for rec in _RECORDERS.get():
+    mode = "weight-only" if q.activation is None else f"int8 {q.activation.spec.mode.value}"
+    rec.routes.append(Route(path, layer, describe_qarray(q), mode, impl, m))
 
 
 _MODE_LABEL = {ops.Mode.WEIGHT_ONLY: "weight-only", ops.Mode.DYNAMIC: "int8 dynamic",
@@ -84,7 +120,7 @@ def describe_qarray(q: QArray) -> str:
 def quantized_dot(x: jax.Array, q: QArray, dimension_numbers, *, path: str, layer: str,
                   precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
   """``jq.ops.dot_general`` that also reports its route to active recorders."""
-  for rec in _RECORDERS:
+  for rec in _RECORDERS.get():
     c = ops.route(x, q, dimension_numbers, backend=rec.backend, name=path,
                   out_sharding=out_sharding)
     rec.routes.append(Route(path, layer, describe_qarray(q), _MODE_LABEL[c.problem.mode], c.name,
@@ -103,17 +139,45 @@ def compute_dtype(x: jax.Array, param_dtype, bias: jax.Array | None, dtype):
   return jnp.result_type(*args)
 
 
+def layer_view(q: QArray, expected: Sequence[int]) -> QArray:
+  """``q`` as the kernel of one layer of a stack, when ``nn.scan``/``nn.vmap`` sliced its arrays.
+
+  Flax's lifted transforms slice every array of the stacked QArray along the stack axis but leave
+  its static ``shape``/``tile`` as they were; the stack axes are those whose removal gives
+  ``expected`` and whose tile is 1 (one scale set per layer).  Returns ``q`` unchanged otherwise.
+  """
+  expected = tuple(expected)
+  full = tuple(q.shape)
+  k = len(full) - len(expected)
+  if k <= 0 or getattr(q.values, "ndim", None) != len(expected):
+    return q
+  views = set()
+  for drop in itertools.combinations(range(len(full)), k):
+    keep = [i for i in range(len(full)) if i not in drop]
+    if tuple(full[i] for i in keep) == expected and all(q.tile[i] == 1 for i in drop):
+      views.add(tuple(q.tile[i] for i in keep))
+  if len(views) != 1:
+    return q
+  return dataclasses.replace(q, shape=expected, tile=views.pop())
+
+
 def check_kernel(q: QArray, expected: Sequence[int], *, path: str, layer: str,
-                 x: jax.Array | None = None) -> None:
-  """ValueError naming the path when a QArray does not have the layer's kernel shape."""
+                 x: jax.Array | None = None) -> QArray:
+  """The layer's QArray kernel (one layer's view of a stacked one), validated.
+
+  Raises:
+    ValueError: naming the path, when ``q`` is not a QArray of the layer's kernel shape.
+  """
   if not isinstance(q, QArray):
     raise ValueError(f"{path}: expected a jq.QArray kernel, got {type(q).__name__}")
+  q = layer_view(q, expected)
   if tuple(q.shape) != tuple(expected):
     inp = "" if x is None else f" for input shape {tuple(x.shape)} dtype {x.dtype}"
     raise ValueError(f"{path}: QArray shape {q.shape} ({q.qtype.value}) does not match {layer}"
                      f"{inp}, which needs a kernel of shape {tuple(expected)}; quantize the "
-                     "parameters of this model (jq.quantize_tree) or skip this layer")
-  q.validate(path)
+                     "parameters of this model with jq.nn.quantize_variables / "
+                     "jq.nn.quantize_module, or skip this layer")
+  return q.validate(path)
 
 
 def normalize_axes(axes: Sequence[int], ndim: int, *, path: str) -> tuple[int, ...]:
@@ -135,7 +199,7 @@ def dense_general(x: jax.Array, q: QArray, bias: jax.Array | None, *, axis: Sequ
   batch_axes = normalize_axes(batch_axes, x.ndim, path=path)
   features = tuple(features)
   expected = tuple(x.shape[a] for a in batch_axes) + tuple(x.shape[a] for a in axis) + features
-  check_kernel(q, expected, path=path, layer=layer, x=x)
+  q = check_kernel(q, expected, path=path, layer=layer, x=x)
   cdt = compute_dtype(x, param_dtype, bias, dtype)
   x = x.astype(cdt)
   nb = len(batch_axes)
@@ -163,7 +227,7 @@ def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str:
                  layer: str, preferred_element_type=None) -> jax.Array:
   """``nn.Einsum`` / ``nnx.Einsum`` with a QArray kernel."""
   x = jnp.asarray(x)
-  check_kernel(q, kernel_shape, path=path, layer=layer, x=x)
+  q = check_kernel(q, kernel_shape, path=path, layer=layer, x=x)
   cdt = compute_dtype(x, param_dtype, bias, dtype)
   x = x.astype(cdt)
   plan = ops.parse_einsum(einsum_str, x.ndim, q.ndim, name=path)
@@ -185,5 +249,6 @@ def rows(x: jax.Array, contracting: Sequence[int]) -> int:
   return int(np.prod(sizes, dtype=np.int64))
 
 
-__all__ = ["Route", "recording", "record_float", "quantized_dot", "dense_general", "einsum_layer",
+__all__ = ["Route", "recording", "observing", "observe", "record_float", "record_quantized",
+           "layer_view", "quantized_dot", "dense_general", "einsum_layer",
            "check_kernel", "describe_qarray", "compute_dtype", "einsum_bias_shape", "rows"]

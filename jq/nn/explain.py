@@ -10,32 +10,86 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import jax
-import numpy as np
+import flax.linen
 from flax import nnx
 
-from jq.nn import common
-from jq.nn.linen import quantized_apply
-from jq.nn.nnx import QUANTIZED_LAYERS, TWINS
+from jq.nn import common, linen
+from jq.nn import nnx as jnnx
+from jq.tree import leaves_with_paths
 
 Route = common.Route
 
-_FLOAT_NNX = tuple(TWINS) + (nnx.Conv,)
+
+def _nnx_routes(model: nnx.Module, args, kwargs, backend) -> list[Route]:
+  """nnx: runnable layers take their quantized classes (which report float kernels too); layers
+  jq cannot run get a class that reports them as float with the reason; all in call order."""
+  clone = jnnx.with_quantized_classes(model)
+  for m in jnnx.module_layers(clone):
+    if m.layout is None:
+      m.layer.__class__ = _reporting_class(type(m.layer), m.path, m.reason)
+  graphdef, state = nnx.split(clone)
+  with common.recording(backend) as routes:
+    linen.abstract_call(lambda st, *a, **k: nnx.merge(graphdef, st)(*a, **k), state, *args,
+                        **kwargs)
+  routes = _dedupe(routes)
+  called = {r.path for r in routes}
+  for m in jnnx.module_layers(clone):
+    if m.path not in called:
+      routes.append(Route(m.path, type(m.layer).__name__, "?", "not called", "-",
+                          reason=m.reason))
+  return routes
 
 
-def _abstract_call(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """``fn(*args, **kwargs)`` under ``jax.eval_shape``; array (and ``ShapeDtypeStruct``) leaves are
-  abstracted, other leaves (flags, strings) stay static."""
-  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-  is_arr = [isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for x in leaves]
+def _reporting_class(cls: type, path: str, reason: str) -> type:
+  def __call__(self, *a, **k):  # pylint: disable=invalid-name
+    common.record_float(path, cls.__name__, getattr(self.kernel.get_value(), "dtype", "float32"),
+                        reason=reason)
+    return cls.__call__(self, *a, **k)
+  return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
 
-  def run(*arrays):
-    it = iter(arrays)
-    full = [next(it) if a else x for x, a in zip(leaves, is_arr)]
-    a, k = jax.tree_util.tree_unflatten(treedef, full)
-    return fn(*a, **k)
 
-  return jax.eval_shape(run, *[x for x, a in zip(leaves, is_arr) if a])
+def _linen_routes(model: Any, args, kwargs, backend) -> list[Route]:
+  """linen: the adapters report adapted layers; kernels (rank >= 2 params) of other modules are
+  inserted as float, with the reason, where their module was first called."""
+  variables = args[0]
+  marks: list[tuple[int, str, str]] = []   # (position in routes, module path, class)
+  with common.recording(backend) as routes:
+    def icpt(next_fun, a, kw, context):
+      if context.method_name == "__call__":
+        mod = context.module
+        marks.append((len({r.path for r in routes}), "/".join(("params",) + tuple(map(str, mod.path))),
+                      type(mod).__name__))
+      return next_fun(*a, **kw)
+    with flax.linen.intercept_methods(icpt):
+      linen.abstract_call(linen.quantized_apply(model), *args, **kwargs)
+  routes = _dedupe(routes)
+  have = {r.path for r in routes}
+  owner_at = {}
+  for pos, mpath, cls in marks:
+    owner_at.setdefault(mpath, (pos, cls))
+  extra = []
+  for path, leaf in leaves_with_paths(variables):
+    if path in have or len(getattr(leaf, "shape", ())) < 2 or not path.startswith("params/"):
+      continue
+    mpath, _, name = path.rpartition("/")
+    if mpath not in owner_at or name in ("embedding", "scale", "bias"):
+      continue
+    pos, cls = owner_at[mpath]
+    if _not_a_kernel_owner(cls):
+      continue
+    extra.append((pos, Route(path, cls, str(getattr(leaf, "dtype", "?")), "float", "float",
+                             reason=f"{cls} runs its own code on this parameter (jq runs "
+                                    f"{linen.LAYER_NAMES})")))
+  out = []
+  for i, r in enumerate(routes):
+    out.extend(e for pos, e in extra if pos == i)
+    out.append(r)
+  return out + [e for pos, e in extra if pos >= len(routes)]
+
+
+def _not_a_kernel_owner(cls_name: str) -> bool:
+  """Modules whose own params are not kernels of a matmul (embeddings, norms)."""
+  return cls_name in ("Embed", "LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm")
 
 
 def _dedupe(routes: Sequence[Route]) -> list[Route]:
@@ -48,7 +102,7 @@ def _dedupe(routes: Sequence[Route]) -> list[Route]:
 
 
 def trace_routes(model: Any, *args, backend: str | None = None, **kwargs) -> list[Route]:
-  """The routes of every adapted layer (first call of each), in call order.
+  """The routes of every layer with a kernel (first call of each), in call order.
 
   Args:
     model: a linen module or apply function (then ``args[0]`` is the variables dict), or an nnx
@@ -58,25 +112,10 @@ def trace_routes(model: Any, *args, backend: str | None = None, **kwargs) -> lis
     backend: explain for this backend ("cpu", "gpu", "tpu") instead of the default one.
   """
   if isinstance(model, nnx.Module):
-    graphdef, state = nnx.split(model)
-    with common.recording(backend) as routes:
-      _abstract_call(lambda st, *a, **k: nnx.merge(graphdef, st)(*a, **k), state, *args, **kwargs)
-    found = {r.path: r for r in _dedupe(routes)}
-    out = []
-    for path, layer in nnx.iter_modules(model):
-      kpath = "/".join(str(p) for p in path + ("kernel",))
-      if isinstance(layer, QUANTIZED_LAYERS):
-        out.append(found.pop(kpath, Route(kpath, type(layer).__name__, "?", "not called", "-")))
-      elif isinstance(layer, _FLOAT_NNX):
-        out.append(Route(kpath, type(layer).__name__, str(layer.kernel.get_value().dtype),
-                         "float", "float"))
-    return out + list(found.values())
+    return _nnx_routes(model, args, kwargs, backend)
   if not args:
     raise ValueError("explain: a linen model needs its variables as the first argument")
-  qapply = quantized_apply(model)
-  with common.recording(backend) as routes:
-    _abstract_call(qapply, *args, **kwargs)
-  return _dedupe(routes)
+  return _linen_routes(model, args, kwargs, backend)
 
 
 def format_routes(routes: Sequence[Route]) -> str:
@@ -85,7 +124,7 @@ def format_routes(routes: Sequence[Route]) -> str:
   body = [(r.path, r.layer.split("(")[0], r.weight, r.mode, r.impl,
            "-" if r.m is None else str(r.m),
            ("WARNING slower than float: " if r.slower_than_float else "") +
-           (r.note.text if r.note else "")) for r in routes]
+           (r.note.text if r.note else "") + r.reason) for r in routes]
   widths = [max(len(c) for c in col) for col in zip(head, *body)]
   line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
   out = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body]

@@ -1,29 +1,39 @@
-"""Run an unchanged linen model on a quantized variables tree.
+"""Run an unchanged linen model on a quantized variables tree, and learn its kernels' layouts.
 
 ``quantized_apply(model.apply)`` returns an apply function with the same signature.  Inside it,
-``flax.linen.intercept_methods`` (a public hook, scoped to the call) intercepts ``__call__`` of
-``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum``.  The QArrays travel in the ordinary
-variables dict: flax stores any pytree leaf, and the interceptor reads the layer's kernel with
-``module.get_variable("params", "kernel")``.  When it is a QArray, the interceptor computes the
-layer through ``jq.ops`` and never calls the float ``__call__`` (so ``self.param`` never sees the
-QArray); otherwise the float layer runs as written.  Nothing global is patched, no parameter map is
-captured, so the function is structure-independent, jits once, and passes ``mutable=[...]``
-collections (e.g. a KV cache) through untouched.
+``flax.linen.intercept_methods`` (a public hook, scoped to the call) intercepts the ``__call__`` of
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Conv`` (and of subclasses: an override
+that calls ``super().__call__`` reaches the adapted base method, which is what is intercepted).
+The QArrays travel in the ordinary variables dict (inside ``nn.Partitioned`` boxes too); when a
+layer's kernel is a QArray, the layer is computed through ``jq.ops`` and the float ``__call__``
+never runs.  Inside ``nn.scan``/``nn.vmap`` each layer sees its slice of a stacked QArray.
+
+``layouts(model, variables, *inputs)`` traces the model abstractly through the same hook and
+returns each kernel's :class:`jq.Layout` (contracting / channel / stacked axes, from the layer
+that uses it); ``quantize_variables`` quantizes with them.
 
 Invariant: ``quantized_apply(m.apply)(qvars, x) ≈ m.apply(dequantize_tree(qvars), x)``, exactly up
 to float reassociation for weight-only layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+import inspect
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
+from flax.core import meta
 from flax.linen.module import merge_param
 
-from jq.nn import common
+from jq.layout import Layout
+from jq.nn import common, conv
 from jq.qarray import QArray
+from jq.tree import leaves_with_paths
 
 
 def _as_tuple(v) -> tuple:
@@ -34,8 +44,18 @@ def _path(mod: nn.Module, leaf: str = "kernel") -> str:
   return "/".join(("params",) + tuple(str(p) for p in mod.path) + (leaf,))
 
 
+def _unbox(v):
+  return v.unbox(apply_constraint=False) if isinstance(v, meta.AxisMetadata) else v
+
+
 def _bias(mod: nn.Module):
-  return mod.get_variable("params", "bias") if mod.use_bias else None
+  return _unbox(mod.get_variable("params", "bias")) if mod.use_bias else None
+
+
+# ---- the layers jq runs quantized: layout + quantized call, per class ------------------------
+
+def _dense_layout(mod: nn.Dense, shape, args, kwargs) -> Layout:
+  return Layout(contracting=(0,), channels=(1,), layer=f"nn.Dense(features={mod.features})")
 
 
 def _dense(mod: nn.Dense, q: QArray, inputs, *args, **kwargs):
@@ -47,18 +67,62 @@ def _dense(mod: nn.Dense, q: QArray, inputs, *args, **kwargs):
                               path=_path(mod), layer=f"nn.Dense(features={mod.features})")
 
 
+def _dense_general_dims(mod: nn.DenseGeneral):
+  return _as_tuple(mod.features), _as_tuple(mod.axis), _as_tuple(mod.batch_dims)
+
+
+def _dense_general_layout(mod: nn.DenseGeneral, shape, args, kwargs) -> Layout:
+  features, axis, batch = _dense_general_dims(mod)
+  nb, na = len(batch), len(axis)
+  return Layout(batch=tuple(range(nb)), contracting=tuple(range(nb, nb + na)),
+                channels=tuple(range(nb + na, len(shape))),
+                layer=f"nn.DenseGeneral(features={features}, axis={axis})")
+
+
 def _dense_general(mod: nn.DenseGeneral, q: QArray, inputs, *args, **kwargs):
   if args or kwargs:
     raise ValueError(f"{_path(mod)}: nn.DenseGeneral.__call__ takes only the input")
-  features, axis, batch = _as_tuple(mod.features), _as_tuple(mod.axis), _as_tuple(mod.batch_dims)
+  features, axis, batch = _dense_general_dims(mod)
   return common.dense_general(inputs, q, _bias(mod), axis=axis, batch_axes=batch,
                               features=features, dtype=mod.dtype, param_dtype=mod.param_dtype,
                               precision=mod.precision, path=_path(mod),
                               layer=f"nn.DenseGeneral(features={features}, axis={axis})")
 
 
-def _einsum(mod: nn.Einsum, q: QArray, inputs, einsum_str: str | None = None):
-  eq = merge_param("einsum_str", mod.einsum_str, einsum_str).replace(" ", "")
+def _einsum_str(mod: nn.Einsum, args, kwargs) -> str:
+  call = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  return merge_param("einsum_str", mod.einsum_str, call).replace(" ", "")
+
+
+def einsum_layout(eq: str, shape: Sequence[int], *, layer: str, path: str) -> Layout:
+  """The kernel's layout in ``x, kernel -> y`` subscripts ``eq`` (e.g. ``"btd,dkhe->btkhe"``):
+  kernel letters also in the input and the output are batch axes, those in the input only are
+  contracting, those in the output only are channels (letters in neither are summed: contracting).
+  """
+  try:
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+  except ValueError as e:
+    raise ValueError(f"{path}: einsum_str {eq!r} is not of the form 'x,kernel->out'") from e
+  if "." in ws or len(ws) != len(shape) or len(set(ws)) != len(ws):
+    raise ValueError(f"{path}: kernel subscripts {ws!r} of {eq!r} do not name the {len(shape)} axes "
+                     f"of the kernel of shape {tuple(shape)} once each")
+  roles: dict[str, list[int]] = {"contracting": [], "channels": [], "batch": []}
+  for i, c in enumerate(ws):
+    role = ("batch" if c in xs and c in out else "channels" if c in out else "contracting")
+    roles[role].append(i)
+  return Layout(contracting=tuple(roles["contracting"]), channels=tuple(roles["channels"]),
+                batch=tuple(roles["batch"]), layer=layer)
+
+
+def _einsum_layout(mod: nn.Einsum, shape, args, kwargs) -> Layout:
+  eq = _einsum_str(mod, args, kwargs)
+  return einsum_layout(eq, shape, layer=f"nn.Einsum({eq!r}, shape={tuple(mod.shape)})",
+                       path=_path(mod))
+
+
+def _einsum(mod: nn.Einsum, q: QArray, inputs, *args, **kwargs):
+  eq = _einsum_str(mod, (inputs,) + args, kwargs)
   return common.einsum_layer(inputs, q, _bias(mod), einsum_str=eq, kernel_shape=tuple(mod.shape),
                              dtype=mod.dtype, param_dtype=mod.param_dtype,
                              precision=mod.precision, path=_path(mod),
@@ -66,32 +130,67 @@ def _einsum(mod: nn.Einsum, q: QArray, inputs, einsum_str: str | None = None):
                              preferred_element_type=mod.preferred_element_type)
 
 
-# Exact layer classes (and subclasses that keep their ``__call__``) the adapter computes.
-_HANDLERS: tuple[tuple[type, Callable], ...] = (
-    (nn.Dense, _dense), (nn.DenseGeneral, _dense_general), (nn.Einsum, _einsum))
+def conv_layout(shape: Sequence[int], layer: str) -> Layout:
+  """Flax's conv kernel ``(*window, in // groups, out)``: window and inputs contract."""
+  return Layout(contracting=tuple(range(len(shape) - 1)), channels=(len(shape) - 1,), layer=layer)
 
 
-_ADAPTED = tuple(cls for cls, _ in _HANDLERS)
+def _conv_layout(mod: nn.Conv, shape, args, kwargs) -> Layout:
+  return conv_layout(shape, f"nn.Conv(features={mod.features}, kernel_size={mod.kernel_size})")
 
 
-def _handler(mod: nn.Module):
-  for cls, fn in _HANDLERS:
-    if isinstance(mod, cls) and type(mod).__call__ is cls.__call__:
-      return fn
+def _conv(mod: nn.Conv, q: QArray, inputs, *args, **kwargs):
+  if args or kwargs:
+    raise ValueError(f"{_path(mod)}: nn.Conv.__call__ takes only the input")
+  return conv.conv_layer(inputs, q, _bias(mod), **conv.linen_conv_attrs(mod), path=_path(mod),
+                         layer=f"nn.Conv(features={mod.features}, kernel_size={mod.kernel_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  cls: type
+  layout: Callable[..., Layout]
+  run: Callable[..., Any]
+
+  @functools.cached_property
+  def raw_call(self):
+    return inspect.unwrap(self.cls.__call__)
+
+
+# Layer classes the adapter computes (their subclasses too, through the base ``__call__``).
+_KINDS: tuple[_Kind, ...] = (
+    _Kind(nn.Dense, _dense_layout, _dense), _Kind(nn.DenseGeneral, _dense_general_layout,
+                                                  _dense_general),
+    _Kind(nn.Einsum, _einsum_layout, _einsum), _Kind(nn.Conv, _conv_layout, _conv))
+ADAPTED = tuple(k.cls for k in _KINDS)
+LAYER_NAMES = ", ".join(f"nn.{k.cls.__name__}" for k in _KINDS)
+
+
+def _kind(mod: nn.Module, next_fun, method_name: str) -> _Kind | None:
+  """The adapted layer whose own ``__call__`` is about to run (not a subclass override)."""
+  if method_name != "__call__":
+    return None
+  func = getattr(next_fun, "func", None)
+  for kind in _KINDS:
+    if isinstance(mod, kind.cls):
+      if func is not None:
+        return kind if inspect.unwrap(func) is kind.raw_call else None
+      return kind if type(mod).__call__ is kind.cls.__call__ else None
   return None
 
 
-def _contracted_rows(mod: nn.Module, inputs) -> int | None:
+def _kernel(mod: nn.Module):
+  if mod.scope is None or not mod.has_variable("params", "kernel"):
+    return None
+  return _unbox(mod.get_variable("params", "kernel"))
+
+
+def _contracted_rows(kind: _Kind, mod: nn.Module, inputs) -> int | None:
   """Tokens of a float Dense/DenseGeneral call (for ``explain``)."""
   ndim = getattr(inputs, "ndim", None)
-  if not ndim:
+  if not ndim or kind.cls in (nn.Einsum, nn.Conv):
     return None
-  if isinstance(mod, nn.Dense):
-    axes = (-1,)
-  elif isinstance(mod, nn.DenseGeneral):
-    axes = _as_tuple(mod.axis)
-  else:
-    return None
+  axes = (-1,) if kind.cls is nn.Dense else _as_tuple(mod.axis)
   return common.rows(inputs, tuple(a % ndim for a in axes))
 
 
@@ -101,48 +200,48 @@ def _refuse_quantized_params(mod: nn.Module) -> None:
     return
   params = mod.variables.get("params", {})
   for name, value in params.items():
+    value = _unbox(value)
     if isinstance(value, QArray):
       raise ValueError(
           f"{_path(mod, name)}: {type(mod).__name__} has a quantized parameter of shape "
-          f"{value.shape} ({value.qtype.value}), but jq.nn.linen only runs nn.Dense, "
-          "nn.DenseGeneral and nn.Einsum quantized; keep it in float with "
-          f"Rule(pattern={_path(mod, name)!r}, weight=None)")
+          f"{value.shape} ({value.qtype.value}), but jq.nn.linen only runs {LAYER_NAMES} "
+          f"quantized; keep it in float with Rule(pattern={_path(mod, name)!r}, weight=None)")
 
 
 def _interceptor(next_fun, args, kwargs, context):
-  """Routes Dense/DenseGeneral/Einsum ``__call__`` with a QArray kernel to ``jq.ops``."""
+  """Routes adapted layers with a QArray kernel to ``jq.ops``; reports every adapted layer."""
   mod = context.module
-  handler = _handler(mod) if context.method_name == "__call__" else None
-  if handler is None:
-    if not isinstance(mod, _ADAPTED):  # (lifted wrappers of adapted layers reach them inside)
+  kind = _kind(mod, next_fun, context.method_name)
+  if kind is None:
+    if not isinstance(mod, ADAPTED):  # (overrides of adapted layers reach the base call inside)
       _refuse_quantized_params(mod)
     return next_fun(*args, **kwargs)
-  if mod.scope is None or not mod.has_variable("params", "kernel"):
+  kernel = _kernel(mod)
+  if kernel is None:
     return next_fun(*args, **kwargs)  # initialization: the float layer creates its params
-  kernel = mod.get_variable("params", "kernel")
-  if not isinstance(kernel, QArray):
-    if args:
-      common.record_float(_path(mod), type(mod).__name__, getattr(kernel, "dtype", "float32"),
-                          _contracted_rows(mod, args[0]))
-    return next_fun(*args, **kwargs)
   if not args:
     raise ValueError(f"{_path(mod)}: {type(mod).__name__} called without an input")
-  return handler(mod, kernel, *args, **kwargs)
+  common.observe(_path(mod), args[0])
+  if not isinstance(kernel, QArray):
+    common.record_float(_path(mod), type(mod).__name__, getattr(kernel, "dtype", "float32"),
+                        _contracted_rows(kind, mod, args[0]))
+    return next_fun(*args, **kwargs)
+  return kind.run(mod, kernel, *args, **kwargs)
 
 
 def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Callable[..., Any]:
   """Returns ``apply(variables, *args, **kwargs)`` that runs the model on QArray parameters.
 
   ``variables`` is the model's variables dict with some kernels replaced by QArrays (the output of
-  ``jq.quantize_tree``); layers whose kernel is a plain array run in float.  The returned function
-  has ``model.apply``'s signature (``rngs``, ``method``, ``mutable`` pass through), is pure, and
-  can be jitted once and called many times.
+  :func:`quantize_variables`); layers whose kernel is a plain array run in float.  The returned
+  function has ``model.apply``'s signature (``rngs``, ``method``, ``mutable`` pass through), is
+  pure, and can be jitted once and called many times.
 
   Args:
     apply_fn_or_module: a linen module, or its ``apply`` (or any function that calls it).
 
   Example:
-    >>> qvars = jq.quantize_tree(variables, jq.default_rules(jq.W4A16_G128))
+    >>> qvars = jq.nn.quantize_variables(model, variables, jq.default_rules(jq.W4A16_G128), x)
     >>> qapply = jax.jit(quantized_apply(model))
     >>> logits = qapply(qvars, tokens)
 
@@ -150,10 +249,7 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Calla
     ValueError: (at trace time) a QArray that does not fit its layer, a mode the layer cannot run,
       or a quantized parameter of a layer type jq does not adapt; messages name the parameter path.
   """
-  fn = apply_fn_or_module.apply if isinstance(apply_fn_or_module, nn.Module) else apply_fn_or_module
-  if not callable(fn):
-    raise ValueError(f"quantized_apply: expected a linen Module or its apply function, got "
-                     f"{type(apply_fn_or_module).__name__}")
+  fn = _apply_fn(apply_fn_or_module)
 
   @functools.wraps(fn)
   def apply(variables, *args, **kwargs):
@@ -163,4 +259,128 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Calla
   return apply
 
 
-__all__ = ["quantized_apply"]
+def _apply_fn(model) -> Callable[..., Any]:
+  fn = model.apply if isinstance(model, nn.Module) else model
+  if not callable(fn):
+    raise ValueError(f"expected a linen Module or its apply function, got {type(model).__name__}")
+  return fn
+
+
+# ---- layouts --------------------------------------------------------------------------------
+
+def abstract_call(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)`` under ``jax.eval_shape``; array (and ``ShapeDtypeStruct``) leaves are
+  abstracted, other leaves (flags, strings) stay static.  Nothing is computed."""
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  mask = [isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for x in leaves]
+
+  def run(*arrays):
+    it = iter(arrays)
+    full = [next(it) if a else x for x, a in zip(leaves, mask)]
+    a, k = jax.tree_util.tree_unflatten(treedef, full)
+    return fn(*a, **k)
+
+  return jax.eval_shape(run, *[x for x, a in zip(leaves, mask) if a])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One adapted layer seen while tracing: its kernel path, one layer's kernel shape, layout."""
+  path: str
+  shape: tuple[int, ...]
+  layout: Layout
+  module: str
+
+
+def trace_layers(model, variables, *args, **kwargs) -> tuple[list[LayerCall], list[tuple[str, str]]]:
+  """Traces ``model.apply(variables, *args, **kwargs)`` abstractly.
+
+  Returns:
+    ``(layer calls, module calls)``: every adapted layer with a kernel, in call order (first call
+    of each kernel), and ``(module path, class name)`` of every module called, in call order.
+  """
+  calls: dict[str, LayerCall] = {}
+  modules: list[tuple[str, str]] = []
+
+  def icpt(next_fun, a, kw, context):
+    mod = context.module
+    if context.method_name == "__call__":
+      modules.append(("/".join(("params",) + tuple(map(str, mod.path))), type(mod).__name__))
+    kind = _kind(mod, next_fun, context.method_name)
+    kernel = _kernel(mod) if kind is not None else None
+    if kernel is not None:
+      shape = tuple(kernel.shape)
+      if isinstance(kernel, QArray) and a:
+        raise ValueError(f"{_path(mod)}: the variables are already quantized; pass the float "
+                         "variables to learn the layouts")
+      lay = kind.layout(mod, shape, a, kw)
+      path = _path(mod)
+      prev = calls.get(path)
+      if prev is not None and (prev.shape, prev.layout) != (shape, lay):
+        raise ValueError(f"{path}: the kernel is used by two layers with different layouts "
+                         f"({prev.layout.describe()} and {lay.describe()}); keep it in float "
+                         f"with Rule(pattern={path!r}, weight=None)")
+      lay.check(shape, name=path)
+      calls.setdefault(path, LayerCall(path, shape, lay, type(mod).__name__))
+    return next_fun(*a, **kw)
+
+  fn = _apply_fn(model)
+  with nn.intercept_methods(icpt):
+    abstract_call(fn, variables, *args, **kwargs)
+  return list(calls.values()), modules
+
+
+def stack_positions(full: Sequence[int], one: Sequence[int], *, path: str) -> tuple[int, ...]:
+  """Axes of a stacked kernel of shape ``full`` that ``nn.scan``/``nn.vmap`` added to one layer's
+  kernel of shape ``one``.  Where several placements fit (equal adjacent sizes), the leading one
+  is taken (Flax's default ``variable_axes={"params": 0}``)."""
+  full, one = tuple(full), tuple(one)
+  k = len(full) - len(one)
+  if k >= 0:
+    for drop in itertools.combinations(range(len(full)), k):
+      if tuple(s for i, s in enumerate(full) if i not in drop) == one:
+        return drop
+  raise ValueError(f"{path}: the variables hold a kernel of shape {full}, but its layer uses one "
+                   f"of shape {one}; the variables do not belong to this model")
+
+
+def layouts_and_stacks(model, variables, *args, **kwargs
+                       ) -> tuple[dict[str, Layout], dict[str, int], dict[str, str]]:
+  """:func:`layouts`, ``{path: number of stacked layers}`` for stacked kernels, and
+  ``{module path: class name}`` of every module called."""
+  calls, modules = trace_layers(model, variables, *args, **kwargs)
+  stored = {p: tuple(getattr(v, "shape", ())) for p, v in leaves_with_paths(variables)}
+  lays, stacks = {}, {}
+  for c in calls:
+    full = stored.get(c.path, c.shape)
+    if full == c.shape:
+      lays[c.path] = c.layout
+      continue
+    drop = stack_positions(full, c.shape, path=c.path)
+    lays[c.path] = c.layout.inserted(drop)
+    n = 1
+    for a in drop:
+      n *= full[a]
+    stacks[c.path] = n
+  return lays, stacks, dict(modules)
+
+
+def layouts(model: nn.Module | Callable[..., Any], variables: Any, *args, **kwargs
+            ) -> dict[str, Layout]:
+  """``{kernel path: Layout}`` of every kernel an adapted layer uses, read from the layer.
+
+  The model is traced abstractly (``jax.eval_shape``: nothing is computed) with ``variables`` and
+  example inputs; stacked kernels (``nn.scan``/``nn.vmap``) get their stack axes as batch axes.
+  Kernels of layers jq does not run quantized (custom code on its params, ``nn.ConvTranspose``,
+  ...) have no entry.
+
+  Example:
+    >>> lays = jq.nn.layouts(model, variables, tokens)
+    >>> lays["params/h_0/attn/q/kernel"]     # DenseGeneral(features=(4, 64)): per head, per feature
+    Layout(contracting=(0,), channels=(1, 2), batch=(), layer='nn.DenseGeneral(...)')
+  """
+  return layouts_and_stacks(model, variables, *args, **kwargs)[0]
+
+
+__all__ = ["quantized_apply", "layouts", "layouts_and_stacks", "trace_layers", "einsum_layout",
+           "conv_layout", "stack_positions", "abstract_call", "LayerCall", "ADAPTED"]

@@ -1,230 +1,328 @@
-"""Quantized twins of nnx layers, and ``quantize_module`` that swaps them into a copy of a model.
+"""nnx: layouts read from the modules, and ``quantize_module`` that returns a quantized copy.
+
+Each nnx layer jq runs quantized (``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``) has a
+quantized class that *subclasses* it (:class:`QLinear`, ...).  In the copy, a quantized layer's
+class becomes its quantized class — for a user's subclass, a class inserted between the user's
+class and the nnx base, so an override that calls ``super().__call__`` keeps its own code and
+reaches jq's — and its kernel Variable holds the QArray, keeping the Variable's metadata (e.g.
+``out_sharding``).  Layer attributes are untouched.  Inside ``nnx.scan``/``nnx.vmap`` stacks, each
+layer sees its slice of a stacked QArray.
 
 Invariant: ``quantize_module(model, qstate)(x) ≈ model_with(dequantize_tree(qstate))(x)``; the
-input model is not modified.  ``nnx.state(qmodel, nnx.Param)`` has the same paths as ``qstate``
-(the twins keep ``kernel``/``bias`` as ``nnx.Param``; the kernel holds the QArray).
+input model is not modified.  ``nnx.state(qmodel, nnx.Param)`` has the same paths as ``qstate``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import functools
+import inspect
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jq.nn import common
+from jq.layout import Layout, dense_layout
+from jq.nn import common, conv
+from jq.nn.linen import conv_layout, einsum_layout
 from jq.qarray import QArray
 from jq.spec import Rule
 from jq.tree import leaves_with_paths, quantize_tree
-
-
-def _bias_param(bias) -> Any:
-  return nnx.data(None) if bias is None else nnx.Param(bias)
-
-
-def _bias_value(layer) -> jax.Array | None:
-  return None if layer.bias is None else layer.bias.get_value()
-
-
-class QLinearGeneral(nnx.Module):
-  """``nnx.LinearGeneral`` with a QArray kernel (same call signature and output)."""
-
-  def __init__(self, kernel: QArray, bias: jax.Array | None, *, in_features: Sequence[int],
-               out_features: Sequence[int], axis: Sequence[int] = (-1,),
-               batch_axis: Mapping[int, int] | None = None, dtype=None, param_dtype=jnp.float32,
-               precision=None, preferred_element_type=None, path: str = "kernel"):
-    self.in_features = tuple(in_features)
-    self.out_features = tuple(out_features)
-    self.axis = tuple(axis)
-    self.batch_axis = dict(batch_axis or {})
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.preferred_element_type = preferred_element_type
-    self.path = path
-    expected = (*self.batch_axis.values(), *self.in_features, *self.out_features)
-    common.check_kernel(kernel, expected, path=path, layer=self._layer())
-    self.kernel = nnx.Param(kernel)
-    self.bias = _bias_param(bias)
-
-  def _layer(self) -> str:
-    return f"nnx.LinearGeneral({self.in_features}, {self.out_features}, axis={self.axis})"
-
-  @classmethod
-  def from_float(cls, layer: nnx.LinearGeneral, kernel: QArray, bias, path: str
-                 ) -> "QLinearGeneral":
-    return cls(kernel, bias, in_features=layer.in_features, out_features=layer.out_features,
-               axis=layer.axis, batch_axis=dict(layer.batch_axis), dtype=layer.dtype,
-               param_dtype=layer.param_dtype, precision=layer.precision,
-               preferred_element_type=layer.preferred_element_type, path=path)
-
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    bias = None if self.bias is None else self.bias.get_value()
-    return common.dense_general(
-        inputs, self.kernel.get_value(), bias, axis=self.axis, batch_axes=tuple(self.batch_axis),
-        features=self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, path=self.path, layer=self._layer(),
-        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding)
-
-
-class QLinear(nnx.Module):
-  """``nnx.Linear`` with a QArray kernel (same call signature and output)."""
-
-  def __init__(self, kernel: QArray, bias: jax.Array | None, *, in_features: int,
-               out_features: int, dtype=None, param_dtype=jnp.float32, precision=None,
-               preferred_element_type=None, path: str = "kernel"):
-    self.in_features = in_features
-    self.out_features = out_features
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.preferred_element_type = preferred_element_type
-    self.path = path
-    common.check_kernel(kernel, (in_features, out_features), path=path, layer=self._layer())
-    self.kernel = nnx.Param(kernel)
-    self.bias = _bias_param(bias)
-
-  def _layer(self) -> str:
-    return f"nnx.Linear({self.in_features}, {self.out_features})"
-
-  @classmethod
-  def from_float(cls, layer: nnx.Linear, kernel: QArray, bias, path: str) -> "QLinear":
-    return cls(kernel, bias, in_features=layer.in_features, out_features=layer.out_features,
-               dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
-               preferred_element_type=layer.preferred_element_type, path=path)
-
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    bias = None if self.bias is None else self.bias.get_value()
-    return common.dense_general(
-        inputs, self.kernel.get_value(), bias, axis=(-1,), batch_axes=(),
-        features=(self.out_features,), dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, path=self.path, layer=self._layer(),
-        preferred_element_type=self.preferred_element_type, out_sharding=out_sharding)
-
-
-class QEinsum(nnx.Module):
-  """``nnx.Einsum`` with a QArray kernel (same call signature and output)."""
-
-  def __init__(self, kernel: QArray, bias: jax.Array | None, *, einsum_str: str | None,
-               kernel_shape: Sequence[int], dtype=None, param_dtype=jnp.float32, precision=None,
-               preferred_element_type=None, path: str = "kernel"):
-    self.einsum_str = None if einsum_str is None else einsum_str.replace(" ", "")
-    self.kernel_shape = tuple(kernel_shape)
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.preferred_element_type = preferred_element_type
-    self.path = path
-    common.check_kernel(kernel, self.kernel_shape, path=path, layer=self._layer(self.einsum_str))
-    self.kernel = nnx.Param(kernel)
-    self.bias = _bias_param(bias)
-
-  def _layer(self, eq) -> str:
-    return f"nnx.Einsum({eq!r}, {self.kernel_shape})"
-
-  @classmethod
-  def from_float(cls, layer: nnx.Einsum, kernel: QArray, bias, path: str) -> "QEinsum":
-    return cls(kernel, bias, einsum_str=layer.einsum_str, kernel_shape=layer.kernel_shape,
-               dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
-               preferred_element_type=layer.preferred_element_type, path=path)
-
-  def __call__(self, inputs: jax.Array, einsum_str: str | None = None,
-               out_sharding=None) -> jax.Array:
-    eq = einsum_str if einsum_str is not None else self.einsum_str
-    if eq is None:
-      raise ValueError(f"{self.path}: no einsum_str given to the layer or the call")
-    if out_sharding is not None:
-      raise ValueError(f"{self.path}: QEinsum does not take out_sharding")
-    bias = None if self.bias is None else self.bias.get_value()
-    eq = eq.replace(" ", "")
-    return common.einsum_layer(
-        inputs, self.kernel.get_value(), bias, einsum_str=eq, kernel_shape=self.kernel_shape,
-        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-        path=self.path, layer=self._layer(eq),
-        preferred_element_type=self.preferred_element_type)
-
-
-# nnx float layer -> its quantized twin.  Exact types: a subclass may change ``__call__``.
-TWINS: dict[type, type] = {nnx.Linear: QLinear, nnx.LinearGeneral: QLinearGeneral,
-                           nnx.Einsum: QEinsum}
-QUANTIZED_LAYERS = tuple(TWINS.values())
 
 
 def _key(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _set_child(parent, key, child) -> None:
-  if isinstance(key, int) or isinstance(parent, (nnx.List, list)):
-    parent[key] = child
-  else:
-    setattr(parent, key, child)
+def _bias(layer):
+  return None if getattr(layer, "bias", None) is None else layer.bias.get_value()
+
+
+class _Quantized:
+  """Mixin of the quantized layer classes: the kernel path, and the float fallback."""
+  jq_path = "kernel"
+
+  def _jq_layer(self) -> str:
+    raise NotImplementedError
+
+  def _jq_float(self, base: type, kernel, inputs, args, kwargs, rows):
+    common.record_float(self.jq_path, self._jq_layer(), getattr(kernel, "dtype", "float32"), rows)
+    return base.__call__(self, inputs, *args, **kwargs)
+
+
+class QLinear(nnx.Linear, _Quantized):
+  """``nnx.Linear`` that runs a QArray kernel through ``jq.ops`` (a float kernel: as nnx does)."""
+
+  def _jq_layer(self) -> str:
+    return f"nnx.Linear({self.in_features}, {self.out_features})"
+
+  def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
+    kernel = self.kernel.get_value()
+    common.observe(self.jq_path, inputs)
+    if not isinstance(kernel, QArray):
+      rows = common.rows(inputs, (inputs.ndim - 1,)) if getattr(inputs, "ndim", 0) else None
+      return self._jq_float(nnx.Linear, kernel, inputs, args, kwargs, rows)
+    return common.dense_general(
+        inputs, kernel, _bias(self), axis=(-1,), batch_axes=(), features=(self.out_features,),
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+        path=self.jq_path, layer=self._jq_layer(),
+        preferred_element_type=self.preferred_element_type, **kwargs)
+
+
+class QLinearGeneral(nnx.LinearGeneral, _Quantized):
+  """``nnx.LinearGeneral`` that runs a QArray kernel through ``jq.ops``."""
+
+  def _jq_layer(self) -> str:
+    return f"nnx.LinearGeneral({self.in_features}, {self.out_features}, axis={self.axis})"
+
+  def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
+    kernel = self.kernel.get_value()
+    common.observe(self.jq_path, inputs)
+    if not isinstance(kernel, QArray):
+      return self._jq_float(nnx.LinearGeneral, kernel, inputs, args, kwargs, None)
+    return common.dense_general(
+        inputs, kernel, _bias(self), axis=self.axis, batch_axes=tuple(self.batch_axis),
+        features=self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
+        precision=self.precision, path=self.jq_path, layer=self._jq_layer(),
+        preferred_element_type=self.preferred_element_type, **kwargs)
+
+
+class QEinsum(nnx.Einsum, _Quantized):
+  """``nnx.Einsum`` that runs a QArray kernel through ``jq.ops``."""
+
+  def _jq_layer(self) -> str:
+    return f"nnx.Einsum({self.einsum_str!r}, {tuple(self.kernel_shape)})"
+
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None, *args, **kwargs):
+    kernel = self.kernel.get_value()
+    common.observe(self.jq_path, inputs)
+    if not isinstance(kernel, QArray):
+      return self._jq_float(nnx.Einsum, kernel, inputs, (einsum_str,) + args, kwargs, None)
+    if kwargs.get("out_sharding") is not None or args:
+      raise ValueError(f"{self.jq_path}: a quantized nnx.Einsum takes only inputs and einsum_str")
+    eq = einsum_str if einsum_str is not None else self.einsum_str
+    if eq is None:
+      raise ValueError(f"{self.jq_path}: no einsum_str given to the layer or the call")
+    return common.einsum_layer(
+        inputs, kernel, _bias(self), einsum_str=eq.replace(" ", ""),
+        kernel_shape=tuple(self.kernel_shape), dtype=self.dtype, param_dtype=self.param_dtype,
+        precision=self.precision, path=self.jq_path, layer=self._jq_layer(),
+        preferred_element_type=self.preferred_element_type)
+
+
+class QConv(nnx.Conv, _Quantized):
+  """``nnx.Conv`` that runs a QArray kernel through ``jq.ops``."""
+
+  def _jq_layer(self) -> str:
+    return f"nnx.Conv({self.in_features}, {self.out_features}, {tuple(self.kernel_size)})"
+
+  def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
+    kernel = self.kernel.get_value()
+    common.observe(self.jq_path, inputs)
+    if not isinstance(kernel, QArray):
+      return self._jq_float(nnx.Conv, kernel, inputs, args, kwargs, None)
+    if args or kwargs.get("out_sharding") is not None:
+      raise ValueError(f"{self.jq_path}: a quantized nnx.Conv takes only the input")
+    return conv.conv_layer(inputs, kernel, _bias(self), **conv.nnx_conv_attrs(self),
+                           path=self.jq_path, layer=self._jq_layer())
+
+
+# ---- which layers, with which layouts -------------------------------------------------------
+
+def _linear_layout(layer: nnx.Linear, shape) -> tuple[int, Layout]:
+  return len(shape) - 2, dataclasses.replace(
+      dense_layout(2), layer=f"nnx.Linear({layer.in_features}, {layer.out_features})")
+
+
+def _linear_general_layout(layer: nnx.LinearGeneral, shape) -> tuple[int, Layout]:
+  nb, ni, no = len(layer.batch_axis), len(layer.in_features), len(layer.out_features)
+  lay = Layout(batch=tuple(range(nb)), contracting=tuple(range(nb, nb + ni)),
+               channels=tuple(range(nb + ni, nb + ni + no)),
+               layer=f"nnx.LinearGeneral({layer.in_features}, {layer.out_features})")
+  return len(shape) - (nb + ni + no), lay
+
+
+def _einsum_layout(layer: nnx.Einsum, shape) -> tuple[int, Layout]:
+  one = tuple(layer.kernel_shape)
+  if layer.einsum_str is None:
+    raise _NotRunnable("its einsum_str is given only at call time")
+  eq = layer.einsum_str.replace(" ", "")
+  return len(shape) - len(one), einsum_layout(eq, one, layer=f"nnx.Einsum({eq!r}, {one})",
+                                              path="kernel")
+
+
+def _conv_layout(layer: nnx.Conv, shape) -> tuple[int, Layout]:
+  n = len(layer.kernel_size) + 2
+  return len(shape) - n, conv_layout(shape[len(shape) - n:],
+                                     f"nnx.Conv(kernel_size={tuple(layer.kernel_size)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  base: type
+  quantized: type
+  layout: Callable[[Any, tuple[int, ...]], tuple[int, Layout]]
+
+
+_KINDS = (_Kind(nnx.Linear, QLinear, _linear_layout),
+          _Kind(nnx.LinearGeneral, QLinearGeneral, _linear_general_layout),
+          _Kind(nnx.Einsum, QEinsum, _einsum_layout), _Kind(nnx.Conv, QConv, _conv_layout))
+QUANTIZED_LAYERS = tuple(k.quantized for k in _KINDS)
+LAYER_NAMES = ", ".join(f"nnx.{k.base.__name__}" for k in _KINDS)
+
+
+class _NotRunnable(Exception):
+  pass
+
+
+def _names_kernel(code: types.CodeType) -> bool:
+  if "kernel" in code.co_names:
+    return True
+  return any(isinstance(c, types.CodeType) and _names_kernel(c) for c in code.co_consts)
+
+
+def _kind_of(cls: type) -> _Kind:
+  """The adapted base of ``cls``; raises _NotRunnable with the reason when jq cannot run it."""
+  kind = next((k for k in _KINDS if issubclass(cls, k.base)), None)
+  if kind is None:
+    raise _NotRunnable(f"{cls.__name__} runs its own code on its params (jq runs {LAYER_NAMES})")
+  for c in cls.__mro__:
+    if c is kind.base or c is kind.quantized:
+      break
+    code = getattr(c.__dict__.get("__call__"), "__code__", None)
+    if code is not None and _names_kernel(code):
+      raise _NotRunnable(f"{c.__name__}.__call__ reads self.kernel itself")
+  return kind
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_class(cls: type) -> type:
+  """The class a layer of type ``cls`` takes in a quantized module (cached)."""
+  kind = _kind_of(cls)
+  if cls is kind.base or issubclass(cls, kind.quantized):
+    return kind.quantized
+  return type(f"Q{cls.__name__}", (cls, kind.quantized), {"__module__": cls.__module__})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleLayer:
+  """A layer of an nnx module that owns a ``kernel`` parameter."""
+  path: str
+  layer: Any
+  layout: Layout | None
+  stack: int        # number of stacked layers (1 if not stacked)
+  reason: str       # why jq cannot run it quantized ("" if it can)
+
+
+def module_layers(module: nnx.Module) -> list[ModuleLayer]:
+  """Every sub-module owning a ``kernel`` Param, with its layout read from the module."""
+  out = []
+  for path, layer in nnx.iter_modules(module):
+    var = getattr(layer, "kernel", None)
+    if not isinstance(var, nnx.Variable):
+      continue
+    kpath = _key(path + ("kernel",))
+    value = var.get_value()
+    shape = tuple(value.shape)
+    try:
+      kind = _kind_of(type(layer))
+      lead, lay = kind.layout(layer, shape)
+      if lead < 0:
+        raise _NotRunnable(f"its kernel of shape {shape} is smaller than the layer's")
+      lay = lay.stacked(lead)
+      lay.check(shape, name=kpath)
+      stack = 1
+      for a in range(lead):
+        stack *= shape[a]
+      out.append(ModuleLayer(kpath, layer, lay, stack, ""))
+    except _NotRunnable as e:
+      out.append(ModuleLayer(kpath, layer, None, 1, str(e)))
+  return out
+
+
+def layouts(module: nnx.Module) -> dict[str, Layout]:
+  """``{kernel path: Layout}`` (nnx.state paths) of every layer jq can run quantized."""
+  return {m.path: m.layout for m in module_layers(module) if m.layout is not None}
+
+
+def with_quantized_classes(module: nnx.Module, paths: Sequence[str] | None = None) -> nnx.Module:
+  """A clone of ``module`` whose runnable layers (those at ``paths``, default all) have their
+  quantized classes (they run float kernels as before, and report to explain and calibration)."""
+  new = nnx.clone(module)
+  for m in module_layers(new):
+    if m.layout is not None and (paths is None or m.path in paths):
+      m.layer.__class__ = quantized_class(type(m.layer))
+      m.layer.jq_path = m.path
+  return new
 
 
 def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
-                    act_scales: Mapping[str, Any] | None = None) -> nnx.Module:
-  """Returns a NEW module where Linear/LinearGeneral/Einsum layers with QArray kernels are twins.
+                    act_scales: Mapping[str, Any] | None = None,
+                    calibration_batches: Any = None) -> nnx.Module:
+  """Returns a NEW module whose layers with QArray kernels run quantized.
 
   Args:
     module: an nnx model (not modified).
-    qstate_or_rules: either ``jq.quantize_tree(nnx.state(module, nnx.Param), rules)`` (a State or
-      nested mapping whose paths are ``nnx.state`` paths, e.g. ``layers/0/attn/query/kernel``),
-      or a sequence of :class:`jq.Rule` to quantize the module's params with.
-    act_scales: calibrated static activation scales, when ``qstate_or_rules`` are rules.
+    qstate_or_rules: a sequence of :class:`jq.Rule` (layouts are read from the layers, see
+      :func:`layouts`; kernels of layers jq cannot run stay float and are reported by name), or a
+      quantized state, e.g. ``jq.quantize_tree(nnx.state(module, nnx.Param), rules,
+      layouts=jq.nn.layouts(module))`` or a loaded checkpoint.
+    act_scales: calibrated static activation scales ``{kernel path: (scale, zero_point)}``.
+    calibration_batches: inputs to calibrate static int8 activations when rules ask for them and
+      ``act_scales`` is not given: an iterable of arrays (or of argument tuples).
 
-  Every float leaf of the state is written to the copy as well (so a loaded quantized checkpoint
-  takes effect); layers the rules skipped stay float ``nnx`` layers.
+  Every float leaf of a given state is written to the copy as well (so a loaded quantized
+  checkpoint takes effect); kernel Variables keep their metadata (sharding annotations).
 
   Example:
     >>> qmodel = quantize_module(model, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
     >>> y = nnx.jit(lambda m, x: m(x))(qmodel, x)
 
   Raises:
-    ValueError: a QArray for a parameter that is not the kernel of a supported layer, a QArray
+    ValueError: a QArray for a parameter that is not the kernel of a layer jq runs, a QArray
       shape that disagrees with its layer, or an invalid QArray; messages name the path.
   """
   if isinstance(qstate_or_rules, Sequence) and all(isinstance(r, Rule) for r in qstate_or_rules):
-    qstate = quantize_tree(nnx.state(module, nnx.Param), qstate_or_rules, act_scales=act_scales)
+    from jq.nn import quantize as _quantize  # pylint: disable=import-outside-toplevel
+    qstate = _quantize.quantize_nnx_state(module, tuple(qstate_or_rules), act_scales=act_scales,
+                                          calibration_batches=calibration_batches)
   elif isinstance(qstate_or_rules, (nnx.State, Mapping)):
-    if act_scales is not None:
-      raise ValueError("quantize_module: act_scales only applies when rules are given")
+    if act_scales is not None or calibration_batches is not None:
+      raise ValueError("quantize_module: act_scales / calibration_batches only apply when rules "
+                       "are given")
     qstate = qstate_or_rules
   else:
     raise ValueError("quantize_module: pass a quantized nnx state (from jq.quantize_tree) or a "
                      f"sequence of jq.Rule, got {type(qstate_or_rules).__name__}")
   leaves = dict(leaves_with_paths(qstate))
   new = nnx.clone(module)
-  layers = list(nnx.iter_modules(new))
-  modules = dict(layers)
-  used: set[str] = set()
-  root = new
-  for path, layer in layers:
-    twin_cls = TWINS.get(type(layer))
-    kpath = _key(path + ("kernel",))
-    if twin_cls is None or not isinstance(leaves.get(kpath), QArray):
+  layers = {m.path: m for m in module_layers(new)}
+  owners = {_key(p): mod for p, mod in nnx.iter_modules(new)}
+  used = set()
+  for path, q in leaves.items():
+    if not isinstance(q, QArray):
       continue
-    bpath = _key(path + ("bias",))
-    bias = leaves[bpath] if bpath in leaves else _bias_value(layer)
-    twin = twin_cls.from_float(layer, leaves[kpath], bias, kpath)
-    used.update({kpath, bpath})
-    if not path:
-      root = twin
-    else:
-      _set_child(modules[path[:-1]], path[-1], twin)
-  unused = [p for p, v in leaves.items() if isinstance(v, QArray) and p not in used]
-  if unused:
-    by_key = {_key(p): m for p, m in layers}
-    owners = ", ".join(f"{p} ({type(by_key.get(p.rpartition('/')[0])).__name__}, shape "
-                       f"{leaves[p].shape})" for p in unused)
-    raise ValueError(f"quantize_module: {owners}: quantized parameters of layers that "
-                     f"jq.nn.nnx does not run quantized (supported: "
-                     f"{[c.__name__ for c in TWINS]} kernels); keep them in float with "
-                     "Rule(pattern=..., weight=None)")
+    m = layers.get(path)
+    if m is None or m.layout is None:
+      owner = type(m.layer if m is not None else owners.get(path.rpartition("/")[0])).__name__
+      why = m.reason if m is not None else "it is not a layer's kernel"
+      raise ValueError(f"quantize_module: {path} (shape {q.shape}, {q.qtype.value}) is quantized, "
+                       f"but its layer ({owner}) cannot run it: {why}; keep it in float with "
+                       f"Rule(pattern={path!r}, weight=None)")
+    old = tuple(m.layer.kernel.get_value().shape)
+    if tuple(q.shape) != old:
+      raise ValueError(f"quantize_module: {path}: QArray shape {q.shape} ({q.qtype.value}) does "
+                       f"not match the kernel of shape {old} of {m.layout.layer}")
+    q.validate(path)
+    m.layer.__class__ = quantized_class(type(m.layer))
+    m.layer.jq_path = path
+    m.layer.kernel.set_value(q)
+    used.add(path)
   rest = {p: v for p, v in leaves.items() if p not in used}
   if rest:
-    _write_float_leaves(root, rest)
-  return root
+    _write_float_leaves(new, rest)
+  return new
 
 
 def _write_float_leaves(root: nnx.Module, values: Mapping[str, Any]) -> None:
@@ -242,4 +340,5 @@ def _write_float_leaves(root: nnx.Module, values: Mapping[str, Any]) -> None:
     var.set_value(value)
 
 
-__all__ = ["QLinear", "QLinearGeneral", "QEinsum", "quantize_module", "TWINS", "QUANTIZED_LAYERS"]
+__all__ = ["QLinear", "QLinearGeneral", "QEinsum", "QConv", "quantize_module", "layouts",
+           "module_layers", "quantized_class", "with_quantized_classes", "QUANTIZED_LAYERS"]

@@ -15,3 +15,7 @@ __all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "Mode", "PerfNote", "Pro
            "route", "unregister", "weight_only_dot_general"]
 
 from jq.ops import kernels  # noqa: E402,F401  (registers the Pallas GPU kernels; see kernels.py)
+
+from jq.ops.conv import conv_general_dilated  # noqa: E402  (conv with a QArray kernel)
+
+__all__ += ["conv_general_dilated"]

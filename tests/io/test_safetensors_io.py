@@ -406,9 +406,14 @@ def test_save_rejects_rules_that_disagree(tmp_path):
     jq.io.save(tmp_path / "x.safetensors", tree,
                rules=[Rule(pattern="kernel", weight=QuantSpec(qtype=QType.INT4))])
   with pytest.raises(CheckpointError, match="not a QArray"):
-    jq.io.save(tmp_path / "x.safetensors", {"dense": {"kernel": _w(0, (16, 8))}},
-               rules=[Rule(pattern="kernel", weight=jq.W8A16)])
+    jq.io.save(tmp_path / "x.safetensors", {"dense": {"bias": _w(0, (8,))}},
+               rules=[Rule(pattern="bias", weight=jq.W8A16)])
   assert not (tmp_path / "x.safetensors").exists()
+  # a float kernel under a quantizing rule (jq kept its layer float): saved, and the header says so
+  jq.io.save(tmp_path / "k.safetensors", {"dense": {"kernel": _w(0, (16, 8))}},
+             rules=[Rule(pattern="kernel", weight=jq.W8A16)])
+  leaf = jq.io.load_header(tmp_path / "k.safetensors")["leaves"]["dense/kernel"]
+  assert leaf["rule"]["applied"] is False
 
 
 def test_save_rejects_unsupported_trees(tmp_path):

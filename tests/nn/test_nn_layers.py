@@ -32,10 +32,11 @@ def test_linen_layer_options():
   model = LinenLayers()
   variables = tm._fill(jax.eval_shape(model.init, jax.random.key(0), X3), 1)
   qapply = jqnn.quantized_apply(model)
+  lays = jqnn.layouts(model, variables, X3)
 
   @tm.fast_jit
   def run(v, x):
-    qv = jq.quantize_tree(v, RULES)
+    qv = jq.quantize_tree(v, RULES, layouts=lays)
     return qapply(qv, x), model.apply(jq.dequantize_tree(qv), x)
 
   got, want = run(variables, X3)
@@ -64,7 +65,7 @@ def test_nnx_layer_options():
 
   @tm.fast_jit
   def run(x):
-    qstate = jq.quantize_tree(nnx.state(model, nnx.Param), RULES)
+    qstate = jq.quantize_tree(nnx.state(model, nnx.Param), RULES, layouts=jqnn.layouts(model))
     ref = nnx.clone(model)
     nnx.update(ref, jq.dequantize_tree(qstate))
     return jqnn.quantize_module(model, qstate)(x), ref(x)

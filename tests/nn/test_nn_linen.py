@@ -66,16 +66,23 @@ def linen():
   return model, variables, tokens, y_float, ranges
 
 
+def _layouts(variables):
+  model, _, tokens = tm.linen_model()
+  return jqnn.layouts(model, variables, tokens)
+
+
 def _jit_quantize(variables, rules):
   """``quantize_tree`` as one compiled computation (much cheaper than op-by-op on CPU)."""
-  return jax.jit(lambda v: jq.quantize_tree(v, rules))(variables)
+  lays = _layouts(variables)
+  return jax.jit(lambda v: jq.quantize_tree(v, rules, layouts=lays))(variables)
 
 
 def _quantize(variables, ranges, wspec, act):
   scales = None
   if act is not None and act.mode is ActMode.STATIC:
     scales = tm.scales_from_ranges(ranges, act)
-  return jq.quantize_tree(variables, jq.default_rules(wspec, act), act_scales=scales)
+  return jq.quantize_tree(variables, jq.default_rules(wspec, act), act_scales=scales,
+                          layouts=_layouts(variables))
 
 
 @pytest.mark.parametrize("wspec,act", CASES, ids=IDS)
@@ -132,7 +139,8 @@ def test_module_and_apply_fn_give_the_same_function(linen):
 def test_skipped_layers_run_in_float_and_explain_says_so(linen):
   model, variables, tokens, _, _ = linen
   rules = (Rule(pattern=r"mlp/down_proj", weight=None),) + jq.default_rules(jq.W4A16_G32)
-  qvars = jax.eval_shape(lambda v: jq.quantize_tree(v, rules), variables)  # explain is abstract
+  lays = _layouts(variables)
+  qvars = jax.eval_shape(lambda v: jq.quantize_tree(v, rules, layouts=lays), variables)
   out = io.StringIO()
   routes = jqnn.explain(model, qvars, tokens, file=out)
   by_path = {r.path: r for r in routes}
@@ -150,8 +158,9 @@ def test_skipped_layers_run_in_float_and_explain_says_so(linen):
 
 def test_explain_int8_modes_and_gpu_warnings(linen):
   model, variables, tokens, _, ranges = linen
+  lays = _layouts(variables)
   quantize = lambda v, rules, scales=None: jax.eval_shape(
-      lambda v: jq.quantize_tree(v, rules, act_scales=scales), v)
+      lambda v: jq.quantize_tree(v, rules, act_scales=scales, layouts=lays), v)
   dyn = quantize(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
   modes = {r.mode for r in jqnn.explain(model, dyn, tokens, file=None)}
   assert modes == {"int8 dynamic", "float"}
@@ -177,7 +186,8 @@ def _replace(tree, path, value):
 
 @pytest.mark.parametrize("path,make,match", [
     ("params/block_0/attn/q_proj/kernel",
-     lambda w: jq.quantize(w[:40], jq.W8A16), r"shape \(40, 4, 12\).*\(48, 4, 12\)"),
+     lambda w: jq.quantize(w[:40], jq.W8A16, layout=jq.Layout(contracting=(0,), channels=(1, 2))),
+     r"shape \(40, 4, 12\).*\(48, 4, 12\)"),
     ("params/block_0/mlp/gate_proj/kernel",
      lambda w: dataclasses.replace(jq.quantize(w, _g(QType.INT8, 16)),
                                    activation=ActivationQuant(None, None, jq.A8_DYNAMIC)),
@@ -202,4 +212,5 @@ def test_bad_input_errors_name_the_layer(linen, path, make, match):
 def test_static_rules_without_calibration_are_refused(linen):
   _, variables, _, _, _ = linen
   with pytest.raises(ValueError, match="calibrated input scale"):
-    jq.quantize_tree(variables, jq.default_rules(jq.W8A16, jq.A8_STATIC))
+    jq.quantize_tree(variables, jq.default_rules(jq.W8A16, jq.A8_STATIC),
+                     layouts=_layouts(variables))

@@ -62,7 +62,8 @@ def test_quantized_module_matches_float_and_dequantized_reference(nnx_setup, wsp
 
   @tm.fast_jit
   def run(t):  # one compile: quantize, swap layers, run, reference
-    qstate = jq.quantize_tree(nnx.state(model, nnx.Param), rules, act_scales=scales)
+    qstate = jq.quantize_tree(nnx.state(model, nnx.Param), rules, act_scales=scales,
+                              layouts=jqnn.layouts(model))
     qmodel = jqnn.quantize_module(model, qstate)
     return qmodel(t), tm.nnx_reference(model, qstate, t), tm.relative_weight_error(qstate)
 
@@ -77,7 +78,8 @@ def test_quantized_module_matches_float_and_dequantized_reference(nnx_setup, wsp
 def quantized(nnx_setup):
   model, tokens, _, _ = nnx_setup
   rules = (Rule(pattern=r"mlp/down_proj", weight=None),) + jq.default_rules(jq.W4A16_G32)
-  qstate = jax.jit(lambda st: jq.quantize_tree(st, rules))(nnx.state(model, nnx.Param))
+  lays = jqnn.layouts(model)
+  qstate = jax.jit(lambda st: jq.quantize_tree(st, rules, layouts=lays))(nnx.state(model, nnx.Param))
   return model, tokens, qstate, jqnn.quantize_module(model, qstate)
 
 
@@ -155,8 +157,8 @@ def _edit(qstate, path, fn):
   return out
 
 
-def _quantize(x, spec):
-  return jax.jit(lambda x: jq.quantize(x, spec))(x)
+def _quantize(x, spec, layout=None):
+  return jax.jit(lambda x: jq.quantize(x, spec, layout=layout))(x)
 
 
 def test_bad_inputs_name_the_layer(quantized):
@@ -171,14 +173,15 @@ def test_bad_inputs_name_the_layer(quantized):
   bad = _edit(qstate, "blocks/0/ln_1/scale",
               lambda _: _quantize(raw["blocks/0/ln_1/scale"],
                                   QuantSpec(granularity=Granularity.TENSOR)))
-  with pytest.raises(ValueError, match=r"blocks/0/ln_1/scale.*LayerNorm"):
+  with pytest.raises(ValueError, match=r"blocks/0/ln_1/scale.*LayerNorm.*not a layer's kernel"):
     jqnn.quantize_module(model, bad)
   # int8 activations on an Einsum with group scales; static mode without a calibrated scale
   for path, q, match in [
       ("blocks/0/mlp/gate_proj/kernel",
        _quantize(raw["blocks/0/mlp/gate_proj/kernel"], QuantSpec(
            granularity=Granularity.GROUP, group_size=16)), "group scales"),
-      ("blocks/1/attn/v_proj/kernel", _quantize(raw["blocks/1/attn/v_proj/kernel"], jq.W8A16),
+      ("blocks/1/attn/v_proj/kernel", _quantize(raw["blocks/1/attn/v_proj/kernel"], jq.W8A16,
+                                                jqnn.layouts(model)["blocks/1/attn/v_proj/kernel"]),
        "needs a calibrated scale")]:
     spec = jq.A8_DYNAMIC if match == "group scales" else jq.A8_STATIC
     bad = _edit(qstate, path, lambda _: dataclasses.replace(

@@ -41,7 +41,9 @@ SCRIPT = textwrap.dedent("""
       tokens = tm.tokens(3, (8, 8))
       qapply = jax.jit(jqnn.quantized_apply(model))
       # linen: sub-byte group weights (weight-only); nnx below: int8 dynamic activations
-      qvars = jax.jit(lambda v: jq.quantize_tree(v, jq.default_rules(jq.W4A16_G32)))(variables)
+      lays = jqnn.layouts(model, variables, tokens)
+      qvars = jax.jit(lambda v: jq.quantize_tree(v, jq.default_rules(jq.W4A16_G32),
+                                                 layouts=lays))(variables)
       want = qapply(qvars, tokens)
       qs = shard(qvars)
       assert any(not l.sharding.is_fully_replicated for l in jax.tree_util.tree_leaves(qs))
@@ -53,7 +55,8 @@ SCRIPT = textwrap.dedent("""
       m, _ = tm.nnx_model()
       rules = jq.default_rules(jq.W8A16, jq.A8_DYNAMIC)
       qm = jqnn.quantize_module(
-          m, jax.jit(lambda st: jq.quantize_tree(st, rules))(nnx.state(m, nnx.Param)))
+          m, jax.jit(lambda st: jq.quantize_tree(st, rules, layouts=jqnn.layouts(m)))(
+              nnx.state(m, nnx.Param)))
       graphdef, state = nnx.split(qm)
       run = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
       want = run(state, tokens)

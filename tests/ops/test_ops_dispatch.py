@@ -133,7 +133,8 @@ def test_einsum_errors(eq, match):
 
 
 def test_matmul_needs_rank_2():
-  q = jq.quantize(jnp.ones((2, K, N)), jq.W8A16)
+  q = jq.quantize(jnp.ones((2, K, N)), jq.W8A16, layout=jq.Layout(contracting=(1,), channels=(2,),
+                                                                   batch=(0,)))
   with pytest.raises(ValueError, match="rank-2"):
     ops.matmul(_x(), q)
 

@@ -117,7 +117,8 @@ def test_dot_general_batch_and_multiple_contracting_axes():
     for spec in specs:
       q = jq.quantize(w, spec)
       out.append((ops.dot_general(x, q, dn), jax.lax.dot_general(x, q.dequantize(), dn)))
-    q2 = jq.quantize(w2, QuantSpec(qtype=QType.INT8))
+    q2 = jq.quantize(w2, QuantSpec(qtype=QType.INT8),
+                     layout=jq.Layout(contracting=(0, 1), channels=(2,)))
     out.append((ops.dot_general(x2, q2, dn2), jax.lax.dot_general(x2, q2.dequantize(), dn2)))
     q2a = _with_act(q2, ActivationSpec())
     xf = ops.fake_quant_activations(x2, (2, 3), q2a.activation)

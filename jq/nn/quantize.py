@@ -1,0 +1,136 @@
+"""Model-aware quantization: rules + the layouts read from the model (+ calibrated static scales).
+
+* linen: :func:`quantize_variables` traces the unchanged model abstractly to learn each kernel's
+  layout (``jq.nn.linen.layouts``), then calls ``jq.quantize_tree`` with them.
+* nnx: :func:`quantize_nnx_state` (behind ``jq.nn.quantize_module``) reads the layouts from the
+  modules.
+
+Kernels that a rule would quantize but whose layer jq cannot run quantized (custom code on its
+params, layer types jq does not adapt) stay float and are reported by name (a warning), never
+quantized into a model that would then fail or compute something else.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from jq.calibrate.collect import input_ranges
+from jq.calibrate.observers import act_params
+from jq.layout import Layout
+from jq.spec import ActMode, Rule
+from jq.tree import leaves_with_paths, plan, quantize_tree
+
+PyTree = Any
+
+
+def _as_args(batch) -> tuple:
+  return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Layout],
+                   reasons: Mapping[str, str]) -> tuple[tuple[Rule, ...], dict[str, str]]:
+  """``rules`` with a float rule in front for every leaf they quantize that no adapted layer runs.
+
+  Returns:
+    ``(rules, {path: why it stays float})``.
+  """
+  kept = {}
+  for p in plan(params, rules):
+    if p.quantized and p.path not in lays and len(p.shape) >= 2:
+      kept[p.path] = reasons.get(p.path, "no layer that jq runs quantized uses it")
+  if not kept:
+    return tuple(rules), {}
+  skips = tuple(Rule(pattern=f"^{re.escape(p)}$", weight=None, required=False) for p in kept)
+  listing = "; ".join(f"{p}: {why}" for p, why in kept.items())
+  warnings.warn(f"jq: {len(kept)} parameter(s) the rules would quantize stay float because their "
+                f"layer cannot run quantized: {listing}", stacklevel=3)
+  return skips + tuple(rules), kept
+
+
+def static_scales(rules: Sequence[Rule], params: PyTree, run, operands,
+                  batches: Iterable[Any] | None, stacks: Mapping[str, int]
+                  ) -> dict[str, tuple[Any, Any]]:
+  """Calibrated ``{path: (scale, zero_point)}`` for leaves whose rule asks for static int8
+  activations (per stacked layer for stacked kernels); ``{}`` when none does."""
+  wanted = {p.path: p.rule.activation for p in plan(params, rules)
+            if p.quantized and p.rule.activation is not None
+            and p.rule.activation.mode is ActMode.STATIC}
+  if not wanted:
+    return {}
+  if batches is None:
+    raise ValueError(f"rules ask for static int8 activations for {sorted(wanted)[:3]}...; pass "
+                     "calibration_batches=[inputs, ...] (or act_scales=) to calibrate them")
+  ranges = input_ranges(run, batches, paths=wanted, operands=operands,
+                        stacks={p: n for p, n in stacks.items() if p in wanted})
+  return {p: act_params(jnp.asarray(lo), jnp.asarray(hi), wanted[p]) for p, (lo, hi)
+          in ranges.items()}
+
+
+def quantize_variables(model, variables: PyTree, rules: Sequence[Rule], *example_args,
+                       act_scales: Mapping[str, Any] | None = None,
+                       calibration_batches: Iterable[Any] | None = None,
+                       **example_kwargs) -> PyTree:
+  """Quantizes a linen model's variables with scales that follow each layer's axes.
+
+  The model is traced abstractly with ``example_args``/``example_kwargs`` (what you pass to
+  ``model.apply`` after the variables) to learn each kernel's layout: Dense ``(in, out)``;
+  DenseGeneral per head and feature; Einsum from its subscripts; Conv per output feature with
+  window and input features contracting; ``nn.scan``/``nn.vmap`` stacks with one scale set per
+  layer.  Then :func:`jq.quantize_tree` runs with those layouts.
+
+  Args:
+    model: a linen module (or its ``apply``).
+    variables: its float variables (``nn.Partitioned`` boxes are kept; their values become
+      QArrays).
+    rules: ordered rules (first match wins).
+    *example_args, **example_kwargs: an example call (arrays may be ``jax.ShapeDtypeStruct``).
+    act_scales: calibrated static activation scales ``{kernel path: (scale, zero_point)}``.
+    calibration_batches: inputs (arrays, or tuples of arguments) to calibrate static int8
+      activations when a rule asks for them and ``act_scales`` is not given.
+
+  Example:
+    >>> qvars = jq.nn.quantize_variables(model, variables, jq.recipe_rules("w4a16-g128"), tokens)
+    >>> logits = jax.jit(jq.nn.quantized_apply(model))(qvars, tokens)
+  """
+  from jq.nn import linen  # pylint: disable=import-outside-toplevel
+  lays, stacks, owners = linen.layouts_and_stacks(model, variables, *example_args,
+                                                  **example_kwargs)
+  reasons = {}
+  for path, leaf in leaves_with_paths(variables):
+    owner = owners.get(path.rpartition("/")[0])
+    if owner is not None:
+      reasons[path] = f"{owner} runs its own code on it (jq runs {linen.LAYER_NAMES})"
+  rules, _ = runnable_rules(variables, rules, lays, reasons)
+  if act_scales is None:
+    qapply = linen.quantized_apply(model)
+    act_scales = static_scales(
+        rules, variables, lambda v, b: qapply(v, *_as_args(b), **example_kwargs), variables,
+        calibration_batches, stacks)
+  return quantize_tree(variables, rules, act_scales=act_scales, layouts=lays)
+
+
+def quantize_nnx_state(module, rules: Sequence[Rule], *,
+                       act_scales: Mapping[str, Any] | None = None,
+                       calibration_batches: Iterable[Any] | None = None) -> PyTree:
+  """``nnx.state(module, nnx.Param)`` quantized with the layouts read from the module's layers."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
+  layers = jnnx.module_layers(module)
+  lays = {m.path: m.layout for m in layers if m.layout is not None}
+  reasons = {m.path: m.reason for m in layers if m.layout is None}
+  state = nnx.state(module, nnx.Param)
+  rules, _ = runnable_rules(state, rules, lays, reasons)
+  if act_scales is None:
+    graphdef, full = nnx.split(jnnx.with_quantized_classes(module))
+    act_scales = static_scales(rules, state,
+                               lambda st, b: nnx.merge(graphdef, st)(*_as_args(b)), full,
+                               calibration_batches,
+                               {m.path: m.stack for m in layers if m.stack > 1})
+  return quantize_tree(state, rules, act_scales=act_scales, layouts=lays)
+
+
+__all__ = ["quantize_variables", "quantize_nnx_state", "runnable_rules", "static_scales"]

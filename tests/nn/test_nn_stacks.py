@@ -1,0 +1,58 @@
+"""``nn.vmap`` stacks: one scale set per stacked layer, calibrated static scales per layer."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+import jq.nn as jqnn
+
+
+class Expert(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(32, name="w")(x)
+
+
+class Experts(nn.Module):
+  shared_input: bool
+
+  @nn.compact
+  def __call__(self, x):
+    ve = nn.vmap(Expert, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=None if self.shared_input else 0, out_axes=0, axis_size=4)
+    return ve(name="experts")(x).sum(0)
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_vmap_stack_gets_per_layer_scales(shared_input):
+  model = Experts(shared_input)
+  x = jax.random.normal(jax.random.key(1), (3, 16) if shared_input else (4, 3, 16))
+  variables = model.init(jax.random.key(0), x)
+  k = np.array(variables["params"]["experts"]["w"]["kernel"])
+  k *= np.array([100.0, 1.0, 1.0, 0.01])[:, None, None]   # layers of very different scale
+  if not shared_input:
+    x = x * jnp.asarray([1.0, 2.0, 4.0, 8.0])[:, None, None]  # and inputs of different range
+  variables["params"]["experts"]["w"]["kernel"] = jnp.asarray(k)
+  lay = jqnn.layouts(model, variables, x)["params/experts/w/kernel"]
+  assert lay.batch == (0,) and lay.contracting == (1,) and lay.channels == (2,)
+  y_float = model.apply(variables, x)
+  for recipe in ("w8a16", "w8a8-static"):
+    qv = jqnn.quantize_variables(model, variables, jq.recipe_rules(recipe), x,
+                                 calibration_batches=[x])
+    q = qv["params"]["experts"]["w"]["kernel"]
+    assert q.tile == (1, 16, 1)
+    d = np.asarray(q.dequantize())
+    sq = [float(jq.sqnr(k[i], d[i])) for i in range(4)]
+    assert max(sq) - min(sq) < 1.0, sq
+    if recipe == "w8a8-static":
+      s = np.asarray(q.activation.scale)
+      assert s.shape == (4,)
+      if not shared_input:   # each layer's own input range: scales grow with the inputs
+        assert np.all(np.diff(s) > 0), s
+    y = jax.jit(jqnn.quantized_apply(model))(qv, x)
+    rel = float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
+    assert rel < 2e-2, (recipe, rel)
