@@ -42,33 +42,38 @@ from bench_common import (LMReference, fmt, jq_logits_fn, load_model, log,  # no
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One row: ``kind`` is "jq" (``recipe`` names a jq recipe, or ``spec`` a custom weight spec)
-  or "qwix" (``algo`` in rtn/gptq/awq, symmetric int4 with ``group``)."""
+  or "qwix" (``algo`` in rtn/gptq/awq, symmetric int4 with ``group``).  ``rule_options``
+  replaces the recipe's algorithm options in its rules (e.g. ``GPTQOptions(act_order=True)``);
+  ``options`` are ``PTQConfig`` fields (how the pipeline runs, e.g. ``sequential``)."""
   key: str
   kind: str
   method: str
   spec: str
   recipe: str | None = None
   options: tuple[tuple[str, Any], ...] = ()
+  rule_options: Any = None
   custom: str | None = None     # "int4sym-g32-<algo>" jq rows matched to qwix
   algo: str | None = None
   group: int | None = None
 
 
-def _jq(key, method, spec, recipe, **options):
+def _jq(key, method, spec, recipe, *, rule_options=None, **options):
   return Variant(key=key, kind="jq", method=method, spec=spec, recipe=recipe,
-                 options=tuple(sorted(options.items())))
+                 options=tuple(sorted(options.items())), rule_options=rule_options)
 
 
 def _variants() -> list[Variant]:
   """All rows, most important first (a partial run still answers the acceptance questions)."""
+  from jq.spec import GPTQOptions
+  act_order = GPTQOptions(act_order=True)
   v = []
   s = "w4a16-g128"
   v += [_jq(f"rtn-{s}", "RTN", s, s),
         _jq(f"gptq-{s}", "GPTQ", s, f"gptq-{s}"),
         _jq(f"awq-{s}", "AWQ", s, f"awq-{s}"),
         _jq(f"gptq-{s}-textbook", "GPTQ first-token weight 1", s, f"gptq-{s}",
-            gptq_first_token_weight=1.0),
-        _jq(f"gptq-{s}-actorder", "GPTQ act-order", s, f"gptq-{s}", gptq_act_order=True),
+            rule_options=GPTQOptions(first_token_weight=1.0)),
+        _jq(f"gptq-{s}-actorder", "GPTQ act-order", s, f"gptq-{s}-actorder"),
         _jq(f"gptq-{s}-nonseq", "GPTQ non-seq", s, f"gptq-{s}", sequential=False)]
   v += [_jq("w8a8-static", "RTN", "w8a8 static", "w8a8-static"),
         _jq("smoothquant-w8a8-static", "SmoothQuant", "w8a8 static", "smoothquant-w8a8-static"),
@@ -78,7 +83,7 @@ def _variants() -> list[Variant]:
   v += [_jq(f"rtn-{s}", "RTN", s, s),
         _jq(f"gptq-{s}", "GPTQ", s, f"gptq-{s}"),
         _jq(f"awq-{s}", "AWQ", s, f"awq-{s}"),
-        _jq(f"gptq-{s}-actorder", "GPTQ act-order", s, f"gptq-{s}", gptq_act_order=True)]
+        _jq(f"gptq-{s}-actorder", "GPTQ act-order", s, f"gptq-{s}", rule_options=act_order)]
   s = "w3a16-g128"
   v += [_jq(f"rtn-{s}", "RTN", s, s), _jq(f"gptq-{s}", "GPTQ", s, f"gptq-{s}"),
         _jq(f"awq-{s}", "AWQ", s, f"awq-{s}")]
@@ -91,8 +96,8 @@ def _variants() -> list[Variant]:
       v.append(Variant(key=f"qwix-{algo}-int4-g{g}", kind="qwix", method=method,
                        spec=f"int4 sym g{g}", algo=algo, group=g))
   s = "w4a16-g128"
-  v += [_jq(f"gptq-{s}-actorder-nonseq", "GPTQ act-order non-seq", s, f"gptq-{s}",
-            gptq_act_order=True, sequential=False)]
+  v += [_jq(f"gptq-{s}-actorder-nonseq", "GPTQ act-order non-seq", s, f"gptq-{s}-actorder",
+            sequential=False)]
   s = "w4a16-g32"
   v += [_jq(f"gptq-{s}-nonseq", "GPTQ non-seq", s, f"gptq-{s}", sequential=False)]
   return v
@@ -109,15 +114,16 @@ SMALL = ("w8a8-static", "smoothquant-w8a8-static")
 
 
 def _jq_rules_config(v: Variant):
-  from jq.ptq import recipes
+  """``(rules, PTQConfig)`` of a jq row: the algorithm options travel in the rules."""
   from jq.ptq.pipeline import PTQConfig
   from jq.qtypes import QType
-  from jq.spec import Algorithm, Granularity, QuantSpec, default_rules
+  from jq.spec import Algorithm, Granularity, QuantSpec, default_rules, recipe_rules
   if v.custom is None:
-    return recipes.rules(v.recipe), recipes.with_options(v.recipe, **dict(v.options))
+    return recipe_rules(v.recipe, options=v.rule_options), PTQConfig(**dict(v.options))
   spec = QuantSpec(qtype=QType.INT4, symmetric=True, granularity=Granularity.GROUP, group_size=32)
   algo = {"rtn": Algorithm.RTN, "gptq": Algorithm.GPTQ, "awq": Algorithm.AWQ}[v.custom]
-  return default_rules(spec, algorithm=algo), PTQConfig(**dict(v.options))
+  return (default_rules(spec, algorithm=algo, options=v.rule_options),
+          PTQConfig(**dict(v.options)))
 
 
 def run_jq(model, v: Variant, args):
@@ -218,7 +224,8 @@ def run_qwix(model, v: Variant, args):
 
 def _row(v: Variant) -> dict:
   return {"key": v.key, "kind": v.kind, "method": v.method, "spec": v.spec,
-          "options": dict(v.options), "recipe": v.recipe}
+          "options": dict(v.options), "recipe": v.recipe,
+          "rule_options": None if v.rule_options is None else dataclasses.asdict(v.rule_options)}
 
 
 def run(args) -> dict:

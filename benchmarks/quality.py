@@ -35,8 +35,7 @@ def _quantize(model, name: str, args):
   from jq.ptq import recipes
   rules = recipes.rules(name)
   t0 = time.perf_counter()
-  qvars, ref_vars, _ = app.quantize_model(model, rules, ptq_config=recipes.config(name),
-                                          calib_sequences=args.calib_sequences,
+  qvars, ref_vars, _ = app.quantize_model(model, rules, calib_sequences=args.calib_sequences,
                                           calib_len=args.calib_len)
   qvars = jax.block_until_ready(qvars)
   return rules, qvars, ref_vars, time.perf_counter() - t0

@@ -6,7 +6,7 @@ Works on the small model interface of ``models.registry`` (duck-typed: ``kind``,
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +34,10 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
                    calib_sequences: int = 32, calib_len: int = 512, progress: bool = False
                    ) -> tuple[Any, Any, list[str]]:
   """Returns ``(qvars, ref_vars, log)``: the quantized tree, the float tree it approximates
-  (with any AWQ/SmoothQuant scales folded in) and notes from calibration."""
+  (with any AWQ/SmoothQuant scales folded in) and notes from calibration.
+
+  The algorithms' options come from the rules (``Rule.options``); ``ptq_config`` only says how
+  the block-wise pipeline runs (sequential, chunk, sample_tokens)."""
   rules = tuple(rules)
   if model.kind == "causal_lm":
     if recipes.needs_calibration(rules):
@@ -46,11 +49,11 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
     lays = jqnn.layouts(model.module, model.variables, jax.ShapeDtypeStruct((1, 8), jnp.int32))
     return (jax.jit(lambda v: jqtree.quantize_tree(v, rules, layouts=lays))(model.variables),
             model.variables, [])
-  if recipes.needs_calibration(rules):
-    raise ValueError(f"{model.name}: calibration-based recipes (GPTQ/AWQ/SmoothQuant/static "
-                     "activations) are implemented for block-structured causal LMs; use an RTN "
-                     "recipe (w8a16, w4a16-g128, w8a8-dynamic, ...) for this encoder")
   state = float_variables(model)
+  if recipes.needs_calibration(rules):   # the generic road: any nnx model, no adapter
+    from jq.ptq import quantize_model as calibrated
+    res = calibrated(model.module, None, rules, model.calibration_batches(calib_sequences * 4))
+    return float_variables(dataclasses.replace(model, module=res.module)), res.ref, res.log
   return jqtree.quantize_tree(state, rules, layouts=jqnn.layouts(model.module)), state, []
 
 

@@ -40,19 +40,24 @@ def _table(head, rows) -> str:
 
 
 def _rules_for(args) -> tuple[Any, str]:
-  from jq import spec, spec_json
+  """``(rules, label)`` from ``--rules FILE`` or ``--recipe NAME``; errors name the flag."""
+  from jq import spec_json
   from jq.ptq import recipes
   if args.rules:
-    return spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
-  return recipes.rules(args.recipe), args.recipe
+    try:
+      return spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
+    except ValueError as e:
+      raise ValueError(f"--rules {args.rules}: {e}") from e
+  try:
+    return recipes.rules(args.recipe), args.recipe
+  except ValueError as e:
+    raise ValueError(f"--recipe: {e}") from e
 
 
-def _quantize_model(model, rules, recipe: str, args):
+def _quantize_model(model, rules, args):
   """Returns ``(qvars, ref_vars, log)``."""
   from jq import app
-  from jq.ptq import recipes
-  cfg = recipes.config(recipe) if not args.rules else None
-  return app.quantize_model(model, rules, ptq_config=cfg, calib_sequences=args.calib_sequences,
+  return app.quantize_model(model, rules, calib_sequences=args.calib_sequences,
                             calib_len=args.calib_len, progress=True)
 
 
@@ -62,12 +67,12 @@ def cmd_quantize(args) -> int:
   from jq import app
   from models import registry
   t0 = time.perf_counter()
+  rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
   _print(f"loading {args.model} ...")
   model = registry.load(args.model)
-  rules, recipe = _rules_for(args)
   _print(f"quantizing with {recipe} ...")
   t1 = time.perf_counter()
-  qvars, ref_vars, log = _quantize_model(model, rules, recipe, args)
+  qvars, ref_vars, log = _quantize_model(model, rules, args)
   t_quant = time.perf_counter() - t1
   for line in log:
     _print("  " + line)
@@ -247,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
   g = q.add_mutually_exclusive_group()
   g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=recipes.names(),
                  help=f"named recipe (default {DEFAULT_RECIPE})")
-  g.add_argument("--rules", help="JSON rules file (see jq.spec_json)")
+  g.add_argument("--rules", help="JSON rules file (see jq.spec_json); a rule's \"options\" "
+                 "hold its algorithm's settings, e.g. {\"algorithm\": \"gptq\", "
+                 "\"options\": {\"act_order\": true}}")
   q.add_argument("--out", help="output .safetensors path")
   q.add_argument("--worst", type=int, default=8, help="layers shown in the worst-SQNR table")
   q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")

@@ -276,6 +276,79 @@ class Algorithm(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQOptions:
+  """GPTQ (Frantar et al., 2022, arXiv:2210.17323) options of a rule.
+
+  Attributes:
+    act_order: process input channels by decreasing Hessian diagonal (groups stay contiguous).
+    damp: relative dampening added to the Hessian diagonal.
+    block_size: columns per lazy-update block.
+    first_token_weight: weight of each calibration sequence's first token in the Hessian
+      (``Σ w_t x_tᵀx_t``).  Position 0 is the attention sink every later token attends to, and
+      its inputs point in directions the other tokens rarely visit; with plain ``XᵀX`` (weight 1,
+      textbook GPTQ) GPTQ pushes its error into exactly those directions.  On SmolLM2 (w4a16
+      g128) that made the sink's q/k/v error ~10x RTN's and perplexity *worse* than RTN's (41.7
+      vs 38.0, float 29.1) although every layer's error on ordinary tokens was 2-5x lower; with
+      weight 16 GPTQ gives 35.1, with act-order 33.4 (``benchmarks/results/ptq_compare_cpu.md``;
+      16 was the best of 1/4/8/16/32/128/1024 in a sweep on 8 of the evaluation windows).  The
+      idea that these pivot tokens must be kept intact is IntactKV's (Liu et al., 2024,
+      arXiv:2403.01241).  Calibration captures a block's inputs once, so the GPTQ rules of one
+      block must agree on it.
+
+  Example:
+    >>> rules = default_rules(W4A16_G128, algorithm=Algorithm.GPTQ,
+    ...                       options=GPTQOptions(act_order=True))
+  """
+  act_order: bool = False
+  damp: float = 0.01
+  block_size: int = 128
+  first_token_weight: float = 16.0
+
+  def __post_init__(self):
+    if not isinstance(self.act_order, bool):
+      raise ValueError(f"GPTQOptions.act_order={self.act_order!r} must be a bool")
+    if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool)
+            and 0 < self.damp < float("inf")):
+      raise ValueError(f"GPTQOptions.damp={self.damp!r} must be a positive finite number")
+    if not (_is_int(self.block_size) and self.block_size >= 1):
+      raise ValueError(f"GPTQOptions.block_size={self.block_size!r} must be an int >= 1")
+    if not (isinstance(self.first_token_weight, (int, float))
+            and not isinstance(self.first_token_weight, bool)
+            and 0 <= self.first_token_weight < float("inf")):
+      raise ValueError(f"GPTQOptions.first_token_weight={self.first_token_weight!r} must be a "
+                       "finite number >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AWQOptions:
+  """AWQ (Lin et al., 2023, arXiv:2306.00978) options: ``grid`` scale exponents searched, and
+  whether the per-group clip search runs after scaling."""
+  grid: int = 20
+  clip: bool = True
+
+  def __post_init__(self):
+    if not (_is_int(self.grid) and self.grid >= 1):
+      raise ValueError(f"AWQOptions.grid={self.grid!r} must be an int >= 1")
+    if not isinstance(self.clip, bool):
+      raise ValueError(f"AWQOptions.clip={self.clip!r} must be a bool")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmoothQuantOptions:
+  """SmoothQuant (Xiao et al., 2022, arXiv:2211.10438): migration strength ``alpha`` in [0, 1]."""
+  alpha: float = 0.5
+
+  def __post_init__(self):
+    if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+            and 0.0 <= self.alpha <= 1.0):
+      raise ValueError(f"SmoothQuantOptions.alpha={self.alpha!r} must be in [0, 1]")
+
+
+ALGORITHM_OPTIONS = {Algorithm.GPTQ: GPTQOptions, Algorithm.AWQ: AWQOptions,
+                     Algorithm.SMOOTHQUANT: SmoothQuantOptions}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
   """Path regex -> how to treat matching leaves.  Rules are ordered; the first match wins.
 
@@ -284,12 +357,15 @@ class Rule:
     weight: the weight spec, or ``None`` to keep matching leaves in float (skip).
     activation: ``None`` for weight-only; otherwise int8 activations (dynamic or static).
     algorithm: rounding algorithm for the weight.
+    options: the algorithm's options (:class:`GPTQOptions`, :class:`AWQOptions`,
+      :class:`SmoothQuantOptions`); None: its defaults (see :attr:`algorithm_options`).
     required: a required rule that matches no leaf is an error (catches typos in patterns).
   """
   pattern: str
   weight: QuantSpec | None
   activation: ActivationSpec | None = None
   algorithm: Algorithm = Algorithm.RTN
+  options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None
   required: bool = True
 
   def __post_init__(self):
@@ -306,6 +382,20 @@ class Rule:
       raise ValueError(f"Rule {self.pattern!r}: int8 x int8 matmuls need per-channel or per-tensor "
                        "weight scales (group scales do not factor out of the integer dot)")
 
+    if self.options is not None:
+      want = ALGORITHM_OPTIONS.get(self.algorithm)
+      if want is None or not isinstance(self.options, want):
+        raise ValueError(f"Rule {self.pattern!r}: options {type(self.options).__name__} do not "
+                         f"belong to algorithm {self.algorithm.value}")
+
+  @property
+  def algorithm_options(self) -> GPTQOptions | AWQOptions | SmoothQuantOptions | None:
+    """The options in effect: ``options``, or the algorithm's defaults (None for RTN)."""
+    if self.options is not None:
+      return self.options
+    cls = ALGORITHM_OPTIONS.get(self.algorithm)
+    return None if cls is None else cls()
+
   def matches(self, path: str) -> bool:
     return re.search(self.pattern, path) is not None
 
@@ -321,12 +411,20 @@ SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln_|layernorm", r"(^|/)bias$", r"lm_head|
 
 
 def default_rules(weight: QuantSpec | None, activation: ActivationSpec | None = None, *,
-                  algorithm: Algorithm = Algorithm.RTN, kernel_pattern: str = r"(^|/)kernel$"
-                  ) -> tuple[Rule, ...]:
-  """Skip embeddings, norms, biases and the output head; quantize every other ``kernel``."""
+                  algorithm: Algorithm = Algorithm.RTN,
+                  options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None,
+                  kernel_pattern: str = r"(^|/)kernel$") -> tuple[Rule, ...]:
+  """Skip embeddings, norms, biases and the output head; quantize every other ``kernel``.
+
+  ``algorithm`` and its ``options`` (see :class:`Rule`) go to the kernel rule.
+
+  Example:
+    >>> rules = default_rules(W4A16_G128, algorithm=Algorithm.GPTQ,
+    ...                       options=GPTQOptions(act_order=True))
+  """
   skips = tuple(Rule(pattern=p, weight=None, required=False) for p in SKIP_PATTERNS)
   return skips + (Rule(pattern=kernel_pattern, weight=weight, activation=activation,
-                       algorithm=algorithm),)
+                       algorithm=algorithm, options=options),)
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -354,9 +452,55 @@ RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
 }
 
 
-def recipe_rules(name: str) -> tuple[Rule, ...]:
-  """Default rules for a named RTN recipe (see ``RECIPES``)."""
-  if name not in RECIPES:
-    raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-  w, a = RECIPES[name]
-  return default_rules(w, a)
+# Calibration recipes: an RTN recipe above (its weight and activation specs), the algorithm that
+# rounds the kernels, and the algorithm's options (None: its defaults).
+ALGORITHM_RECIPES: dict[str, tuple[str, Algorithm,
+                                   GPTQOptions | AWQOptions | SmoothQuantOptions | None]] = {
+    "gptq-w4a16-g128": ("w4a16-g128", Algorithm.GPTQ, None),
+    "gptq-w4a16-g128-actorder": ("w4a16-g128", Algorithm.GPTQ, GPTQOptions(act_order=True)),
+    "gptq-w4a16-g32": ("w4a16-g32", Algorithm.GPTQ, None),
+    "gptq-w3a16-g128": ("w3a16-g128", Algorithm.GPTQ, None),
+    "awq-w4a16-g128": ("w4a16-g128", Algorithm.AWQ, None),
+    "awq-w4a16-g32": ("w4a16-g32", Algorithm.AWQ, None),
+    "awq-w3a16-g128": ("w3a16-g128", Algorithm.AWQ, None),
+    "smoothquant-w8a8": ("w8a8-dynamic", Algorithm.SMOOTHQUANT, None),
+    "smoothquant-w8a8-static": ("w8a8-static", Algorithm.SMOOTHQUANT, None),
+}
+
+
+def recipe_names() -> list[str]:
+  """Every named recipe: the RTN ones (``RECIPES``), then the calibration ones
+  (``ALGORITHM_RECIPES``), each sorted."""
+  return sorted(RECIPES) + sorted(ALGORITHM_RECIPES)
+
+
+def recipe_rules(name: str, *,
+                 options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None
+                 ) -> tuple[Rule, ...]:
+  """Default rules (see :func:`default_rules`) of a named recipe (see :func:`recipe_names`).
+
+  Args:
+    name: e.g. ``"w4a16-g128"`` or ``"gptq-w4a16-g128-actorder"``.
+    options: replaces the recipe's algorithm options (their class must match its algorithm).
+
+  Example:
+    >>> recipe_rules("gptq-w4a16-g128", options=GPTQOptions(first_token_weight=1.0))
+
+  Raises:
+    ValueError: unknown name (the message lists the known ones), or options that do not belong
+      to the recipe's algorithm.
+  """
+  if name in RECIPES:
+    base, algorithm, opts = name, Algorithm.RTN, None
+  elif name in ALGORITHM_RECIPES:
+    base, algorithm, opts = ALGORITHM_RECIPES[name]
+  else:
+    raise ValueError(f"unknown recipe {name!r}; choose one of {recipe_names()}")
+  if options is not None:
+    want = ALGORITHM_OPTIONS.get(algorithm)
+    if want is None or not isinstance(options, want):
+      raise ValueError(f"recipe {name!r} uses {algorithm.value}; options "
+                       f"{type(options).__name__} do not belong to it")
+    opts = options
+  w, a = RECIPES[base]
+  return default_rules(w, a, algorithm=algorithm, options=opts)

@@ -7,8 +7,11 @@ Example rules file::
     {"pattern": "layers_0/", "weight": {"qtype": "int8", "granularity": "channel"}},
     {"pattern": "kernel$", "weight": {"qtype": "uint4", "symmetric": false,
                                       "granularity": "group", "group_size": 128},
-     "algorithm": "gptq"}
+     "algorithm": "gptq", "options": {"act_order": true, "damp": 0.01}}
   ]
+
+``options`` holds the rule's algorithm options (``jq.spec.GPTQOptions``, ``AWQOptions`` or
+``SmoothQuantOptions``, chosen by ``algorithm``); fields left out keep their defaults.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from jq.qtypes import QType
-from jq.spec import (ActivationSpec, ActMode, Algorithm, Clip, ClipMethod, Granularity, QuantSpec,
-                     Rule)
+from jq.spec import (ALGORITHM_OPTIONS, ActivationSpec, ActMode, Algorithm, AWQOptions, Clip,
+                     ClipMethod, GPTQOptions, Granularity, QuantSpec, Rule, SmoothQuantOptions)
 
 _ENUMS = {"qtype": QType, "granularity": Granularity, "method": ClipMethod, "mode": ActMode,
           "algorithm": Algorithm}
@@ -80,10 +83,41 @@ def rule_to_json(rule: Rule) -> dict[str, Any]:
   return _to_json(rule)
 
 
+def options_from_json(d: dict[str, Any] | None, algorithm: Algorithm, where: str = "options"
+                      ) -> GPTQOptions | AWQOptions | SmoothQuantOptions | None:
+  """The options object of ``algorithm`` from its JSON form (``None``: the defaults).
+
+  Raises:
+    ValueError: naming the JSON location (``where.field``): an algorithm without options, an
+      unknown field, or a value of the wrong type or range.
+  """
+  if d is None:
+    return None
+  cls = ALGORITHM_OPTIONS.get(algorithm)
+  if cls is None:
+    raise ValueError(f"{where}: algorithm {algorithm.value!r} takes no options; drop 'options' "
+                     f"or set 'algorithm' to one of {[a.value for a in ALGORITHM_OPTIONS]}")
+  if not isinstance(d, dict):
+    raise ValueError(f"{where}: expected an object of {algorithm.value} options, got "
+                     f"{type(d).__name__}")
+  names = [f.name for f in dataclasses.fields(cls)]
+  for k, v in d.items():
+    if k not in names:
+      raise ValueError(f"{where}.{k}: unknown {algorithm.value} option; known: {names}")
+    try:
+      cls(**{k: v})  # each field checked alone, so the message names the field at fault
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}.{k}: {v!r}: {e}") from e
+  return cls(**d)
+
+
 def rule_from_json(d: dict[str, Any], where: str = "rule") -> Rule:
   if not isinstance(d, dict) or "pattern" not in d:
     raise ValueError(f"{where}: a rule needs at least 'pattern' and 'weight'")
   d = dict(d)
+  names = {f.name for f in dataclasses.fields(Rule)}
+  if set(d) - names:
+    raise ValueError(f"{where}: unknown field(s) {sorted(set(d) - names)}; known: {sorted(names)}")
   d["weight"] = spec_from_json(d.get("weight"), f"{where}.weight")
   d["activation"] = activation_from_json(d.get("activation"), f"{where}.activation")
   if "algorithm" in d:
@@ -92,10 +126,13 @@ def rule_from_json(d: dict[str, Any], where: str = "rule") -> Rule:
     except ValueError as e:
       raise ValueError(f"{where}: algorithm={d['algorithm']!r} is not one of "
                        f"{[a.value for a in Algorithm]}") from e
-  names = {f.name for f in dataclasses.fields(Rule)}
-  if set(d) - names:
-    raise ValueError(f"{where}: unknown field(s) {sorted(set(d) - names)}; known: {sorted(names)}")
-  return Rule(**d)
+  if "options" in d:
+    d["options"] = options_from_json(d["options"], d.get("algorithm", Algorithm.RTN),
+                                     f"{where}.options")
+  try:
+    return Rule(**d)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
 
 
 def rules_to_json(rules: Sequence[Rule]) -> str:

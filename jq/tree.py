@@ -97,8 +97,11 @@ def _check_rule_fits(path: str, leaf, rule: Rule) -> None:
     raise ValueError(f"{where}: per-channel/group quantization of a rank-{leaf.ndim} tensor; "
                      "skip it with a rule (weight=None) or use Granularity.TENSOR")
   if rule.algorithm is not Algorithm.RTN:
-    raise ValueError(f"{path}: rule asks for {rule.algorithm.value}, which needs calibration data; "
-                     "use jq.ptq.quantize_model(...) instead of quantize_tree")
+    raise ValueError(f"{where}: the rule asks for {rule.algorithm.value}, which needs "
+                     "calibration data; use "
+                     "jq.ptq.quantize_model(model, variables, rules, batches) instead of "
+                     "quantize_tree (on the command line: jq-quant quantize --recipe NAME or "
+                     "--rules FILE)")
 
 
 def quantize_tree(params: PyTree, rules: Sequence[Rule], *,

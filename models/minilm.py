@@ -428,6 +428,20 @@ def _batch_rows(n: int, batch_size: int) -> int:
   return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
+def calibration_batches(tokenizer: tokenizers.Tokenizer, sentences: Sequence[str], *,
+                        batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """``(input_ids, attention_mask, token_type_ids)`` batches of ``sentences`` (the encoder's call
+  arguments), sorted by length and padded to a bucket, for ``jq.ptq.quantize_model``."""
+  encs = tokenizer.encode_batch(list(sentences))
+  order = np.argsort([sum(e.attention_mask) for e in encs], kind="stable")
+  out = []
+  for start in range(0, len(encs), batch_size):
+    b = _pack(tokenizer, [encs[i] for i in order[start:start + batch_size]], length=None,
+              rows=None)
+    out.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+  return out
+
+
 def embed_sentences(model: BertEncoder, tokenizer: tokenizers.Tokenizer, sentences: Sequence[str],
                     *, batch_size: int = 32) -> np.ndarray:
   """Unit-norm sentence embeddings ``(N, hidden)`` float32: mean pooling + L2 normalisation.

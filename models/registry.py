@@ -72,6 +72,12 @@ class Encoder:
     from models import minilm
     return minilm.embed_sentences(module, self.tokenizer, sentences)
 
+  def calibration_batches(self, n: int = 128, batch_size: int = 16) -> list[tuple]:
+    """Calibration inputs from the calibration split (disjoint from the evaluation sentences)."""
+    from models import minilm, text
+    return minilm.calibration_batches(self.tokenizer, text.sentences(n, split="calib"),
+                                      batch_size=batch_size)
+
   def eval_sentences(self, n: int = 256) -> list[str]:
     from models import text
     return text.sentences(n, split="eval")

@@ -88,7 +88,7 @@ class GPTQInfo(NamedTuple):
 def _fq_row(w: jax.Array, s: jax.Array, z: jax.Array | None, spec: QuantSpec) -> jax.Array:
   """Dequantized row ``w`` (N,) on jq's grid with per-element scale ``s`` / zero point ``z``."""
   elem = dataclasses.replace(spec, granularity=Granularity.CHANNEL, channel_axes=(0, 1),
-                             group_size=None, clip=Clip())
+                             group_axis=None, group_size=None, clip=Clip())
   q = quantize_with_params(w[None], s[None], None if z is None else z[None], elem)
   return q.dequantize(jnp.float32)[0]
 

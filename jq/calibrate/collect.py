@@ -1,89 +1,279 @@
 """Collecting the inputs of every quantizable layer while the UNCHANGED model runs.
 
-The Flax adapters (``jq.nn``) call ``jq.nn.common.observe(kernel path, input)`` for every layer
-they adapt, float or quantized; :func:`input_ranges` installs an observer that sends each input's
-range to the host with ``jax.debug.callback``.  That works inside ``nn.scan``/``nnx.scan`` stacks,
-whose layers share one traced body: the callbacks of a stacked layer arrive in layer order, so the
-k-th of ``n·L`` calls in one model call belongs to layer ``k // n``.
+The Flax adapters (``jq.nn``) call ``jq.nn.common.observe(kernel path, input, input axes)`` for
+every layer they adapt, float or quantized.  :func:`collect` installs an observer that folds each
+wanted layer's input into fixed-size statistics *inside* the jitted model (``XᵀX`` over the
+flattened contracting axes, per-channel ``max|x|``, ``Σ|x|``, min and max, an evenly spaced token
+sample) and sends them to the host with ``jax.debug.callback``, where they are summed.  That works
+inside ``nn.scan``/``nnx.scan`` stacks, whose layers share one traced body: the callbacks of a
+stacked layer arrive in layer order, so the k-th of ``n·L`` calls in one model call belongs to
+layer ``k // n``; under ``vmap`` the callback receives one value per mapped layer, and an input
+shared by all of them (``in_axes=None``) counts for each.  Layers reading the same input (q, k and
+v after one norm) share one computation of the statistics.
 """
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Collection, Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq.calibrate.stats import LayerStats
 
-def input_ranges(run: Callable[[Any, Any], Any], batches: Iterable[Any], *, paths: Collection[str],
-                 stacks: Mapping[str, int] | None = None, operands: Any = None
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Per-tensor ``(min, max)`` of each layer's input over all calibration batches.
+
+@dataclasses.dataclass(frozen=True)
+class Want:
+  """What to collect for one layer.
+
+  Attributes:
+    stack: number of stacked layers (1 if not stacked): results get a leading ``(L,)`` axis.
+    xtx: accumulate ``XᵀX`` (GPTQ, AWQ, SmoothQuant); needs the input to map onto the kernel's
+      contracting axes.
+    samples: tokens to keep (AWQ's searches), 0 for none.
+    first_token_weight: weight of position 0 along the input's second free axis (a sequence's
+      first token) in ``XᵀX``.
+  """
+  stack: int = 1
+  xtx: bool = False
+  samples: int = 0
+  first_token_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+  """Statistics of one layer's input (arrays get a leading ``(L,)`` axis for stacked layers).
+
+  Attributes:
+    stats: :class:`LayerStats` over the flattened contracting axes (K), or None when not asked
+      for or when the input does not map onto the kernel (then ``lo``/``hi`` are per tensor).
+    lo, hi: per-channel ``(K,)`` (or per-tensor ``(1,)``) min and max.
+    samples: ``(S, K)`` token sample, or None.
+  """
+  stats: LayerStats | None
+  lo: np.ndarray
+  hi: np.ndarray
+  samples: np.ndarray | None
+
+
+class _Acc:
+  """Host-side sums of one layer's statistics, per stacked layer."""
+
+  def __init__(self, want: Want, path: str):
+    self.want, self.path = want, path
+    self.layers: list[dict[str, Any] | None] = [None] * want.stack
+
+  def add(self, i: int, part: dict[str, np.ndarray]) -> None:
+    cur = self.layers[i]
+    if cur is None:
+      self.layers[i] = {k: (np.asarray(v, np.float64) if k in ("xtx", "abssum") else
+                            [v] if k == "samples" else np.asarray(v)) for k, v in part.items()}
+      return
+    for k, v in part.items():
+      if k in ("xtx", "abssum", "count", "nonfinite"):
+        cur[k] = cur[k] + v
+      elif k in ("absmax", "hi"):
+        cur[k] = np.maximum(cur[k], v)
+      elif k == "lo":
+        cur[k] = np.minimum(cur[k], v)
+      elif k == "samples":
+        cur[k].append(v)
+
+  def result(self) -> LayerInputs:
+    if any(c is None for c in self.layers):
+      raise ValueError(f"{self.path}: this layer never ran on the calibration batches")
+    def stack(fn):
+      vals = [fn(c) for c in self.layers]
+      return vals[0] if self.want.stack == 1 else np.stack(vals)
+    stats = None
+    if "xtx" in self.layers[0]:
+      stats = LayerStats(
+          xtx=jnp.asarray(stack(lambda c: c["xtx"]), jnp.float32),
+          count=jnp.asarray(stack(lambda c: np.int32(c["count"])), jnp.int32),
+          absmax=jnp.asarray(stack(lambda c: c["absmax"]), jnp.float32),
+          abssum=jnp.asarray(stack(lambda c: c["abssum"]), jnp.float32),
+          nonfinite=jnp.asarray(stack(lambda c: np.int32(c["nonfinite"])), jnp.int32))
+    samples = None
+    if "samples" in self.layers[0]:
+      def pick(c):
+        rows = np.concatenate(c["samples"])
+        idx = np.linspace(0, len(rows) - 1, min(self.want.samples, len(rows))).astype(np.int64)
+        return rows[idx]
+      samples = stack(pick)
+    return LayerInputs(stats, np.asarray(stack(lambda c: c["lo"]), np.float32),
+                       np.asarray(stack(lambda c: c["hi"]), np.float32), samples)
+
+
+def _flatten(x: jax.Array, x_axes) -> tuple[jax.Array, jax.Array | None]:
+  """``(tokens, K)`` rows of ``x`` with its contracting axes last (kernel order), and the free
+  axes' shape (for token weights)."""
+  free = [a for a in range(x.ndim) if a not in x_axes]
+  xt = jnp.transpose(x, free + list(x_axes))
+  k = int(np.prod([x.shape[a] for a in x_axes], dtype=np.int64))
+  return xt.reshape(-1, k).astype(jnp.float32), tuple(x.shape[a] for a in free)
+
+
+def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int) -> dict[str, jax.Array]:
+  """The per-call statistics of one input (traced, inside the model)."""
+  if x_axes is None or not want.xtx and not want.samples:
+    xf = x.astype(jnp.float32)
+    fin = jnp.isfinite(xf)
+    xz = jnp.where(fin, xf, 0.0)
+    return {"lo": jnp.min(xz).reshape(1), "hi": jnp.max(xz).reshape(1),
+            "nonfinite": jnp.sum(~fin, dtype=jnp.int32)}
+  flat, free_shape = _flatten(x, x_axes)
+  fin = jnp.isfinite(flat)
+  flat = jnp.where(fin, flat, 0.0)
+  out = {"lo": jnp.min(flat, axis=0), "hi": jnp.max(flat, axis=0),
+         "nonfinite": jnp.sum(~fin, dtype=jnp.int32)}
+  if want.xtx:
+    ax = jnp.abs(flat)
+    xw = flat
+    if want.first_token_weight != 1.0 and len(free_shape) >= 2:
+      tw = jnp.ones(free_shape, jnp.float32).at[:, 0].set(want.first_token_weight)
+      xw = flat * tw.reshape(-1, 1)
+    out.update(xtx=jax.lax.dot_general(xw, flat, (((0,), (0,)), ((), ())),
+                                       precision=jax.lax.Precision.HIGHEST,
+                                       preferred_element_type=jnp.float32),
+               count=jnp.int32(flat.shape[0]), absmax=jnp.max(ax, axis=0),
+               abssum=jnp.sum(ax, axis=0))
+  if want.samples:
+    idx = jnp.linspace(0, flat.shape[0] - 1, min(per_call_samples, flat.shape[0])).astype(jnp.int32)
+    out["samples"] = flat[idx]
+  return out
+
+
+def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mapping[str, Want], *,
+            operands: Any = None) -> dict[str, LayerInputs]:
+  """Runs the model over ``batches`` and returns the statistics of each wanted layer's input.
 
   Args:
-    run: ``run(operands, batch)`` runs the model once through jq's adapters (it is jitted here,
-      with ``operands``, e.g. the variables, as an argument rather than a constant).
-    batches: calibration inputs; each is passed to ``run`` as is.
-    paths: kernel paths whose inputs are wanted.
-    stacks: ``{path: number of stacked layers}``: those paths get one range per layer, shape
-      ``(L,)``; others shape ``()``.
+    run: ``run(operands, batch)`` runs the model once through jq's adapters (jitted here, with
+      ``operands``, e.g. the variables or an nnx state, as an argument rather than a constant).
+    batches: calibration inputs, each passed to ``run`` as is.
+    wants: ``{kernel path: Want}``.
+    operands: passed to ``run``.
 
   Raises:
-    ValueError: no batch, a wanted layer never ran, a non-finite input (naming the layer), or a
-      stacked layer whose calls do not divide into its layers.
+    ValueError: no batch; a wanted layer never ran; a non-finite input (naming the layer and the
+      batch); ``XᵀX`` asked for a layer whose input does not map onto its kernel; a stacked layer
+      whose calls do not divide into its layers.
   """
   from jq.nn import common  # pylint: disable=import-outside-toplevel  (jq.nn imports calibrate)
-  paths, stacks = set(paths), dict(stacks or {})
-  seen: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+  batches = list(batches)
+  if not batches:
+    raise ValueError("calibration: no batches were given")
+  per_call = {p: -(-w.samples // len(batches)) for p, w in wants.items() if w.samples}
+  seen: dict[str, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
 
-  def host(path, lo, hi):  # (arrays when vmapped: one entry per mapped layer)
-    seen[path].extend(zip(np.ravel(lo).tolist(), np.ravel(hi).tolist()))
-
-  def observer(path, x):
-    if path in paths:
-      xf = jnp.asarray(x).astype(jnp.float32)
-      jax.debug.callback(lambda lo, hi, p=path: host(p, lo, hi), jnp.min(xf), jnp.max(xf))
+  def host(path, part):
+    part = {k: np.asarray(v) for k, v in part.items()}
+    lead = part["nonfinite"].ndim  # > 0 when vmapped: one entry per mapped layer
+    if lead == 0:
+      seen[path].append(part)
+    else:
+      for i in range(part["nonfinite"].shape[0]):
+        seen[path].append({k: v[i] for k, v in part.items()})
 
   def observed(ops, batch):
+    cache: dict[tuple[int, Any], dict[str, jax.Array]] = {}
+    keep = []
+
+    def observer(path, x, x_axes):
+      want = wants.get(path)
+      if want is None:
+        return
+      if want.xtx and x_axes is None:
+        raise ValueError(f"{path}: this layer's input does not map onto its kernel's contracting "
+                         "axes (a convolution, dot batch dims or summed einsum axes); GPTQ, AWQ "
+                         "and SmoothQuant are not available for it: use RTN")
+      key = (id(x), x_axes, want.xtx, want.samples, want.first_token_weight)
+      if key not in cache:
+        keep.append(x)
+        cache[key] = _statistics(x, x_axes, want, per_call.get(path, 0))
+      jax.debug.callback(lambda part, p=path: host(p, part), cache[key])
+
     with common.observing(observer):
       return run(ops, batch)
 
   step = jax.jit(observed)
-  lo: dict[str, np.ndarray] = {}
-  hi: dict[str, np.ndarray] = {}
-  n_batches = 0
-  for i, batch in enumerate(batches):
+  accs = {p: _Acc(w, p) for p, w in wants.items()}
+  for b, batch in enumerate(batches):
     seen.clear()
     jax.block_until_ready(step(operands, batch))
     jax.effects_barrier()
-    n_batches += 1
     for path, calls in seen.items():
-      r = np.asarray(calls, np.float64)
-      if not np.all(np.isfinite(r)):
-        raise ValueError(f"{path}: calibration batch {i} gives this layer a non-finite input")
-      n = stacks.get(path, 1)
-      if len(r) == 1 and n > 1:  # one input shared by every stacked layer (vmap, in_axes=None)
-        r = np.repeat(r, n, axis=0)
-      if len(r) % n:
-        raise ValueError(f"{path}: {len(r)} calls in one model call do not divide into its {n} "
-                         "stacked layers")
-      r = r.reshape(n, -1, 2)
-      b_lo, b_hi = r[..., 0].min(axis=1), r[..., 1].max(axis=1)
-      if path in stacks:
-        lo[path] = np.minimum(lo[path], b_lo) if path in lo else b_lo
-        hi[path] = np.maximum(hi[path], b_hi) if path in hi else b_hi
-      else:
-        lo[path] = min(lo.get(path, np.inf), b_lo[0])
-        hi[path] = max(hi.get(path, -np.inf), b_hi[0])
-  if not n_batches:
-    raise ValueError("calibration: no batches were given")
-  missing = sorted(paths - set(lo))
-  if missing:
-    raise ValueError(f"calibration: layers {missing} never ran on the calibration batches; their "
-                     "static activation scales cannot be calibrated")
-  return {p: (np.asarray(lo[p], np.float32), np.asarray(hi[p], np.float32)) for p in lo}
+      n = wants[path].stack
+      bad = sum(int(c["nonfinite"]) for c in calls)
+      if bad:
+        raise ValueError(f"{path}: calibration batch {b} gives this layer {bad} NaN/Inf input "
+                         "values; fix the model or the calibration data")
+      if len(calls) == 1 and n > 1:   # one input shared by every stacked layer
+        calls = calls * n
+      if len(calls) % n:
+        raise ValueError(f"{path}: {len(calls)} calls in one model call do not divide into its "
+                         f"{n} stacked layers")
+      per = len(calls) // n
+      for k, c in enumerate(calls):
+        accs[path].add(k // per, c)
+  return {p: a.result() for p, a in accs.items()}
 
 
-__all__ = ["input_ranges"]
+def capture_inputs(fn: Callable[..., Any], *args, prefix: str = "",
+                   reduce: Callable[[str, Any], Any] | None = None, **kwargs
+                   ) -> tuple[Any, dict[str, Any]]:
+  """Runs ``fn(*args, **kwargs)`` and returns ``(output, {kernel path: reduce(path, x)})``, in-graph
+  (use it inside ``jax.jit``; a ``reduce`` that folds ``x`` into fixed-size statistics keeps the
+  activations from piling up).
+
+  ``x`` is each adapted layer's input with the axes it contracts against the kernel moved last and
+  flattened: ``(..., K)``, ``K`` in the kernel's contracting order.  Layers whose input does not map
+  onto the kernel that way (convolutions, dot batch dims) are not captured.  Linen modules run
+  through jq's adapter hook; nnx modules report when they are jq's layer classes (e.g. from
+  ``jq.nn.quantize_module`` or ``jq.nn.nnx.with_quantized_classes``).
+
+  Args:
+    fn: calls a linen module's ``apply`` (the module is not modified), or an nnx module.
+    prefix: replaces the ``params`` prefix of linen kernel paths (``""``: paths relative to the
+      applied module, e.g. ``attn/q_proj/kernel`` when ``fn`` applies one block).
+    reduce: maps each captured input to what is kept; identity by default.  If a layer runs
+      several times, the values are kept in a list.
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jq.nn import common, linen  # pylint: disable=import-outside-toplevel
+  found: dict[str, Any] = {}
+
+  def observer(path, x, x_axes):
+    if x_axes is None:
+      return
+    if path.startswith("params/"):
+      path = "/".join(p for p in (prefix, path[len("params/"):]) if p)
+    free = [a for a in range(x.ndim) if a not in x_axes]
+    x = jnp.transpose(x, free + list(x_axes))
+    x = x.reshape(x.shape[:len(free)] + (-1,))
+    val = x if reduce is None else reduce(path, x)
+    if path in found:
+      prev = found[path]
+      found[path] = (prev if isinstance(prev, list) else [prev]) + [val]
+    else:
+      found[path] = val
+
+  with common.observing(observer), nn.intercept_methods(linen.adapter_interceptor):
+    out = fn(*args, **kwargs)
+  return out, found
+
+
+def input_ranges(run: Callable[[Any, Any], Any], batches: Iterable[Any], *,
+                 paths: Iterable[str], stacks: Mapping[str, int] | None = None,
+                 operands: Any = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Per-tensor ``(min, max)`` of each layer's input over all batches (``(L,)`` for stacked
+  layers, ``()`` otherwise); see :func:`collect`."""
+  stacks = dict(stacks or {})
+  got = collect(run, batches, {p: Want(stack=stacks.get(p, 1)) for p in paths}, operands=operands)
+  return {p: (np.min(r.lo, axis=-1), np.max(r.hi, axis=-1)) for p, r in got.items()}
+
+
+__all__ = ["collect", "capture_inputs", "input_ranges", "Want", "LayerInputs"]

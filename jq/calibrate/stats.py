@@ -87,7 +87,7 @@ def update_stats(stats: LayerStats, x: jax.Array, token_weight: jax.Array | None
     token_weight: optional non-negative weights of shape ``x.shape[:-1]`` applied to the
       ``XᵀX`` sum only (``Σ w_t x_tᵀx_t``; ``count`` stays the number of tokens).  Used to give
       rare but influential tokens (a sequence's first, attention-sink token) more say in GPTQ's
-      Hessian; see ``PTQConfig.gptq_first_token_weight``.
+      Hessian; see ``jq.spec.GPTQOptions.first_token_weight``.
 
   Raises:
     ValueError: if the last axis of ``x`` is not K, ``x`` is not floating point, or
@@ -111,6 +111,14 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
   return LayerStats(xtx=a.xtx + b.xtx, count=a.count + b.count,
                     absmax=jnp.maximum(a.absmax, b.absmax), abssum=a.abssum + b.abssum,
                     nonfinite=a.nonfinite + b.nonfinite)
+
+
+def scale_stats(stats: LayerStats, s: jax.Array) -> LayerStats:
+  """Statistics of ``x / s`` (per-channel ``s > 0``) from those of ``x``: exact, so smoothing
+  (AWQ/SmoothQuant) never needs a second capture."""
+  inv = 1.0 / jnp.asarray(s, jnp.float32)
+  return stats._replace(xtx=stats.xtx * inv[:, None] * inv[None, :], absmax=stats.absmax * inv,
+                        abssum=stats.abssum * inv)
 
 
 def check_stats(stats: LayerStats, name: str = "<layer>") -> None:
@@ -152,5 +160,5 @@ def max_abs(stats: LayerStats, name: str = "<layer>") -> jax.Array:
   return stats.absmax
 
 
-__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "check_stats", "hessian",
+__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "scale_stats", "check_stats", "hessian",
            "mean_abs", "max_abs"]

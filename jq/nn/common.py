@@ -89,9 +89,25 @@ def observing(fn: Callable[[str, jax.Array], None]) -> Iterator[None]:
     yield
 
 
-def observe(path: str, x) -> None:
+def observe(path: str, x, x_axes: Sequence[int] | None = None) -> None:
+  """Reports a layer's input to active observers.  ``x_axes``: the input axes contracted with
+  the kernel's contracting axes, in the kernel's order (None where the input does not map onto
+  the kernel's contracting axes one to one: convolutions, dot batch dims, summed einsum axes)."""
+  if not _OBSERVERS.get():
+    return
+  xa = None if x_axes is None else tuple(int(a) % np.ndim(x) for a in x_axes)
   for fn in _OBSERVERS.get():
-    fn(path, x)
+    fn(path, x, xa)
+
+
+def einsum_x_axes(einsum_str: str, x_ndim: int, w_ndim: int, *, path: str) -> tuple[int, ...] | None:
+  """Input axes contracted with the kernel's contracting axes (kernel order) of an einsum layer,
+  or None when the einsum has batch letters or sums input axes on their own."""
+  plan = ops.parse_einsum(einsum_str, x_ndim, w_ndim, name=path)
+  (xc, wc), (xb, _) = plan.dimension_numbers
+  if xb or plan.lhs_sum_axes:
+    return None
+  return tuple(a for _, a in sorted(zip(wc, xc)))
 
 
 def record_float(path: str, layer: str, dtype, m: int | None = None, reason: str = "") -> None:
@@ -249,6 +265,6 @@ def rows(x: jax.Array, contracting: Sequence[int]) -> int:
   return int(np.prod(sizes, dtype=np.int64))
 
 
-__all__ = ["Route", "recording", "observing", "observe", "record_float", "record_quantized",
+__all__ = ["Route", "recording", "observing", "observe", "einsum_x_axes", "record_float", "record_quantized",
            "layer_view", "quantized_dot", "dense_general", "einsum_layer",
            "check_kernel", "describe_qarray", "compute_dtype", "einsum_bias_shape", "rows"]

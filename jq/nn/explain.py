@@ -7,7 +7,7 @@ name) and ``jq.ops`` adds its performance note.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import flax.linen

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -146,11 +146,30 @@ def _conv(mod: nn.Conv, q: QArray, inputs, *args, **kwargs):
                          layer=f"nn.Conv(features={mod.features}, kernel_size={mod.kernel_size})")
 
 
+def _dense_x_axes(mod, args, kwargs):
+  return (-1,)
+
+
+def _dense_general_x_axes(mod, args, kwargs):
+  _, axis, batch = _dense_general_dims(mod)
+  return None if batch else axis
+
+
+def _einsum_x_axes(mod, args, kwargs):
+  return common.einsum_x_axes(_einsum_str(mod, args, kwargs), np.ndim(args[0]), len(mod.shape),
+                              path=_path(mod))
+
+
+def _no_x_axes(mod, args, kwargs):
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kind:
   cls: type
   layout: Callable[..., Layout]
   run: Callable[..., Any]
+  x_axes: Callable[..., tuple[int, ...] | None]
 
   @functools.cached_property
   def raw_call(self):
@@ -159,9 +178,10 @@ class _Kind:
 
 # Layer classes the adapter computes (their subclasses too, through the base ``__call__``).
 _KINDS: tuple[_Kind, ...] = (
-    _Kind(nn.Dense, _dense_layout, _dense), _Kind(nn.DenseGeneral, _dense_general_layout,
-                                                  _dense_general),
-    _Kind(nn.Einsum, _einsum_layout, _einsum), _Kind(nn.Conv, _conv_layout, _conv))
+    _Kind(nn.Dense, _dense_layout, _dense, _dense_x_axes),
+    _Kind(nn.DenseGeneral, _dense_general_layout, _dense_general, _dense_general_x_axes),
+    _Kind(nn.Einsum, _einsum_layout, _einsum, _einsum_x_axes),
+    _Kind(nn.Conv, _conv_layout, _conv, _no_x_axes))
 ADAPTED = tuple(k.cls for k in _KINDS)
 LAYER_NAMES = ", ".join(f"nn.{k.cls.__name__}" for k in _KINDS)
 
@@ -208,8 +228,9 @@ def _refuse_quantized_params(mod: nn.Module) -> None:
           f"quantized; keep it in float with Rule(pattern={_path(mod, name)!r}, weight=None)")
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  """Routes adapted layers with a QArray kernel to ``jq.ops``; reports every adapted layer."""
+def adapter_interceptor(next_fun, args, kwargs, context):
+  """The ``nn.intercept_methods`` hook: routes adapted layers with a QArray kernel to ``jq.ops``;
+  reports every adapted layer (explain, calibration observers)."""
   mod = context.module
   kind = _kind(mod, next_fun, context.method_name)
   if kind is None:
@@ -221,7 +242,7 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)  # initialization: the float layer creates its params
   if not args:
     raise ValueError(f"{_path(mod)}: {type(mod).__name__} called without an input")
-  common.observe(_path(mod), args[0])
+  common.observe(_path(mod), args[0], kind.x_axes(mod, args, kwargs))
   if not isinstance(kernel, QArray):
     common.record_float(_path(mod), type(mod).__name__, getattr(kernel, "dtype", "float32"),
                         _contracted_rows(kind, mod, args[0]))
@@ -253,7 +274,7 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Calla
 
   @functools.wraps(fn)
   def apply(variables, *args, **kwargs):
-    with nn.intercept_methods(_interceptor):
+    with nn.intercept_methods(adapter_interceptor):
       return fn(variables, *args, **kwargs)
 
   return apply
@@ -382,5 +403,5 @@ def layouts(model: nn.Module | Callable[..., Any], variables: Any, *args, **kwar
   return layouts_and_stacks(model, variables, *args, **kwargs)[0]
 
 
-__all__ = ["quantized_apply", "layouts", "layouts_and_stacks", "trace_layers", "einsum_layout",
+__all__ = ["quantized_apply", "adapter_interceptor", "layouts", "layouts_and_stacks", "trace_layers", "einsum_layout",
            "conv_layout", "stack_positions", "abstract_call", "LayerCall", "ADAPTED"]

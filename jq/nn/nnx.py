@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from jq.nn import common, conv
 from jq.nn.linen import conv_layout, einsum_layout
 from jq.qarray import QArray
 from jq.spec import Rule
-from jq.tree import leaves_with_paths, quantize_tree
+from jq.tree import leaves_with_paths
 
 
 def _key(path: tuple) -> str:
@@ -59,7 +58,7 @@ class QLinear(nnx.Linear, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs)
+    common.observe(self.jq_path, inputs, (-1,))
     if not isinstance(kernel, QArray):
       rows = common.rows(inputs, (inputs.ndim - 1,)) if getattr(inputs, "ndim", 0) else None
       return self._jq_float(nnx.Linear, kernel, inputs, args, kwargs, rows)
@@ -78,7 +77,7 @@ class QLinearGeneral(nnx.LinearGeneral, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs)
+    common.observe(self.jq_path, inputs, None if self.batch_axis else self.axis)
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.LinearGeneral, kernel, inputs, args, kwargs, None)
     return common.dense_general(
@@ -96,12 +95,13 @@ class QEinsum(nnx.Einsum, _Quantized):
 
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None, *args, **kwargs):
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs)
+    eq = einsum_str if einsum_str is not None else self.einsum_str
+    common.observe(self.jq_path, inputs, None if eq is None else common.einsum_x_axes(
+        eq, inputs.ndim, len(self.kernel_shape), path=self.jq_path))
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.Einsum, kernel, inputs, (einsum_str,) + args, kwargs, None)
     if kwargs.get("out_sharding") is not None or args:
       raise ValueError(f"{self.jq_path}: a quantized nnx.Einsum takes only inputs and einsum_str")
-    eq = einsum_str if einsum_str is not None else self.einsum_str
     if eq is None:
       raise ValueError(f"{self.jq_path}: no einsum_str given to the layer or the call")
     return common.einsum_layer(
@@ -119,7 +119,7 @@ class QConv(nnx.Conv, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs)
+    common.observe(self.jq_path, inputs, None)
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.Conv, kernel, inputs, args, kwargs, None)
     if args or kwargs.get("out_sharding") is not None:

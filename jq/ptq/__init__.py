@@ -1,13 +1,17 @@
 """Post-training quantization of whole models with calibration data (block by block).
 
+* :func:`quantize_model`: any linen or nnx model, no adapter: layouts from the layers, one
+  calibration pass (``jq.calibrate.collect``), AWQ/SmoothQuant groups found and checked, GPTQ/AWQ/
+  RTN per rule (see :mod:`jq.ptq.quantize_model`).
 * :func:`quantize_blockwise`: RTN / GPTQ / AWQ / SmoothQuant per rule, static activation scales,
   sequential calibration (see :mod:`jq.ptq.pipeline`).
 * :mod:`jq.ptq.recipes`: named recipes for ``jq-quant --recipe``.
-* :func:`capture_dense_inputs`: the linen capture hook used for calibration.
+* :func:`capture_dense_inputs`: ``jq.calibrate.capture_inputs`` (every adapted layer's input).
 """
 from jq.ptq.blocks import BlockwiseModel, ScaleGroup, swiglu_output
-from jq.ptq.capture import capture_dense_inputs
+from jq.calibrate.collect import capture_inputs as capture_dense_inputs
 from jq.ptq.pipeline import PTQConfig, PTQResult, quantize_blockwise
+from jq.ptq.quantize_model import LayerRow, PTQModelResult, quantize_model
 
 __all__ = ["BlockwiseModel", "ScaleGroup", "swiglu_output", "capture_dense_inputs", "PTQConfig",
-           "PTQResult", "quantize_blockwise"]
+           "PTQResult", "quantize_blockwise", "quantize_model", "PTQModelResult", "LayerRow"]

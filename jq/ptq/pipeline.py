@@ -5,15 +5,20 @@ For each transformer block, in order:
 
 1. **Capture**: run the block on its calibration inputs (the outputs of the already-quantized
    blocks before it when ``sequential=True``, as in GPTQ's sequential mode) under
-   ``jq.ptq.capture`` and fold every linear's input into streaming statistics
+   ``jq.calibrate.capture_inputs`` and fold every linear's input into streaming statistics
    (``LayerStats``: ``XᵀX``, per-channel ``max|x|``/``Σ|x|``; a per-channel min/max observer; a
    small evenly spaced token sample for AWQ).  Nothing else of the activations is kept.
 2. **Smooth** (AWQ or SmoothQuant, where every linear of a :class:`ScaleGroup` asks for it): find
-   per-input-channel scales ``s``, fold ``1/s`` into the producing norm or linear and ``s`` into
-   the consumers' rows.  The float block computes the same function; the consumers' statistics
-   are transformed exactly (``XᵀX → D⁻¹XᵀXD⁻¹``), so nothing is captured twice.
+   per-input-channel scales ``s``, fold ``1/s`` into the producer (a norm's scale and bias; a
+   linear's output columns and bias) and ``s`` into the consumers' rows.  Every fold is CHECKED:
+   the float block, run on the block's calibration inputs, must give the same outputs with and
+   without it (relative error ``‖Δ‖/‖y‖ ≤ FOLD_TOLERANCE`` in float32); otherwise the fold is
+   reverted, its linears are quantized without the algorithm (RTN; plain W8A8 for SmoothQuant)
+   and the log names the group and the error.  The consumers' statistics are transformed exactly
+   (``XᵀX → D⁻¹XᵀXD⁻¹``), so nothing is captured twice.
 3. **Quantize** each linear by its rule: RTN, GPTQ (with its Hessian), or AWQ's clip search then
-   RTN; attach static activation scales (from the observed ranges) or the dynamic marker.
+   RTN; attach static activation scales (from the observed ranges) or the dynamic marker.  The
+   algorithms' options come from the rules (``Rule.algorithm_options``).
 4. **Propagate**: compute the block's outputs with the quantized weights (sequential) or the float
    ones, as the next block's inputs.
 
@@ -34,48 +39,41 @@ import numpy as np
 from jq.algorithms import (awq_search_clip, awq_search_scale, fold_scale_into_linear,
                            fold_scale_into_norm, gptq_quantize, scale_consumer, smooth_scales)
 from jq.calibrate import act_params, init_stats, mean_abs, minmax
-from jq.calibrate.stats import LayerStats, update_stats
-from jq.ptq.blocks import BlockwiseModel, get_path, set_path
-from jq.ptq.capture import capture_dense_inputs
+from jq.calibrate.collect import capture_inputs
+from jq.algorithms.fold import FOLD_TOLERANCE, relative_error
+from jq.calibrate.stats import scale_stats, update_stats
+from jq.ptq.blocks import BlockwiseModel, ScaleGroup, get_path, set_path
 from jq.qarray import ActivationQuant, QArray
 from jq.quantize import quantize
 from jq.spec import ActMode, Algorithm, Clip, Rule
 from jq.tree import dequantize_tree, leaves_with_paths, plan, quantize_tree
 
 
+# Largest relative change ``‖y_folded − y‖ / ‖y‖`` (float32) of a block's outputs on its
+# calibration inputs that a scale fold may cause; rounding alone stays near 1e-7.
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PTQConfig:
-  """Options of the block-wise pipeline.
+  """How the block-wise pipeline runs (the algorithms' options are in the rules:
+  ``Rule.options``, see :class:`jq.spec.GPTQOptions`, ``AWQOptions``, ``SmoothQuantOptions``).
 
   Attributes:
     sequential: calibrate block ``i`` on the outputs of the quantized blocks ``< i``.
-    gptq_damp, gptq_block_size, gptq_act_order: GPTQ options (see ``gptq_quantize``).
-    gptq_first_token_weight: weight of each calibration sequence's first token in GPTQ's Hessian
-      (``Σ w_t x_tᵀx_t``).  Position 0 is the attention sink every later token attends to, and its
-      inputs point in directions the other tokens rarely visit; with plain ``XᵀX`` (weight 1)
-      GPTQ pushes its error into exactly those directions.  On SmolLM2 (w4a16 g128) that made the
-      sink's q/k/v error ~10x RTN's and perplexity *worse* than RTN's (41.7 vs 38.0, float 29.1)
-      although every layer's error on ordinary tokens was 2-5x lower; with weight 16 GPTQ gives
-      35.1, with act-order 33.4 (``benchmarks/results/ptq_compare_cpu.md``; 16 was the best of
-      1/4/8/16/32/128/1024 in a sweep on 8 of the evaluation windows).  The idea that these pivot
-      tokens must be kept intact is IntactKV's (Liu et al., 2024, arXiv:2403.01241); weight 1 gives
-      textbook GPTQ.
-    awq_grid: number of ``α`` candidates in AWQ's scale search.
-    awq_clip: run AWQ's per-group clip search after scaling.
-    smoothquant_alpha: SmoothQuant migration strength.
     chunk: calibration sequences per captured forward (memory vs. speed).
     sample_tokens: tokens kept per linear for AWQ's searches.
   """
   sequential: bool = True
-  gptq_damp: float = 0.01
-  gptq_block_size: int = 128
-  gptq_act_order: bool = False
-  gptq_first_token_weight: float = 16.0
-  awq_grid: int = 20
-  awq_clip: bool = True
-  smoothquant_alpha: float = 0.5
   chunk: int = 8
   sample_tokens: int = 512
+
+  def __post_init__(self):
+    if not isinstance(self.sequential, bool):
+      raise ValueError(f"PTQConfig.sequential={self.sequential!r} must be a bool")
+    for k in ("chunk", "sample_tokens"):
+      v = getattr(self, k)
+      if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"PTQConfig.{k}={v!r} must be an int >= 1")
 
 
 @dataclasses.dataclass
@@ -91,16 +89,15 @@ class PTQResult:
 class _Capture:
   """Jitted streaming statistics for every Dense input of one block."""
 
-  def __init__(self, blocks: BlockwiseModel, sample_per_chunk: int, first_token_weight: float):
+  def __init__(self, blocks: BlockwiseModel, sample_per_chunk: int):
     self.blocks = blocks
-    self.first_token_weight = float(first_token_weight)
     self.obs = minmax(per_channel=True)
     self.sample_per_chunk = sample_per_chunk
     self._step = jax.jit(self._step_impl)
     self._fwd = jax.jit(blocks.apply_block)
 
-  def _step_impl(self, bp, x, state):
-    _, found = capture_dense_inputs(self.blocks.apply_block, bp, x)
+  def _step_impl(self, bp, x, state, first_token_weight):
+    _, found = capture_inputs(self.blocks.apply_block, bp, x)
     new = {}
     for path, inp in found.items():
       if isinstance(inp, list):
@@ -112,15 +109,16 @@ class _Capture:
       idx = jnp.linspace(0, flat.shape[0] - 1, self.sample_per_chunk).astype(jnp.int32)
       # (batch, length, ..., K): position 0 of each sequence gets its own Hessian weight
       tw = jnp.ones(inp.shape[:-1], jnp.float32)
-      if inp.ndim >= 3 and self.first_token_weight != 1.0:
-        tw = tw.at[:, 0].set(self.first_token_weight)
+      if inp.ndim >= 3:
+        tw = tw.at[:, 0].set(first_token_weight)
       new[path] = (update_stats(st, flat, tw.reshape(-1)), self.obs.update(mm, flat), flat[idx])
     return new
 
-  def run(self, bp, xs: Sequence[jax.Array]):
+  def run(self, bp, xs: Sequence[jax.Array], first_token_weight: float):
     state, samples = None, {}
+    w = jnp.asarray(first_token_weight, jnp.float32)
     for x in xs:
-      out = self._step(bp, x, state)
+      out = self._step(bp, x, state, w)
       state = {p: (st, mm) for p, (st, mm, _) in out.items()}
       for p, (_, _, smp) in out.items():
         samples.setdefault(p, []).append(smp)
@@ -130,12 +128,10 @@ class _Capture:
   def forward(self, bp, xs):
     return [self._fwd(bp, x) for x in xs]
 
-
-def _scale_stats(st: LayerStats, s: jax.Array) -> LayerStats:
-  """Statistics of ``x / s`` from those of ``x``."""
-  inv = 1.0 / s
-  return st._replace(xtx=st.xtx * inv[:, None] * inv[None, :], absmax=st.absmax * inv,
-                     abssum=st.abssum * inv)
+  def exact_forward(self, bp, xs):
+    """Float32 outputs with float32 matmuls (no TF32/bf16 passes), for the fold check."""
+    with jax.default_matmul_precision("highest"):
+      return [self._fwd(bp, x).astype(jnp.float32) for x in xs]
 
 
 def _group_algorithm(rules: Sequence[Rule | None]) -> Algorithm | None:
@@ -143,6 +139,67 @@ def _group_algorithm(rules: Sequence[Rule | None]) -> Algorithm | None:
   if len(algos) == 1 and next(iter(algos)) in (Algorithm.AWQ, Algorithm.SMOOTHQUANT):
     return next(iter(algos))
   return None
+
+
+def _group_label(prefix: str, g: ScaleGroup) -> str:
+  return f"{prefix}{'+'.join(c.split('/')[-2] if '/' in c else c for c in g.consumers)}"
+
+
+def _group_options(prefix: str, g: ScaleGroup, rules: Sequence[Rule], algo: Algorithm):
+  """The algorithm options the consumers of ``g`` share (one ``s`` per group)."""
+  opts = {prefix + c: r.algorithm_options for c, r in zip(g.consumers, rules)}
+  if len(set(opts.values())) > 1:
+    listed = "; ".join(f"{p}: {o}" for p, o in opts.items())
+    raise ValueError(f"{_group_label(prefix, g)}: these linears share one input (one set of "
+                     f"{algo.value} scales folds into {prefix}{g.prev}), but their rules give "
+                     f"different options ({listed}); give them the same options in --rules")
+  return next(iter(opts.values()))
+
+
+def _block_first_token_weight(decided: dict[str, Rule | None], prefix: str) -> float:
+  """The GPTQ rules' ``first_token_weight`` in one block (1.0 without GPTQ: then only GPTQ's
+  Hessian would see it).  The block's inputs are captured once, so its GPTQ rules must agree."""
+  by: dict[float, list[str]] = {}
+  for path, rule in decided.items():
+    if path.startswith(prefix) and rule is not None and rule.weight is not None and \
+        rule.algorithm is Algorithm.GPTQ:
+      by.setdefault(float(rule.algorithm_options.first_token_weight), []).append(path)
+  if len(by) > 1:
+    listed = "; ".join(f"{w:g} for {paths}" for w, paths in sorted(by.items()))
+    raise ValueError(f"{prefix}: the GPTQ rules of this block give different "
+                     f"first_token_weight options ({listed}); the block's inputs are captured "
+                     "once per block, so give every GPTQ rule of a block the same "
+                     "first_token_weight")
+  return next(iter(by)) if by else 1.0
+
+
+def _has_path(tree: dict[str, Any], path: str) -> bool:
+  node = tree
+  for k in path.split("/"):
+    if not isinstance(node, dict) or k not in node:
+      return False
+    node = node[k]
+  return True
+
+
+def _fold_producer(bp: dict[str, Any], g: ScaleGroup, s: jax.Array, prefix: str
+                   ) -> tuple[dict[str, Any], list[str]]:
+  """``bp`` with ``x → x / s`` folded into the producer of the group's input: a norm's scale and
+  its ``bias`` sibling, or a linear's output columns (kernel) and its ``bias``.  Returns the new
+  block and the paths changed."""
+  if g.prev_kind == "norm":
+    fold = fold_scale_into_norm
+  elif g.prev_kind == "linear":
+    fold = fold_scale_into_linear
+  else:
+    raise ValueError(f"{prefix}{g.prev}: ScaleGroup.prev_kind={g.prev_kind!r}; use 'norm' or "
+                     "'linear'")
+  parent = g.prev.rpartition("/")[0]
+  bias = f"{parent}/bias" if parent else "bias"
+  paths = [g.prev] + ([bias] if bias != g.prev and _has_path(bp, bias) else [])
+  for path in paths:
+    bp = set_path(bp, path, fold(get_path(bp, path), s, name=prefix + path))
+  return bp, paths
 
 
 def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Sequence[Rule],
@@ -153,13 +210,19 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
   Args:
     params: the model's variables, ``{"params": {...}}`` (float).
     blocks: the model's :class:`~jq.ptq.blocks.BlockwiseModel` view.
-    rules: ordered rules; each rule's ``algorithm`` picks RTN/GPTQ/AWQ/SmoothQuant per layer.
+    rules: ordered rules; each rule's ``algorithm`` picks RTN/GPTQ/AWQ/SmoothQuant per layer and
+      its ``options`` (``Rule.algorithm_options``) the algorithm's settings.
     calib_tokens: ``(sequences, length)`` int token ids (disjoint from evaluation text).
     config: :class:`PTQConfig`.
 
+  Returns:
+    :class:`PTQResult`; its ``log`` names every scale fold that was checked and skipped (the
+    folded float block did not compute the same function) and every GPTQ damping fallback.
+
   Raises:
-    ValueError: empty or too small calibration set, NaN activations, or a rule asking for a
-      calibration algorithm on a leaf outside the blocks.
+    ValueError: empty or too small calibration set, NaN activations, a rule asking for a
+      calibration algorithm on a leaf outside the blocks, linears of one scale group whose rules
+      give different options, or GPTQ rules of one block with different ``first_token_weight``.
   """
   t0 = time.perf_counter()
   calib = np.asarray(calib_tokens)
@@ -171,9 +234,7 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
   p = params["params"]
   chunk = max(1, min(config.chunk, calib.shape[0]))
   n_chunks = -(-calib.shape[0] // chunk)
-  if not config.gptq_first_token_weight >= 0:
-    raise ValueError(f"gptq_first_token_weight={config.gptq_first_token_weight} must be >= 0")
-  cap = _Capture(blocks, max(1, config.sample_tokens // n_chunks), config.gptq_first_token_weight)
+  cap = _Capture(blocks, max(1, config.sample_tokens // n_chunks))
   embed = jax.jit(blocks.embed)
   xs = [embed(p, jnp.asarray(calib[i:i + chunk], jnp.int32)) for i in range(0, len(calib), chunk)]
   log: list[str] = []
@@ -186,35 +247,62 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
     key = blocks.block_key(i)
     prefix = f"params/{key}/"
     bp = p[key]
-    stats, ranges, samples = cap.run(bp, xs)
+    stats, ranges, samples = cap.run(bp, xs, _block_first_token_weight(decided, prefix))
     for path, st in stats.items():
       n_bad = int(st.nonfinite)
       if n_bad:
         raise ValueError(f"{prefix}{path}: {n_bad} NaN/Inf activation values during calibration")
     scale_of: dict[str, jax.Array] = {}
+    plain: set[str] = set()       # linears of a skipped fold: quantized without the algorithm
     fbp = bp
+    y_ref = None
     for g in blocks.scale_groups():
-      algo = _group_algorithm([decided.get(prefix + c) for c in g.consumers])
+      g_rules = [decided.get(prefix + c) for c in g.consumers]
+      algo = _group_algorithm(g_rules)
+      label = _group_label(prefix, g)
       if algo is None:
+        asked = sorted({r.algorithm.value for r in g_rules if r is not None and r.weight is not None
+                        and r.algorithm in (Algorithm.AWQ, Algorithm.SMOOTHQUANT)})
+        if asked:
+          log.append(f"{label}: not smoothed: {'/'.join(asked)} needs every linear of the group "
+                     f"({', '.join(prefix + c for c in g.consumers)}) to ask for it (they share "
+                     "one input); quantized without it")
         continue
+      opts = _group_options(prefix, g, g_rules, algo)
       ws = [get_path(fbp, c) for c in g.consumers]
-      spec = decided[prefix + g.consumers[0]].weight
+      spec = g_rules[0].weight
       first = g.consumers[0]
+      note = None
       if algo is Algorithm.AWQ:
         s, info = awq_search_scale(samples[first], ws, dataclasses.replace(spec, clip=Clip()),
-                                   grid=config.awq_grid, block_fn=g.block_fn,
+                                   grid=opts.grid, block_fn=g.block_fn,
                                    act_mean=mean_abs(stats[first], prefix + first),
                                    name=prefix + first)
-        log.append(f"{prefix}{'+'.join(c.split('/')[-2] for c in g.consumers)}: awq "
-                   f"alpha={float(info.alpha):.2f} loss {float(info.loss):.3e} "
-                   f"(rtn {float(info.rtn_loss):.3e})")
+        note = (f"{label}: awq alpha={float(info.alpha):.2f} loss {float(info.loss):.3e} "
+                f"(rtn {float(info.rtn_loss):.3e})")
       else:
-        s = smooth_scales(stats[first], ws, config.smoothquant_alpha, name=prefix + first)
-      fold = fold_scale_into_norm if g.prev_kind == "norm" else fold_scale_into_linear
-      fbp = set_path(fbp, g.prev, fold(get_path(fbp, g.prev), s, name=prefix + g.prev))
+        s = smooth_scales(stats[first], ws, opts.alpha, name=prefix + first)
+      cand, changed = _fold_producer(fbp, g, s, prefix)
       for c in g.consumers:
-        fbp = set_path(fbp, c, scale_consumer(get_path(fbp, c), s, name=prefix + c))
-        stats[c] = _scale_stats(stats[c], s)
+        cand = set_path(cand, c, scale_consumer(get_path(cand, c), s, name=prefix + c))
+      # Check: the folded float block must compute the same function on the calibration inputs.
+      if y_ref is None:
+        y_ref = cap.exact_forward(bp, xs)
+      err = relative_error(y_ref, cap.exact_forward(cand, xs))
+      if not err <= FOLD_TOLERANCE:
+        plain.update(g.consumers)
+        fallback = "RTN" if algo is Algorithm.AWQ else "plain W8A8 (RTN weights)"
+        log.append(f"{label}: {algo.value} fold into {', '.join(prefix + c for c in changed)} "
+                   f"SKIPPED: the folded float block's outputs differ from the original's by "
+                   f"{err:.2e} (relative, tolerance {FOLD_TOLERANCE:.0e}) on the calibration "
+                   f"inputs; {', '.join(prefix + c for c in g.consumers)} quantized with "
+                   f"{fallback} instead")
+        continue
+      if note is not None:
+        log.append(note)
+      fbp = cand
+      for c in g.consumers:
+        stats[c] = scale_stats(stats[c], s)
         scale_of[c] = s
         samples[c] = samples[c] / s
     qbp = fbp
@@ -225,14 +313,14 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
       name = prefix + rel
       w = get_path(fbp, rel)
       spec = rule.weight
+      opts = rule.algorithm_options
       if rule.algorithm is Algorithm.GPTQ:
-        q, info = gptq_quantize(w, stats[rel], spec, damp=config.gptq_damp,
-                                block_size=config.gptq_block_size,
-                                act_order=config.gptq_act_order, name=name)
+        q, info = gptq_quantize(w, stats[rel], spec, damp=opts.damp, block_size=opts.block_size,
+                                act_order=opts.act_order, name=name)
         if int(info.retries) or bool(info.fallback):
           log.append(f"{name}: gptq damping retries={int(info.retries)} "
                      f"fallback={bool(info.fallback)}")
-      elif rule.algorithm is Algorithm.AWQ and config.awq_clip:
+      elif rule.algorithm is Algorithm.AWQ and opts.clip and rel not in plain:
         noclip = dataclasses.replace(spec, clip=Clip())
         w_clipped, _ = awq_search_clip(samples[rel], w, noclip, name=name)
         q = quantize(w_clipped, noclip, name=name)

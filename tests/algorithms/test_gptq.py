@@ -213,7 +213,7 @@ def test_token_weights_enter_the_hessian_only():
 def test_upweighting_a_rare_token_protects_it():
   """The attention-sink failure seen on SmolLM2, in miniature: one token per sequence points in
   a direction the others never visit.  Plain XᵀX lets GPTQ push error there (sink error >> RTN's);
-  weighting that token in the Hessian (``PTQConfig.gptq_first_token_weight``) brings it back
+  weighting that token in the Hessian (``GPTQOptions.first_token_weight``) brings it back
   while keeping most of GPTQ's gain on the ordinary tokens."""
   rng = np.random.default_rng(7)
   seqs, length = 32, 64

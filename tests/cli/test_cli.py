@@ -58,3 +58,31 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
   assert cli.main(["eval", str(other), *FAST]) == 1
   assert "does not fit model smollm2" in capsys.readouterr().err
   assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+
+
+def test_rules_file_expresses_algorithm_options(tmp_path):
+  """A rules file can say everything a recipe says: act-order GPTQ from --rules equals the
+  gptq-w4a16-g128-actorder recipe (no model is loaded to parse it)."""
+  from jq import spec_json
+  from jq.ptq import recipes
+  rules = json.loads(spec_json.rules_to_json(recipes.rules("gptq-w4a16-g128")))
+  rules[-1] = {"pattern": rules[-1]["pattern"],
+               "weight": {"qtype": "uint4", "symmetric": False, "granularity": "group",
+                          "group_size": 128},
+               "algorithm": "gptq", "options": {"act_order": True}}
+  path = tmp_path / "actorder.json"
+  path.write_text(json.dumps(rules))
+  args = cli.build_parser().parse_args(["quantize", "--rules", str(path)])
+  got, label = cli._rules_for(args)
+  assert got == recipes.rules("gptq-w4a16-g128-actorder") and label == "rules:actorder.json"
+  assert got != recipes.rules("gptq-w4a16-g128")
+
+
+def test_bad_rules_file_error_names_the_flag_and_location(tmp_path, capsys):
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps([{"pattern": "kernel$", "weight": None, "algorithm": "gptq",
+                               "options": {"act_order": "yes"}}]))
+  assert cli.main(["quantize", "--rules", str(path), "--no-eval"]) == 1
+  out = capsys.readouterr()
+  assert f"--rules {path}: rules[0].options.act_order" in out.err and "must be a bool" in out.err
+  assert "loading" not in out.out   # refused before the model loads

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jq
-from jq import Granularity, Layout, QType, QuantSpec
+from jq import Granularity, Layout, QuantSpec
 from jq.layout import group_tile
 from jq.nn.common import layer_view
 

@@ -397,6 +397,27 @@ def test_read_tensors_bf16_written_by_reference_library(tmp_path):
   assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, x)
 
 
+
+def test_header_rules_carry_algorithm_options(tmp_path):
+  """The header's rules are a valid --rules file, algorithm options included."""
+  import json
+  from jq import spec_json
+  from jq.spec import Algorithm, GPTQOptions
+  params = {"params": {"dense": {"kernel": _w(1, (16, 8))}}}
+  rules = default_rules(jq.W8A16, algorithm=Algorithm.GPTQ,
+                        options=GPTQOptions(act_order=True, damp=0.03))
+  qp = jq.quantize_tree(params, default_rules(jq.W8A16))   # same grid; GPTQ's rounding is data
+  path = tmp_path / "g.safetensors"
+  jq.io.save(path, qp, rules=rules)
+  h = jq.io.load_header(path)
+  assert h["rules"][-1]["options"] == {"act_order": True, "damp": 0.03, "block_size": 128,
+                                       "first_token_weight": 16.0}
+  assert jq.io.rules_from_header(h) == tuple(rules)
+  assert spec_json.rules_from_json(json.dumps(h["rules"])) == tuple(rules)
+  bad = dict(h, rules=h["rules"][:-1] + [dict(h["rules"][-1], options={"act_order": "yes"})])
+  with pytest.raises(CheckpointError, match=r"header rules\[\d+\]\.options\.act_order"):
+    jq.io.rules_from_header(bad)
+
 # ---- bad trees on save --------------------------------------------------------------------------
 
 

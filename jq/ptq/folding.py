@@ -1,0 +1,258 @@
+"""Scale groups for AWQ/SmoothQuant: found from the traced model, folded exactly, always checked.
+
+A *group* is a set of linear layers reading one input ``x`` (q/k/v after a norm; gate/up) and the
+module producing ``x``.  ``y = x W = (x / s)(diag(s) W)`` holds for any positive ``s``; the division
+is folded into the producer: an elementwise-affine module (a norm: every parameter of it whose last
+axis is ``K``, so scale *and* bias), or a linear layer (its output channels: kernel columns *and*
+bias), possibly through operations that are linear per channel (attention's weighted sum of ``v``,
+reshapes of heads, ``act(gate) * up``).
+
+Groups are *found*, not declared: the producer is the module whose output is the consumers' input
+in one abstract trace; where there is none (or it cannot take them), earlier linear layers and
+elementwise-affine modules of the same block with the right number of channels are candidates.  A candidate counts only if folding random
+scales into it leaves the float model's outputs unchanged (relative error ≤ ``1e-4``; a wrong fold
+changes them by orders of magnitude more).  After the real scales are folded, the float model is
+compared with the original again (≤ ``jq.algorithms.fold.FOLD_TOLERANCE``, 1e-5); a group that does not hold is reverted and reported
+by name, never applied silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq.algorithms.fold import relative_error
+from jq.layout import Layout
+from jq.ptq.matrices import MatrixView
+from jq.ptq.targets import Call, Target
+from jq.tree import leaves_with_paths, map_with_paths
+
+PyTree = Any
+DISCOVERY_TOL = 1e-4
+MAX_CANDIDATES = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Consumers of one input and where their scales fold.
+
+  Attributes:
+    producer: the producing module's path.
+    kind: ``"affine"`` (divide ``params`` along their last axis) or ``"linear"`` (divide the
+      kernel's output channels and its bias).
+    params: leaf paths divided by ``s``.
+    consumers: kernel paths whose input channels are multiplied by ``s``.
+  """
+  producer: str
+  kind: str
+  params: tuple[str, ...]
+  consumers: tuple[str, ...]
+
+  def describe(self) -> str:
+    names = "+".join(c.rsplit("/", 2)[-2] for c in self.consumers)
+    return f"{self.producer} -> {names}"
+
+
+def _leaves(tree) -> dict[str, Any]:
+  return dict(leaves_with_paths(tree))
+
+
+def replace_leaves(tree: PyTree, new: Mapping[str, Any]) -> PyTree:
+  """``tree`` with the leaves at ``new``'s paths replaced."""
+  return map_with_paths(lambda p, x: new.get(p, x), tree)
+
+
+def _per_layer(s: jax.Array, n: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(s, jnp.float32).reshape(-1, s.shape[-1]), (n, s.shape[-1]))
+
+
+def folded(target: Target, params: PyTree, group: Group, s: jax.Array) -> dict[str, Any]:
+  """The leaves a fold of ``s`` (``(K,)``, or ``(L, K)`` per stacked layer) changes."""
+  leaves = _leaves(params)
+  out = {}
+  for c in group.consumers:
+    view = MatrixView(tuple(leaves[c].shape), target.layouts[c])
+    m = view.matrices(leaves[c].astype(jnp.float32)) * _per_layer(s, view.n)[:, :, None]
+    out[c] = view.kernel(m).astype(leaves[c].dtype)
+  if group.kind == "linear":
+    kpath = group.params[0]
+    view = MatrixView(tuple(leaves[kpath].shape), target.layouts[kpath])
+    inv = 1.0 / _per_layer(s, view.n)
+    m = view.matrices(leaves[kpath].astype(jnp.float32)) * inv[:, None, :]
+    out[kpath] = view.kernel(m).astype(leaves[kpath].dtype)
+    for b in group.params[1:]:
+      bias = leaves[b]
+      out[b] = (bias.astype(jnp.float32).reshape(view.n, view.out) * inv).reshape(
+          bias.shape).astype(bias.dtype)
+  else:
+    for p in group.params:
+      x = leaves[p]
+      k = x.shape[-1]
+      sv = jnp.asarray(s, jnp.float32)
+      sv = sv.reshape(sv.shape[:-1] + (1,) * (x.ndim - sv.ndim) + (k,)) if sv.ndim > 1 else sv
+      out[p] = (x.astype(jnp.float32) / sv).astype(x.dtype)
+  return out
+
+
+def relative_change(target: Target, params: PyTree, changed: PyTree, batches,
+                    reference: Sequence[Any] | None = None, run=None) -> float:
+  """Max over ``batches`` of ``||f(changed) − f(params)|| / ||f(params)||`` (float32)."""
+  run = run or jax.jit(target.run)
+  worst = 0.0
+  for i, b in enumerate(batches):
+    ref = run(params, b) if reference is None else reference[i]
+    worst = max(worst, relative_error(ref, run(changed, b)))
+  return worst
+
+
+def apply_folds(target: Target, params: PyTree, folds: Sequence[tuple[Group, jax.Array]]
+                ) -> PyTree:
+  """``params`` with the folds applied one after another (a kernel may be both a consumer of one
+  group, scaled by rows, and the producer of another, scaled by columns: the two commute)."""
+  for g, s in folds:
+    params = replace_leaves(params, folded(target, params, g, s))
+  return params
+
+
+def _k_of(target: Target, leaves, kernel: str, channels: bool) -> int:
+  view = MatrixView(tuple(leaves[kernel].shape), target.layouts[kernel])
+  return view.out if channels else view.k
+
+
+def _stack(target: Target, kernel: str) -> int:
+  return target.stacks.get(kernel, 1)
+
+
+def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
+                check_batches, log: list[str], *, seed: int = 0) -> list[Group]:
+  """Scale groups covering ``consumers`` (kernel paths), found and verified (see module doc).
+
+  Consumers whose input has no verified producer are left out, with a line in ``log``.
+  """
+  calls = target.calls(params, batch)
+  leaves = _leaves(params)
+  first: dict[str, tuple[int, Call]] = {}
+  for i, c in enumerate(calls):
+    first.setdefault(c.module, (i, c))
+  by_input: dict[int, list[str]] = {}
+  pos: dict[int, int] = {}
+  for k in consumers:
+    mod = k.rpartition("/")[0]
+    if mod not in first or not first[mod][1].input_id:
+      log.append(f"{k}: no traced input; AWQ/SmoothQuant scales not applied")
+      continue
+    i, call = first[mod]
+    by_input.setdefault(call.input_id, []).append(k)
+    pos[call.input_id] = min(pos.get(call.input_id, i), i)
+  run = jax.jit(target.run)
+  refs = [run(params, b) for b in check_batches]
+  rng = np.random.default_rng(seed)
+  pending = {}   # input id -> (candidate iterator, random scales, members)
+  for input_id, members in by_input.items():
+    k = _k_of(target, leaves, members[0], channels=False)
+    n = _stack(target, members[0])
+    if any(_k_of(target, leaves, m, False) != k or _stack(target, m) != n for m in members):
+      log.append(f"{'+'.join(members)}: consumers of one input disagree on K or stacking; skipped")
+      continue
+    s = jnp.asarray(np.exp(rng.uniform(-1, 1, (n, k) if n > 1 else (k,))), jnp.float32)
+    pending[input_id] = (iter(_candidates(target, leaves, calls, input_id, pos[input_id],
+                                          members, k, n)), s, members)
+  found: dict[int, Group] = {}
+  current = {i: next(it, None) for i, (it, _, _) in pending.items()}
+  while any(c is not None for c in current.values()):
+    trial = {i: (c, pending[i][1]) for i, c in current.items() if c is not None}
+    ok = verify_folds(target, params, trial, check_batches, refs, run, DISCOVERY_TOL)
+    for i in trial:
+      if ok[i]:
+        found[i] = current.pop(i)
+      else:
+        current[i] = next(pending[i][0], None)
+    for i in [i for i, c in current.items() if c is None]:
+      members = pending[i][2]
+      log.append(f"{'+'.join(members)}: no producer of their input could take the scales "
+                 "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied")
+      del current[i]
+  return [found[i] for i in by_input if i in found]
+
+
+def verify_folds(target: Target, params: PyTree, trial: Mapping[Any, tuple[Group, jax.Array]],
+                 batches, refs, run, tol: float) -> dict[Any, bool]:
+  """Which folds keep the float model's outputs (relative change ≤ ``tol``): the folds are
+  checked together, and halved where together they fail (so a wrong one costs a few forwards,
+  right ones almost none)."""
+  out: dict[Any, bool] = {}
+
+  def check(keys):
+    changed = apply_folds(target, params, [trial[key] for key in keys])
+    if relative_change(target, params, changed, batches, refs, run) <= tol:
+      out.update({key: True for key in keys})
+    elif len(keys) == 1:
+      out[keys[0]] = False
+    else:
+      check(keys[:len(keys) // 2])
+      check(keys[len(keys) // 2:])
+
+  if trial:
+    check(list(trial))
+  return out
+
+
+def _candidates(target: Target, leaves, calls: Sequence[Call], input_id: int, before: int,
+                members: Sequence[str], k: int, n: int):
+  """Producer candidates for an input: its direct producer first, then earlier linear layers of
+  the same parent module with ``k`` output channels (latest first)."""
+  consumers = tuple(members)
+  direct = [c for c in calls[:before] if c.output_id == input_id]
+  for c in reversed(direct):
+    kernel = c.module + "/kernel"
+    if kernel in target.layouts and kernel not in consumers:
+      g = _linear_group(target, leaves, kernel, consumers, k, n)
+      if g is not None:
+        yield g
+    else:
+      g = _affine_group(leaves, c.module, consumers, k, n)
+      if g is not None:
+        yield g
+  # through operations linear per channel (attention, act(gate) * up, remat boundaries): earlier
+  # modules of the same block (the consumers' grandparent), latest first, a few at most
+  block = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
+  seen, tried = {c.module for c in direct}, 0
+  for c in reversed(calls[:before]):
+    if tried >= MAX_CANDIDATES:
+      break
+    if c.module in seen or not c.module.startswith(block + "/"):
+      continue
+    seen.add(c.module)
+    kernel = c.module + "/kernel"
+    if kernel in target.layouts:
+      g = None if kernel in consumers else _linear_group(target, leaves, kernel, consumers, k, n)
+    else:
+      g = _affine_group(leaves, c.module, consumers, k, n)
+    if g is not None:
+      tried += 1
+      yield g
+
+
+def _affine_group(leaves, module: str, consumers, k: int, n: int) -> Group | None:
+  params = tuple(p for p, v in leaves.items() if p.rpartition("/")[0] == module
+                 and len(getattr(v, "shape", ())) >= 1 and v.shape[-1] == k
+                 and (n == 1 and v.ndim == 1 or n > 1 and v.ndim == 2 and v.shape[0] == n))
+  return Group(module, "affine", params, tuple(consumers)) if params else None
+
+
+def _linear_group(target: Target, leaves, kernel: str, consumers, k: int, n: int) -> Group | None:
+  lay: Layout = target.layouts[kernel]
+  view = MatrixView(tuple(leaves[kernel].shape), lay)
+  if view.out != k or view.n != n or lay.batch and n == 1:
+    return None
+  bias = kernel.rpartition("/")[0] + "/bias"
+  params = (kernel,) + ((bias,) if bias in leaves else ())
+  return Group(kernel.rpartition("/")[0], "linear", params, tuple(consumers))
+
+
+__all__ = ["Group", "find_groups", "folded", "apply_folds", "verify_folds", "relative_change",
+           "replace_leaves"]

@@ -1,0 +1,126 @@
+"""A linen model with its variables, or an nnx module, seen the one way the PTQ road needs.
+
+* ``params``: the tree the rules apply to (linen variables; nnx ``Param`` state);
+* ``layouts`` / ``stacks`` / ``reasons``: from the layers (see ``jq.nn``);
+* ``run(params, batch)``: the unchanged model through jq's adapters (float or quantized kernels);
+* ``calls(params, batch)``: every module call of one abstract trace, in call order, with the
+  identities of its input and output (to find which module produced a layer's input);
+* ``finish(qparams)``: the result (linen variables, or a new nnx module).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def as_args(batch) -> tuple:
+  return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """One module call seen in a trace: ``module`` path ('/'-joined, the params prefix included),
+  its class name, ``id`` of its first (array) input and of its output (0 if not an array)."""
+  module: str
+  cls: str
+  input_id: int
+  output_id: int
+
+
+@dataclasses.dataclass
+class Target:
+  params: Any
+  layouts: dict
+  stacks: dict
+  reasons: dict
+  run: Callable[[Any, Any], Any]
+  calls: Callable[[Any, Any], list[Call]]
+  finish: Callable[[Any], Any]
+  kind: str
+
+
+def _array_id(x) -> int:
+  return id(x) if isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "aval") else 0
+
+
+def linen_target(model, variables, example_batch, example_kwargs: dict) -> Target:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jq.nn import linen  # pylint: disable=import-outside-toplevel
+  from jq.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
+  qapply = linen.quantized_apply(model)
+  fn = linen._apply_fn(model)  # pylint: disable=protected-access
+  lays, stacks, owners = linen.layouts_and_stacks(model, variables, *as_args(example_batch),
+                                                  **example_kwargs)
+  reasons = {}
+  for path, _ in leaves_with_paths(variables):
+    owner = owners.get(path.rpartition("/")[0])
+    if owner is not None and path not in lays:
+      reasons[path] = f"{owner} runs its own code on it (jq runs {linen.LAYER_NAMES})"
+
+  def run(v, batch):
+    return qapply(v, *as_args(batch), **example_kwargs)
+
+  def calls(v, batch) -> list[Call]:
+    out: list[Call] = []
+
+    def icpt(next_fun, a, kw, context):
+      y = next_fun(*a, **kw)
+      if context.method_name == "__call__":
+        mod = context.module
+        out.append(Call("/".join(("params",) + tuple(map(str, mod.path))), type(mod).__name__,
+                        _array_id(a[0]) if a else 0, _array_id(y)))
+      return y
+
+    with nn.intercept_methods(icpt):
+      linen.abstract_call(fn, v, *as_args(batch), **example_kwargs)
+    return out
+
+  return Target(params=variables, layouts=lays, stacks=stacks, reasons=reasons, run=run,
+                calls=calls, finish=lambda q: q, kind="linen")
+
+
+def nnx_target(module) -> Target:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jq.nn import linen as jlinen  # pylint: disable=import-outside-toplevel
+  from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
+  layers = jnnx.module_layers(module)
+  prepared = jnnx.with_quantized_classes(module)
+  graphdef, params, rest = nnx.split(prepared, nnx.Param, ...)
+
+  def run(p, batch):
+    return nnx.merge(graphdef, p, rest)(*as_args(batch))
+
+  def calls(p, batch) -> list[Call]:
+    out: list[Call] = []
+    clone = nnx.merge(graphdef, p, rest)
+    for path, m in nnx.iter_modules(clone):
+      if any("__call__" in c.__dict__ for c in type(m).__mro__ if c is not object):
+        m.__class__ = _recording_class(type(m), "/".join(map(str, path)), out)
+    g2, s2 = nnx.split(clone)
+    jlinen.abstract_call(lambda st, *a: nnx.merge(g2, st)(*a), s2, *as_args(batch))
+    return out
+
+  return Target(
+      params=nnx.state(module, nnx.Param),
+      layouts={m.path: m.layout for m in layers if m.layout is not None},
+      stacks={m.path: m.stack for m in layers if m.stack > 1},
+      reasons={m.path: m.reason for m in layers if m.layout is None},
+      run=run, calls=calls, finish=lambda q: jnnx.quantize_module(module, q), kind="nnx")
+
+
+
+def _recording_class(cls: type, path: str, out: list[Call]) -> type:
+  """A subclass of ``cls`` whose ``__call__`` appends a :class:`Call` (for one trace)."""
+  def __call__(self, *a, **k):  # pylint: disable=invalid-name
+    y = super(rec, self).__call__(*a, **k)
+    out.append(Call(path, cls.__name__, _array_id(a[0]) if a else 0, _array_id(y)))
+    return y
+  rec = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+  return rec
+
+
+__all__ = ["Target", "Call", "linen_target", "nnx_target", "as_args"]

@@ -1,0 +1,149 @@
+"""``jq.ptq.quantize_model``: calibrated quantization of any linen/nnx model, no adapter.
+
+Models from the layout zoo (tests/nn/zoo.py) with a few outlier input channels (norm scales x10,
+as trained LLMs have), so that AWQ and SmoothQuant have something to fix.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jq
+import jq.nn as jqnn
+from jq import A8_DYNAMIC, A8_STATIC, W4A16_G32, W4A16_G128, W8A16, Algorithm
+from jq.ptq import PTQConfig, quantize_model
+from jq.ptq.matrices import MatrixView, assemble
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "nn"))
+import zoo  # noqa: E402  pylint: disable=wrong-import-position
+
+GPTQ = jq.default_rules(W4A16_G128, algorithm=Algorithm.GPTQ)
+AWQ = jq.default_rules(W4A16_G128, algorithm=Algorithm.AWQ)
+RTN = jq.default_rules(W4A16_G128)
+
+
+def _kl(a, b) -> float:
+  pa, pb = jax.nn.log_softmax(a, -1), jax.nn.log_softmax(b, -1)
+  return float(jnp.mean(jnp.sum(jnp.exp(pa) * (pa - pb), -1)))
+
+
+def _outliers(model, variables, factor=10.0):
+  rng = np.random.default_rng(0)
+  def bump(s):
+    s = np.array(s)
+    s[..., rng.choice(s.shape[-1], 4, replace=False)] *= factor
+    return jnp.asarray(s)
+  if variables is None:
+    for _, m in nnx.iter_modules(model):
+      if isinstance(m, nnx.LayerNorm):
+        m.scale.set_value(bump(m.scale.get_value()))
+    return None
+  def one(kp, x):
+    p = jq.tree.path_str(kp)
+    return bump(x) if p.endswith("/scale") and ("norm" in p or "/ln_" in p) else x
+  return jax.tree_util.tree_map_with_path(one, variables)
+
+
+def _setup(name):
+  model, variables, _ = zoo.gpt2_linen(False) if name == "gpt2_linen" else getattr(zoo, name)()
+  variables = _outliers(model, variables)
+  return model, variables, zoo.example_batches(name, n=4), zoo.example_batches(name, n=2, seed=7)
+
+
+def _quantized_kl(model, variables, rules, calib, evalb):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")    # (the nnx zoo model's custom layer stays float, by name)
+    res = quantize_model(model, variables, rules, calib)
+  if variables is None:
+    run_q, run_f = jax.jit(lambda b: res.module(b)), jax.jit(lambda b: model(b))
+  else:
+    qapply = jax.jit(jqnn.quantized_apply(model))
+    run_q, run_f = (lambda b: qapply(res.variables, b)), jax.jit(lambda b: model.apply(variables, b))
+  return float(np.mean([_kl(run_f(b), run_q(b)) for b in evalb])), res
+
+
+@pytest.mark.parametrize("name", ["gpt2_linen", "llama_scan_linen", "nnx_transformer"])
+def test_gptq_and_awq_beat_rtn_and_smoothquant_beats_plain_w8a8(name):
+  model, variables, calib, evalb = _setup(name)
+  kl = {k: _quantized_kl(model, variables, r, calib, evalb)[0] for k, r in [
+      ("rtn", RTN), ("gptq", GPTQ), ("awq", AWQ),
+      ("w8a8", jq.default_rules(W8A16, A8_STATIC)),
+      ("sq", jq.default_rules(W8A16, A8_STATIC, algorithm=Algorithm.SMOOTHQUANT))]}
+  assert kl["gptq"] < kl["rtn"] and kl["awq"] < kl["rtn"], kl
+  assert kl["sq"] < kl["w8a8"], kl
+
+
+def test_bias_folding_keeps_the_float_model_and_wrong_groups_are_skipped():
+  """GPT-2 style: LayerNorm biases and linear biases fold exactly; fc -> proj across a GELU is
+  never applied (it would change the model)."""
+  model, variables, calib, evalb = _setup("gpt2_linen")
+  for rules in (AWQ, jq.default_rules(W8A16, A8_DYNAMIC, algorithm=Algorithm.SMOOTHQUANT)):
+    _, res = _quantized_kl(model, variables, rules, calib, evalb)
+    folded = [l for l in res.log if "folded into" in l]
+    assert any("ln_1 -> " in l for l in folded) and any("attn/v -> o" in l for l in folded)
+    assert any("ln_2 -> fc" in l for l in folded), res.log
+    assert not any("mlp/fc -> proj" in l for l in folded)
+    assert any("mlp/proj/kernel: no producer" in l for l in res.log)
+    for b in evalb:   # the folded float model (res.ref) is the original function
+      want, got = model.apply(variables, b), model.apply(res.ref, b)
+      assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
+    changed = jq.tree.leaves_with_paths(res.ref)
+    bias = dict(changed)["params/h_0/ln_1/bias"]
+    assert not np.allclose(bias, zoo.get_kernel(variables, "params/h_0/ln_1/bias"))
+
+
+def test_scan_stack_gets_per_layer_groups_and_static_scales():
+  model, variables, calib, evalb = _setup("llama_scan_linen")
+  kl, res = _quantized_kl(model, variables,
+                          jq.default_rules(W8A16, A8_STATIC, algorithm=Algorithm.SMOOTHQUANT),
+                          calib, evalb)
+  folded = " ".join(l for l in res.log if "folded into" in l)
+  for g in ("attn_norm -> k+q+v", "v -> o", "mlp_norm -> gate+up", "mlp/up -> down"):
+    assert g in folded, res.log
+  q = res.variables["params"]["layers"]["q"]["kernel"]
+  assert q.activation.scale.shape == (2,) and q.tile == (1, 256, 1)
+  assert kl < 0.5
+
+
+def test_matrix_view_reproduces_the_layout_grid():
+  cases = [((256, 4, 64), jq.Layout(contracting=(0,), channels=(1, 2))),
+           ((4, 64, 256), jq.Layout(contracting=(0, 1), channels=(2,))),
+           ((3, 256, 64), jq.Layout(contracting=(1,), channels=(2,), batch=(0,))),
+           ((3, 3, 8, 16), jq.Layout(contracting=(0, 1, 2), channels=(3,)))]
+  for shape, lay in cases:
+    w = jax.random.normal(jax.random.key(0), shape)
+    for spec in (W8A16, W4A16_G128, W4A16_G32):
+      view = MatrixView(shape, lay)
+      spec2 = view.matrix_spec(spec, name="w")
+      got = assemble(view, [jq.quantize(m, spec2) for m in view.matrices(w)], spec, name="w")
+      want = jq.quantize(w, spec, layout=lay)
+      assert got.tile == want.tile
+      np.testing.assert_array_equal(got.values, want.values)
+      np.testing.assert_array_equal(got.scale, want.scale)
+
+
+def test_bad_input_names_the_problem():
+  model, variables, calib, _ = _setup("gpt2_linen")
+  with pytest.raises(ValueError, match="no calibration batches"):
+    quantize_model(model, variables, GPTQ, [])
+  with pytest.raises(ValueError, match="negative token ids"):
+    quantize_model(model, variables, GPTQ, [-calib[0] - 1])
+  with pytest.raises(ValueError, match="NaN"):
+    quantize_model(model, variables, GPTQ, [jnp.full((2, 8), jnp.nan)])
+  with pytest.raises(ValueError, match="cannot run calibration batch 0"):
+    quantize_model(model, variables, GPTQ, [jnp.zeros((2, 8, 3), jnp.float32)])
+  with pytest.raises(ValueError, match="sequential calibration needs blocks"):
+    quantize_model(model, variables, GPTQ, calib, config=PTQConfig(sequential=True))
+  cnn, cvars, _ = zoo.cnn_linen()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with pytest.raises(ValueError, match=r"params/\w+/kernel: this layer's input does not map"):
+      quantize_model(cnn, cvars, jq.default_rules(W8A16, algorithm=Algorithm.GPTQ),
+                     zoo.example_batches("cnn_linen", n=1))
