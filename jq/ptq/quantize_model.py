@@ -167,7 +167,8 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
   scale_of: dict[str, jax.Array] = {}
   if smoothing:
     check = batches[:max(1, calib_batches_for_check)]
-    groups = folding.find_groups(target, params, smoothing, batches[0], check, log)
+    groups = folding.find_groups(target, params, smoothing, batches[0], [_one_row(batches[0])],
+                                 log)
     run = jax.jit(target.run)
     refs = [run(params, b) for b in check]
     found = {g.producer + ">" + "+".join(g.consumers): (g, s) for g in groups
@@ -257,6 +258,15 @@ def _activation(rule: Rule, inputs: LayerInputs | None, n: int) -> ActivationQua
   scale, zp = act_params(jnp.asarray(lo), jnp.asarray(hi), rule.activation)
   return ActivationQuant(scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
                          spec=rule.activation)
+
+
+def _one_row(batch):
+  """The first example of a batch (leading axis), for the many forwards of group discovery: a
+  wrong fold changes any example's outputs by orders of magnitude more than rounding does."""
+  try:
+    return jax.tree_util.tree_map(lambda a: a[:1] if np.ndim(a) else a, batch)
+  except (TypeError, IndexError):
+    return batch
 
 
 def _group_scales(target: Target, params, g: folding.Group, decided, got, log: list[str]):
