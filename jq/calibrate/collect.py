@@ -231,7 +231,9 @@ def capture_inputs(fn: Callable[..., Any], *args, prefix: str = "",
 
   ``x`` is each adapted layer's input with the axes it contracts against the kernel moved last and
   flattened: ``(..., K)``, ``K`` in the kernel's contracting order.  Layers whose input does not map
-  onto the kernel that way (convolutions, dot batch dims) are not captured.  Linen modules run
+  onto the kernel that way (convolutions, dot batch dims) are not captured.  Values captured
+  inside a ``scan``/``vmap`` body are that body's tracers: for stacked layers use
+  :func:`collect`.  Linen modules run
   through jq's adapter hook; nnx modules report when they are jq's layer classes (e.g. from
   ``jq.nn.quantize_module`` or ``jq.nn.nnx.with_quantized_classes``).
 

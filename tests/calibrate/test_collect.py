@@ -1,0 +1,72 @@
+"""``jq.calibrate.collect`` / ``capture_inputs``: every adapted layer's input, per stacked layer."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jq.nn as jqnn
+from jq.calibrate import Want, capture_inputs, collect
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.DenseGeneral((4, 8), name="q")(x)                     # (..., 4, 8)
+    return x + nn.DenseGeneral(32, axis=(-2, -1), name="o")(h), None
+
+
+class Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="layers")(x, None)
+    return x
+
+
+def _setup():
+  model = Stack()
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  return model, model.init(jax.random.key(0), x), x
+
+
+def _block_inputs(variables, x):
+  """The inputs of q and o of each stacked layer, computed by hand."""
+  out = []
+  for i in range(3):
+    p = jax.tree_util.tree_map(lambda a: a[i], variables["params"]["layers"])
+    h = jnp.einsum("btd,dhe->bthe", x, p["q"]["kernel"]) + p["q"]["bias"]
+    out.append((x, h))
+    x = Block().apply({"params": p}, x, None)[0]
+  return out
+
+
+def test_collect_gives_each_stacked_layer_its_own_statistics():
+  model, variables, x = _setup()
+  qapply = jqnn.quantized_apply(model)
+  got = collect(lambda v, b: qapply(v, b), [x, 2 * x],
+                {"params/layers/q/kernel": Want(stack=3, xtx=True),
+                 "params/layers/o/kernel": Want(stack=3, xtx=True, samples=4)}, operands=variables)
+  want = _block_inputs(variables, x)
+  want2 = _block_inputs(variables, 2 * x)
+  for i in range(3):
+    for path, j in (("params/layers/q/kernel", 0), ("params/layers/o/kernel", 1)):
+      a = np.concatenate([np.asarray(want[i][j]).reshape(-1, 32),
+                          np.asarray(want2[i][j]).reshape(-1, 32)])
+      st = got[path].stats
+      np.testing.assert_allclose(np.asarray(st.xtx[i]), a.T @ a, rtol=2e-4, atol=1e-3)
+      assert int(st.count[i]) == a.shape[0]
+      np.testing.assert_allclose(got[path].hi[i], a.max(axis=0), rtol=1e-5)
+  assert got["params/layers/o/kernel"].samples.shape == (3, 4, 32)
+
+
+def test_capture_inputs_flattens_the_contracting_axes_in_kernel_order():
+  model, variables, x = _setup()
+  p = jax.tree_util.tree_map(lambda a: a[0], variables["params"]["layers"])
+  _, found = capture_inputs(Block().apply, {"params": p}, x, None)   # one block, no scan
+  o = found["o/kernel"]            # DenseGeneral(axis=(-2, -1)): (heads, head_dim) -> K = 32
+  assert o.shape == (2, 5, 32)
+  h = _block_inputs(variables, x)[0][1]
+  np.testing.assert_allclose(np.asarray(o), np.asarray(h).reshape(2, 5, 32), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(found["q/kernel"]), np.asarray(x), rtol=0)
