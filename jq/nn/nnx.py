@@ -200,7 +200,9 @@ def _kind_of(cls: type) -> _Kind:
 def quantized_class(cls: type) -> type:
   """The class a layer of type ``cls`` takes in a quantized module (cached)."""
   kind = _kind_of(cls)
-  if cls is kind.base or issubclass(cls, kind.quantized):
+  if issubclass(cls, kind.quantized):
+    return cls            # already quantized (e.g. explain on a quantized module)
+  if cls is kind.base:
     return kind.quantized
   return type(f"Q{cls.__name__}", (cls, kind.quantized), {"__module__": cls.__module__})
 

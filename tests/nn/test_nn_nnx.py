@@ -190,3 +190,16 @@ def test_bad_inputs_name_the_layer(quantized):
       qm = jqnn.quantize_module(model, bad)
       jax.eval_shape(lambda t: qm(t), tokens)
     assert path in str(e.value)
+
+
+def test_quantized_class_keeps_a_subclass_override():
+  from jq.nn.nnx import QLinear, quantized_class
+
+  class Twice(nnx.Linear):
+    def __call__(self, x):
+      return super().__call__(x) * 2.0
+
+  q = quantized_class(Twice)
+  assert issubclass(q, Twice) and issubclass(q, QLinear) and q.__mro__[1] is Twice
+  assert quantized_class(q) is q            # swapping again (explain, calibration) keeps it
+  assert quantized_class(nnx.Linear) is QLinear
