@@ -17,7 +17,7 @@ from jq import metrics
 from jq.layout import Layout
 from jq.qarray import ActivationQuant, QArray, dequantize
 from jq.quantize import _quantize_checked, check_float_input
-from jq.spec import ActMode, Algorithm, Granularity, Rule
+from jq.spec import ActivationSpec, ActMode, Algorithm, Granularity, Rule
 
 PyTree = Any
 
@@ -145,20 +145,31 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
                          f"with Rule(pattern={path!r}, weight=None)")
       layout = layouts[path]
     q = _quantize_checked(jnp.asarray(leaf), pl.rule.weight, name=path, layout=layout)
-    act = pl.rule.activation
-    if act is None:
-      return q
-    if act.mode is ActMode.STATIC:
-      if path not in act_scales:
-        raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: static activation "
-                         "quantization needs a calibrated input scale; run jq.calibrate first")
-      s, z = act_scales[path]
-      aq = ActivationQuant(scale=jnp.asarray(s, jnp.float32), zero_point=z, spec=act)
-    else:
-      aq = ActivationQuant(scale=None, zero_point=None, spec=act)
-    return dataclasses.replace(q, activation=aq)
+    return with_activation(q, pl.rule.activation, act_scales.get(path), path=path, leaf=leaf)
 
   return map_with_paths(one, params)
+
+
+def with_activation(q: QArray, act: ActivationSpec | None,
+                    scale_zp: tuple[jax.Array, jax.Array | None] | None, *, path: str,
+                    leaf) -> QArray:
+  """``q`` carrying how its layer's input is quantized (the one place this is attached):
+  nothing for weight-only, the dynamic marker, or the calibrated static ``(scale, zero_point)``.
+
+  Raises:
+    ValueError: naming the path, shape and dtype, when static mode has no calibrated scale.
+  """
+  if act is None:
+    return q
+  if act.mode is ActMode.STATIC:
+    if scale_zp is None:
+      raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: static activation "
+                       "quantization needs a calibrated input scale; run jq.calibrate first")
+    s, z = scale_zp
+    aq = ActivationQuant(scale=jnp.asarray(s, jnp.float32), zero_point=z, spec=act)
+  else:
+    aq = ActivationQuant(scale=None, zero_point=None, spec=act)
+  return dataclasses.replace(q, activation=aq)
 
 
 def dequantize_tree(tree: PyTree, dtype=jnp.float32) -> PyTree:

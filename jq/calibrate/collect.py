@@ -274,8 +274,13 @@ def input_ranges(run: Callable[[Any, Any], Any], batches: Iterable[Any], *,
   """Per-tensor ``(min, max)`` of each layer's input over all batches (``(L,)`` for stacked
   layers, ``()`` otherwise); see :func:`collect`."""
   stacks = dict(stacks or {})
-  got = collect(run, batches, {p: Want(stack=stacks.get(p, 1)) for p in paths}, operands=operands)
-  return {p: (np.min(r.lo, axis=-1), np.max(r.hi, axis=-1)) for p, r in got.items()}
+  return tensor_ranges(collect(run, batches, {p: Want(stack=stacks.get(p, 1)) for p in paths},
+                               operands=operands))
 
 
-__all__ = ["collect", "capture_inputs", "input_ranges", "Want", "LayerInputs"]
+def tensor_ranges(inputs: Mapping[str, LayerInputs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Per-tensor ``(min, max)`` (per stacked layer) from collected per-channel ranges."""
+  return {p: (np.min(r.lo, axis=-1), np.max(r.hi, axis=-1)) for p, r in inputs.items()}
+
+
+__all__ = ["collect", "capture_inputs", "input_ranges", "tensor_ranges", "Want", "LayerInputs"]

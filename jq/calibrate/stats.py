@@ -115,10 +115,11 @@ def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
 
 def scale_stats(stats: LayerStats, s: jax.Array) -> LayerStats:
   """Statistics of ``x / s`` (per-channel ``s > 0``) from those of ``x``: exact, so smoothing
-  (AWQ/SmoothQuant) never needs a second capture."""
+  (AWQ/SmoothQuant) never needs a second capture.  Leading axes (stacked layers) broadcast:
+  ``s`` of shape ``(L, K)`` scales statistics of shape ``(L, K, K)`` / ``(L, K)``."""
   inv = 1.0 / jnp.asarray(s, jnp.float32)
-  return stats._replace(xtx=stats.xtx * inv[:, None] * inv[None, :], absmax=stats.absmax * inv,
-                        abssum=stats.abssum * inv)
+  return stats._replace(xtx=stats.xtx * inv[..., :, None] * inv[..., None, :],
+                        absmax=stats.absmax * inv, abssum=stats.abssum * inv)
 
 
 def check_stats(stats: LayerStats, name: str = "<layer>") -> None:

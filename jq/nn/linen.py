@@ -368,7 +368,8 @@ def stack_positions(full: Sequence[int], one: Sequence[int], *, path: str) -> tu
 def layouts_and_stacks(model, variables, *args, **kwargs
                        ) -> tuple[dict[str, Layout], dict[str, int], dict[str, str]]:
   """:func:`layouts`, ``{path: number of stacked layers}`` for stacked kernels, and
-  ``{module path: class name}`` of every module called."""
+  ``{param path: why jq cannot run it quantized}`` for params of called modules jq does not
+  adapt."""
   calls, modules = trace_layers(model, variables, *args, **kwargs)
   stored = {p: tuple(getattr(v, "shape", ())) for p, v in leaves_with_paths(variables)}
   lays, stacks = {}, {}
@@ -383,7 +384,13 @@ def layouts_and_stacks(model, variables, *args, **kwargs
     for a in drop:
       n *= full[a]
     stacks[c.path] = n
-  return lays, stacks, dict(modules)
+  owners = dict(modules)
+  reasons = {}
+  for path in stored:
+    owner = owners.get(path.rpartition("/")[0])
+    if owner is not None and path not in lays:
+      reasons[path] = f"{owner} runs its own code on it (jq runs {LAYER_NAMES})"
+  return lays, stacks, reasons
 
 
 def layouts(model: nn.Module | Callable[..., Any], variables: Any, *args, **kwargs

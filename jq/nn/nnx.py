@@ -39,11 +39,9 @@ def _bias(layer):
 
 
 class _Quantized:
-  """Mixin of the quantized layer classes: the kernel path, and the float fallback."""
+  """Mixin of the quantized layer classes: the kernel path, and the float fallback (each class
+  defines ``_jq_layer``, its label)."""
   jq_path = "kernel"
-
-  def _jq_layer(self) -> str:
-    raise NotImplementedError
 
   def _jq_float(self, base: type, kernel, inputs, args, kwargs, rows):
     common.record_float(self.jq_path, self._jq_layer(), getattr(kernel, "dtype", "float32"), rows)

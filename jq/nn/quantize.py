@@ -22,7 +22,7 @@ from jq.calibrate.collect import input_ranges
 from jq.calibrate.observers import act_params
 from jq.layout import Layout
 from jq.spec import ActMode, Rule
-from jq.tree import leaves_with_paths, plan, quantize_tree
+from jq.tree import plan, quantize_tree
 
 PyTree = Any
 
@@ -66,8 +66,14 @@ def static_scales(rules: Sequence[Rule], params: PyTree, run, operands,
                      "calibration_batches=[inputs, ...] (or act_scales=) to calibrate them")
   ranges = input_ranges(run, batches, paths=wanted, operands=operands,
                         stacks={p: n for p, n in stacks.items() if p in wanted})
-  return {p: act_params(jnp.asarray(lo), jnp.asarray(hi), wanted[p]) for p, (lo, hi)
-          in ranges.items()}
+  return act_scales_from_ranges(ranges, wanted)
+
+
+def act_scales_from_ranges(ranges: Mapping[str, tuple[Any, Any]],
+                           specs: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """``{path: (scale, zero_point)}`` of static int8 activations from calibrated input ranges."""
+  return {p: act_params(jnp.asarray(ranges[p][0]), jnp.asarray(ranges[p][1]), spec)
+          for p, spec in specs.items()}
 
 
 def quantize_variables(model, variables: PyTree, rules: Sequence[Rule], *example_args,
@@ -97,13 +103,8 @@ def quantize_variables(model, variables: PyTree, rules: Sequence[Rule], *example
     >>> logits = jax.jit(jq.nn.quantized_apply(model))(qvars, tokens)
   """
   from jq.nn import linen  # pylint: disable=import-outside-toplevel
-  lays, stacks, owners = linen.layouts_and_stacks(model, variables, *example_args,
-                                                  **example_kwargs)
-  reasons = {}
-  for path, leaf in leaves_with_paths(variables):
-    owner = owners.get(path.rpartition("/")[0])
-    if owner is not None:
-      reasons[path] = f"{owner} runs its own code on it (jq runs {linen.LAYER_NAMES})"
+  lays, stacks, reasons = linen.layouts_and_stacks(model, variables, *example_args,
+                                                   **example_kwargs)
   rules, _ = runnable_rules(variables, rules, lays, reasons)
   if act_scales is None:
     qapply = linen.quantized_apply(model)
@@ -133,4 +134,5 @@ def quantize_nnx_state(module, rules: Sequence[Rule], *,
   return quantize_tree(state, rules, act_scales=act_scales, layouts=lays)
 
 
-__all__ = ["quantize_variables", "quantize_nnx_state", "runnable_rules", "static_scales"]
+__all__ = ["quantize_variables", "quantize_nnx_state", "runnable_rules", "static_scales",
+           "act_scales_from_ranges"]

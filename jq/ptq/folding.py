@@ -118,9 +118,9 @@ def apply_folds(target: Target, params: PyTree, folds: Sequence[tuple[Group, jax
   return params
 
 
-def _k_of(target: Target, leaves, kernel: str, channels: bool) -> int:
-  view = MatrixView(tuple(leaves[kernel].shape), target.layouts[kernel])
-  return view.out if channels else view.k
+def _k_of(target: Target, leaves, kernel: str) -> int:
+  """Input channels (flattened contracting axes) of a kernel."""
+  return MatrixView(tuple(leaves[kernel].shape), target.layouts[kernel]).k
 
 
 def _stack(target: Target, kernel: str) -> int:
@@ -153,9 +153,9 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
   rng = np.random.default_rng(seed)
   pending = {}   # input id -> (candidate iterator, random scales, members)
   for input_id, members in by_input.items():
-    k = _k_of(target, leaves, members[0], channels=False)
+    k = _k_of(target, leaves, members[0])
     n = _stack(target, members[0])
-    if any(_k_of(target, leaves, m, False) != k or _stack(target, m) != n for m in members):
+    if any(_k_of(target, leaves, m) != k or _stack(target, m) != n for m in members):
       log.append(f"{'+'.join(members)}: consumers of one input disagree on K or stacking; skipped")
       continue
     s = jnp.asarray(np.exp(rng.uniform(-1, 1, (n, k) if n > 1 else (k,))), jnp.float32)

@@ -24,17 +24,16 @@ import numpy as np
 
 from jq.algorithms import awq_search_scale, smooth_scales
 from jq.algorithms.registry import Inputs, solve
-from jq.calibrate.collect import LayerInputs, Want, collect
-from jq.calibrate.observers import act_params
+from jq.calibrate.collect import LayerInputs, Want, collect, tensor_ranges
 from jq.algorithms.fold import FOLD_TOLERANCE
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
-from jq.nn.quantize import runnable_rules
+from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding
 from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
-from jq.qarray import ActivationQuant, QArray
+from jq.qarray import QArray
 from jq.spec import ActMode, Algorithm, Clip, Rule
-from jq.tree import leaves_with_paths, plan, quantize_tree
+from jq.tree import leaves_with_paths, plan, quantize_tree, with_activation
 
 PyTree = Any
 
@@ -145,7 +144,6 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
   params = target.params
-  leaves = dict(leaves_with_paths(params))
 
   # 1. what each layer needs, collected in one pass over the batches
   wants = {}
@@ -190,23 +188,19 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
       g, s = found[key]
       log.append(f"{g.describe()}: {decided[g.consumers[0]].algorithm.value} scales folded into "
                  f"{g.producer} ({g.kind}); float model unchanged")
-      for c in g.consumers:
+      sv = np.asarray(s)
+      for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
         scale_of[c] = s
-        n = target.stacks.get(c, 1)
         inp = got[c]
-        sv = np.asarray(s)
-        st = inp.stats
-        if n == 1:
-          st = scale_stats(st, jnp.asarray(sv))
-        else:
-          st = LayerStats(*[jnp.stack(x) for x in zip(*[
-              scale_stats(LayerStats(*[v[i] for v in st]), jnp.asarray(sv[i])) for i in range(n)])])
-        got[c] = LayerInputs(st, inp.lo / sv, inp.hi / sv,
+        got[c] = LayerInputs(scale_stats(inp.stats, s), inp.lo / sv, inp.hi / sv,
                              None if inp.samples is None else inp.samples / sv[..., None, :])
     params = folding.apply_folds(target, params, [found[k] for k in keys])
   leaves = dict(leaves_with_paths(params))
 
-  # 3. each kernel through its algorithm, as (K, N) matrices
+  # 3. each kernel through its algorithm, as (K, N) matrices (static scales: of x / s if smoothed)
+  static = {p: r.activation for p, r in decided.items()
+            if r.activation is not None and r.activation.mode is ActMode.STATIC}
+  act_scales = act_scales_from_ranges(tensor_ranges({p: got[p] for p in static}), static)
   report, new = [], {}
   rtn = {}
   for path, rule in decided.items():
@@ -231,9 +225,7 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
       if nt:
         notes.append(nt if view.n == 1 else f"layer {i}: {nt}")
     q = assemble(view, qs, rule.weight, name=path)
-    if rule.activation is not None:
-      q = dataclasses.replace(q, activation=_activation(rule, got.get(path), view.n))
-    new[path] = q
+    new[path] = with_activation(q, rule.activation, act_scales.get(path), path=path, leaf=w)
     report.append(LayerRow(path, algo_used.value, q.qtype.value + " tile=" +
                            "x".join(map(str, q.tile)), "; ".join([note] + notes).strip("; ")))
   qparams = folding.replace_leaves(params, new)
@@ -248,16 +240,6 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
   if target.kind == "nnx":
     return PTQModelResult(None, out, params, report, log, secs)
   return PTQModelResult(out, None, params, report, log, secs)
-
-
-def _activation(rule: Rule, inputs: LayerInputs | None, n: int) -> ActivationQuant:
-  if rule.activation.mode is ActMode.DYNAMIC:
-    return ActivationQuant(scale=None, zero_point=None, spec=rule.activation)
-  lo = np.min(inputs.lo, axis=-1)
-  hi = np.max(inputs.hi, axis=-1)
-  scale, zp = act_params(jnp.asarray(lo), jnp.asarray(hi), rule.activation)
-  return ActivationQuant(scale=jnp.asarray(scale, jnp.float32), zero_point=zp,
-                         spec=rule.activation)
 
 
 def _one_row(batch):

@@ -50,16 +50,10 @@ def _array_id(x) -> int:
 def linen_target(model, variables, example_batch, example_kwargs: dict) -> Target:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jq.nn import linen  # pylint: disable=import-outside-toplevel
-  from jq.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
   qapply = linen.quantized_apply(model)
   fn = linen._apply_fn(model)  # pylint: disable=protected-access
-  lays, stacks, owners = linen.layouts_and_stacks(model, variables, *as_args(example_batch),
-                                                  **example_kwargs)
-  reasons = {}
-  for path, _ in leaves_with_paths(variables):
-    owner = owners.get(path.rpartition("/")[0])
-    if owner is not None and path not in lays:
-      reasons[path] = f"{owner} runs its own code on it (jq runs {linen.LAYER_NAMES})"
+  lays, stacks, reasons = linen.layouts_and_stacks(model, variables, *as_args(example_batch),
+                                                   **example_kwargs)
 
   def run(v, batch):
     return qapply(v, *as_args(batch), **example_kwargs)
