@@ -7,8 +7,8 @@ from jq.metrics import cosine, error_stats, kl_divergence, max_abs_error, mse, s
 from jq.qarray import ActivationQuant, QArray, dequantize
 from jq.qtypes import NF4_TABLE, QType
 from jq.quantize import compute_params, fake_quant, quantize, quantize_with_params
-from jq.spec import (A8_DYNAMIC, A8_STATIC, NF4_G64, RECIPES, W2A16_G32, W3A16_G128, W4A16_G32,
-                     W4A16_G128, W8A16, ActivationSpec, ActMode, Algorithm, AWQOptions, Clip,
+from jq.spec import (A8_DYNAMIC, A8_DYNAMIC_ASYM, A8_STATIC, NF4_G64, RECIPES, W2A16_G32,
+                     W3A16_G128, W4A16_G32, W4A16_G128, W8A16, ActivationSpec, ActMode, Algorithm, AWQOptions, Clip,
                      ClipMethod, GPTQOptions, Granularity, QuantSpec, Rule, SmoothQuantOptions,
                      default_rules, recipe_names, recipe_rules)
 from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, plan,

@@ -1,7 +1,7 @@
 """Model-level workflows behind ``jq-quant``: quantize, evaluate, generate, plan.
 
 Works on the small model interface of ``models.registry`` (duck-typed: ``kind``, ``module``,
-``params``/``variables``, ``tokenizer``, ``blocks``, ``eval_tokens()``, ``calibration_tokens()``,
+``params``/``variables``, ``tokenizer``, ``eval_tokens()``, ``calibration_tokens()``,
 ``embed()``, ``eval_sentences()``), so nothing here imports ``models``.
 """
 from __future__ import annotations
@@ -38,21 +38,23 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
 
   The algorithms' options come from the rules (``Rule.options``); ``ptq_config`` only says how
   the block-wise pipeline runs (sequential, chunk, sample_tokens)."""
+  from jq.ptq import quantize_model as calibrated  # pylint: disable=import-outside-toplevel
   rules = tuple(rules)
   if model.kind == "causal_lm":
-    if recipes.needs_calibration(rules):
+    if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
+      cfg = ptq_config or pipeline.PTQConfig()
       calib = model.calibration_tokens(calib_sequences, calib_len)
-      res = pipeline.quantize_blockwise(model.variables, model.blocks, rules, calib,
-                                        config=ptq_config or pipeline.PTQConfig(),
-                                        progress=progress)
-      return res.qparams, res.ref_params, res.log
+      res = calibrated(model.module, model.variables, rules,
+                       [calib[i:i + cfg.chunk] for i in range(0, len(calib), cfg.chunk)],
+                       config=cfg, progress=progress)
+      return res.variables, res.ref, res.log
     lays = jqnn.layouts(model.module, model.variables, jax.ShapeDtypeStruct((1, 8), jnp.int32))
     return (jax.jit(lambda v: jqtree.quantize_tree(v, rules, layouts=lays))(model.variables),
             model.variables, [])
   state = float_variables(model)
   if recipes.needs_calibration(rules):   # the generic road: any nnx model, no adapter
-    from jq.ptq import quantize_model as calibrated
-    res = calibrated(model.module, None, rules, model.calibration_batches(calib_sequences * 4))
+    res = calibrated(model.module, None, rules, model.calibration_batches(calib_sequences * 4),
+                     config=ptq_config, progress=progress)
     return float_variables(dataclasses.replace(model, module=res.module)), res.ref, res.log
   return jqtree.quantize_tree(state, rules, layouts=jqnn.layouts(model.module)), state, []
 

@@ -102,38 +102,59 @@ def _default_block(x: jax.Array, ws: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate([jnp.dot(x, w, precision=_HIGHEST) for w in ws], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "grid", "block_fn"))
-def _search_scale(x, ws, x_mean, *, spec: QuantSpec, grid: int, block_fn):
+def weight_mean(ws: Sequence[jax.Array], rows: int) -> jax.Array:
+  """Per-input-channel mean of ``|W|`` relative to its quantization group's max (AutoAWQ's
+  ``w_mean`` for duo scaling): groups of ``rows`` input channels, over every output column."""
+  total, cols = 0.0, 0
+  for w in ws:
+    k, n = w.shape
+    nk = -(-k // rows)
+    a = jnp.pad(jnp.abs(w), ((0, nk * rows - k), (0, 0))).reshape(nk, rows, n)
+    a = a / (jnp.max(a, axis=1, keepdims=True) + 1e-6)
+    total = total + jnp.sum(a.reshape(nk * rows, n)[:k], axis=1)
+    cols += n
+  return total / cols
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "grid", "block_fn", "duo"))
+def _search_scale(x, ws, x_mean, *, spec: QuantSpec, grid: int, block_fn, duo: bool):
   fn = _default_block if block_fn is None else block_fn
   wsf = tuple(w.astype(jnp.float32) for w in ws)
   ref = fn(x, wsf).astype(jnp.float32)
+  w_mean = weight_mean(wsf, spec.tile(ws[0].shape)[0]) if duo else None
 
   def scales(alpha):
-    s = jnp.maximum(jnp.power(x_mean, alpha), 1e-4)
+    s = jnp.power(x_mean, alpha)
+    if duo:
+      s = s / (jnp.power(w_mean, 1.0 - alpha) + 1e-4)
+    s = jnp.maximum(s, 1e-4)
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
 
-  def loss(alpha):
-    s = scales(alpha)
+  def loss(s):
     wq = tuple(fake_quant(w * s[:, None], spec) / s[:, None] for w in wsf)
     d = fn(x, wq).astype(jnp.float32) - ref
     return jnp.mean(d * d)
 
   def body(carry, alpha):
-    best_l, best_a = carry
-    lv = loss(alpha)
+    best_l, best_a, best_s = carry
+    s = scales(alpha)
+    lv = loss(s)
     better = lv < best_l
-    return (jnp.where(better, lv, best_l), jnp.where(better, alpha, best_a)), None
+    return (jnp.where(better, lv, best_l), jnp.where(better, alpha, best_a),
+            jnp.where(better, s, best_s)), None
 
+  ones = jnp.ones_like(x_mean)
+  rtn = loss(ones)
   alphas = jnp.arange(grid, dtype=jnp.float32) / grid
-  rtn = loss(jnp.float32(0.0))
-  (best_l, best_a), _ = jax.lax.scan(body, (rtn, jnp.float32(0.0)), alphas[1:])
-  return scales(best_a), AWQInfo(alpha=best_a, loss=best_l, rtn_loss=rtn)
+  (best_l, best_a, best_s), _ = jax.lax.scan(body, (rtn, jnp.float32(0.0), ones),
+                                             alphas if duo else alphas[1:])
+  return best_s, AWQInfo(alpha=best_a, loss=best_l, rtn_loss=rtn)
 
 
 def awq_search_scale(x: jax.Array, ws: jax.Array | Sequence[jax.Array], spec: QuantSpec, *,
                      grid: int = 20, block_fn: Callable | None = None,
                      act_mean: jax.Array | None = None, max_tokens: int = 512,
-                     name: str = "<layer>") -> tuple[jax.Array, AWQInfo]:
+                     duo: bool = False, name: str = "<layer>") -> tuple[jax.Array, AWQInfo]:
   """AWQ's per-input-channel scale search (Lin et al., 2023, arXiv:2306.00978).
 
   Returns ``s = mean|x|^α / sqrt(max · min)`` with ``α ∈ {0, 1/grid, …, (grid−1)/grid}``
@@ -152,6 +173,9 @@ def awq_search_scale(x: jax.Array, ws: jax.Array | Sequence[jax.Array], spec: Qu
     act_mean: per-channel ``mean|x|`` over all calibration tokens (e.g.
       :func:`jq.calibrate.stats.mean_abs`); default: from the sample.
     max_tokens: token sample size.
+    duo: AutoAWQ's "duo scaling": ``s = mean|x|^α / mean_w^(1−α)``, where ``mean_w`` is each
+      input channel's mean ``|W|`` relative to its quantization group's max (then ``s = 1``,
+      round-to-nearest, is tried separately).
     name: layer name for error messages.
 
   Returns:
@@ -172,7 +196,8 @@ def awq_search_scale(x: jax.Array, ws: jax.Array | Sequence[jax.Array], spec: Qu
       raise ValueError(f"{name}: act_mean has shape {tuple(x_mean.shape)}, expected ({k},)")
     if numerics.is_concrete(x_mean) and not bool(jnp.all(jnp.isfinite(x_mean))):
       raise ValueError(f"{name}: act_mean has NaN/Inf entries")
-  return _search_scale(x, ws, jnp.abs(x_mean), spec=spec, grid=int(grid), block_fn=block_fn)
+  return _search_scale(x, ws, jnp.abs(x_mean), spec=spec, grid=int(grid), block_fn=block_fn,
+                       duo=bool(duo))
 
 
 def _tile_ranges(w: jax.Array, tile: tuple[int, int], symmetric: bool):

@@ -277,7 +277,7 @@ def quantize_blockwise(params: dict[str, Any], blocks: BlockwiseModel, rules: Se
         s, info = awq_search_scale(samples[first], ws, dataclasses.replace(spec, clip=Clip()),
                                    grid=opts.grid, block_fn=g.block_fn,
                                    act_mean=mean_abs(stats[first], prefix + first),
-                                   name=prefix + first)
+                                   duo=opts.duo, name=prefix + first)
         note = (f"{label}: awq alpha={float(info.alpha):.2f} loss {float(info.loss):.3e} "
                 f"(rtn {float(info.rtn_loss):.3e})")
       else:

@@ -6,14 +6,16 @@ layer) → AWQ/SmoothQuant scale groups found, folded and checked (``jq.ptq.fold
 as ``(K, N)`` matrices (``jq.ptq.matrices``), through its rule's algorithm
 (``jq.algorithms.registry``) → static activation scales attached → one QArray per kernel.
 
-Calibration here is non-sequential (every layer sees the float model's activations); a
-``BlockwiseModel`` (``blocks=``) runs the sequential block-by-block pipeline instead
-(``jq.ptq.quantize_blockwise``).
+Sequential calibration (the default, ``PTQConfig(sequential=True)``) calibrates the model's
+repeated blocks one at a time on the outputs of the quantized blocks before them; the blocks are
+found in the module tree (``jq.ptq.sequential``).  ``sequential=False`` calibrates every layer on
+the float model's activations in one pass.  A hand-written ``BlockwiseModel`` (``blocks=``) runs
+the adapter pipeline (``jq.ptq.quantize_blockwise``) instead.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,16 +26,17 @@ import numpy as np
 
 from jq.algorithms import awq_search_scale, smooth_scales
 from jq.algorithms.registry import Inputs, solve
-from jq.calibrate.collect import LayerInputs, Want, collect, tensor_ranges
 from jq.algorithms.fold import FOLD_TOLERANCE
+from jq.calibrate.collect import LayerInputs, Want, collect
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding
 from jq.ptq.matrices import MatrixView, assemble
+from jq.ptq.sequential import Schedule, Unit
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
 from jq.qarray import QArray
 from jq.spec import ActMode, Algorithm, Clip, Rule
-from jq.tree import leaves_with_paths, plan, quantize_tree, with_activation
+from jq.tree import leaves_with_paths, plan, with_activation
 
 PyTree = Any
 
@@ -78,16 +81,9 @@ def _check_batches(batches) -> list[Any]:
   return batches
 
 
-def _stats_of(inputs: LayerInputs, layer: int, n: int):
-  pick = (lambda a: a) if n == 1 else (lambda a: a[layer])
-  st = None if inputs.stats is None else LayerStats(*[pick(v) for v in inputs.stats])
-  smp = None if inputs.samples is None else jnp.asarray(pick(inputs.samples))
-  return st, smp, pick(inputs.lo), pick(inputs.hi)
-
-
 def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[Any], *,
                    config: Any = None, blocks: Any = None, calib_batches_for_check: int = 2,
-                   **example_kwargs) -> PTQModelResult:
+                   chained: bool = True, progress: bool = False, **example_kwargs) -> PTQModelResult:
   """Quantizes a linen model (with ``variables``) or an nnx module (``variables=None``) with
   calibration: RTN, GPTQ, AWQ, SmoothQuant and static int8 activations, per rule.
 
@@ -96,9 +92,13 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
     variables: the linen model's float variables; ``None`` for nnx.
     rules: ordered rules; each rule's algorithm (and options) pick how its kernels are rounded.
     batches: calibration inputs (arrays, or tuples of arguments), e.g. token arrays.
-    config: a ``jq.ptq.PTQConfig`` (its ``sample_tokens``; ``sequential`` needs ``blocks``).
-    blocks: a ``jq.ptq.BlockwiseModel`` to run the sequential block-wise pipeline instead (linen).
+    config: a ``jq.ptq.PTQConfig``: ``sequential`` (default True: block by block, see
+      ``jq.ptq.sequential``) and ``sample_tokens`` (AWQ's token sample per layer).
+    blocks: a ``jq.ptq.BlockwiseModel`` to run the adapter pipeline instead (linen).
     calib_batches_for_check: batches on which every fold is checked.
+    chained: sequential calibration runs one block per step where the model chains its blocks
+      (``x = block(x, ...)``); False runs the whole model per block (the reference road).
+    progress: a progress bar over the calibrated units (blocks).
     **example_kwargs: extra keyword arguments of the model call (linen).
 
   Example:
@@ -112,7 +112,7 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
   """
   from jq.ptq import pipeline  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  cfg = config if config is not None else pipeline.PTQConfig(sequential=False)
+  cfg = config if config is not None else pipeline.PTQConfig()
   batches = _check_batches(batches)
   if blocks is not None:
     if variables is None:
@@ -123,10 +123,6 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
               for p, q in leaves_with_paths(res.qparams) if isinstance(q, QArray)]
     return PTQModelResult(res.qparams, None, res.ref_params, report, res.log,
                           time.perf_counter() - t0)
-  if getattr(cfg, "sequential", False):
-    raise ValueError("quantize_model: sequential calibration needs blocks= (a BlockwiseModel); "
-                     "pass config=PTQConfig(sequential=False) for the generic (non-sequential) "
-                     "path")
   from flax import nnx  # pylint: disable=import-outside-toplevel
   if isinstance(model, nnx.Module):
     if variables is not None:
@@ -143,9 +139,8 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
   log: list[str] = []
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
-  params = target.params
 
-  # 1. what each layer needs, collected in one pass over the batches
+  # what each layer needs, collected per unit (the whole model, or one block at a time)
   wants = {}
   for path, rule in decided.items():
     algo = rule.algorithm
@@ -157,89 +152,174 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
         stack=target.stacks.get(path, 1), xtx=algo is not Algorithm.RTN,
         samples=cfg.sample_tokens if algo is Algorithm.AWQ else 0,
         first_token_weight=opts.first_token_weight if algo is Algorithm.GPTQ else 1.0)
-  got = collect(target.run, batches, wants, operands=params) if wants else {}
-
-  # 2. AWQ / SmoothQuant scale groups: found, folded, checked
   smoothing = [p for p, r in decided.items() if r.algorithm in (Algorithm.AWQ,
                                                                   Algorithm.SMOOTHQUANT)]
-  scale_of: dict[str, jax.Array] = {}
-  if smoothing:
-    check = batches[:max(1, calib_batches_for_check)]
-    groups = folding.find_groups(target, params, smoothing, batches[0], [_one_row(batches[0])],
-                                 log)
-    run = jax.jit(target.run)
-    refs = [run(params, b) for b in check]
-    found = {g.producer + ">" + "+".join(g.consumers): (g, s) for g in groups
-             for s in [_group_scales(target, params, g, decided, got, log)] if s is not None}
-    keys = list(found)
-    while True:   # until the kept folds hold all together (checked together first, then halved)
-      ok = folding.verify_folds(target, params, {k: found[k] for k in keys}, check, refs, run,
-                                FOLD_TOLERANCE)
-      for k in keys:
-        if not ok[k]:
-          g = found[k][0]
-          log.append(f"{g.describe()}: folding the {decided[g.consumers[0]].algorithm.value} "
-                     f"scales changed the float model by more than {FOLD_TOLERANCE:g}; group "
-                     "skipped")
-      if all(ok.values()):
-        break
-      keys = [k for k in keys if ok[k]]
-    for key in keys:
-      g, s = found[key]
-      log.append(f"{g.describe()}: {decided[g.consumers[0]].algorithm.value} scales folded into "
-                 f"{g.producer} ({g.kind}); float model unchanged")
-      sv = np.asarray(s)
-      for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
-        scale_of[c] = s
-        inp = got[c]
-        got[c] = LayerInputs(scale_stats(inp.stats, s), inp.lo / sv, inp.hi / sv,
-                             None if inp.samples is None else inp.samples / sv[..., None, :])
-    params = folding.apply_folds(target, params, [found[k] for k in keys])
-  leaves = dict(leaves_with_paths(params))
-
-  # 3. each kernel through its algorithm, as (K, N) matrices (static scales: of x / s if smoothed)
-  static = {p: r.activation for p, r in decided.items()
-            if r.activation is not None and r.activation.mode is ActMode.STATIC}
-  act_scales = act_scales_from_ranges(tensor_ranges({p: got[p] for p in static}), static)
-  report, new = [], {}
-  rtn = {}
-  for path, rule in decided.items():
-    algo = rule.algorithm
-    if algo is Algorithm.RTN and path not in wants:
-      rtn[path] = rule
-      continue
-    w = jnp.asarray(leaves[path])
-    view = MatrixView(tuple(w.shape), target.layouts[path])
-    spec2 = view.matrix_spec(rule.weight, name=path)
-    if algo in (Algorithm.AWQ, Algorithm.SMOOTHQUANT) and path not in scale_of:
-      note = f"{algo.value} scales not applied (see log); rounded to nearest"
-      algo_used = Algorithm.RTN
-    else:
-      note, algo_used = "", algo
-    qs, notes = [], []
-    for i, m in enumerate(view.matrices(w)):
-      st, smp, _, _ = (_stats_of(got[path], i, view.n) if path in got else (None, None, 0, 0))
-      q, nt = solve(algo_used, m, Inputs(st, smp), spec2, rule.algorithm_options,
-                    f"{path}[{i}]" if view.n > 1 else path)
-      qs.append(q)
-      if nt:
-        notes.append(nt if view.n == 1 else f"layer {i}: {nt}")
-    q = assemble(view, qs, rule.weight, name=path)
-    new[path] = with_activation(q, rule.activation, act_scales.get(path), path=path, leaf=w)
-    report.append(LayerRow(path, algo_used.value, q.qtype.value + " tile=" +
-                           "x".join(map(str, q.tile)), "; ".join([note] + notes).strip("; ")))
-  qparams = folding.replace_leaves(params, new)
-  if rtn:   # weight-only or dynamic RTN: one jitted quantize_tree
-    qparams = quantize_tree(qparams, [dataclasses.replace(r, pattern=f"^{re.escape(p)}$")
-                                      for p, r in rtn.items()], layouts=target.layouts)
-    report += [LayerRow(p, "rtn", r.weight.describe()) for p, r in rtn.items()]
+  groups = (folding.find_groups(target, target.params, smoothing, batches[0],
+                                [_one_row(batches[0])], log) if smoothing else [])
+  state = _State(target, decided, log, batches[:max(1, calib_batches_for_check)])
+  schedule = Schedule(target, list(decided), batches, sequential=cfg.sequential, log=log,
+                      chained=chained)
+  it = iter(schedule)
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    it = tqdm(it, desc="calibrating", unit="block")
+  for unit in it:
+    state.calibrate(unit, {p: wants[p] for p in unit.layers if p in wants}, groups)
+    schedule.params = state.cur
+  report = state.report
+  qparams = folding.replace_leaves(state.ref, state.finish())
   for p, why in kept.items():
     log.append(f"{p}: kept float: {why}")
   out = target.finish(qparams)
   secs = time.perf_counter() - t0
   if target.kind == "nnx":
-    return PTQModelResult(None, out, params, report, log, secs)
-  return PTQModelResult(out, None, params, report, log, secs)
+    return PTQModelResult(None, out, state.ref, report, log, secs)
+  return PTQModelResult(out, None, state.ref, report, log, secs)
+
+
+class _State:
+  """What calibration has done so far: ``ref`` (float, scales folded), ``cur`` (``ref`` with the
+  finished kernels dequantized: what later units run on), the solved matrices, the inputs."""
+
+  def __init__(self, target: Target, decided: dict[str, Rule], log: list[str], check: list):
+    self.target, self.decided, self.log, self.check = target, decided, log, check
+    self.ref = self.cur = target.params
+    self.views = {p: MatrixView(tuple(x.shape), target.layouts[p])
+                  for p, x in leaves_with_paths(target.params) if p in decided}
+    for p, v in self.views.items():
+      n = target.stacks.get(p, 1)
+      if n > 1 and v.n != n:
+        raise ValueError(f"{p}: a stacked kernel of shape {v.shape} with {v.n} matrices for {n} "
+                         "layers (batch axes besides the stack axis) is not supported by the "
+                         "calibrated algorithms; use RTN for it")
+    self.mats: dict[str, dict[int, QArray]] = collections.defaultdict(dict)
+    self.inputs: dict[str, dict[int, LayerInputs]] = collections.defaultdict(dict)
+    self.scaled: set[tuple[str, int]] = set()   # (kernel, layer) whose input AWQ/SQ rescaled
+    self.report: list[LayerRow] = []
+    self.notes: dict[str, list[str]] = collections.defaultdict(list)
+    self.algo_used: dict[str, Algorithm] = {}
+
+  def _layer(self, path: str, inputs: LayerInputs, layer: int) -> LayerInputs:
+    if self.target.stacks.get(path, 1) == 1:
+      return inputs
+    return LayerInputs(None if inputs.stats is None else LayerStats(
+        *[v[layer] for v in inputs.stats]), inputs.lo[layer], inputs.hi[layer],
+                       None if inputs.samples is None else inputs.samples[layer])
+
+  def calibrate(self, unit: Unit, wants: dict[str, Want], groups) -> None:
+    got = collect(unit.run, unit.batches, wants, operands=self.cur) if wants else {}
+    for p, inp in got.items():
+      for layer in unit.layers[p]:
+        self.inputs[p][layer] = self._layer(p, inp, layer)
+    self._fold(unit, [g for g in groups if all(c in unit.layers for c in g.consumers)])
+    leaves = dict(leaves_with_paths(self.ref))
+    done = {}
+    for path, layers in unit.layers.items():
+      rule, view = self.decided[path], self.views[path]
+      stacked = self.target.stacks.get(path, 1) > 1
+      algo = rule.algorithm
+      if algo in (Algorithm.AWQ, Algorithm.SMOOTHQUANT) and not all(
+          (path, i) in self.scaled for i in layers):
+        self.notes[path].append(f"{algo.value} scales not applied (see log); rounded to nearest")
+        algo = Algorithm.RTN
+      self.algo_used.setdefault(path, algo)
+      spec2 = view.matrix_spec(rule.weight, name=path)
+      mats = view.matrices(jnp.asarray(leaves[path]))
+      for i in (layers if stacked else range(view.n)):   # (unstacked: matrices of batch axes)
+        inp = self.inputs[path].get(i if stacked else 0)
+        q, note = solve(algo, mats[i], Inputs(*(_stats_samples(inp))), spec2,
+                        rule.algorithm_options, f"{path}[{i}]" if view.n > 1 else path)
+        self.mats[path][i] = q
+        if note:
+          self.notes[path].append(note if view.n == 1 else f"layer {i}: {note}")
+      done[path] = view.kernel(jnp.stack([
+          self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
+          for i in range(view.n)])).astype(leaves[path].dtype)
+    self.cur = folding.replace_leaves(self.cur, done)
+
+  def _fold(self, unit: Unit, groups) -> None:
+    """AWQ/SmoothQuant scales of the unit's groups: computed, folded into ``ref`` and ``cur``
+    when the float model keeps its function (checked), else skipped with a log line."""
+    found = {}
+    for g in groups:
+      if g.kind == "linear" and g.params[0] in self.mats:
+        self.log.append(f"{g.describe()}: the producer {g.params[0]} is already quantized; "
+                        "scales not applied")
+        continue
+      layers = unit.layers[g.consumers[0]]
+      s = _group_scales(self.target, self.ref, g, self.decided, self.inputs, layers, self.log)
+      if s is not None:
+        found[g.producer + ">" + "+".join(g.consumers)] = (g, s)
+    if not found:
+      return
+    local = {k: v for k, v in found.items()
+             if unit.block is not None and v[0].producer.startswith(unit.block + "/")}
+    rest = {k: v for k, v in found.items() if k not in local}
+    keys = []
+    for part, run, batches in ((local, unit.run, unit.batches[:len(self.check)]),
+                               (rest, self.target.run, self.check)):
+      if part:
+        keys += self._verified(part, jax.jit(run), batches)
+    folds = [found[k] for k in keys]
+    for g, s in folds:
+      self.log.append(f"{g.describe()}: {self.decided[g.consumers[0]].algorithm.value} scales "
+                      f"folded into {g.producer} ({g.kind}); float model unchanged")
+      sv = np.asarray(s).reshape(-1, np.shape(s)[-1])
+      for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
+        for layer in unit.layers[c]:
+          row = sv[layer if len(sv) > 1 else 0]
+          inp = self.inputs[c][layer]
+          self.inputs[c][layer] = LayerInputs(
+              scale_stats(inp.stats, row), inp.lo / row, inp.hi / row,
+              None if inp.samples is None else inp.samples / row)
+          self.scaled.add((c, layer))
+    self.ref = folding.apply_folds(self.target, self.ref, folds)
+    self.cur = folding.apply_folds(self.target, self.cur, folds)
+
+  def _verified(self, found, run, batches) -> list[str]:
+    """Keys of the folds that hold all together (checked together first, then halved)."""
+    refs = [run(self.cur, b) for b in batches]
+    keys = list(found)
+    while True:
+      ok = folding.verify_folds(self.target, self.cur, {k: found[k] for k in keys}, batches,
+                                refs, run, FOLD_TOLERANCE)
+      for k in keys:
+        if not ok[k]:
+          g = found[k][0]
+          self.log.append(f"{g.describe()}: folding the "
+                          f"{self.decided[g.consumers[0]].algorithm.value} scales changed the "
+                          f"float model by more than {FOLD_TOLERANCE:g}; group skipped")
+      if all(ok.values()):
+        return keys
+      keys = [k for k in keys if ok[k]]
+
+  def finish(self) -> dict[str, Any]:
+    """One QArray per kernel, with its activation quantization attached."""
+    static = {p: r.activation for p, r in self.decided.items()
+              if r.activation is not None and r.activation.mode is ActMode.STATIC}
+    ranges = {}
+    for p in static:
+      per = [self.inputs[p][i] for i in sorted(self.inputs[p])]
+      lo = np.stack([np.min(x.lo) for x in per])
+      hi = np.stack([np.max(x.hi) for x in per])
+      ranges[p] = (lo, hi) if self.target.stacks.get(p, 1) > 1 else (lo[0], hi[0])
+    act_scales = act_scales_from_ranges(ranges, static)
+    leaves = dict(leaves_with_paths(self.ref))
+    new = {}
+    for path, rule in self.decided.items():
+      view = self.views[path]
+      q = assemble(view, [self.mats[path][i] for i in range(view.n)], rule.weight, name=path)
+      new[path] = with_activation(q, rule.activation, act_scales.get(path), path=path,
+                                  leaf=leaves[path])
+      self.report.append(LayerRow(path, self.algo_used[path].value, q.qtype.value + " tile=" +
+                                  "x".join(map(str, q.tile)), "; ".join(self.notes[path])))
+    return new
+
+
+def _stats_samples(inp: LayerInputs | None):
+  if inp is None:
+    return None, None
+  return inp.stats, None if inp.samples is None else jnp.asarray(inp.samples)
 
 
 def _one_row(batch):
@@ -251,9 +331,10 @@ def _one_row(batch):
     return batch
 
 
-def _group_scales(target: Target, params, g: folding.Group, decided, got, log: list[str]):
-  """The group's per-input-channel scales (AWQ search or SmoothQuant; ``(K,)`` or ``(L, K)``), or
-  None with a log line when its consumers ask for different algorithms or options."""
+def _group_scales(target: Target, params, g: folding.Group, decided, inputs, layers, log):
+  """The group's per-input-channel scales for ``layers`` (AWQ search or SmoothQuant): ``(K,)``,
+  or ``(L, K)`` for stacked layers (ones for the layers not in ``layers``); None with a log line
+  when its consumers ask for different algorithms or options."""
   rules = [decided[c] for c in g.consumers]
   algos = {r.algorithm for r in rules}
   opts = {r.algorithm_options for r in rules}
@@ -265,21 +346,21 @@ def _group_scales(target: Target, params, g: folding.Group, decided, got, log: l
   leaves = dict(leaves_with_paths(params))
   views = [MatrixView(tuple(leaves[c].shape), target.layouts[c]) for c in g.consumers]
   n = views[0].n
-  ss = []
-  for i in range(n):
+  out = jnp.ones((n, views[0].k), jnp.float32)
+  for i in layers:
     ws = [v.matrices(jnp.asarray(leaves[c], jnp.float32))[i] for v, c in zip(views, g.consumers)]
-    st, smp, _, _ = _stats_of(got[g.consumers[0]], i, n)
+    inp = inputs[g.consumers[0]][i]
     name = g.consumers[0] + (f"[{i}]" if n > 1 else "")
     if algo is Algorithm.SMOOTHQUANT:
-      s = smooth_scales(st, ws, opt.alpha, name=name)
+      s = smooth_scales(inp.stats, ws, opt.alpha, name=name)
     else:
       spec2 = views[0].matrix_spec(dataclasses.replace(rules[0].weight, clip=Clip()), name=name)
-      s, info = awq_search_scale(smp, ws, spec2, grid=opt.grid, act_mean=mean_abs(st, name),
-                                 name=name)
+      s, info = awq_search_scale(jnp.asarray(inp.samples), ws, spec2, grid=opt.grid,
+                                 act_mean=mean_abs(inp.stats, name), duo=opt.duo, name=name)
       log.append(f"{name} group {g.describe()}: awq alpha={float(info.alpha):.2f} "
                  f"loss {float(info.loss):.3e} (rtn {float(info.rtn_loss):.3e})")
-    ss.append(jnp.asarray(s, jnp.float32))
-  return ss[0] if n == 1 else jnp.stack(ss)
+    out = out.at[i].set(jnp.asarray(s, jnp.float32))
+  return out[0] if n == 1 else out
 
 
 __all__ = ["quantize_model", "PTQModelResult", "LayerRow"]

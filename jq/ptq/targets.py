@@ -3,6 +3,9 @@
 * ``params``: the tree the rules apply to (linen variables; nnx ``Param`` state);
 * ``layouts`` / ``stacks`` / ``reasons``: from the layers (see ``jq.nn``);
 * ``run(params, batch)``: the unchanged model through jq's adapters (float or quantized kernels);
+* ``run_hooked(params, batch, hooks)``: the same, with the ``__call__`` of the modules named in
+  ``hooks`` (``{module path: hook(call, args, kwargs)}``) routed through their hook (the block
+  runner of sequential calibration);
 * ``calls(params, batch)``: every module call of one abstract trace, in call order, with the
   identities of its input and output (to find which module produced a layer's input);
 * ``finish(qparams)``: the result (linen variables, or a new nnx module).
@@ -38,6 +41,7 @@ class Target:
   stacks: dict
   reasons: dict
   run: Callable[[Any, Any], Any]
+  run_hooked: Callable[[Any, Any, dict], Any]
   calls: Callable[[Any, Any], list[Call]]
   finish: Callable[[Any], Any]
   kind: str
@@ -58,6 +62,17 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
   def run(v, batch):
     return qapply(v, *as_args(batch), **example_kwargs)
 
+  def run_hooked(v, batch, hooks):
+    def icpt(next_fun, a, kw, context):
+      if context.method_name == "__call__":
+        hook = hooks.get("/".join(("params",) + tuple(map(str, context.module.path))))
+        if hook is not None:
+          return hook(next_fun, a, kw)
+      return next_fun(*a, **kw)
+
+    with nn.intercept_methods(icpt):
+      return qapply(v, *as_args(batch), **example_kwargs)
+
   def calls(v, batch) -> list[Call]:
     out: list[Call] = []
 
@@ -74,7 +89,7 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
     return out
 
   return Target(params=variables, layouts=lays, stacks=stacks, reasons=reasons, run=run,
-                calls=calls, finish=lambda q: q, kind="linen")
+                run_hooked=run_hooked, calls=calls, finish=lambda q: q, kind="linen")
 
 
 def nnx_target(module) -> Target:
@@ -87,6 +102,14 @@ def nnx_target(module) -> Target:
 
   def run(p, batch):
     return nnx.merge(graphdef, p, rest)(*as_args(batch))
+
+  def run_hooked(p, batch, hooks):
+    clone = nnx.merge(graphdef, p, rest)
+    for path, m in nnx.iter_modules(clone):
+      hook = hooks.get("/".join(map(str, path)))
+      if hook is not None:
+        m.__class__ = _hooked_class(type(m), hook)
+    return clone(*as_args(batch))
 
   def calls(p, batch) -> list[Call]:
     out: list[Call] = []
@@ -103,8 +126,15 @@ def nnx_target(module) -> Target:
       layouts={m.path: m.layout for m in layers if m.layout is not None},
       stacks={m.path: m.stack for m in layers if m.stack > 1},
       reasons={m.path: m.reason for m in layers if m.layout is None},
-      run=run, calls=calls, finish=lambda q: jnnx.quantize_module(module, q), kind="nnx")
+      run=run, run_hooked=run_hooked, calls=calls, finish=lambda q: jnnx.quantize_module(module, q), kind="nnx")
 
+
+def _hooked_class(cls: type, hook) -> type:
+  """A subclass of ``cls`` whose ``__call__`` goes through ``hook(call, args, kwargs)``."""
+  def __call__(self, *a, **k):  # pylint: disable=invalid-name
+    return hook(lambda *a2, **k2: super(hooked, self).__call__(*a2, **k2), a, k)
+  hooked = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+  return hooked
 
 
 def _recording_class(cls: type, path: str, out: list[Call]) -> type:

@@ -71,6 +71,24 @@ def test_clip_search_lowers_error_further():
   np.testing.assert_array_equal(ratio, ratio_mse)
 
 
+def test_duo_scaling_is_autoawq_formula_and_never_worse_than_rtn():
+  """duo: s = mean|x|^a / mean_w^(1-a) (mean_w: |W| relative to its group's max, averaged over
+  every consumer's output columns); the chosen s reproduces the reported loss; RTN is a
+  candidate, so the loss never exceeds RTN's."""
+  x, ws = _layer(3)
+  s, info = awq_search_scale(x, ws, W4A16_G32, duo=True)
+  a = float(info.alpha)
+  wt = np.abs(np.concatenate([w.T for w in ws]))                     # (2N, K)
+  g = wt.reshape(-1, 32)
+  w_mean = (g / (g.max(1, keepdims=True) + 1e-6)).reshape(wt.shape).mean(0)
+  want = np.maximum(np.mean(np.abs(x), 0) ** a / (w_mean ** (1 - a) + 1e-4), 1e-4)
+  want = want / np.sqrt(want.max() * want.min())
+  np.testing.assert_allclose(np.asarray(s), want, rtol=1e-4)
+  assert float(info.loss) < float(info.rtn_loss)
+  loss = np.mean(np.concatenate([x @ w - x @ _awq_weights(s, w) for w in ws], 1) ** 2)
+  np.testing.assert_allclose(loss, float(info.loss), rtol=1e-3)
+
+
 def _gated_mlp(x, ws):
   gate, up = ws
   return jax.nn.silu(x @ gate) * (x @ up)

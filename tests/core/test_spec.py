@@ -118,7 +118,8 @@ def test_default_rules_and_recipes():
   assert rules[-1].weight == S.W8A16 and rules[-1].algorithm is Algorithm.GPTQ
   for name in S.RECIPES:
     assert S.recipe_rules(name)[-1].weight is not None
-  assert S.recipe_rules("w8a8-dynamic")[-1].activation == A8_DYNAMIC
+  assert S.recipe_rules("w8a8-dynamic")[-1].activation == S.A8_DYNAMIC_ASYM
+  assert not S.A8_DYNAMIC_ASYM.symmetric and S.A8_DYNAMIC_ASYM.qtype is S.QType.INT8
   with pytest.raises(ValueError, match="unknown recipe 'w5'"):
     S.recipe_rules("w5")
 

@@ -102,6 +102,7 @@ SPECS = {
                                           scale_dtype="bfloat16"), None),
     "w8a16": (jq.W8A16, None),
     "w8a8-dynamic": (jq.W8A16, jq.A8_DYNAMIC),
+    "w8a8-dynamic-asym": (jq.W8A16, jq.A8_DYNAMIC_ASYM),
     "w3-g32": (jq.QuantSpec(qtype=jq.QType.UINT3, symmetric=False,
                             granularity=jq.Granularity.GROUP, group_size=32), None),
     "w2-tensor-sym": (jq.QuantSpec(qtype=jq.QType.INT2, granularity=jq.Granularity.TENSOR), None),

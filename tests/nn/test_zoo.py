@@ -546,9 +546,12 @@ SHARDED_SCRIPT = textwrap.dedent(r'''
     assert len(jax.devices()) == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     dev0 = jax.devices()[0]
-    CASES = [("gpt2_linen", "w8a8-dynamic"), ("gpt2_fused_linen", "w4a16-g128"),
-             ("llama_scan_linen", "w4a16-g128"), ("nnx_transformer", "w8a8-dynamic"),
-             ("vit_linen", "w8a16"), ("cnn_linen", "w8a8-dynamic"), ("cnn_nnx", "w4a16-g128")]
+    # symmetric dynamic activations: with a zero point (the w8a8-dynamic recipe) a token's
+    # extreme value can clip by one code when its rounded zero point flips, so outputs are not
+    # continuous in x and the sharded sums' float32 reordering is not comparable at 1e-5
+    CASES = [("gpt2_linen", "w8a8-sym"), ("gpt2_fused_linen", "w4a16-g128"),
+             ("llama_scan_linen", "w4a16-g128"), ("nnx_transformer", "w8a8-sym"),
+             ("vit_linen", "w8a16"), ("cnn_linen", "w8a8-sym"), ("cnn_nnx", "w4a16-g128")]
     only = sys.argv[2:]
     is_spec = lambda s: s is None or isinstance(s, P)
 
@@ -601,7 +604,8 @@ SHARDED_SCRIPT = textwrap.dedent(r'''
       if only and name not in only:
         continue
       t0 = time.time()
-      rules = jq.recipe_rules(recipe)
+      rules = (jq.default_rules(jq.W8A16, jq.A8_DYNAMIC) if recipe == "w8a8-sym" else
+               jq.recipe_rules(recipe))
       model, variables, x = zoo.MODELS[name]()
       xs = jax.device_put(x, NamedSharding(mesh, P("data")))
       if zoo.is_nnx(name):

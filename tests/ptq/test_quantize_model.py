@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 import jq
@@ -112,6 +113,68 @@ def test_scan_stack_gets_per_layer_groups_and_static_scales():
   assert kl < 0.5
 
 
+def _kernels(res) -> dict[str, np.ndarray]:
+  tree = res.variables if res.module is None else nnx.state(res.module, nnx.Param)
+  return {p: np.asarray(q.dequantize(jnp.float32)) for p, q in jq.tree.leaves_with_paths(tree)
+          if isinstance(q, jq.QArray)}
+
+
+@pytest.mark.parametrize("name,first,second", [
+    ("gpt2_linen", "params/h_0/", "params/h_1/"), ("nnx_transformer", "blocks/0/", "blocks/1/"),
+    ("llama_scan_linen", 0, 1)])
+def test_sequential_calibrates_each_block_on_the_quantized_blocks_before_it(name, first, second):
+  """The blocks are found in the module tree; the fast road (one block per step, chained) gives
+  what the reference road (the whole model per block) gives; the first block sees the float
+  model's activations, the second the quantized first block's."""
+  model, variables, calib, _ = _setup(name)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    seq = _kernels(quantize_model(model, variables, GPTQ, calib))
+    ref = _kernels(quantize_model(model, variables, GPTQ, calib, chained=False))
+    flat = _kernels(quantize_model(model, variables, GPTQ, calib,
+                                   config=PTQConfig(sequential=False)))
+  assert seq.keys() == ref.keys() == flat.keys()
+  for p in seq:
+    np.testing.assert_allclose(seq[p], ref[p], rtol=0, atol=1e-6, err_msg=p)
+  def part(prefix_or_layer):
+    if isinstance(prefix_or_layer, str):
+      return {p: v for p, v in seq.items() if p.startswith(prefix_or_layer)}, flat
+    return ({p: v[prefix_or_layer] for p, v in seq.items() if "layers" in p},
+            {p: v[prefix_or_layer] for p, v in flat.items() if "layers" in p})
+  got, want = part(first)
+  assert got and all(np.array_equal(v, want[p]) for p, v in got.items())
+  got, want = part(second)
+  assert got and all(not np.array_equal(v, want[p]) for p, v in got.items())
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(16, name="fc2")(jax.nn.relu(nn.Dense(32, name="fc1")(x)))
+
+
+class _Between(nn.Module):
+  """Blocks with a computation between them (the fast road cannot chain them)."""
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = jnp.tanh(_Block(name=f"block_{i}")(x))
+    return nn.Dense(8, name="head")(x)
+
+
+def test_sequential_reruns_the_model_when_blocks_do_not_chain():
+  model = _Between()
+  rng = np.random.default_rng(0)
+  calib = [jnp.asarray(rng.normal(size=(4, 6, 16)), jnp.float32) for _ in range(3)]
+  variables = model.init(jax.random.key(0), calib[0])
+  res = quantize_model(model, variables, GPTQ, calib)
+  assert any("params/block_1 is not the output of params/block_0" in l for l in res.log), res.log
+  ref = quantize_model(model, variables, GPTQ, calib, chained=False)
+  got, want = _kernels(res), _kernels(ref)
+  for p in want:
+    np.testing.assert_allclose(got[p], want[p], rtol=0, atol=1e-6, err_msg=p)
+
+
 def test_matrix_view_reproduces_the_layout_grid():
   cases = [((256, 4, 64), jq.Layout(contracting=(0,), channels=(1, 2))),
            ((4, 64, 256), jq.Layout(contracting=(0, 1), channels=(2,))),
@@ -139,8 +202,6 @@ def test_bad_input_names_the_problem():
     quantize_model(model, variables, GPTQ, [jnp.full((2, 8), jnp.nan)])
   with pytest.raises(ValueError, match="cannot run calibration batch 0"):
     quantize_model(model, variables, GPTQ, [jnp.zeros((2, 8, 3), jnp.float32)])
-  with pytest.raises(ValueError, match="sequential calibration needs blocks"):
-    quantize_model(model, variables, GPTQ, calib, config=PTQConfig(sequential=True))
   cnn, cvars, _ = zoo.cnn_linen()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")

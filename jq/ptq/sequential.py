@@ -1,0 +1,208 @@
+"""The order in which ``quantize_model`` calibrates a model: all at once, or block by block.
+
+A *unit* is a set of kernels (whole, or one layer of a stack) calibrated together, with the
+function that runs the model for them and its inputs.  Non-sequential calibration is one unit.
+Sequential calibration (as in GPTQ's reference) calibrates each block on the outputs of the
+blocks before it, quantized, with no adapter: the blocks are found in the module tree.
+
+* **Blocks**: sibling modules called once each per forward, named ``<name>_<i>`` (linen's
+  ``layers_0..N``) or ``<list>/<i>`` (an nnx list), the outermost such family, in call order.
+* **Chained** (the fast road): block ``b`` runs inside the unchanged model, its hidden-state input
+  (the first positional argument) replaced by the output of block ``b − 1`` on the quantized
+  prefix, kept between blocks; only block ``b``'s output is returned, so XLA drops every other
+  block from the compiled program.  Its other arguments (masks, positions) are computed by the
+  model as usual.  This holds when each block's hidden input *is* the previous block's output
+  (``x = block(x, ...)``), which the trace checks; where it is not (the model computes something
+  between blocks), calibration switches to the rerun road for the remaining blocks, with a log
+  line.
+* **Rerun** (the reference twin): the whole model runs on the current parameters (blocks done so
+  far dequantized) for every block: always right, one forward per block.  Stacked layers
+  (``nn.scan``/``nnx.scan``) are calibrated layer by layer this way.
+
+Kernels outside every block and stack are calibrated last, on the fully quantized prefix.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+
+from jq.ptq.targets import Call, Target
+
+_INDEXED = re.compile(r"(.+)_(\d+)")
+
+
+@dataclasses.dataclass
+class Unit:
+  """Kernels calibrated together.
+
+  Attributes:
+    name: for logs.
+    layers: ``{kernel path: stacked layer indices}`` (``(0,)`` for an unstacked kernel).
+    run: ``run(params, item)`` runs the model for this unit (see :func:`jq.calibrate.collect`).
+    batches: the items ``run`` takes.
+    block: module path of the block ``run`` computes (folds whose producer lies inside it are
+      checked on ``run``'s output; others on the whole model), or None when ``run`` is the model.
+  """
+  name: str
+  layers: dict[str, tuple[int, ...]]
+  run: Callable[[Any, Any], Any]
+  batches: list[Any]
+  block: str | None = None
+
+
+class ChainBroken(Exception):
+  """A block's hidden-state input is not the previous block's output."""
+
+
+def find_blocks(calls: Sequence[Call], kernels: Sequence[str]) -> list[str]:
+  """Module paths of the model's repeated blocks, in call order (see module doc): the outermost
+  family of two or more indexed siblings, each called once, of one class, holding ``kernels``."""
+  count = collections.Counter(c.module for c in calls)
+  first: dict[str, Call] = {}
+  for c in calls:
+    first.setdefault(c.module, c)
+  families: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+  for mod in first:
+    parent, _, last = mod.rpartition("/")
+    m = _INDEXED.fullmatch(last)
+    if last.isdigit():
+      families[(parent, "")].append(mod)
+    elif m:
+      families[(parent, m.group(1))].append(mod)
+  blocks = []
+  for members in families.values():
+    if (len(members) >= 2 and all(count[m] == 1 for m in members)
+        and len({first[m].cls for m in members}) == 1
+        and all(any(k.startswith(m + "/") for k in kernels) for m in members)):
+      blocks += members
+  outer = [b for b in blocks if not any(b.startswith(o + "/") for o in blocks if o != b)]
+  order = {c.module: i for i, c in reversed(list(enumerate(calls)))}
+  return sorted(outer, key=order.__getitem__)
+
+
+def _hidden(args, kwargs):
+  if args:
+    return args[0]
+  for v in kwargs.values():
+    if isinstance(v, jax.Array) or hasattr(v, "aval"):
+      return v
+  return None
+
+
+def _with_hidden(args, kwargs, x):
+  if args:
+    return (x,) + tuple(args[1:]), kwargs
+  for key, v in kwargs.items():
+    if isinstance(v, jax.Array) or hasattr(v, "aval"):
+      return args, {**kwargs, key: x}
+  raise ChainBroken("no array argument")
+
+
+def first_leaf(y):
+  return jax.tree_util.tree_leaves(y)[0]
+
+
+def block_runner(target: Target, blocks: Sequence[str], b: int) -> Callable[[Any, Any], Any]:
+  """``run(params, (batch, x))``: block ``b``'s output inside the model, its hidden input
+  replaced by ``x`` (``x=None`` for the first block); raises :class:`ChainBroken` at trace time
+  when block ``b``'s hidden input is not block ``b − 1``'s output."""
+  blk, prev = blocks[b], (blocks[b - 1] if b else None)
+
+  def run(params, item):
+    batch, x = item
+    seen: dict[str, Any] = {}
+
+    def at_prev(call, a, k):
+      seen["prev"] = y = call(*a, **k)
+      return y
+
+    def at_block(call, a, k):
+      if prev is not None:
+        h, py = _hidden(a, k), seen.get("prev")
+        if py is None or h is None or not (h is py or h is first_leaf(py)):
+          raise ChainBroken(blk)
+        a, k = _with_hidden(a, k, x)
+      seen["out"] = y = call(*a, **k)
+      return y
+
+    target.run_hooked(params, batch, {blk: at_block, **({prev: at_prev} if prev else {})})
+    if "out" not in seen:
+      raise ChainBroken(blk)
+    return seen["out"]
+
+  return run
+
+
+class Schedule:
+  """The units of one calibration, in order (iterate; set :attr:`params` to the current
+  parameters, finished kernels dequantized, after each unit)."""
+
+  def __init__(self, target: Target, kernels: Sequence[str], batches: Sequence[Any], *,
+               sequential: bool, chained: bool = True, log: list[str] | None = None):
+    self.target, self.kernels, self.batches = target, list(kernels), list(batches)
+    self.sequential, self.chained = sequential, chained
+    self.log = log if log is not None else []
+    self.params: Any = target.params
+    self.blocks: list[str] = []
+
+  def _layers(self, paths) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(range(self.target.stacks.get(p, 1))) for p in paths}
+
+  def __iter__(self) -> Iterator[Unit]:
+    t = self.target
+    if not self.sequential:
+      yield Unit("model", self._layers(self.kernels), t.run, self.batches)
+      return
+    calls = t.calls(t.params, self.batches[0])
+    self.blocks = find_blocks(calls, self.kernels)
+    in_block = {p: b for p in self.kernels for b in self.blocks if p.startswith(b + "/")}
+    stacked = collections.defaultdict(list)
+    for p in self.kernels:
+      if p not in in_block and t.stacks.get(p, 1) > 1:
+        stacked[t.stacks[p]].append(p)
+    rest = [p for p in self.kernels if p not in in_block
+            and not any(p in v for v in stacked.values())]
+    pos = {c.module: i for i, c in reversed(list(enumerate(calls)))}
+    def where(p):
+      return pos.get(p.rpartition("/")[0], len(calls))
+    segments = ([(min(pos[b] for b in self.blocks), "blocks", None)] if self.blocks else []) + [
+        (min(where(p) for p in ps), "stack", n) for n, ps in stacked.items()]
+    for _, kind, n in sorted(segments, key=lambda s: s[0]):
+      if kind == "blocks":
+        yield from self._blocks(in_block)
+      else:
+        for layer in range(n):
+          yield Unit(f"stacked layer {layer}", {p: (layer,) for p in stacked[n]}, t.run,
+                     self.batches)
+    if rest:
+      yield Unit("outside blocks", self._layers(rest), t.run, self.batches)
+
+  def _blocks(self, in_block: dict[str, str]) -> Iterator[Unit]:
+    t, chained, xs = self.target, self.chained, [None] * len(self.batches)
+    for b, blk in enumerate(self.blocks):
+      layers = self._layers([p for p, k in in_block.items() if k == blk])
+      if chained:
+        run = block_runner(t, self.blocks, b)
+        items = list(zip(self.batches, xs))
+        try:
+          jax.eval_shape(run, self.params, items[0])
+        except ChainBroken:
+          chained = False
+          self.log.append(f"sequential: the input of block {blk} is not the output of "
+                          f"{self.blocks[b - 1]} (the model computes something between blocks); "
+                          "each remaining block is calibrated by running the whole model")
+      if not chained:
+        yield Unit(f"block {blk}", layers, t.run, self.batches)
+        continue
+      yield Unit(f"block {blk}", layers, run, items, block=blk)
+      if b + 1 < len(self.blocks):
+        step = jax.jit(run)
+        xs = [first_leaf(step(self.params, item)) for item in items]
+
+
+__all__ = ["Unit", "Schedule", "find_blocks", "block_runner", "ChainBroken"]
