@@ -156,7 +156,7 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
                                                                   Algorithm.SMOOTHQUANT)]
   groups = (folding.find_groups(target, target.params, smoothing, batches[0],
                                 [_one_row(batches[0])], log) if smoothing else [])
-  state = _State(target, decided, log, batches[:max(1, calib_batches_for_check)])
+  state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)])
   schedule = Schedule(target, list(decided), batches, sequential=cfg.sequential, log=log,
                       chained=chained)
   it = iter(schedule)
@@ -181,14 +181,17 @@ class _State:
   """What calibration has done so far: ``ref`` (float, scales folded), ``cur`` (``ref`` with the
   finished kernels dequantized: what later units run on), the solved matrices, the inputs."""
 
-  def __init__(self, target: Target, decided: dict[str, Rule], log: list[str], check: list):
+  def __init__(self, target: Target, decided: dict[str, Rule], calibrated, log: list[str],
+               check: list):
     self.target, self.decided, self.log, self.check = target, decided, log, check
     self.ref = self.cur = target.params
     self.views = {p: MatrixView(tuple(x.shape), target.layouts[p])
                   for p, x in leaves_with_paths(target.params) if p in decided}
+    self.per_layer = {}   # matrix i is stacked layer i (else every matrix shares one input)
     for p, v in self.views.items():
       n = target.stacks.get(p, 1)
-      if n > 1 and v.n != n:
+      self.per_layer[p] = n > 1 and v.n == n
+      if n > 1 and v.n != n and p in calibrated:
         raise ValueError(f"{p}: a stacked kernel of shape {v.shape} with {v.n} matrices for {n} "
                          "layers (batch axes besides the stack axis) is not supported by the "
                          "calibrated algorithms; use RTN for it")
@@ -216,7 +219,7 @@ class _State:
     done = {}
     for path, layers in unit.layers.items():
       rule, view = self.decided[path], self.views[path]
-      stacked = self.target.stacks.get(path, 1) > 1
+      stacked = self.per_layer[path]
       algo = rule.algorithm
       if algo in (Algorithm.AWQ, Algorithm.SMOOTHQUANT) and not all(
           (path, i) in self.scaled for i in layers):

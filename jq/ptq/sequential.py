@@ -130,7 +130,8 @@ def block_runner(target: Target, blocks: Sequence[str], b: int) -> Callable[[Any
       seen["out"] = y = call(*a, **k)
       return y
 
-    target.run_hooked(params, batch, {blk: at_block, **({prev: at_prev} if prev else {})})
+    hooks = {blk: at_block, **({prev: at_prev} if prev else {})}
+    target.run_hooked(params, batch, lambda path, _: hooks.get(path))
     if "out" not in seen:
       raise ChainBroken(blk)
     return seen["out"]

@@ -3,9 +3,9 @@
 * ``params``: the tree the rules apply to (linen variables; nnx ``Param`` state);
 * ``layouts`` / ``stacks`` / ``reasons``: from the layers (see ``jq.nn``);
 * ``run(params, batch)``: the unchanged model through jq's adapters (float or quantized kernels);
-* ``run_hooked(params, batch, hooks)``: the same, with the ``__call__`` of the modules named in
-  ``hooks`` (``{module path: hook(call, args, kwargs)}``) routed through their hook (the block
-  runner of sequential calibration);
+* ``run_hooked(params, batch, hook_for)``: the same, with each module's ``__call__`` routed
+  through ``hook_for(path, module)(call, args, kwargs)`` where that returns a hook (module paths
+  '/'-joined, linen's with the ``params`` prefix): the block runner of sequential calibration;
 * ``calls(params, batch)``: every module call of one abstract trace, in call order, with the
   identities of its input and output (to find which module produced a layer's input);
 * ``finish(qparams)``: the result (linen variables, or a new nnx module).
@@ -34,6 +34,9 @@ class Call:
   output_id: int
 
 
+Hook = Callable[[Callable[..., Any], tuple, dict], Any]
+
+
 @dataclasses.dataclass
 class Target:
   params: Any
@@ -41,10 +44,25 @@ class Target:
   stacks: dict
   reasons: dict
   run: Callable[[Any, Any], Any]
-  run_hooked: Callable[[Any, Any, dict], Any]
-  calls: Callable[[Any, Any], list[Call]]
+  run_hooked: Callable[[Any, Any, Callable[[str, Any], Hook | None]], Any]
   finish: Callable[[Any], Any]
   kind: str
+
+  def calls(self, params, batch) -> list[Call]:
+    """Every module ``__call__`` of one abstract trace (nothing computed), in the order the calls
+    return."""
+    out: list[Call] = []
+
+    def hook_for(path, module):
+      def hook(call, a, k):
+        y = call(*a, **k)
+        out.append(Call(path, type(module).__name__, _array_id(a[0]) if a else 0, _array_id(y)))
+        return y
+      return hook
+
+    from jq.nn import linen  # pylint: disable=import-outside-toplevel
+    linen.abstract_call(lambda p, b: self.run_hooked(p, b, hook_for), params, batch)
+    return out
 
 
 def _array_id(x) -> int:
@@ -55,17 +73,17 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jq.nn import linen  # pylint: disable=import-outside-toplevel
   qapply = linen.quantized_apply(model)
-  fn = linen._apply_fn(model)  # pylint: disable=protected-access
   lays, stacks, reasons = linen.layouts_and_stacks(model, variables, *as_args(example_batch),
                                                    **example_kwargs)
 
   def run(v, batch):
     return qapply(v, *as_args(batch), **example_kwargs)
 
-  def run_hooked(v, batch, hooks):
+  def run_hooked(v, batch, hook_for):
     def icpt(next_fun, a, kw, context):
       if context.method_name == "__call__":
-        hook = hooks.get("/".join(("params",) + tuple(map(str, context.module.path))))
+        mod = context.module
+        hook = hook_for("/".join(("params",) + tuple(map(str, mod.path))), mod)
         if hook is not None:
           return hook(next_fun, a, kw)
       return next_fun(*a, **kw)
@@ -73,78 +91,45 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
     with nn.intercept_methods(icpt):
       return qapply(v, *as_args(batch), **example_kwargs)
 
-  def calls(v, batch) -> list[Call]:
-    out: list[Call] = []
-
-    def icpt(next_fun, a, kw, context):
-      y = next_fun(*a, **kw)
-      if context.method_name == "__call__":
-        mod = context.module
-        out.append(Call("/".join(("params",) + tuple(map(str, mod.path))), type(mod).__name__,
-                        _array_id(a[0]) if a else 0, _array_id(y)))
-      return y
-
-    with nn.intercept_methods(icpt):
-      linen.abstract_call(fn, v, *as_args(batch), **example_kwargs)
-    return out
-
   return Target(params=variables, layouts=lays, stacks=stacks, reasons=reasons, run=run,
-                run_hooked=run_hooked, calls=calls, finish=lambda q: q, kind="linen")
+                run_hooked=run_hooked, finish=lambda q: q, kind="linen")
 
 
 def nnx_target(module) -> Target:
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jq.nn import linen as jlinen  # pylint: disable=import-outside-toplevel
   from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
   layers = jnnx.module_layers(module)
   prepared = jnnx.with_quantized_classes(module)
-  graphdef, params, rest = nnx.split(prepared, nnx.Param, ...)
+  graphdef, _, rest = nnx.split(prepared, nnx.Param, ...)
 
   def run(p, batch):
     return nnx.merge(graphdef, p, rest)(*as_args(batch))
 
-  def run_hooked(p, batch, hooks):
-    clone = nnx.merge(graphdef, p, rest)
-    for path, m in nnx.iter_modules(clone):
-      hook = hooks.get("/".join(map(str, path)))
-      if hook is not None:
-        m.__class__ = _hooked_class(type(m), hook)
-    return clone(*as_args(batch))
-
-  def calls(p, batch) -> list[Call]:
-    out: list[Call] = []
+  def run_hooked(p, batch, hook_for):
     clone = nnx.merge(graphdef, p, rest)
     for path, m in nnx.iter_modules(clone):
       if any("__call__" in c.__dict__ for c in type(m).__mro__ if c is not object):
-        m.__class__ = _recording_class(type(m), "/".join(map(str, path)), out)
-    g2, s2 = nnx.split(clone)
-    jlinen.abstract_call(lambda st, *a: nnx.merge(g2, st)(*a), s2, *as_args(batch))
-    return out
+        hook = hook_for("/".join(map(str, path)), m)
+        if hook is not None:
+          m.__class__ = _hooked_class(type(m), hook)
+    return clone(*as_args(batch))
 
   return Target(
       params=nnx.state(module, nnx.Param),
       layouts={m.path: m.layout for m in layers if m.layout is not None},
       stacks={m.path: m.stack for m in layers if m.stack > 1},
       reasons={m.path: m.reason for m in layers if m.layout is None},
-      run=run, run_hooked=run_hooked, calls=calls, finish=lambda q: jnnx.quantize_module(module, q), kind="nnx")
+      run=run, run_hooked=run_hooked, finish=lambda q: jnnx.quantize_module(module, q),
+      kind="nnx")
 
 
-def _hooked_class(cls: type, hook) -> type:
-  """A subclass of ``cls`` whose ``__call__`` goes through ``hook(call, args, kwargs)``."""
+def _hooked_class(cls: type, hook: Hook) -> type:
+  """A subclass of ``cls`` (same name) whose ``__call__`` goes through ``hook(call, args,
+  kwargs)``."""
   def __call__(self, *a, **k):  # pylint: disable=invalid-name
     return hook(lambda *a2, **k2: super(hooked, self).__call__(*a2, **k2), a, k)
   hooked = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
   return hooked
 
 
-def _recording_class(cls: type, path: str, out: list[Call]) -> type:
-  """A subclass of ``cls`` whose ``__call__`` appends a :class:`Call` (for one trace)."""
-  def __call__(self, *a, **k):  # pylint: disable=invalid-name
-    y = super(rec, self).__call__(*a, **k)
-    out.append(Call(path, cls.__name__, _array_id(a[0]) if a else 0, _array_id(y)))
-    return y
-  rec = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-  return rec
-
-
-__all__ = ["Target", "Call", "linen_target", "nnx_target", "as_args"]
+__all__ = ["Call", "Hook", "Target", "as_args", "linen_target", "nnx_target"]
