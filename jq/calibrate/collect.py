@@ -203,7 +203,11 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
   accs = {p: _Acc(w, p) for p, w in wants.items()}
   for b, batch in enumerate(batches):
     seen.clear()
-    jax.block_until_ready(step(operands, batch))
+    try:
+      jax.block_until_ready(step(operands, batch))
+    except (TypeError, ValueError) as e:
+      shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
+      raise ValueError(f"calibration batch {b} (shapes {shapes}): {e}") from e
     jax.effects_barrier()
     for path, calls in seen.items():
       n = wants[path].stack

@@ -55,12 +55,13 @@ from jq.tree import dequantize_tree, leaves_with_paths, plan, quantize_tree
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PTQConfig:
-  """How the block-wise pipeline runs (the algorithms' options are in the rules:
-  ``Rule.options``, see :class:`jq.spec.GPTQOptions`, ``AWQOptions``, ``SmoothQuantOptions``).
+  """How calibration runs (``quantize_model`` and the block-wise pipeline; the algorithms'
+  options are in the rules: ``Rule.options``, see :class:`jq.spec.GPTQOptions`, ``AWQOptions``,
+  ``SmoothQuantOptions``).
 
   Attributes:
     sequential: calibrate block ``i`` on the outputs of the quantized blocks ``< i``.
-    chunk: calibration sequences per captured forward (memory vs. speed).
+    chunk: calibration sequences per forward (memory vs. speed; the CLI's batch size).
     sample_tokens: tokens kept per linear for AWQ's searches.
   """
   sequential: bool = True

@@ -5,8 +5,9 @@ function that runs the model for them and its inputs.  Non-sequential calibratio
 Sequential calibration (as in GPTQ's reference) calibrates each block on the outputs of the
 blocks before it, quantized, with no adapter: the blocks are found in the module tree.
 
-* **Blocks**: sibling modules called once each per forward, named ``<name>_<i>`` (linen's
-  ``layers_0..N``) or ``<list>/<i>`` (an nnx list), the outermost such family, in call order.
+* **Blocks**: sibling modules called once each per forward, named ``<name>_<i>`` or
+  ``<name><i>`` (linen's ``layers_0..N``, ``block0..N``) or ``<list>/<i>`` (an nnx list), of one
+  class, the outermost such families, in call order.
 * **Chained** (the fast road): block ``b`` runs inside the unchanged model, its hidden-state input
   (the first positional argument) replaced by the output of block ``b − 1`` on the quantized
   prefix, kept between blocks; only block ``b``'s output is returned, so XLA drops every other
@@ -33,7 +34,7 @@ import jax
 
 from jq.ptq.targets import Call, Target
 
-_INDEXED = re.compile(r"(.+)_(\d+)")
+_INDEXED = re.compile(r"(.*?\D)_?(\d+)")
 
 
 @dataclasses.dataclass
@@ -161,6 +162,10 @@ class Schedule:
       return
     calls = t.calls(t.params, self.batches[0])
     self.blocks = find_blocks(calls, self.kernels)
+    if not self.blocks and not any(t.stacks.get(p, 1) > 1 for p in self.kernels):
+      self.log.append("sequential: no repeated blocks found in the module tree (siblings named "
+                      "<name>_<i>, <name><i> or list entries, called once each); every layer "
+                      "is calibrated on the float model's activations")
     in_block = {p: b for p in self.kernels for b in self.blocks if p.startswith(b + "/")}
     stacked = collections.defaultdict(list)
     for p in self.kernels:

@@ -208,3 +208,10 @@ def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match=r"params/\w+/kernel: this layer's input does not map"):
       quantize_model(cnn, cvars, jq.default_rules(W8A16, algorithm=Algorithm.GPTQ),
                      zoo.example_batches("cnn_linen", n=1))
+
+
+def test_a_later_batch_the_model_cannot_run_is_named():
+  model, variables, calib, _ = _setup("gpt2_linen")
+  bad = calib[:2] + [jnp.zeros((2, 8, 3), jnp.int32)]
+  with pytest.raises(ValueError, match=r"calibration batch 2 \(shapes \(2, 8, 3\)\)"):
+    quantize_model(model, variables, GPTQ, bad, config=PTQConfig(sequential=False))
