@@ -82,8 +82,12 @@ def find_blocks(calls: Sequence[Call], kernels: Sequence[str]) -> list[str]:
         and all(any(k.startswith(m + "/") for k in kernels) for m in members)):
       blocks += members
   outer = [b for b in blocks if not any(b.startswith(o + "/") for o in blocks if o != b)]
-  order = {c.module: i for i, c in reversed(list(enumerate(calls)))}
-  return sorted(outer, key=order.__getitem__)
+  return sorted(outer, key=first_calls(calls).__getitem__)
+
+
+def first_calls(calls: Sequence[Call]) -> dict[str, int]:
+  """``{module path: index of its first call}``."""
+  return {c.module: i for i, c in reversed(list(enumerate(calls)))}
 
 
 def _hidden(args, kwargs):
@@ -168,12 +172,15 @@ class Schedule:
                       "is calibrated on the float model's activations")
     in_block = {p: b for p in self.kernels for b in self.blocks if p.startswith(b + "/")}
     stacked = collections.defaultdict(list)
+    rest = []
     for p in self.kernels:
-      if p not in in_block and t.stacks.get(p, 1) > 1:
+      if p in in_block:
+        continue
+      if t.stacks.get(p, 1) > 1:
         stacked[t.stacks[p]].append(p)
-    rest = [p for p in self.kernels if p not in in_block
-            and not any(p in v for v in stacked.values())]
-    pos = {c.module: i for i, c in reversed(list(enumerate(calls)))}
+      else:
+        rest.append(p)
+    pos = first_calls(calls)
     def where(p):
       return pos.get(p.rpartition("/")[0], len(calls))
     segments = ([(min(pos[b] for b in self.blocks), "blocks", None)] if self.blocks else []) + [
