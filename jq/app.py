@@ -116,10 +116,11 @@ def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool 
   from jq.nn import quantized_apply
   ids = model.prompt_ids(prompt, chat=chat)
   out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens)
-  eos = model.tokenizer.eos_id
+  stop = set(getattr(model.tokenizer, "stop_ids", ()) or ()) | {model.tokenizer.eos_id}
   toks = [int(t) for t in out]
-  if eos is not None and eos in toks:
-    toks = toks[:toks.index(eos)]
+  ends = [i for i, t in enumerate(toks) if t in stop]
+  if ends:
+    toks = toks[:ends[0]]
   return model.tokenizer.decode(toks, skip_special_tokens=True), len(toks)
 
 

@@ -1,6 +1,6 @@
 """``jq-quant``: quantize, evaluate, inspect, run and export models (the app layer).
 
-  jq-quant quantize [--model smollm2] [--recipe NAME | --rules FILE] [--out PATH]
+  jq-quant quantize [--model smollm2|minilm|HF_DIR|FILE.gguf] [--recipe NAME | --rules FILE] [--out PATH]
   jq-quant eval CKPT [--json]
   jq-quant inspect CKPT
   jq-quant generate CKPT --prompt "..."
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_RECIPE = "w4a16-g128"
+MODEL_OVERRIDE = ("the float model (name or path) when it is no longer where the checkpoint "
+                  "says it was")
 
 
 def _print(*a, **k):
@@ -84,11 +86,12 @@ def cmd_quantize(args) -> int:
   if not args.no_eval:
     _print("\nevaluating on held-out text ...")
     quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window)
-  out = Path(args.out or f"{args.model}-{recipe.replace(':', '-')}.safetensors")
-  meta = {"model": args.model, "recipe": recipe, "quality": quality}
+  out = Path(args.out or f"{model.name}-{recipe.replace(':', '-')}.safetensors")
+  meta = {"model": model.name, "source": getattr(model, "source", None)
+          or {"kind": "bundled", "name": model.name}, "recipe": recipe, "quality": quality}
   jqio.save(out, qvars, metadata=meta, rules=rules)
   before, after = jqtree.nbytes(fvars), jqtree.nbytes(qvars)
-  _print("\n" + _summary_table(args.model, recipe, before, after, quality, t_quant,
+  _print("\n" + _summary_table(model.name, recipe, before, after, quality, t_quant,
                                time.perf_counter() - t0))
   _print(f"\nwrote {out} ({_fmt_bytes(out.stat().st_size)})")
   return 0
@@ -107,16 +110,27 @@ def _summary_table(name, recipe, before, after, quality, t_quant, t_total) -> st
 # checkpoints
 
 
-def _load_ckpt(path: str):
-  from jq import io as jqio
+def _float_model(path: str, header: dict, override: str | None):
+  """The float model a checkpoint was made from: its ``source`` record (or ``--model``)."""
   from models import registry
-  header = jqio.load_header(path)
   meta = header.get("metadata", {})
-  name = meta.get("model")
-  if name not in registry.MODELS:
-    raise SystemExit(f"error: {path} names model {name!r}, which jq-quant does not know "
-                     f"(known: {', '.join(registry.MODELS)})")
-  model = registry.load(name)
+  source = meta.get("source")
+  if source is None:  # checkpoints written before source records: a bundled name
+    name = meta.get("model")
+    if override is None and name not in registry.MODELS:
+      raise ValueError(f"{path} names model {name!r}, which jq-quant does not know (known: "
+                       f"{', '.join(registry.MODELS)}); pass --model NAME|PATH")
+    source = {"kind": "bundled", "name": name}
+  try:
+    return registry.load_source(source, override=override)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path}: {e}") from e
+
+
+def _load_ckpt(path: str, override: str | None = None):
+  from jq import io as jqio
+  header = jqio.load_header(path)
+  model = _float_model(path, header, override)
   qvars = jqio.load(path)
   from jq import app
   app.check_matches(model, qvars, source=path)
@@ -125,7 +139,7 @@ def _load_ckpt(path: str):
 
 def cmd_eval(args) -> int:
   from jq import app
-  model, qvars, header = _load_ckpt(args.ckpt)
+  model, qvars, header = _load_ckpt(args.ckpt, args.model)
   quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
                                 progress=not args.json)
   if args.json:
@@ -177,7 +191,7 @@ def _tensor_bytes(t) -> int:
 
 def cmd_generate(args) -> int:
   from jq import app
-  model, qvars, _ = _load_ckpt(args.ckpt)
+  model, qvars, _ = _load_ckpt(args.ckpt, args.model)
   if model.kind != "causal_lm":
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
   t0 = time.perf_counter()
@@ -208,18 +222,32 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def _export_blockers(model) -> list[str]:
+  """The config features of ``model`` that the GGUF / compressed-tensors exporters cannot write."""
+  import dataclasses
+  from models.decoder import DecoderConfig
+  config = getattr(model, "config", None)
+  if model.kind != "causal_lm" or not isinstance(config, DecoderConfig):
+    return [f"a {model.kind} architecture"]
+  plain = DecoderConfig()
+  skip = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+          "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "max_seq_len",
+          "tie_embeddings", "dtype"}
+  return [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+          if f.name not in skip and getattr(config, f.name) != getattr(plain, f.name)]
+
+
 def cmd_export(args) -> int:
-  from jq import io as jqio
-  from models import registry
-  header = jqio.load_header(args.ckpt)
-  name = header.get("metadata", {}).get("model")
-  if name != "smollm2":
-    raise SystemExit(f"error: {args.format} export knows Llama-family models; {args.ckpt} holds "
-                     f"{name!r}")
-  model = registry.load(name)
-  qvars = jqio.load(args.ckpt)
-  from jq import app
-  app.check_matches(model, qvars, source=args.ckpt)
+  model, qvars, _ = _load_ckpt(args.ckpt, args.model)
+  features = _export_blockers(model)
+  if features:
+    raise ValueError(f"{args.ckpt}: {args.format} export supports plain Llama-architecture "
+                     f"models; {model.name} uses {', '.join(features)}, which the exporter would "
+                     "drop")
+  if args.format == "gguf" and getattr(model, "gguf_path", None) is None:
+    raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from the source "
+                     f"GGUF, and {model.name} was not loaded from one; use --format "
+                     "compressed-tensors")
   if args.format == "gguf":
     from jq.io import gguf_io
     types = gguf_io.export_model(model, qvars, args.out, ggml_type=args.type,
@@ -248,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
 
   q = sub.add_parser("quantize", help="quantize a model and write a jq checkpoint")
-  q.add_argument("--model", default="smollm2", help="smollm2 (default) or minilm")
+  q.add_argument("--model", default="smollm2",
+                 help="smollm2 (default), minilm, a Hugging Face checkpoint directory "
+                 "(config.json + safetensors + tokenizer.json) or a llama .gguf file")
   g = q.add_mutually_exclusive_group()
   g.add_argument("--recipe", default=DEFAULT_RECIPE, choices=recipes.names(),
                  help=f"named recipe (default {DEFAULT_RECIPE})")
@@ -266,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
   e = sub.add_parser("eval", help="perplexity/KL (or cosine similarity) of a checkpoint")
   e.add_argument("ckpt")
   e.add_argument("--json", action="store_true", help="machine-readable output")
+  e.add_argument("--model", help=MODEL_OVERRIDE)
   eval_opts(e)
   e.set_defaults(fn=cmd_eval)
 
@@ -278,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--prompt", required=True)
   gen.add_argument("--max-new-tokens", type=int, default=64)
   gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
+  gen.add_argument("--model", help=MODEL_OVERRIDE)
   gen.set_defaults(fn=cmd_generate)
 
   pl = sub.add_parser("plan", help="sensitivity scan and a mixed-precision plan as rules")
@@ -291,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
   x.add_argument("--type", default="q8_0", help="GGUF tensor type for quantized kernels")
   x.add_argument("--out", required=True)
+  x.add_argument("--model", help=MODEL_OVERRIDE)
   x.add_argument("--requantize", action="store_true",
                  help="allow re-rounding where jq's grid has no exact equivalent")
   x.set_defaults(fn=cmd_export)

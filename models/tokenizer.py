@@ -33,21 +33,40 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 class Tokenizer:
-  """Byte-level BPE tokenizer plus the special ids a GGUF declares.
+  """A ``tokenizers.Tokenizer`` plus the special ids and chat template its checkpoint declares
+  (built from GGUF metadata here, or from ``tokenizer.json`` by ``models.hf``).
 
   Attributes:
     backend: the underlying ``tokenizers.Tokenizer``.
-    bos_id, eos_id, pad_id: special token ids (``None`` when the GGUF does not declare one).
+    bos_id, eos_id, pad_id: special token ids (``None`` when the checkpoint does not declare one).
     add_bos: whether the model expects BOS at the start of a sequence (``encode`` default).
+    stop_ids: ids that end generation (the EOS id, or ``generation_config.json``'s list).
+    chat_template: the checkpoint's Jinja chat template, or ``None``.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
-               pad_id: int | None = None, add_bos: bool = False):
+               pad_id: int | None = None, add_bos: bool = False, stop_ids: Sequence[int] = (),
+               chat_template: str | None = None):
     self.backend = backend
     self.bos_id = bos_id
     self.eos_id = eos_id
     self.pad_id = pad_id
     self.add_bos = add_bos
+    self.stop_ids = tuple(stop_ids) or (() if eos_id is None else (eos_id,))
+    self.chat_template = chat_template
+
+  def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
+                          add_generation_prompt: bool = True) -> str:
+    """The checkpoint's own chat template rendered (Jinja, sandboxed, as transformers does);
+    ChatML with SmolLM2's system prompt when the checkpoint has no template."""
+    if self.chat_template is None:
+      return chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+    return render_chat_template(
+        self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
+
+  def _token(self, i: int | None) -> str:
+    return "" if i is None else (self.backend.id_to_token(int(i)) or "")
 
   @property
   def vocab_size(self) -> int:
@@ -92,6 +111,36 @@ def chat_prompt(messages: Sequence[Mapping[str, str]], *, add_generation_prompt:
   if add_generation_prompt:
     parts.append("<|im_start|>assistant\n")
   return "".join(parts)
+
+
+def render_chat_template(template: str, messages: Sequence[Mapping[str, str]], *,
+                         add_generation_prompt: bool = True, **special: str) -> str:
+  """Renders a Hugging Face / GGUF chat template (Jinja) in a sandbox, with transformers'
+  environment settings (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``).
+
+  Raises:
+    ValueError: the template does not parse, or raises for these messages.
+  """
+  import datetime
+
+  import jinja2
+  from jinja2 import sandbox
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=["jinja2.ext.loopcontrols"])
+  env.filters["tojson"] = lambda x, indent=None, **_: __import__("json").dumps(
+      x, ensure_ascii=False, indent=indent)
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  try:
+    return env.from_string(template).render(messages=[dict(m) for m in messages],
+                                            add_generation_prompt=add_generation_prompt,
+                                            **special)
+  except jinja2.exceptions.TemplateError as e:
+    raise ValueError(f"chat template: {e}") from e
 
 
 def _field(reader, key: str, default=None, *, required: bool = False):
@@ -157,4 +206,5 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
   return Tokenizer(backend, bos_id=opt_id("tokenizer.ggml.bos_token_id"),
                    eos_id=opt_id("tokenizer.ggml.eos_token_id"),
                    pad_id=opt_id("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+                   chat_template=_field(reader, "tokenizer.chat_template"))

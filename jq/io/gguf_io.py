@@ -61,7 +61,7 @@ reference formulas above (bytes equal ``gguf.quants.quantize``, and ggml's C qua
 (``QArray.activation``) has no GGUF equivalent (llama.cpp quantizes activations itself) and is not
 written.
 
-Model level: :func:`export_gguf` writes a Llama-family param tree (``models/smollm2.py`` layout,
+Model level: :func:`export_gguf` writes a Llama-family param tree (``models/decoder.py`` layout,
 float and/or QArray leaves) as a llama.cpp ``llama`` GGUF, re-applying llama.cpp's Q/K row
 permutation; :func:`load_gguf_qarrays` reads any GGUF into ``{name: QArray | float32 array}``;
 :func:`gguf_to_params` turns that back into the jq param tree.
@@ -1130,7 +1130,7 @@ def tokenizer_metadata(source: Mapping[str, Any] | str | os.PathLike) -> dict[st
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaHParams:
-  """Hyperparameters of a Llama-family decoder, with ``models.smollm2.LlamaConfig``'s names."""
+  """Hyperparameters of a Llama-family decoder, with ``models.decoder.LlamaConfig``'s names."""
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -1335,7 +1335,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   reference.  The file is written to a temporary sibling and renamed into place.
 
   Args:
-    params: ``{"params": {...}}`` or the inner dict, paths as in ``models/smollm2.py``.
+    params: ``{"params": {...}}`` or the inner dict, paths as in ``models/decoder.py``.
     config: ``LlamaConfig`` (or a mapping with its field names); see :class:`LlamaHParams`.
     tokenizer_meta: the ``tokenizer.*`` metadata to carry over (:func:`tokenizer_metadata` of the
       source GGUF): tokens, merges, token types, bos/eos ids, pre-tokenizer, chat template.
@@ -1501,7 +1501,7 @@ def export_model(model: Any, params: Any, path: str | os.PathLike, *,
 
 def gguf_to_params(tensors: Mapping[str, QArray | np.ndarray], metadata: Mapping[str, Any]
                    ) -> tuple[LlamaHParams, dict[str, Any]]:
-  """``(hparams, params)``: a llama GGUF's tensors as the jq param tree of ``models/smollm2.py``.
+  """``(hparams, params)``: a llama GGUF's tensors as the jq param tree of ``models/decoder.py``.
 
   Kernels become ``(in, out)`` (QArrays transposed exactly: tile ``(32, 1)``), Q/K rows are put in
   Hugging Face order, ``tie_embeddings`` is False when the file has ``output.weight``.  The

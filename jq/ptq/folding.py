@@ -46,11 +46,15 @@ class Group:
       kernel's output channels and its bias).
     params: leaf paths divided by ``s``.
     consumers: kernel paths whose input channels are multiplied by ``s``.
+    offset: an affine producer multiplies by ``offset + param`` (Gemma's RMSNorm stores
+      ``scale - 1``): the fold is ``param -> (offset + param) / s - offset``. Tried, and checked like
+      any candidate, only after the plain fold (offset 0) fails on a one-parameter norm.
   """
   producer: str
   kind: str
   params: tuple[str, ...]
   consumers: tuple[str, ...]
+  offset: float = 0.0
 
   def describe(self) -> str:
     names = "+".join(c.rsplit("/", 2)[-2] for c in self.consumers)
@@ -94,7 +98,7 @@ def folded(target: Target, params: PyTree, group: Group, s: jax.Array) -> dict[s
       k = x.shape[-1]
       sv = jnp.asarray(s, jnp.float32)
       sv = sv.reshape(sv.shape[:-1] + (1,) * (x.ndim - sv.ndim) + (k,)) if sv.ndim > 1 else sv
-      out[p] = (x.astype(jnp.float32) / sv).astype(x.dtype)
+      out[p] = ((x.astype(jnp.float32) + group.offset) / sv - group.offset).astype(x.dtype)
   return out
 
 
@@ -214,9 +218,7 @@ def _candidates(target: Target, leaves, calls: Sequence[Call], input_id: int, be
       if g is not None:
         yield g
     else:
-      g = _affine_group(leaves, c.module, consumers, k, n)
-      if g is not None:
-        yield g
+      yield from _affine_groups(leaves, c.module, consumers, k, n)
   # through operations linear per channel (attention, act(gate) * up, remat boundaries): earlier
   # modules of the same block (the consumers' grandparent), latest first, a few at most
   block = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
@@ -229,19 +231,25 @@ def _candidates(target: Target, leaves, calls: Sequence[Call], input_id: int, be
     seen.add(c.module)
     kernel = c.module + "/kernel"
     if kernel in target.layouts:
-      g = None if kernel in consumers else _linear_group(target, leaves, kernel, consumers, k, n)
+      gs = [] if kernel in consumers else [_linear_group(target, leaves, kernel, consumers, k, n)]
     else:
-      g = _affine_group(leaves, c.module, consumers, k, n)
-    if g is not None:
+      gs = _affine_groups(leaves, c.module, consumers, k, n)
+    gs = [g for g in gs if g is not None]
+    if gs:
       tried += 1
-      yield g
+      yield from gs
 
 
-def _affine_group(leaves, module: str, consumers, k: int, n: int) -> Group | None:
+def _affine_groups(leaves, module: str, consumers, k: int, n: int) -> list[Group]:
+  """The plain fold into an elementwise-affine module, then (one-parameter norms only) the fold
+  into a norm that multiplies by ``1 + scale``."""
   params = tuple(p for p, v in leaves.items() if p.rpartition("/")[0] == module
                  and len(getattr(v, "shape", ())) >= 1 and v.shape[-1] == k
                  and (n == 1 and v.ndim == 1 or n > 1 and v.ndim == 2 and v.shape[0] == n))
-  return Group(module, "affine", params, tuple(consumers)) if params else None
+  if not params:
+    return []
+  plain = Group(module, "affine", params, tuple(consumers))
+  return [plain] + ([dataclasses.replace(plain, offset=1.0)] if len(params) == 1 else [])
 
 
 def _linear_group(target: Target, leaves, kernel: str, consumers, k: int, n: int) -> Group | None:

@@ -266,7 +266,8 @@ class _State:
     folds = [found[k] for k in keys]
     for g, s in folds:
       self.log.append(f"{g.describe()}: {self.decided[g.consumers[0]].algorithm.value} scales "
-                      f"folded into {g.producer} ({g.kind}); float model unchanged")
+                      f"folded into {g.producer} ({g.kind}{', 1 + scale' if g.offset else ''}); "
+                      "float model unchanged")
       sv = np.asarray(s).reshape(-1, np.shape(s)[-1])
       for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
         for layer in unit.layers[c]:

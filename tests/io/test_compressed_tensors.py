@@ -350,10 +350,10 @@ def test_transformers_loads_checkpoint(tmp_path):
   pytest.importorskip("compressed_tensors")
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  smollm2 = pytest.importorskip("models.smollm2")
+  decoder = pytest.importorskip("models.decoder")
   params = tiny_llama(np.random.default_rng(6))
   toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
-  model = smollm2.Llama(smollm2.LlamaConfig(**CFG))
+  model = decoder.Llama(decoder.LlamaConfig(**CFG))
   for spec in (jq.W8A16, SPECS["w4a16-g32-sym"][0]):
     q = qtree(params, jq.default_rules(spec))
     C.export_compressed_tensors(q, CFG, tmp_path / "ck")

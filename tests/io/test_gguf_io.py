@@ -463,13 +463,13 @@ def test_llama_cpp_runs_export_with_jq_perplexity(tmp_path):
   """Optional: llama.cpp loads the exported SmolLM2 and its perplexity matches jq's own."""
   llama_cpp = pytest.importorskip("llama_cpp")
   fetch = pytest.importorskip("models.fetch")
-  smollm2 = pytest.importorskip("models.smollm2")
+  decoder = pytest.importorskip("models.decoder")
   text = pytest.importorskip("models.text")
   tokenizer = pytest.importorskip("models.tokenizer")
   from jq.eval.perplexity import perplexity
   hp, qparams, meta = G.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
   params = jq.dequantize_tree(qparams)
-  model = smollm2.Llama(smollm2.LlamaConfig(**dataclasses.asdict(hp)))
+  model = decoder.Llama(decoder.LlamaConfig(**dataclasses.asdict(hp)))
   logits_fn = jax.jit(lambda p, t: model.apply({"params": p}, t))
   results = {}
   for t in ("q8_0", "q4_0"):

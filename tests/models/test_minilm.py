@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import shutil
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from jq.eval.perplexity import perplexity
-from models import fetch, gguf_weights, smollm2, text, tokenizer
+from models import fetch, gguf_weights, decoder, text, tokenizer
 
-TINY = smollm2.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+TINY = decoder.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
                            max_seq_len=128)
 LLAMA_CPP_PPL_1024 = 27.97  # llama-perplexity, first 1024 tokens of lee_background.cor, no BOS
@@ -31,7 +31,7 @@ LLAMA_CPP_PPL_1024 = 27.97  # llama-perplexity, first 1024 tokens of lee_backgro
 @functools.cache
 def _tiny_params(config=TINY, seed=0):
   tokens = jnp.zeros((1, 4), jnp.int32)
-  params = jax.jit(smollm2.Llama(config).init)(jax.random.key(seed), tokens)["params"]
+  params = jax.jit(decoder.Llama(config).init)(jax.random.key(seed), tokens)["params"]
   # Norm scales are ones at init; randomize them so the loader mapping is really checked.
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
@@ -109,7 +109,7 @@ def test_permute_qk_round_trip_and_rope_equivalence():
     q0, q1 = q[..., 0::2], q[..., 1::2]
     return np.stack([q0 * c - q1 * s, q0 * s + q1 * c], axis=-1).reshape(q.shape)
 
-  q_hf = np.asarray(smollm2.apply_rope(jnp.asarray((x @ w_hf.T).reshape(1, t, n_heads, hd)),
+  q_hf = np.asarray(decoder.apply_rope(jnp.asarray((x @ w_hf.T).reshape(1, t, n_heads, hd)),
                                        pos, 10000.0))
   q_cpp = interleaved_rope((x @ w_cpp.T).reshape(1, t, n_heads, hd))
   scores_hf = np.einsum("bthd,bshd->bhts", q_hf, q_hf)
@@ -132,10 +132,10 @@ def _jit_apply(model):
 
 def test_kv_cache_logits_equal_full_forward():
   params = _tiny_params()
-  model = smollm2.Llama(TINY)
+  model = decoder.Llama(TINY)
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, TINY.vocab_size)
   full = _jit_apply(model)({"params": params}, tokens)
-  cache = smollm2.init_cache(TINY, batch_size=2, max_len=12)
+  cache = decoder.init_cache(TINY, batch_size=2, max_len=12)
   step = jax.jit(model.apply)
   logits, cache = step({"params": params}, tokens[:, :5], cache=cache)
   parts = [logits]
@@ -148,9 +148,9 @@ def test_kv_cache_logits_equal_full_forward():
 
 def test_greedy_generate_matches_argmax_and_accepts_replacement_apply():
   params = _tiny_params()
-  model = smollm2.Llama(TINY)
+  model = decoder.Llama(TINY)
   prompt = np.array([3, 17, 5, 9], np.int32)
-  out = smollm2.greedy_generate(model.apply, params, prompt, 6, config=TINY)
+  out = decoder.greedy_generate(model.apply, params, prompt, 6, config=TINY)
   assert out.shape == (6,) and out.dtype == jnp.int32
   seq = list(prompt)
   for _ in range(6):  # recompute everything from scratch, token by token
@@ -159,30 +159,30 @@ def test_greedy_generate_matches_argmax_and_accepts_replacement_apply():
 
   def wrapped(variables, tokens, *, cache=None):  # what a quantization tool would pass
     return model.apply(variables, tokens, cache=cache)
-  out2 = smollm2.greedy_generate(wrapped, {"params": params}, prompt[None], 6, config=TINY)
+  out2 = decoder.greedy_generate(wrapped, {"params": params}, prompt[None], 6, config=TINY)
   np.testing.assert_array_equal(out2[0], out)
   # eos: everything after the first eos is eos.
   eos = int(out[1])
-  out3 = smollm2.greedy_generate(model.apply, params, prompt, 6, config=TINY, eos_id=eos)
+  out3 = decoder.greedy_generate(model.apply, params, prompt, 6, config=TINY, eos_id=eos)
   first = int(np.argmax(np.asarray(out3) == eos))
   assert (np.asarray(out3)[first:] == eos).all()
 
 
 def test_greedy_generate_compiles_once():
   params = _tiny_params()
-  model = smollm2.Llama(TINY)
-  smollm2.greedy_generate(model.apply, params, np.arange(4), 3, config=TINY)
-  before = smollm2._generate._cache_size()
-  smollm2.greedy_generate(model.apply, params, np.arange(4) + 1, 3, config=TINY)
-  assert smollm2._generate._cache_size() == before
+  model = decoder.Llama(TINY)
+  decoder.greedy_generate(model.apply, params, np.arange(4), 3, config=TINY)
+  before = decoder._generate._cache_size()
+  decoder.greedy_generate(model.apply, params, np.arange(4) + 1, 3, config=TINY)
+  assert decoder._generate._cache_size() == before
 
 
 def test_bf16_compute_returns_float32_logits():
   params = _tiny_params()
   config = dataclasses.replace(TINY, dtype=jnp.bfloat16)
   tokens = jnp.arange(8)[None]
-  lo16 = _jit_apply(smollm2.Llama(config))({"params": params}, tokens)
-  lo32 = _jit_apply(smollm2.Llama(TINY))({"params": params}, tokens)
+  lo16 = _jit_apply(decoder.Llama(config))({"params": params}, tokens)
+  lo32 = _jit_apply(decoder.Llama(TINY))({"params": params}, tokens)
   assert lo16.dtype == jnp.float32
   np.testing.assert_allclose(lo16, lo32, atol=0.1 * float(jnp.abs(lo32).max()))
 
@@ -203,11 +203,11 @@ def test_param_tree_names():
 
 def test_config_validation():
   with pytest.raises(ValueError, match="num_kv_heads"):
-    smollm2.LlamaConfig(num_heads=9, num_kv_heads=2)
+    decoder.LlamaConfig(num_heads=9, num_kv_heads=2)
   with pytest.raises(ValueError, match="dtype"):
-    smollm2.LlamaConfig(dtype=jnp.int8)
+    decoder.LlamaConfig(dtype=jnp.int8)
   with pytest.raises(ValueError, match="max_seq_len"):
-    smollm2.greedy_generate(smollm2.Llama(TINY).apply, _tiny_params(), np.arange(100), 100,
+    decoder.greedy_generate(decoder.Llama(TINY).apply, _tiny_params(), np.arange(100), 100,
                             config=TINY)
 
 
@@ -231,8 +231,8 @@ def test_loader_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol():
-  config, params = smollm2.load_smollm2()
-  return config, params, smollm2.Llama(config)
+  config, params = gguf_weights.load_smollm2()
+  return config, params, decoder.Llama(config)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def logits_1024(smol, eval_ids):
 @pytest.mark.slow
 def test_real_config(smol):
   config, params, _ = smol
-  assert config == smollm2.LlamaConfig(rms_norm_eps=float(np.float32(1e-5)))
+  assert config == decoder.LlamaConfig(rms_norm_eps=float(np.float32(1e-5)))
   assert params["embed"]["embedding"].shape == (49152, 576)
   assert len([k for k in params if k.startswith("layers_")]) == 30
 
@@ -304,7 +304,7 @@ def test_chat_generation(smol, tok):
   config, params, model = smol
   prompt = tok.encode(tokenizer.chat_prompt(
       [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]))
-  out = smollm2.greedy_generate(model.apply, params, prompt, 16, config=config, eos_id=tok.eos_id)
+  out = decoder.greedy_generate(model.apply, params, prompt, 16, config=config, eos_id=tok.eos_id)
   reply = tok.decode(out, skip_special_tokens=True)
   print(f"\nSmolLM2 reply: {reply!r}")
   assert "Paris" in reply

@@ -1,0 +1,529 @@
+"""One configurable decoder-only transformer in Flax linen, with KV-cache decoding.
+
+``DecoderConfig`` switches the features that tell the families apart (Llama 1-3.x incl. Llama 3.1's
+RoPE scaling, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, and the bundled SmolLM2-135M). The module tree
+uses only standard linen layers so a quantization tool can intercept them::
+
+  params/embed/embedding                      (vocab, d)        tied input embedding / output head
+  params/layers_{i}/input_norm/scale          (d,)              RMSNorm
+  params/layers_{i}/attn/{q,k,v,o}_proj/kernel (in, out)        nn.Dense (+ bias: qkv_bias, o_bias)
+  params/layers_{i}/attn/{q,k}_norm/scale     (head_dim,)       qk_norm only (Qwen3, Gemma 3)
+  params/layers_{i}/attn_out_norm/scale       (d,)              sandwich_norms only (Gemma 2/3)
+  params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP
+  params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense (SwiGLU or GeGLU)
+  params/layers_{i}/mlp_out_norm/scale        (d,)              sandwich_norms only
+  params/final_norm/scale                     (d,)
+  params/lm_head/kernel                       (d, vocab)        only when embeddings are untied
+
+Q/K projections are in Hugging Face order (RoPE by "rotate_half"), not llama.cpp's interleaved order;
+``models.gguf_weights`` un-permutes them on load. ``models.hf`` loads Hugging Face checkpoints.
+
+Example::
+
+  config, params = models.gguf_weights.load_smollm2()
+  model = Decoder(config)
+  logits = model.apply({"params": params}, tokens)            # (B, T, V) float32
+  new_ids = greedy_generate(model.apply, params, prompt_ids, 32, config=config)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """RoPE frequency scaling of long-context checkpoints (Hugging Face ``rope_scaling``).
+
+  Attributes:
+    kind: ``"linear"`` (all frequencies divided by ``factor``) or ``"llama3"`` (Llama 3.1's
+      wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``).
+    factor: the scaling factor.
+    low_freq_factor, high_freq_factor, original_max_position_embeddings: ``llama3`` only.
+  """
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ("linear", "llama3"):
+      raise ValueError(f"RopeScaling.kind must be 'linear' or 'llama3', got {self.kind!r}")
+    if not self.factor > 0:
+      raise ValueError(f"RopeScaling.factor must be positive, got {self.factor!r}")
+    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+      raise ValueError(f"RopeScaling(llama3): need high_freq_factor > low_freq_factor > 0, got "
+                       f"{self.high_freq_factor} and {self.low_freq_factor}")
+
+
+_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+  """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
+
+  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3 and Gemma 1-3: the family features below
+  default to plain Llama. Frozen and hashable, so it can be a ``jax.jit`` static argument; variants
+  via ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
+
+  Attributes:
+    vocab_size: number of tokens.
+    hidden_size: model width ``d``.
+    intermediate_size: gated-MLP hidden width.
+    num_layers: number of decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); divides ``num_heads``.
+    head_dim: width of one head.
+    rope_theta: RoPE base frequency (of the full-attention layers).
+    rms_norm_eps: RMSNorm epsilon.
+    max_seq_len: context length the model was trained for.
+    tie_embeddings: output head is ``embed.attend`` (no ``lm_head`` params).
+    dtype: compute dtype (float32, bfloat16 or float16); logits are float32.
+    qkv_bias, o_bias, mlp_bias: biases on q/k/v (Qwen2), on o_proj, on the MLP linears.
+    qk_norm: RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
+    norm_offset: RMSNorm multiplies by ``norm_offset + scale`` (Gemma: 1.0).
+    embed_scale: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma).
+    activation: the MLP gate's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
+    sandwich_norms: extra RMSNorms on the attention and MLP outputs (Gemma 2/3).
+    query_scale: attention scores are multiplied by this (default ``head_dim ** -0.5``; Gemma 2/3:
+      ``query_pre_attn_scalar ** -0.5``).
+    attn_softcap, final_softcap: ``cap * tanh(x / cap)`` on attention scores / logits (Gemma 2).
+    rope_scaling: frequency scaling of the full-attention layers (Llama 3.1: ``llama3``).
+    sliding_window: keys further than this many positions back are masked on sliding layers.
+    sliding_layers: which layers slide (``None``: all layers when ``sliding_window`` is set).
+    local_rope_theta: RoPE base of the sliding layers (Gemma 3; ``None``: ``rope_theta``).
+  """
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rope_theta: float = 100000.0
+  rms_norm_eps: float = 1e-5
+  max_seq_len: int = 8192
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  norm_offset: float = 0.0
+  embed_scale: bool = False
+  activation: str = "silu"
+  sandwich_norms: bool = False
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int | None = None
+  sliding_layers: tuple[bool, ...] | None = None
+  local_rope_theta: float | None = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"DecoderConfig.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"DecoderConfig: num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "embed_scale",
+                 "sandwich_norms"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"DecoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f"DecoderConfig.activation must be one of {_ACTIVATIONS}, got "
+                       f"{self.activation!r}")
+    for name in ("rope_theta", "rms_norm_eps", "query_scale", "attn_softcap", "final_softcap",
+                 "local_rope_theta"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float, np.floating))
+                                    and math.isfinite(value) and value > 0):
+        raise ValueError(f"DecoderConfig.{name} must be a positive finite number, got {value!r}")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"DecoderConfig.rope_scaling must be a RopeScaling, got "
+                       f"{self.rope_scaling!r}")
+    if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
+        self.sliding_window, (int, np.integer)) or self.sliding_window <= 0):
+      raise ValueError(f"DecoderConfig.sliding_window must be a positive int or None, got "
+                       f"{self.sliding_window!r}")
+    if self.sliding_layers is not None:
+      if self.sliding_window is None:
+        raise ValueError("DecoderConfig.sliding_layers is set but sliding_window is None")
+      object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+      if len(self.sliding_layers) != self.num_layers:
+        raise ValueError(f"DecoderConfig.sliding_layers has {len(self.sliding_layers)} entries "
+                         f"for {self.num_layers} layers")
+    try:
+      dtype = np.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"DecoderConfig.dtype: {self.dtype!r} is not a dtype") from e
+    if dtype not in _COMPUTE_DTYPES:
+      raise ValueError(f"DecoderConfig.dtype must be float32, bfloat16 or float16, got {dtype}")
+    object.__setattr__(self, "dtype", dtype)
+
+  def is_sliding(self, layer: int) -> bool:
+    """Whether layer ``layer`` uses sliding-window attention."""
+    if self.sliding_window is None:
+      return False
+    return True if self.sliding_layers is None else self.sliding_layers[layer]
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict that :meth:`from_json` turns back into this config."""
+    out = dataclasses.asdict(self)
+    out["dtype"] = np.dtype(self.dtype).name
+    if self.sliding_layers is not None:
+      out["sliding_layers"] = list(self.sliding_layers)
+    return out
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "DecoderConfig":
+    """Inverse of :meth:`to_json`; unknown keys are an error naming them."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"DecoderConfig: unknown fields {unknown}")
+    kw = dict(d)
+    if kw.get("rope_scaling") is not None:
+      kw["rope_scaling"] = RopeScaling(**kw["rope_scaling"])
+    if kw.get("sliding_layers") is not None:
+      kw["sliding_layers"] = tuple(kw["sliding_layers"])
+    if "dtype" in kw:
+      kw["dtype"] = jnp.dtype(kw["dtype"])
+    return cls(**kw)
+
+
+LlamaConfig = DecoderConfig  # the name SmolLM2-era code uses
+
+class KVCache(NamedTuple):
+  """Fixed-size key/value cache, one entry per layer.
+
+  Attributes:
+    keys: per layer, ``(batch, max_len, num_kv_heads, head_dim)`` (keys already rotated by RoPE).
+    values: per layer, same shape as ``keys``.
+    index: int32 scalar, the number of positions written so far (= position of the next token).
+  """
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.keys[0].shape[1]
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
+  """An empty cache for ``max_len`` positions (zeros; ``index`` 0). ``dtype`` defaults to the
+  config's compute dtype. Writing past ``max_len`` is not detected inside jit: size it to
+  ``prompt_len + max_new_tokens``."""
+  if batch_size <= 0 or max_len <= 0:
+    raise ValueError(f"init_cache: batch_size={batch_size} and max_len={max_len} must be positive")
+  dtype = config.dtype if dtype is None else dtype
+  shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+  keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(keys=keys, values=values, index=jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+  """RoPE inverse frequencies ``(head_dim / 2,)`` float32, as Hugging Face computes them."""
+  inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                      / np.float32(head_dim)))).astype(np.float32)
+  if scaling is None:
+    return inv
+  if scaling.kind == "linear":
+    return (inv / np.float32(scaling.factor)).astype(np.float32)
+  # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
+  old = scaling.original_max_position_embeddings
+  low_wavelen = old / scaling.low_freq_factor
+  high_wavelen = old / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
+                                                       - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) -> jax.Array:
+  """Rotary embedding, Hugging Face "rotate_half" convention (pairs ``(i, i + D/2)``).
+
+  Args:
+    x: ``(B, T, H, D)``.
+    positions: ``(T,)`` integer positions.
+    theta: base frequency, or the ``(D/2,)`` inverse frequencies (see :func:`rope_inv_freq`).
+
+  Returns:
+    ``x`` rotated, in ``x.dtype`` (computed in float32).
+  """
+  d = x.shape[-1]
+  inv_freq = (jnp.asarray(theta, jnp.float32) if np.ndim(theta) else
+              jnp.asarray(rope_inv_freq(d, float(theta))))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+            scale: float | None = None, softcap: float | None = None) -> jax.Array:
+  """Grouped-query softmax attention; q ``(B,T,H,D)``, k/v ``(B,S,Hkv,D)``, mask ``(T,S)``."""
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, h // hkv, d)  # query head h = kv_head * group + g (HF repeat_kv order)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = _softcap(scores * (d ** -0.5 if scale is None else scale), softcap)
+  scores = jnp.where(mask[None, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h * d)
+
+
+def _dense(features: int, name: str, config: DecoderConfig, bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=config.dtype, param_dtype=jnp.float32, name=name)
+
+
+class RMSNorm(nn.Module):
+  """``x / sqrt(mean(x**2) + epsilon) * (offset + scale)``, in float32, returned in ``dtype``.
+
+  (``nn.RMSNorm`` mixes a float32 scale with bfloat16 inputs implicitly, which fails under
+  ``jax.numpy_dtype_promotion("strict")``; the param is likewise called ``scale``, and may be
+  stored in any float dtype.)  ``offset`` is 1.0 for Gemma, whose checkpoints store ``scale - 1``.
+  """
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  offset: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), jnp.float32).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * (scale + self.offset if self.offset else scale)).astype(self.dtype)
+
+
+def _rms_norm(name: str, config: DecoderConfig) -> RMSNorm:
+  return RMSNorm(epsilon=config.rms_norm_eps, dtype=config.dtype, offset=config.norm_offset,
+                 name=name)
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with RoPE and an optional fixed-size KV cache."""
+  config: DecoderConfig
+  layer: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None,
+               index: jax.Array | None = None):
+    c = self.config
+    b, t, _ = x.shape
+    hd, qkv_bias = c.head_dim, c.qkv_bias
+    q = _dense(c.num_heads * hd, "q_proj", c, qkv_bias)(x).reshape(b, t, c.num_heads, hd)
+    k = _dense(c.num_kv_heads * hd, "k_proj", c, qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
+    v = _dense(c.num_kv_heads * hd, "v_proj", c, qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
+    if c.qk_norm:
+      q = _rms_norm("q_norm", c)(q)
+      k = _rms_norm("k_norm", c)(k)
+    sliding = c.is_sliding(self.layer)
+    if sliding and c.local_rope_theta is not None:
+      inv_freq = rope_inv_freq(hd, c.local_rope_theta)
+    else:
+      inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if kv is None:
+      keys, values, key_pos = k, v, positions
+    else:
+      cache_k, cache_v = kv
+      start = (0, index, 0, 0)
+      keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      kv = (keys, values)
+      key_pos = jnp.arange(cache_k.shape[1])
+      keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    mask = key_pos[None, :] <= positions[:, None]
+    if sliding:
+      mask = mask & (key_pos[None, :] > positions[:, None] - c.sliding_window)
+    out = _attend(q, keys, values, mask, scale=c.query_scale, softcap=c.attn_softcap)
+    return _dense(c.hidden_size, "o_proj", c, c.o_bias)(out), kv
+
+
+class MLP(nn.Module):
+  """Gated feed-forward: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma)."""
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    gate = _dense(c.intermediate_size, "gate_proj", c, c.mlp_bias)(x)
+    up = _dense(c.intermediate_size, "up_proj", c, c.mlp_bias)(x)
+    act = nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return _dense(c.hidden_size, "down_proj", c, c.mlp_bias)(act * up)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; with
+  ``sandwich_norms`` the attention and MLP outputs are normed too (``attn_out_norm``,
+  ``mlp_out_norm``) before they join the residual."""
+  config: DecoderConfig
+  layer: int = 0
+
+  @nn.compact
+  def __call__(self, x, positions, kv=None, index=None):
+    c = self.config
+    h, kv = Attention(c, self.layer, name="attn")(_rms_norm("input_norm", c)(x), positions, kv,
+                                                  index)
+    if c.sandwich_norms:
+      h = _rms_norm("attn_out_norm", c)(h)
+    x = x + h
+    h = MLP(c, name="mlp")(_rms_norm("post_attn_norm", c)(x))
+    if c.sandwich_norms:
+      h = _rms_norm("mlp_out_norm", c)(h)
+    return x + h, kv
+
+
+class Decoder(nn.Module):
+  """Decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 1-3, SmolLM2: see ``DecoderConfig``).
+
+  ``apply({"params": p}, tokens)`` returns logits ``(B, T, V)`` float32 for positions ``0..T-1``.
+  ``apply({"params": p}, tokens, cache=cache)`` continues from ``cache.index``: writes the new
+  keys/values into the cache and returns ``(logits, new_cache)``; jittable with static shapes.
+  """
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None):
+    c = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"Decoder: tokens must be (batch, time), got shape {tokens.shape}")
+    if cache is not None and len(cache.keys) != c.num_layers:
+      raise ValueError(f"Decoder: cache has {len(cache.keys)} layers, model has {c.num_layers}")
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
+                     name="embed")
+    if c.embed_scale:  # Gemma: the normalizer is rounded to the embedding's dtype, as in HF
+      table = embed.embedding
+      x = (jnp.take(table, tokens, axis=0)
+           * jnp.asarray(c.hidden_size ** 0.5, table.dtype)).astype(c.dtype)
+    else:
+      x = embed(tokens)
+    index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    positions = index + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    keys, values = [], []
+    for i in range(c.num_layers):
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      x, kv = Block(c, i, name=f"layers_{i}")(x, positions, kv, index)
+      if cache is not None:
+        keys.append(kv[0])
+        values.append(kv[1])
+    x = _rms_norm("final_norm", c)(x)
+    if c.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=jnp.float32,
+                        name="lm_head")(x)
+    logits = _softcap(logits.astype(jnp.float32), c.final_softcap)
+    if cache is None:
+      return logits
+    return logits, KVCache(keys=tuple(keys), values=tuple(values), index=index + tokens.shape[1])
+
+
+Llama = Decoder  # the name SmolLM2-era code uses
+
+
+ApplyFn = Callable[..., Any]
+
+
+def _variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
+  return params if "params" in params else {"params": params}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "config", "eos_id"))
+def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id):
+  batch, prompt_len = prompt.shape
+  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  logits, cache = apply_fn(variables, prompt, cache=cache)
+  token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+  done = jnp.zeros((batch,), bool) if eos_id is None else token == eos_id
+
+  def step(i, carry):
+    out, token, cache, done = carry
+    logits, cache = apply_fn(variables, token[:, None], cache=cache)
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    if eos_id is not None:
+      nxt = jnp.where(done, eos_id, nxt)
+      done = done | (nxt == eos_id)
+    return out.at[:, i].set(nxt), nxt, cache, done
+
+  out, *_ = jax.lax.fori_loop(1, max_new_tokens, step, (out, token, cache, done))
+  return out
+
+
+def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: ArrayLike,
+                    max_new_tokens: int, *, config: DecoderConfig,
+                    eos_id: int | None = None) -> jax.Array:
+  """Greedy decoding with a fixed-size KV cache, jitted end to end.
+
+  One prefill call over the prompt, then a ``lax.fori_loop`` of single-token steps; the cache holds
+  ``prompt_len + max_new_tokens`` positions. Compiles once per (apply_fn, prompt shape,
+  max_new_tokens, config, eos_id); ``apply_fn`` must be hashable (a bound ``model.apply`` or any
+  function object) and have the signature of ``Llama.apply``:
+  ``apply_fn(variables, tokens, cache=cache) -> (logits, cache)``.
+
+  Args:
+    apply_fn: ``model.apply`` or a drop-in replacement (e.g. a quantized apply function).
+    params: the param tree, or a full variables dict with a ``"params"`` key.
+    prompt_ids: ``(T,)`` or ``(B, T)`` token ids (all prompts the same length).
+    max_new_tokens: number of tokens to generate (>= 1).
+    config: the model config (sizes the cache).
+    eos_id: if given, once a sequence emits it, the rest of that row is ``eos_id``.
+
+  Returns:
+    ``(max_new_tokens,)`` or ``(B, max_new_tokens)`` int32 new token ids (prompt excluded),
+    matching the rank of ``prompt_ids``.
+  """
+  prompt = jnp.asarray(prompt_ids)
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
+    raise ValueError(f"greedy_generate: prompt_ids must be a non-empty (T,) or (B, T) array, got "
+                     f"shape {prompt.shape}")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"greedy_generate: prompt_ids must be integers, got {prompt.dtype}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  total = prompt.shape[-1] + max_new_tokens
+  if total > config.max_seq_len:
+    raise ValueError(f"greedy_generate: prompt ({prompt.shape[-1]}) + max_new_tokens "
+                     f"({max_new_tokens}) = {total} exceeds max_seq_len={config.max_seq_len}")
+  squeeze = prompt.ndim == 1
+  prompt = prompt.reshape(1, -1) if squeeze else prompt
+  out = _generate(apply_fn, _variables(params), prompt.astype(jnp.int32),
+                  max_new_tokens=max_new_tokens, config=config, eos_id=eos_id)
+  return out[0] if squeeze else out

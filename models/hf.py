@@ -1,0 +1,396 @@
+"""Hugging Face-format checkpoints of the major decoder families, read into ``models.decoder``.
+
+A checkpoint directory holds ``config.json``, the weights (``model.safetensors`` or shards listed in
+``model.safetensors.index.json``), and usually ``tokenizer.json`` + ``tokenizer_config.json`` (with
+its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` values:
+``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
+``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers) and
+``gemma3_text`` (q/k norms, local RoPE base). ``family_config`` turns ``config.json`` into a
+``DecoderConfig``; ``TENSOR_NAMES`` is the one Hugging Face <-> jq tensor-name mapping.
+
+Weights are read lazily, one tensor at a time, through safetensors' ``safe_open``; every tensor's
+shape is checked against the config before it is read, and bfloat16 stays bfloat16.
+
+Example::
+
+  config, params = load_weights("path/to/Qwen2.5-0.5B")
+  logits = models.decoder.Decoder(config).apply({"params": params}, tokens)
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.decoder import DecoderConfig, RopeScaling
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CheckpointError(ValueError):
+  """A Hugging Face checkpoint jq cannot read; the message names the file and the field."""
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+  return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    raise
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: not readable JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json -> DecoderConfig
+
+
+def _rope(raw: Mapping[str, Any], where: str, default_theta: float
+          ) -> tuple[float, RopeScaling | None]:
+  """``(theta, scaling)`` from a ``rope_parameters`` dict (transformers 5) or the older
+  ``rope_theta`` + ``rope_scaling`` pair."""
+  params = raw.get("rope_parameters")
+  if isinstance(params, Mapping) and "rope_theta" in params:
+    theta, scaling = params["rope_theta"], params
+  else:
+    theta, scaling = raw.get("rope_theta", default_theta), raw.get("rope_scaling")
+  if scaling is None:
+    return float(theta), None
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return float(theta), None
+  try:
+    if kind == "linear":
+      return float(theta), RopeScaling(kind="linear", factor=float(scaling["factor"]))
+    if kind == "llama3":
+      return float(theta), RopeScaling(
+          kind="llama3", factor=float(scaling["factor"]),
+          low_freq_factor=float(scaling["low_freq_factor"]),
+          high_freq_factor=float(scaling["high_freq_factor"]),
+          original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise CheckpointError(f"{where}: rope scaling {kind!r} lacks field {e.args[0]!r}") from e
+  raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported (supported: "
+                        "default, linear, llama3)")
+
+
+def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
+                  dtype: Any = np.float32) -> DecoderConfig:
+  """The ``DecoderConfig`` of a Hugging Face ``config.json`` (already parsed).
+
+  Raises:
+    CheckpointError: unsupported ``model_type``/``architectures``, a missing field, or a feature
+      this decoder lacks; the message names ``where`` and the field.
+  """
+  family = raw.get("model_type")
+  if family not in FAMILIES:
+    arch = raw.get("architectures")
+    raise CheckpointError(f"{where}: model_type {family!r} (architectures {arch}) is not "
+                          f"supported; supported: {', '.join(FAMILIES)}")
+
+  def need(key: str) -> Any:
+    if raw.get(key) is None:
+      raise CheckpointError(f"{where}: field {key!r} is missing")
+    return raw[key]
+
+  heads = int(need("num_attention_heads"))
+  hidden = int(need("hidden_size"))
+  layers = int(need("num_hidden_layers"))
+  gemma = family in _GEMMA
+  kw: dict[str, Any] = {}
+  if family in ("llama", "qwen3"):
+    bias = bool(raw.get("attention_bias", False))
+    kw.update(qkv_bias=bias, o_bias=bias)
+  if family == "llama":
+    kw["mlp_bias"] = bool(raw.get("mlp_bias", False))
+  if family == "qwen2":
+    kw["qkv_bias"] = True
+  if family in ("qwen3", "gemma3_text"):
+    kw["qk_norm"] = True
+  if gemma:
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu"):  # Gemma's legacy "gelu" means the tanh form
+      raise CheckpointError(f"{where}: hidden_activation {act!r} is not supported for {family}")
+    kw.update(norm_offset=1.0, embed_scale=True, activation="gelu_tanh")
+  else:
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+      raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+  if family in ("gemma2", "gemma3_text"):
+    kw["sandwich_norms"] = True
+    kw["query_scale"] = float(raw.get("query_pre_attn_scalar") or 256) ** -0.5
+    kw["attn_softcap"] = raw.get("attn_logit_softcapping")
+    kw["final_softcap"] = raw.get("final_logit_softcapping")
+
+  # sliding-window layers
+  window = raw.get("sliding_window")
+  if family in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+    window = None
+  types = raw.get("layer_types")
+  if window is not None:
+    if types is None and family == "gemma2":
+      types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    elif types is None and family == "gemma3_text":
+      pattern = int(raw.get("sliding_window_pattern", 6))
+      types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+               for i in range(layers)]
+    elif types is None and family in ("qwen2", "qwen3"):
+      first = int(raw.get("max_window_layers", 28))
+      types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if types is not None:
+      if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise CheckpointError(f"{where}: layer_types must list 'sliding_attention' or "
+                              f"'full_attention' for each of the {layers} layers")
+      kw["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
+    kw["sliding_window"] = int(window)
+
+  # RoPE (gemma3: a per-layer-type dict, or rope_local_base_freq for the sliding layers)
+  theta_default = 1_000_000.0 if family == "gemma3_text" else 10_000.0
+  per_type = raw.get("rope_parameters")
+  if family == "gemma3_text" and isinstance(per_type, Mapping) and "full_attention" in per_type:
+    theta, scaling = _rope({"rope_parameters": per_type["full_attention"]}, where, theta_default)
+    local, local_scaling = _rope({"rope_parameters": per_type.get("sliding_attention") or {}},
+                                 where, 10_000.0)
+    if local_scaling is not None:
+      raise CheckpointError(f"{where}: rope scaling on sliding layers is not supported")
+  else:
+    theta, scaling = _rope(raw, where, theta_default)
+    local = float(raw.get("rope_local_base_freq", 10_000.0)) if family == "gemma3_text" else None
+  if family == "gemma3_text":
+    kw["local_rope_theta"] = local
+  if float(raw.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    raise CheckpointError(f"{where}: partial_rotary_factor is not supported")
+
+  tie_default = gemma
+  try:
+    return DecoderConfig(
+        vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")), num_layers=layers, num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads), rope_theta=theta,
+        rope_scaling=scaling, rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(raw.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", tie_default)), dtype=dtype, **kw)
+  except ValueError as e:
+    raise CheckpointError(f"{where}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# tensor names
+
+
+def tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """Hugging Face tensor name -> ``(jq param path, transpose)`` for every tensor the config needs.
+
+  Linear weights are ``(out, in)`` in Hugging Face and ``(in, out)`` kernels in jq (transposed);
+  Gemma 2/3's ``post_attention_layernorm`` is the attention output's norm (``attn_out_norm``) and
+  ``pre_feedforward_layernorm`` the MLP input's (``post_attn_norm``); elsewhere
+  ``post_attention_layernorm`` is the MLP input's norm.
+  """
+  c = config
+  out: dict[str, tuple[tuple[str, ...], bool]] = {
+      "model.embed_tokens.weight": (("embed", "embedding"), False),
+      "model.norm.weight": (("final_norm", "scale"), False),
+  }
+  if not c.tie_embeddings:
+    out["lm_head.weight"] = (("lm_head", "kernel"), True)
+  linears = {"self_attn.q_proj": ("attn", "q_proj", c.qkv_bias),
+             "self_attn.k_proj": ("attn", "k_proj", c.qkv_bias),
+             "self_attn.v_proj": ("attn", "v_proj", c.qkv_bias),
+             "self_attn.o_proj": ("attn", "o_proj", c.o_bias),
+             "mlp.gate_proj": ("mlp", "gate_proj", c.mlp_bias),
+             "mlp.up_proj": ("mlp", "up_proj", c.mlp_bias),
+             "mlp.down_proj": ("mlp", "down_proj", c.mlp_bias)}
+  norms = {"input_layernorm": ("input_norm",)}
+  if c.sandwich_norms:
+    norms.update({"post_attention_layernorm": ("attn_out_norm",),
+                  "pre_feedforward_layernorm": ("post_attn_norm",),
+                  "post_feedforward_layernorm": ("mlp_out_norm",)})
+  else:
+    norms["post_attention_layernorm"] = ("post_attn_norm",)
+  if c.qk_norm:
+    norms.update({"self_attn.q_norm": ("attn", "q_norm"), "self_attn.k_norm": ("attn", "k_norm")})
+  for i in range(c.num_layers):
+    pre, blk = f"model.layers.{i}.", f"layers_{i}"
+    for hf, (mod, name, bias) in linears.items():
+      out[f"{pre}{hf}.weight"] = ((blk, mod, name, "kernel"), True)
+      if bias:
+        out[f"{pre}{hf}.bias"] = ((blk, mod, name, "bias"), False)
+    for hf, path in norms.items():
+      out[f"{pre}{hf}.weight"] = ((blk,) + path + ("scale",), False)
+  return out
+
+
+def expected_shape(path: tuple[str, ...], c: DecoderConfig) -> tuple[int, ...]:
+  """The jq-side shape of the param at ``path``."""
+  name = path[-2] if path[-1] in ("kernel", "bias", "scale") else path[-1]
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  sizes = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv),
+           "v_proj": (c.hidden_size, kv), "o_proj": (q, c.hidden_size),
+           "gate_proj": (c.hidden_size, c.intermediate_size),
+           "up_proj": (c.hidden_size, c.intermediate_size),
+           "down_proj": (c.intermediate_size, c.hidden_size),
+           "lm_head": (c.hidden_size, c.vocab_size)}
+  if path[-1] == "embedding":
+    return (c.vocab_size, c.hidden_size)
+  if path[-1] == "kernel":
+    return sizes[name]
+  if path[-1] == "bias":
+    return (sizes[name][1],)
+  return (c.head_dim,) if name in ("q_norm", "k_norm") else (c.hidden_size,)
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+  """Tensor name -> the safetensors file that holds it (single file or sharded index)."""
+  index = directory / "model.safetensors.index.json"
+  if index.is_file():
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"{index}: field 'weight_map' is missing or empty")
+    out = {}
+    root = directory.resolve()
+    for name, shard in weight_map.items():
+      path = (directory / str(shard)).resolve()
+      if root not in path.parents:
+        raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r} points outside "
+                              f"{directory}")
+      if not path.is_file():
+        raise CheckpointError(f"{index}: shard {shard!r} (holding {name!r}) is missing")
+      out[name] = path
+    return out
+  single = directory / "model.safetensors"
+  if not single.is_file():
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+  from safetensors import safe_open
+  try:
+    with safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  except Exception as e:  # safetensors raises its own SafetensorError
+    raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from e
+
+
+def iter_tensors(directory: Path, config: DecoderConfig
+                 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """``(jq path, array)`` for every tensor the config needs, read one at a time (lazily), shapes
+  checked against the config before reading; float tensors keep their stored dtype."""
+  from safetensors import safe_open
+  files = weight_files(directory)
+  names = tensor_names(config)
+  missing = sorted(set(names) - set(files), key=_natural)
+  if missing:
+    raise CheckpointError(f"{directory}: {len(missing)} tensors the config needs are missing, "
+                          f"e.g. {missing[:3]}")
+  by_file: dict[Path, list[str]] = {}
+  for name in sorted(names, key=_natural):
+    by_file.setdefault(files[name], []).append(name)
+  for file, file_names in by_file.items():
+    with safe_open(file, framework="numpy") as f:
+      for name in file_names:
+        path, transpose = names[name]
+        sl = f.get_slice(name)
+        shape, dtype = tuple(sl.get_shape()), str(sl.get_dtype())
+        want = expected_shape(path, config)
+        if (shape[::-1] if transpose else shape) != want:
+          raise CheckpointError(f"{file.name}: tensor {name!r} has shape {shape}, config.json "
+                                f"implies {want[::-1] if transpose else want}")
+        if dtype not in ("F32", "BF16", "F16"):
+          raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; expected F32, "
+                                "BF16 or F16 (a quantized checkpoint?)")
+        arr = f.get_tensor(name)
+        yield path, (np.ascontiguousarray(arr.T) if transpose else arr)
+
+
+def _natural(name: str) -> list[Any]:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def load_weights(directory: str | Path, *, dtype: Any = np.float32
+                 ) -> tuple[DecoderConfig, dict[str, Any]]:
+  """``(config, params)`` of a Hugging Face checkpoint directory; params are numpy arrays in their
+  stored dtype (bfloat16 stays bfloat16), ``dtype`` is the compute dtype of the config."""
+  directory = Path(directory)
+  raw = read_json(directory / "config.json")
+  config = family_config(raw, where=str(directory / "config.json"), dtype=dtype)
+  params: dict[str, Any] = {}
+  for path, arr in iter_tensors(directory, config):
+    node = params
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = arr
+  return config, params
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer and chat template
+
+
+def load_tokenizer(directory: str | Path):
+  """The ``models.tokenizer.Tokenizer`` of ``tokenizer.json`` + ``tokenizer_config.json`` (special
+  tokens, ``add_bos_token``, ``chat_template``) + ``generation_config.json`` (EOS / stop ids)."""
+  import tokenizers
+  from models.tokenizer import Tokenizer
+  directory = Path(directory)
+  tj = directory / "tokenizer.json"
+  if not tj.is_file():
+    raise CheckpointError(f"{directory}: no tokenizer.json (jq builds tokenizers from "
+                          "tokenizer.json; convert a SentencePiece tokenizer.model with "
+                          "transformers first)")
+  try:
+    backend = tokenizers.Tokenizer.from_file(str(tj))
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise CheckpointError(f"{tj}: the tokenizer cannot be built ({e})") from e
+  tc_path = directory / "tokenizer_config.json"
+  tc = read_json(tc_path) if tc_path.is_file() else {}
+  gc_path = directory / "generation_config.json"
+  gc = read_json(gc_path) if gc_path.is_file() else {}
+
+  def token_id(key: str) -> int | None:
+    tok = tc.get(key)
+    if isinstance(tok, dict):
+      tok = tok.get("content")
+    if tok is None:
+      return None
+    i = backend.token_to_id(str(tok))
+    if i is None:
+      raise CheckpointError(f"{tc_path}: {key} {tok!r} is not in tokenizer.json's vocabulary")
+    return i
+
+  bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+  gen_eos = gc.get("eos_token_id")
+  if isinstance(gen_eos, list) and gen_eos:
+    gen_eos = gen_eos[0]
+  if eos is None and isinstance(gen_eos, int):
+    eos = gen_eos
+  eos_ids = gc.get("eos_token_id")
+  stop = tuple(int(i) for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids])
+               if isinstance(i, int))
+  if "add_bos_token" in tc:
+    add_bos = bool(tc["add_bos_token"]) and bos is not None
+  else:  # what tokenizer.json's own post-processor does
+    ids = backend.encode("a", add_special_tokens=True).ids
+    add_bos = bos is not None and bool(ids) and ids[0] == bos
+  template = tc.get("chat_template")
+  if isinstance(template, list):  # named templates: take "default"
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  jinja = directory / "chat_template.jinja"
+  if template is None and jinja.is_file():
+    template = jinja.read_text(encoding="utf-8")
+  return Tokenizer(backend, bos_id=bos, eos_id=eos, pad_id=pad, add_bos=add_bos,
+                   stop_ids=stop, chat_template=template)

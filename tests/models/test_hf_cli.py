@@ -1,0 +1,61 @@
+"""``jq-quant`` on a Hugging Face checkpoint directory, as a new user runs it: quantize with a
+calibrated recipe, then eval / generate / inspect / export the checkpoint it wrote."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from jq import cli
+from jq import io as jqio
+
+SMALL = ["--eval-windows", "1", "--window", "64"]
+CALIB = ["--calib-sequences", "2", "--calib-len", "64"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_quantize_eval_generate_from_a_directory(tiny_hf, tmp_path, capsys, family):
+  path = tiny_hf(family)
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "gptq-w4a16-g128",
+                   "--out", str(out), *CALIB, *SMALL]) == 0
+  meta = jqio.load_header(out)["metadata"]
+  assert meta["source"]["kind"] == "hf" and meta["source"]["family"] == family
+  assert meta["source"]["config"]["num_layers"] == 3
+  q = meta["quality"]
+  assert q["kl"] > 0 and q["ppl_quant"] > 1
+  capsys.readouterr()
+
+  assert cli.main(["eval", str(out), "--json", *SMALL]) == 0
+  data = json.loads(capsys.readouterr().out)
+  assert data["model"] == family and abs(data["kl"] - q["kl"]) < 1e-6
+
+  assert cli.main(["generate", str(out), "--prompt", "What is the capital", "--max-new-tokens",
+                   "4"]) == 0
+  assert cli.main(["inspect", str(out)]) == 0
+  assert "params/layers_2/mlp/down_proj/kernel" in capsys.readouterr().out
+
+  # the float model moved: a clear error naming the flag, then --model finds it
+  moved = tmp_path / "moved"
+  shutil.move(str(path), moved)
+  assert cli.main(["eval", str(out), *SMALL]) == 1
+  assert "--model PATH" in capsys.readouterr().err
+  assert cli.main(["eval", str(out), "--model", str(moved), *SMALL]) == 0
+
+
+def test_export_refuses_features_it_would_drop(tiny_hf, tmp_path, capsys):
+  path = tiny_hf("qwen2")
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "w4a16-g128", "--no-eval",
+                   "--out", str(out)]) == 0
+  capsys.readouterr()
+  assert cli.main(["export", str(out), "--format", "compressed-tensors",
+                   "--out", str(tmp_path / "ct")]) == 1
+  err = capsys.readouterr().err
+  assert "qkv_bias=True" in err and not (tmp_path / "ct").exists()
+
+
+def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
+  assert cli.main(["quantize", "--model", str(tmp_path / "nope"), "--no-eval"]) == 1
+  assert "no such file or directory" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""The oracle: jq's decoder gives Hugging Face transformers' (PyTorch) logits and greedy tokens on
+tiny random checkpoints of every family (skipped where the ``reference`` extra is missing)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FAMILIES
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models import decoder, hf, registry  # noqa: E402
+
+
+def _hf_model(path):
+  m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+  return m.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_and_greedy_tokens_match_transformers(tiny_hf, family):
+  path = tiny_hf(family, tokenizer=False, seed=3)
+  config, params = hf.load_weights(path)
+  ref_model = _hf_model(path)
+  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 16))
+  with torch.no_grad():
+    ref = ref_model(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  rel = np.abs(ours - ref).max() / np.abs(ref).max()
+  assert rel <= 1e-4, f"{family}: max relative logit error {rel:.2e}"
+
+  prompt = ids[:1, :6]
+  with torch.no_grad():
+    want = ref_model.generate(torch.tensor(prompt), max_new_tokens=10, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, 6:].numpy()
+  got = decoder.greedy_generate(decoder.Decoder(config).apply, params, prompt[0], 10,
+                                config=config)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_chat_template_matches_transformers(tiny_hf):
+  path = tiny_hf("qwen2")
+  ours = registry.load(str(path)).tokenizer
+  theirs = transformers.AutoTokenizer.from_pretrained(str(path))
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+  text = ours.apply_chat_template(messages)
+  assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
