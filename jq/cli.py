@@ -249,9 +249,9 @@ def cmd_export(args) -> int:
                      f"GGUF, and {model.name} was not loaded from one; use --format "
                      "compressed-tensors")
   if args.format == "gguf":
-    from jq.io import gguf_io
-    types = gguf_io.export_model(model, qvars, args.out, ggml_type=args.type,
-                                 requantize=args.requantize)
+    from jq.io.gguf import export_model
+    types = export_model(model, qvars, args.out, ggml_type=args.type,
+                         requantize=args.requantize)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1

@@ -47,20 +47,31 @@ class RopeScaling:
   """RoPE frequency scaling of long-context checkpoints (Hugging Face ``rope_scaling``).
 
   Attributes:
-    kind: ``"linear"`` (all frequencies divided by ``factor``) or ``"llama3"`` (Llama 3.1's
-      wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``).
-    factor: the scaling factor.
+    kind: ``"linear"`` (all frequencies divided by ``factor``), ``"llama3"`` (Llama 3.1's
+      wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``) or
+      ``"factors"`` (each frequency divided by its own entry of ``factors``: llama.cpp's
+      ``rope_freqs`` tensor, which is how a GGUF stores Llama 3.1's scaling).
+    factor: the scaling factor (1.0 for ``factors``).
     low_freq_factor, high_freq_factor, original_max_position_embeddings: ``llama3`` only.
+    factors: ``factors`` only; ``head_dim / 2`` positive numbers.
   """
   kind: str
-  factor: float
+  factor: float = 1.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+  factors: tuple[float, ...] | None = None
 
   def __post_init__(self):
-    if self.kind not in ("linear", "llama3"):
-      raise ValueError(f"RopeScaling.kind must be 'linear' or 'llama3', got {self.kind!r}")
+    if self.kind not in ("linear", "llama3", "factors"):
+      raise ValueError(f"RopeScaling.kind must be 'linear', 'llama3' or 'factors', got "
+                       f"{self.kind!r}")
+    if (self.kind == "factors") != (self.factors is not None):
+      raise ValueError("RopeScaling: factors is given exactly when kind is 'factors'")
+    if self.factors is not None:
+      object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
+      if not all(f > 0 and math.isfinite(f) for f in self.factors):
+        raise ValueError("RopeScaling.factors must be positive and finite")
     if not self.factor > 0:
       raise ValueError(f"RopeScaling.factor must be positive, got {self.factor!r}")
     if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
@@ -190,6 +201,8 @@ class DecoderConfig:
     """A JSON-able dict that :meth:`from_json` turns back into this config."""
     out = dataclasses.asdict(self)
     out["dtype"] = np.dtype(self.dtype).name
+    if self.rope_scaling is not None and self.rope_scaling.factors is not None:
+      out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)
     if self.sliding_layers is not None:
       out["sliding_layers"] = list(self.sliding_layers)
     return out
@@ -203,7 +216,10 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig: unknown fields {unknown}")
     kw = dict(d)
     if kw.get("rope_scaling") is not None:
-      kw["rope_scaling"] = RopeScaling(**kw["rope_scaling"])
+      scaling = dict(kw["rope_scaling"])
+      if scaling.get("factors") is not None:
+        scaling["factors"] = tuple(scaling["factors"])
+      kw["rope_scaling"] = RopeScaling(**scaling)
     if kw.get("sliding_layers") is not None:
       kw["sliding_layers"] = tuple(kw["sliding_layers"])
     if "dtype" in kw:
@@ -251,6 +267,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return inv
   if scaling.kind == "linear":
     return (inv / np.float32(scaling.factor)).astype(np.float32)
+  if scaling.kind == "factors":
+    if len(scaling.factors) != inv.shape[0]:
+      raise ValueError(f"RopeScaling: {len(scaling.factors)} factors for head_dim {head_dim} "
+                       f"(need {inv.shape[0]})")
+    return (inv / np.asarray(scaling.factors, np.float32)).astype(np.float32)
   # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
   old = scaling.original_max_position_embeddings
   low_wavelen = old / scaling.low_freq_factor

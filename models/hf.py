@@ -6,7 +6,7 @@ its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` 
 ``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers) and
 ``gemma3_text`` (q/k norms, local RoPE base). ``family_config`` turns ``config.json`` into a
-``DecoderConfig``; ``TENSOR_NAMES`` is the one Hugging Face <-> jq tensor-name mapping.
+``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time, through safetensors' ``safe_open``; every tensor's
 shape is checked against the config before it is read, and bfloat16 stays bfloat16.
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jq.io import decoder_names
 from models.decoder import DecoderConfig, RopeScaling
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
@@ -192,64 +193,12 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
 
 
 def tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """Hugging Face tensor name -> ``(jq param path, transpose)`` for every tensor the config needs.
-
-  Linear weights are ``(out, in)`` in Hugging Face and ``(in, out)`` kernels in jq (transposed);
-  Gemma 2/3's ``post_attention_layernorm`` is the attention output's norm (``attn_out_norm``) and
-  ``pre_feedforward_layernorm`` the MLP input's (``post_attn_norm``); elsewhere
-  ``post_attention_layernorm`` is the MLP input's norm.
-  """
-  c = config
-  out: dict[str, tuple[tuple[str, ...], bool]] = {
-      "model.embed_tokens.weight": (("embed", "embedding"), False),
-      "model.norm.weight": (("final_norm", "scale"), False),
-  }
-  if not c.tie_embeddings:
-    out["lm_head.weight"] = (("lm_head", "kernel"), True)
-  linears = {"self_attn.q_proj": ("attn", "q_proj", c.qkv_bias),
-             "self_attn.k_proj": ("attn", "k_proj", c.qkv_bias),
-             "self_attn.v_proj": ("attn", "v_proj", c.qkv_bias),
-             "self_attn.o_proj": ("attn", "o_proj", c.o_bias),
-             "mlp.gate_proj": ("mlp", "gate_proj", c.mlp_bias),
-             "mlp.up_proj": ("mlp", "up_proj", c.mlp_bias),
-             "mlp.down_proj": ("mlp", "down_proj", c.mlp_bias)}
-  norms = {"input_layernorm": ("input_norm",)}
-  if c.sandwich_norms:
-    norms.update({"post_attention_layernorm": ("attn_out_norm",),
-                  "pre_feedforward_layernorm": ("post_attn_norm",),
-                  "post_feedforward_layernorm": ("mlp_out_norm",)})
-  else:
-    norms["post_attention_layernorm"] = ("post_attn_norm",)
-  if c.qk_norm:
-    norms.update({"self_attn.q_norm": ("attn", "q_norm"), "self_attn.k_norm": ("attn", "k_norm")})
-  for i in range(c.num_layers):
-    pre, blk = f"model.layers.{i}.", f"layers_{i}"
-    for hf, (mod, name, bias) in linears.items():
-      out[f"{pre}{hf}.weight"] = ((blk, mod, name, "kernel"), True)
-      if bias:
-        out[f"{pre}{hf}.bias"] = ((blk, mod, name, "bias"), False)
-    for hf, path in norms.items():
-      out[f"{pre}{hf}.weight"] = ((blk,) + path + ("scale",), False)
-  return out
+  """Hugging Face tensor name -> ``(jq param path, transpose)`` for every tensor the config needs
+  (from the one mapping, ``jq.io.decoder_names``)."""
+  return {t.hf: (t.path, t.transpose) for t in decoder_names.decoder_tensors(config)}
 
 
-def expected_shape(path: tuple[str, ...], c: DecoderConfig) -> tuple[int, ...]:
-  """The jq-side shape of the param at ``path``."""
-  name = path[-2] if path[-1] in ("kernel", "bias", "scale") else path[-1]
-  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  sizes = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv),
-           "v_proj": (c.hidden_size, kv), "o_proj": (q, c.hidden_size),
-           "gate_proj": (c.hidden_size, c.intermediate_size),
-           "up_proj": (c.hidden_size, c.intermediate_size),
-           "down_proj": (c.intermediate_size, c.hidden_size),
-           "lm_head": (c.hidden_size, c.vocab_size)}
-  if path[-1] == "embedding":
-    return (c.vocab_size, c.hidden_size)
-  if path[-1] == "kernel":
-    return sizes[name]
-  if path[-1] == "bias":
-    return (sizes[name][1],)
-  return (c.head_dim,) if name in ("q_norm", "k_norm") else (c.hidden_size,)
+expected_shape = decoder_names.expected_shape
 
 
 # ------------------------------------------------------------------------------------------------

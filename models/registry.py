@@ -3,8 +3,8 @@
 * ``smollm2``: SmolLM2-135M-Instruct, a linen Llama decoder (causal LM; quality = perplexity/KL).
 * ``minilm``: all-MiniLM-L6-v2, an nnx BERT encoder (quality = cosine similarity of embeddings).
 * a path: a Hugging Face checkpoint directory (``config.json`` + safetensors + ``tokenizer.json``)
-  of a family ``models.hf`` knows, or a llama-architecture ``.gguf`` file; both run on
-  ``models.decoder``.
+  of a family ``models.hf`` knows, or a ``.gguf`` file of one ``models.gguf_weights`` knows; both
+  run on ``models.decoder``.
 
 Every model has a ``source`` (a JSON-able dict) that checkpoints record, so ``load_source`` finds
 the float model again for ``eval``, ``generate`` and ``export``.
@@ -150,10 +150,13 @@ def _load_hf(path: Path) -> CausalLM:
 
 def _load_gguf(path: Path) -> CausalLM:
   from models import gguf_weights, tokenizer
-  config, params = gguf_weights.load_llama_gguf(path)
+  reader = gguf_weights.open_gguf(path)
+  config = gguf_weights.read_config(reader)
+  params = gguf_weights.read_gguf_params(path, config)
   return CausalLM(name=path.stem, config=config, module=_decoder(config), params=params,
                   tokenizer=tokenizer.load_tokenizer(path), gguf_path=path,
-                  source={"kind": "gguf", "path": str(path.resolve()), "family": "llama",
+                  source={"kind": "gguf", "path": str(path.resolve()),
+                          "family": gguf_weights.metadata(reader)["general.architecture"],
                           "config": config.to_json()})
 
 

@@ -79,7 +79,8 @@ import ml_dtypes
 import numpy as np
 
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
-from jq.io.gguf_io import LlamaHParams, _dequantize_np, _pack_np, _unpacked_np
+from jq.io.gguf.llama import LlamaHParams
+from jq.io.gguf.qarray_np import _dequantize_np, _pack_np, _unpacked_np
 from jq.io.safetensors_io import read_tensors, write_safetensors
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType

@@ -117,7 +117,7 @@ def test_round_trip(tmp_path, name):
   qc = C.export_compressed_tensors({"params": q}, CFG, tmp_path / "ck")
   hf, back = C.load_compressed_tensors(tmp_path / "ck")
   _assert_same_values(q, back)
-  assert C.llama_hparams(hf) == jq.io.gguf_io.LlamaHParams(**CFG)
+  assert C.llama_hparams(hf) == jq.io.gguf.LlamaHParams(**CFG)
   (g,) = qc["config_groups"].values()
   bits = spec.qtype.bits
   assert g["targets"] == ["Linear"] and g["weights"]["num_bits"] == bits
@@ -318,8 +318,8 @@ def test_matches_compressed_tensors_package(tmp_path):
 @pytest.mark.slow
 def test_smollm2_w4a16_g64_round_trip(tmp_path):
   fetch = pytest.importorskip("models.fetch")
-  from jq.io import gguf_io
-  hp, qparams, meta = gguf_io.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
+  from jq.io import gguf as G
+  hp, qparams, meta = G.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
   params = jq.dequantize_tree(qparams)
   spec = jq.QuantSpec(qtype=jq.QType.UINT4, symmetric=False, granularity=jq.Granularity.GROUP,
                       group_size=64)            # 576 and 1536 are multiples of 64, not of 128

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import jq
-from jq.io import gguf_io as G
+from jq.io import gguf as G
+from jq.io.gguf import llama as GL
+from jq.io.gguf import reader as GR
 from jq.tree import is_qarray, leaves_with_paths
 
 T = gguf.GGMLQuantizationType
@@ -315,11 +317,11 @@ def test_llama_export_reads_back(tmp_path, t):
   hp, back, meta2 = G.load_gguf_params(path)
   assert hp == G.LlamaHParams(**{**CFG, "rms_norm_eps": float(np.float32(1e-5))})
   for p, x in leaves_with_paths(back):
-    name = G._gguf_name(p)[0]
+    name = GL._gguf_name(p)[0]
     gd = gguf.quants.dequantize(names[name].data, names[name].tensor_type)
     if p.endswith("kernel"):
       heads = {"q_proj": 4, "k_proj": 2}.get(p.split("/")[-2])
-      gd = gd.T if heads is None else G._permute_rows(gd, np.argsort(G._qk_perm(
+      gd = gd.T if heads is None else GL._permute_rows(gd, np.argsort(GL._qk_perm(
           gd.shape[0], heads, p)), 1).T
     assert np.array_equal(_deq(x), gd), p
 
@@ -428,14 +430,14 @@ def test_smollm2_export_q8_0_q4_0(tmp_path):
   params = jq.dequantize_tree(qparams)      # float weights, exactly the source's values
   assert (hp.num_layers, hp.hidden_size, hp.num_heads, hp.num_kv_heads) == (30, 576, 9, 3)
   tok = G.tokenizer_metadata(meta)
-  src_f = G._GGUFFile(src)
+  src_f = GR._GGUFFile(src)
   src_tensors = {ti.name: ti for ti in src_f.tensors}
   check = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
            "blk.29.ffn_down.weight", "blk.17.attn_v.weight"]
   for t in ("q8_0", "q4_0"):
     out = tmp_path / f"smollm2.{t}.gguf"
     G.export_gguf(params, hp, tok, out, t, name="SmolLM2-135M-Instruct (jq)")
-    f = G._GGUFFile(out)
+    f = GR._GGUFFile(out)
     assert [x.name for x in f.tensors] == [x.name for x in src_f.tensors] or \
         {x.name for x in f.tensors} == set(src_tensors)
     for ti in f.tensors:

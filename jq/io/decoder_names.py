@@ -1,0 +1,114 @@
+"""The one tensor-name mapping of decoder-only LMs: jq param path <-> Hugging Face <-> GGUF.
+
+jq's decoder tree (``models/decoder.py``) names a block's tensors ``layers_{i}/attn/q_proj/kernel``
+and so on; Hugging Face names them ``model.layers.{i}.self_attn.q_proj.weight`` (a linear's weight
+is ``(out, in)``, jq's kernel ``(in, out)``) and llama.cpp ``blk.{i}.attn_q.weight``. The families
+differ only in which tensors exist (biases, q/k norms, Gemma 2/3's four norms per block, an untied
+head), so one table serves all of them; :func:`decoder_tensors` lists the tensors of one config.
+
+Gemma 2/3 naming: Hugging Face's ``post_attention_layernorm`` is the attention *output's* norm
+(jq ``attn_out_norm``, GGUF ``post_attention_norm``) and ``pre_feedforward_layernorm`` the MLP
+input's (jq ``post_attn_norm``, GGUF ``ffn_norm``); in the other families
+``post_attention_layernorm`` is the MLP input's norm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# block-relative jq module path -> (Hugging Face module, GGUF tensor stem)
+LINEARS = {
+    ("attn", "q_proj"): ("self_attn.q_proj", "attn_q"),
+    ("attn", "k_proj"): ("self_attn.k_proj", "attn_k"),
+    ("attn", "v_proj"): ("self_attn.v_proj", "attn_v"),
+    ("attn", "o_proj"): ("self_attn.o_proj", "attn_output"),
+    ("mlp", "gate_proj"): ("mlp.gate_proj", "ffn_gate"),
+    ("mlp", "up_proj"): ("mlp.up_proj", "ffn_up"),
+    ("mlp", "down_proj"): ("mlp.down_proj", "ffn_down"),
+}
+_NORMS = {("input_norm",): ("input_layernorm", "attn_norm")}
+_PLAIN_NORMS = {("post_attn_norm",): ("post_attention_layernorm", "ffn_norm")}
+_SANDWICH_NORMS = {
+    ("attn_out_norm",): ("post_attention_layernorm", "post_attention_norm"),
+    ("post_attn_norm",): ("pre_feedforward_layernorm", "ffn_norm"),
+    ("mlp_out_norm",): ("post_feedforward_layernorm", "post_ffw_norm"),
+}
+_QK_NORMS = {("attn", "q_norm"): ("self_attn.q_norm", "attn_q_norm"),
+             ("attn", "k_norm"): ("self_attn.k_norm", "attn_k_norm")}
+GLOBALS = {
+    ("embed", "embedding"): ("model.embed_tokens.weight", "token_embd.weight", False),
+    ("final_norm", "scale"): ("model.norm.weight", "output_norm.weight", False),
+    ("lm_head", "kernel"): ("lm_head.weight", "output.weight", True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorName:
+  """One tensor of a decoder under its three names.
+
+  Attributes:
+    path: the jq param path (inside ``params``), e.g. ``("layers_0", "attn", "q_proj", "kernel")``.
+    hf: the Hugging Face safetensors name.
+    gguf: the GGUF tensor name.
+    transpose: jq's array is the transpose of the Hugging Face / GGUF-as-numpy one (linears).
+    qk: ``"q"`` / ``"k"`` for the Q and K projection weights (llama.cpp permutes their rows for its
+      interleaved RoPE in the ``llama`` architecture), else ``None``.
+  """
+  path: tuple[str, ...]
+  hf: str
+  gguf: str
+  transpose: bool
+  qk: str | None = None
+
+  @property
+  def jq(self) -> str:
+    return "/".join(self.path)
+
+
+def decoder_tensors(config: Any) -> list[TensorName]:
+  """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
+  attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
+  ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``)."""
+  flag = lambda name: bool(getattr(config, name, False))
+  out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
+         if path[0] != "lm_head" or not config.tie_embeddings]
+  bias = {"q_proj": flag("qkv_bias"), "k_proj": flag("qkv_bias"), "v_proj": flag("qkv_bias"),
+          "o_proj": flag("o_bias"), "gate_proj": flag("mlp_bias"), "up_proj": flag("mlp_bias"),
+          "down_proj": flag("mlp_bias")}
+  norms = {**_NORMS, **(_SANDWICH_NORMS if flag("sandwich_norms") else _PLAIN_NORMS),
+           **(_QK_NORMS if flag("qk_norm") else {})}
+  for i in range(config.num_layers):
+    blk, hf_pre, gg_pre = f"layers_{i}", f"model.layers.{i}.", f"blk.{i}."
+    for (mod, name), (hf, gg) in LINEARS.items():
+      qk = {"q_proj": "q", "k_proj": "k"}.get(name)
+      out.append(TensorName((blk, mod, name, "kernel"), f"{hf_pre}{hf}.weight",
+                            f"{gg_pre}{gg}.weight", True, qk))
+      if bias[name]:
+        out.append(TensorName((blk, mod, name, "bias"), f"{hf_pre}{hf}.bias",
+                              f"{gg_pre}{gg}.bias", False, qk))
+    for path, (hf, gg) in norms.items():
+      out.append(TensorName((blk,) + path + ("scale",), f"{hf_pre}{hf}.weight",
+                            f"{gg_pre}{gg}.weight", False))
+  return out
+
+
+def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
+  """The jq-side shape of the param at ``path`` for a decoder with ``config``."""
+  c = config
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  sizes = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv),
+           "v_proj": (c.hidden_size, kv), "o_proj": (q, c.hidden_size),
+           "gate_proj": (c.hidden_size, c.intermediate_size),
+           "up_proj": (c.hidden_size, c.intermediate_size),
+           "down_proj": (c.intermediate_size, c.hidden_size),
+           "lm_head": (c.hidden_size, c.vocab_size)}
+  if path[-1] == "embedding":
+    return (c.vocab_size, c.hidden_size)
+  if path[-1] == "kernel":
+    return sizes[path[-2]]
+  if path[-1] == "bias":
+    return (sizes[path[-2]][1],)
+  return (c.head_dim,) if path[-2] in ("q_norm", "k_norm") else (c.hidden_size,)
+
+
+__all__ = ["TensorName", "decoder_tensors", "expected_shape", "LINEARS", "GLOBALS"]

@@ -1,0 +1,113 @@
+"""GGUFs of every supported architecture, written the way llama.cpp's converter writes them (Q/K
+rows permuted for ``llama``, Gemma norms stored as ``1 + w``, Llama 3.1 scaling as ``rope_freqs``),
+load into the same model as the Hugging Face checkpoint they came from; where transformers reads
+the GGUF too, its logits agree."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jq.io import decoder_names
+from models import decoder, gguf_weights, hf, registry
+
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+        "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# the GGUF conventions are llama.cpp's: gemma2 slides on every other layer, gemma3 on 5 of 6,
+# and both scale queries by 1/sqrt(head_dim) (below 27B)
+OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16),
+             "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window_pattern=6)}
+
+
+def to_gguf(src, out, family):
+  """A minimal llama.cpp-style converter (F32 tensors) of a Hugging Face checkpoint."""
+  raw = json.loads((src / "config.json").read_text())
+  config, params = hf.load_weights(src)
+  arch = ARCH[family]
+  w = gguf.GGUFWriter(str(out), arch)
+  w.add_block_count(config.num_layers)
+  w.add_context_length(config.max_seq_len)
+  w.add_embedding_length(config.hidden_size)
+  w.add_feed_forward_length(config.intermediate_size)
+  w.add_head_count(config.num_heads)
+  w.add_head_count_kv(config.num_kv_heads)
+  w.add_key_length(config.head_dim)
+  w.add_value_length(config.head_dim)
+  w.add_rope_freq_base(config.rope_theta)
+  w.add_layer_norm_rms_eps(config.rms_norm_eps)
+  w.add_vocab_size(config.vocab_size)
+  if config.sliding_window and family.startswith("gemma"):
+    w.add_sliding_window(config.sliding_window)
+  if config.attn_softcap:
+    w.add_attn_logit_softcapping(config.attn_softcap)
+  if config.final_softcap:
+    w.add_final_logit_softcapping(config.final_softcap)
+  if config.rope_scaling is not None:   # llama.cpp stores Llama 3.1's scaling as factors
+    base = decoder.rope_inv_freq(config.head_dim, config.rope_theta)
+    scaled = decoder.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    w.add_tensor("rope_freqs.weight", (base / scaled).astype(np.float32))
+  for t in decoder_names.decoder_tensors(config):
+    x = params
+    for k in t.path:
+      x = x[k]
+    x = np.asarray(x, np.float32)
+    x = x.T if t.transpose else x
+    if t.qk and arch == "llama":
+      x = gguf_weights.permute_qk(x, config.num_heads if t.qk == "q" else config.num_kv_heads)
+    if t.path[-1] == "scale" and config.norm_offset:
+      x = x + config.norm_offset
+    w.add_tensor(t.gguf, np.ascontiguousarray(x))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  assert raw["model_type"] == family
+  return out
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_gguf_loads_as_its_hugging_face_source(tiny_hf, tmp_path, family):
+  src = tiny_hf(family, tokenizer=False, **OVERRIDES.get(family, {}))
+  path = to_gguf(src, tmp_path / f"{family}.gguf", family)
+  hf_config, hf_params = hf.load_weights(src)
+  config, params = gguf_weights.load_gguf(path)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 14)))
+  want = np.asarray(decoder.Decoder(hf_config).apply({"params": hf_params}, ids))
+  got = np.asarray(decoder.Decoder(config).apply({"params": params}, ids))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+# qwen3 is left out: transformers' GGUF reader ignores qwen3.attention.key_length (head_dim)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_gguf_logits_match_transformers_gguf_loader(tiny_hf, tmp_path, family):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  overrides = OVERRIDES.get(family, {})
+  if family == "gemma2":   # transformers' reader takes query_pre_attn_scalar = 256 (real models')
+    overrides = dict(head_dim=256, query_pre_attn_scalar=256)
+  src = tiny_hf(family, tokenizer=False, **overrides)
+  if family == "llama":   # transformers' GGUF reader does not read rope_freqs: plain RoPE here
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("rope_scaling")
+    (src / "config.json").write_text(json.dumps(cfg))
+  path = to_gguf(src, tmp_path / f"{family}.gguf", family)
+  config, params = gguf_weights.load_gguf(path)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 14))
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_registry_records_gguf_architecture(tiny_hf, tmp_path):
+  src = tiny_hf("qwen3", tokenizer=False)
+  path = to_gguf(src, tmp_path / "q.gguf", "qwen3")
+  config, _ = gguf_weights.load_gguf(path)
+  assert config.qk_norm and config.tie_embeddings
+  with pytest.raises(gguf_weights.GGUFError, match="tokenizer"):
+    registry.load(str(path))   # a GGUF without a tokenizer cannot be a CLI model
