@@ -238,27 +238,56 @@ def _export_blockers(model) -> list[str]:
 
 
 def cmd_export(args) -> int:
+  out = Path(args.out)
+  if not out.parent.is_dir():   # before the model loads and the work is done
+    raise FileNotFoundError(f"--out {args.out}: directory {out.parent} does not exist")
+  if args.format == "gguf" and out.is_dir():
+    raise ValueError(f"--out {args.out} is a directory; --format gguf writes one .gguf file")
   model, qvars, _ = _load_ckpt(args.ckpt, args.model)
-  features = _export_blockers(model)
+  source = getattr(model, "source", {}) or {}
+  hf_source = source.get("kind") == "hf"
+  # compressed-tensors of a Hugging Face source keeps its own config.json, so every family goes;
+  # GGUF is written for the llama architecture only
+  features = [] if args.format == "compressed-tensors" and hf_source else _export_blockers(model)
   if features:
-    raise ValueError(f"{args.ckpt}: {args.format} export supports plain Llama-architecture "
-                     f"models; {model.name} uses {', '.join(features)}, which the exporter would "
-                     "drop")
+    raise ValueError(f"{args.ckpt}: --format {args.format} writes plain Llama-architecture "
+                     f"models here; {model.name} uses {', '.join(features)}, which the exporter "
+                     "would drop" + ("" if hf_source else " (compressed-tensors export of the "
+                                     "other families needs a Hugging Face source checkpoint)"))
   if args.format == "gguf" and getattr(model, "gguf_path", None) is None:
     raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from the source "
                      f"GGUF, and {model.name} was not loaded from one; use --format "
                      "compressed-tensors")
+  notes: list[str] = []
   if args.format == "gguf":
     from jq.io.gguf import export_model
     types = export_model(model, qvars, args.out, ggml_type=args.type,
-                         requantize=args.requantize)
+                         embed_type=args.embed_type, requantize=args.requantize, notes=notes)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
-    _print("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    summary = "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
   else:
     from jq.io import compressed_tensors
-    compressed_tensors.export_model(qvars, args.out, model=model, requantize=args.requantize)
+    if args.embed_type:
+      raise ValueError("--embed-type applies to --format gguf only (compressed-tensors keeps "
+                       "embeddings float)")
+    kw: dict[str, Any] = {}
+    if hf_source:
+      src = Path(source["path"])
+      kw["hf_config"] = json.loads((src / "config.json").read_text(encoding="utf-8"))
+      kw["extra_files"] = {f: (src / f).read_bytes() for f in (
+          "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+          "special_tokens_map.json", "chat_template.jinja") if (src / f).is_file()}
+    compressed_tensors.export_model(qvars, args.out, model=model, requantize=args.requantize,
+                                    notes=notes, **kw)
+    summary = ""
+  for line in notes:
+    _print("  " + line)
+  if notes:
+    _print(f"{len(notes)} tensors changed grid (listed above)")
+  if summary:
+    _print(summary)
   _print(f"wrote {args.out}")
   return 0
 
@@ -322,10 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("ckpt")
   x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
   x.add_argument("--type", default="q8_0", help="GGUF tensor type for quantized kernels")
+  x.add_argument("--embed-type", help="GGUF type of token_embd/output (default: a float "
+                 "embedding stays float, a quantized one takes --type)")
   x.add_argument("--out", required=True)
   x.add_argument("--model", help=MODEL_OVERRIDE)
   x.add_argument("--requantize", action="store_true",
-                 help="allow re-rounding where jq's grid has no exact equivalent")
+                 help="allow re-rounding where jq's grid has no exact equivalent (each changed "
+                 "tensor is listed)")
   x.set_defaults(fn=cmd_export)
   return p
 

@@ -458,6 +458,16 @@ RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
     "nf4-g64": (NF4_G64, None),
     "w8a8-dynamic": (W8A16, A8_DYNAMIC_ASYM),
     "w8a8-static": (W8A16, A8_STATIC),
+    # Grids the serving formats store exactly, so `quantize --recipe X && export` re-rounds nothing:
+    # llama.cpp's Q8_0 / Q4_0 (blocks of 32 along the input, one fp16 scale; Q4_0's codes -8..7
+    # hold jq's symmetric int4), and compressed-tensors' (vLLM's) W4A16 g128 / W8A8 int8 schemes.
+    "gguf-q8_0": (QuantSpec(qtype=QType.INT8, symmetric=True, granularity=Granularity.GROUP,
+                            group_size=32, scale_dtype="float16"), None),
+    "gguf-q4_0": (QuantSpec(qtype=QType.INT4, symmetric=True, granularity=Granularity.GROUP,
+                            group_size=32, scale_dtype="float16"), None),
+    "ct-w4a16": (QuantSpec(qtype=QType.INT4, symmetric=True, granularity=Granularity.GROUP,
+                           group_size=128), None),
+    "ct-w8a8": (W8A16, A8_DYNAMIC),
 }
 
 

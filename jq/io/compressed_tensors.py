@@ -70,6 +70,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jq.io import decoder_names
+from jq.io.hints import REQUANTIZE_HINT
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
 from jq.io.gguf.llama import LlamaHParams
 from jq.io.gguf.qarray_np import _dequantize_np, _pack_np, _unpacked_np
@@ -176,39 +179,49 @@ def unpack_int32(packed: np.ndarray, num_bits: int, shape: tuple[int, int],
 # Names.
 # ------------------------------------------------------------------------------------------------
 
-_LAYER_PARAMS = {
-    "attn/q_proj/kernel": "self_attn.q_proj", "attn/k_proj/kernel": "self_attn.k_proj",
-    "attn/v_proj/kernel": "self_attn.v_proj", "attn/o_proj/kernel": "self_attn.o_proj",
-    "mlp/gate_proj/kernel": "mlp.gate_proj", "mlp/up_proj/kernel": "mlp.up_proj",
-    "mlp/down_proj/kernel": "mlp.down_proj", "input_norm/scale": "input_layernorm",
-    "post_attn_norm/scale": "post_attention_layernorm",
-}
-_GLOBAL_PARAMS = {"embed/embedding": "model.embed_tokens", "final_norm/scale": "model.norm",
-                  "lm_head/kernel": "lm_head"}
 _LAYER_RE = re.compile(r"layers_(\d+)/(.+)")
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def hf_module_name(path: str) -> tuple[str, bool]:
-  """``(Hugging Face module name, is_linear)`` of a Llama param path (``params/`` prefix dropped)."""
-  if path in _GLOBAL_PARAMS:
-    return _GLOBAL_PARAMS[path], path.endswith("kernel")
+def _names(config: Any = None) -> tuple[dict[str, str], dict[str, str]]:
+  """``(global, per-block)`` jq path -> Hugging Face module maps from ``jq.io.decoder_names`` (the
+  block one for layer 0, without its prefixes); ``config=None``: plain Llama."""
+  one = types.SimpleNamespace(**{k: getattr(config, k, False) for k in (
+      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms")}, num_layers=1,
+                              tie_embeddings=False)
+  glob, block = {}, {}
+  for t in decoder_names.decoder_tensors(one):
+    module = t.hf.rpartition(".")[0] if t.hf.endswith(".weight") else t.hf
+    if t.path[0] == "layers_0":
+      block["/".join(t.path[1:])] = module.removeprefix("model.layers.0.")
+    else:
+      glob[t.jq] = module
+  return glob, block
+
+
+def hf_module_name(path: str, config: Any = None) -> tuple[str, bool]:
+  """``(Hugging Face module name, is_linear)`` of a decoder param path (``params/`` prefix
+  dropped); a bias maps to ``<module>.bias``."""
+  glob, block = _names(config)
+  if path in glob:
+    return glob[path], path.endswith("kernel")
   m = _LAYER_RE.fullmatch(path)
-  if m and m.group(2) in _LAYER_PARAMS:
-    return f"model.layers.{int(m.group(1))}.{_LAYER_PARAMS[m.group(2)]}", m.group(2).endswith("kernel")
+  if m and m.group(2) in block:
+    return f"model.layers.{int(m.group(1))}.{block[m.group(2)]}", m.group(2).endswith("kernel")
   raise CompressedTensorsError(
       f"params/{path}: not part of a Llama-family param tree (expected embed/embedding, "
       "layers_N/{attn/{q,k,v,o}_proj,mlp/{gate,up,down}_proj}/kernel, layers_N/{input_norm,"
       "post_attn_norm}/scale, final_norm/scale, lm_head/kernel)")
 
 
-def jq_param_path(module: str) -> str:
+def jq_param_path(module: str, config: Any = None) -> str:
   """Inverse of :func:`hf_module_name`."""
-  inv_global = {v: k for k, v in _GLOBAL_PARAMS.items()}
+  glob, block = _names(config)
+  inv_global = {v: k for k, v in glob.items()}
   if module in inv_global:
     return inv_global[module]
   m = _HF_LAYER_RE.fullmatch(module)
-  inv = {v: k for k, v in _LAYER_PARAMS.items()}
+  inv = {v: k for k, v in block.items()}
   if m and m.group(2) in inv:
     return f"layers_{int(m.group(1))}/{inv[m.group(2)]}"
   raise CompressedTensorsError(f"{module}: not a Llama-family module this loader knows")
@@ -261,7 +274,7 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   q.validate(module)
   if q.qtype.is_table:
     raise CompressedTensorsError(f"{where}: NF4 has no compressed-tensors int equivalent; pass "
-                                 "requantize=True to store it as int4")
+                                 f"{REQUANTIZE_HINT} to store it as int4")
   if len(q.shape) != 2:
     raise CompressedTensorsError(f"{where}: only 2-D kernels can be stored")
   n_in, n_out = q.shape
@@ -275,7 +288,7 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   else:
     raise CompressedTensorsError(
         f"{where}: group size {ti} does not divide the input dim {n_in} (a partial last group); "
-        "compressed-tensors needs in % group_size == 0: choose a divisor, or pass requantize=True")
+        f"compressed-tensors needs in % group_size == 0: choose a divisor, or pass {REQUANTIZE_HINT}")
   if strategy == "tensor" and q.scale.size != 1:
     raise CompressedTensorsError(f"{where}: unexpected scale shape {q.scale.shape}")
   shift = 0 if q.qtype.signed else 1 << (bits - 1)
@@ -360,8 +373,11 @@ def _requantized_qarray(q: QArray) -> QArray:
   bits = 4 if q.qtype.is_table else q.qtype.bits
   sym = q.zero_point is None
   ti = q.tile[0]
-  if ti < n_in and n_in % ti == 0:
-    strategy, g = "group", ti
+  # a partial last group: the largest common group size that divides the input dim and is no
+  # coarser than the original one, else one scale per output channel
+  divisors = [d for d in (ti, 128, 64, 32, 16) if d <= ti and d < n_in and n_in % d == 0]
+  if ti < n_in and divisors:
+    strategy, g = "group", divisors[0]
   else:
     strategy, g = ("tensor", None) if q.tile == tuple(q.shape) else ("channel", None)
   sdt = np.dtype(q.scale.dtype)
@@ -435,21 +451,28 @@ def llama_hparams(hf_config: Mapping[str, Any]) -> LlamaHParams:
 def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike, *,
                               requantize: bool = False,
                               hf_config_extra: Mapping[str, Any] | None = None,
-                              extra_files: Mapping[str, str | bytes] | None = None) -> dict[str, Any]:
-  """Writes a Llama param tree with jq int8/int4 (int3/int2) kernels as a compressed-tensors dir.
+                              extra_files: Mapping[str, str | bytes] | None = None,
+                              hf_config: Mapping[str, Any] | None = None,
+                              notes: list[str] | None = None) -> dict[str, Any]:
+  """Writes a decoder param tree with jq int8/int4 (int3/int2) kernels as a compressed-tensors dir.
 
   The directory gets ``model.safetensors`` and ``config.json`` (``LlamaForCausalLM`` plus
   ``quantization_config``) and is replaced atomically.  Float leaves are stored in their own
   dtype; float linears (and ``lm_head``) go into the ``ignore`` list.
 
   Args:
-    params: ``{"params": {...}}`` or the inner dict (``models/smollm2.py`` paths).
-    config: ``LlamaConfig`` or a mapping with its field names.
+    params: ``{"params": {...}}`` or the inner dict (``models/decoder.py`` paths).
+    config: ``DecoderConfig`` (its family flags say which tensors exist: biases, q/k norms, Gemma
+      2/3's four norms; names from ``jq.io.decoder_names``) or a mapping with Llama's field names.
     path: output directory.
     requantize: store unrepresentable QArrays (NF4, partial last groups, ...) by re-quantizing
-      them with compressed-tensors' own formulas instead of raising.
+      them with compressed-tensors' own formulas instead of raising (a partial last group becomes
+      the largest of 128/64/32/16 that divides the input dim, else per-channel).
     hf_config_extra: merged into ``config.json`` (e.g. ``bos_token_id``, ``eos_token_id``).
     extra_files: more files for the directory, e.g. ``{"tokenizer.json": text}``.
+    hf_config: the source checkpoint's ``config.json``; written (with ``quantization_config``)
+      instead of a Llama config, so every family keeps its own architecture and fields.
+    notes: when given, one line per re-rounded layer (from which grid to which).
 
   Returns:
     The ``quantization_config`` written.
@@ -458,13 +481,19 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     CompressedTensorsError: a non-Llama parameter, a quantized non-kernel, an unrepresentable grid.
   """
   hp = LlamaHParams.from_config(config)
+  names = {t.jq: t for t in decoder_names.decoder_tensors(
+      config if not isinstance(config, Mapping) else hp)}
   tree = params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
   tensors: dict[str, np.ndarray] = {}
   schemes: dict[_Scheme, list[str]] = {}
   float_linears: list[str] = []
   embed_dtype = None
   for p, leaf in leaves_with_paths(tree):
-    module, linear = hf_module_name(p)
+    if p not in names:
+      raise CompressedTensorsError(f"params/{p}: not a tensor of this decoder config (expected "
+                                   f"e.g. {sorted(names)[:3]})")
+    hf_name = names[p].hf
+    module, linear = hf_name.rpartition(".")[0], p.endswith("/kernel")
     if is_qarray(leaf):
       if not linear:
         raise CompressedTensorsError(f"params/{p}: only Linear kernels can be quantized in a "
@@ -475,6 +504,12 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
         if not requantize:
           raise
         scheme, ts = _ct_from_qarray(_requantized_qarray(leaf), module)
+        if notes is not None:
+          notes.append(f"params/{p}: re-rounded from {leaf.qtype.value} "
+                       f"{'sym' if leaf.zero_point is None else 'asym'} tile {tuple(leaf.tile)} to "
+                       f"compressed-tensors int{scheme.num_bits} "
+                       f"{'sym' if scheme.symmetric else 'asym'} {scheme.strategy}"
+                       f"{'' if scheme.group_size is None else f' {scheme.group_size}'}")
       schemes.setdefault(scheme, []).append(module)
       for k, v in ts.items():
         tensors[f"{module}.{k}"] = v
@@ -488,7 +523,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
         float_linears.append(module)
       if p == "embed/embedding":
         embed_dtype = x.dtype
-      tensors[f"{module}.weight"] = np.ascontiguousarray(x)
+      tensors[hf_name] = np.ascontiguousarray(x)
   if not schemes:
     raise CompressedTensorsError("params has no QArray kernels; nothing to compress (use "
                                  "jq.io.save or plain safetensors for float models)")
@@ -509,7 +544,12 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                 np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(np.dtype(embed_dtype or np.float32),
                                                               "float32")
-  hf = hf_llama_config(hp, torch_dtype=dtype_name)
+  if hf_config is not None:
+    hf = {k: v for k, v in hf_config.items() if k not in ("quantization_config",
+                                                           "compression_config")}
+    hf["torch_dtype"] = dtype_name
+  else:
+    hf = hf_llama_config(hp, torch_dtype=dtype_name)
   hf.update(dict(hf_config_extra or {}))
   hf["quantization_config"] = qconfig
   path = Path(path)

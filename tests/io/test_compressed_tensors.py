@@ -187,7 +187,12 @@ def test_unrepresentable_grids(tmp_path):
                      match=r"model\.layers\.0\..*group size 48 does not divide.*requantize=True"):
     C.export_compressed_tensors(partial, CFG, tmp_path / "p")
   assert not (tmp_path / "p").exists()
-  C.export_compressed_tensors(partial, CFG, tmp_path / "p", requantize=True)
+  notes = []
+  C.export_compressed_tensors(partial, CFG, tmp_path / "p", requantize=True, notes=notes)
+  assert notes and all("re-rounded from uint4 asym tile (48, 1) to compressed-tensors int4 asym "
+                       "group 32" in n for n in notes)
+  assert len(notes) == sum(1 for p, x in leaves_with_paths(partial)
+                           if is_qarray(x) and x.shape[0] % 48)
   _, back = C.load_compressed_tensors(tmp_path / "p")
   for p, x in leaves_with_paths(back):
     if is_qarray(x):
@@ -196,8 +201,8 @@ def test_unrepresentable_grids(tmp_path):
       if x.shape[0] == 96:                                    # 48 divides 96: stored exactly
         assert x.tile == (48, 1) and np.array_equal(_deq(x), w), p
         continue
-      assert x.tile == (64, 1), p                             # re-rounded per channel
-      step = np.asarray(x.scale, np.float32)
+      assert x.tile == (32, 1), p          # re-rounded to the largest group dividing 64
+      step = np.repeat(np.asarray(x.scale, np.float32), x.tile[0], axis=0)
       assert np.all(np.abs(_deq(x) - w) <= step * (1 + 1e-6)), p
       assert not np.array_equal(_deq(x), w), p
   nf4 = qtree(params, jq.default_rules(jq.NF4_G64))
@@ -213,7 +218,8 @@ def test_export_errors(tmp_path):
   with pytest.raises(C.CompressedTensorsError, match="no QArray kernels"):
     C.export_compressed_tensors(params, CFG, tmp_path / "f")
   bert = {"encoder": {"layer_0": {"attention": {"query": {"kernel": np.zeros((4, 4))}}}}}
-  with pytest.raises(C.CompressedTensorsError, match="params/encoder/layer_0.*Llama-family"):
+  with pytest.raises(C.CompressedTensorsError,
+                     match="params/encoder/layer_0.*not a tensor of this decoder config"):
     C.export_compressed_tensors(bert, CFG, tmp_path / "b")
   with pytest.raises(ValueError, match="architecture 'bert'"):
     C.export_compressed_tensors(params, {**CFG, "model_type": "bert"}, tmp_path / "b")

@@ -329,9 +329,16 @@ def test_llama_export_reads_back(tmp_path, t):
 def test_llama_export_k_quants_and_fallback(tmp_path):
   cfg = {**CFG, "hidden_size": 256, "head_dim": 64, "intermediate_size": 320}
   params = tiny_llama(np.random.default_rng(12), cfg)
-  written = G.export_gguf(params, cfg, None, tmp_path / "k.gguf", "q6_k")
+  notes = []
+  written = G.export_gguf(params, cfg, None, tmp_path / "k.gguf", "q6_k", embed_type="q6_k",
+                          notes=notes)
   assert written["blk.0.attn_q.weight"] == T.Q6_K and written["token_embd.weight"] == T.Q6_K
   assert written["blk.0.ffn_down.weight"] == T.Q8_0        # 320 inputs: llama-quantize's fallback
+  assert any("blk.0.ffn_down.weight): 320 input columns are not a multiple of 256, so Q6_K falls "
+             "back to Q8_0" in n for n in notes)
+  # the float embedding stays float unless a type is asked for
+  written = G.export_gguf(params, cfg, None, tmp_path / "kf.gguf", "q6_k")
+  assert written["token_embd.weight"] == T.F32
   written = G.export_gguf(params, cfg, None, tmp_path / "k4.gguf", "q4_k", embed_type="q8_0")
   assert written["blk.1.ffn_up.weight"] == T.Q4_K and written["blk.1.ffn_down.weight"] == T.Q5_0
   hp, back, _ = G.load_gguf_params(tmp_path / "k.gguf")
@@ -436,7 +443,7 @@ def test_smollm2_export_q8_0_q4_0(tmp_path):
            "blk.29.ffn_down.weight", "blk.17.attn_v.weight"]
   for t in ("q8_0", "q4_0"):
     out = tmp_path / f"smollm2.{t}.gguf"
-    G.export_gguf(params, hp, tok, out, t, name="SmolLM2-135M-Instruct (jq)")
+    G.export_gguf(params, hp, tok, out, t, embed_type=t, name="SmolLM2-135M-Instruct (jq)")
     f = GR._GGUFFile(out)
     assert [x.name for x in f.tensors] == [x.name for x in src_f.tensors] or \
         {x.name for x in f.tensors} == set(src_tensors)

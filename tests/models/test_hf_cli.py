@@ -44,16 +44,18 @@ def test_quantize_eval_generate_from_a_directory(tiny_hf, tmp_path, capsys, fami
   assert cli.main(["eval", str(out), "--model", str(moved), *SMALL]) == 0
 
 
-def test_export_refuses_features_it_would_drop(tiny_hf, tmp_path, capsys):
+def test_export_keeps_the_family_config(tiny_hf, tmp_path, capsys):
   path = tiny_hf("qwen2")
   out = tmp_path / "q.safetensors"
   assert cli.main(["quantize", "--model", str(path), "--recipe", "w4a16-g128", "--no-eval",
                    "--out", str(out)]) == 0
-  capsys.readouterr()
   assert cli.main(["export", str(out), "--format", "compressed-tensors",
-                   "--out", str(tmp_path / "ct")]) == 1
-  err = capsys.readouterr().err
-  assert "qkv_bias=True" in err and not (tmp_path / "ct").exists()
+                   "--out", str(tmp_path / "ct")]) == 0
+  cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+  src = json.loads((path / "config.json").read_text())
+  assert cfg["model_type"] == "qwen2" and cfg["architectures"] == src["architectures"]
+  assert {k: cfg[k] for k in src if k != "torch_dtype"} == {k: v for k, v in src.items()
+                                                            if k != "torch_dtype"}
 
 
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):

@@ -42,6 +42,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.blocks import _decode, _decode_q3_k, _decode_q6_k, _encode, _Fields
 from jq.io.gguf.fit import _block_scales, _fit_fields, _fit_q6_k, _qarray_codes
 from jq.io.gguf.qarray_np import _dequantize_np, _pack_np
@@ -177,7 +178,7 @@ def _float_bytes(x: np.ndarray, t: GGMLType) -> np.ndarray:
 
 
 def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize: bool = False,
-                  name: str = "<tensor>") -> np.ndarray:
+                  name: str = "<tensor>", notes: list[str] | None = None) -> np.ndarray:
   """GGUF data of one tensor in the orientation GGUF stores (blocks along the last axis).
 
   Returns a float32 (F32), float16 (F16) or uint8 array (BF16 and block types, one row of block
@@ -191,6 +192,8 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
     requantize: for a QArray whose grid ``t`` cannot store exactly, dequantize and quantize with
       gguf's reference instead of raising.
     name: used in error messages.
+    notes: when given, a line is appended for a QArray that was re-rounded (from which grid to
+      which type), so a caller can report every change to the model by name.
 
   Raises:
     GGUFExportError: the QArray's grid is not exactly representable (and ``requantize`` is False),
@@ -212,12 +215,14 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
     if is_qarray(x):
       deq = _dequantize_np(x)
       out = _float_bytes(_rows(deq, block_axis) if deq.ndim == 2 else deq, t)
-      if t is not GGMLType.F32 and not requantize:
+      if t is not GGMLType.F32:
         back = gguf.quants.dequantize(out, t).reshape(out.shape[:-1] + (-1,))
         if not np.array_equal(back, _rows(deq, block_axis) if deq.ndim == 2 else deq):
-          raise GGUFExportError(f"{name}: QArray(qtype={x.qtype.value}, shape={shape}) dequantizes "
-                                f"to values that {t.name} cannot hold exactly; use F32, or pass "
-                                "requantize=True to round them")
+          if not requantize:
+            raise GGUFExportError(f"{name}: QArray(qtype={x.qtype.value}, shape={shape}) "
+                                  f"dequantizes to values that {t.name} cannot hold exactly; use "
+                                  f"F32, or pass {REQUANTIZE_HINT} to round them")
+          _note(notes, name, x, t)
       return out
     xf = np.asarray(x)
     if not (np.issubdtype(xf.dtype, np.floating) or xf.dtype == jnp.bfloat16):
@@ -233,8 +238,9 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
         raise GGUFExportError(
             f"{name}: QArray(qtype={x.qtype.value}, shape={shape}, tile={x.tile}) cannot be stored "
             f"exactly as {t.name} (super-blocks of 256 whose sub-block scales are integer multiples "
-            "of one fp16 scale); pass requantize=True to quantize its dequantized values with "
+            f"of one fp16 scale); pass {REQUANTIZE_HINT} to quantize its dequantized values with "
             "ggml's reference")
+      _note(notes, name, x, t)
       xf = _dequantize_np(x)
     else:
       xf = np.asarray(x).astype(np.float32)
@@ -250,6 +256,7 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
         k, s = _qarray_codes(x, block_axis, name)
         f = _fit_fields(*_block_scales(k, s, BLOCK, name), t, name)
       except GGUFExportError:
+        _note(notes, name, x, t)
         f = _reference_fields(_rows(_dequantize_np(x), block_axis).reshape(-1, BLOCK), t)
     else:
       k, s = _qarray_codes(x, block_axis, name)
@@ -261,6 +268,12 @@ def encode_tensor(x: Any, t: GGMLType | str, *, block_axis: int = 0, requantize:
     f = _reference_fields(_rows(xf, block_axis).reshape(-1, BLOCK), t)
   rows = shape[1 - block_axis]
   return _encode(f, t).reshape(rows, -1)
+
+
+def _note(notes: list[str] | None, name: str, x: QArray, t: GGMLType) -> None:
+  if notes is not None:
+    notes.append(f"{name}: re-rounded from {x.qtype.value} {'sym' if x.zero_point is None else 'asym'}"
+                 f" tile {tuple(x.tile)} to GGUF {t.name} (no exact {t.name} twin)")
 
 
 def decode_tensor(data: np.ndarray, t: GGMLType | str, shape: tuple[int, ...], *,

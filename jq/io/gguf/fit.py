@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.blocks import _f16_bytes, _Fields
 from jq.io.gguf.qarray_np import _expand_np, _unpacked_np
 from jq.io.gguf.types import _ASYM_QMAX, _SYM, GGMLType, GGUFExportError
@@ -22,7 +23,7 @@ def _qarray_codes(q: QArray, block_axis: int, name: str) -> tuple[np.ndarray, np
   where = f"{name}: QArray(qtype={q.qtype.value}, shape={q.shape}, tile={q.tile})"
   if q.qtype.is_table:
     raise GGUFExportError(f"{where}: NF4 table values have no GGUF equivalent; pass "
-                          "requantize=True to dequantize and quantize with gguf's reference")
+                          f"{REQUANTIZE_HINT} to dequantize and quantize with gguf's reference")
   if len(q.shape) != 2:
     raise GGUFExportError(f"{where}: only 2-D tensors are written as quantized GGUF tensors")
   q.validate(name)
@@ -44,7 +45,7 @@ def _block_scales(k: np.ndarray, s: np.ndarray, bs: int, name: str) -> tuple[np.
     raise GGUFExportError(
         f"{name}: scales vary inside GGUF block {bad} (each block of {bs} input values needs "
         f"one scale); use groups that are a multiple of {bs} along the input axis, per-channel "
-        "scales, or pass requantize=True")
+        f"scales, or pass {REQUANTIZE_HINT}")
   return kb, sb[:, 0]
 
 
@@ -165,5 +166,5 @@ def _raise_unrepresentable(ok: np.ndarray, kb, sb, t: GGMLType, name: str, need:
       f"{name}: {len(bad)} of {len(ok)} blocks cannot be stored exactly as {t.name} (which needs "
       f"fp16 block scales and {need}); first is block {i}: {reason}.  Quantize with "
       f"jq.io.gguf.quantize_for_gguf(w, '{t.name.lower()}') (or a jq spec with "
-      "scale_dtype='float16' on a matching grid), or pass requantize=True to round again with "
+      f"scale_dtype='float16' on a matching grid), or pass {REQUANTIZE_HINT} to round again with "
       "gguf's reference quantizer")

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import re
 import tempfile
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from jq.io import decoder_names
+from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.codec import encode_tensor
 from jq.io.gguf.metadata import _add_kv
 from jq.io.gguf.qarray_np import _pack_np, _unpacked_np
@@ -112,15 +115,24 @@ class LlamaHParams:
                max_seq_len=int(key("context_length", 2048)))
 
 
-_BLOCK_KERNELS = {
-    "attn/q_proj/kernel": "attn_q", "attn/k_proj/kernel": "attn_k",
-    "attn/v_proj/kernel": "attn_v", "attn/o_proj/kernel": "attn_output",
-    "mlp/gate_proj/kernel": "ffn_gate", "mlp/up_proj/kernel": "ffn_up",
-    "mlp/down_proj/kernel": "ffn_down",
-}
-_BLOCK_NORMS = {"input_norm/scale": "attn_norm", "post_attn_norm/scale": "ffn_norm"}
-_GLOBALS = {"embed/embedding": "token_embd", "final_norm/scale": "output_norm",
-            "lm_head/kernel": "output"}
+_FLOAT_OF = {np.dtype(np.float32): GGMLType.F32, np.dtype(np.float16): GGMLType.F16,
+             np.dtype(jnp.bfloat16): GGMLType.BF16}
+def _llama_tables() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+  """``(block kernels, block norms, globals)``: jq path -> GGUF stem of the plain ``llama``
+  architecture, from the one mapping (``jq.io.decoder_names``)."""
+  one = types.SimpleNamespace(num_layers=1, tie_embeddings=False)
+  kernels, norms, globs = {}, {}, {}
+  for t in decoder_names.decoder_tensors(one):
+    stem = t.gguf.removesuffix(".weight")
+    if t.path[0] == "layers_0":
+      rel = "/".join(t.path[1:])
+      (kernels if t.path[-1] == "kernel" else norms)[rel] = stem.removeprefix("blk.0.")
+    else:
+      globs[t.jq] = stem
+  return kernels, norms, globs
+
+
+_BLOCK_KERNELS, _BLOCK_NORMS, _GLOBALS = _llama_tables()
 _LAYER_RE = re.compile(r"layers_(\d+)/(.+)")
 
 
@@ -168,7 +180,7 @@ def _permute_rows(x: Any, perm: np.ndarray, block_axis: int) -> Any:
     if q.scale.shape[out_axis] != 1:
       raise GGUFExportError(f"QArray tile {q.tile} shares scales across output rows of the Q/K "
                             "projection; cannot permute rows exactly (use per-channel or group "
-                            "scales, or requantize=True)")
+                            f"scales, or {REQUANTIZE_HINT})")
   v = np.take(_unpacked_np(q), perm, axis=out_axis)
   scale = q.scale if q.scale.shape[out_axis] == 1 else jnp.take(q.scale, perm, axis=out_axis)
   zp = q.zero_point
@@ -191,7 +203,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
                 embed_type: GGMLType | str | None = None,
                 tensor_types: Mapping[str, GGMLType | str] | None = None,
                 requantize: bool = False, name: str | None = None,
-                extra_metadata: Mapping[str, Any] | None = None) -> dict[str, GGMLType]:
+                extra_metadata: Mapping[str, Any] | None = None,
+                notes: list[str] | None = None) -> dict[str, GGMLType]:
   """Writes a Llama-family param tree (float and/or QArray leaves) as a llama.cpp GGUF.
 
   Tensor names and hyperparameters are those llama.cpp's ``llama`` architecture reads
@@ -210,12 +223,17 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     path: output ``.gguf``.
     ggml_type: type of the linear weights (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``,
       ``q4_k``, ``q6_k``, ``f16``, ``bf16``, ``f32``).  Like llama-quantize, a tensor whose rows
-      are not a multiple of 256 falls back from Q4_K to Q5_0 and from Q6_K to Q8_0.
-    embed_type: type of ``token_embd`` (and ``output``); default ``ggml_type``.
+      are not a multiple of 256 falls back from Q4_K to Q5_0 and from Q6_K to Q8_0 (a line in
+      ``notes`` says so per tensor).
+    embed_type: type of ``token_embd`` (and ``output``). Default: a float leaf keeps its float
+      type (F32 / F16 / BF16: the model the user quantized left it float), a QArray leaf is
+      written as ``ggml_type``.
     tensor_types: overrides, ``{regex on the GGUF tensor name: type}``; first match wins.
     requantize: re-round QArrays the chosen type cannot store exactly instead of raising.
     name: ``general.name``.
     extra_metadata: more key/values to write (e.g. ``general.*`` from the source file).
+    notes: when given, one line per tensor whose grid changed (re-rounded, or a K-quant
+      fallback), so every change to the model is reported by name.
 
   Returns:
     ``{GGUF tensor name: type written}``.
@@ -233,7 +251,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   if main_type not in EXPORT_TYPES:
     raise GGUFExportError(f"cannot write GGUF {main_type.name}; choose one of "
                           f"{[x.name.lower() for x in EXPORT_TYPES]}")
-  emb_type = main_type if embed_type is None else to_type(embed_type)
+  emb_type = None if embed_type is None else to_type(embed_type)
   overrides = [(re.compile(p), to_type(v)) for p, v in (tensor_types or {}).items()]
   hp = LlamaHParams.from_config(config)
   tree = params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
@@ -280,19 +298,26 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     if kind == "norm":
       t = GGMLType.F32
     else:
-      t = emb_type if kind == "embed" or gname == "output.weight" else main_type
+      t = main_type
+      if kind == "embed" or gname == "output.weight":
+        t = emb_type if emb_type is not None else (main_type if is_qarray(leaf) else
+                                                   _FLOAT_OF.get(np.dtype(leaf.dtype), GGMLType.F32))
       for rx, ot in overrides:
         if rx.search(gname):
           t = ot
           break
     x, block_axis = leaf, (1 if kind == "embed" else 0)
     if t in _K_FALLBACK and leaf.shape[block_axis] % QK_K:
+      if notes is not None:
+        notes.append(f"params/{p} ({gname}): {leaf.shape[block_axis]} input columns are not a "
+                     f"multiple of 256, so {t.name} falls back to {_K_FALLBACK[t].name} (as "
+                     "llama-quantize does)")
       t = _K_FALLBACK[t]   # llama-quantize's fallback for rows that are not a multiple of 256
     if ".attn_q." in gname or ".attn_k." in gname:
       heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
       x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)
     data = encode_tensor(x, t, block_axis=block_axis if kind != "norm" else 0,
-                         requantize=requantize, name=f"params/{p}")
+                         requantize=requantize, name=f"params/{p}", notes=notes)
     encoded.append((gname, data, t))
     written[gname] = t
 

@@ -1,0 +1,107 @@
+"""Exports of Hugging Face-sourced checkpoints from the command line: compressed-tensors keeps each
+family's own config and loads in transformers with the quantized model's logits; an export that
+must re-round needs ``--requantize`` and lists every tensor it changed."""
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FAMILIES
+
+from jq import cli
+from jq import io as jqio
+from jq.nn import quantized_apply
+from models import registry
+
+
+def _quantize(path, out, recipe):
+  assert cli.main(["quantize", "--model", str(path), "--recipe", recipe, "--no-eval",
+                   "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compressed_tensors_of_every_family_loads_in_transformers(tiny_hf, tmp_path, family):
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  src = tiny_hf(family)
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "ct"
+  _quantize(src, ckpt, "ct-w4a16")
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 0
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["model_type"] == family and cfg["quantization_config"]["quant_method"] == \
+      "compressed-tensors"
+  assert (out / "tokenizer.json").is_file()
+  model = registry.load(str(src))
+  qvars = jqio.load(ckpt)
+  ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12))
+  want = np.asarray(quantized_apply(model.module.apply)(qvars, jnp.asarray(ids)))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = hf(torch.tensor(ids)).logits.numpy()
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4, family
+
+
+def test_w8a8_export_decompresses_to_jq_weights(tiny_hf, tmp_path):
+  """W8A8: transformers' CPU emulation of dynamic int8 activations is its own (vLLM serves the
+  checkpoint); what the file defines, the int8 weights and their scales, must equal jq's."""
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import jq
+  src = tiny_hf("qwen2")
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "ct"
+  _quantize(src, ckpt, "ct-w8a8")
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 0
+  qc = json.loads((out / "config.json").read_text())["quantization_config"]
+  group = next(iter(qc["config_groups"].values()))
+  assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  deq = jq.dequantize_tree(jqio.load(ckpt))["params"]
+  for name, mod in (("self_attn.q_proj", ("attn", "q_proj")), ("mlp.down_proj", ("mlp", "down_proj"))):
+    want = np.asarray(deq["layers_1"][mod[0]][mod[1]]["kernel"]).T
+    w = state[f"model.layers.1.{name}.weight"]          # kept compressed: int8 codes + scales
+    assert w.dtype == np.int8
+    np.testing.assert_allclose(w * state[f"model.layers.1.{name}.weight_scale"], want,
+                               rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(state["model.layers.1.self_attn.q_proj.bias"],
+                                np.asarray(deq["layers_1"]["attn"]["q_proj"]["bias"]))
+
+
+def test_export_that_rerounds_needs_the_flag_and_lists_changes(tiny_hf, tmp_path, capsys):
+  src = tiny_hf("llama")
+  ckpt = tmp_path / "nf4.safetensors"
+  _quantize(src, ckpt, "nf4-g64")
+  capsys.readouterr()
+  out = tmp_path / "ct"
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "--requantize" in err and "requantize=True (jq-quant" in err and not out.exists()
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out),
+                   "--requantize"]) == 0
+  printed = capsys.readouterr().out
+  assert "params/layers_0/attn/q_proj/kernel: re-rounded from nf4" in printed
+  assert "21 tensors changed grid" in printed
+  # exact grids need no flag
+  exact = tmp_path / "ct.safetensors"
+  _quantize(src, exact, "ct-w4a16")
+  capsys.readouterr()
+  assert cli.main(["export", str(exact), "--format", "compressed-tensors",
+                   "--out", str(tmp_path / "ct2")]) == 0
+  assert "changed grid" not in capsys.readouterr().out
+
+
+def test_gguf_export_of_a_hugging_face_source_is_refused_clearly(tiny_hf, tmp_path, capsys):
+  src = tiny_hf("qwen3")
+  ckpt = tmp_path / "q.safetensors"
+  _quantize(src, ckpt, "gguf-q8_0")
+  capsys.readouterr()
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
+                   str(tmp_path / "x.gguf")]) == 1
+  assert "qk_norm=True" in capsys.readouterr().err
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
+                   str(tmp_path / "missing" / "x.gguf")]) == 1
+  assert "--out" in capsys.readouterr().err
