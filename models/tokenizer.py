@@ -1,10 +1,22 @@
-"""GPT-2 style byte-level BPE tokenizer rebuilt from GGUF metadata with the ``tokenizers`` library.
+"""Tokenizers rebuilt from GGUF metadata with the ``tokenizers`` library, as llama.cpp reads them.
 
-Reads ``tokenizer.ggml.{model,pre,tokens,token_type,merges,bos_token_id,eos_token_id,...}``.
-Pre-tokenization follows llama.cpp's table for ``tokenizer.ggml.pre``: ``smollm`` (and starcoder,
-refact, codeshell, ...) splits every digit on its own, then applies the GPT-2 regex
-(``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)``); ``gpt2`` uses
-the GPT-2 regex alone. Control and user-defined tokens (``<|im_start|>``, ...) are matched whole.
+Two ``tokenizer.ggml.model`` kinds are supported:
+
+* ``gpt2``: byte-level BPE (SmolLM2, Llama 3/3.1/3.2, Qwen2/2.5/3, ...) from
+  ``tokenizer.ggml.{tokens,merges,token_type}``. Pre-tokenization follows llama.cpp's table for
+  ``tokenizer.ggml.pre``: ``smollm`` (and starcoder, refact, codeshell, ...) splits every digit on
+  its own, then applies the GPT-2 regex
+  (``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)``);
+  ``gpt2`` uses the GPT-2 regex alone; ``llama-bpe`` (Llama 3) and ``qwen2`` split with their own
+  regexes (digits in groups of up to three, resp. one by one), and Llama 3 also keeps a word that
+  is a whole token without merging it (``ignore_merges``).
+* ``llama``: SentencePiece BPE (Llama 1/2, Mistral, Gemma, ...) from
+  ``tokenizer.ggml.{tokens,scores,token_type}``: merges ranked by the score of the merged piece,
+  spaces written as ``▁`` with one prepended at the start of the text and after every special
+  token (``tokenizer.ggml.add_space_prefix``, default on, as llama.cpp does), and byte fallback
+  to the ``<0xAB>`` tokens for characters outside the vocabulary.
+
+Control, unknown and user-defined tokens (``<|im_start|>``, ``<s>``, ...) are matched whole.
 
 Example::
 
@@ -15,19 +27,36 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
 from models import fetch
 from models.gguf_weights import GGUFError, open_gguf
 
 # llama.cpp pre-tokenizer names whose regexes are "\p{N}" (single digits) + the GPT-2 regex.
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
-_GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais")
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva",
+                    "minerva-7b")
+_GPT2_PRE = ("gpt2", "gpt-2", "default", "mpt", "olmo", "jais")
+# llama.cpp's LLAMA3 regex (Llama 3's tokenizer.json; digits in groups of up to three). These
+# pre-tokenizers also set ignore_merges (a word that is a whole token is not re-merged) and add BOS.
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+               "lfm2", "dbrx", "smaug-bpe")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's QWEN2 regex (Qwen2's tokenizer.json; every digit on its own).
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp token types (tokenizer.ggml.token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPACE = "\u2581"  # SentencePiece's "▁"
+# Tokens that end generation besides EOS, found by their text as llama.cpp does (its EOG list).
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<|end_of_text|>", "<EOT>")
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -40,18 +69,22 @@ class Tokenizer:
     backend: the underlying ``tokenizers.Tokenizer``.
     bos_id, eos_id, pad_id: special token ids (``None`` when the checkpoint does not declare one).
     add_bos: whether the model expects BOS at the start of a sequence (``encode`` default).
-    stop_ids: ids that end generation (the EOS id, or ``generation_config.json``'s list).
+    add_eos: whether the model expects EOS at the end of a sequence (``encode`` default; False
+      for every decoder family here).
+    stop_ids: ids that end generation (the EOS id, or ``generation_config.json``'s list; for a
+      GGUF, EOS plus the end-of-turn tokens llama.cpp recognises by their text).
     chat_template: the checkpoint's Jinja chat template, or ``None``.
   """
 
   def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
                pad_id: int | None = None, add_bos: bool = False, stop_ids: Sequence[int] = (),
-               chat_template: str | None = None):
+               chat_template: str | None = None, add_eos: bool = False):
     self.backend = backend
     self.bos_id = bos_id
     self.eos_id = eos_id
     self.pad_id = pad_id
     self.add_bos = add_bos
+    self.add_eos = add_eos
     self.stop_ids = tuple(stop_ids) or (() if eos_id is None else (eos_id,))
     self.chat_template = chat_template
 
@@ -72,21 +105,29 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+  def encode(self, text: str, *, add_bos: bool | None = None,
+             add_eos: bool | None = None) -> list[int]:
     """Token ids of ``text``; special tokens written in the text (``<|im_end|>``) map to their id.
 
-    ``add_bos`` defaults to the GGUF's ``tokenizer.ggml.add_bos_token`` (False for SmolLM2).
+    ``add_bos`` / ``add_eos`` default to the GGUF's ``tokenizer.ggml.add_bos_token`` /
+    ``add_eos_token`` (llama.cpp's defaults when absent: BOS on for SentencePiece and Llama 3,
+    off otherwise, e.g. for SmolLM2; EOS off).
     """
     ids = self.backend.encode(text, add_special_tokens=False).ids
     add_bos = self.add_bos if add_bos is None else add_bos
+    add_eos = self.add_eos if add_eos is None else add_eos
     if add_bos:
       if self.bos_id is None:
         raise ValueError("encode(add_bos=True): this tokenizer has no BOS token")
       ids = [self.bos_id] + ids
+    if add_eos:
+      if self.eos_id is None:
+        raise ValueError("encode(add_eos=True): this tokenizer has no EOS token")
+      ids = ids + [self.eos_id]
     return ids
 
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-    """Text of ``ids`` (byte-level decoding; invalid UTF-8 becomes U+FFFD)."""
+    """Text of ``ids`` (invalid UTF-8 from byte-level or byte-fallback tokens becomes U+FFFD)."""
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def id_to_token(self, i: int) -> str | None:
@@ -151,60 +192,175 @@ def _field(reader, key: str, default=None, *, required: bool = False):
   return reader.fields[key].contents()
 
 
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+def _array(reader, key: str, kind: type | tuple[type, ...], n: int | None = None, *,
+           required: bool = True) -> list | None:
+  """The array ``key``, checked to hold ``kind`` values (``n`` of them when given)."""
+  value = _field(reader, key, required=required)
+  if value is None:
+    return None
+  if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+    raise GGUFError(f"GGUF metadata key {key!r} must be an array of "
+                    f"{getattr(kind, '__name__', 'numbers')} values")
+  if n is not None and len(value) != n:
+    raise GGUFError(f"GGUF metadata key {key!r} has {len(value)} entries but "
+                    f"'tokenizer.ggml.tokens' has {n}")
+  return value
+
+
+def _token_id(reader, key: str, n_tokens: int, default: int | None = None) -> int | None:
+  """Special token id ``key`` (``default`` when absent), checked to lie in the vocabulary."""
+  value = _field(reader, key)
+  if value is None:
+    return default if default is not None and default < n_tokens else None
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_tokens:
+    raise GGUFError(f"GGUF metadata key {key!r} = {value!r} is not a token id of the "
+                    f"{n_tokens}-token vocabulary")
+  return value
+
+
+def _flag(reader, key: str, default: bool) -> bool:
+  value = _field(reader, key)
+  if value is None:
+    return default
+  if not isinstance(value, (bool, int)):
+    raise GGUFError(f"GGUF metadata key {key!r} = {value!r} is not a boolean")
+  return bool(value)
+
+
+def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
+  """Byte-level pre-tokenizer for llama.cpp's ``tokenizer.ggml.pre`` name, and whether the name
+  is one of llama.cpp's LLAMA3 family (``ignore_merges`` on, BOS added by default)."""
+  if pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
+    split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), pre in _LLAMA3_PRE
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre in _DIGIT_SPLIT_PRE:
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    byte_level]), False
   if pre in _GPT2_PRE:
-    return byte_level
+    return byte_level, False
   raise GGUFError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: "
-                  f"{', '.join(_DIGIT_SPLIT_PRE + _GPT2_PRE)}")
+                  f"{', '.join(_LLAMA3_PRE + _QWEN2_PRE + _DIGIT_SPLIT_PRE + _GPT2_PRE)}")
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
-  """The tokenizer stored in a GGUF file; ``path=None`` uses the cached SmolLM2 GGUF.
-
-  Raises:
-    FileNotFoundError, GGUFError: missing/corrupt file, or a tokenizer that is not byte-level BPE
-      (``tokenizer.ggml.model`` other than ``gpt2``) or has an unknown pre-tokenizer.
-  """
-  reader = open_gguf(fetch.fetch(fetch.SMOLLM2_GGUF) if path is None else path)
-  kind = _field(reader, "tokenizer.ggml.model", required=True)
-  if kind != "gpt2":
-    raise GGUFError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; only 'gpt2' (byte-level "
-                    "BPE) is")
-  tokens = _field(reader, "tokenizer.ggml.tokens", required=True)
-  merges = _field(reader, "tokenizer.ggml.merges", required=True)
-  types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-  if len(types) != len(tokens):
-    raise GGUFError(f"GGUF tokenizer: {len(tokens)} tokens but {len(types)} token types")
-  vocab = {t: i for i, t in enumerate(tokens)}
-  if len(vocab) != len(tokens):
-    raise GGUFError("GGUF tokenizer.ggml.tokens has duplicate entries")
+def _byte_level_bpe(reader, vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, bool]:
+  """``tokenizer.ggml.model = gpt2``: the backend and llama.cpp's default for adding BOS."""
+  merges = _array(reader, "tokenizer.ggml.merges", str)
   pairs = []
   for m in merges:
     a, sep, b = m.partition(" ")
     if not sep or not a or not b:
       raise GGUFError(f"GGUF tokenizer.ggml.merges: malformed merge {m!r}")
     pairs.append((a, b))
+  pre = _field(reader, "tokenizer.ggml.pre", "default")
+  pre_tokenizer, llama3 = _pre_tokenizer(pre)
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                                            byte_fallback=False))
-  backend.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
+                                            byte_fallback=False, ignore_merges=llama3))
+  backend.pre_tokenizer = pre_tokenizer
   backend.decoder = decoders.ByteLevel()
+  return backend, llama3
+
+
+def _sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float],
+                          vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+  """BPE merges equivalent to llama.cpp's SentencePiece tokenizer.
+
+  llama.cpp repeatedly joins the adjacent pair whose concatenation is the vocabulary piece with
+  the highest score. As merges: every split ``(left, right)`` of a piece into two vocabulary
+  pieces, ranked by the piece's score (best first; ties by token id, then split point).
+  """
+  ranked = []
+  for i, piece in enumerate(tokens):
+    score = float(scores[i])
+    key = math.inf if math.isnan(score) else -score  # NaN ranks last
+    for k in range(1, len(piece)):
+      left, right = piece[:k], piece[k:]
+      if left in vocab and right in vocab:
+        ranked.append((key, i, k))
+  ranked.sort()
+  return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+
+
+def _sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, int], *,
+                       unk_id: int | None, add_space_prefix: bool) -> tokenizers.Tokenizer:
+  """``tokenizer.ggml.model = llama``: SentencePiece BPE with byte fallback.
+
+  Spaces become ``▁``, and with ``add_space_prefix`` one ``▁`` is prepended to every run of text
+  (the start, and each stretch after a special or user-defined token, which are split off before
+  normalization), as llama.cpp's SPM tokenizer does. Decoding undoes both: ``▁`` back to spaces,
+  ``<0xAB>`` tokens back to bytes, and one leading space removed.
+  """
+  model = models.BPE(vocab=vocab, merges=_sentencepiece_merges(tokens, scores, vocab),
+                     unk_token=None if unk_id is None else tokens[unk_id], fuse_unk=True,
+                     byte_fallback=True)
+  backend = tokenizers.Tokenizer(model)
+  replace = normalizers.Replace(" ", _SPACE)
+  backend.normalizer = (normalizers.Sequence([normalizers.Prepend(_SPACE), replace])
+                        if add_space_prefix else replace)
+  steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if add_space_prefix:
+    steps.append(decoders.Strip(content=" ", left=1, right=0))
+  backend.decoder = decoders.Sequence(steps)
+  return backend
+
+
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+  """The tokenizer stored in a GGUF file; ``path=None`` uses the cached SmolLM2 GGUF.
+
+  Supports ``tokenizer.ggml.model`` ``gpt2`` (byte-level BPE; ``tokenizer.ggml.pre`` one of
+  llama.cpp's smollm/gpt2/llama-bpe/qwen2 families) and ``llama`` (SentencePiece BPE). Special ids
+  and the add-BOS/EOS flags default as in llama.cpp when the file does not set them.
+
+  Raises:
+    FileNotFoundError, GGUFError: missing/corrupt file, an unsupported tokenizer model or
+      pre-tokenizer, or missing/inconsistent tokenizer metadata (the message names the key).
+  """
+  reader = open_gguf(fetch.fetch(fetch.SMOLLM2_GGUF) if path is None else path)
+  kind = _field(reader, "tokenizer.ggml.model", required=True)
+  if kind not in ("gpt2", "llama"):
+    raise GGUFError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' "
+                    "(byte-level BPE), 'llama' (SentencePiece BPE)")
+  tokens = _array(reader, "tokenizer.ggml.tokens", str)
+  n = len(tokens)
+  if n == 0:
+    raise GGUFError("GGUF metadata key 'tokenizer.ggml.tokens' is empty")
+  tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # llama.cpp's name for ""
+  types = _array(reader, "tokenizer.ggml.token_type", int, n, required=False) or [_NORMAL] * n
+  vocab = {t: i for i, t in enumerate(tokens)}
+  if len(vocab) != n:
+    seen: set[str] = set()
+    dup = next(t for t in tokens if t in seen or seen.add(t))
+    raise GGUFError(f"GGUF tokenizer.ggml.tokens has duplicate entries (e.g. {dup!r})")
+
+  spm = kind == "llama"
+  # llama.cpp's defaults: SentencePiece vocabularies start <unk>, <s>, </s>.
+  bos = _token_id(reader, "tokenizer.ggml.bos_token_id", n, 1 if spm else None)
+  eos = _token_id(reader, "tokenizer.ggml.eos_token_id", n, 2 if spm else None)
+  unk = _token_id(reader, "tokenizer.ggml.unknown_token_id", n, 0 if spm else None)
+  pad = _token_id(reader, "tokenizer.ggml.padding_token_id", n)
+  if spm:
+    scores = _array(reader, "tokenizer.ggml.scores", (int, float), n)
+    backend = _sentencepiece_bpe(
+        tokens, scores, vocab, unk_id=unk,
+        add_space_prefix=_flag(reader, "tokenizer.ggml.add_space_prefix", True))
+    add_bos_default = True
+  else:
+    backend, add_bos_default = _byte_level_bpe(reader, vocab)
+
   special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-             for i, t in enumerate(types) if t == _CONTROL]
+             for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)]
   user = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
           for i, t in enumerate(types) if t == _USER_DEFINED]
   backend.add_special_tokens(special)
   if user:
     backend.add_tokens(user)
 
-  def opt_id(key: str) -> int | None:
-    v = _field(reader, key)
-    return None if v is None else int(v)
-
-  return Tokenizer(backend, bos_id=opt_id("tokenizer.ggml.bos_token_id"),
-                   eos_id=opt_id("tokenizer.ggml.eos_token_id"),
-                   pad_id=opt_id("tokenizer.ggml.padding_token_id"),
-                   add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+  stops = [eos] if eos is not None else []
+  stops += [vocab[t] for t in _EOG_TEXTS if t in vocab and vocab[t] != eos]
+  return Tokenizer(backend, bos_id=bos, eos_id=eos, pad_id=pad,
+                   add_bos=_flag(reader, "tokenizer.ggml.add_bos_token", add_bos_default),
+                   add_eos=_flag(reader, "tokenizer.ggml.add_eos_token", False),
+                   stop_ids=stops,
                    chat_template=_field(reader, "tokenizer.chat_template"))
