@@ -110,17 +110,55 @@ def _summary_table(name, recipe, before, after, quality, t_quant, t_total) -> st
 # checkpoints
 
 
-def _float_model(path: str, header: dict, override: str | None):
+def _ckpt_kind(path: str) -> str:
+  """``"gguf"`` (a .gguf file), ``"compressed-tensors"`` (a directory whose config.json has a
+  compressed-tensors quantization_config) or ``"jq"`` (jq's safetensors/orbax checkpoint)."""
+  p = Path(path)
+  if p.is_file() and p.suffix == ".gguf":
+    return "gguf"
+  if p.is_dir() and (p / "config.json").is_file():
+    try:
+      cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{p / 'config.json'}: not readable JSON ({e})") from e
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+      return "compressed-tensors"
+    raise ValueError(f"{path}: a model directory without a compressed-tensors "
+                     "quantization_config; quantize it first (jq-quant quantize --model "
+                     f"{path})")
+  if p.is_dir():
+    raise ValueError(f"{path} is a directory, not a checkpoint (a jq .safetensors file, a .gguf "
+                     "file or a compressed-tensors directory)")
+  return "jq"
+
+
+def _ckpt_metadata(path: str, kind: str) -> dict:
+  """The metadata jq records in each checkpoint kind: model, source, recipe, quality."""
+  if kind == "gguf":
+    from jq.io.gguf import read_gguf_metadata
+    meta = read_gguf_metadata(path)
+    out = {"recipe": meta.get("jq.recipe"), "model": meta.get("general.name")}
+    if "jq.source" in meta:
+      out["source"] = json.loads(meta["jq.source"])
+    return out
+  if kind == "compressed-tensors":
+    cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return {"recipe": cfg.get("jq_recipe"), "source": cfg.get("jq_source")}
+  from jq import io as jqio
+  return jqio.load_header(path).get("metadata", {})
+
+
+def _float_model(path: str, meta: dict, override: str | None):
   """The float model a checkpoint was made from: its ``source`` record (or ``--model``)."""
   from models import registry
-  meta = header.get("metadata", {})
   source = meta.get("source")
-  if source is None:  # checkpoints written before source records: a bundled name
+  if source is None and override is None:
     name = meta.get("model")
-    if override is None and name not in registry.MODELS:
-      raise ValueError(f"{path} names model {name!r}, which jq-quant does not know (known: "
-                       f"{', '.join(registry.MODELS)}); pass --model NAME|PATH")
-    source = {"kind": "bundled", "name": name}
+    if name not in registry.MODELS:   # jq files before source records named a bundled model
+      raise ValueError(f"{path} records no float model jq-quant knows (model {name!r}); pass "
+                       "--model NAME|PATH")
+  if source is None:
+    source = {"kind": "bundled", "name": meta.get("model")}
   try:
     return registry.load_source(source, override=override)
   except FileNotFoundError as e:
@@ -128,13 +166,25 @@ def _float_model(path: str, header: dict, override: str | None):
 
 
 def _load_ckpt(path: str, override: str | None = None):
-  from jq import io as jqio
-  header = jqio.load_header(path)
-  model = _float_model(path, header, override)
-  qvars = jqio.load(path)
+  """``(float model, quantized variables, metadata)`` of a jq, GGUF or compressed-tensors
+  checkpoint; the quantized tree is checked against the float model's."""
   from jq import app
+  kind = _ckpt_kind(path)
+  meta = _ckpt_metadata(path, kind)
+  model = _float_model(path, meta, override)
+  if kind == "gguf":
+    from jq.io.gguf import load_gguf_params
+    _, params, _ = load_gguf_params(path)
+    qvars = {"params": params}
+  elif kind == "compressed-tensors":
+    from jq.io import compressed_tensors
+    _, params = compressed_tensors.load_compressed_tensors(path, config=model.config)
+    qvars = {"params": params}
+  else:
+    from jq import io as jqio
+    qvars = jqio.load(path)
   app.check_matches(model, qvars, source=path)
-  return model, qvars, header
+  return model, qvars, {"metadata": meta, "kind": kind}
 
 
 def cmd_eval(args) -> int:
@@ -152,6 +202,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+  kind = _ckpt_kind(args.ckpt)
+  if kind != "jq":
+    return _inspect_foreign(args.ckpt, kind)
   from jq import io as jqio
   header = jqio.load_header(args.ckpt)
   meta = header.get("metadata", {})
@@ -173,6 +226,53 @@ def cmd_inspect(args) -> int:
   _print(f"{args.ckpt}: model={meta.get('model')} recipe={meta.get('recipe')} "
          f"format v{header.get('version')}")
   _print(_table(("path", "shape", "type", "granularity", "", "activations", "bytes"), rows))
+  _print(f"{len(rows)} tensors, {_fmt_bytes(total)}")
+  return 0
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _inspect_foreign(path: str, kind: str) -> int:
+  """The tensor table of a GGUF file or a compressed-tensors directory, from headers only."""
+  import numpy as np
+  meta = _ckpt_metadata(path, kind)
+  rows = []
+  if kind == "gguf":
+    from jq.io.gguf.reader import _GGUFFile
+    f = _GGUFFile(path)
+    for t in f.tensors:
+      rows.append((t.name, "x".join(map(str, t.shape)), t.type.name, f"{t.nbytes:,}"))
+    total = sum(t.nbytes for t in f.tensors)
+    arch = f.metadata.get("general.architecture")
+  else:
+    from safetensors import safe_open
+    d = Path(path)
+    index = d / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    total = 0
+    for fname in files:
+      with safe_open(d / fname, framework="numpy") as f:
+        for name in f.keys():
+          sl = f.get_slice(name)
+          shape, dtype = sl.get_shape(), sl.get_dtype()
+          nbytes = int(np.prod(shape)) * _ST_ITEMSIZE.get(dtype, 0)
+          total += nbytes
+          rows.append((name, "x".join(map(str, shape)), dtype, f"{nbytes:,}"))
+    cfg = json.loads((d / "config.json").read_text())
+    arch = cfg.get("model_type")
+    for name, g in (cfg["quantization_config"].get("config_groups") or {}).items():
+      w = g.get("weights") or {}
+      a = g.get("input_activations")
+      _print(f"{name}: int{w.get('num_bits')} {'sym' if w.get('symmetric') else 'asym'} "
+             f"{w.get('strategy')}{'' if not w.get('group_size') else ' ' + str(w['group_size'])}"
+             f"{'' if not a else ' + int8 activations ' + str(a.get('strategy'))}, "
+             f"targets {g.get('targets')}")
+  _print(f"{path}: {kind}, architecture={arch} recipe={meta.get('recipe')} "
+         f"source={(meta.get('source') or {}).get('path') or (meta.get('source') or {}).get('name')}")
+  _print(_table(("tensor", "shape", "type", "bytes"), rows))
   _print(f"{len(rows)} tensors, {_fmt_bytes(total)}")
   return 0
 
@@ -243,8 +343,9 @@ def cmd_export(args) -> int:
     raise FileNotFoundError(f"--out {args.out}: directory {out.parent} does not exist")
   if args.format == "gguf" and out.is_dir():
     raise ValueError(f"--out {args.out} is a directory; --format gguf writes one .gguf file")
-  model, qvars, _ = _load_ckpt(args.ckpt, args.model)
+  model, qvars, info = _load_ckpt(args.ckpt, args.model)
   source = getattr(model, "source", {}) or {}
+  recipe = info["metadata"].get("recipe")
   hf_source = source.get("kind") == "hf"
   # compressed-tensors of a Hugging Face source keeps its own config.json, so every family goes;
   # GGUF is written for the llama architecture only
@@ -261,8 +362,10 @@ def cmd_export(args) -> int:
   notes: list[str] = []
   if args.format == "gguf":
     from jq.io.gguf import export_model
+    record = {"jq.source": json.dumps(source)} | ({"jq.recipe": recipe} if recipe else {})
     types = export_model(model, qvars, args.out, ggml_type=args.type,
-                         embed_type=args.embed_type, requantize=args.requantize, notes=notes)
+                         embed_type=args.embed_type, requantize=args.requantize, notes=notes,
+                         extra_metadata=record)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
@@ -272,7 +375,7 @@ def cmd_export(args) -> int:
     if args.embed_type:
       raise ValueError("--embed-type applies to --format gguf only (compressed-tensors keeps "
                        "embeddings float)")
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"hf_config_extra": {"jq_source": source, "jq_recipe": recipe}}
     if hf_source:
       src = Path(source["path"])
       kw["hf_config"] = json.loads((src / "config.json").read_text(encoding="utf-8"))

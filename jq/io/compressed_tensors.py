@@ -629,8 +629,12 @@ def _read_all(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
-def load_compressed_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(hf_config, params)``: a compressed-tensors Llama checkpoint as a jq param tree.
+def load_compressed_tensors(path: str | os.PathLike, config: Any = None
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(hf_config, params)``: a compressed-tensors decoder checkpoint as a jq param tree.
+
+  ``config`` (a ``DecoderConfig``) names the family's tensors (biases, q/k norms, Gemma 2/3's
+  norms; see ``jq.io.decoder_names``); ``None`` reads a plain Llama.
 
   Quantized linears become kernel QArrays ``(in, out)`` (symmetric schemes -> signed jq types,
   asymmetric -> unsigned with the zero point shifted by ``2^(b-1)``), W8A8 layers carry an
@@ -664,7 +668,11 @@ def load_compressed_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], di
     modules.setdefault(module, {})[leaf] = arr
   params: dict[str, Any] = {}
   for module, ts in modules.items():
-    p = jq_param_path(module)
+    p = jq_param_path(module, config)
+    if "bias" in ts:   # a linear's bias is stored float beside its (possibly packed) weight
+      if not p.endswith("/kernel"):
+        raise CompressedTensorsError(f"{module}: a bias on a module that is not a linear")
+      _set(params, p.rpartition("/")[0] + "/bias", jnp.asarray(ts.pop("bias")))
     scheme = _scheme_for(module, qconfig) if p.endswith("kernel") else None
     if scheme is None or scheme[0] is None:
       if "weight" not in ts or set(ts) != {"weight"}:

@@ -86,3 +86,26 @@ def test_bad_rules_file_error_names_the_flag_and_location(tmp_path, capsys):
   out = capsys.readouterr()
   assert f"--rules {path}: rules[0].options.act_order" in out.err and "must be a bool" in out.err
   assert "loading" not in out.out   # refused before the model loads
+
+
+def test_exact_gguf_export_is_read_back_by_inspect_and_eval(tmp_path, capsys):
+  """`quantize --recipe gguf-q8_0 && export --type q8_0` re-rounds nothing (no --requantize), the
+  float embedding stays F32, and eval of the GGUF jq wrote equals eval of the jq checkpoint."""
+  ckpt, out = tmp_path / "q8.safetensors", tmp_path / "smol.q8_0.gguf"
+  assert cli.main(["quantize", "--recipe", "gguf-q8_0", "--out", str(ckpt), *FAST]) == 0
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--type", "q8_0",
+                   "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "changed grid" not in printed and "F32 x" in printed and "Q8_0 x210" in printed
+  assert cli.main(["inspect", str(out)]) == 0
+  table = capsys.readouterr().out
+  assert "recipe=gguf-q8_0" in table and "blk.0.attn_q.weight" in table
+  assert cli.main(["eval", str(ckpt), "--json", *FAST]) == 0
+  want = json.loads(capsys.readouterr().out)
+  assert cli.main(["eval", str(out), "--json", *FAST]) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got["recipe"] == "gguf-q8_0" and abs(got["kl"] - want["kl"]) < 1e-6
+  # int8 codes do not fit Q4_0: re-rounding needs the flag, named as the CLI user types it
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--type", "q4_0",
+                   "--out", str(tmp_path / "x.gguf")]) == 1
+  assert "--requantize" in capsys.readouterr().err
