@@ -26,8 +26,8 @@ import numpy as np
 
 @functools.cache
 def load_model(name: str):
-  """``models.registry.load(name)``, once per process (the smoke tests run both scripts in one)."""
-  from models import registry
+  """``jq_models.registry.load(name)``, once per process (the smoke tests run both scripts in one)."""
+  from jq_models import registry
   return registry.load(name)
 
 

@@ -1,7 +1,7 @@
 """PTQ acceptance table on SmolLM2-135M: RTN vs GPTQ vs AWQ (w4/w3) and W8A8 with/without
 SmoothQuant, on real text; optionally side by side with qwix's GPTQ/AWQ.
 
-Calibration uses the calibration split of ``models.text`` (news articles 150..299); evaluation
+Calibration uses the calibration split of ``jq_models.text`` (news articles 150..299); evaluation
 uses the disjoint eval split (articles 0..149).  Every variant is compared against the same float
 model on the same windows (float log-probs cached once): perplexity, mean KL(float || quant),
 top-1 agreement, and the wall-clock time to quantize (calibration included, jit compilation

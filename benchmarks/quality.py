@@ -1,7 +1,7 @@
 """Accuracy and size of jq's RTN recipes on real models (CPU is fine; slow but exact).
 
 SmolLM2-135M-Instruct: perplexity of the float model and of each quantized variant on held-out
-text (``models.text`` eval split), mean KL(float || quant) per token, top-1 agreement, bytes of the
+text (``jq_models.text`` eval split), mean KL(float || quant) per token, top-1 agreement, bytes of the
 parameters and of the saved checkpoint (``jq.io.save`` to a temporary file), and the time to
 quantize.  MiniLM-L6: mean and min cosine similarity of sentence embeddings before/after, for the
 recipes that apply to it (RTN weight-only and ``w8a8-dynamic``).  Each model is loaded once and

@@ -1,6 +1,6 @@
 """Model-level workflows behind ``jq-quant``: quantize, evaluate, generate, plan.
 
-Works on the small model interface of ``models.registry`` (duck-typed: ``kind``, ``module``,
+Works on the small model interface of ``jq_models.registry`` (duck-typed: ``kind``, ``module``,
 ``params``/``variables``, ``tokenizer``, ``eval_tokens()``, ``calibration_tokens()``,
 ``embed()``, ``eval_sentences()``), so nothing here imports ``models``.
 """

@@ -67,7 +67,7 @@ def cmd_quantize(args) -> int:
   from jq import io as jqio
   from jq import tree as jqtree
   from jq import app
-  from models import registry
+  from jq_models import registry
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
   _print(f"loading {args.model} ...")
@@ -150,7 +150,7 @@ def _ckpt_metadata(path: str, kind: str) -> dict:
 
 def _float_model(path: str, meta: dict, override: str | None):
   """The float model a checkpoint was made from: its ``source`` record (or ``--model``)."""
-  from models import registry
+  from jq_models import registry
   source = meta.get("source")
   if source is None and override is None:
     name = meta.get("model")
@@ -307,7 +307,7 @@ def cmd_generate(args) -> int:
 def cmd_plan(args) -> int:
   from jq import app
   from jq import spec_json
-  from models import registry
+  from jq_models import registry
   model = registry.load(args.model)
   result = app.mixed_precision_plan(model, bits_per_weight=args.bits, progress=True)
   _print(result["scan"].table())
@@ -325,7 +325,7 @@ def cmd_plan(args) -> int:
 def _export_blockers(model) -> list[str]:
   """The config features of ``model`` that the GGUF / compressed-tensors exporters cannot write."""
   import dataclasses
-  from models.decoder import DecoderConfig
+  from jq_models.decoder import DecoderConfig
   config = getattr(model, "config", None)
   if model.kind != "causal_lm" or not isinstance(config, DecoderConfig):
     return [f"a {model.kind} architecture"]
@@ -348,13 +348,23 @@ def cmd_export(args) -> int:
   recipe = info["metadata"].get("recipe")
   hf_source = source.get("kind") == "hf"
   # compressed-tensors of a Hugging Face source keeps its own config.json, so every family goes;
-  # GGUF is written for the llama architecture only
-  features = [] if args.format == "compressed-tensors" and hf_source else _export_blockers(model)
+  # GGUF writes the family's llama.cpp architecture, which must run the config as it is
+  arch = None
+  if args.format == "gguf":
+    from jq.io.decoder_names import GGUF_ARCH
+    from jq.io.gguf.llama import arch_problems
+    family = source.get("family") or ("llama" if source.get("kind") == "bundled" else None)
+    arch = GGUF_ARCH.get(family or "", "llama")
+    features = (arch_problems(model.config, arch) if model.kind == "causal_lm"
+                else [f"a {model.kind} architecture"])
+  else:
+    features = [] if hf_source else _export_blockers(model)
   if features:
-    raise ValueError(f"{args.ckpt}: --format {args.format} writes plain Llama-architecture "
-                     f"models here; {model.name} uses {', '.join(features)}, which the exporter "
-                     "would drop" + ("" if hf_source else " (compressed-tensors export of the "
-                                     "other families needs a Hugging Face source checkpoint)"))
+    what = (f"llama.cpp's {arch} architecture" if arch else "a Llama config.json")
+    raise ValueError(f"{args.ckpt}: --format {args.format} cannot write {model.name} as it is: "
+                     f"{', '.join(features)} — {what} would run it differently"
+                     + ("" if hf_source or arch else " (compressed-tensors export of the other "
+                        "families needs a Hugging Face source checkpoint)"))
   if args.format == "gguf" and getattr(model, "gguf_path", None) is None:
     raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from the source "
                      f"GGUF, and {model.name} was not loaded from one; use --format "
@@ -365,7 +375,7 @@ def cmd_export(args) -> int:
     record = {"jq.source": json.dumps(source)} | ({"jq.recipe": recipe} if recipe else {})
     types = export_model(model, qvars, args.out, ggml_type=args.type,
                          embed_type=args.embed_type, requantize=args.requantize, notes=notes,
-                         extra_metadata=record)
+                         extra_metadata=record, arch=arch)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1

@@ -3,7 +3,7 @@
 ``jq.ptq`` calibrates one transformer block at a time on the outputs of the already-quantized
 blocks before it; it needs to embed tokens, run one block alone, and know which norm or linear
 produces the input of which linears (to fold AWQ/SmoothQuant scales).  This module provides that
-for the Llama-family decoder in ``models.decoder``.
+for the Llama-family decoder in ``jq_models.decoder``.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from jq.ptq.blocks import ScaleGroup, swiglu_output
-from models import decoder
+from jq_models import decoder
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaBlocks:
-  """Implements ``jq.ptq.blocks.BlockwiseModel`` for ``models.decoder.Llama``."""
+  """Implements ``jq.ptq.blocks.BlockwiseModel`` for ``jq_models.decoder.Llama``."""
   config: decoder.LlamaConfig
 
   @property

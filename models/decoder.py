@@ -16,11 +16,11 @@ uses only standard linen layers so a quantization tool can intercept them::
   params/lm_head/kernel                       (d, vocab)        only when embeddings are untied
 
 Q/K projections are in Hugging Face order (RoPE by "rotate_half"), not llama.cpp's interleaved order;
-``models.gguf_weights`` un-permutes them on load. ``models.hf`` loads Hugging Face checkpoints.
+``jq_models.gguf_weights`` un-permutes them on load. ``jq_models.hf`` loads Hugging Face checkpoints.
 
 Example::
 
-  config, params = models.gguf_weights.load_smollm2()
+  config, params = jq_models.gguf_weights.load_smollm2()
   model = Decoder(config)
   logits = model.apply({"params": params}, tokens)            # (B, T, V) float32
   new_ids = greedy_generate(model.apply, params, prompt_ids, 32, config=config)

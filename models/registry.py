@@ -3,13 +3,13 @@
 * ``smollm2``: SmolLM2-135M-Instruct, a linen Llama decoder (causal LM; quality = perplexity/KL).
 * ``minilm``: all-MiniLM-L6-v2, an nnx BERT encoder (quality = cosine similarity of embeddings).
 * a path: a Hugging Face checkpoint directory (``config.json`` + safetensors + ``tokenizer.json``)
-  of a family ``models.hf`` knows, or a ``.gguf`` file of one ``models.gguf_weights`` knows; both
-  run on ``models.decoder``.
+  of a family ``jq_models.hf`` knows, or a ``.gguf`` file of one ``jq_models.gguf_weights`` knows; both
+  run on ``jq_models.decoder``.
 
 Every model has a ``source`` (a JSON-able dict) that checkpoints record, so ``load_source`` finds
 the float model again for ``eval``, ``generate`` and ``export``.
 
-Evaluation text is the held-out split of ``models.text``; calibration uses the disjoint split.
+Evaluation text is the held-out split of ``jq_models.text``; calibration uses the disjoint split.
 """
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ class CausalLM:
     return {"params": self.params}
 
   def eval_tokens(self) -> np.ndarray:
-    from models import text
+    from jq_models import text
     return np.asarray(self.tokenizer.encode(text.eval_text()), np.int32)
 
   def calibration_tokens(self, sequences: int, length: int) -> np.ndarray:
     """``(sequences, length)`` consecutive windows of the calibration split."""
-    from models import text
+    from jq_models import text
     ids = np.asarray(self.tokenizer.encode(text.calibration_text()), np.int32)
     if sequences < 1 or length < 2:
       raise ValueError(f"calibration needs sequences >= 1 and length >= 2, got {sequences}x{length}")
@@ -67,7 +67,7 @@ class CausalLM:
     return np.asarray(ids, np.int32)
 
   def generate(self, apply_fn, variables, prompt_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    from models import decoder
+    from jq_models import decoder
     return np.asarray(decoder.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
                                               config=self.config, eos_id=self.tokenizer.eos_id))
 
@@ -82,17 +82,17 @@ class Encoder:
   kind: str = "encoder"
 
   def embed(self, module, sentences: Sequence[str]) -> np.ndarray:
-    from models import minilm
+    from jq_models import minilm
     return minilm.embed_sentences(module, self.tokenizer, sentences)
 
   def calibration_batches(self, n: int = 128, batch_size: int = 16) -> list[tuple]:
     """Calibration inputs from the calibration split (disjoint from the evaluation sentences)."""
-    from models import minilm, text
+    from jq_models import minilm, text
     return minilm.calibration_batches(self.tokenizer, text.sentences(n, split="calib"),
                                       batch_size=batch_size)
 
   def eval_sentences(self, n: int = 256) -> list[str]:
-    from models import text
+    from jq_models import text
     return text.sentences(n, split="eval")
 
 
@@ -100,19 +100,19 @@ def load(name: str) -> CausalLM | Encoder:
   """Loads a known model by name, or a checkpoint by path (see the module docstring).
 
   Raises:
-    ValueError: neither a known name nor a supported checkpoint path (``models.hf.CheckpointError``
-      and ``models.gguf_weights.GGUFError`` are ValueErrors naming the file and field).
+    ValueError: neither a known name nor a supported checkpoint path (``jq_models.hf.CheckpointError``
+      and ``jq_models.gguf_weights.GGUFError`` are ValueErrors naming the file and field).
     FileNotFoundError: a path that does not exist.
   """
   if name == "smollm2":
-    from models import blockwise, fetch, gguf_weights, tokenizer
+    from jq_models import blockwise, fetch, gguf_weights, tokenizer
     path = fetch.fetch(fetch.SMOLLM2_GGUF)
     config, params = gguf_weights.load_smollm2(path)
     return CausalLM(name=name, config=config, module=_decoder(config), params=params,
                     tokenizer=tokenizer.load_tokenizer(path), blocks=blockwise.LlamaBlocks(config),
                     gguf_path=path, source={"kind": "bundled", "name": name})
   if name == "minilm":
-    from models import minilm
+    from jq_models import minilm
     module, tok = minilm.load_minilm()
     return Encoder(name=name, config=module.config, module=module, tokenizer=tok)
   path = Path(name)
@@ -130,13 +130,13 @@ def load(name: str) -> CausalLM | Encoder:
 
 
 def _decoder(config):
-  from models import decoder
+  from jq_models import decoder
   return decoder.Decoder(config)
 
 
 def _load_hf(path: Path) -> CausalLM:
   import jax
-  from models import hf
+  from jq_models import hf
   if not (path / "config.json").is_file():
     raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
   config, params = hf.load_weights(path)
@@ -149,7 +149,7 @@ def _load_hf(path: Path) -> CausalLM:
 
 
 def _load_gguf(path: Path) -> CausalLM:
-  from models import gguf_weights, tokenizer
+  from jq_models import gguf_weights, tokenizer
   reader = gguf_weights.open_gguf(path)
   config = gguf_weights.read_config(reader)
   params = gguf_weights.read_gguf_params(path, config)

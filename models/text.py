@@ -1,4 +1,4 @@
-"""Real text for evaluation and calibration, from packages on the index (see ``models.fetch``).
+"""Real text for evaluation and calibration, from packages on the index (see ``jq_models.fetch``).
 
 * ``lee_background.cor`` (gensim's test data): 300 news articles, one per line.  Articles
   ``[0, 150)`` are the evaluation split, ``[150, 300)`` the calibration split, so the two never
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 
-from models import fetch
+from jq_models import fetch
 
 EVAL_ARTICLES = range(0, 150)
 CALIBRATION_ARTICLES = range(150, 300)

@@ -34,8 +34,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
-from models import fetch
-from models.gguf_weights import GGUFError, open_gguf
+from jq_models import fetch
+from jq_models.gguf_weights import GGUFError, open_gguf
 
 # llama.cpp pre-tokenizer names whose regexes are "\p{N}" (single digits) + the GPT-2 regex.
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva",
@@ -63,7 +63,7 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 class Tokenizer:
   """A ``tokenizers.Tokenizer`` plus the special ids and chat template its checkpoint declares
-  (built from GGUF metadata here, or from ``tokenizer.json`` by ``models.hf``).
+  (built from GGUF metadata here, or from ``tokenizer.json`` by ``jq_models.hf``).
 
   Attributes:
     backend: the underlying ``tokenizers.Tokenizer``.

@@ -42,6 +42,11 @@ GLOBALS = {
 }
 
 
+# Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorName:
   """One tensor of a decoder under its three names.
@@ -111,4 +116,4 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.head_dim,) if path[-2] in ("q_norm", "k_norm") else (c.hidden_size,)
 
 
-__all__ = ["TensorName", "decoder_tensors", "expected_shape", "LINEARS", "GLOBALS"]
+__all__ = ["TensorName", "decoder_tensors", "expected_shape", "LINEARS", "GLOBALS", "GGUF_ARCH"]

@@ -34,7 +34,7 @@ def swiglu_output(x: jax.Array, ws: Sequence[jax.Array]) -> jax.Array:
 
 
 class BlockwiseModel(Protocol):
-  """A model seen as ``embed`` followed by identical blocks (see ``models.blockwise``)."""
+  """A model seen as ``embed`` followed by identical blocks (see ``jq_models.blockwise``)."""
 
   @property
   def num_blocks(self) -> int: ...

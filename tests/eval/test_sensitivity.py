@@ -7,7 +7,7 @@ import pytest
 from jq import W2A16_G32, W8A16, nbytes, quantize_tree
 from jq.eval import sensitivity as sens
 from jq.spec import Rule, SKIP_PATTERNS
-from models.decoder import Llama, LlamaConfig
+from jq_models.decoder import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_seq_len=32)

@@ -323,7 +323,7 @@ def test_matches_compressed_tensors_package(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_w4a16_g64_round_trip(tmp_path):
-  fetch = pytest.importorskip("models.fetch")
+  fetch = pytest.importorskip("jq_models.fetch")
   from jq.io import gguf as G
   hp, qparams, meta = G.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
   params = jq.dequantize_tree(qparams)
@@ -356,7 +356,7 @@ def test_transformers_loads_checkpoint(tmp_path):
   pytest.importorskip("compressed_tensors")
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  decoder = pytest.importorskip("models.decoder")
+  decoder = pytest.importorskip("jq_models.decoder")
   params = tiny_llama(np.random.default_rng(6))
   toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
   model = decoder.Llama(decoder.LlamaConfig(**CFG))

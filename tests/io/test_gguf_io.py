@@ -385,7 +385,7 @@ def test_model_level_errors(tmp_path):
   params = tiny_llama(rng)
   out = tmp_path / "x.gguf"
   bert = {"encoder": {"layer_0": {"attention": {"query": {"kernel": np.zeros((64, 64))}}}}}
-  with pytest.raises(G.GGUFExportError, match="params/encoder/layer_0.*only the 'llama'"):
+  with pytest.raises(G.GGUFExportError, match="params/encoder/layer_0.*not a tensor of this llama decoder"):
     G.export_gguf(bert, CFG, None, out)
   with pytest.raises(G.GGUFExportError, match="architecture 'bert'"):
     G.export_gguf(params, {**CFG, "model_type": "bert"}, None, out)
@@ -431,7 +431,7 @@ def test_corrupt_and_truncated_files(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_export_q8_0_q4_0(tmp_path):
-  fetch = pytest.importorskip("models.fetch")
+  fetch = pytest.importorskip("jq_models.fetch")
   src = fetch.fetch(fetch.SMOLLM2_GGUF)
   hp, qparams, meta = G.load_gguf_params(src)
   params = jq.dequantize_tree(qparams)      # float weights, exactly the source's values
@@ -471,10 +471,10 @@ def test_smollm2_export_q8_0_q4_0(tmp_path):
 def test_llama_cpp_runs_export_with_jq_perplexity(tmp_path):
   """Optional: llama.cpp loads the exported SmolLM2 and its perplexity matches jq's own."""
   llama_cpp = pytest.importorskip("llama_cpp")
-  fetch = pytest.importorskip("models.fetch")
-  decoder = pytest.importorskip("models.decoder")
-  text = pytest.importorskip("models.text")
-  tokenizer = pytest.importorskip("models.tokenizer")
+  fetch = pytest.importorskip("jq_models.fetch")
+  decoder = pytest.importorskip("jq_models.decoder")
+  text = pytest.importorskip("jq_models.text")
+  tokenizer = pytest.importorskip("jq_models.tokenizer")
   from jq.eval.perplexity import perplexity
   hp, qparams, meta = G.load_gguf_params(fetch.fetch(fetch.SMOLLM2_GGUF))
   params = jq.dequantize_tree(qparams)

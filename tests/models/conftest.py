@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face-format checkpoints of every decoder family ``models.hf`` supports.
+"""Tiny random Hugging Face-format checkpoints of every decoder family ``jq_models.hf`` supports.
 
 The configs carry the real fields of each family (biases, q/k norms, soft-capping, sliding layers,
 Llama 3.1 RoPE scaling); the weights are random, written with safetensors' numpy API (no torch), so
@@ -75,7 +75,7 @@ def write_checkpoint(directory: Path, family: str, *, seed: int = 0, dtype=np.fl
                      shards: int = 1, tokenizer: bool = True, **overrides) -> Path:
   """A random checkpoint of ``family`` in ``directory`` (created); returns ``directory``."""
   from safetensors.numpy import save_file
-  from models import hf
+  from jq_models import hf
   directory.mkdir(parents=True, exist_ok=True)
   raw = hf_config(family, **overrides)
   config = hf.family_config(raw)

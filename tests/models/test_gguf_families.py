@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jq.io import decoder_names
-from models import decoder, gguf_weights, hf, registry
+from jq_models import decoder, gguf_weights, hf, registry
 
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
         "gemma2": "gemma2", "gemma3_text": "gemma3"}
@@ -111,3 +111,43 @@ def test_registry_records_gguf_architecture(tiny_hf, tmp_path):
   assert config.qk_norm and config.tie_embeddings
   with pytest.raises(gguf_weights.GGUFError, match="tokenizer"):
     registry.load(str(path))   # a GGUF without a tokenizer cannot be a CLI model
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_quantized_export_to_every_architecture_round_trips(tiny_hf, tmp_path, family):
+  """jq's GGUF export writes each family's llama.cpp architecture (Q/K order, Gemma's 1 + w
+  norms, biases, q/k norms, soft-capping, rope_freqs); read back, the quantized model's logits
+  are the ones jq computes (Q8_0 holds the gguf-q8_0 grid exactly)."""
+  import jq
+  from jq import nn as jqnn
+  from jq.io import gguf as G
+  from jq.io.gguf.llama import arch_problems
+  src = tiny_hf(family, tokenizer=False, **OVERRIDES.get(family, {}))
+  config, params = hf.load_weights(src)
+  model = decoder.Decoder(config)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 14)))
+  lays = jqnn.layouts(model, {"params": params}, ids)
+  q = jq.quantize_tree({"params": params}, jq.recipe_rules("gguf-q8_0"), layouts=lays)
+  arch = ARCH[family]
+  assert arch_problems(config, arch) == []
+  out = tmp_path / "q.gguf"
+  G.export_gguf(q, config, None, out, "q8_0", arch=arch)
+  back_config, back = gguf_weights.load_gguf(out)
+  want = np.asarray(model.apply(jq.dequantize_tree(q), ids))
+  got = np.asarray(decoder.Decoder(back_config).apply({"params": back}, ids))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_architecture_mismatches_are_named():
+  from jq.io.gguf.llama import arch_problems
+  mistral = hf.family_config(hf_config_of("mistral"))
+  assert any("sliding_window=5" in p for p in arch_problems(mistral, "llama"))
+  qwen2 = hf.family_config(hf_config_of("qwen2"))
+  assert any("qkv_bias=True" in p for p in arch_problems(qwen2, "qwen3"))
+  g3 = hf.family_config(hf_config_of("gemma3_text"))   # slides on every other layer, not 5 of 6
+  assert any(p.startswith("sliding_layers=") for p in arch_problems(g3, "gemma3"))
+
+
+def hf_config_of(family):
+  from conftest import hf_config
+  return hf_config(family)

@@ -1,4 +1,4 @@
-"""Tokenizers rebuilt from GGUF metadata (models.tokenizer.load_tokenizer) for the decoder families
+"""Tokenizers rebuilt from GGUF metadata (jq_models.tokenizer.load_tokenizer) for the decoder families
 whose GGUFs llama.cpp writes: SentencePiece BPE (``tokenizer.ggml.model = llama``: Llama 1/2,
 Mistral, Gemma) and byte-level BPE with the ``llama-bpe`` (Llama 3) and ``qwen2`` pre-tokenizers.
 
@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 import pytest
 
-from models import tokenizer
-from models.gguf_weights import GGUFError
+from jq_models import tokenizer
+from jq_models.gguf_weights import GGUFError
 
 SP = "\u2581"  # SentencePiece's "▁"
 

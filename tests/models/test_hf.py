@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints through ``models.hf`` and ``models.registry`` (no torch needed)."""
+"""Hugging Face checkpoints through ``jq_models.hf`` and ``jq_models.registry`` (no torch needed)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import FAMILIES, hf_config
 
-from models import decoder, hf, registry
+from jq_models import decoder, hf, registry
 
 
 def _logits(config, params, ids):

@@ -13,7 +13,7 @@ from conftest import FAMILIES
 from jq import cli
 from jq import io as jqio
 from jq.nn import quantized_apply
-from models import registry
+from jq_models import registry
 
 
 def _quantize(path, out, recipe):
@@ -101,7 +101,13 @@ def test_gguf_export_of_a_hugging_face_source_is_refused_clearly(tiny_hf, tmp_pa
   capsys.readouterr()
   assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
                    str(tmp_path / "x.gguf")]) == 1
-  assert "qk_norm=True" in capsys.readouterr().err
+  assert "carries the tokenizer over from the source GGUF" in capsys.readouterr().err
+  g2 = tiny_hf("gemma2")   # query_pre_attn_scalar 24: llama.cpp's gemma2 scales by 1/sqrt(16)
+  _quantize(g2, tmp_path / "g2.safetensors", "gguf-q8_0")
+  capsys.readouterr()
+  assert cli.main(["export", str(tmp_path / "g2.safetensors"), "--format", "gguf", "--out",
+                   str(tmp_path / "g2.gguf")]) == 1
+  assert "query_scale=" in capsys.readouterr().err
   assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
                    str(tmp_path / "missing" / "x.gguf")]) == 1
   assert "--out" in capsys.readouterr().err

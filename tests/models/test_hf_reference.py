@@ -10,7 +10,7 @@ from conftest import FAMILIES
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from models import decoder, hf, registry  # noqa: E402
+from jq_models import decoder, hf, registry  # noqa: E402
 
 
 def _hf_model(path):

@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from models import fetch, minilm, text
+from jq_models import fetch, minilm, text
 
 pytestmark = pytest.mark.slow  # reads the real 90 MB checkpoint
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jq.eval.perplexity import perplexity
-from models import fetch, gguf_weights, decoder, text, tokenizer
+from jq_models import fetch, gguf_weights, decoder, text, tokenizer
 
 TINY = decoder.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,

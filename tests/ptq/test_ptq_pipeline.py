@@ -18,8 +18,8 @@ from jq.algorithms.fold import FOLD_TOLERANCE
 from jq.qarray import QArray
 from jq.quantize import quantize
 from jq.spec import AWQOptions, GPTQOptions, Rule, SmoothQuantOptions
-from models.blockwise import LlamaBlocks
-from models.decoder import Llama, LlamaConfig
+from jq_models.blockwise import LlamaBlocks
+from jq_models.decoder import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, max_seq_len=64)

@@ -7,7 +7,7 @@ the jq param tree (:func:`load_gguf_params` does both steps).  :class:`LlamaHPar
 hyperparameters, from a config or from GGUF ``llama.*`` metadata.
 
 Checked with llama-cpp-python 0.3.36 (optional test): exported SmolLM2 files load and run; the
-perplexity of the first 1024 tokens of ``models.text.eval_text()`` is 27.99 in jq vs 28.17 in
+perplexity of the first 1024 tokens of ``jq_models.text.eval_text()`` is 27.99 in jq vs 28.17 in
 llama.cpp for Q8_0 and 39.21 vs 39.36 for Q4_0 (llama.cpp also quantizes activations to 8 bits).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from jq.tree import is_qarray, leaves_with_paths
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaHParams:
-  """Hyperparameters of a Llama-family decoder, with ``models.decoder.LlamaConfig``'s names."""
+  """Hyperparameters of a Llama-family decoder, with ``jq_models.decoder.LlamaConfig``'s names."""
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -198,13 +198,112 @@ def _file_type(t: GGMLType) -> int:
   return int(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, norm_offset=0.0,
+              embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
+              attn_softcap=None, final_softcap=None, rope_scaling=None, sliding_window=None,
+              sliding_layers=None, local_rope_theta=None)
+
+
+def arch_problems(config: Any, arch: str) -> list[str]:
+  """Why llama.cpp's ``arch`` would run ``config`` differently (empty: it runs it as is).
+
+  llama.cpp fixes per architecture what a ``DecoderConfig`` leaves open: which tensors exist,
+  Gemma 2's sliding pattern (every other layer) and Gemma 3's (5 of 6), Gemma's query scale
+  (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 27B models), the local RoPE base
+  (10000), and it has no sliding window for ``llama``.
+  """
+  if arch not in ARCHITECTURES:
+    return [f"unknown architecture {arch!r} (choose one of {list(ARCHITECTURES)})"]
+  if isinstance(config, Mapping):
+    return [] if arch == "llama" else [f"a plain config mapping describes a llama model, not {arch}"]
+  get = lambda k: getattr(config, k, _PLAIN[k])
+  layers, heads, hd = int(config.num_layers), int(config.num_heads), int(config.head_dim)
+  gemma = arch.startswith("gemma")
+  want = dict(_PLAIN)
+  if arch == "qwen2":
+    want["qkv_bias"] = True
+  if arch in ("qwen3", "gemma3"):
+    want["qk_norm"] = True
+  if gemma:
+    want.update(embed_scale=True, activation="gelu_tanh")
+  if arch in ("gemma2", "gemma3"):
+    big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
+    want.update(sandwich_norms=True,
+                query_scale=(config.hidden_size / heads if big else hd) ** -0.5)
+    if arch == "gemma2":   # soft-capping values are written; gemma3 has none
+      want.update(attn_softcap=get("attn_softcap"), final_softcap=get("final_softcap"))
+    if get("sliding_window") is not None:
+      pattern = 2 if arch == "gemma2" else 6
+      want.update(sliding_window=get("sliding_window"),
+                  sliding_layers=tuple(bool((i + 1) % pattern) for i in range(layers)))
+    if arch == "gemma3":
+      want["local_rope_theta"] = 10000.0 if get("sliding_window") is not None else None
+  if arch == "llama":   # llama.cpp reads biases and RoPE scaling for llama; nothing else
+    for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
+      want[k] = get(k)
+  out = []
+  for k, v in want.items():
+    have = get(k)
+    if k == "norm_offset" and gemma:
+      continue   # either form: the exporter writes offset + w
+    if k == "query_scale" and have is None:
+      have = hd ** -0.5
+    if k == "query_scale" and v is None:
+      v = hd ** -0.5
+    if k == "local_rope_theta" and have is None and v is not None:
+      have = config.rope_theta
+    if k == "sliding_layers" and have is None and get("sliding_window") is not None:
+      have = tuple([True] * layers)
+    same = (abs(have - v) <= 1e-6 * abs(v)) if isinstance(v, float) and have is not None else have == v
+    if not same:
+      out.append(f"{k}={have!r} (llama.cpp's {arch}: {v!r})")
+  return out
+
+
+def _add_family_metadata(writer: gguf.GGUFWriter, config: Any, arch: str) -> None:
+  if isinstance(config, Mapping):
+    return
+  if arch == "gemma2":
+    if config.attn_softcap is not None:
+      writer.add_attn_logit_softcapping(float(config.attn_softcap))
+    if config.final_softcap is not None:
+      writer.add_final_logit_softcapping(float(config.final_softcap))
+  if arch in ("gemma2", "gemma3") and config.sliding_window is not None:
+    writer.add_sliding_window(int(config.sliding_window))
+  scaling = getattr(config, "rope_scaling", None)
+  if scaling is not None and scaling.kind == "linear":
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(scaling.factor))
+
+
+def _rope_freqs(config: Any, head_dim: int) -> np.ndarray | None:
+  """llama.cpp's ``rope_freqs`` (per-frequency divisors) of a ``llama3`` / ``factors`` scaling."""
+  scaling = getattr(config, "rope_scaling", None)
+  if scaling is None or scaling.kind == "linear":
+    return None
+  if scaling.kind == "factors":
+    return np.asarray(scaling.factors, np.float32)
+  theta = float(config.rope_theta)
+  base = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                      / np.float32(head_dim)))
+  old = scaling.original_max_position_embeddings
+  wavelen = 2 * np.pi / base
+  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
+                                                       - scaling.low_freq_factor)
+  factors = np.where(wavelen < old / scaling.high_freq_factor, 1.0,
+                     np.where(wavelen > old / scaling.low_freq_factor, scaling.factor,
+                              1.0 / ((1 - smooth) / scaling.factor + smooth)))
+  return factors.astype(np.float32)
+
+
 def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | None,
                 path: str | os.PathLike, ggml_type: GGMLType | str = "q8_0", *,
                 embed_type: GGMLType | str | None = None,
                 tensor_types: Mapping[str, GGMLType | str] | None = None,
                 requantize: bool = False, name: str | None = None,
                 extra_metadata: Mapping[str, Any] | None = None,
-                notes: list[str] | None = None) -> dict[str, GGMLType]:
+                notes: list[str] | None = None, arch: str = "llama") -> dict[str, GGMLType]:
   """Writes a Llama-family param tree (float and/or QArray leaves) as a llama.cpp GGUF.
 
   Tensor names and hyperparameters are those llama.cpp's ``llama`` architecture reads
@@ -234,6 +333,11 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     extra_metadata: more key/values to write (e.g. ``general.*`` from the source file).
     notes: when given, one line per tensor whose grid changed (re-rounded, or a K-quant
       fallback), so every change to the model is reported by name.
+    arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2), ``qwen2``,
+      ``qwen3``, ``gemma``, ``gemma2`` or ``gemma3``. The config's family features (a
+      ``DecoderConfig``: biases, q/k norms, Gemma's norms and soft-capping, sliding layers, RoPE
+      scaling) must be ones that architecture runs as the config says; anything llama.cpp would
+      compute differently is refused by name (see :func:`arch_problems`).
 
   Returns:
     ``{GGUF tensor name: type written}``.
@@ -254,34 +358,37 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   emb_type = None if embed_type is None else to_type(embed_type)
   overrides = [(re.compile(p), to_type(v)) for p, v in (tensor_types or {}).items()]
   hp = LlamaHParams.from_config(config)
+  problems = arch_problems(config, arch)
+  if problems:
+    raise GGUFExportError(f"GGUF architecture {arch!r} cannot hold this model as configured: "
+                          + "; ".join(problems))
   tree = params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
   leaves = leaves_with_paths(tree)
   if not leaves:
     raise GGUFExportError("params is empty")
-  shapes = _expected_shapes(hp)
+  family = config if not isinstance(config, Mapping) else hp
+  names = {t.jq: t for t in decoder_names.decoder_tensors(family)}
   entries: list[tuple[str, Any, str, str]] = []
   seen = {}
   for p, leaf in leaves:
-    gname, kind = _gguf_name(p)
-    base = gname.split(".")[-2]
-    want = shapes[base]
+    t = names.get(p)
+    if t is None:
+      raise GGUFExportError(
+          f"params/{p}: not a tensor of this {arch} decoder (expected embed/embedding, "
+          "layers_N/{attn/{q,k,v,o}_proj,mlp/{gate,up,down}_proj}/kernel, layers_N/{input_norm,"
+          "post_attn_norm}/scale, final_norm/scale, lm_head/kernel and the config's family "
+          "tensors)")
+    want = decoder_names.expected_shape(t.path, hp)
     if tuple(leaf.shape) != want:
       raise GGUFExportError(f"params/{p}: shape {tuple(leaf.shape)} does not match the config "
-                            f"(expected {want} for {gname})")
-    if m := re.match(r"blk\.(\d+)\.", gname):
-      if int(m.group(1)) >= hp.num_layers:
-        raise GGUFExportError(f"params/{p}: layer {m.group(1)} >= config num_layers="
-                              f"{hp.num_layers}")
-    seen[gname] = p
-    entries.append((gname, leaf, kind, p))
-  required = ["token_embd.weight", "output_norm.weight"] + [
-      f"blk.{i}.{n}.weight" for i in range(hp.num_layers)
-      for n in list(_BLOCK_KERNELS.values()) + list(_BLOCK_NORMS.values())]
-  if not hp.tie_embeddings:
-    required.append("output.weight")
-  missing = [n for n in required if n not in seen]
+                            f"(expected {want} for {t.gguf})")
+    kind = ("embed" if t.path[-1] == "embedding" else "norm" if t.path[-1] in ("scale", "bias")
+            else "kernel")
+    seen[t.gguf] = p
+    entries.append((t.gguf, leaf, kind, p))
+  missing = [n for n in (t.gguf for t in names.values()) if n not in seen]
   if missing:
-    raise GGUFExportError(f"params lacks {len(missing)} tensors of a {hp.num_layers}-layer llama "
+    raise GGUFExportError(f"params lacks {len(missing)} tensors of a {hp.num_layers}-layer {arch} "
                           f"model, e.g. {missing[:3]}")
   tok = dict(tokenizer_meta or {})
   bad = [k for k in tok if not k.startswith("tokenizer.")]
@@ -313,9 +420,15 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
                      f"multiple of 256, so {t.name} falls back to {_K_FALLBACK[t].name} (as "
                      "llama-quantize does)")
       t = _K_FALLBACK[t]   # llama-quantize's fallback for rows that are not a multiple of 256
-    if ".attn_q." in gname or ".attn_k." in gname:
+    if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
       heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
-      x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)
+      if kind == "norm":   # a q/k bias: the same row order as its weight
+        x = np.asarray(x)[_qk_perm(leaf.shape[0], heads, f"params/{p}")]
+      else:
+        x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)
+    offset = float(getattr(config, "norm_offset", 0.0) or 0.0)
+    if offset and gname.endswith("norm.weight"):   # llama.cpp stores Gemma's norms as 1 + w
+      x = np.asarray(x, np.float32) + np.float32(offset)
     data = encode_tensor(x, t, block_axis=block_axis if kind != "norm" else 0,
                          requantize=requantize, name=f"params/{p}", notes=notes)
     encoded.append((gname, data, t))
@@ -327,7 +440,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.jq-tmp-", dir=path.parent)
   os.close(fd)
   try:
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(name or "jq export")
     writer.add_string("general.quantized_by", "jq")
     writer.add_context_length(int(hp.max_seq_len))
@@ -340,15 +453,19 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     writer.add_rope_freq_base(float(hp.rope_theta))
     writer.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
     writer.add_vocab_size(int(hp.vocab_size))
-    if hp.head_dim * hp.num_heads != hp.hidden_size:
+    if hp.head_dim * hp.num_heads != hp.hidden_size or arch != "llama":
       writer.add_key_length(int(hp.head_dim))
       writer.add_value_length(int(hp.head_dim))
+    _add_family_metadata(writer, config, arch)
     writer.add_file_type(_file_type(main_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for k, v in (extra_metadata or {}).items():
       _add_kv(writer, k, v)
     for k, v in tok.items():
       _add_kv(writer, k, v)
+    freqs = _rope_freqs(config, int(hp.head_dim))
+    if freqs is not None:   # llama.cpp's form of Llama 3.1's RoPE scaling
+      writer.add_tensor("rope_freqs.weight", freqs)
     for gname, data, t in encoded:
       writer.add_tensor(gname, data, raw_dtype=None if t in (GGMLType.F32, GGMLType.F16) else t)
     writer.write_header_to_file()
