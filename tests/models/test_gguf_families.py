@@ -151,3 +151,43 @@ def test_architecture_mismatches_are_named():
 def hf_config_of(family):
   from conftest import hf_config
   return hf_config(family)
+
+
+def _tokenizer_metadata(src, vocab_size):
+  """gpt2-style GGUF tokenizer metadata of the fixture's tokenizer.json, padded to the vocab."""
+  tok = json.loads((src / "tokenizer.json").read_text())
+  vocab = tok["model"]["vocab"]
+  for t in tok["added_tokens"]:
+    vocab[t["content"]] = t["id"]
+  tokens = [None] * vocab_size
+  for piece, i in vocab.items():
+    tokens[i] = piece
+  types = [3 if t in ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>") else 1 for t in tokens]
+  for i, t in enumerate(tokens):
+    if t is None:
+      tokens[i], types[i] = f"[PAD{i}]", 5
+  merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+  return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+          "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1,
+          "tokenizer.ggml.eos_token_id": 2}
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_llama_cpp_runs_every_exported_architecture(tiny_hf, tmp_path, family):
+  """Optional (needs llama-cpp-python): llama.cpp loads jq's export of each architecture and
+  computes jq's logits (F32 tensors, so the comparison is of the architectures, not of rounding)."""
+  llama_cpp = pytest.importorskip("llama_cpp")
+  from jq.io import gguf as G
+  src = tiny_hf(family, **OVERRIDES.get(family, {}))
+  config, params = hf.load_weights(src)
+  out = tmp_path / "f32.gguf"
+  G.export_gguf({"params": params}, config, _tokenizer_metadata(src, config.vocab_size), out,
+                "f32", arch=ARCH[family])
+  ids = [int(i) for i in np.random.default_rng(2).integers(3, config.vocab_size, 14)]
+  llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False,
+                        n_threads=1)
+  llm.eval(ids)
+  got = np.asarray(llm.scores[:len(ids)], np.float32)
+  want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
+  assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, family   # seen: 3e-4 .. 8e-4
