@@ -541,6 +541,12 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
       "quant_method": "compressed-tensors", "quantization_status": "compressed",
       "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION,
   }
+  if any(not sc.symmetric for sc in schemes):
+    # transformers 5.x builds the compressed modules on the meta device with *unpacked* zero
+    # points and then refuses the packed weight_zero_point this format (and vLLM) uses; told not
+    # to run compressed, it decompresses on load and gets the values right. vLLM and
+    # compressed-tensors ignore the key.
+    qconfig["run_compressed"] = False
   dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                 np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(np.dtype(embed_dtype or np.float32),
                                                               "float32")

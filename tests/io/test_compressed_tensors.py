@@ -347,12 +347,9 @@ def test_smollm2_w4a16_g64_round_trip(tmp_path):
 
 
 def test_transformers_loads_checkpoint(tmp_path):
-  """Optional: transformers (+ compressed-tensors) loads a symmetric checkpoint; logits match jq.
-
-  Asymmetric (packed zero point) checkpoints are not checked here: transformers 5.x builds the
-  compressed model on the meta device, where compressed-tensors 0.20 leaves zero points unpacked
-  and then rejects the packed ``weight_zero_point`` its own compressor (and vLLM) use.
-  """
+  """Optional: transformers (+ compressed-tensors) loads symmetric and asymmetric checkpoints;
+  logits match jq. (Asymmetric exports carry ``run_compressed: false``: transformers 5.x would
+  otherwise expect unpacked zero points and refuse the packed ``weight_zero_point``.)"""
   pytest.importorskip("compressed_tensors")
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -360,7 +357,7 @@ def test_transformers_loads_checkpoint(tmp_path):
   params = tiny_llama(np.random.default_rng(6))
   toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
   model = decoder.Llama(decoder.LlamaConfig(**CFG))
-  for spec in (jq.W8A16, SPECS["w4a16-g32-sym"][0]):
+  for spec in (jq.W8A16, SPECS["w4a16-g32-sym"][0], jq.W4A16_G32):
     q = qtree(params, jq.default_rules(spec))
     C.export_compressed_tensors(q, CFG, tmp_path / "ck")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)

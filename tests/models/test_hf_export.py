@@ -28,9 +28,11 @@ def test_compressed_tensors_of_every_family_loads_in_transformers(tiny_hf, tmp_p
   transformers = pytest.importorskip("transformers")
   src = tiny_hf(family)
   ckpt, out = tmp_path / "q.safetensors", tmp_path / "ct"
-  _quantize(src, ckpt, "ct-w4a16")
+  asym = family in ("gemma2", "llama", "qwen3")   # uint4 with zero points, groups of 32
+  _quantize(src, ckpt, "w4a16-g32" if asym else "ct-w4a16")
   assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 0
   cfg = json.loads((out / "config.json").read_text())
+  assert cfg["quantization_config"].get("run_compressed", True) is not asym
   assert cfg["model_type"] == family and cfg["quantization_config"]["quant_method"] == \
       "compressed-tensors"
   assert (out / "tokenizer.json").is_file()
