@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import FAMILIES
 
 from jq import cli
 from jq import io as jqio
@@ -14,7 +15,7 @@ SMALL = ["--eval-windows", "1", "--window", "64"]
 CALIB = ["--calib-sequences", "2", "--calib-len", "64"]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_quantize_eval_generate_from_a_directory(tiny_hf, tmp_path, capsys, family):
   path = tiny_hf(family)
   out = tmp_path / "q.safetensors"
@@ -36,6 +37,8 @@ def test_quantize_eval_generate_from_a_directory(tiny_hf, tmp_path, capsys, fami
   assert cli.main(["inspect", str(out)]) == 0
   assert "params/layers_2/mlp/down_proj/kernel" in capsys.readouterr().out
 
+  if family != "qwen2":
+    return
   # the float model moved: a clear error naming the flag, then --model finds it
   moved = tmp_path / "moved"
   shutil.move(str(path), moved)
