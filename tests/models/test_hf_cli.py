@@ -59,6 +59,15 @@ def test_export_keeps_the_family_config(tiny_hf, tmp_path, capsys):
   assert cfg["model_type"] == "qwen2" and cfg["architectures"] == src["architectures"]
   assert {k: cfg[k] for k in src if k != "torch_dtype"} == {k: v for k, v in src.items()
                                                             if k != "torch_dtype"}
+  # inspect and eval read the directory; its KL is the jq checkpoint's
+  capsys.readouterr()
+  assert cli.main(["inspect", str(tmp_path / "ct")]) == 0
+  assert "compressed-tensors, architecture=qwen2 recipe=w4a16-g128" in capsys.readouterr().out
+  kl = []
+  for ckpt in (out, tmp_path / "ct"):
+    assert cli.main(["eval", str(ckpt), "--json", *SMALL]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert abs(kl[0] - kl[1]) < 1e-6
 
 
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
