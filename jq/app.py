@@ -96,7 +96,7 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
       raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than one window of {window}")
     tokens = tokens[:need]
     f_fn, q_fn = _logits_fns(model, qvars)
-    cmp = compare(f_fn, q_fn, tokens, window=window)
+    cmp = compare(f_fn, q_fn, tokens, window=window, progress=progress)
     return {"ppl_float": cmp.ref.ppl, "ppl_quant": cmp.quant.ppl, "kl": cmp.kl,
             "top1_agreement": cmp.top1_agreement, "eval_tokens": cmp.ref.n_predictions,
             "tokens_per_s_float": cmp.ref.tokens_per_s, "tokens_per_s_quant": cmp.quant.tokens_per_s}

@@ -70,6 +70,8 @@ def cmd_quantize(args) -> int:
   from jq_models import registry
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
+  if args.out:                      # and so does an --out that cannot be written
+    _check_out_file(args.out)
   _print(f"loading {args.model} ...")
   model = registry.load(args.model)
   _print(f"quantizing with {recipe} ...")
@@ -85,7 +87,8 @@ def cmd_quantize(args) -> int:
   quality = {}
   if not args.no_eval:
     _print("\nevaluating on held-out text ...")
-    quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window)
+    quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
+                           progress=True)
   out = Path(args.out or f"{model.name}-{recipe.replace(':', '-')}.safetensors")
   meta = {"model": model.name, "source": getattr(model, "source", None)
           or {"kind": "bundled", "name": model.name}, "recipe": recipe, "quality": quality}
@@ -337,12 +340,25 @@ def _export_blockers(model) -> list[str]:
           if f.name not in skip and getattr(config, f.name) != getattr(plain, f.name)]
 
 
+def _check_out_file(out: str) -> None:
+  """``--out`` names a file jq can write: its directory exists and is writable, it is not one."""
+  import os
+  p = Path(out)
+  if p.is_dir():
+    raise ValueError(f"--out {out} is a directory; give a file name")
+  parent = p.parent
+  if not parent.is_dir():
+    raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
+  if not os.access(parent, os.W_OK):
+    raise PermissionError(f"--out {out}: directory {parent} is not writable")
+
+
 def cmd_export(args) -> int:
-  out = Path(args.out)
-  if not out.parent.is_dir():   # before the model loads and the work is done
+  out = Path(args.out)   # checked before the model loads and the work is done
+  if args.format == "gguf":
+    _check_out_file(args.out)
+  elif not out.parent.is_dir():
     raise FileNotFoundError(f"--out {args.out}: directory {out.parent} does not exist")
-  if args.format == "gguf" and out.is_dir():
-    raise ValueError(f"--out {args.out} is a directory; --format gguf writes one .gguf file")
   model, qvars, info = _load_ckpt(args.ckpt, args.model)
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
@@ -408,14 +424,30 @@ def cmd_export(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _at_least(low: int):
+  """An argparse type: an int >= ``low`` (argparse names the flag in its error)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+  parse.__name__ = f"int >= {low}"
+  return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
   from jq.ptq import recipes
   p = argparse.ArgumentParser(prog="jq-quant", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command")
 
   def eval_opts(sp):
-    sp.add_argument("--eval-windows", type=int, default=8, help="evaluation windows (default 8)")
-    sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    sp.add_argument("--eval-windows", type=_at_least(1), default=8,
+                    help="evaluation windows (default 8)")
+    sp.add_argument("--window", type=_at_least(2), default=512,
+                    help="tokens per window (default 512)")
 
   q = sub.add_parser("quantize", help="quantize a model and write a jq checkpoint")
   q.add_argument("--model", default="smollm2",
@@ -428,10 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "hold its algorithm's settings, e.g. {\"algorithm\": \"gptq\", "
                  "\"options\": {\"act_order\": true}}")
   q.add_argument("--out", help="output .safetensors path")
-  q.add_argument("--worst", type=int, default=8, help="layers shown in the worst-SQNR table")
+  q.add_argument("--worst", type=_at_least(0), default=8,
+                 help="layers shown in the worst-SQNR table")
   q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-  q.add_argument("--calib-sequences", type=int, default=32)
-  q.add_argument("--calib-len", type=int, default=512)
+  q.add_argument("--calib-sequences", type=_at_least(1), default=32)
+  q.add_argument("--calib-len", type=_at_least(2), default=512)
   eval_opts(q)
   q.set_defaults(fn=cmd_quantize)
 
@@ -449,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen = sub.add_parser("generate", help="greedy decoding from a quantized causal LM")
   gen.add_argument("ckpt")
   gen.add_argument("--prompt", required=True)
-  gen.add_argument("--max-new-tokens", type=int, default=64)
+  gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
   gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
   gen.add_argument("--model", help=MODEL_OVERRIDE)
   gen.set_defaults(fn=cmd_generate)
@@ -483,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:   # OSError: missing, unreadable or unwritable paths
     _print(f"error: {e}", file=sys.stderr)
     return 1
 

@@ -189,17 +189,22 @@ def perplexity(logits_fn: LogitsFn, tokens: ArrayLike, *, window: int, stride: i
 
 def compare(logits_fn_ref: LogitsFn, logits_fn_q: LogitsFn, tokens: ArrayLike, *, window: int,
             stride: int | None = None, bos_id: int | None = None,
-            batch_size: int = 1) -> Comparison:
+            batch_size: int = 1, progress: bool = False) -> Comparison:
   """Perplexity of both models and KL(P_ref || P_q) in one pass: one forward of each per batch.
 
   Arguments as for ``perplexity``; both models see exactly the same windows. ``tokens_per_s`` of
-  each result counts only that model's own calls.
+  each result counts only that model's own calls. ``progress`` shows a bar over the batches.
   """
   plan = _plan(tokens, window, stride, bos_id)
   sums = np.zeros(4, np.float64)  # nll_ref, nll_q, kl, agree
   kl_max, n = 0.0, 0
   sec_r = sec_q = 0.0
-  for inputs, scored in _batches(plan, batch_size):
+  batches = _batches(plan, batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+    batches = tqdm(batches, total=-(-len(plan.starts) // batch_size), desc="evaluating",
+                   unit="window", leave=False)
+  for inputs, scored in batches:
     x = jnp.asarray(inputs)
     t0 = time.perf_counter()
     lr = jax.block_until_ready(_check_logits(logits_fn_ref(x), inputs, "logits_fn_ref"))

@@ -109,3 +109,22 @@ def test_exact_gguf_export_is_read_back_by_inspect_and_eval(tmp_path, capsys):
   assert cli.main(["export", str(ckpt), "--format", "gguf", "--type", "q4_0",
                    "--out", str(tmp_path / "x.gguf")]) == 1
   assert "--requantize" in capsys.readouterr().err
+
+
+def test_arguments_are_checked_before_any_work(tmp_path, capsys):
+  """Counts below their minimum and unwritable outputs are refused by flag before loading."""
+  for argv, flag in ((["quantize", "--eval-windows", "0"], "--eval-windows"),
+                     (["quantize", "--calib-len", "1"], "--calib-len"),
+                     (["eval", "x.safetensors", "--window", "abc"], "--window"),
+                     (["generate", "x", "--prompt", "p", "--max-new-tokens", "0"],
+                      "--max-new-tokens")):
+    with pytest.raises(SystemExit):
+      cli.main(argv)
+    assert flag in capsys.readouterr().err
+  assert cli.main(["quantize", "--out", str(tmp_path), "--no-eval"]) == 1
+  out = capsys.readouterr()
+  assert "--out" in out.err and "is a directory" in out.err and "loading" not in out.out
+  assert cli.main(["quantize", "--out", str(tmp_path / "no" / "x.safetensors"), "--no-eval"]) == 1
+  assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["inspect", str(tmp_path)]) == 1
+  assert "is a directory, not a checkpoint" in capsys.readouterr().err
