@@ -4,7 +4,7 @@ Pure functions over parameter pytrees: ``params -> quantized params`` and ``(x, 
 """
 from jq.layout import Layout
 from jq.metrics import cosine, error_stats, kl_divergence, max_abs_error, mse, sqnr
-from jq.qarray import ActivationQuant, QArray, dequantize
+from jq.qarray import ActivationQuant, QArray, checked, dequantize
 from jq.qtypes import NF4_TABLE, QType
 from jq.quantize import compute_params, fake_quant, quantize, quantize_with_params
 from jq.spec import (A8_DYNAMIC, A8_DYNAMIC_ASYM, A8_STATIC, NF4_G64, RECIPES, W2A16_G32,

@@ -115,10 +115,13 @@ def _summary_table(name, recipe, before, after, quality, t_quant, t_total) -> st
 
 def _ckpt_kind(path: str) -> str:
   """``"gguf"`` (a .gguf file), ``"compressed-tensors"`` (a directory whose config.json has a
-  compressed-tensors quantization_config) or ``"jq"`` (jq's safetensors/orbax checkpoint)."""
+  compressed-tensors quantization_config), ``"orbax"`` (jq's orbax directory) or ``"jq"`` (jq's
+  safetensors file)."""
   p = Path(path)
   if p.is_file() and p.suffix == ".gguf":
     return "gguf"
+  if p.is_dir() and (p / "jq").is_dir():
+    return "orbax"
   if p.is_dir() and (p / "config.json").is_file():
     try:
       cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
@@ -148,7 +151,8 @@ def _ckpt_metadata(path: str, kind: str) -> dict:
     cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     return {"recipe": cfg.get("jq_recipe"), "source": cfg.get("jq_source")}
   from jq import io as jqio
-  return jqio.load_header(path).get("metadata", {})
+  header = jqio.load_orbax_header(path) if kind == "orbax" else jqio.load_header(path)
+  return header.get("metadata", {})
 
 
 def _float_model(path: str, meta: dict, override: str | None):
@@ -185,7 +189,7 @@ def _load_ckpt(path: str, override: str | None = None):
     qvars = {"params": params}
   else:
     from jq import io as jqio
-    qvars = jqio.load(path)
+    qvars = jqio.load_orbax(path) if kind == "orbax" else jqio.load(path)
   app.check_matches(model, qvars, source=path)
   return model, qvars, {"metadata": meta, "kind": kind}
 
@@ -206,10 +210,10 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
   kind = _ckpt_kind(args.ckpt)
-  if kind != "jq":
+  if kind in ("gguf", "compressed-tensors"):
     return _inspect_foreign(args.ckpt, kind)
   from jq import io as jqio
-  header = jqio.load_header(args.ckpt)
+  header = jqio.load_orbax_header(args.ckpt) if kind == "orbax" else jqio.load_header(args.ckpt)
   meta = header.get("metadata", {})
   rows = []
   total = 0

@@ -7,7 +7,10 @@ axis.  ``qtype``, ``shape`` and ``tile`` are static (hashable) metadata.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,177 @@ import numpy as np
 from jq import numerics
 from jq.qtypes import QType
 from jq.spec import ActivationSpec
+
+
+# ---- value checks: eager on concrete arrays, opt-in under jit ------------------------------------
+# ``jax.make_user_context`` (JAX >= 0.8) is part of the jit cache key, so a function traced inside
+# :func:`checked` is retraced (with checks) and one traced outside keeps no checks.  Older JAX: a
+# plain flag, read at trace time.
+_MAKE_CONTEXT = getattr(jax, "make_user_context", None)
+_CHECKS = _MAKE_CONTEXT(False) if _MAKE_CONTEXT is not None else None
+_LOCAL = threading.local()
+_FAILURES: list[str] = []  # messages of failed checks raised inside jax.debug.callback
+_FAILURES_LOCK = threading.Lock()
+
+
+def checks_enabled() -> bool:
+  """True inside :func:`checked` (value checks are then also staged into traced code)."""
+  if _CHECKS is not None:
+    return bool(_CHECKS.value)
+  return bool(getattr(_LOCAL, "checks", False))
+
+
+@contextlib.contextmanager
+def checked():
+  """Opt-in value checks under ``jax.jit`` (and other transformations).
+
+  Eagerly (concrete arrays) jq always checks values: non-finite or too-large inputs to
+  ``quantize``/``compute_params``, invalid scales, zero points and codes of a QArray, static
+  activation scales.  Under ``jit`` the inputs are tracers and those checks are skipped (no cost).
+  Inside ``with jq.qarray.checked():`` functions traced there get the same checks as
+  ``jax.debug.callback`` s; a failing one raises ``ValueError`` (with the eager message) when the
+  ``with`` block ends (``jax.effects_barrier`` runs there first).
+
+  Example:
+    >>> with jq.qarray.checked():
+    ...   q = jax.jit(lambda w: jq.quantize(w, spec))(w)   # ValueError on NaN in w
+  """
+  with _FAILURES_LOCK:
+    _FAILURES.clear()
+  if _CHECKS is not None:
+    ctx = _CHECKS(True)
+  else:
+    ctx = contextlib.nullcontext()
+    prev, _LOCAL.checks = getattr(_LOCAL, "checks", False), True
+  try:
+    with ctx:
+      try:
+        yield
+        jax.effects_barrier()
+      except ValueError:
+        raise
+      except Exception as e:  # jax's runtime error around a failed callback
+        msg = _pop_failure()
+        if msg is None:
+          raise
+        raise ValueError(msg) from e
+    msg = _pop_failure()
+    if msg is not None:
+      raise ValueError(msg)
+  finally:
+    if _CHECKS is None:
+      _LOCAL.checks = prev
+
+
+def _pop_failure() -> str | None:
+  with _FAILURES_LOCK:
+    msg = _FAILURES[0] if _FAILURES else None
+    _FAILURES.clear()
+  return msg
+
+
+def _concrete(x) -> bool:
+  return x is None or (numerics.is_concrete(x) and getattr(x, "is_fully_addressable", True)
+                       and not (hasattr(x, "is_deleted") and x.is_deleted()))
+
+
+def value_check(inputs: Sequence, summary: Callable[[], Sequence], fail: Callable[..., None]
+                ) -> None:
+  """Runs a value check on ``inputs``: ``summary()`` gives ``(ok, *details)`` as (small) arrays and
+  ``fail(*details)`` raises the ValueError.
+
+  Concrete inputs: checked now (one bool comes back; the details only on failure).  Traced
+  inputs: inside :func:`checked` a ``jax.debug.callback``, otherwise nothing.
+  """
+  if all(_concrete(a) for a in inputs):
+    with jax.ensure_compile_time_eval():  # concrete arrays closed over by a jit trace
+      ok, *details = summary()
+      if bool(ok):
+        return
+      details = [np.asarray(d) for d in details]
+    fail(*details)
+  elif checks_enabled():
+    ok, *details = summary()
+
+    def callback(ok, *d):
+      if not bool(ok):
+        try:
+          fail(*(np.asarray(x) for x in d))
+        except ValueError as e:
+          with _FAILURES_LOCK:
+            if not _FAILURES:
+              _FAILURES.append(str(e))
+          raise
+
+    jax.debug.callback(callback, ok, *details)
+
+
+def first_bad(good: jax.Array, values: jax.Array | None = None):
+  """``(all good, count bad, flat index of the first bad, its value)`` of a boolean mask."""
+  flat = jnp.ravel(good)
+  i = jnp.argmin(flat)  # first False
+  v = jnp.ravel(values)[i] if values is not None else i
+  return jnp.all(flat), jnp.sum(~flat), i, v
+
+
+def index_str(flat_index, shape: Sequence[int]) -> str:
+  return str(tuple(int(i) for i in np.unravel_index(int(flat_index), tuple(shape)))) if shape \
+      else "()"
+
+
+def _dtype_of(x) -> np.dtype:
+  """dtype of an array; Python floats count as float32 and ints as int32 (as jnp.asarray)."""
+  if isinstance(x, bool):
+    return np.dtype(np.bool_)
+  if isinstance(x, float):
+    return np.dtype(np.float32)
+  if isinstance(x, int):
+    return np.dtype(np.int32)
+  dt = getattr(x, "dtype", None)
+  return np.dtype(dt) if dt is not None else np.asarray(x).dtype
+
+
+def check_activation_scale(scale, zero_point, spec: ActivationSpec, name: str) -> None:
+  """Static activation ``scale`` (finite, positive, floating) and ``zero_point`` (integral, in the
+  qtype's range); raises ValueError naming ``name``, the shape and dtype, and the first bad index.
+  Value checks follow :func:`value_check` (eager, or under :func:`checked`)."""
+  if scale is None:
+    return
+  shape, dt = tuple(np.shape(scale)), _dtype_of(scale)
+  where = f"{name}: static activation scale shape {shape} dtype {dt}"
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"{where}: the scale must be floating point")
+
+  def summary():
+    s = jnp.asarray(scale).astype(jnp.float32)
+    return first_bad(jnp.isfinite(s) & (s > 0), s)
+
+  def fail(n, i, v):
+    raise ValueError(f"{where}: activation scales must be finite and positive; {int(n)} bad, "
+                     f"first at index {index_str(i, shape)}: {float(v)}")
+
+  value_check([scale], summary, fail)
+  if zero_point is None:
+    return
+  qt = spec.qtype
+  zshape = tuple(np.shape(zero_point))
+  zwhere = f"{name}: static activation zero point shape {zshape} dtype {_dtype_of(zero_point)}"
+
+  def zsummary():
+    z = jnp.asarray(zero_point).astype(jnp.float32)
+    return first_bad(jnp.isfinite(z) & (z >= qt.qmin) & (z <= qt.qmax) & (z == jnp.round(z)), z)
+
+  def zfail(n, i, v):
+    raise ValueError(f"{zwhere}: activation zero points must be integers in [{qt.qmin}, "
+                     f"{qt.qmax}] ({qt.value}); {int(n)} bad, first at index "
+                     f"{index_str(i, zshape)}: {float(v)}")
+
+  value_check([zero_point], zsummary, zfail)
+
+
+def _host_value(x) -> bool:
+  """A value whose check needs no trace: Python numbers, numpy and concrete jax arrays."""
+  return isinstance(x, (int, float, np.ndarray, np.generic, jax.Array)) and _concrete(x)
 
 
 @jax.tree_util.register_dataclass
@@ -29,6 +203,13 @@ class ActivationQuant:
   scale: jax.Array | None
   zero_point: jax.Array | None
   spec: ActivationSpec = dataclasses.field(metadata=dict(static=True))
+
+  def __post_init__(self):
+    # Also runs when jax rebuilds the pytree (tracers, abstract values, other leaves): only
+    # concrete array values are checked here; QArray.validate checks the rest.
+    if isinstance(self.spec, ActivationSpec) and _host_value(self.scale) and (
+        self.zero_point is None or _host_value(self.zero_point)):
+      check_activation_scale(self.scale, self.zero_point, self.spec, "ActivationQuant")
 
 
 @jax.tree_util.register_dataclass
@@ -80,14 +261,39 @@ class QArray:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     return dequantize(self, dtype)
 
-  def validate(self, name: str = "<qarray>") -> "QArray":
-    """Checks storage shapes and dtypes against the static metadata; raises ValueError naming
-    ``name``.  Value checks (finite, positive scales) run only on concrete arrays."""
+  def validate(self, name: str = "<qarray>", *, values: bool = True) -> "QArray":
+    """Checks the QArray; raises ValueError naming ``name``, its qtype, shape and tile.
+
+    Structural checks (always, also under ``jit``): qtype, tile, the shapes and dtypes of
+    ``values`` (``qtype.storage_dtype``), ``scale`` (floating point), ``zero_point``
+    (``qtype.unpacked_dtype``, none for NF4), the activation's mode and scale dtype.  Value checks
+    (``values=True``; on concrete arrays, or under :func:`checked` also on tracers): scales finite
+    and positive, zero points in ``[qmin, qmax]``, codes in ``[qmin, qmax]`` after unpacking
+    (3-bit types use 4-bit slots that can hold more), static activation scales finite and
+    positive; each message gives the first bad index.
+    """
+    self._validate_structure(name)
+    if values:
+      self._validate_values(name)
+    return self
+
+  def _where(self) -> str:
+    return f"QArray(qtype={self.qtype.value}, shape={self.shape}, tile={self.tile})"
+
+  def _validate_structure(self, name: str) -> None:
     if not isinstance(self.qtype, QType):
       raise ValueError(f"{name}: qtype {self.qtype!r} is not a QType")
-    where = f"{name}: QArray(qtype={self.qtype.value}, shape={self.shape}, tile={self.tile})"
+    where = f"{name}: {self._where()}"
+    if (not isinstance(self.shape, tuple) or not isinstance(self.tile, tuple)
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                   for v in self.shape + self.tile)):
+      raise ValueError(f"{where}: shape and tile must be tuples of ints")
     if len(self.tile) != len(self.shape) or any(t < 1 for t in self.tile):
       raise ValueError(f"{where}: tile must have one positive entry per axis")
+    for field in ("values", "scale"):
+      if not hasattr(getattr(self, field), "dtype"):
+        raise ValueError(f"{where}: {field} is a {type(getattr(self, field)).__name__}, not an "
+                         "array")
     want = numerics.packed_shape(self.shape, self.qtype)
     if tuple(self.values.shape) != want or self.values.dtype != self.qtype.storage_dtype:
       raise ValueError(f"{where}: values have shape {tuple(self.values.shape)} dtype "
@@ -97,33 +303,86 @@ class QArray:
       raise ValueError(f"{where}: scale has shape {tuple(self.scale.shape)} dtype "
                        f"{self.scale.dtype}, expected {tiles} (one per tile)")
     if not jnp.issubdtype(self.scale.dtype, jnp.floating):
-      raise ValueError(f"{where}: scale dtype {self.scale.dtype} is not floating point")
+      raise ValueError(f"{where}: scale shape {tuple(self.scale.shape)} dtype "
+                       f"{self.scale.dtype} is not floating point")
     if self.zero_point is not None:
       if self.qtype.is_table:
-        raise ValueError(f"{where}: NF4 takes no zero point")
-      if tuple(self.zero_point.shape) != tiles or self.zero_point.dtype != self.qtype.unpacked_dtype:
-        raise ValueError(f"{where}: zero_point has shape {tuple(self.zero_point.shape)} dtype "
-                         f"{self.zero_point.dtype}, expected {tiles} {self.qtype.unpacked_dtype}")
-      if numerics.is_concrete(self.zero_point) and self.zero_point.size:
-        zp = np.asarray(self.zero_point)
-        if zp.min() < self.qtype.qmin or zp.max() > self.qtype.qmax:
-          raise ValueError(f"{where}: zero points must lie in [{self.qtype.qmin}, "
-                           f"{self.qtype.qmax}] (found {zp.min()}..{zp.max()})")
-    if numerics.is_concrete(self.scale):
-      s = np.asarray(jnp.asarray(self.scale, jnp.float32))
-      if s.size and not (np.all(np.isfinite(s)) and np.all(s > 0)):
-        raise ValueError(f"{where}: scales must be finite and positive "
-                         f"(found min {np.nanmin(s)}, {np.sum(~np.isfinite(s))} non-finite)")
+        raise ValueError(f"{where}: NF4 takes no zero point (got shape "
+                         f"{tuple(np.shape(self.zero_point))} dtype {_dtype_of(self.zero_point)})")
+      if (not hasattr(self.zero_point, "dtype") or tuple(self.zero_point.shape) != tiles
+          or self.zero_point.dtype != self.qtype.unpacked_dtype):
+        raise ValueError(f"{where}: zero_point has shape {tuple(np.shape(self.zero_point))} dtype "
+                         f"{_dtype_of(self.zero_point)}, expected {tiles} "
+                         f"{self.qtype.unpacked_dtype}")
     if self.activation is not None:
       a = self.activation
+      if not isinstance(a, ActivationQuant) or not isinstance(a.spec, ActivationSpec):
+        raise ValueError(f"{where}: activation must be an ActivationQuant, got {a!r}")
       if (a.scale is None) != (a.spec.mode.value == "dynamic"):
         raise ValueError(f"{name}: activation mode {a.spec.mode.value} "
                          f"{'needs' if a.scale is None else 'takes no'} a calibrated scale")
-    return self
+      if a.scale is not None and not jnp.issubdtype(_dtype_of(a.scale), jnp.floating):
+        raise ValueError(f"{where}: static activation scale shape {tuple(np.shape(a.scale))} "
+                         f"dtype {_dtype_of(a.scale)} is not floating point")
+
+  def _validate_values(self, name: str) -> None:
+    where = f"{name}: {self._where()}"
+    qt = self.qtype
+    sshape = tuple(self.scale.shape)
+
+    def scale_summary():
+      s = self.scale.astype(jnp.float32)
+      return first_bad(jnp.isfinite(s) & (s > 0), s)
+
+    def scale_fail(n, i, v):
+      raise ValueError(f"{where}: scale shape {sshape} dtype {self.scale.dtype}: scales must be "
+                       f"finite and positive; {int(n)} bad, first at index "
+                       f"{index_str(i, sshape)}: {float(v)}")
+
+    if self.scale.size:
+      value_check([self.scale], scale_summary, scale_fail)
+    zp = self.zero_point
+    if zp is not None and zp.size:
+      def zp_summary():
+        z = zp.astype(jnp.int32)
+        return first_bad((z >= qt.qmin) & (z <= qt.qmax), z)
+
+      def zp_fail(n, i, v):
+        raise ValueError(f"{where}: zero_point shape {tuple(zp.shape)} dtype {zp.dtype}: zero "
+                         f"points must lie in [{qt.qmin}, {qt.qmax}]; {int(n)} outside, first at "
+                         f"index {index_str(i, zp.shape)}: {int(v)}")
+
+      value_check([zp], zp_summary, zp_fail)
+    # Codes: only storage that can hold values outside [qmin, qmax] needs a look (3-bit types in
+    # 4-bit slots); 8/4/2-bit slots hold exactly the qtype's range.
+    sb = qt.storage_bits
+    slot = (-(1 << (sb - 1)), (1 << (sb - 1)) - 1) if qt.signed else (0, (1 << sb) - 1)
+    if slot != (qt.qmin, qt.qmax) and self.values.size:
+      def code_summary():
+        v = self.unpacked().astype(jnp.int32)
+        return first_bad((v >= qt.qmin) & (v <= qt.qmax), v)
+
+      def code_fail(n, i, v):
+        raise ValueError(f"{where}: values dtype {self.values.dtype}: {qt.value} codes must lie "
+                         f"in [{qt.qmin}, {qt.qmax}] after unpacking; {int(n)} outside, first at "
+                         f"index {index_str(i, self.shape)}: {int(v)}")
+
+      value_check([self.values], code_summary, code_fail)
+    if self.activation is not None and self.activation.scale is not None:
+      check_activation_scale(self.activation.scale, self.activation.zero_point,
+                             self.activation.spec, f"{where}: activation")
 
 
 def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-  """``(unpack(values) − zero_point) · scale`` (or ``table[...] · scale``) in ``dtype``."""
+  """``(unpack(values) − zero_point) · scale`` (or ``table[...] · scale``) in ``dtype``.
+
+  Runs :meth:`QArray.validate` first: the structural checks always, the value checks on concrete
+  arrays (and under :func:`checked`), so an invalid QArray raises ValueError rather than giving
+  wrong numbers.
+  """
+  if not isinstance(q, QArray):
+    raise ValueError(f"dequantize: expected a jq.QArray, got {type(q).__name__}")
+  q.validate("<dequantize>")
   v = q.unpacked()
   scale = numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape)
   if q.qtype.is_table:

@@ -12,29 +12,47 @@ import numpy as np
 
 from jq import numerics
 from jq.layout import Layout
-from jq.qarray import QArray, dequantize
+from jq.qarray import QArray, checked, dequantize, first_bad, index_str, value_check
 from jq.qtypes import QType
 from jq.spec import ClipMethod, QuantSpec
 
 
-def check_float_input(x, name: str = "<tensor>") -> None:
-  """Raises ValueError (naming ``name``, shape and dtype) for non-float or non-finite input.
+NAN_POLICIES = ("raise", "zero")
 
-  The finiteness check runs on concrete arrays only (on device; one bool comes back), not on
-  tracers under ``jit``.
+
+def check_float_input(x, name: str = "<tensor>", nan_policy: str = "raise"):
+  """Checks that ``x`` is a floating-point tensor with finite values; returns it.
+
+  ``nan_policy``: ``"raise"`` (default) raises ValueError (naming ``name``, shape, dtype, the
+  number of NaN/Inf values and the first one's index) for a non-finite tensor; ``"zero"`` returns
+  ``x`` with every NaN/Inf replaced by 0 (they are then quantized as exact zeros).
+
+  The finiteness check runs on concrete arrays (on device; one bool comes back), and on tracers
+  under ``jit`` only inside :func:`jq.qarray.checked` (see there); ``"zero"`` works either way.
   """
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"{name}: nan_policy={nan_policy!r}; choose one of {list(NAN_POLICIES)}")
   dt = getattr(x, "dtype", None)
   if dt is None or not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(f"{name}: shape {tuple(np.shape(x))} dtype {dt}: only floating-point tensors "
                      "can be quantized; skip this parameter with a rule (weight=None)")
-  if numerics.is_concrete(x) and np.size(x):
-    with jax.ensure_compile_time_eval():  # a concrete array closed over by a jit trace
-      finite = jnp.isfinite(jnp.asarray(x))
-      ok = bool(jnp.all(finite))
-    if not ok:
-      bad = int(np.size(x)) - int(np.count_nonzero(np.asarray(finite)))
-      raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype} has {bad} NaN/Inf values; "
-                       "refusing to quantize a non-finite tensor")
+  if nan_policy == "zero":
+    x = jnp.asarray(x)
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+  if np.size(x):
+    shape = tuple(np.shape(x))
+
+    def summary():
+      xa = jnp.asarray(x)
+      return first_bad(jnp.isfinite(xa), xa)
+
+    def fail(n, i, v):
+      raise ValueError(f"{name}: shape {shape} dtype {np.dtype(dt).name} has {int(n)} NaN/Inf "
+                       f"values (first at index {index_str(i, shape)}: {float(v)}); refusing to "
+                       "quantize a non-finite tensor (nan_policy='zero' quantizes them as 0)")
+
+    value_check([x], summary, fail)
+  return x
 
 
 def _check_shape(x, name: str) -> None:
@@ -145,18 +163,62 @@ def _params(x, spec: QuantSpec, name: str, layout: Layout | None = None):
   tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
   xb = numerics.split(x, tile, fill="edge")
   lo, hi = _ranges(x, xb, spec, tile)
+  _check_ranges(x, lo, hi, spec, name, tile)
   scale, zp = _range_to_params(lo, hi, spec)
   return tile, xb, scale, zp
 
 
+def _max_scale(spec: QuantSpec) -> float:
+  """The largest scale quantizing stays exact with: its reciprocal (the ``1 / scale`` the values
+  are multiplied by) must be a normal float32 (XLA flushes subnormals to 0), and the stored scale
+  must not be clamped (float16: 65504)."""
+  return min(2.0 ** 126, numerics.scale_limits(spec.scale_dtype)[1])
+
+
+def _check_ranges(x, lo, hi, spec: QuantSpec, name: str, tile) -> None:
+  """Raises ValueError when a tile's range needs a scale beyond :func:`_max_scale` (values near
+  float32's maximum: ``hi - lo`` overflowing, or a reciprocal that flushes to 0 and turns every
+  code to 0).  Eager on concrete input; under ``jit`` only inside :func:`jq.qarray.checked`."""
+  qt = spec.qtype
+  limit = _max_scale(spec)
+  tshape = tuple(np.shape(lo))
+
+  def summary():
+    if spec.symmetric:
+      ideal = hi * np.float32(1.0 / (1.0 if qt.is_table else qt.qmax))
+    else:
+      ideal = (hi - lo) * np.float32(1.0 / (qt.qmax - qt.qmin))
+    ok, n, i, v = first_bad(jnp.isfinite(ideal) & (ideal <= np.float32(limit)), ideal)
+    return ok, n, i, v, jnp.ravel(lo)[i], jnp.ravel(hi)[i]
+
+  def fail(n, i, ideal, l, h):
+    t = np.unravel_index(int(i), tshape) if tshape else ()
+    start = tuple(int(a) * b for a, b in zip(t, tile))
+    raise ValueError(
+        f"{name}: shape {tuple(x.shape)} dtype {np.dtype(x.dtype).name}: values too large for "
+        f"{spec.describe()} with {spec.scale_dtype} scales: {int(n)} tile(s) out of range, first "
+        f"tile {tuple(int(a) for a in t)} (elements from index {start}) spans [{float(l):.6g}, "
+        f"{float(h):.6g}], which needs a scale of {float(ideal):.6g} > {limit:.6g} (the largest "
+        "usable scale); rescale the tensor, or use a symmetric / wider grid or float32 scales")
+
+  value_check([lo, hi], summary, fail)
+
+
 def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
-                   layout: Layout | None = None) -> tuple[jax.Array, jax.Array | None]:
+                   layout: Layout | None = None, nan_policy: str = "raise"
+                   ) -> tuple[jax.Array, jax.Array | None]:
   """Per-tile ``(scale, zero_point)`` of ``x`` under ``spec`` (zero_point None if symmetric).
 
   The range always contains 0, so 0 is represented exactly; all-zero tiles get scale 1.
-  ``layout`` gives the roles of ``x``'s axes (see :meth:`QuantSpec.tile`).
+  ``layout`` gives the roles of ``x``'s axes (see :meth:`QuantSpec.tile`).  ``nan_policy`` as in
+  :func:`quantize`.
+
+  Raises:
+    ValueError: naming ``name``, shape and dtype: NaN/Inf values (``nan_policy="raise"``), or a
+      tile whose range needs a scale too large to quantize with (values near float32's maximum).
+      Value checks run on concrete input (under ``jit``: inside :func:`jq.qarray.checked`).
   """
-  x = jnp.asarray(x)
+  x = jnp.asarray(check_float_input(x, name, nan_policy))
   _check_shape(x, name)
   _, _, scale, zp = _params(x, spec, name, layout)
   return scale, zp
@@ -195,7 +257,7 @@ def _mse_search(xb, lo, hi, spec: QuantSpec, shape, tile):
 
 
 def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
-             layout: Layout | None = None) -> QArray:
+             layout: Layout | None = None, nan_policy: str = "raise") -> QArray:
   """Quantizes ``x`` to a :class:`QArray`: ``q = clip(round(x / scale) + zero_point)``.
 
   Rounding is to nearest, ties to even.  Invariants (no clipping configured): every element is
@@ -206,11 +268,18 @@ def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
   ``layout`` gives the roles of ``x``'s axes (contracting / channels / stacked layers, see
   :class:`jq.Layout`); without it a 2-D ``x`` is read as a Dense kernel ``(in, out)``.
 
+  ``nan_policy``: ``"raise"`` (default) rejects NaN/Inf in ``x``; ``"zero"`` quantizes them as 0.
+
+  Raises:
+    ValueError: naming ``name``, shape and dtype (and the first bad index): a non-float, scalar or
+      empty ``x``, NaN/Inf values, or values so large that no usable scale covers their range.
+      Value checks run on concrete input; under ``jit`` only inside :func:`jq.qarray.checked`.
+
   Example:
     >>> q = quantize(w, QuantSpec(qtype=QType.INT8))       # per-output-channel int8
     >>> w_hat = q.dequantize(jnp.bfloat16)
   """
-  check_float_input(x, name)
+  x = check_float_input(x, name, nan_policy)
   return _quantize_checked(jnp.asarray(x), spec, name, layout)
 
 
@@ -271,4 +340,4 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *, layout: Layout | None = None) -
 
 
 __all__ = ["compute_params", "quantize", "quantize_with_params", "fake_quant", "dequantize",
-           "check_float_input", "QType"]
+           "check_float_input", "checked", "QType", "NAN_POLICIES"]

@@ -20,6 +20,17 @@ def _is_int(v) -> bool:
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _is_real(v) -> bool:
+  """An int or float (numpy ones too), not a bool."""
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_bool(owner: str, field: str, v) -> None:
+  if not isinstance(v, bool):
+    raise ValueError(f"{owner}.{field}={v!r} must be a bool (True or False), got "
+                     f"{type(v).__name__}")
+
+
 class Granularity(enum.Enum):
   """How many scales a tensor gets.
 
@@ -58,6 +69,14 @@ class Clip:
   min_ratio: float = 0.5
 
   def __post_init__(self):
+    if not isinstance(self.method, ClipMethod):
+      raise ValueError(f"Clip.method must be a ClipMethod, got {self.method!r}")
+    for field in ("ratio", "percentile", "min_ratio"):
+      if not _is_real(getattr(self, field)):
+        raise ValueError(f"Clip.{field}={getattr(self, field)!r} must be a number, got "
+                         f"{type(getattr(self, field)).__name__}")
+    if not _is_int(self.grid):
+      raise ValueError(f"Clip.grid={self.grid!r} must be an int, got {type(self.grid).__name__}")
     if not 0.0 < self.ratio <= 1.0:
       raise ValueError(f"Clip.ratio={self.ratio} must be in (0, 1]")
     if not 0.0 < self.percentile <= 100.0:
@@ -99,8 +118,13 @@ class QuantSpec:
   clip: Clip = Clip()
 
   def __post_init__(self):
+    _check_bool("QuantSpec", "symmetric", self.symmetric)
     if self.channel_axes is not None:
-      if isinstance(self.channel_axes, int):
+      if isinstance(self.channel_axes, (str, bytes)) or not isinstance(
+          self.channel_axes, (int, np.integer, tuple, list)):
+        raise ValueError(f"QuantSpec.channel_axes={self.channel_axes!r} must be a tuple of ints "
+                         "(or None: from the layer's layout)")
+      if isinstance(self.channel_axes, (int, np.integer)):
         object.__setattr__(self, "channel_axes", (self.channel_axes,))
       object.__setattr__(self, "channel_axes", tuple(self.channel_axes))
     if ((self.channel_axes is not None and not all(_is_int(a) for a in self.channel_axes))
@@ -127,7 +151,8 @@ class QuantSpec:
       raise ValueError(f"QuantSpec: group_size={self.group_size} needs granularity=GROUP")
     elif self.group_axis is not None:
       raise ValueError(f"QuantSpec: group_axis={self.group_axis} needs granularity=GROUP")
-    if self.scale_dtype not in ("float32", "bfloat16", "float16"):
+    if not isinstance(self.scale_dtype, str) or self.scale_dtype not in (
+        "float32", "bfloat16", "float16"):
       raise ValueError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: use float32, bfloat16 or float16")
 
   def tile(self, shape: Sequence[int], *, layout: Layout | None = None, name: str = "<tensor>",
@@ -258,6 +283,11 @@ class ActivationSpec:
   symmetric: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.mode, ActMode):
+      raise ValueError(f"ActivationSpec.mode must be an ActMode, got {self.mode!r}")
+    if not isinstance(self.qtype, QType):
+      raise ValueError(f"ActivationSpec.qtype must be a QType, got {self.qtype!r}")
+    _check_bool("ActivationSpec", "symmetric", self.symmetric)
     if self.qtype not in (QType.INT8, QType.UINT8):
       raise ValueError(f"ActivationSpec.qtype={self.qtype}: activations are quantized to 8 bits")
     if self.symmetric and not self.qtype.signed:
@@ -372,6 +402,19 @@ class Rule:
   required: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.pattern, str):
+      raise ValueError(f"Rule.pattern={self.pattern!r} must be a string (a regular expression), "
+                       f"got {type(self.pattern).__name__}")
+    if self.weight is not None and not isinstance(self.weight, QuantSpec):
+      raise ValueError(f"Rule {self.pattern!r}: weight must be a QuantSpec or None, got "
+                       f"{self.weight!r}")
+    if self.activation is not None and not isinstance(self.activation, ActivationSpec):
+      raise ValueError(f"Rule {self.pattern!r}: activation must be an ActivationSpec or None, got "
+                       f"{self.activation!r}")
+    if not isinstance(self.algorithm, Algorithm):
+      raise ValueError(f"Rule {self.pattern!r}: algorithm must be an Algorithm, got "
+                       f"{self.algorithm!r}")
+    _check_bool(f"Rule {self.pattern!r}", "required", self.required)
     try:
       re.compile(self.pattern)
     except re.error as e:

@@ -40,6 +40,49 @@ def _to_json(obj: Any) -> Any:
   return obj
 
 
+def _show(v: Any) -> str:
+  """A JSON value as written in the file (``"false"``, ``2.5``, ``null``)."""
+  try:
+    return json.dumps(v)
+  except (TypeError, ValueError):
+    return repr(v)
+
+
+# Expected JSON types of the spec fields (enum fields: _ENUMS; clip: an object).
+_BOOLS = {"symmetric", "required"}
+_INTS = {"group_size", "group_axis", "grid"}
+_NUMBERS = {"ratio", "percentile", "min_ratio"}
+_STRINGS = {"scale_dtype", "pattern"}
+_NULLABLE = {"group_size", "group_axis", "channel_axes"}
+
+
+def _is_json_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_field_type(k: str, v: Any, where: str) -> None:
+  """Raises ValueError ``"<where>.<k>: expected ..., got <v>"`` when a JSON value has the wrong
+  type for spec/rule field ``k`` (fields not listed here are checked by their dataclass)."""
+  loc = f"{where}.{k}"
+  if v is None and k in _NULLABLE:
+    return
+  if k in _BOOLS and not isinstance(v, bool):
+    raise ValueError(f"{loc}: expected a bool (true or false), got {_show(v)}")
+  if k in _INTS and not _is_json_int(v):
+    raise ValueError(f"{loc}: expected an int{' or null' if k in _NULLABLE else ''}, got "
+                     f"{_show(v)}")
+  if k in _NUMBERS and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+    raise ValueError(f"{loc}: expected a number, got {_show(v)}")
+  if k in _STRINGS and not isinstance(v, str):
+    raise ValueError(f"{loc}: expected a string, got {_show(v)}")
+  if k in _ENUMS and not isinstance(v, str):
+    raise ValueError(f"{loc}: expected one of {[m.value for m in _ENUMS[k]]}, got {_show(v)}")
+  if k == "channel_axes" and not (isinstance(v, list) and all(_is_json_int(a) for a in v)):
+    raise ValueError(f"{loc}: expected a list of ints or null, got {_show(v)}")
+  if k == "clip" and not isinstance(v, dict):
+    raise ValueError(f"{loc}: expected an object, got {_show(v)}")
+
+
 def _build(cls, d: dict[str, Any], where: str):
   if not isinstance(d, dict):
     raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
@@ -50,20 +93,22 @@ def _build(cls, d: dict[str, Any], where: str):
                      f"known: {sorted(names)}")
   kw = {}
   for k, v in d.items():
-    if k in _ENUMS and v is not None:
+    check_field_type(k, v, where)
+    if k in _ENUMS:
       try:
         v = _ENUMS[k](v)
       except ValueError as e:
         raise ValueError(f"{where}: {k}={v!r} is not one of "
                          f"{[m.value for m in _ENUMS[k]]}") from e
-    elif k == "clip" and v is not None:
+    elif k == "clip":
       v = _build(Clip, v, f"{where}.clip")
     elif k == "channel_axes" and v is not None:
-      if not isinstance(v, list):
-        raise ValueError(f"{where}: channel_axes={v!r} must be a list of ints or null")
       v = tuple(v)
     kw[k] = v
-  return cls(**kw)
+  try:
+    return cls(**kw)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
 
 
 def spec_to_json(spec: QuantSpec | ActivationSpec | None) -> Any:
@@ -112,12 +157,24 @@ def options_from_json(d: dict[str, Any] | None, algorithm: Algorithm, where: str
 
 
 def rule_from_json(d: dict[str, Any], where: str = "rule") -> Rule:
+  """A :class:`Rule` from its JSON form.
+
+  Raises:
+    ValueError: naming the JSON location (``rules[2].weight.symmetric: expected a bool (true or
+      false), got "false"``): a missing pattern, unknown fields, or values of the wrong type or
+      range.
+  """
   if not isinstance(d, dict) or "pattern" not in d:
     raise ValueError(f"{where}: a rule needs at least 'pattern' and 'weight'")
   d = dict(d)
   names = {f.name for f in dataclasses.fields(Rule)}
   if set(d) - names:
     raise ValueError(f"{where}: unknown field(s) {sorted(set(d) - names)}; known: {sorted(names)}")
+  for k in ("pattern", "required"):
+    if k in d:
+      check_field_type(k, d[k], where)
+  if "algorithm" in d:
+    check_field_type("algorithm", d["algorithm"], where)
   d["weight"] = spec_from_json(d.get("weight"), f"{where}.weight")
   d["activation"] = activation_from_json(d.get("activation"), f"{where}.activation")
   if "algorithm" in d:

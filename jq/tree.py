@@ -15,7 +15,7 @@ import numpy as np
 
 from jq import metrics
 from jq.layout import Layout
-from jq.qarray import ActivationQuant, QArray, dequantize
+from jq.qarray import ActivationQuant, QArray, check_activation_scale, dequantize
 from jq.quantize import _quantize_checked, check_float_input
 from jq.spec import ActivationSpec, ActMode, Algorithm, Granularity, Rule
 
@@ -106,7 +106,8 @@ def _check_rule_fits(path: str, leaf, rule: Rule) -> None:
 
 def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
                   act_scales: Mapping[str, tuple[jax.Array, jax.Array | None]] | None = None,
-                  layouts: Mapping[str, Layout] | None = None) -> PyTree:
+                  layouts: Mapping[str, Layout] | None = None,
+                  nan_policy: str = "raise") -> PyTree:
   """Returns ``params`` with every leaf that a rule quantizes replaced by a :class:`QArray`.
 
   Pure and jittable (rules are static); under ``jax.jit`` with sharded inputs each leaf keeps its
@@ -121,6 +122,9 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
       (from ``jq.nn.layouts``).  Without it a 2-D kernel is read as Dense ``(in, out)`` and a kernel
       of higher rank needs a spec that names its axes.  With it, every quantized path needs an
       entry (a missing one means no layer jq can run quantized uses that parameter).
+    nan_policy: ``"raise"`` (default): a quantized leaf with NaN/Inf values is an error (checked
+      on concrete leaves; under ``jit`` inside ``jq.qarray.checked()``); ``"zero"``: they are
+      quantized as 0 (see :func:`jq.quantize`).
 
   Example:
     >>> qparams = quantize_tree(params, default_rules(W4A16_G128))
@@ -135,7 +139,7 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
     pl = decided[path]
     if not pl.quantized or isinstance(leaf, QArray):
       return leaf
-    check_float_input(leaf, path)  # once per leaf: the finiteness check reads the whole tensor
+    leaf = check_float_input(leaf, path, nan_policy)  # once per leaf: reads the whole tensor
     _check_rule_fits(path, leaf, pl.rule)
     layout = None
     if layouts is not None:
@@ -157,7 +161,8 @@ def with_activation(q: QArray, act: ActivationSpec | None,
   nothing for weight-only, the dynamic marker, or the calibrated static ``(scale, zero_point)``.
 
   Raises:
-    ValueError: naming the path, shape and dtype, when static mode has no calibrated scale.
+    ValueError: naming the path, shape and dtype, when static mode has no calibrated scale, or
+      one that is not finite and positive (or a zero point outside the qtype's range).
   """
   if act is None:
     return q
@@ -166,6 +171,7 @@ def with_activation(q: QArray, act: ActivationSpec | None,
       raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: static activation "
                        "quantization needs a calibrated input scale; run jq.calibrate first")
     s, z = scale_zp
+    check_activation_scale(s, z, act, f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}")
     aq = ActivationQuant(scale=jnp.asarray(s, jnp.float32), zero_point=z, spec=act)
   else:
     aq = ActivationQuant(scale=None, zero_point=None, spec=act)

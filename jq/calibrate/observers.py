@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jq import numerics
 from jq.quantize import compute_params
@@ -426,11 +427,18 @@ def act_params(lo: jax.Array, hi: jax.Array, activation_spec: ActivationSpec
   if not isinstance(activation_spec, ActivationSpec):
     raise ValueError(f"act_params: activation_spec must be an ActivationSpec, got "
                      f"{activation_spec!r}")
-  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
-  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
   if numerics.is_concrete(lo) and numerics.is_concrete(hi):
     if not (bool(jnp.all(jnp.isfinite(lo))) and bool(jnp.all(jnp.isfinite(hi)))):
       raise ValueError(f"act_params: the range [{lo}, {hi}] is not finite")
+    lo_b, hi_b = jnp.broadcast_arrays(lo, hi)
+    inverted = np.asarray(lo_b > hi_b)
+    if inverted.any():
+      i = tuple(int(a) for a in np.argwhere(inverted)[0])
+      raise ValueError(f"act_params: range shape {tuple(lo_b.shape)} dtype float32 has lo > hi "
+                       f"at {int(inverted.sum())} entries, first at index {i}: "
+                       f"[{float(lo_b[i])}, {float(hi_b[i])}]")
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
   lo, hi = jnp.broadcast_arrays(lo, hi)
   spec = QuantSpec(qtype=activation_spec.qtype, symmetric=activation_spec.symmetric,
                    granularity=Granularity.CHANNEL, channel_axes=(-1,))

@@ -15,9 +15,9 @@ Example:
 """
 from jq.io.atomic import atomic_write, replace_dir
 from jq.io.codec import FORMAT_VERSION, CheckpointError, describe_granularity, rules_from_header
-from jq.io.orbax_io import load_orbax, save_orbax
+from jq.io.orbax_io import load_orbax, load_orbax_header, save_orbax
 from jq.io.safetensors_io import load, load_header, read_tensors, save
 
-__all__ = ["save", "load", "load_header", "read_tensors", "save_orbax", "load_orbax",
+__all__ = ["save", "load", "load_header", "read_tensors", "save_orbax", "load_orbax", "load_orbax_header",
            "CheckpointError", "FORMAT_VERSION", "rules_from_header", "describe_granularity",
            "atomic_write", "replace_dir"]

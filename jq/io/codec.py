@@ -18,8 +18,11 @@ Header schema (format version 1)::
    "rules": [<rule>, ...],   # as passed to save, in jq.spec_json form (a valid --rules file)
    "tree": <node>,           # the container structure
    "leaves": {path: <leaf>, ...},
-   "tensors": {name: {"dtype": "bfloat16", "shape": [64, 32], "crc32": 123}, ...}}
-                             # crc32: zlib CRC-32 of the tensor's little-endian bytes
+   "tensors": {name: {"dtype": "bfloat16", "shape": [64, 32], "crc32": 123,
+                      "sha256": "9f86d0..."}, ...},
+                             # crc32: zlib CRC-32, sha256: SHA-256 (hex) of the tensor's
+                             # little-endian bytes
+   "integrity": {"algorithm": "sha256", "header": "<hex>", "fields": {key: "<hex>", ...}}}
 
   <node> := {"kind": "dict", "items": [[key, <node>], ...]}    # key: str or int, insertion order
           | {"kind": "list" | "tuple", "items": [<node>, ...]}
@@ -37,6 +40,24 @@ Header schema (format version 1)::
              "activation": null | {"mode": "static", "qtype": "int8", "symmetric": true},
              "rule": null | {"index": 3, "pattern": "(^|/)kernel$", "describe": "rtn w:uint4 ..."}}
 
+Integrity.  ``integrity`` and the per-tensor ``sha256`` were added to format version 1 without a
+version bump, on purpose: they are additive (jq releases that predate them ignore unknown keys and
+still read new files) and this reader still loads headers without them.  ``integrity`` is a
+deterministic function of
+the rest of the header: ``fields[key]`` is the SHA-256 of the canonical JSON
+(:func:`canonical_json`: sorted keys, no whitespace, ASCII) of every other top-level entry, ``header`` the SHA-256 of the
+canonical JSON of the whole header without ``integrity``.  Loading recomputes the record and
+compares it whole, so any change to the header (including to the record itself) is a
+:class:`CheckpointError` naming the top-level field(s) that changed; since the tensor digests are
+part of ``tensors``, they are covered too, and ``verify=True`` checks every tensor's bytes against
+its CRC-32 and SHA-256.  A header without ``integrity`` (written before it existed) loads with
+only the CRC-32 checks, and :func:`jq.io.load_header` reports ``"verified": False`` for it; such a
+header must hold exactly the original top-level keys, so a damaged ``integrity`` key name is not
+mistaken for an old checkpoint.
+
+Header JSON is parsed with limits (:data:`MAX_HEADER_JSON_BYTES`, :data:`MAX_JSON_DEPTH` levels of
+nesting; checked before parsing, and on save) and duplicate keys are refused.
+
 Float leaves matched by a skip rule carry ``"rule"`` too; a float kernel matched by a quantizing
 rule (kept float because its layer cannot run quantized) carries it with ``"applied": false``.  Decoding never imports model code: the
 only classes it can build are dict/list/tuple, QArray/ActivationQuant and, when flax is importable,
@@ -44,9 +65,11 @@ only classes it can build are dict/list/tuple, QArray/ActivationQuant and, when 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
+import re
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
@@ -80,6 +103,158 @@ DTYPES: dict[str, np.dtype] = {
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be written or read faithfully (message names path, shape and dtype)."""
+
+
+# ---- JSON with limits, canonical form and digests ----------------------------------------------
+
+MAX_HEADER_JSON_BYTES = 64 << 20   # a jq header (large MoE models need tens of MB, not more)
+MAX_JSON_DEPTH = 128               # nesting levels (a tree level takes three); a safety bound
+INTEGRITY = "integrity"
+DIGEST_ALGORITHM = "sha256"
+_BASE_KEYS = frozenset(("format", "version", "jq_version", "metadata", "rules", "tree", "leaves",
+                        "tensors"))
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise CheckpointError(f"duplicate key {k!r} in a JSON header (the file was tampered with)")
+    out[k] = v
+  return out
+
+
+def json_depth(text: str) -> int:
+  """Deepest ``[``/``{`` nesting of a JSON text (strings skipped), without parsing it."""
+  b = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), np.uint8)
+  step = np.isin(b, (0x5B, 0x7B)).astype(np.int64) - np.isin(b, (0x5D, 0x7D))
+  return int(np.cumsum(step).max(initial=0))
+
+
+def parse_json(raw: bytes | str, what: str, *, max_bytes: int = MAX_HEADER_JSON_BYTES,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+  """Parses a header's JSON with size and depth limits, refusing duplicate keys.
+
+  Raises:
+    CheckpointError: naming ``what``: too large, too deep, not UTF-8, not JSON, duplicate keys.
+  """
+  if len(raw) > max_bytes:
+    raise CheckpointError(f"{what} is {len(raw)} bytes, more than the {max_bytes}-byte limit; the "
+                          "file is corrupt or not a jq checkpoint")
+  try:
+    text = bytes(raw).decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{what} is not valid JSON ({e}); the file is truncated or "
+                          "corrupt") from e
+  depth = json_depth(text)
+  if depth > max_depth:
+    raise CheckpointError(f"{what} nests {depth} levels deep, more than the limit of {max_depth}; "
+                          "the file is corrupt or was crafted")
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+  except CheckpointError as e:
+    raise CheckpointError(f"{what}: {e}") from e
+  except (json.JSONDecodeError, RecursionError) as e:
+    raise CheckpointError(f"{what} is not valid JSON ({type(e).__name__}: {e}); the file is "
+                          "truncated or corrupt") from e
+
+
+def canonical_json(obj: Any) -> bytes:
+  """The canonical JSON bytes digests are taken of: sorted keys, no whitespace, ASCII only."""
+  return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                    allow_nan=False).encode("ascii")
+
+
+def _sha256(obj: Any) -> str:
+  return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def integrity_record(header: Mapping) -> dict:
+  """The ``integrity`` entry a header (given without it) must carry (see module doc)."""
+  plain = {k: v for k, v in header.items() if k != INTEGRITY}
+  return {"algorithm": DIGEST_ALGORITHM, "header": _sha256(plain),
+          "fields": {k: _sha256(v) for k, v in plain.items()}}
+
+
+def seal(header: Mapping) -> dict:
+  """``header`` as it will read back (JSON round trip) with its ``integrity`` record added.
+
+  Raises:
+    CheckpointError: the header would exceed the size or depth limits a reader enforces.
+  """
+  text = json.dumps({k: v for k, v in header.items() if k != INTEGRITY}, separators=(",", ":"),
+                    allow_nan=False)
+  limit = MAX_HEADER_JSON_BYTES // 2  # (room for the digests, string escaping and indentation)
+  if len(text) > limit:
+    raise CheckpointError(f"the checkpoint header would be {len(text)} bytes; jq writes headers "
+                          f"of up to {limit} bytes (readers refuse more than "
+                          f"{MAX_HEADER_JSON_BYTES}); split the tree")
+  depth = json_depth(text)
+  if depth > MAX_JSON_DEPTH:
+    raise CheckpointError(f"the checkpoint header would nest {depth} levels deep; readers refuse "
+                          f"more than {MAX_JSON_DEPTH} (flatten the tree or the metadata)")
+  plain = json.loads(text)
+  plain[INTEGRITY] = integrity_record(plain)
+  return plain
+
+
+def integrity_problem(header: Mapping, *, source: str) -> str | None:
+  """Why ``header`` fails its integrity check (None: it passes, or predates integrity records:
+  see :func:`is_sealed`)."""
+  if INTEGRITY not in header:
+    extra = sorted(set(header) - _BASE_KEYS)
+    if extra:
+      return (f"{source}: the jq header has no {INTEGRITY!r} record but unknown top-level "
+              f"key(s) {extra}; the header is corrupt")
+    return None
+  stored = header[INTEGRITY]
+  want = integrity_record(header)
+  if stored == want:
+    return None
+  if not isinstance(stored, dict) or stored.get("algorithm") != DIGEST_ALGORITHM or not (
+      isinstance(stored.get("fields"), dict)):
+    return (f"{source}: the jq header's {INTEGRITY!r} record is malformed (algorithm "
+            f"{stored.get('algorithm') if isinstance(stored, dict) else stored!r}); the header is "
+            "corrupt")
+  fields = stored["fields"]
+  changed = sorted(k for k in set(fields) | set(want["fields"])
+                   if fields.get(k) != want["fields"].get(k))
+  what = (f"field(s) {changed} differ from what was written" if changed else
+          "its integrity record itself is damaged")
+  return (f"{source}: the jq header fails its SHA-256 check: {what}; the file was modified or is "
+          "corrupt")
+
+
+def is_sealed(header: Mapping) -> bool:
+  """Whether the header carries an integrity record (checkpoints written before it did not)."""
+  return INTEGRITY in header
+
+
+def sha256_hex(data: np.ndarray) -> str:
+  """SHA-256 (hex) of an array's raw little-endian bytes."""
+  return hashlib.sha256(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def tensor_digest_problem(entry: Any, data: np.ndarray, *, chunk: int = 1 << 24) -> str | None:
+  """Why a tensor's raw bytes (a 1-D uint8 array, e.g. a memory map, read ``chunk`` bytes at a
+  time) fail the CRC-32 / SHA-256 its header entry records (None: they pass)."""
+  want_crc = entry.get("crc32") if isinstance(entry, dict) else None
+  want_sha = entry.get("sha256") if isinstance(entry, dict) else None
+  if not isinstance(want_crc, int) or isinstance(want_crc, bool):
+    return f"fails its CRC-32 check (stored {want_crc!r})"
+  crc, sha = 0, hashlib.sha256()
+  for i in range(0, data.size, chunk):
+    part = data[i:i + chunk]
+    crc = zlib.crc32(part, crc)
+    if want_sha is not None:
+      sha.update(part)
+  if crc != want_crc:
+    return f"fails its CRC-32 check (stored {want_crc}, found {crc})"
+  if want_sha is not None and sha.hexdigest() != want_sha:
+    return (f"fails its SHA-256 check (stored {str(want_sha)[:16]}..., found "
+            f"{sha.hexdigest()[:16]}...)")
+  return None
 
 
 def _jq_version() -> str:
@@ -365,10 +540,11 @@ def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
       "format": FORMAT, "version": FORMAT_VERSION, "jq_version": _jq_version(),
       "metadata": user, "rules": [spec_json.rule_to_json(r) for r in rules], "tree": root,
       "leaves": enc.leaves,
-      "tensors": {name: {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": crc32(a)}
+      "tensors": {name: {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": crc32(a),
+                         "sha256": sha256_hex(a)}
                   for name, a in enc.tensors.items()},
   }
-  return header, enc.tensors
+  return seal(header), enc.tensors
 
 
 # ---- decoding ----------------------------------------------------------------------------------
@@ -455,8 +631,13 @@ def check_tensors(header: dict, found: Mapping[str, tuple[np.dtype, tuple[int, .
 
 
 class _Decoder:
-  def __init__(self, header: dict, arrays: Mapping[str, np.ndarray], source: str, verify: bool):
+  """Rebuilds the tree; with ``abstract``, ``arrays`` holds ``jax.ShapeDtypeStruct``s and only the
+  structure is checked (QArrays are validated under ``jax.eval_shape``, no data is read)."""
+
+  def __init__(self, header: dict, arrays: Mapping[str, Any], source: str, verify: bool,
+               abstract: bool = False):
     self.header, self.arrays, self.source, self.verify = header, arrays, source, verify
+    self.abstract = abstract
     self.used: set[str] = set()
     self.seen: set[str] = set()
 
@@ -471,10 +652,12 @@ class _Decoder:
       raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} dtype "
                             f"{arr.dtype}, but the jq header says shape {shape} dtype {dt}")
     if self.verify:
-      want = self.header["tensors"][name].get("crc32")
-      if not isinstance(want, int) or crc32(arr) != want:
-        raise CheckpointError(f"{where}: tensor {name!r} (shape {shape} dtype {dt}) fails its "
-                              f"CRC-32 check (stored {want!r}); the data is corrupt")
+      problem = tensor_digest_problem(
+          self.header["tensors"][name],
+          np.ascontiguousarray(np.asarray(arr)).reshape(-1).view(np.uint8))
+      if problem:
+        raise CheckpointError(f"{where}: tensor {name!r} (shape {shape} dtype {dt}) {problem}; "
+                              "the data is corrupt")
     self.used.add(name)
     return arr
 
@@ -498,6 +681,12 @@ class _Decoder:
       return children if kind == "list" else tuple(children)
     if kind in ("nnx.State", "nnx.Variable"):
       nnx = _nnx()
+      if nnx is None and self.abstract:  # (checking the structure needs no flax: visit children)
+        kids = (_need(n, "items", list, where) if kind == "nnx.State"
+                else [_need(n, "child", dict, where)])
+        for i, c in enumerate(kids):
+          self.node(c, f"{where}/{i}")
+        return None
       if nnx is None:
         raise CheckpointError(f"{where}: the checkpoint holds an {kind}; install flax to load it")
       if kind == "nnx.State":
@@ -543,6 +732,10 @@ class _Decoder:
     if kind == "array":
       arr = self.tensor(_need(info, "tensor", str, where), where)
       typ = info.get("array_type", "jax")
+      if typ not in ("jax", "numpy", "numpy_scalar"):
+        raise CheckpointError(f"{where}: unknown array_type {typ!r}")
+      if self.abstract:
+        return arr
       if typ == "numpy":
         return np.array(arr)
       if typ == "numpy_scalar":
@@ -578,9 +771,8 @@ class _Decoder:
     if sym == ("zero_point" in comps):
       raise CheckpointError(f"{desc}: header says symmetric={sym} but "
                             f"{'lists' if 'zero_point' in comps else 'lacks'} a zero_point tensor")
-    get = lambda c: jnp.asarray(self.tensor(f"{path}.{c}", desc)) if c in comps else None
     act_json = info.get("activation")
-    activation = None
+    spec = None
     if act_json is not None:
       spec = _act_from_json(act_json, desc)
       static = spec.mode is ActMode.STATIC
@@ -588,19 +780,28 @@ class _Decoder:
         raise CheckpointError(f"{desc}: activation mode {spec.mode.value} "
                               f"{'needs' if static else 'takes no'} an act_scale tensor "
                               f"({path}.act_scale)")
-      a_scale, a_zp = get("act_scale"), get("act_zero_point")
-      if a_scale is not None and not jnp.issubdtype(a_scale.dtype, jnp.floating):
-        raise CheckpointError(f"{desc}: act_scale has shape {a_scale.shape} dtype {a_scale.dtype};"
-                              " expected a floating-point scale")
-      activation = ActivationQuant(scale=a_scale, zero_point=a_zp, spec=spec)
     elif "act_scale" in comps or "act_zero_point" in comps:
       raise CheckpointError(f"{desc}: activation tensors stored but no activation spec in header")
-    q = QArray(values=get("values"), scale=get("scale"), zero_point=get("zero_point"),
-               activation=activation, qtype=qtype, shape=shape, tile=tile)
-    try:
-      return q.validate(f"{self.source}: {path}")
-    except ValueError as e:
-      raise CheckpointError(f"{e} (the checkpoint header disagrees with its tensors)") from e
+    parts = {c: self.tensor(f"{path}.{c}", desc) for c in COMPONENTS if c in comps}
+
+    def build(parts: dict) -> QArray:
+      activation = None
+      if spec is not None:
+        a_scale, a_zp = parts.get("act_scale"), parts.get("act_zero_point")
+        if a_scale is not None and not jnp.issubdtype(a_scale.dtype, jnp.floating):
+          raise CheckpointError(f"{desc}: act_scale has shape {a_scale.shape} dtype "
+                                f"{a_scale.dtype}; expected a floating-point scale")
+        activation = ActivationQuant(scale=a_scale, zero_point=a_zp, spec=spec)
+      q = QArray(values=parts["values"], scale=parts["scale"], zero_point=parts.get("zero_point"),
+                 activation=activation, qtype=qtype, shape=shape, tile=tile)
+      try:
+        return q.validate(f"{self.source}: {path}")
+      except ValueError as e:
+        raise CheckpointError(f"{e} (the checkpoint header disagrees with its tensors)") from e
+
+    if self.abstract:  # tracers: shapes and dtypes checked, value checks skipped
+      return jax.eval_shape(build, parts)
+    return build({c: jnp.asarray(v) for c, v in parts.items()})
 
 
 def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
@@ -617,7 +818,12 @@ def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
     CheckpointError: any disagreement between header and tensors, naming path, shape and dtype.
   """
   check_header(header, source=source)
-  dec = _Decoder(header, arrays, source, verify)
+  return _decode(header, arrays, source=source, verify=verify, abstract=False)
+
+
+def _decode(header: dict, arrays: Mapping[str, Any], *, source: str, verify: bool,
+            abstract: bool) -> PyTree:
+  dec = _Decoder(header, arrays, source, verify, abstract)
   tree = dec.node(header["tree"], source)
   unused = set(header["tensors"]) - dec.used
   if unused:
@@ -630,6 +836,50 @@ def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
   return tree
 
 
+def check_structure(header: dict, *, source: str) -> None:
+  """Checks that the header describes a tree its own tensor specs can fill (every QArray's
+  storage shapes and dtypes, every leaf's tensor), reading no tensor data.
+
+  Raises:
+    CheckpointError: naming the path, as :func:`decode` would.
+  """
+  abstract = {n: jax.ShapeDtypeStruct(shape, dt)
+              for n, (dt, shape) in tensor_specs(header, source=source).items()}
+  _decode(header, abstract, source=source, verify=False, abstract=True)
+
+
+def verify_header(header: Any, found: Mapping[str, tuple[np.dtype, tuple[int, ...]]] | None, *,
+                  source: str) -> bool:
+  """All checks of a parsed header that need no tensor data; returns whether it was sealed.
+
+  Checks the format and version, the integrity record (:func:`integrity_problem`), that the
+  container holds exactly the tensors listed (``found``: ``{name: (dtype, shape)}``, None to skip)
+  and that the tree can be built from them (:func:`check_structure`).  Where the header was
+  modified, the more specific of the two messages comes first and the digest failure is appended.
+
+  Raises:
+    CheckpointError: naming the file and the field, path or tensor.
+  """
+  check_header(header, source=source)
+  problem = integrity_problem(header, source=source)
+  try:
+    if found is not None:
+      check_tensors(header, found, source=source)
+    check_structure(header, source=source)
+  except CheckpointError as e:
+    if problem:
+      raise CheckpointError(f"{e}\n(also: {problem})") from e
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a damaged header can break anything)
+    raise CheckpointError(problem or f"{source}: the jq header is malformed "
+                          f"({type(e).__name__}: {e})") from e
+  if problem:
+    raise CheckpointError(problem)
+  return is_sealed(header)
+
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "COMPONENTS", "DTYPES", "CheckpointError", "encode",
            "decode", "check_header", "check_tensors", "tensor_specs", "rules_from_header",
-           "describe_granularity", "crc32", "host_array"]
+           "describe_granularity", "crc32", "host_array", "sha256_hex", "parse_json",
+           "canonical_json", "integrity_record", "integrity_problem", "is_sealed", "seal",
+           "check_structure", "verify_header", "tensor_digest_problem", "MAX_HEADER_JSON_BYTES", "MAX_JSON_DEPTH"]

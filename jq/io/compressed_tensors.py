@@ -600,38 +600,187 @@ def export_model(params: Any, path: str | os.PathLike, *, config: Any = None,
 # Import.
 # ------------------------------------------------------------------------------------------------
 
+_MAX_UNBOUNDED_REPEATS = 4      # `.*` / `+` / `{n,}` per pattern (each multiplies backtracking)
+_MAX_PATTERN_CHARS = 1000
+_BRACES = re.compile(r"\{(\d+)\}|\{(\d*),(\d*)\}")
+_PATTERNS: dict[str, re.Pattern] = {}
+
+
+def _regex_risk(pattern: str) -> str | None:
+  """Why ``pattern`` could backtrack catastrophically (None: it cannot by this syntactic check).
+
+  Refused: a group repeated more than once (``*``, ``+``, ``{n,}``, ``{n,m}`` with ``m > 1``)
+  that itself contains a repetition or an alternation (``(?:.+)+``, ``(a|a)*``: exponential
+  time), more than :data:`_MAX_UNBOUNDED_REPEATS` unbounded repetitions (``.*.*.*...``: a high
+  polynomial), or more than :data:`_MAX_PATTERN_CHARS` characters.  Conservative: some harmless
+  patterns (``(?:q|k)+``) are refused too; ``ignore``/``targets`` patterns in real checkpoints
+  (``re:.*lm_head``, ``re:model.layers.*.mlp.gate$``) pass.
+  """
+  if len(pattern) > _MAX_PATTERN_CHARS:
+    return f"is longer than {_MAX_PATTERN_CHARS} characters"
+  stack = [[False, False]]      # per open group: [holds a repetition, holds an alternation]
+  closed = None                 # flags of the group that just closed (what a quantifier repeats)
+  unbounded, i, n = 0, 0, len(pattern)
+  while i < n:
+    c = pattern[i]
+    if c == "\\":
+      i, closed = i + 2, None
+      continue
+    if c == "[":                # a character class is one atom
+      j = i + 1
+      j += j < n and pattern[j] == "^"
+      j += j < n and pattern[j] == "]"
+      while j < n and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+      i, closed = j + 1, None
+      continue
+    if c == "(":
+      stack.append([False, False])
+      i, closed = i + 1, None
+      continue
+    if c == ")" and len(stack) > 1:
+      closed = stack.pop()
+      stack[-1][0] |= closed[0]
+      stack[-1][1] |= closed[1]
+      i += 1
+      continue
+    most, length = -1, 0        # the quantifier at i: its maximum count (None: unbounded)
+    if c in "*+":
+      most, length = None, 1
+    elif c == "?":
+      most, length = 1, 1
+    elif c == "{":
+      m = _BRACES.match(pattern, i)
+      if m:
+        most = int(m.group(1)) if m.group(1) else (int(m.group(3)) if m.group(3) else None)
+        length = m.end() - i
+    if length:
+      if most is None or most > 1:
+        if closed is not None and (closed[0] or closed[1]):
+          return ("repeats a group that itself contains a repetition or an alternation (nested "
+                  "quantifiers can take exponential time)")
+        unbounded += most is None
+      stack[-1][0] = True
+      i += length
+      i += i < n and pattern[i] in "?+"   # lazy / possessive
+      closed = None
+      continue
+    if c == "|":
+      stack[-1][1] = True
+    i, closed = i + 1, None
+  if unbounded > _MAX_UNBOUNDED_REPEATS:
+    return (f"has {unbounded} unbounded repetitions (more than {_MAX_UNBOUNDED_REPEATS} can take "
+            "a very long time to fail)")
+  return None
+
+
+def _compiled(pattern: str) -> re.Pattern:
+  """``pattern`` compiled, once checked by :func:`_regex_risk` (cached)."""
+  hit = _PATTERNS.get(pattern)
+  if hit is None:
+    risk = _regex_risk(pattern)
+    if risk:
+      raise CompressedTensorsError(f"quantization_config: pattern 're:{pattern}' {risk}; jq "
+                                   "refuses it (rewrite it without nested repetition)")
+    try:
+      hit = re.compile(pattern)
+    except re.error as e:
+      raise CompressedTensorsError(f"quantization_config: pattern 're:{pattern}' is not a valid "
+                                   f"regular expression ({e})") from e
+    _PATTERNS[pattern] = hit
+  return hit
+
+
 def _matches(module: str, target: str) -> bool:
+  if not isinstance(target, str):
+    raise CompressedTensorsError(f"quantization_config: target/ignore entry {target!r} is not a "
+                                 "string")
   if target.startswith("re:"):
-    return re.match(target[3:], module) is not None
+    return _compiled(target[3:]).match(module) is not None
   if target == "Linear":
     return module == "lm_head" or (_HF_LAYER_RE.fullmatch(module) is not None
                                    and module.rsplit(".", 1)[-1].endswith("_proj"))
   return target == module
 
 
+def _str_list(v: Any, where: str) -> list[str]:
+  if v is None:
+    return []
+  if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+    raise CompressedTensorsError(f"quantization_config.{where} must be a list of strings, got "
+                                 f"{v!r}")
+  return v
+
+
 def _scheme_for(module: str, qconfig: Mapping[str, Any]) -> tuple[dict, dict | None, str] | None:
-  if any(_matches(module, t) for t in qconfig.get("ignore") or []):
+  if any(_matches(module, t) for t in _str_list(qconfig.get("ignore"), "ignore")):
     return None
-  for name, g in (qconfig.get("config_groups") or {}).items():
+  groups = qconfig.get("config_groups") or {}
+  if not isinstance(groups, Mapping):
+    raise CompressedTensorsError(f"quantization_config.config_groups is not a mapping: {groups!r}")
+  for name, g in groups.items():
     if not isinstance(g, Mapping):
       raise CompressedTensorsError(f"quantization_config.config_groups.{name} is a preset "
                                    f"reference ({g!r}); only explicit schemes are supported")
-    if any(_matches(module, t) for t in g.get("targets") or []):
-      return g.get("weights"), g.get("input_activations"), g.get("format") or qconfig.get("format")
+    if any(_matches(module, t) for t in _str_list(g.get("targets"), f"config_groups.{name}."
+                                                  "targets")):
+      w, a = g.get("weights"), g.get("input_activations")
+      for what, d in (("weights", w), ("input_activations", a)):
+        if d is not None and not isinstance(d, Mapping):
+          raise CompressedTensorsError(f"quantization_config.config_groups.{name}.{what} is not "
+                                       f"a mapping: {d!r}")
+      return w, a, g.get("format") or qconfig.get("format")
   return None
+
+
+def _shard_files(path: Path, index: Path) -> dict[str, list[str]]:
+  """``{shard file name: [tensor names]}`` from ``model.safetensors.index.json``, every file
+  checked to lie inside the checkpoint directory."""
+  try:
+    idx = json.loads(index.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise CompressedTensorsError(f"{index}: not valid JSON ({e})") from e
+  wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+  if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in wmap.items()):
+    raise CompressedTensorsError(f"{index}: 'weight_map' must map tensor names to file names")
+  root = path.resolve()
+  files: dict[str, list[str]] = {}
+  for name, fname in wmap.items():
+    files.setdefault(fname, []).append(name)
+  for fname in files:
+    target = root / fname
+    # the directory holding the shard must lie inside the checkpoint (the file itself may be a
+    # symlink, as in the Hugging Face cache, where snapshots link to ../../blobs/<hash>)
+    parent = target.parent.resolve()
+    if (os.path.isabs(fname) or ".." in Path(fname).parts
+        or not (parent == root or root in parent.parents)):
+      raise CompressedTensorsError(f"{index}: weight_map names {fname!r}, which lies outside the "
+                                   f"checkpoint directory {root}; refusing to read it")
+  return files
 
 
 def _read_all(path: Path) -> dict[str, np.ndarray]:
   index = path / "model.safetensors.index.json"
   if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = _shard_files(path, index)
   elif (path / "model.safetensors").is_file():
-    files = ["model.safetensors"]
+    files = {"model.safetensors": None}
   else:
     raise FileNotFoundError(f"{path}: no model.safetensors (or model.safetensors.index.json)")
   out: dict[str, np.ndarray] = {}
-  for fname in files:
-    out.update(read_tensors(path / fname))
+  origin: dict[str, str] = {}
+  for fname in sorted(files):
+    ts = read_tensors(path / fname)
+    for name in files[fname] or ():
+      if name not in ts:
+        raise CompressedTensorsError(f"{index}: weight_map puts tensor {name!r} in {fname}, but "
+                                     "that file does not hold it")
+    for name, arr in ts.items():
+      if name in out:
+        raise CompressedTensorsError(f"{path}: tensor {name!r} is stored in both "
+                                     f"{origin[name]} and {fname}")
+      out[name], origin[name] = arr, fname
   return out
 
 
@@ -700,34 +849,97 @@ def _set(tree: dict, path: str, value: Any) -> None:
   tree[parts[-1]] = value
 
 
+_MODULE_TENSORS = frozenset(("weight", "weight_packed", "weight_shape", "weight_scale",
+                             "weight_zero_point", "input_scale", "input_zero_point"))
+
+
+def _flag(d: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+  v = d.get(key, default)
+  if v is None:
+    return default
+  if not isinstance(v, bool):
+    raise CompressedTensorsError(f"{where}: {key}={v!r} is not a boolean")
+  return v
+
+
+def _positive_scales(x: np.ndarray, what: str, where: str) -> None:
+  x = np.asarray(x)
+  if not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+    raise CompressedTensorsError(f"{where}: {what} has shape {x.shape} dtype {x.dtype}; expected "
+                                 "floating-point scales")
+  f = x.astype(np.float32)
+  bad = ~(np.isfinite(f) & (f > 0))
+  if bad.any():
+    i = np.unravel_index(int(np.argmax(bad)), f.shape) if f.ndim else ()
+    raise CompressedTensorsError(f"{where}: {what} must be finite and positive; {int(bad.sum())} "
+                                 f"of {f.size} are not, first at index {tuple(map(int, i))}: "
+                                 f"{f[i]}")
+
+
+def _int_zero_points(z: np.ndarray, what: str, lo: int, hi: int, where: str) -> np.ndarray:
+  z = np.asarray(z)
+  if not np.issubdtype(z.dtype, np.integer):
+    raise CompressedTensorsError(f"{where}: {what} has dtype {z.dtype}; expected integers")
+  if z.size and (z.min() < lo or z.max() > hi):
+    raise CompressedTensorsError(f"{where}: {what} span [{z.min()}, {z.max()}], outside "
+                                 f"[{lo}, {hi}]")
+  return z
+
+
 def _qarray_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[str, Any],
                         a: Mapping[str, Any] | None, fmt: str | None) -> QArray:
   where = f"{module} (tensors {sorted(ts)})"
+  unknown = sorted(set(ts) - _MODULE_TENSORS)
+  if unknown:
+    raise CompressedTensorsError(f"{where}: tensors {unknown} are not part of a compressed-tensors "
+                                 "int scheme jq reads (e.g. g_idx activation reordering); "
+                                 "refusing to ignore them")
   if w.get("type", "int") != "int":
     raise CompressedTensorsError(f"{where}: weight type {w.get('type')!r} is not supported (int only)")
-  bits = int(w.get("num_bits", 8))
-  if bits not in (2, 3, 4, 8):
-    raise CompressedTensorsError(f"{where}: num_bits={bits}; jq supports 2, 3, 4 and 8")
-  sym = bool(w.get("symmetric", True))
+  bits = w.get("num_bits", 8)
+  if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
+    raise CompressedTensorsError(f"{where}: num_bits={bits!r}; jq supports 2, 3, 4 and 8")
+  sym = _flag(w, "symmetric", True, f"{where}: weights")
   strategy = w.get("strategy") or ("group" if w.get("group_size") else "tensor")
   if strategy not in ("tensor", "channel", "group"):
     raise CompressedTensorsError(f"{where}: weight strategy {strategy!r} is not supported")
-  g = int(w["group_size"]) if strategy == "group" else None
+  g = w.get("group_size") if strategy == "group" else None
+  if strategy == "group" and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+    raise CompressedTensorsError(f"{where}: group_size={g!r} is not a positive integer")
   if "weight_scale" not in ts:
     raise CompressedTensorsError(f"{where}: missing weight_scale")
   scale = ts["weight_scale"]
+  _positive_scales(scale, "weight_scale", where)
+  if sym and "weight_zero_point" in ts:
+    raise CompressedTensorsError(f"{where}: the scheme says symmetric=true but the module stores a "
+                                 "weight_zero_point (the config and the data disagree)")
   if "weight_packed" in ts:
     if "weight_shape" not in ts:
       raise CompressedTensorsError(f"{where}: weight_packed without weight_shape")
-    shape = tuple(int(s) for s in np.asarray(ts["weight_shape"]).reshape(-1))
-    if len(shape) != 2:
-      raise CompressedTensorsError(f"{where}: weight_shape {shape} is not 2-D")
+    ws = np.asarray(ts["weight_shape"])
+    if not np.issubdtype(ws.dtype, np.integer) or ws.size != 2 or ws.min() < 0:
+      raise CompressedTensorsError(f"{where}: weight_shape {ws.tolist()} (dtype {ws.dtype}) is not "
+                                   "two non-negative integers")
+    shape = tuple(int(s) for s in ws.reshape(-1))
+    packed = np.asarray(ts["weight_packed"])
     try:
-      qv = unpack_int32(ts["weight_packed"], bits, shape)
+      qv = unpack_int32(packed, bits, shape)
     except ValueError as e:
       raise CompressedTensorsError(f"{where}: {e}") from e
+    # the words must be exactly the packing of weight_shape's values: a shorter weight_shape would
+    # otherwise silently drop the values in the last word (whose padding must be zero)
+    if not np.array_equal(pack_int32(qv, bits), packed):
+      raise CompressedTensorsError(
+          f"{where}: weight_shape {list(shape)} disagrees with weight_packed {packed.shape}: the "
+          f"packed words hold {bits}-bit values beyond column {shape[1]} (nonzero padding)")
   elif "weight" in ts and ts["weight"].dtype == np.int8:
+    stated = np.asarray(ts.get("weight_shape", ts["weight"].shape)).reshape(-1).tolist()
+    if tuple(stated) != ts["weight"].shape:
+      raise CompressedTensorsError(f"{where}: weight_shape {stated} disagrees with the int8 "
+                                   f"weight's shape {ts['weight'].shape}")
     qv = ts["weight"]
+    if qv.ndim != 2:
+      raise CompressedTensorsError(f"{where}: int8 weight has shape {qv.shape}; expected 2-D")
     shape = qv.shape
   else:
     raise CompressedTensorsError(f"{where}: format {fmt!r} needs weight_packed (pack-quantized) or "
@@ -753,28 +965,55 @@ def _qarray_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[st
         zp = unpack_int32(z, bits, want, packed_dim=0)
       except ValueError as e:
         raise CompressedTensorsError(f"{where}: weight_zero_point: {e}") from e
+      if not np.array_equal(pack_int32(zp, bits, packed_dim=0), z):
+        raise CompressedTensorsError(f"{where}: weight_zero_point {z.shape} holds values beyond "
+                                     f"the {want[0]} output rows (nonzero padding)")
     else:
-      zp = np.asarray(z).reshape(want)
-      if zp.size and (zp.min() < lo or zp.max() > hi):
-        raise CompressedTensorsError(f"{where}: zero points outside int{bits}")
+      z = _int_zero_points(z, "weight_zero_point", lo, hi, where)
+      if (z.size != 1) if strategy == "tensor" else (tuple(z.shape) != want):
+        raise CompressedTensorsError(f"{where}: weight_zero_point shape {z.shape}, expected {want} "
+                                     f"for strategy {strategy}")
+      zp = z.reshape(want)
   act = None
-  if a is not None:
-    if int(a.get("num_bits", 8)) != 8 or a.get("type", "int") != "int" or bits != 8:
+  if a is None:
+    stray = sorted({"input_scale", "input_zero_point"} & set(ts))
+    if stray:
+      raise CompressedTensorsError(f"{where}: {stray} stored but the scheme quantizes no input "
+                                   "activations")
+  else:
+    if a.get("num_bits", 8) != 8 or a.get("type", "int") != "int" or bits != 8:
       raise CompressedTensorsError(f"{where}: input activations {a} are not int8 (jq: W8A8 only)")
-    asym = not bool(a.get("symmetric", True))
-    spec = ActivationSpec(mode=ActMode.DYNAMIC if a.get("dynamic") else ActMode.STATIC,
+    asym = not _flag(a, "symmetric", True, f"{where}: input_activations")
+    dynamic = _flag(a, "dynamic", False, f"{where}: input_activations")
+    spec = ActivationSpec(mode=ActMode.DYNAMIC if dynamic else ActMode.STATIC,
                           qtype=QType.UINT8 if asym else QType.INT8, symmetric=not asym)
     if spec.mode is ActMode.STATIC:
       if a.get("strategy") != "tensor" or "input_scale" not in ts:
         raise CompressedTensorsError(f"{where}: static activations need strategy 'tensor' and an "
                                      "input_scale tensor")
+      if asym != ("input_zero_point" in ts):
+        raise CompressedTensorsError(
+            f"{where}: input_activations say symmetric={not asym} but the module "
+            f"{'lacks' if asym else 'stores'} an input_zero_point (the config and the data "
+            "disagree)")
+      if np.asarray(ts["input_scale"]).size != 1:
+        raise CompressedTensorsError(f"{where}: input_scale has shape {ts['input_scale'].shape}; "
+                                     "expected one per-tensor scale")
+      _positive_scales(ts["input_scale"], "input_scale", where)
       s = jnp.asarray(np.asarray(ts["input_scale"], np.float32).reshape(()))
       z = None
       if asym:
-        z = jnp.asarray((np.asarray(ts["input_zero_point"]).astype(np.int32).reshape(()) + 128
-                         ).astype(np.uint8))
+        iz = _int_zero_points(ts["input_zero_point"], "input_zero_point", -128, 127, where)
+        if iz.size != 1:
+          raise CompressedTensorsError(f"{where}: input_zero_point has shape {iz.shape}; expected "
+                                       "one per-tensor zero point")
+        z = jnp.asarray((iz.astype(np.int32).reshape(()) + 128).astype(np.uint8))
       act = ActivationQuant(scale=s, zero_point=z, spec=spec)
     else:
+      stray = sorted({"input_scale", "input_zero_point"} & set(ts))
+      if stray:
+        raise CompressedTensorsError(f"{where}: {stray} stored but the input activations are "
+                                     "dynamic (per-token scales computed at run time)")
       act = ActivationQuant(scale=None, zero_point=None, spec=spec)
   q = _qarray_from_ct(np.asarray(qv), np.asarray(scale).reshape(want) if strategy != "tensor"
                       else np.asarray(scale).reshape(1), zp, bits, sym, strategy, g, act)

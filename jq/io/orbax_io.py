@@ -5,8 +5,9 @@ two items,
 
 * ``tensors``: a flat ``{tensor name: array}`` dict saved with ``StandardSave`` (names as in the
   safetensors format: ``params/dense/kernel.values``, ``.scale``, ``.zero_point``, ...);
-* ``jq``: the jq JSON header (tree structure, QArray static metadata, rules, CRC-32s, user
-  metadata) saved with ``JsonSave``,
+* ``jq``: the jq JSON header (tree structure, QArray static metadata, rules, per-tensor CRC-32s
+  and SHA-256s, user metadata, and the header's own SHA-256 integrity record; see
+  :mod:`jq.io.codec`) saved with ``JsonSave``,
 
 so QArray's static fields (qtype, shape, tile, activation spec) and the container structure
 round-trip exactly without pickling a treedef.
@@ -88,6 +89,40 @@ def _stored_specs(ocp, path: str, source: str) -> dict[str, tuple[np.dtype, tupl
   return {name: (np.dtype(m.dtype), tuple(m.shape)) for name, m in tree.items()}
 
 
+def _read_header(ocp, ckpt, src: str) -> Any:
+  """The jq header item: parsed here with jq's limits (size, depth, no duplicate keys) when it is
+  the plain JSON file ``jq/metadata`` orbax's JsonSave writes, else restored by orbax."""
+  meta = os.path.join(src, _HEADER, "metadata")
+  if os.path.isfile(meta):
+    size = os.path.getsize(meta)
+    if size > codec.MAX_HEADER_JSON_BYTES:
+      raise CheckpointError(f"{meta}: the jq header is {size} bytes, more than the "
+                            f"{codec.MAX_HEADER_JSON_BYTES}-byte limit; the checkpoint is corrupt")
+    with open(meta, "rb") as f:
+      return codec.parse_json(f.read(), f"{meta}: jq header")
+  try:
+    return ckpt.restore(src, args=ocp.args.Composite(**{_HEADER: ocp.args.JsonRestore()}))[_HEADER]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{src}: cannot read the jq header item: {e}") from e
+
+
+def load_orbax_header(directory: str | os.PathLike) -> dict:
+  """The jq header of an orbax checkpoint (checked, incl. its integrity record), without tensors.
+
+  Raises:
+    CheckpointError: as :func:`load_orbax` for the header.
+  """
+  src = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(os.path.join(src, _HEADER)):
+    raise CheckpointError(f"{src}: not a jq orbax checkpoint (no {_HEADER!r} item; write it with "
+                          "jq.io.save_orbax)")
+  ocp = _orbax()
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    header = _read_header(ocp, ckpt, src)
+  codec.check_header(header, source=src)
+  return header
+
+
 def load_orbax(directory: str | os.PathLike, *, verify: bool = True,
                shardings: PyTree | None = None) -> PyTree:
   """Loads a checkpoint written by :func:`save_orbax` (arrays on the default device, or laid out
@@ -98,17 +133,18 @@ def load_orbax(directory: str | os.PathLike, *, verify: bool = True,
 
   Args:
     directory: the checkpoint directory.
-    verify: check each tensor's CRC-32 against the header (this copies one tensor at a time to
-      the host).
+    verify: check each tensor's CRC-32 and SHA-256 against the header (this copies one tensor
+      at a time to the host); False skips only these, never the header's own integrity check.
     shardings: None, or a shardings tree as for :func:`jq.io.load`.
 
   Example:
     >>> qparams = jq.io.load_orbax("ckpt/", shardings=jq.sharding.shardings(qshapes, float_sh))
 
   Raises:
-    CheckpointError: not a jq orbax checkpoint, an unknown format version, a header that
-      disagrees with the stored tensors (naming path, shape and dtype), or a shardings tree that
-      differs from the stored tree (naming the path).
+    CheckpointError: not a jq orbax checkpoint, an unknown format version, a header that fails
+      its SHA-256 integrity check (naming the field) or disagrees with the stored tensors (naming
+      path, shape and dtype), tensor bytes that fail their CRC-32/SHA-256, unreadable tensor data,
+      or a shardings tree that differs from the stored tree (naming the path).
   """
   src = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(os.path.join(src, _HEADER)):
@@ -116,25 +152,27 @@ def load_orbax(directory: str | os.PathLike, *, verify: bool = True,
                           "jq.io.save_orbax)")
   ocp = _orbax()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    try:
-      header = ckpt.restore(src, args=ocp.args.Composite(
-          **{_HEADER: ocp.args.JsonRestore()}))[_HEADER]
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"{src}: cannot read the jq header item: {e}") from e
+    header = _read_header(ocp, ckpt, src)
     codec.check_header(header, source=src)
     want = codec.tensor_specs(header, source=src)
+    has_tensors = os.path.isdir(os.path.join(src, _TENSORS))
+    if want and not has_tensors:
+      raise CheckpointError(f"{src}: the jq header lists {len(want)} tensors but the checkpoint "
+                            f"has no {_TENSORS!r} item")
+    found = _stored_specs(ocp, os.path.join(src, _TENSORS), src) if has_tensors else {}
+    codec.verify_header(header, found, source=src)  # (always, also without verify)
     placement = {} if shardings is None else tensor_shardings(header, shardings, source=src)
     arrays: dict[str, Any] = {}
-    if want or os.path.isdir(os.path.join(src, _TENSORS)):
-      if not os.path.isdir(os.path.join(src, _TENSORS)):
-        raise CheckpointError(f"{src}: the jq header lists {len(want)} tensors but the checkpoint "
-                              f"has no {_TENSORS!r} item")
-      codec.check_tensors(header, _stored_specs(ocp, os.path.join(src, _TENSORS), src), source=src)
+    if want:
       default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       abstract = {n: jax.ShapeDtypeStruct(shape, dt, sharding=placement.get(n) or default)
                   for n, (dt, shape) in want.items()}
-      arrays = ckpt.restore(src, args=ocp.args.Composite(
-          **{_TENSORS: ocp.args.StandardRestore(abstract)}))[_TENSORS]
+      try:
+        arrays = ckpt.restore(src, args=ocp.args.Composite(
+            **{_TENSORS: ocp.args.StandardRestore(abstract)}))[_TENSORS]
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore raises many types)
+        raise CheckpointError(f"{src}: cannot read the tensor data ({type(e).__name__}: {e}); "
+                              "the checkpoint is corrupt") from e
   tree = codec.decode(header, arrays, source=src, verify=verify)
   if shardings is not None:
     check_shardings_tree(tree, shardings, source=src)

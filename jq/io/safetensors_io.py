@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -64,21 +63,9 @@ class TensorInfo:
   end: int
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-  out = {}
-  for k, v in pairs:
-    if k in out:
-      raise CheckpointError(f"duplicate key {k!r} in a JSON header (the file was tampered with)")
-    out[k] = v
-  return out
-
-
-def _parse_json(raw: bytes | str, what: str) -> Any:
-  try:
-    return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{what} is not valid JSON ({e}); the file is truncated or "
-                          "corrupt") from e
+def _parse_json(raw: bytes | str, what: str, max_bytes: int = codec.MAX_HEADER_JSON_BYTES) -> Any:
+  """JSON with size/depth limits and no duplicate keys (:func:`jq.io.codec.parse_json`)."""
+  return codec.parse_json(raw, what, max_bytes=max_bytes)
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -132,7 +119,8 @@ def save(path: str | os.PathLike, tree: PyTree, *, metadata: Mapping[str, Any] |
   ``<path>.scale``, ``<path>.zero_point``, plus ``.act_scale``/``.act_zero_point`` for static
   activations); other array leaves as ``<path>`` in their own dtype (bfloat16 included).  The jq
   JSON header (tree structure, per-tensor qtype/shape/tile/granularity, activation spec, the rule
-  that produced each leaf, CRC-32 of every tensor and ``metadata``) goes in ``__metadata__["jq"]``.
+  that produced each leaf, CRC-32 and SHA-256 of every tensor, ``metadata`` and the header's own
+  SHA-256 integrity record) goes in ``__metadata__["jq"]``.
   A failed write leaves an existing file at ``path`` untouched.
 
   Args:
@@ -168,7 +156,7 @@ def _read_header(f: BinaryIO, source: str) -> tuple[dict[str, TensorInfo], dict[
   if n > MAX_HEADER_BYTES or n > size - 8:
     raise CheckpointError(f"{source}: header length {n} exceeds the file size {size} (or the "
                           f"{MAX_HEADER_BYTES}-byte limit); truncated or not safetensors")
-  hdr = _parse_json(f.read(n), f"{source}: safetensors header")
+  hdr = _parse_json(f.read(n), f"{source}: safetensors header", MAX_HEADER_BYTES)
   if not isinstance(hdr, dict):
     raise CheckpointError(f"{source}: safetensors header is not a JSON object")
   meta = hdr.pop("__metadata__", None) or {}
@@ -270,20 +258,32 @@ def _jq_header(meta: Mapping[str, str], source: str) -> dict:
   return codec.check_header(_parse_json(meta[HEADER_KEY], f"{source}: jq header"), source=source)
 
 
+def _found(infos: Mapping[str, TensorInfo]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+  return {n: (t.dtype, t.shape) for n, t in infos.items()}
+
+
 def load_header(path: str | os.PathLike) -> dict:
-  """The jq JSON header of a checkpoint (reads no tensor data).
+  """The jq JSON header of a checkpoint, checked (reads no tensor data).
+
+  The header's integrity record (SHA-256 of every field, see :mod:`jq.io.codec`) is checked, as
+  are the tensor table and the tree it describes.
 
   Returns:
     The header dict (schema in :mod:`jq.io.codec`): ``header["metadata"]`` is the user metadata,
     ``header["leaves"][path]`` the per-leaf qtype/shape/tile/granularity/activation/rule,
-    ``jq.io.rules_from_header(header)`` the rules as objects.
+    ``jq.io.rules_from_header(header)`` the rules as objects.  ``header["verified"]`` (added
+    here, not stored) is True when the header carried an integrity record and it matched, False
+    for checkpoints written before jq stored one (nothing to check the header against).
 
   Raises:
-    CheckpointError: not a safetensors file, not a jq checkpoint, or an unknown format version.
+    CheckpointError: not a safetensors file, not a jq checkpoint, an unknown format version, or a
+      header that fails its integrity check or disagrees with the tensor table.
   """
+  source = os.fspath(path)
   infos, meta = read_safetensors_header(path)
-  del infos
-  return _jq_header(meta, os.fspath(path))
+  header = _jq_header(meta, source)
+  verified = codec.verify_header(header, _found(infos), source=source)
+  return {**header, "verified": verified}
 
 
 # ---- sharded reading (shared with the orbax format) --------------------------------------------
@@ -449,14 +449,6 @@ def check_shardings_tree(tree: PyTree, shardings: PyTree, *, source: str) -> Non
                           f"{s_def} here, but the checkpoint has {t_def}")
 
 
-def _crc32_stream(data: np.ndarray, chunk: int = 1 << 24) -> int:
-  """CRC-32 of a 1-D uint8 array, read ``chunk`` bytes at a time (a memmap stays on disk)."""
-  crc = 0
-  for i in range(0, data.size, chunk):
-    crc = zlib.crc32(data[i:i + chunk], crc)
-  return crc
-
-
 def _copy_slice(host: np.ndarray, index: Any) -> np.ndarray:
   """One device's slice of a memory-mapped tensor, copied: on CPU, jax would otherwise alias the
   file mapping (a file truncated later would then crash the process).  Read-only, so that jax
@@ -470,7 +462,8 @@ class _PlacedArrays(_Tensors):
   """Tensors of a memory-mapped file as jax arrays laid out by their shardings: each device
   receives only its own slice, read from the page cache (numpy views where the sharding is None).
 
-  With ``verify``, each tensor's CRC-32 is checked first by streaming its bytes on the host.
+  With ``verify``, each tensor's CRC-32 and SHA-256 are checked first by streaming its bytes on
+  the host.
   """
 
   def __init__(self, data: np.ndarray, infos: dict[str, TensorInfo], header: dict,
@@ -482,10 +475,10 @@ class _PlacedArrays(_Tensors):
     t = self._infos[name]
     raw = self._data[t.begin:t.end]
     if self._verify:
-      want = self._header["tensors"].get(name, {}).get("crc32")
-      if not isinstance(want, int) or _crc32_stream(raw) != want:
+      problem = codec.tensor_digest_problem(self._header["tensors"].get(name, {}), raw)
+      if problem:
         raise CheckpointError(f"{self._source}: tensor {name!r} (shape {t.shape} dtype {t.dtype}) "
-                              f"fails its CRC-32 check (stored {want!r}); the data is corrupt")
+                              f"{problem}; the data is corrupt")
     host = raw.view(t.dtype).reshape(t.shape)
     sharding = self._placement.get(name)
     if sharding is None:
@@ -503,11 +496,16 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
 
   With ``shardings``, each array is built with ``jax.make_array_from_callback`` from a memory map
   of the file: every device receives only its own slice, copied from the mapping, and no tensor
-  is first read whole into host memory (CRC-32s are computed by streaming the mapped bytes).
+  is first read whole into host memory (digests are computed by streaming the mapped bytes).
+
+  The header's own integrity record (SHA-256 of every header field) is always checked, whatever
+  ``verify`` says; a checkpoint written before jq stored one loads with only the per-tensor CRC-32
+  checks (:func:`load_header` then reports ``"verified": False``).
 
   Args:
     path: a ``.safetensors`` file written by :func:`save`.
-    verify: check each tensor's CRC-32 (catches flipped or overwritten bytes).
+    verify: check each tensor's CRC-32 and SHA-256 (catches flipped or overwritten bytes);
+      False skips only these per-tensor checks (faster), never the header's.
     shardings: None (default device), or a tree with the loaded tree's structure whose leaves are
       ``jax.sharding.Sharding``s (QArrays expanded as by :func:`jq.sharding.shardings`, or one
       NamedSharding per QArray: its fields are then split like the float kernel's) or
@@ -520,16 +518,17 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
     ...                      shardings=jq.sharding.shardings(qshapes, float_shardings))
 
   Raises:
-    CheckpointError (a ValueError): truncated or corrupt file, a header that disagrees with the
-      tensors (naming the parameter path, shape and dtype), a file without a jq header, an
-      unknown format version, or a shardings tree that differs from the stored tree (naming the
-      path).
+    CheckpointError (a ValueError): truncated or corrupt file, a header that fails its SHA-256
+      integrity check (naming the field) or disagrees with the tensors (naming the parameter
+      path, shape and dtype), a tensor whose bytes fail their CRC-32/SHA-256 (naming it), a
+      file without a jq header, an unknown format version, a header too large or too deeply
+      nested, or a shardings tree that differs from the stored tree (naming the path).
   """
   source = os.fspath(path)
   with open(source, "rb") as f:
     infos, meta, start = _read_header(f, source)
     header = _jq_header(meta, source)
-    codec.check_tensors(header, {n: (t.dtype, t.shape) for n, t in infos.items()}, source=source)
+    codec.verify_header(header, _found(infos), source=source)  # (always, also without verify)
     if shardings is None:
       return codec.decode(header, _LazyArrays(f, infos, start, source), source=source,
                           verify=verify)
@@ -537,7 +536,7 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
     data = (np.memmap(f, np.uint8, mode="r", offset=start)  # (outlives the file object)
             if os.fstat(f.fileno()).st_size > start else np.zeros(0, np.uint8))
   arrays = _PlacedArrays(data, infos, header, placement, source, verify)
-  tree = codec.decode(header, arrays, source=source, verify=False)  # (CRCs checked by arrays)
+  tree = codec.decode(header, arrays, source=source, verify=False)  # (digests checked by arrays)
   check_shardings_tree(tree, shardings, source=source)
   return tree
 

@@ -31,8 +31,8 @@ def _q(seed: int, shape, spec: QuantSpec) -> QArray:
   """A valid QArray with random storage, built in numpy (fast; checkpoints don't care)."""
   rng = np.random.default_rng(seed)
   qt, tile = spec.qtype, spec.tile(shape)
-  info = np.iinfo(qt.storage_dtype)
-  values = rng.integers(info.min, info.max, jq.numerics.packed_shape(shape, qt), endpoint=True)
+  codes = rng.integers(qt.qmin, qt.qmax, tuple(shape), endpoint=True).astype(qt.unpacked_dtype)
+  values = np.asarray(jq.numerics.pack(jnp.asarray(codes), qt))   # codes within the qtype's range
   tiles = jq.numerics.num_tiles(shape, tile)
   scale = rng.uniform(0.01, 1.0, tiles).astype(jnp.dtype(spec.scale_dtype))
   zp = None if spec.symmetric else jnp.asarray(

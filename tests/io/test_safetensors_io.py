@@ -40,9 +40,8 @@ def _q(seed: int, shape, spec: QuantSpec) -> QArray:
   how the numbers were chosen; building them in numpy keeps the tests fast)."""
   rng = np.random.default_rng(seed)
   qt, tile = spec.qtype, spec.tile(shape)
-  packed = jq.numerics.packed_shape(shape, qt)
-  info = np.iinfo(qt.storage_dtype)
-  values = rng.integers(info.min, info.max, packed, endpoint=True).astype(qt.storage_dtype)
+  codes = rng.integers(qt.qmin, qt.qmax, tuple(shape), endpoint=True).astype(qt.unpacked_dtype)
+  values = np.asarray(jq.numerics.pack(jnp.asarray(codes), qt))   # codes within the qtype's range
   tiles = jq.numerics.num_tiles(shape, tile)
   scale = rng.uniform(0.01, 1.0, tiles).astype(jnp.dtype(spec.scale_dtype))
   zp = None if spec.symmetric else rng.integers(qt.qmin, qt.qmax, tiles, endpoint=True).astype(

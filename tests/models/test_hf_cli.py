@@ -68,6 +68,13 @@ def test_export_keeps_the_family_config(tiny_hf, tmp_path, capsys):
     assert cli.main(["eval", str(ckpt), "--json", *SMALL]) == 0
     kl.append(json.loads(capsys.readouterr().out)["kl"])
   assert abs(kl[0] - kl[1]) < 1e-6
+  # the same checkpoint as an orbax directory: inspect and eval read it too
+  orbax_dir = tmp_path / "orbax"
+  jqio.save_orbax(orbax_dir, jqio.load(out), metadata=jqio.load_header(out)["metadata"])
+  assert cli.main(["inspect", str(orbax_dir)]) == 0
+  assert "params/layers_0/attn/q_proj/kernel" in capsys.readouterr().out
+  assert cli.main(["eval", str(orbax_dir), "--json", *SMALL]) == 0
+  assert abs(json.loads(capsys.readouterr().out)["kl"] - kl[0]) < 1e-6
 
 
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):

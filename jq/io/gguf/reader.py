@@ -42,7 +42,8 @@ class _GGUFFile:
 
   gguf-py's ``GGUFReader`` builds a numpy view per metadata element, which takes ~10 s for a
   50k-token vocabulary; this reads the same fields with ``struct`` in well under a second and
-  reports truncation and inconsistencies as :class:`GGUFFormatError`.
+  reports truncation and inconsistencies (tensors past the end of the file or overlapping one
+  another) as :class:`GGUFFormatError`.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -162,6 +163,19 @@ class _GGUFFile:
                               f"{start + offset + nbytes} but the file has {len(self.buf)} bytes "
                               "(truncated?)")
       self.tensors.append(_TensorInfo(name, shape, t, start + offset, nbytes))
+    self._check_disjoint()
+
+  def _check_disjoint(self) -> None:
+    """Tensor data ranges may not overlap (two tensors would share bytes: a crafted or corrupt
+    table), nor run past the end of the file (checked above, per tensor)."""
+    spans = sorted((ti for ti in self.tensors if ti.nbytes), key=lambda ti: ti.offset)
+    for prev, ti in zip(spans, spans[1:]):
+      if ti.offset < prev.offset + prev.nbytes:
+        raise GGUFFormatError(
+            f"{self.path}: tensors {prev.name!r} ({prev.type.name} {prev.shape}, bytes "
+            f"[{prev.offset}, {prev.offset + prev.nbytes})) and {ti.name!r} ({ti.type.name} "
+            f"{ti.shape}, bytes [{ti.offset}, {ti.offset + ti.nbytes})) overlap; the tensor table "
+            "is corrupt")
 
   def tensor_bytes(self, ti: _TensorInfo) -> np.ndarray:
     return self.data[ti.offset:ti.offset + ti.nbytes]
