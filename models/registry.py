@@ -134,6 +134,14 @@ def _decoder(config):
   return decoder.Decoder(config)
 
 
+def _check_vocab(tok, config, where: str) -> None:
+  """A tokenizer with ids past the embedding table would be clamped silently by the lookup."""
+  if tok.vocab_size > config.vocab_size:
+    raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                     f"vocabulary has {config.vocab_size} rows; ids past it have no embedding "
+                     "(a tokenizer from another model?)")
+
+
 def _load_hf(path: Path) -> CausalLM:
   import jax
   from jq_models import hf
@@ -141,6 +149,7 @@ def _load_hf(path: Path) -> CausalLM:
     raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
   config, params = hf.load_weights(path)
   tok = hf.load_tokenizer(path)
+  _check_vocab(tok, config, f"{path / 'tokenizer.json'} vs {path / 'config.json'} vocab_size")
   family = hf.read_json(path / "config.json").get("model_type")
   return CausalLM(name=path.resolve().name, config=config, module=_decoder(config),
                   params=jax.tree.map(jax.numpy.asarray, params), tokenizer=tok,
@@ -153,8 +162,10 @@ def _load_gguf(path: Path) -> CausalLM:
   reader = gguf_weights.open_gguf(path)
   config = gguf_weights.read_config(reader)
   params = gguf_weights.read_gguf_params(path, config)
+  tok = tokenizer.load_tokenizer(path)
+  _check_vocab(tok, config, f"{path}: tokenizer.ggml.tokens vs the token_embd rows")
   return CausalLM(name=path.stem, config=config, module=_decoder(config), params=params,
-                  tokenizer=tokenizer.load_tokenizer(path), gguf_path=path,
+                  tokenizer=tok, gguf_path=path,
                   source={"kind": "gguf", "path": str(path.resolve()),
                           "family": gguf_weights.metadata(reader)["general.architecture"],
                           "config": config.to_json()})

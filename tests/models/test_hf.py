@@ -137,6 +137,9 @@ def test_bad_checkpoints_name_file_and_field(tiny_hf, tmp_path):
   (tok_dir / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
   with pytest.raises(hf.CheckpointError, match="tokenizer.json: the tokenizer cannot be built"):
     hf.load_tokenizer(tok_dir)
+  small = tiny_hf("qwen2", "small", vocab_size=200)   # its tokenizer has 261 tokens
+  with pytest.raises(ValueError, match=r"tokenizer has 2\d\d tokens but the model.s vocabulary has 200 rows"):
+    registry.load(str(small))
   with pytest.raises(ValueError, match="not a Hugging Face checkpoint"):
     registry.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such file"):
