@@ -133,8 +133,8 @@ def _ckpt_kind(path: str) -> str:
                      "quantization_config; quantize it first (jq-quant quantize --model "
                      f"{path})")
   if p.is_dir():
-    raise ValueError(f"{path} is a directory, not a checkpoint (a jq .safetensors file, a .gguf "
-                     "file or a compressed-tensors directory)")
+    raise ValueError(f"{path} is a directory, not a checkpoint (a jq .safetensors file, a jq "
+                     "orbax directory, a .gguf file or a compressed-tensors directory)")
   return "jq"
 
 
@@ -180,8 +180,12 @@ def _load_ckpt(path: str, override: str | None = None):
   meta = _ckpt_metadata(path, kind)
   model = _float_model(path, meta, override)
   if kind == "gguf":
-    from jq.io.gguf import load_gguf_params
-    _, params, _ = load_gguf_params(path)
+    from jq.io.gguf import load_gguf_params, read_gguf_metadata
+    if read_gguf_metadata(path).get("general.architecture") == "llama":
+      _, params, _ = load_gguf_params(path)      # exact QArrays where the type has a jq twin
+    else:                                        # other architectures: their dequantized values
+      from jq_models import gguf_weights
+      params = gguf_weights.read_gguf_params(path, model.config)
     qvars = {"params": params}
   elif kind == "compressed-tensors":
     from jq.io import compressed_tensors

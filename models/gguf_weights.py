@@ -226,6 +226,8 @@ def _read_params(reader: gguf.GGUFReader, c: DecoderConfig) -> dict[str, Any]:
       w = unpermute_qk(w, c.num_heads if name.qk == "q" else c.num_kv_heads)
     if name.transpose:
       w = w.T
+    if name.path[-1] == "scale" and c.norm_offset:   # llama.cpp stores Gemma's norms as 1 + w
+      w = w - np.float32(c.norm_offset)
     want = decoder_names.expected_shape(name.path, c)
     if w.shape != want:
       raise GGUFError(f"GGUF tensor {t.name} -> params/{name.jq}: shape {w.shape}, expected "

@@ -136,6 +136,10 @@ def test_quantized_export_to_every_architecture_round_trips(tiny_hf, tmp_path, f
   want = np.asarray(model.apply(jq.dequantize_tree(q), ids))
   got = np.asarray(decoder.Decoder(back_config).apply({"params": back}, ids))
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  # read into the source's own config (Gemma: norms stored as 1 + w come back as w)
+  again = gguf_weights.read_gguf_params(out, config)
+  got = np.asarray(model.apply({"params": again}, ids))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
 def test_architecture_mismatches_are_named():
@@ -191,3 +195,26 @@ def test_llama_cpp_runs_every_exported_architecture(tiny_hf, tmp_path, family):
   got = np.asarray(llm.scores[:len(ids)], np.float32)
   want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
   assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, family   # seen: 3e-4 .. 8e-4
+
+
+def test_cli_evaluates_a_gemma2_gguf_like_its_checkpoint(tiny_hf, tmp_path, capsys):
+  """eval of a non-llama GGUF jq wrote reads it into the source's config (1 + w norms back to w)
+  and gives the jq checkpoint's KL."""
+  from jq import cli
+  from jq import io as jqio
+  from jq.io import gguf as G
+  src = tiny_hf("gemma2", **OVERRIDES["gemma2"])
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "q.gguf"
+  small = ["--eval-windows", "1", "--window", "64"]
+  assert cli.main(["quantize", "--model", str(src), "--recipe", "gguf-q8_0", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  meta = jqio.load_header(ckpt)["metadata"]
+  model = registry.load(str(src))
+  G.export_gguf(jqio.load(ckpt), model.config, None, out, "q8_0", arch="gemma2",
+                extra_metadata={"jq.source": json.dumps(meta["source"]), "jq.recipe": "gguf-q8_0"})
+  capsys.readouterr()
+  kl = []
+  for path in (ckpt, out):
+    assert cli.main(["eval", str(path), "--json", *small]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert abs(kl[0] - kl[1]) < 1e-6
