@@ -399,7 +399,7 @@ def cmd_export(args) -> int:
     record = {"jq.source": json.dumps(source)} | ({"jq.recipe": recipe} if recipe else {})
     types = export_model(model, qvars, args.out, ggml_type=args.type,
                          embed_type=args.embed_type, requantize=args.requantize, notes=notes,
-                         extra_metadata=record, arch=arch)
+                         extra_metadata=record, arch=arch, progress=True)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
@@ -417,7 +417,7 @@ def cmd_export(args) -> int:
           "tokenizer.json", "tokenizer_config.json", "generation_config.json",
           "special_tokens_map.json", "chat_template.jinja") if (src / f).is_file()}
     compressed_tensors.export_model(qvars, args.out, model=model, requantize=args.requantize,
-                                    notes=notes, **kw)
+                                    notes=notes, progress=True, **kw)
     summary = ""
   for line in notes:
     _print("  " + line)

@@ -453,7 +453,8 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                               hf_config_extra: Mapping[str, Any] | None = None,
                               extra_files: Mapping[str, str | bytes] | None = None,
                               hf_config: Mapping[str, Any] | None = None,
-                              notes: list[str] | None = None) -> dict[str, Any]:
+                              notes: list[str] | None = None,
+                              progress: bool = False) -> dict[str, Any]:
   """Writes a decoder param tree with jq int8/int4 (int3/int2) kernels as a compressed-tensors dir.
 
   The directory gets ``model.safetensors`` and ``config.json`` (``LlamaForCausalLM`` plus
@@ -473,6 +474,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     hf_config: the source checkpoint's ``config.json``; written (with ``quantization_config``)
       instead of a Llama config, so every family keeps its own architecture and fields.
     notes: when given, one line per re-rounded layer (from which grid to which).
+    progress: show a bar over the tensors while packing.
 
   Returns:
     The ``quantization_config`` written.
@@ -488,7 +490,11 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   schemes: dict[_Scheme, list[str]] = {}
   float_linears: list[str] = []
   embed_dtype = None
-  for p, leaf in leaves_with_paths(tree):
+  leaves = leaves_with_paths(tree)
+  if progress:
+    from tqdm.auto import tqdm
+    leaves = tqdm(leaves, desc="packing", unit="tensor", leave=False)
+  for p, leaf in leaves:
     if p not in names:
       raise CompressedTensorsError(f"params/{p}: not a tensor of this decoder config (expected "
                                    f"e.g. {sorted(names)[:3]})")

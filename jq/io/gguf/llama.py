@@ -303,7 +303,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
                 tensor_types: Mapping[str, GGMLType | str] | None = None,
                 requantize: bool = False, name: str | None = None,
                 extra_metadata: Mapping[str, Any] | None = None,
-                notes: list[str] | None = None, arch: str = "llama") -> dict[str, GGMLType]:
+                notes: list[str] | None = None, arch: str = "llama",
+                progress: bool = False) -> dict[str, GGMLType]:
   """Writes a Llama-family param tree (float and/or QArray leaves) as a llama.cpp GGUF.
 
   Tensor names and hyperparameters are those llama.cpp's ``llama`` architecture reads
@@ -338,6 +339,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       ``DecoderConfig``: biases, q/k norms, Gemma's norms and soft-capping, sliding layers, RoPE
       scaling) must be ones that architecture runs as the config says; anything llama.cpp would
       compute differently is refused by name (see :func:`arch_problems`).
+    progress: show a bar over the tensors while encoding.
 
   Returns:
     ``{GGUF tensor name: type written}``.
@@ -401,6 +403,9 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   # Encode everything before touching the file system.
   encoded: list[tuple[str, np.ndarray, GGMLType]] = []
   written: dict[str, GGMLType] = {}
+  if progress:
+    from tqdm.auto import tqdm
+    entries = tqdm(entries, desc="encoding", unit="tensor", leave=False)
   for gname, leaf, kind, p in entries:
     if kind == "norm":
       t = GGMLType.F32
