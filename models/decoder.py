@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
+
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
@@ -257,32 +259,6 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any 
   keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(keys=keys, values=values, index=jnp.zeros((), jnp.int32))
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
-  """RoPE inverse frequencies ``(head_dim / 2,)`` float32, as Hugging Face computes them."""
-  inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                      / np.float32(head_dim)))).astype(np.float32)
-  if scaling is None:
-    return inv
-  if scaling.kind == "linear":
-    return (inv / np.float32(scaling.factor)).astype(np.float32)
-  if scaling.kind == "factors":
-    if len(scaling.factors) != inv.shape[0]:
-      raise ValueError(f"RopeScaling: {len(scaling.factors)} factors for head_dim {head_dim} "
-                       f"(need {inv.shape[0]})")
-    return (inv / np.asarray(scaling.factors, np.float32)).astype(np.float32)
-  # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
-  old = scaling.original_max_position_embeddings
-  low_wavelen = old / scaling.low_freq_factor
-  high_wavelen = old / scaling.high_freq_factor
-  wavelen = 2 * math.pi / inv
-  scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
-  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
-                                                       - scaling.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) -> jax.Array:

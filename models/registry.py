@@ -189,8 +189,9 @@ def load_source(source: dict[str, Any], *, override: str | None = None) -> Causa
                             "there any more; pass --model PATH to say where it is now")
   model = load(where)
   want = source.get("config")
-  if want is not None and getattr(model.config, "to_json", None) and model.config.to_json() != want:
-    diff = sorted(k for k in want if model.config.to_json().get(k) != want[k])
+  have = model.config.to_json() if hasattr(model.config, "to_json") else None
+  if want is not None and have is not None and have != want:
+    diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
     raise ValueError(f"{where}: its config differs from the one the checkpoint was made from "
                      f"(fields {diff})")
   return model

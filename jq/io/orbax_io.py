@@ -106,16 +106,22 @@ def _read_header(ocp, ckpt, src: str) -> Any:
     raise CheckpointError(f"{src}: cannot read the jq header item: {e}") from e
 
 
+def _checkpoint_dir(directory: str | os.PathLike) -> str:
+  """The absolute path of a jq orbax checkpoint directory (one with jq's header item)."""
+  src = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(os.path.join(src, _HEADER)):
+    raise CheckpointError(f"{src}: not a jq orbax checkpoint (no {_HEADER!r} item; write it with "
+                          "jq.io.save_orbax)")
+  return src
+
+
 def load_orbax_header(directory: str | os.PathLike) -> dict:
   """The jq header of an orbax checkpoint (checked, incl. its integrity record), without tensors.
 
   Raises:
     CheckpointError: as :func:`load_orbax` for the header.
   """
-  src = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(os.path.join(src, _HEADER)):
-    raise CheckpointError(f"{src}: not a jq orbax checkpoint (no {_HEADER!r} item; write it with "
-                          "jq.io.save_orbax)")
+  src = _checkpoint_dir(directory)
   ocp = _orbax()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     header = _read_header(ocp, ckpt, src)
@@ -146,10 +152,7 @@ def load_orbax(directory: str | os.PathLike, *, verify: bool = True,
       path, shape and dtype), tensor bytes that fail their CRC-32/SHA-256, unreadable tensor data,
       or a shardings tree that differs from the stored tree (naming the path).
   """
-  src = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(os.path.join(src, _HEADER)):
-    raise CheckpointError(f"{src}: not a jq orbax checkpoint (no {_HEADER!r} item; write it with "
-                          "jq.io.save_orbax)")
+  src = _checkpoint_dir(directory)
   ocp = _orbax()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     header = _read_header(ocp, ckpt, src)

@@ -36,6 +36,24 @@ def _f16_bytes(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.astype(np.float16).reshape(-1, 1)).view(np.uint8)
 
 
+def _q6_k_block_bytes(L: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """ggml's Q6_K super-block bytes ``(nb, 210)`` from 6-bit codes ``L`` (biased by 32, shape
+  ``(nb, 256)``), int8 sub-block scales ``sc`` ``(nb, 16)`` and fp16-representable ``d`` ``(nb,)``.
+
+  Per 128-value half: ``ql[l] = L[l] | L[l+64] << 4``, ``ql[l+32] = L[l+32] | L[l+96] << 4``,
+  ``qh[l] = L[l]>>4 | L[l+32]>>4 << 2 | L[l+64]>>4 << 4 | L[l+96]>>4 << 6``.
+  """
+  nb = L.shape[0]
+  L = L.astype(np.uint8).reshape(nb, 2, 4, 32)
+  lo = L & np.uint8(0x0F)
+  ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
+                       lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
+  hi = L >> np.uint8(4)
+  qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
+        | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
+  return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+
+
 def _encode(f: _Fields, t: GGMLType) -> np.ndarray:
   """Block bytes (n, type_size) of decoded fields."""
   u = f.codes

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from jq.io.hints import REQUANTIZE_HINT
-from jq.io.gguf.blocks import _f16_bytes, _Fields
+from jq.io.gguf.blocks import _Fields, _q6_k_block_bytes
 from jq.io.gguf.qarray_np import _expand_np, _unpacked_np
-from jq.io.gguf.types import _ASYM_QMAX, _SYM, GGMLType, GGUFExportError
+from jq.io.gguf.types import _ASYM_QMAX, _SYM, QK_K, GGMLType, GGUFExportError
 from jq.qarray import QArray
 
 
@@ -144,15 +144,8 @@ def _fit_q6_k(q: QArray, block_axis: int, name: str) -> np.ndarray | None:
       done |= ok
   if not done.all():
     return None
-  L = (sign_out[:, :, None] * kb + 32).astype(np.uint8).reshape(nb, 2, 4, 32)
-  lo = L & np.uint8(0x0F)
-  ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
-                       lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
-  hi = L >> np.uint8(4)
-  qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
-        | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
-  out = np.concatenate([ql, qh, sc_out.view(np.uint8), _f16_bytes(d_out)], axis=1)
-  return out.reshape(rows, -1)
+  L = (sign_out[:, :, None] * kb + 32).reshape(nb, QK_K)
+  return _q6_k_block_bytes(L, sc_out, d_out).reshape(rows, -1)
 
 
 def _raise_unrepresentable(ok: np.ndarray, kb, sb, t: GGMLType, name: str, need: str) -> None:

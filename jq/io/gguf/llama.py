@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.io import decoder_names
+from jq.io.rope import rope_inv_freq
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.codec import encode_tensor
 from jq.io.gguf.metadata import _add_kv
@@ -284,17 +285,8 @@ def _rope_freqs(config: Any, head_dim: int) -> np.ndarray | None:
     return None
   if scaling.kind == "factors":
     return np.asarray(scaling.factors, np.float32)
-  theta = float(config.rope_theta)
-  base = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                      / np.float32(head_dim)))
-  old = scaling.original_max_position_embeddings
-  wavelen = 2 * np.pi / base
-  smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
-                                                       - scaling.low_freq_factor)
-  factors = np.where(wavelen < old / scaling.high_freq_factor, 1.0,
-                     np.where(wavelen > old / scaling.low_freq_factor, scaling.factor,
-                              1.0 / ((1 - smooth) / scaling.factor + smooth)))
-  return factors.astype(np.float32)
+  base = rope_inv_freq(head_dim, float(config.rope_theta))
+  return (base / rope_inv_freq(head_dim, float(config.rope_theta), scaling)).astype(np.float32)
 
 
 def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | None,

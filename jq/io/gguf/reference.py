@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jq.io.gguf.blocks import _f16_bytes, _Fields
+from jq.io.gguf.blocks import _f16_bytes, _Fields, _q6_k_block_bytes
 from jq.io.gguf.types import _ASYM_QMAX, QK_K, GGMLType, GGUFExportError
 
 
@@ -120,16 +120,8 @@ def _q6_k_bytes(rows: np.ndarray) -> np.ndarray:
     sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
     dl = d.astype(f32)[:, None] * sc.astype(f32)                          # (nb, 16)
     lq = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -32, 31) + 32
-  L = np.where((dl != 0)[:, :, None], lq, L).reshape(nb, 2, 4, 32).astype(np.uint8)
-  # per 128-value half: ql[l] = L[l] | L[l+64] << 4, ql[l+32] = L[l+32] | L[l+96] << 4,
-  # qh[l] = L[l]>>4 | L[l+32]>>4 << 2 | L[l+64]>>4 << 4 | L[l+96]>>4 << 6
-  lo = L & np.uint8(0x0F)
-  ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
-                       lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
-  hi = L >> np.uint8(4)
-  qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
-        | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
-  out = np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+  L = np.where((dl != 0)[:, :, None], lq, L).reshape(nb, QK_K)
+  out = _q6_k_block_bytes(L, sc, d)
   out[zero] = 0
   return out
 
