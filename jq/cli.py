@@ -421,8 +421,9 @@ def cmd_export(args) -> int:
     summary = ""
   for line in notes:
     _print("  " + line)
-  if notes:
-    _print(f"{len(notes)} tensors changed grid (listed above)")
+  changed = sum(1 for line in notes if line.startswith("params/"))
+  if changed:
+    _print(f"{changed} tensors changed grid (listed above)")
   if summary:
     _print(summary)
   _print(f"wrote {args.out}")

@@ -553,6 +553,11 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     # to run compressed, it decompresses on load and gets the values right. vLLM and
     # compressed-tensors ignore the key.
     qconfig["run_compressed"] = False
+    if len(schemes) > 1 and notes is not None:
+      notes.append(f"{len(schemes)} weight schemes with zero points in one checkpoint: vLLM loads "
+                   "it, transformers 5.x does not (its decompression applies the first config "
+                   "group's scheme to every dense layer); re-quantize with one grid for "
+                   "transformers")
   dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                 np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(np.dtype(embed_dtype or np.float32),
                                                               "float32")
