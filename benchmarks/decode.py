@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
 from jq import ops as jq_ops  # noqa: E402
-from jq.ops import _compat, pallas_w8a8, pallas_wo, reference  # noqa: E402
+from jq import _compat  # noqa: E402
+from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant, QArray  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
 

@@ -34,7 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
-from jq.ops import _compat, pallas_w8a8, pallas_wo, reference  # noqa: E402
+from jq import _compat  # noqa: E402
+from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq import numerics
+from jq import _compat, numerics
 from jq.qtypes import QType
 from jq.spec import ActivationSpec
 
@@ -25,7 +25,7 @@ from jq.spec import ActivationSpec
 # ``jax.make_user_context`` (JAX >= 0.8) is part of the jit cache key, so a function traced inside
 # :func:`checked` is retraced (with checks) and one traced outside keeps no checks.  Older JAX: a
 # plain flag, read at trace time.
-_MAKE_CONTEXT = getattr(jax, "make_user_context", None)
+_MAKE_CONTEXT = _compat.make_user_context
 _CHECKS = _MAKE_CONTEXT(False) if _MAKE_CONTEXT is not None else None
 _LOCAL = threading.local()
 _FAILURES: list[str] = []  # messages of failed checks raised inside jax.debug.callback

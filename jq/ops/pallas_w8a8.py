@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
-from jq.ops import _compat
+from jq import _compat
 from jq.ops.pallas_wo import BlockConfig
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType

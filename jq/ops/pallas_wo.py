@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
-from jq.ops import _compat
+from jq import _compat
 from jq.qarray import QArray
 from jq.qtypes import QType
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from jq import spec as S
-from jq.ops import _compat, pallas_w8a8, pallas_wo, reference
+from jq import _compat
+from jq.ops import pallas_w8a8, pallas_wo, reference
 from jq.qarray import ActivationQuant
 from jq.quantize import quantize as _quantize_eager
 from jq.qtypes import QType

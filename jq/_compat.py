@@ -1,6 +1,10 @@
-"""The one place where jq's Pallas kernels meet version-dependent JAX APIs.
+"""The one place where jq meets version-dependent JAX APIs (the version guards).
 
-The kernels target the Pallas GPU *Triton* backend on JAX 0.10.x (CPU development, interpret mode)
+* ``make_user_context``: ``jax.make_user_context`` (JAX >= 0.8), a context whose value is part of
+  the jit cache key; None on older JAX (:mod:`jq.qarray`'s checked mode then falls back to a
+  thread-local flag read at trace time).
+
+The Pallas kernels target the Pallas GPU *Triton* backend on JAX 0.10.x (CPU development, interpret mode)
 and 0.11.x (the CUDA image).  Everything that moved, was renamed or is deprecated across those
 versions is resolved here once, so kernel modules import only stable names from this file:
 
@@ -29,6 +33,8 @@ except ImportError:  # pragma: no cover - very old JAX
 
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
+make_user_context = getattr(jax, "make_user_context", None)
+
 _CompilerParams = (getattr(_pltriton, "CompilerParams", None)
                    or getattr(_pltriton, "TritonCompilerParams", None))
 
@@ -49,7 +55,7 @@ def _resolve(name: str):
     def missing(*args, **kwargs):
       raise NotImplementedError(f"jax {jax.__version__} has neither "
                                 f"jax.experimental.pallas.triton.{name} nor pallas.{name}; "
-                                "update jq/ops/_compat.py")
+                                "update jq/_compat.py")
     return missing
   return fn
 
