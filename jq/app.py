@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import nn as jqnn
+from jq import stream
 from jq import tree as jqtree
 from jq.eval.perplexity import compare
 from jq.eval import sensitivity
@@ -49,7 +50,7 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
                        config=cfg, progress=progress)
       return res.variables, res.ref, res.log
     lays = jqnn.layouts(model.module, model.variables, jax.ShapeDtypeStruct((1, 8), jnp.int32))
-    return (jax.jit(lambda v: jqtree.quantize_tree(v, rules, layouts=lays))(model.variables),
+    return (stream.quantize_in_memory(model.variables, rules, layouts=lays, progress=progress),
             model.variables, [])
   state = float_variables(model)
   if recipes.needs_calibration(rules):   # the generic road: any nnx model, no adapter

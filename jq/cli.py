@@ -70,6 +70,8 @@ def cmd_quantize(args) -> int:
   from jq_models import registry
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
+  if _streamed(args, rules):
+    return _quantize_streamed(args, rules, recipe, t0)
   if args.out:                      # and so does an --out that cannot be written
     _check_out_file(args.out)
   _print(f"loading {args.model} ...")
@@ -100,6 +102,104 @@ def cmd_quantize(args) -> int:
   return 0
 
 
+def _streamed(args, rules) -> bool:
+  """Whether ``quantize`` takes the streamed road: ``--stream``, or a Hugging Face checkpoint
+  whose weights exceed ``--stream-above`` GiB with a recipe that needs no calibration."""
+  from jq.ptq import recipes
+  from jq_models import hf
+  is_hf = Path(args.model).is_dir() and hf.is_checkpoint_dir(args.model)
+  calibrated = recipes.needs_calibration(rules)
+  if args.stream:
+    if not is_hf:
+      raise ValueError(f"--stream reads a Hugging Face checkpoint directory (config.json + "
+                       f"safetensors); --model {args.model} is not one")
+    if calibrated:
+      raise ValueError("--stream rounds to nearest tensor by tensor; this recipe calibrates "
+                       "(GPTQ/AWQ/SmoothQuant or static activation scales), which needs the "
+                       "model in memory: drop --stream")
+    return True
+  if not is_hf:
+    return False
+  size = hf.checkpoint_bytes(args.model)
+  if size <= args.stream_above * 2**30:
+    return False
+  if calibrated:
+    _print(f"note: {args.model} holds {size / 2**30:.1f} GiB of weights (over --stream-above "
+           f"{args.stream_above:g}); calibration recipes load the whole model into memory")
+    return False
+  return True
+
+
+def _check_out_dir(out: str) -> None:
+  """``--out`` names a directory jq can create: its parent exists and is writable, it is not a
+  file."""
+  import os
+  p = Path(out)
+  if p.exists() and not p.is_dir():
+    raise ValueError(f"--out {out} is a file; the streamed road writes a directory of shards")
+  parent = p.resolve().parent
+  if not parent.is_dir():
+    raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
+  if not os.access(parent, os.W_OK):
+    raise PermissionError(f"--out {out}: directory {parent} is not writable")
+
+
+def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
+  """``quantize`` tensor by tensor from the checkpoint's files into a sharded jq directory."""
+  import jax
+  import jax.numpy as jnp
+  from jq import nn as jqnn
+  from jq import stream
+  from jq.io import sharded
+  from jq_models import hf, registry
+  directory = Path(args.model)
+  config, source = registry.hf_source(directory)
+  out = args.out or f"{directory.resolve().name}-{recipe.replace(':', '-')}"
+  _check_out_dir(out)
+  sources = hf.stream_sources(directory, config)
+  module = registry.decoder_module(config)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  abstract = jax.eval_shape(module.init, jax.random.key(0), tokens)
+  lays = jqnn.layouts(module, abstract, tokens)
+  files = sorted(set(hf.weight_files(directory).values()))
+  fingerprint = {"source": source["path"], "recipe": recipe,
+                 "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+  total = sum(s.nbytes for s in sources)
+  _print(f"streaming {directory} ({len(sources)} tensors, {total / 2**30:.2f} GiB) with "
+         f"{recipe} into {out}/ ...")
+  meta = {"model": directory.resolve().name, "source": source, "recipe": recipe,
+          "streamed": True}
+  res = stream.quantize_to_dir(sources, rules, out, layouts=lays, metadata=meta,
+                               fingerprint=fingerprint, resume=not args.restart,
+                               max_shard_bytes=int(args.shard_size * 2**30), progress=True)
+  for line in res.log:
+    _print("  " + line)
+  shards = list(sharded.iter_shard_paths(out))
+  rate = res.bytes_in / max(res.seconds, 1e-9) / 2**30
+  rows = [("model", meta["model"]), ("recipe", recipe),
+          ("tensors", f"{res.written} written" + (f", {res.resumed} from the resumed run"
+                                                  if res.resumed else "")),
+          ("read", f"{res.bytes_in / 2**30:.2f} GiB at {rate:.2f} GiB/s"),
+          ("written", f"{sum(Path(p).stat().st_size for p in shards) / 2**30:.2f} GiB in "
+                      f"{len(shards)} shards"),
+          ("peak memory (RSS)", _peak_rss()), ("total time", f"{time.perf_counter() - t0:.1f} s")]
+  _print("\n" + _table(("summary", ""), rows))
+  _print(f"\nwrote {out}/ (evaluate with: jq-quant eval {out})")
+  return 0
+
+
+def _peak_rss() -> str:
+  """This process's peak resident memory, from /proc (VmHWM)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return f"{int(line.split()[1]) / 2**20:.2f} GiB"
+  except OSError:
+    pass
+  return "unknown"
+
+
 def _summary_table(name, recipe, before, after, quality, t_quant, t_total) -> str:
   rows = [("model", name), ("recipe", recipe),
           ("params size", f"{_fmt_bytes(before)} -> {_fmt_bytes(after)} ({after / before:.3f}x)")]
@@ -122,6 +222,8 @@ def _ckpt_kind(path: str) -> str:
     return "gguf"
   if p.is_dir() and (p / "jq").is_dir():
     return "orbax"
+  if p.is_dir() and (p / "jq.index.json").is_file():
+    return "jq"   # a sharded jq checkpoint (jq.io.load reads both)
   if p.is_dir() and (p / "config.json").is_file():
     try:
       cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
@@ -133,8 +235,9 @@ def _ckpt_kind(path: str) -> str:
                      "quantization_config; quantize it first (jq-quant quantize --model "
                      f"{path})")
   if p.is_dir():
-    raise ValueError(f"{path} is a directory, not a checkpoint (a jq .safetensors file, a jq "
-                     "orbax directory, a .gguf file or a compressed-tensors directory)")
+    raise ValueError(f"{path} is a directory, not a checkpoint (a jq .safetensors file, a "
+                     "sharded jq directory with jq.index.json, a jq orbax directory, a .gguf "
+                     "file or a compressed-tensors directory)")
   return "jq"
 
 
@@ -447,6 +550,17 @@ def _at_least(low: int):
   return parse
 
 
+def _positive_float(text: str) -> float:
+  """An argparse type: a finite float > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not (value > 0 and value != float("inf")):
+    raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+  return value
+
+
 def build_parser() -> argparse.ArgumentParser:
   from jq.ptq import recipes
   p = argparse.ArgumentParser(prog="jq-quant", description=__doc__.split("\n")[0])
@@ -468,10 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--rules", help="JSON rules file (see jq.spec_json); a rule's \"options\" "
                  "hold its algorithm's settings, e.g. {\"algorithm\": \"gptq\", "
                  "\"options\": {\"act_order\": true}}")
-  q.add_argument("--out", help="output .safetensors path")
+  q.add_argument("--out", help="output .safetensors path (streamed: a directory)")
   q.add_argument("--worst", type=_at_least(0), default=8,
                  help="layers shown in the worst-SQNR table")
   q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+  q.add_argument("--stream", action="store_true",
+                 help="quantize tensor by tensor from the checkpoint's files into a directory "
+                 "of shards (round-to-nearest recipes; Hugging Face checkpoint directories); "
+                 "the default above --stream-above")
+  q.add_argument("--stream-above", type=_positive_float, default=8.0, metavar="GIB",
+                 help="stream Hugging Face checkpoints whose weights exceed this many GiB "
+                 "(default 8)")
+  q.add_argument("--shard-size", type=_positive_float, default=2.0, metavar="GIB",
+                 help="streamed output: GiB of tensors per shard (default 2)")
+  q.add_argument("--restart", action="store_true",
+                 help="streamed: discard a partial run of --out instead of resuming it")
   q.add_argument("--calib-sequences", type=_at_least(1), default=32)
   q.add_argument("--calib-len", type=_at_least(2), default=512)
   eval_opts(q)

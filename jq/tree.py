@@ -139,19 +139,38 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
     pl = decided[path]
     if not pl.quantized or isinstance(leaf, QArray):
       return leaf
-    leaf = check_float_input(leaf, path, nan_policy)  # once per leaf: reads the whole tensor
-    _check_rule_fits(path, leaf, pl.rule)
-    layout = None
-    if layouts is not None:
-      if path not in layouts:
-        raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: no layer that jq "
-                         "runs quantized uses this parameter (it has no layout); keep it in float "
-                         f"with Rule(pattern={path!r}, weight=None)")
-      layout = layouts[path]
-    q = _quantize_checked(jnp.asarray(leaf), pl.rule.weight, name=path, layout=layout)
-    return with_activation(q, pl.rule.activation, act_scales.get(path), path=path, leaf=leaf)
+    return quantize_leaf(path, leaf, pl.rule, layouts=layouts, act_scale=act_scales.get(path),
+                         nan_policy=nan_policy)
 
   return map_with_paths(one, params)
+
+
+def leaf_layout(path: str, leaf, layouts: Mapping[str, Layout] | None) -> Layout | None:
+  """The layout ``quantize_tree`` uses for ``path`` (None without ``layouts``).
+
+  Raises:
+    ValueError: ``layouts`` is given but has no entry for ``path``.
+  """
+  if layouts is None:
+    return None
+  if path not in layouts:
+    raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: no layer that jq "
+                     "runs quantized uses this parameter (it has no layout); keep it in float "
+                     f"with Rule(pattern={path!r}, weight=None)")
+  return layouts[path]
+
+
+def quantize_leaf(path: str, leaf, rule: Rule, *, layouts: Mapping[str, Layout] | None = None,
+                  act_scale: tuple[jax.Array, jax.Array | None] | None = None,
+                  nan_policy: str = "raise") -> QArray:
+  """One leaf as :func:`quantize_tree` quantizes it under ``rule`` (its first matching rule, which
+  quantizes): value checks, the rule's fit, the layout, then the activation spec attached.  The
+  streamed road (``jq.stream``) calls this per tensor (or per column chunk)."""
+  leaf = check_float_input(leaf, path, nan_policy)  # once per leaf: reads the whole tensor
+  _check_rule_fits(path, leaf, rule)
+  layout = leaf_layout(path, leaf, layouts)
+  q = _quantize_checked(jnp.asarray(leaf), rule.weight, name=path, layout=layout)
+  return with_activation(q, rule.activation, act_scale, path=path, leaf=leaf)
 
 
 def with_activation(q: QArray, act: ActivationSpec | None,

@@ -8,8 +8,10 @@ its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` 
 ``gemma3_text`` (q/k norms, local RoPE base). ``family_config`` turns ``config.json`` into a
 ``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
-Weights are read lazily, one tensor at a time, through safetensors' ``safe_open``; every tensor's
-shape is checked against the config before it is read, and bfloat16 stays bfloat16.
+Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
+``jq.stream``), with plain reads (no memory map, so nothing read stays resident); every file's
+header and every tensor's shape is checked against the config before it is read, and bfloat16 stays
+bfloat16.
 
 Example::
 
@@ -226,43 +228,97 @@ def weight_files(directory: Path) -> dict[str, Path]:
   single = directory / "model.safetensors"
   if not single.is_file():
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-  from safetensors import safe_open
+  return {k: single for k in _file_tensors(single)[0]}
+
+
+def _file_tensors(file: Path) -> tuple[dict[str, Any], int]:
+  """``({name: TensorInfo}, data start)`` of one safetensors file, checked (jq's reader: sizes,
+  offsets, truncation), reading no tensor data."""
+  from jq.io import safetensors_io
   try:
-    with safe_open(single, framework="numpy") as f:
-      return {k: single for k in f.keys()}
-  except Exception as e:  # safetensors raises its own SafetensorError
-    raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from e
+    with open(file, "rb") as f:
+      infos, _, start = safetensors_io._read_header(f, str(file))  # pylint: disable=protected-access
+  except (safetensors_io.CheckpointError, OSError) as e:
+    raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+  return infos, start
 
 
-def iter_tensors(directory: Path, config: DecoderConfig
-                 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-  """``(jq path, array)`` for every tensor the config needs, read one at a time (lazily), shapes
-  checked against the config before reading; float tensors keep their stored dtype."""
-  from safetensors import safe_open
+def _reader(file: Path, info: Any, start: int, name: str, transpose: bool):
+  """``read(a, b)``: columns ``[a, b)`` of the jq-layout tensor (rows of a transposed Hugging Face
+  weight, read alone with one ``pread``: no memory map, so nothing stays resident)."""
+  shape, dt = info.shape, info.dtype
+  row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+
+  def pread(begin: int, n: int) -> np.ndarray:
+    buf = np.empty(n, np.uint8)
+    with open(file, "rb") as f:
+      f.seek(start + info.begin + begin)
+      got = f.readinto(buf)
+    if got != n:
+      raise CheckpointError(f"{file}: tensor {name!r} (shape {shape} dtype {dt}): read {got} of "
+                            f"{n} bytes; the file is truncated")
+    return buf.view(dt)
+
+  def read(a: int, b: int) -> np.ndarray:
+    if transpose:   # Hugging Face (out, in): jq's columns are its rows
+      return pread(a * row, (b - a) * row).reshape(b - a, *shape[1:]).T
+    whole = pread(0, info.end - info.begin).reshape(shape)
+    return whole if not shape or (a, b) == (0, shape[-1]) else whole[..., a:b]
+
+  return read
+
+
+def stream_sources(directory: str | Path, config: DecoderConfig) -> list[Any]:
+  """A ``jq.stream.SourceTensor`` (path ``params/...``, jq shape, stored dtype, lazy reader) for
+  every tensor the config needs, in the decoder's order; shapes and dtypes are checked against the
+  config and every file's header is checked (a truncated shard is named) before anything is read.
+
+  Raises:
+    CheckpointError: a missing or truncated shard or tensor, a tensor of the wrong shape or of a
+      non-float dtype (naming the file and tensor).
+  """
+  from jq.stream import SourceTensor
+  directory = Path(directory)
   files = weight_files(directory)
   names = tensor_names(config)
   missing = sorted(set(names) - set(files), key=_natural)
   if missing:
     raise CheckpointError(f"{directory}: {len(missing)} tensors the config needs are missing, "
                           f"e.g. {missing[:3]}")
-  by_file: dict[Path, list[str]] = {}
-  for name in sorted(names, key=_natural):
-    by_file.setdefault(files[name], []).append(name)
-  for file, file_names in by_file.items():
-    with safe_open(file, framework="numpy") as f:
-      for name in file_names:
-        path, transpose = names[name]
-        sl = f.get_slice(name)
-        shape, dtype = tuple(sl.get_shape()), str(sl.get_dtype())
-        want = expected_shape(path, config)
-        if (shape[::-1] if transpose else shape) != want:
-          raise CheckpointError(f"{file.name}: tensor {name!r} has shape {shape}, config.json "
-                                f"implies {want[::-1] if transpose else want}")
-        if dtype not in ("F32", "BF16", "F16"):
-          raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {dtype}; expected F32, "
-                                "BF16 or F16 (a quantized checkpoint?)")
-        arr = f.get_tensor(name)
-        yield path, (np.ascontiguousarray(arr.T) if transpose else arr)
+  headers = {f: _file_tensors(f) for f in sorted(set(files[n] for n in names))}
+  out = []
+  for t in decoder_names.decoder_tensors(config):
+    file = files[t.hf]
+    infos, start = headers[file]
+    info = infos.get(t.hf)
+    if info is None:
+      raise CheckpointError(f"{file.name}: tensor {t.hf!r}, which the index places here, is "
+                            "missing from the file")
+    shape = tuple(info.shape)
+    want = expected_shape(t.path, config)
+    if (shape[::-1] if t.transpose else shape) != want:
+      raise CheckpointError(f"{file.name}: tensor {t.hf!r} has shape {shape}, config.json "
+                            f"implies {want[::-1] if t.transpose else want}")
+    if info.dtype.name not in _FLOAT_DTYPES:
+      raise CheckpointError(f"{file.name}: tensor {t.hf!r} has dtype {info.dtype}; expected "
+                            "float32, bfloat16 or float16 (a quantized checkpoint?)")
+    out.append(SourceTensor(path="params/" + t.jq, shape=want, dtype=info.dtype,
+                            read=_reader(file, info, start, t.hf, t.transpose),
+                            where=f"{file.name}: {t.hf}"))
+  return out
+
+
+def iter_tensors(directory: Path, config: DecoderConfig
+                 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+  """``(jq path, array)`` for every tensor the config needs, read one at a time (lazily), shapes
+  checked against the config before reading; float tensors keep their stored dtype."""
+  for s in stream_sources(directory, config):
+    yield tuple(s.path.split("/")[1:]), s.read_all()
+
+
+def checkpoint_bytes(directory: str | Path) -> int:
+  """Bytes of the weight files of a Hugging Face checkpoint directory."""
+  return sum(p.stat().st_size for p in set(weight_files(Path(directory)).values()))
 
 
 def _natural(name: str) -> list[Any]:

@@ -108,7 +108,7 @@ def load(name: str) -> CausalLM | Encoder:
     from jq_models import blockwise, fetch, gguf_weights, tokenizer
     path = fetch.fetch(fetch.SMOLLM2_GGUF)
     config, params = gguf_weights.load_smollm2(path)
-    return CausalLM(name=name, config=config, module=_decoder(config), params=params,
+    return CausalLM(name=name, config=config, module=decoder_module(config), params=params,
                     tokenizer=tokenizer.load_tokenizer(path), blocks=blockwise.LlamaBlocks(config),
                     gguf_path=path, source={"kind": "bundled", "name": name})
   if name == "minilm":
@@ -129,7 +129,8 @@ def load(name: str) -> CausalLM | Encoder:
                    "Hugging Face checkpoint directory or a .gguf file")
 
 
-def _decoder(config):
+def decoder_module(config):
+  """The linen module for a decoder config."""
   from jq_models import decoder
   return decoder.Decoder(config)
 
@@ -142,19 +143,29 @@ def _check_vocab(tok, config, where: str) -> None:
                      "(a tokenizer from another model?)")
 
 
+def hf_source(path: str | Path) -> tuple[Any, dict[str, Any]]:
+  """``(config, source record)`` of a Hugging Face checkpoint directory, reading no weights (the
+  tokenizer is read and checked against the vocabulary)."""
+  from jq_models import hf
+  path = Path(path)
+  if not (path / "config.json").is_file():
+    raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
+  raw = hf.read_json(path / "config.json")
+  config = hf.family_config(raw, where=str(path / "config.json"))
+  tok = hf.load_tokenizer(path)
+  _check_vocab(tok, config, f"{path / 'tokenizer.json'} vs {path / 'config.json'} vocab_size")
+  return config, {"kind": "hf", "path": str(path.resolve()), "family": raw.get("model_type"),
+                  "config": config.to_json()}
+
+
 def _load_hf(path: Path) -> CausalLM:
   import jax
   from jq_models import hf
-  if not (path / "config.json").is_file():
-    raise ValueError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
-  config, params = hf.load_weights(path)
-  tok = hf.load_tokenizer(path)
-  _check_vocab(tok, config, f"{path / 'tokenizer.json'} vs {path / 'config.json'} vocab_size")
-  family = hf.read_json(path / "config.json").get("model_type")
-  return CausalLM(name=path.resolve().name, config=config, module=_decoder(config),
-                  params=jax.tree.map(jax.numpy.asarray, params), tokenizer=tok,
-                  source={"kind": "hf", "path": str(path.resolve()), "family": family,
-                          "config": config.to_json()})
+  config, source = hf_source(path)
+  _, params = hf.load_weights(path)
+  return CausalLM(name=path.resolve().name, config=config, module=decoder_module(config),
+                  params=jax.tree.map(jax.numpy.asarray, params),
+                  tokenizer=hf.load_tokenizer(path), source=source)
 
 
 def _load_gguf(path: Path) -> CausalLM:
@@ -164,7 +175,7 @@ def _load_gguf(path: Path) -> CausalLM:
   params = gguf_weights.read_gguf_params(path, config)
   tok = tokenizer.load_tokenizer(path)
   _check_vocab(tok, config, f"{path}: tokenizer.ggml.tokens vs the token_embd rows")
-  return CausalLM(name=path.stem, config=config, module=_decoder(config), params=params,
+  return CausalLM(name=path.stem, config=config, module=decoder_module(config), params=params,
                   tokenizer=tok, gguf_path=path,
                   source={"kind": "gguf", "path": str(path.resolve()),
                           "family": gguf_weights.metadata(reader)["general.architecture"],
