@@ -30,6 +30,10 @@ def _fmt_bytes(n: float) -> str:
   return f"{n / 2**20:.1f} MiB"
 
 
+def _fmt_size(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else _fmt_bytes(n)
+
+
 def _table(head, rows) -> str:
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
@@ -103,31 +107,16 @@ def cmd_quantize(args) -> int:
 
 
 def _streamed(args, rules) -> bool:
-  """Whether ``quantize`` takes the streamed road: ``--stream``, or a Hugging Face checkpoint
-  whose weights exceed ``--stream-above`` GiB with a recipe that needs no calibration."""
-  from jq.ptq import recipes
+  """Whether ``quantize`` takes the streamed road (never the whole model in memory): ``--stream``,
+  or a Hugging Face checkpoint whose weights exceed ``--stream-above`` GiB."""
   from jq_models import hf
   is_hf = Path(args.model).is_dir() and hf.is_checkpoint_dir(args.model)
-  calibrated = recipes.needs_calibration(rules)
   if args.stream:
     if not is_hf:
       raise ValueError(f"--stream reads a Hugging Face checkpoint directory (config.json + "
                        f"safetensors); --model {args.model} is not one")
-    if calibrated:
-      raise ValueError("--stream rounds to nearest tensor by tensor; this recipe calibrates "
-                       "(GPTQ/AWQ/SmoothQuant or static activation scales), which needs the "
-                       "model in memory: drop --stream")
     return True
-  if not is_hf:
-    return False
-  size = hf.checkpoint_bytes(args.model)
-  if size <= args.stream_above * 2**30:
-    return False
-  if calibrated:
-    _print(f"note: {args.model} holds {size / 2**30:.1f} GiB of weights (over --stream-above "
-           f"{args.stream_above:g}); calibration recipes load the whole model into memory")
-    return False
-  return True
+  return is_hf and hf.checkpoint_bytes(args.model) > args.stream_above * 2**30
 
 
 def _check_out_dir(out: str) -> None:
@@ -151,6 +140,7 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   from jq import nn as jqnn
   from jq import stream
   from jq.io import sharded
+  from jq.ptq import recipes
   from jq_models import hf, registry
   directory = Path(args.model)
   config, source = registry.hf_source(directory)
@@ -165,13 +155,23 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   fingerprint = {"source": source["path"], "recipe": recipe,
                  "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
   total = sum(s.nbytes for s in sources)
-  _print(f"streaming {directory} ({len(sources)} tensors, {total / 2**30:.2f} GiB) with "
-         f"{recipe} into {out}/ ...")
+  calibrated = recipes.needs_calibration(rules)
+  how = ("calibrating one block at a time" if calibrated else "tensor by tensor")
+  _print(f"streaming {directory} ({len(sources)} tensors, {_fmt_size(total)}) with {recipe}, "
+         f"{how}, into {out}/ ...")
   meta = {"model": directory.resolve().name, "source": source, "recipe": recipe,
           "streamed": True}
-  res = stream.quantize_to_dir(sources, rules, out, layouts=lays, metadata=meta,
-                               fingerprint=fingerprint, resume=not args.restart,
-                               max_shard_bytes=int(args.shard_size * 2**30), progress=True)
+  kw = dict(layouts=lays, metadata=meta, fingerprint=fingerprint, resume=not args.restart,
+            max_shard_bytes=int(args.shard_size * 2**30), progress=True)
+  if calibrated:
+    from jq.ptq import PTQConfig, onload
+    from jq_models import blockwise
+    calib = registry.calibration_tokens(hf.load_tokenizer(directory), args.calib_sequences,
+                                        args.calib_len)
+    res = onload.quantize_onloaded(blockwise.onload_blocks(config), sources, rules, calib, out,
+                                   config=PTQConfig(), **kw)
+  else:
+    res = stream.quantize_to_dir(sources, rules, out, **kw)
   for line in res.log:
     _print("  " + line)
   shards = list(sharded.iter_shard_paths(out))
@@ -179,8 +179,8 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   rows = [("model", meta["model"]), ("recipe", recipe),
           ("tensors", f"{res.written} written" + (f", {res.resumed} from the resumed run"
                                                   if res.resumed else "")),
-          ("read", f"{res.bytes_in / 2**30:.2f} GiB at {rate:.2f} GiB/s"),
-          ("written", f"{sum(Path(p).stat().st_size for p in shards) / 2**30:.2f} GiB in "
+          ("read", f"{_fmt_size(res.bytes_in)} at {rate:.3f} GiB/s"),
+          ("written", f"{_fmt_size(sum(Path(p).stat().st_size for p in shards))} in "
                       f"{len(shards)} shards"),
           ("peak memory (RSS)", _peak_rss()), ("total time", f"{time.perf_counter() - t0:.1f} s")]
   _print("\n" + _table(("summary", ""), rows))

@@ -107,11 +107,38 @@ def _refuse(s: SourceTensor, rule: Rule) -> None:
                      "memory without --stream)")
 
 
+def abstract_output(s: SourceTensor, rule: Rule | None, *,
+                    layouts: Mapping[str, Layout] | None = None, nan_policy: str = "raise"
+                    ) -> Any:
+  """The leaf ``rule`` makes of ``s``, abstractly (``jax.eval_shape`` of the function that
+  quantizes: the rule's fit is checked, naming the parameter).  Calibrated rules give the shapes
+  of their RTN twin (GPTQ/AWQ choose other values on the same grid) with a static activation
+  scale (and zero point) where the rule asks for one."""
+  x = jax.ShapeDtypeStruct(s.shape, s.dtype)
+  if rule is None or rule.weight is None:
+    return x
+  act = rule.activation
+
+  def fn(v):
+    scale = None
+    if act is not None and act.mode is ActMode.STATIC:
+      from jq.calibrate import act_params  # pylint: disable=import-outside-toplevel
+      scale = act_params(jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), act)
+    return quantize_leaf(s.path, v, dataclasses.replace(rule, algorithm=Algorithm.RTN, options=None),
+                         layouts=layouts, act_scale=scale, nan_policy=nan_policy)
+
+  return jax.eval_shape(fn, x)
+
+
 def plan_stream(sources: Sequence[SourceTensor], rules: Sequence[Rule], *,
-                layouts: Mapping[str, Layout] | None = None, nan_policy: str = "raise"
-                ) -> list[tuple[SourceTensor, Rule | None, Any]]:
+                layouts: Mapping[str, Layout] | None = None, nan_policy: str = "raise",
+                calibrated: bool = False) -> list[tuple[SourceTensor, Rule | None, Any]]:
   """``[(source, rule or None (kept as stored), abstract output leaf)]`` in order; every rule's fit
   is checked on abstract shapes (names the parameter, reads nothing).
+
+  Args:
+    calibrated: admit rules that need calibration (the onloaded road, ``jq.ptq.onload``);
+      otherwise they are refused.
 
   Raises:
     ValueError: duplicate paths, a required rule that matches nothing, a rule the streamed road
@@ -125,14 +152,10 @@ def plan_stream(sources: Sequence[SourceTensor], rules: Sequence[Rule], *,
   out = []
   for s in sources:
     pl = decided[s.path]
-    abstract = jax.ShapeDtypeStruct(s.shape, s.dtype)
-    if not pl.quantized:
-      out.append((s, None, abstract))
-      continue
-    _refuse(s, pl.rule)
-    q = jax.eval_shape(lambda x, s=s, r=pl.rule: quantize_leaf(
-        s.path, x, r, layouts=layouts, nan_policy=nan_policy), abstract)
-    out.append((s, pl.rule, q))
+    rule = pl.rule if pl.quantized else None
+    if rule is not None and not calibrated:
+      _refuse(s, rule)
+    out.append((s, rule, abstract_output(s, rule, layouts=layouts, nan_policy=nan_policy)))
   return out
 
 
@@ -326,5 +349,5 @@ def quantize_in_memory(tree: Any, rules: Sequence[Rule], *,
                         tree)
 
 
-__all__ = ["SourceTensor", "StreamResult", "plan_stream", "quantize_to_dir", "quantize_in_memory",
+__all__ = ["SourceTensor", "StreamResult", "plan_stream", "abstract_output", "quantize_to_dir", "quantize_in_memory",
            "tree_sources"]

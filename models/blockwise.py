@@ -52,3 +52,15 @@ class LlamaBlocks:
       groups.append(ScaleGroup(prev="attn/v_proj/kernel", prev_kind="linear",
                                consumers=("attn/o_proj/kernel",)))
     return tuple(groups)
+
+
+def onload_blocks(config: decoder.DecoderConfig):
+  """``jq.ptq.onload.OnloadBlocks`` of a decoder: the embedding lookup and each block alone
+  (``decoder.OneBlock``), for calibration with one block resident at a time."""
+  from jq.ptq.onload import OnloadBlocks
+  return OnloadBlocks(
+      prefixes=tuple(f"params/layers_{i}" for i in range(config.num_layers)),
+      embed_paths=("params/embed/embedding",),
+      embed=lambda leaves, tokens: decoder.embed_lookup(
+          config, leaves["params/embed/embedding"], tokens),
+      module=lambda i: decoder.OneBlock(config, i))

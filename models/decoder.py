@@ -40,6 +40,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
+from jq.qarray import first_bad, index_str, value_check
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
@@ -407,6 +408,52 @@ class Block(nn.Module):
     return x + h, kv
 
 
+def check_token_ids(tokens, vocab_size: int, name: str) -> None:
+  """Token ids outside ``[0, vocab_size)`` (an embedding lookup would give NaN or another token's
+  row): ValueError naming the first.  Runs on concrete ids only (eagerly), or under
+  ``jq.checked()`` inside ``jit``: the jitted forward pays nothing."""
+  if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+    raise ValueError(f"{name}: token ids must be integers, got dtype {jnp.result_type(tokens)}")
+  if not np.size(tokens):
+    return
+  shape = tuple(np.shape(tokens))
+
+  def summary():
+    t = jnp.asarray(tokens)
+    return first_bad((t >= 0) & (t < vocab_size), t)
+
+  def fail(n, i, v):
+    raise ValueError(f"{name}: tokens shape {shape}: {int(n)} token id(s) outside [0, "
+                     f"{vocab_size}) (vocab_size {vocab_size}), first at index "
+                     f"{index_str(i, shape)}: {int(v)}; the ids come from another tokenizer or "
+                     "were corrupted")
+
+  value_check([tokens], summary, fail)
+
+
+def embed_lookup(c: DecoderConfig, table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """The decoder's input hidden states: embedding rows in ``c.dtype`` (Gemma: times
+  ``sqrt(hidden_size)`` rounded to the table's dtype first, as in Hugging Face)."""
+  x = jnp.take(table, tokens, axis=0)
+  if c.embed_scale:
+    x = x * jnp.asarray(c.hidden_size ** 0.5, table.dtype)
+  return x.astype(c.dtype)
+
+
+class OneBlock(nn.Module):
+  """Block ``layer`` alone, as the decoder runs it on a fresh sequence (positions ``0..T-1``);
+  its params are ``{"layers_<layer>": ...}``, the decoder's own paths (for onloaded calibration,
+  ``jq.ptq.onload``)."""
+  config: DecoderConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    y, _ = Block(self.config, self.layer, name=f"layers_{self.layer}")(x, positions)
+    return y
+
+
 class Decoder(nn.Module):
   """Decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 1-3, SmolLM2: see ``DecoderConfig``).
 
@@ -423,14 +470,10 @@ class Decoder(nn.Module):
       raise ValueError(f"Decoder: tokens must be (batch, time), got shape {tokens.shape}")
     if cache is not None and len(cache.keys) != c.num_layers:
       raise ValueError(f"Decoder: cache has {len(cache.keys)} layers, model has {c.num_layers}")
+    check_token_ids(tokens, c.vocab_size, "Decoder")
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
                      name="embed")
-    if c.embed_scale:  # Gemma: the normalizer is rounded to the embedding's dtype, as in HF
-      table = embed.embedding
-      x = (jnp.take(table, tokens, axis=0)
-           * jnp.asarray(c.hidden_size ** 0.5, table.dtype)).astype(c.dtype)
-    else:
-      x = embed(tokens)
+    x = embed_lookup(c, embed.embedding, tokens) if c.embed_scale else embed(tokens)
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     positions = index + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     keys, values = [], []
@@ -513,6 +556,7 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
                      f"shape {prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"greedy_generate: prompt_ids must be integers, got {prompt.dtype}")
+  check_token_ids(prompt, config.vocab_size, "greedy_generate: prompt_ids")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   total = prompt.shape[-1] + max_new_tokens

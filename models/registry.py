@@ -47,14 +47,7 @@ class CausalLM:
 
   def calibration_tokens(self, sequences: int, length: int) -> np.ndarray:
     """``(sequences, length)`` consecutive windows of the calibration split."""
-    from jq_models import text
-    ids = np.asarray(self.tokenizer.encode(text.calibration_text()), np.int32)
-    if sequences < 1 or length < 2:
-      raise ValueError(f"calibration needs sequences >= 1 and length >= 2, got {sequences}x{length}")
-    if sequences * length > len(ids):
-      raise ValueError(f"calibration text has {len(ids)} tokens, fewer than the "
-                       f"{sequences}x{length} asked for")
-    return ids[:sequences * length].reshape(sequences, length)
+    return calibration_tokens(self.tokenizer, sequences, length)
 
   def prompt_ids(self, prompt: str, *, chat: bool = True) -> np.ndarray:
     """Token ids of ``prompt``, wrapped in the checkpoint's own chat template when ``chat``."""
@@ -70,6 +63,18 @@ class CausalLM:
     from jq_models import decoder
     return np.asarray(decoder.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
                                               config=self.config, eos_id=self.tokenizer.eos_id))
+
+
+def calibration_tokens(tokenizer, sequences: int, length: int) -> np.ndarray:
+  """``(sequences, length)`` consecutive windows of the calibration split, tokenized."""
+  from jq_models import text
+  ids = np.asarray(tokenizer.encode(text.calibration_text()), np.int32)
+  if sequences < 1 or length < 2:
+    raise ValueError(f"calibration needs sequences >= 1 and length >= 2, got {sequences}x{length}")
+  if sequences * length > len(ids):
+    raise ValueError(f"calibration text has {len(ids)} tokens, fewer than the "
+                     f"{sequences}x{length} asked for")
+  return ids[:sequences * length].reshape(sequences, length)
 
 
 @dataclasses.dataclass

@@ -412,6 +412,30 @@ class ShardedWriter:
     """Drops an unfinished shard (the finished ones stay, for a resume)."""
     self._abort()
 
+  def read_leaf(self, path: str) -> Any:
+    """A leaf of a finished shard, read back and checked against its recorded digests (what a
+    resumed run continues from, e.g. the quantized blocks before the first unfinished one).
+
+    Raises:
+      ValueError: the leaf's shard is not finished.
+    """
+    shard = self.shards[self.shard_of[path]]
+    rec = self.done.get(shard.file)
+    if rec is None:
+      raise ValueError(f"{path}: its shard {shard.file} is not finished")
+    info = rec["leaves"][path]
+    names = ([f"{path}.{c}" for c in info.get("components", ())] if info.get("kind") == "qarray"
+             else [info["tensor"]])
+    from jq import spec_json  # pylint: disable=import-outside-toplevel
+    header = {"format": codec.FORMAT, "version": codec.FORMAT_VERSION, "metadata": {},
+              "rules": [spec_json.rule_to_json(r) for r in self.rules],
+              "tree": {"kind": "leaf", "path": path}, "leaves": {path: info},
+              "tensors": {n: rec["tensors"][n] for n in names}}
+    file = os.path.join(self.work, shard.file)
+    with open(file, "rb") as f:
+      arrays = {n: _read_array(f, shard.infos[n], len(shard.header), n, file) for n in names}
+    return codec.decode(header, arrays, source=file, verify=True)
+
   def finish(self, *, metadata: Mapping[str, Any] | None = None) -> str:
     """Writes the index and moves the finished checkpoint to ``out``; returns its path.
 
