@@ -111,12 +111,13 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
           "sentences": len(sentences)}
 
 
-def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool = True
-             ) -> tuple[str, int]:
+def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool = True,
+             progress: bool = False) -> tuple[str, int]:
   """Greedy continuation of ``prompt`` by the quantized model (jitted, KV cache)."""
   from jq.nn import quantized_apply
   ids = model.prompt_ids(prompt, chat=chat)
-  out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens)
+  out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens,
+                       progress=progress)
   stop = set(getattr(model.tokenizer, "stop_ids", ()) or ()) | {model.tokenizer.eos_id}
   toks = [int(t) for t in out]
   ends = [i for i, t in enumerate(toks) if t in stop]

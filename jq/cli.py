@@ -410,7 +410,7 @@ def cmd_generate(args) -> int:
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
   t0 = time.perf_counter()
   text, n = app.generate(model, qvars, args.prompt, max_new_tokens=args.max_new_tokens,
-                                chat=not args.raw)
+                         chat=not args.raw, progress=True)
   dt = time.perf_counter() - t0
   _print(text)
   _print(f"\n[{n} tokens in {dt:.1f} s incl. compile, greedy, jitted with a KV cache]",

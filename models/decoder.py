@@ -505,17 +505,30 @@ def _variables(params: Mapping[str, Any]) -> Mapping[str, Any]:
   return params if "params" in params else {"params": params}
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "config", "eos_id"))
-def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id):
+_BAR: list[Any] = []   # the progress bar of the greedy_generate call running now (if any)
+
+
+def _tick(*_):
+  if _BAR:
+    _BAR[-1].update(1)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "config", "eos_id",
+                                             "progress"))
+def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id, progress=False):
   batch, prompt_len = prompt.shape
   cache = init_cache(config, batch, prompt_len + max_new_tokens)
   logits, cache = apply_fn(variables, prompt, cache=cache)
   token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
   done = jnp.zeros((batch,), bool) if eos_id is None else token == eos_id
+  if progress:
+    jax.debug.callback(_tick, token)
 
   def step(i, carry):
     out, token, cache, done = carry
+    if progress:   # one host tick per token (the CLI's progress bar)
+      jax.debug.callback(_tick, i)
     logits, cache = apply_fn(variables, token[:, None], cache=cache)
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     if eos_id is not None:
@@ -529,7 +542,7 @@ def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id):
 
 def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: ArrayLike,
                     max_new_tokens: int, *, config: DecoderConfig,
-                    eos_id: int | None = None) -> jax.Array:
+                    eos_id: int | None = None, progress: bool = False) -> jax.Array:
   """Greedy decoding with a fixed-size KV cache, jitted end to end.
 
   One prefill call over the prompt, then a ``lax.fori_loop`` of single-token steps; the cache holds
@@ -545,6 +558,8 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
     max_new_tokens: number of tokens to generate (>= 1).
     config: the model config (sizes the cache).
     eos_id: if given, once a sequence emits it, the rest of that row is ``eos_id``.
+    progress: a progress bar over the generated tokens (a host callback per token; compiled
+      separately from the silent version).
 
   Returns:
     ``(max_new_tokens,)`` or ``(B, max_new_tokens)`` int32 new token ids (prompt excluded),
@@ -565,6 +580,18 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
                      f"({max_new_tokens}) = {total} exceeds max_seq_len={config.max_seq_len}")
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
-  out = _generate(apply_fn, _variables(params), prompt.astype(jnp.int32),
-                  max_new_tokens=max_new_tokens, config=config, eos_id=eos_id)
+  run = functools.partial(_generate, apply_fn, _variables(params), prompt.astype(jnp.int32),
+                          max_new_tokens=max_new_tokens, config=config, eos_id=eos_id,
+                          progress=bool(progress))
+  if not progress:
+    out = run()
+  else:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    _BAR.append(tqdm(total=max_new_tokens, desc="generating (compiles first)", unit="tok",
+                     leave=False))
+    try:
+      out = jax.block_until_ready(run())
+      jax.effects_barrier()
+    finally:
+      _BAR.pop().close()
   return out[0] if squeeze else out

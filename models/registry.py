@@ -59,10 +59,12 @@ class CausalLM:
       ids = [self.tokenizer.bos_id] + ids  # the template did not write BOS itself
     return np.asarray(ids, np.int32)
 
-  def generate(self, apply_fn, variables, prompt_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
+  def generate(self, apply_fn, variables, prompt_ids: np.ndarray, max_new_tokens: int, *,
+               progress: bool = False) -> np.ndarray:
     from jq_models import decoder
     return np.asarray(decoder.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
-                                              config=self.config, eos_id=self.tokenizer.eos_id))
+                                              config=self.config, eos_id=self.tokenizer.eos_id,
+                                              progress=progress))
 
 
 def calibration_tokens(tokenizer, sequences: int, length: int) -> np.ndarray:

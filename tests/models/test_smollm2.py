@@ -168,6 +168,22 @@ def test_greedy_generate_matches_argmax_and_accepts_replacement_apply():
   assert (np.asarray(out3)[first:] == eos).all()
 
 
+def test_greedy_generate_progress_bar_ticks_once_per_token(capsys):
+  params = _tiny_params()
+  model = decoder.Llama(TINY)
+  prompt = np.array([3, 17, 5, 9], np.int32)
+  quiet = decoder.greedy_generate(model.apply, params, prompt, 5, config=TINY)
+  ticks = []
+  real = decoder._tick
+  decoder._tick = lambda *a: (ticks.append(1), real(*a))
+  try:
+    loud = decoder.greedy_generate(model.apply, params, prompt, 5, config=TINY, progress=True)
+  finally:
+    decoder._tick = real
+  np.testing.assert_array_equal(loud, quiet)
+  assert len(ticks) == 5 and not decoder._BAR
+
+
 def test_greedy_generate_compiles_once():
   params = _tiny_params()
   model = decoder.Llama(TINY)
