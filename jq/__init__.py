@@ -16,5 +16,5 @@ from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, 
 
 __version__ = "0.1.0"
 
-from jq import io, nn, ops, sharding  # noqa: E402  (checkpoints, Flax adapters, ops, sharding)
+from jq import distributed, io, nn, ops, sharding, stream  # noqa: E402  (checkpoints, adapters, ops, sharding, streamed road, processes)
 from jq.nn import explain  # noqa: E402

@@ -3,6 +3,10 @@
 * ``make_user_context``: ``jax.make_user_context`` (JAX >= 0.8), a context whose value is part of
   the jit cache key; None on older JAX (:mod:`jq.qarray`'s checked mode then falls back to a
   thread-local flag read at trace time).
+* Meshes and several processes (``jq.distributed``, data-parallel calibration): ``auto_mesh``,
+  ``set_cpu_collectives``/``cpu_collectives``, ``distributed_initialize``, ``distributed_client``
+  with ``kv_set``/``kv_get``/``kv_delete`` (the coordinator's key-value store),
+  ``process_allgather``: see their section below.
 
 The Pallas kernels target the Pallas GPU *Triton* backend on JAX 0.10.x (CPU development, interpret mode)
 and 0.11.x (the CUDA image).  Everything that moved, was renamed or is deprecated across those
@@ -126,3 +130,108 @@ def num_sms(default: int = 132) -> int:
 def default_interpret() -> bool:
   """Interpret mode is the only way to run Pallas on CPU: the default off a GPU."""
   return not on_gpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes and multi-process runs (jq.distributed, data-parallel calibration)
+#
+# * ``auto_mesh``: the same devices and axis names with every axis of type ``Auto``.  Since JAX
+#   0.7 ``jax.make_mesh`` makes *Explicit* axes by default (sharding in types), under which a
+#   ``dot_general`` contracting a batch-sharded axis (``XᵀX``) is an error instead of an
+#   all-reduce that XLA inserts; calibration places its batches on an ``Auto`` twin of the mesh.
+# * ``set_cpu_collectives``: the cross-process CPU collectives (``gloo``) must be chosen before the
+#   backend starts: ``jax_cpu_collectives_implementation`` (0.4.31+), else the older boolean
+#   ``jax_cpu_enable_gloo_collectives``.
+# * ``distributed_initialize``: ``jax.distributed.initialize`` with the timeouts this JAX takes.
+# * ``distributed_client``: the coordination-service client of ``jax.distributed`` (its key-value
+#   store and barriers, which take timeouts; JAX keeps it in ``jax._src.distributed``).
+# * ``kv_set`` / ``kv_get``: bytes in that store (``key_value_set_bytes``/``blocking_key_value_get
+#   _bytes``; base64 text through the ``str`` methods where a client has no bytes methods).
+# * ``process_allgather``: ``jax.experimental.multihost_utils.process_allgather``.
+# ------------------------------------------------------------------------------------------------
+
+
+def auto_mesh(mesh):
+  """``mesh`` with every axis of type ``Auto`` (``mesh`` itself where JAX has no axis types or
+  the axes are already ``Auto``)."""
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  types = getattr(mesh, "axis_types", None)
+  if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(axis_type.Auto,) * len(mesh.axis_names))
+
+
+def set_cpu_collectives(implementation: str) -> None:
+  """Chooses the CPU collectives across processes (``"gloo"``, ``"mpi"`` or ``"none"``); call it
+  before the first computation.  (JAX 0.10 takes ``None`` for none, and defaults to gloo.)"""
+  try:
+    jax.config.update("jax_cpu_collectives_implementation",
+                      None if implementation == "none" else implementation)
+  except AttributeError:  # pragma: no cover - JAX < 0.4.31
+    jax.config.update("jax_cpu_enable_gloo_collectives", implementation == "gloo")
+
+
+def cpu_collectives() -> str:
+  """The configured CPU collectives implementation (``"none"`` when unknown)."""
+  return str(getattr(jax.config, "jax_cpu_collectives_implementation", None) or "none")
+
+
+def distributed_initialize(*, coordinator_address: str, num_processes: int, process_id: int,
+                           **optional) -> None:
+  """``jax.distributed.initialize``; ``optional`` keyword arguments this JAX does not take (the
+  timeouts: ``initialization_timeout``, ``heartbeat_timeout_seconds``) are left out."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  params = inspect.signature(jax.distributed.initialize).parameters
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id,
+                             **{k: v for k, v in optional.items() if k in params})
+
+
+def distributed_client():
+  """The ``jax.distributed`` coordination client, or None when ``jax.distributed.initialize``
+  has not run (or this JAX keeps it elsewhere)."""
+  try:
+    from jax._src import distributed as _distributed  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    return None
+  state = getattr(_distributed, "global_state", None)
+  return getattr(state, "client", None)
+
+
+def kv_set(client, key: str, value: bytes) -> None:
+  """Stores ``value`` under ``key`` (a key is written once)."""
+  if hasattr(client, "key_value_set_bytes"):
+    client.key_value_set_bytes(key, value)
+  else:  # pragma: no cover - older clients store text only
+    import base64  # pylint: disable=import-outside-toplevel
+    client.key_value_set(key, base64.b64encode(value).decode("ascii"))
+
+
+def kv_get(client, key: str, timeout_s: float) -> bytes:
+  """The value under ``key``, waiting up to ``timeout_s``; raises ``TimeoutError`` after that."""
+  ms = max(1, int(timeout_s * 1000))
+  try:
+    if hasattr(client, "blocking_key_value_get_bytes"):
+      return bytes(client.blocking_key_value_get_bytes(key, ms))
+    import base64  # pylint: disable=import-outside-toplevel
+    return base64.b64decode(client.blocking_key_value_get(key, ms))  # pragma: no cover
+  except Exception as e:  # JaxRuntimeError / XlaRuntimeError: DEADLINE_EXCEEDED
+    if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+      raise TimeoutError(str(e)) from e
+    raise
+
+
+def kv_delete(client, key: str) -> None:
+  """Removes ``key`` (no error when it is absent or the client cannot delete)."""
+  try:
+    client.key_value_delete(key)
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def process_allgather(tree):
+  """``multihost_utils.process_allgather(tree)``: every process's ``tree`` stacked on a new
+  leading axis (in process order), as numpy arrays."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather(tree)

@@ -23,6 +23,14 @@ from jq.ptq import pipeline, recipes
 from jq.spec import Rule, SKIP_PATTERNS
 
 
+def _check_context(model, length: int, what: str) -> None:
+  """A sequence longer than the model's context would be run anyway (RoPE extrapolates) and may
+  not fit in memory: refused, naming the flag."""
+  limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+  if limit is not None and length > limit:
+    raise ValueError(f"{what} = {length} exceeds the model's context of {limit} tokens")
+
+
 def float_variables(model) -> Any:
   """The float variables a quantized tree of this model is compared against."""
   if model.kind == "causal_lm":
@@ -43,6 +51,7 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
   rules = tuple(rules)
   if model.kind == "causal_lm":
     if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
+      _check_context(model, calib_len, "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
       calib = model.calibration_tokens(calib_sequences, calib_len)
       res = calibrated(model.module, model.variables, rules,
@@ -91,6 +100,7 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
   sentence embeddings on held-out sentences.
   """
   if model.kind == "causal_lm":
+    _check_context(model, window, "--window (evaluation window)")
     tokens = model.eval_tokens()
     need = windows * window
     if len(tokens) < window:

@@ -52,7 +52,7 @@ def _rules_for(args) -> tuple[Any, str]:
   if args.rules:
     try:
       return spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
-    except ValueError as e:
+    except (ValueError, OSError) as e:   # OSError: missing file, a directory, unreadable
       raise ValueError(f"--rules {args.rules}: {e}") from e
   try:
     return recipes.rules(args.recipe), args.recipe
@@ -60,11 +60,25 @@ def _rules_for(args) -> tuple[Any, str]:
     raise ValueError(f"--recipe: {e}") from e
 
 
+def _ptq_config(args, **kw):
+  """The calibration config of the CLI: ``--devices N`` splits each calibration batch over N
+  local devices (data parallel)."""
+  from jq.ptq import PTQConfig
+  if args.devices and args.devices > 1:
+    from jq import distributed
+    try:
+      kw["mesh"] = distributed.local_mesh(devices=args.devices)
+    except ValueError as e:
+      raise ValueError(f"--devices {args.devices}: {e}") from e
+  return PTQConfig(**kw)
+
+
 def _quantize_model(model, rules, args):
   """Returns ``(qvars, ref_vars, log)``."""
   from jq import app
   return app.quantize_model(model, rules, calib_sequences=args.calib_sequences,
-                            calib_len=args.calib_len, progress=True)
+                            calib_len=args.calib_len, ptq_config=_ptq_config(args),
+                            progress=True)
 
 
 def cmd_quantize(args) -> int:
@@ -74,6 +88,7 @@ def cmd_quantize(args) -> int:
   from jq_models import registry
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
+  _ptq_config(args)                 # and so does a --devices this process does not have
   if _streamed(args, rules):
     return _quantize_streamed(args, rules, recipe, t0)
   if args.out:                      # and so does an --out that cannot be written
@@ -164,12 +179,12 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   kw = dict(layouts=lays, metadata=meta, fingerprint=fingerprint, resume=not args.restart,
             max_shard_bytes=int(args.shard_size * 2**30), progress=True)
   if calibrated:
-    from jq.ptq import PTQConfig, onload
+    from jq.ptq import onload
     from jq_models import blockwise
     calib = registry.calibration_tokens(hf.load_tokenizer(directory), args.calib_sequences,
                                         args.calib_len)
     res = onload.quantize_onloaded(blockwise.onload_blocks(config), sources, rules, calib, out,
-                                   config=PTQConfig(), **kw)
+                                   config=_ptq_config(args, chunk=4), **kw)
   else:
     res = stream.quantize_to_dir(sources, rules, out, **kw)
   for line in res.log:
@@ -405,6 +420,8 @@ def _tensor_bytes(t) -> int:
 
 def cmd_generate(args) -> int:
   from jq import app
+  if not args.prompt.strip() and args.raw:
+    raise ValueError("--prompt is empty; with --raw there is nothing to continue from")
   model, qvars, _ = _load_ckpt(args.ckpt, args.model)
   if model.kind != "causal_lm":
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
@@ -422,6 +439,8 @@ def cmd_plan(args) -> int:
   from jq import app
   from jq import spec_json
   from jq_models import registry
+  if args.out:   # before the scan, not after it
+    _check_out_file(args.out)
   model = registry.load(args.model)
   result = app.mixed_precision_plan(model, bits_per_weight=args.bits, progress=True)
   _print(result["scan"].table())
@@ -597,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="streamed output: GiB of tensors per shard (default 2)")
   q.add_argument("--restart", action="store_true",
                  help="streamed: discard a partial run of --out instead of resuming it")
+  q.add_argument("--devices", type=_at_least(1), default=1,
+                 help="calibration: split each batch over this many local devices (data "
+                 "parallel; the batch size, 8 sequences or 4 with --stream, must divide)")
   q.add_argument("--calib-sequences", type=_at_least(1), default=32)
   q.add_argument("--calib-len", type=_at_least(2), default=512)
   eval_opts(q)
@@ -623,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   pl = sub.add_parser("plan", help="sensitivity scan and a mixed-precision plan as rules")
   pl.add_argument("--model", default="smollm2")
-  pl.add_argument("--bits", type=float, default=4.5, help="budget: average bits per weight")
+  pl.add_argument("--bits", type=_positive_float, default=4.5,
+                  help="budget: average bits per weight")
   pl.add_argument("--out", help="write the rules JSON here")
   pl.set_defaults(fn=cmd_plan)
 

@@ -56,6 +56,8 @@ def unpack(packed: jax.Array, qtype: QType, n: int) -> jax.Array:
   """Inverse of :func:`pack`: returns ``n`` values along the last axis as int8 (signed) or uint8."""
   if qtype.storage_bits == 8:
     return packed
+  if packed.ndim == 0:  # a scalar QArray: one value in the low bits of one byte
+    return unpack(packed.reshape(1), qtype, 1).reshape(())
   per, bits = qtype.per_byte, qtype.storage_bits
   b = packed.astype(jnp.int32)[..., None]
   shifts = jnp.arange(per, dtype=jnp.int32) * bits

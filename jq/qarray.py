@@ -373,16 +373,26 @@ class QArray:
                              self.activation.spec, f"{where}: activation")
 
 
-def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
+def dequantize(q: QArray, dtype=jnp.float32, *, name: str = "<dequantize>") -> jax.Array:
   """``(unpack(values) − zero_point) · scale`` (or ``table[...] · scale``) in ``dtype``.
 
   Runs :meth:`QArray.validate` first: the structural checks always, the value checks on concrete
   arrays (and under :func:`checked`), so an invalid QArray raises ValueError rather than giving
-  wrong numbers.
+  wrong numbers.  ``dtype`` must be floating point; values that overflow it (float16 above
+  65504, or scales near float32's maximum) raise ValueError the same way, never come back inf.
   """
   if not isinstance(q, QArray):
     raise ValueError(f"dequantize: expected a jq.QArray, got {type(q).__name__}")
-  q.validate("<dequantize>")
+  try:
+    out_dt = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"{name}: dtype {dtype!r} is not a dtype; dequantize to a floating-point "
+                     "dtype such as jnp.float32 or jnp.bfloat16") from e
+  if not jnp.issubdtype(out_dt, jnp.floating):
+    raise ValueError(f"{name}: dtype {out_dt.name} is not floating point: dequantized values "
+                     "would be truncated; dequantize to float32/bfloat16/float16 (use "
+                     "QArray.unpacked() for the integer codes)")
+  q.validate(name)
   v = q.unpacked()
   scale = numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape)
   if q.qtype.is_table:
@@ -391,4 +401,29 @@ def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
     x = v.astype(jnp.float32)
     if q.zero_point is not None:
       x = x - numerics.expand(q.zero_point.astype(jnp.float32), q.tile, q.shape)
-  return (x * scale).astype(dtype)
+  y32 = x * scale
+  y = y32.astype(out_dt)
+  _check_dequantized(q, y32, y, name)
+  return y
+
+
+def _check_dequantized(q: QArray, y32: jax.Array, y: jax.Array, name: str) -> None:
+  """Dequantized values of a valid QArray (finite scales, in-range codes) that overflow ``y``'s
+  dtype (a scale near float32's maximum, or float16's 65504): ValueError naming the first one.
+  Eager on concrete arrays, or under :func:`checked`."""
+  if not y.size:
+    return
+  shape = tuple(q.shape)
+
+  def summary():
+    return first_bad(jnp.isfinite(y), y32)
+
+  def fail(n, i, v):
+    dt = np.dtype(y.dtype)
+    fix = ("the scales are too large for float32 arithmetic" if dt == np.float32 else
+           "dequantize to float32")
+    raise ValueError(f"{name}: {q._where()}: dequantized to {dt.name}, {int(n)} values overflow "
+                     f"(first at index {index_str(i, shape)}: {float(v):.6g} in float32; the "
+                     f"largest finite {dt.name} is {float(jnp.finfo(dt).max):.6g}); {fix}")
+
+  value_check([y], summary, fail)

@@ -72,8 +72,14 @@ class QType(enum.Enum):
     return self.unpacked_dtype if self.storage_bits == 8 else np.dtype(np.uint8)
 
   @classmethod
+  def _missing_(cls, value):
+    raise ValueError(f"{value!r} is not a jq QType; choose one of {[m.value for m in cls]} (no "
+                     "float8 types: jq quantizes to integer grids and NF4)")
+
+  @classmethod
   def from_bits(cls, bits: int, *, signed: bool = True) -> "QType":
     """``QType.from_bits(4) is QType.INT4``; raises ValueError for unsupported widths."""
-    if bits not in (2, 3, 4, 8):
-      raise ValueError(f"bits={bits} is not supported; choose 2, 3, 4 or 8")
-    return cls(("int" if signed else "uint") + str(bits))
+    if (not isinstance(bits, (int, np.integer)) or isinstance(bits, bool)
+        or bits not in (2, 3, 4, 8)):
+      raise ValueError(f"bits={bits!r} is not supported; choose the int 2, 3, 4 or 8")
+    return cls(("int" if signed else "uint") + str(int(bits)))

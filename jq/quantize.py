@@ -32,10 +32,13 @@ def check_float_input(x, name: str = "<tensor>", nan_policy: str = "raise"):
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"{name}: nan_policy={nan_policy!r}; choose one of {list(NAN_POLICIES)}")
-  dt = getattr(x, "dtype", None)
-  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+  if getattr(x, "dtype", None) is None:  # nested lists, Python numbers
+    x = np.asarray(x)
+  dt = x.dtype
+  if not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(f"{name}: shape {tuple(np.shape(x))} dtype {dt}: only floating-point tensors "
                      "can be quantized; skip this parameter with a rule (weight=None)")
+  _check_float32_range(x, name)
   if nan_policy == "zero":
     x = jnp.asarray(x)
     return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
@@ -53,6 +56,28 @@ def check_float_input(x, name: str = "<tensor>", nan_policy: str = "raise"):
 
     value_check([x], summary, fail)
   return x
+
+
+def _check_float32_range(x, name: str) -> None:
+  """A float64 host array whose finite values jax would turn into inf (float64 arrays become
+  float32 unless ``jax_enable_x64`` is on): ValueError naming the first such value."""
+  if (np.dtype(x.dtype) != np.float64 or jax.config.jax_enable_x64
+      or not isinstance(x, (np.ndarray, np.generic))):
+    return
+  xa = np.asarray(x)
+  big = np.isfinite(xa) & (np.abs(xa) > np.finfo(np.float32).max)
+  if big.any():
+    i = int(np.argmax(big.ravel()))
+    raise ValueError(f"{name}: shape {xa.shape} dtype float64 has {int(big.sum())} values beyond "
+                     f"float32's range (first at index {index_str(i, xa.shape)}: "
+                     f"{float(xa.ravel()[i]):.6g}); jax computes in float32 (jax_enable_x64 is "
+                     "off), where they would become inf; rescale the tensor")
+
+
+def _check_spec(spec, name: str) -> None:
+  if not isinstance(spec, QuantSpec):
+    raise ValueError(f"{name}: spec must be a jq.QuantSpec, got {type(spec).__name__} {spec!r}; "
+                     "e.g. jq.QuantSpec(qtype=jq.QType.INT8) or a preset such as jq.W8A16")
 
 
 def _check_shape(x, name: str) -> None:
@@ -218,6 +243,7 @@ def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
       tile whose range needs a scale too large to quantize with (values near float32's maximum).
       Value checks run on concrete input (under ``jit``: inside :func:`jq.qarray.checked`).
   """
+  _check_spec(spec, name)
   x = jnp.asarray(check_float_input(x, name, nan_policy))
   _check_shape(x, name)
   _, _, scale, zp = _params(x, spec, name, layout)
@@ -279,6 +305,7 @@ def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
     >>> q = quantize(w, QuantSpec(qtype=QType.INT8))       # per-output-channel int8
     >>> w_hat = q.dequantize(jnp.bfloat16)
   """
+  _check_spec(spec, name)
   x = check_float_input(x, name, nan_policy)
   return _quantize_checked(jnp.asarray(x), spec, name, layout)
 
@@ -299,10 +326,11 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
   """Quantizes ``x`` on a given grid (used by GPTQ/AWQ, which choose scales themselves).
 
   ``scale`` is cast to ``spec.scale_dtype`` first (the grid used is the stored one); a float
-  ``zero_point`` is rounded to integers.
+  ``zero_point`` is rounded to integers, and one outside ``[qmin, qmax]`` (or NaN) is a
+  ValueError (checked on concrete input; under ``jit`` inside :func:`jq.qarray.checked`).
   """
-  check_float_input(x, name)
-  x = jnp.asarray(x)
+  _check_spec(spec, name)
+  x = jnp.asarray(check_float_input(x, name))
   _check_shape(x, name)
   tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
   scale = jnp.asarray(scale).astype(spec.scale_dtype)
@@ -313,6 +341,7 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
     zero_point = jnp.asarray(zero_point)
     if jnp.issubdtype(zero_point.dtype, jnp.floating):
       zero_point = jnp.round(zero_point)
+    _check_zero_point_range(zero_point, spec, name, x)
     zero_point = jnp.clip(zero_point, spec.qtype.qmin, spec.qtype.qmax).astype(
         spec.qtype.unpacked_dtype)
   elif not spec.symmetric:
@@ -328,9 +357,30 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
                 activation=None, qtype=spec.qtype, shape=tuple(x.shape), tile=tile).validate(name)
 
 
+def _check_zero_point_range(zp: jax.Array, spec: QuantSpec, name: str, x) -> None:
+  """Given (rounded) zero points must be finite and in ``[qmin, qmax]``: clipping them would
+  quantize on another grid than the one asked for.  Eager, or under :func:`checked`."""
+  qt, zshape = spec.qtype, tuple(zp.shape)
+
+  def summary():
+    z = zp.astype(jnp.float32)
+    return first_bad(jnp.isfinite(z) & (z >= qt.qmin) & (z <= qt.qmax), z)
+
+  def fail(n, i, v):
+    raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: zero_point shape {zshape} "
+                     f"dtype {zp.dtype}: zero points must lie in [{qt.qmin}, {qt.qmax}] "
+                     f"({qt.value}); {int(n)} outside, first at index {index_str(i, zshape)}: "
+                     f"{float(v)}")
+
+  if zp.size:
+    value_check([zp], summary, fail)
+
+
 def fake_quant(x: jax.Array, spec: QuantSpec, *, layout: Layout | None = None) -> jax.Array:
   """``dequantize(quantize(x))`` in ``x.dtype`` with a straight-through gradient (for QAT)."""
-  check_float_input(x, "<fake_quant>")
+  _check_spec(spec, "<fake_quant>")
+  x = check_float_input(x, "<fake_quant>")
+  _check_shape(x, "<fake_quant>")
   tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>", layout)
   xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
   yb = _dequant_split(_quantize_split(xb, scale, zp, spec, x.shape, tile), scale, zp, spec,

@@ -25,6 +25,19 @@ def _is_real(v) -> bool:
   return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
+def _as_python(obj, *fields: str) -> None:
+  """Stores numpy scalars of a (checked) frozen dataclass's ``fields`` as Python ints/floats, so
+  the config hashes like its Python twin and serialises to JSON (rules files, checkpoints)."""
+  for f in fields:
+    v = getattr(obj, f)
+    if isinstance(v, np.integer):
+      object.__setattr__(obj, f, int(v))
+    elif isinstance(v, np.floating):
+      object.__setattr__(obj, f, float(v))
+    elif isinstance(v, tuple) and any(isinstance(a, np.integer) for a in v):
+      object.__setattr__(obj, f, tuple(int(a) for a in v))
+
+
 def _check_bool(owner: str, field: str, v) -> None:
   if not isinstance(v, bool):
     raise ValueError(f"{owner}.{field}={v!r} must be a bool (True or False), got "
@@ -83,6 +96,7 @@ class Clip:
       raise ValueError(f"Clip.percentile={self.percentile} must be in (0, 100]")
     if self.grid < 1 or not 0.0 < self.min_ratio <= 1.0:
       raise ValueError(f"Clip grid={self.grid} must be >= 1 and min_ratio={self.min_ratio} in (0, 1]")
+    _as_python(self, "ratio", "percentile", "grid", "min_ratio")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +168,7 @@ class QuantSpec:
     if not isinstance(self.scale_dtype, str) or self.scale_dtype not in (
         "float32", "bfloat16", "float16"):
       raise ValueError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: use float32, bfloat16 or float16")
+    _as_python(self, "channel_axes", "group_size", "group_axis")
 
   def tile(self, shape: Sequence[int], *, layout: Layout | None = None, name: str = "<tensor>",
            dtype=None) -> tuple[int, ...]:
@@ -174,6 +189,9 @@ class QuantSpec:
     where = f"{name}: shape {tuple(shape)}" + (
         f" dtype {np.dtype(dtype).name}" if dtype is not None else "")
     if layout is not None:
+      if not isinstance(layout, Layout):
+        raise ValueError(f"{where}: layout must be a jq.Layout (or None), got "
+                         f"{type(layout).__name__} {layout!r}")
       layout.check(shape, name=name)
       where += f" ({layout.layer})" if layout.layer else ""
     elif self.granularity is not Granularity.TENSOR and (
@@ -337,16 +355,14 @@ class GPTQOptions:
   def __post_init__(self):
     if not isinstance(self.act_order, bool):
       raise ValueError(f"GPTQOptions.act_order={self.act_order!r} must be a bool")
-    if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool)
-            and 0 < self.damp < float("inf")):
+    if not (_is_real(self.damp) and 0 < self.damp < float("inf")):
       raise ValueError(f"GPTQOptions.damp={self.damp!r} must be a positive finite number")
     if not (_is_int(self.block_size) and self.block_size >= 1):
       raise ValueError(f"GPTQOptions.block_size={self.block_size!r} must be an int >= 1")
-    if not (isinstance(self.first_token_weight, (int, float))
-            and not isinstance(self.first_token_weight, bool)
-            and 0 <= self.first_token_weight < float("inf")):
+    if not (_is_real(self.first_token_weight) and 0 <= self.first_token_weight < float("inf")):
       raise ValueError(f"GPTQOptions.first_token_weight={self.first_token_weight!r} must be a "
                        "finite number >= 0")
+    _as_python(self, "damp", "block_size", "first_token_weight")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -364,6 +380,7 @@ class AWQOptions:
     for k in ("clip", "duo"):
       if not isinstance(getattr(self, k), bool):
         raise ValueError(f"AWQOptions.{k}={getattr(self, k)!r} must be a bool")
+    _as_python(self, "grid")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -372,9 +389,9 @@ class SmoothQuantOptions:
   alpha: float = 0.5
 
   def __post_init__(self):
-    if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-            and 0.0 <= self.alpha <= 1.0):
+    if not (_is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
       raise ValueError(f"SmoothQuantOptions.alpha={self.alpha!r} must be in [0, 1]")
+    _as_python(self, "alpha")
 
 
 ALGORITHM_OPTIONS = {Algorithm.GPTQ: GPTQOptions, Algorithm.AWQ: AWQOptions,
@@ -415,6 +432,9 @@ class Rule:
       raise ValueError(f"Rule {self.pattern!r}: algorithm must be an Algorithm, got "
                        f"{self.algorithm!r}")
     _check_bool(f"Rule {self.pattern!r}", "required", self.required)
+    if not self.pattern:
+      raise ValueError("Rule.pattern is empty, which matches every parameter path; write '.*' to "
+                       "mean every path, or the pattern you meant")
     try:
       re.compile(self.pattern)
     except re.error as e:

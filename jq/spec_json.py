@@ -164,8 +164,10 @@ def rule_from_json(d: dict[str, Any], where: str = "rule") -> Rule:
       false), got "false"``): a missing pattern, unknown fields, or values of the wrong type or
       range.
   """
-  if not isinstance(d, dict) or "pattern" not in d:
-    raise ValueError(f"{where}: a rule needs at least 'pattern' and 'weight'")
+  if not isinstance(d, dict) or "pattern" not in d or "weight" not in d:
+    got = sorted(d) if isinstance(d, dict) else type(d).__name__
+    raise ValueError(f"{where}: a rule needs at least 'pattern' and 'weight' (null keeps the "
+                     f"matching parameters in float), got {got}")
   d = dict(d)
   names = {f.name for f in dataclasses.fields(Rule)}
   if set(d) - names:
@@ -197,15 +199,42 @@ def rules_to_json(rules: Sequence[Rule]) -> str:
   return json.dumps([rule_to_json(r) for r in rules], indent=2)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in pairs:
+    if k in out:
+      raise ValueError(f"rules: key {k!r} appears twice in one object ({_show(out[k])} and "
+                       f"{_show(v)}); keep one")
+    out[k] = v
+  return out
+
+
 def rules_from_json(text: str) -> tuple[Rule, ...]:
+  """Rules from the text of a rules file (a JSON list of rule objects, at least one).
+
+  Raises:
+    ValueError: not JSON, a key given twice in one object, an empty list, or a rule error naming
+      its location (see :func:`rule_from_json`).
+  """
   try:
-    data = json.loads(text)
+    data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
   except json.JSONDecodeError as e:
     raise ValueError(f"rules: not valid JSON: {e}") from e
+  except RecursionError as e:
+    raise ValueError("rules: the JSON nests too deeply to be a rules file") from e
   if not isinstance(data, list):
     raise ValueError("rules: expected a JSON list of rule objects")
+  if not data:
+    raise ValueError("rules: the list is empty, so nothing would be quantized; give at least one "
+                     "rule (e.g. {\"pattern\": \"kernel$\", \"weight\": {\"qtype\": \"int8\"}})")
   return tuple(rule_from_json(d, f"rules[{i}]") for i, d in enumerate(data))
 
 
 def load_rules(path: str | Path) -> tuple[Rule, ...]:
-  return rules_from_json(Path(path).read_text())
+  """Rules from a rules file (UTF-8 JSON, see :func:`rules_from_json`); OSErrors name the path."""
+  try:
+    text = Path(path).read_bytes().decode("utf-8-sig")  # (a BOM, as some editors write, is fine)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"rules file {path}: not UTF-8 text ({e}); a rules file is a JSON list of "
+                     "rule objects") from e
+  return rules_from_json(text)

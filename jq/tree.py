@@ -66,13 +66,26 @@ class LayerPlan:
     return self.rule is not None and self.rule.weight is not None
 
 
+def check_rules(rules: Any) -> tuple[Rule, ...]:
+  """``rules`` as a tuple of :class:`jq.Rule` (a single Rule, a spec or a string is refused)."""
+  if isinstance(rules, (Rule, str)) or not hasattr(rules, "__iter__"):
+    raise ValueError(f"rules must be a list or tuple of jq.Rule, got a {type(rules).__name__}"
+                     + (" (wrap one rule: (rule,))" if isinstance(rules, Rule) else ""))
+  rules = tuple(rules)
+  bad = [r for r in rules if not isinstance(r, Rule)]
+  if bad:
+    raise ValueError(f"rules must be jq.Rule objects; got a {type(bad[0]).__name__} "
+                     f"({bad[0]!r:.80}); build one with jq.Rule(pattern=..., weight=spec)")
+  return rules
+
+
 def plan(params: PyTree, rules: Sequence[Rule]) -> list[LayerPlan]:
   """Matches every leaf against the ordered rules (first match wins).
 
   Raises:
     ValueError: a required rule matched no leaf (usually a typo in its pattern).
   """
-  rules = tuple(rules)
+  rules = check_rules(rules)
   used = [False] * len(rules)
   out = []
   for path, leaf in leaves_with_paths(params):
@@ -130,7 +143,7 @@ def quantize_tree(params: PyTree, rules: Sequence[Rule], *,
     >>> qparams = quantize_tree(params, default_rules(W4A16_G128))
     >>> qvars = quantize_tree(variables, rules, layouts=jq.nn.layouts(model, variables, x))
   """
-  rules = tuple(rules)
+  rules = check_rules(rules)
   decided = {p.path: p for p in plan(params, rules)}
   act_scales = dict(act_scales or {})
   layouts = None if layouts is None else dict(layouts)
@@ -199,8 +212,7 @@ def with_activation(q: QArray, act: ActivationSpec | None,
 
 def dequantize_tree(tree: PyTree, dtype=jnp.float32) -> PyTree:
   """Replaces every QArray by its dequantized array in ``dtype``; other leaves unchanged."""
-  return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, tree,
-                                is_leaf=is_qarray)
+  return map_with_paths(lambda p, x: dequantize(x, dtype, name=p) if is_qarray(x) else x, tree)
 
 
 def nbytes(tree: PyTree) -> int:

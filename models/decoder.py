@@ -571,13 +571,13 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
                      f"shape {prompt.shape}")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"greedy_generate: prompt_ids must be integers, got {prompt.dtype}")
-  check_token_ids(prompt, config.vocab_size, "greedy_generate: prompt_ids")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   total = prompt.shape[-1] + max_new_tokens
   if total > config.max_seq_len:
     raise ValueError(f"greedy_generate: prompt ({prompt.shape[-1]}) + max_new_tokens "
                      f"({max_new_tokens}) = {total} exceeds max_seq_len={config.max_seq_len}")
+  check_token_ids(prompt, config.vocab_size, "greedy_generate: prompt_ids")
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
   run = functools.partial(_generate, apply_fn, _variables(params), prompt.astype(jnp.int32),

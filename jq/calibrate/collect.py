@@ -10,12 +10,18 @@ stacked layer arrive in layer order, so the k-th of ``n·L`` calls in one model 
 layer ``k // n``; under ``vmap`` the callback receives one value per mapped layer, and an input
 shared by all of them (``in_axes=None``) counts for each.  Layers reading the same input (q, k and
 v after one norm) share one computation of the statistics.
+
+Data parallel: with a ``mesh`` the batches are split over its data axis (:func:`shard_batches`)
+and XLA all-reduces the statistics, which the callback receives once per model call.  Several
+processes: a ``reduce`` (``jq.distributed.allreduce_stats``) sums the host statistics across
+processes before they are returned.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -59,32 +65,69 @@ class LayerInputs:
   samples: np.ndarray | None
 
 
+_SUMMED = ("xtx", "abssum", "count", "nonfinite")
+_OPS = {"xtx": "sum", "abssum": "sum", "count": "sum", "nonfinite": "sum", "absmax": "max",
+        "hi": "max", "lo": "min", "samples": "cat", "samples_batch": "cat"}
+
+
 class _Acc:
-  """Host-side sums of one layer's statistics, per stacked layer."""
+  """Host-side sums of one layer's statistics, per stacked layer (``XᵀX`` and ``Σ|x|`` in
+  float64, counts in int64; token samples with the index of the batch they come from)."""
 
   def __init__(self, want: Want, path: str):
     self.want, self.path = want, path
     self.layers: list[dict[str, Any] | None] = [None] * want.stack
 
-  def add(self, i: int, part: dict[str, np.ndarray]) -> None:
+  def add(self, i: int, part: dict[str, np.ndarray], batch: int = 0) -> None:
     cur = self.layers[i]
     if cur is None:
-      self.layers[i] = {k: (np.asarray(v, np.float64) if k in ("xtx", "abssum") else
-                            [v] if k == "samples" else np.asarray(v)) for k, v in part.items()}
+      self.layers[i] = cur = {
+          k: (np.asarray(v, np.float64) if k in ("xtx", "abssum") else
+              np.asarray(v, np.int64) if k in ("count", "nonfinite") else
+              [] if k == "samples" else np.asarray(v)) for k, v in part.items()}
+      if "samples" in part:
+        cur["samples"].append((batch, np.asarray(part["samples"])))
       return
     for k, v in part.items():
-      if k in ("xtx", "abssum", "count", "nonfinite"):
+      if k in _SUMMED:
         cur[k] = cur[k] + v
       elif k in ("absmax", "hi"):
         cur[k] = np.maximum(cur[k], v)
       elif k == "lo":
         cur[k] = np.minimum(cur[k], v)
       elif k == "samples":
-        cur[k].append(v)
+        cur[k].append((batch, np.asarray(v)))
 
-  def result(self) -> LayerInputs:
+  def check_ran(self) -> None:
     if any(c is None for c in self.layers):
       raise ValueError(f"{self.path}: this layer never ran on the calibration batches")
+
+  def export(self) -> dict[str, np.ndarray]:
+    """The sums as flat named arrays (``"<path>#<layer>#<name>"``), for a cross-process reduce."""
+    out = {}
+    for i, c in enumerate(self.layers):
+      for k, v in c.items():
+        if k == "samples":
+          rows = [r for _, r in v]
+          out[f"{self.path}#{i}#samples"] = np.concatenate(rows)
+          out[f"{self.path}#{i}#samples_batch"] = np.concatenate(
+              [np.full(len(r), b, np.int64) for b, r in v])
+        else:
+          out[f"{self.path}#{i}#{k}"] = np.asarray(v)
+    return out
+
+  def load(self, flat: Mapping[str, np.ndarray]) -> None:
+    """Replaces the sums by reduced ones (from :meth:`export`'s keys)."""
+    for i, c in enumerate(self.layers):
+      for k in list(c):
+        if k == "samples":
+          rows, ids = flat[f"{self.path}#{i}#samples"], flat[f"{self.path}#{i}#samples_batch"]
+          c[k] = [(0, rows[np.argsort(ids, kind="stable")])]   # global batch order
+        else:
+          c[k] = flat[f"{self.path}#{i}#{k}"]
+
+  def result(self) -> LayerInputs:
+    self.check_ran()
     def stack(fn):
       vals = [fn(c) for c in self.layers]
       return vals[0] if self.want.stack == 1 else np.stack(vals)
@@ -99,7 +142,7 @@ class _Acc:
     samples = None
     if "samples" in self.layers[0]:
       def pick(c):
-        rows = np.concatenate(c["samples"])
+        rows = np.concatenate([r for _, r in c["samples"]])
         idx = np.linspace(0, len(rows) - 1, min(self.want.samples, len(rows))).astype(np.int64)
         return rows[idx]
       samples = stack(pick)
@@ -146,9 +189,98 @@ def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int) -> dict
   return out
 
 
+def data_sharding(mesh, data_axis: str | None = None):
+  """``(sharding of a batch's leading axis, replicated sharding, number of shards)`` on ``mesh``.
+
+  ``data_axis``: the mesh axis the batches are split over (default: the mesh's only axis, or its
+  ``"data"`` axis); the other axes hold copies.  The shardings use an ``Auto``-typed twin of the
+  mesh (``jq._compat.auto_mesh``), so XLA inserts the all-reduce of each statistic.
+
+  Raises:
+    ValueError: ``mesh`` is not a ``jax.sharding.Mesh``, has no such axis, or holds devices of
+      other processes (statistics are summed across processes on the host: give each process a
+      mesh of its own devices, ``jq.distributed.local_mesh()``).
+  """
+  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from jq import _compat  # pylint: disable=import-outside-toplevel
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"calibration mesh: {type(mesh).__name__} is not a jax.sharding.Mesh "
+                     "(e.g. jax.make_mesh((8,), ('data',)))")
+  names = tuple(mesh.axis_names)
+  if data_axis is None:
+    if len(names) != 1 and "data" not in names:
+      raise ValueError(f"calibration mesh: axes {names}; name the batch axis (data_axis=...) or "
+                       "call it 'data'")
+    data_axis = names[0] if len(names) == 1 else "data"
+  if data_axis not in names:
+    raise ValueError(f"calibration mesh: no axis {data_axis!r} in {names}")
+  me = jax.process_index()
+  foreign = sorted({d.process_index for d in mesh.devices.flat if d.process_index != me})
+  if foreign:
+    raise ValueError(f"calibration mesh: it holds devices of processes {foreign} (this is process "
+                     f"{me}); statistics are summed across processes on the host, so give each "
+                     "process a mesh of its own devices (jq.distributed.local_mesh())")
+  m = _compat.auto_mesh(mesh)
+  return (NamedSharding(m, PartitionSpec(data_axis)), NamedSharding(m, PartitionSpec()),
+          int(mesh.shape[data_axis]))
+
+
+def shard_batches(batches: Iterable[Any], mesh, data_axis: str | None = None, *,
+                  batch_ids: Sequence[int] | None = None) -> list[Any]:
+  """``batches`` with every array's leading (batch) axis split over the mesh's data axis (scalars
+  replicated), so each device runs its share of every batch.
+
+  Args:
+    batches: calibration inputs (arrays, or tuples/pytrees of arrays with a leading batch axis).
+    mesh, data_axis: see :func:`data_sharding`.
+    batch_ids: the batches' indices, for errors (default ``0, 1, ...``).
+
+  Raises:
+    ValueError: a batch whose leading axis does not divide by the number of devices on the data
+      axis (naming the batch, its shape and the device count), or a bad mesh.
+
+  Example:
+    >>> placed = shard_batches(batches, jax.make_mesh((8,), ("data",)))
+  """
+  split, whole, n = data_sharding(mesh, data_axis)
+  batches = list(batches)
+  ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
+
+  def place(b: int, x):
+    if not (isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__array__")):
+      return x
+    shape = tuple(np.shape(x))
+    if not shape:
+      return jax.device_put(x, whole)
+    if shape[0] % n:
+      raise ValueError(f"calibration batch {b}: an input of shape {shape} has a leading (batch) "
+                       f"axis of {shape[0]}, which does not divide over the {n} devices of the "
+                       f"mesh's data axis; give every batch a multiple of {n} rows")
+    return jax.device_put(x, split)
+
+  return [jax.tree_util.tree_map(functools.partial(place, b), batch)
+          for b, batch in zip(ids, batches)]
+
+
 def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mapping[str, Want], *,
-            operands: Any = None) -> dict[str, LayerInputs]:
+            operands: Any = None, mesh=None, data_axis: str | None = None,
+            batch_ids: Sequence[int] | None = None, total_batches: int | None = None,
+            reduce: Callable[[dict[str, np.ndarray], dict[str, str]], dict[str, np.ndarray]]
+            | None = None) -> dict[str, LayerInputs]:
   """Runs the model over ``batches`` and returns the statistics of each wanted layer's input.
+
+  Data parallel (``mesh``): every batch is split along its leading axis over the mesh's data axis
+  (:func:`shard_batches`) and ``operands`` are replicated; each device runs its rows and XLA
+  all-reduces the statistics, which ``jax.debug.callback`` receives once per model call (the
+  logical, reduced values).  ``XᵀX`` and ``Σ|x|`` are then summed in another order than on one
+  device (float32 rounding: see ``jq.ptq.PTQConfig.mesh`` for the measured differences); min, max,
+  counts and token samples are the same bits.
+
+  Several processes (``reduce``): each process runs its own batches (``batch_ids``: their indices
+  in the whole calibration set of ``total_batches``, which also sets how many tokens each call
+  samples); ``reduce`` (``jq.distributed.allreduce_stats``) sums the host statistics across the
+  processes before they are returned.
 
   Args:
     run: ``run(operands, batch)`` runs the model once through jq's adapters (jitted here, with
@@ -156,17 +288,29 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
     batches: calibration inputs, each passed to ``run`` as is.
     wants: ``{kernel path: Want}``.
     operands: passed to ``run``.
+    mesh, data_axis: data-parallel calibration (see :func:`data_sharding`).
+    batch_ids: global index of each batch (default ``0..len(batches)-1``).
+    total_batches: number of batches in all processes (default ``len(batches)``).
+    reduce: ``reduce(arrays, ops) -> arrays``, a cross-process reduction of named host arrays
+      (ops ``sum``/``max``/``min``/``cat``).
 
   Raises:
     ValueError: no batch; a wanted layer never ran; a non-finite input (naming the layer and the
       batch); ``XᵀX`` asked for a layer whose input does not map onto its kernel; a stacked layer
-      whose calls do not divide into its layers.
+      whose calls do not divide into its layers; a batch that does not divide over the mesh.
   """
   from jq.nn import common  # pylint: disable=import-outside-toplevel  (jq.nn imports calibrate)
   batches = list(batches)
   if not batches:
     raise ValueError("calibration: no batches were given")
-  per_call = {p: -(-w.samples // len(batches)) for p, w in wants.items() if w.samples}
+  ids = list(range(len(batches))) if batch_ids is None else [int(i) for i in batch_ids]
+  if len(ids) != len(batches):
+    raise ValueError(f"calibration: {len(ids)} batch_ids for {len(batches)} batches")
+  total = len(batches) if total_batches is None else int(total_batches)
+  if mesh is not None:
+    batches = shard_batches(batches, mesh, data_axis, batch_ids=ids)
+    operands = jax.device_put(operands, data_sharding(mesh, data_axis)[1])
+  per_call = {p: -(-w.samples // total) for p, w in wants.items() if w.samples}
   seen: dict[str, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
 
   def host(path, part):
@@ -207,13 +351,13 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
       jax.block_until_ready(step(operands, batch))
     except (TypeError, ValueError) as e:
       shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
-      raise ValueError(f"calibration batch {b} (shapes {shapes}): {e}") from e
+      raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {e}") from e
     jax.effects_barrier()
     for path, calls in seen.items():
       n = wants[path].stack
       bad = sum(int(c["nonfinite"]) for c in calls)
       if bad:
-        raise ValueError(f"{path}: calibration batch {b} gives this layer {bad} NaN/Inf input "
+        raise ValueError(f"{path}: calibration batch {ids[b]} gives this layer {bad} NaN/Inf input "
                          "values; fix the model or the calibration data")
       if len(calls) == 1 and n > 1:   # one input shared by every stacked layer
         calls = calls * n
@@ -222,7 +366,14 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
                          f"{n} stacked layers")
       per = len(calls) // n
       for k, c in enumerate(calls):
-        accs[path].add(k // per, c)
+        accs[path].add(k // per, c, ids[b])
+  if reduce is not None:
+    for a in accs.values():
+      a.check_ran()
+    flat = {k: v for a in accs.values() for k, v in a.export().items()}
+    flat = reduce(flat, {k: _OPS[k.rpartition("#")[2]] for k in flat})
+    for a in accs.values():
+      a.load(flat)
   return {p: a.result() for p, a in accs.items()}
 
 
@@ -287,4 +438,5 @@ def tensor_ranges(inputs: Mapping[str, LayerInputs]) -> dict[str, tuple[np.ndarr
   return {p: (np.min(r.lo, axis=-1), np.max(r.hi, axis=-1)) for p, r in inputs.items()}
 
 
-__all__ = ["collect", "capture_inputs", "input_ranges", "tensor_ranges", "Want", "LayerInputs"]
+__all__ = ["collect", "shard_batches", "data_sharding", "capture_inputs", "input_ranges",
+           "tensor_ranges", "Want", "LayerInputs"]

@@ -125,6 +125,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
   return out
 
 
+def _no_constants(name: str) -> Any:
+  raise CheckpointError(f"non-finite number {name} in a JSON header (jq never writes one: the "
+                        "file was tampered with or is corrupt)")
+
+
 def json_depth(text: str) -> int:
   """Deepest ``[``/``{`` nesting of a JSON text (strings skipped), without parsing it."""
   b = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "replace"), np.uint8)
@@ -152,7 +157,7 @@ def parse_json(raw: bytes | str, what: str, *, max_bytes: int = MAX_HEADER_JSON_
     raise CheckpointError(f"{what} nests {depth} levels deep, more than the limit of {max_depth}; "
                           "the file is corrupt or was crafted")
   try:
-    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
   except CheckpointError as e:
     raise CheckpointError(f"{what}: {e}") from e
   except (json.JSONDecodeError, RecursionError) as e:
@@ -506,6 +511,21 @@ class _Encoder:
             "components": components, "activation": act, "rule": self._rule_json(path, q)}
 
 
+def _check_metadata_keys(v: Any, where: str) -> None:
+  """Dict keys that JSON would turn into strings (ints, floats, None, bools): CheckpointError,
+  as the metadata would not read back as written."""
+  if isinstance(v, Mapping):
+    for k, x in v.items():
+      if not isinstance(k, str):
+        raise CheckpointError(f"{where}: key {k!r} of type {type(k).__name__} is not a str; "
+                              "JSON would store it as a string, so the metadata would not read "
+                              "back as written; use str keys")
+      _check_metadata_keys(x, f"{where}[{k!r}]")
+  elif isinstance(v, (list, tuple)):
+    for i, x in enumerate(v):
+      _check_metadata_keys(x, f"{where}[{i}]")
+
+
 def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
            rules: Sequence[Rule] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """Splits ``tree`` into a JSON-able header and ``{tensor name: host array}`` (see module doc).
@@ -530,7 +550,11 @@ def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
       raise CheckpointError(f"rules must be jq.spec.Rule objects, got {r!r}")
   enc = _Encoder(rules)
   root = enc.node(tree, ())
+  if metadata is not None and not isinstance(metadata, Mapping):
+    raise CheckpointError(f"metadata must be a dict (str keys, JSON values), got "
+                          f"{type(metadata).__name__} {metadata!r}")
   user = dict(metadata or {})
+  _check_metadata_keys(user, "metadata")
   try:
     json.dumps(user, allow_nan=False)
   except (TypeError, ValueError) as e:

@@ -258,6 +258,12 @@ class ShardedWriter:
       self._save_progress()
       return
     prog_path = os.path.join(self.work, PROGRESS)
+    if not os.path.exists(prog_path) and not any(
+        n.endswith(".safetensors") for n in os.listdir(self.work)):
+      shutil.rmtree(self.work)   # killed before its first record: nothing to resume
+      os.makedirs(self.work)
+      self._save_progress()
+      return
     try:
       with open(prog_path, "rb") as f:
         prog = codec.parse_json(f.read(), f"{prog_path}")

@@ -39,11 +39,24 @@ def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Lay
     ``(rules, {path: why it stays float})``.
   """
   kept = {}
-  for p in plan(params, rules):
-    if p.quantized and p.path not in lays and len(p.shape) >= 2:
+  planned = plan(params, rules)
+  for p in planned:
+    if p.quantized and p.path not in lays:
+      if len(p.shape) < 2:  # a bias, norm or scalar: the rule (not the layer) is at fault
+        raise ValueError(f"{p.path}: shape {p.shape} dtype {p.dtype}: rule {p.rule.pattern!r} "
+                         f"quantizes this rank-{len(p.shape)} parameter, but no layer that jq "
+                         "runs quantized uses it; keep it in float with "
+                         f"Rule(pattern={'^' + re.escape(p.path) + '$'!r}, weight=None) before it")
       kept[p.path] = reasons.get(p.path, "no layer that jq runs quantized uses it")
   if not kept:
     return tuple(rules), {}
+  for r in rules:  # a required rule whose every match stays float would seem to match nothing
+    mine = [p.path for p in planned if p.rule is r]
+    if r.required and r.weight is not None and mine and all(m in kept for m in mine):
+      raise ValueError(f"rule {r.pattern!r} ({r.describe()}) matches only parameters whose layer "
+                       f"jq cannot run quantized: {mine[0]} ({kept[mine[0]]})"
+                       + (f" and {len(mine) - 1} more" if len(mine) > 1 else "")
+                       + "; drop the rule, or make it weight=None (or required=False)")
   skips = tuple(Rule(pattern=f"^{re.escape(p)}$", weight=None, required=False) for p in kept)
   listing = "; ".join(f"{p}: {why}" for p, why in kept.items())
   warnings.warn(f"jq: {len(kept)} parameter(s) the rules would quantize stay float because their "

@@ -270,6 +270,9 @@ def parse_einsum(subscripts: str, x_ndim: int, w_ndim: int, *, name: str = "<ein
   lhs letters missing from the output are summed first.  Rhs letters must appear in the output or
   the lhs (a quantized operand is never summed on its own).
   """
+  if not isinstance(subscripts, str):
+    raise ValueError(f"{name}: einsum subscripts must be a string like 'btd,df->btf', got "
+                     f"{type(subscripts).__name__} {subscripts!r}")
   eq = subscripts.replace(" ", "")
   if "->" not in eq or eq.count(",") != 1:
     raise ValueError(f"{name}: einsum {subscripts!r} must be explicit with two operands, "
@@ -318,6 +321,9 @@ def einsum(subscripts: str, x: ArrayLike, w: QArray, *, precision=None,
     >>> y = einsum("btd,dhk->bthk", x, q_proj)
   """
   x = jnp.asarray(x)
+  if not isinstance(w, QArray):
+    raise ValueError(f"{name or '<einsum>'}: rhs must be a jq.QArray, got {type(w).__name__}; "
+                     "use jnp.einsum for float operands")
   plan = parse_einsum(subscripts, x.ndim, len(w.shape), name=name or "<einsum>")
   if plan.lhs_sum_axes:
     x = jnp.sum(x, axis=plan.lhs_sum_axes)

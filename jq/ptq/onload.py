@@ -129,6 +129,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
       not np.issubdtype(calib.dtype, np.integer):
     raise ValueError(f"calibration tokens have shape {calib.shape} dtype {calib.dtype}; need "
                      "integer ids of shape (sequences >= 1, length >= 2)")
+  if not isinstance(cfg, pipeline.PTQConfig):
+    raise ValueError(f"quantize_onloaded: config={config!r:.80} must be a jq.ptq.PTQConfig")
   if calib.size and calib.min() < 0:
     raise ValueError(f"calibration tokens hold negative ids (min {calib.min()})")
   rules = tuple(rules)
@@ -156,6 +158,10 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
   missing = [p for p in blocks.embed_paths if p not in by_path]
   if missing:
     raise ValueError(f"the embedding reads {missing}, which are not among the sources")
+  rows = by_path[blocks.embed_paths[0]][0].shape[0]
+  if calib.size and calib.max() >= rows:
+    raise ValueError(f"calibration tokens hold id {calib.max()}, but the embedding "
+                     f"{blocks.embed_paths[0]} has {rows} rows (a tokenizer of another model?)")
   order = outside + [p for ps in per_block for p in ps]
   writer = sharded.ShardedWriter(
       out, [(p, by_path[p][2]) for p in order], rules=rules,

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,7 +30,7 @@ import numpy as np
 from jq.algorithms import awq_search_scale, smooth_scales
 from jq.algorithms.registry import Inputs, solve
 from jq.algorithms.fold import FOLD_TOLERANCE
-from jq.calibrate.collect import LayerInputs, Want, collect
+from jq.calibrate.collect import LayerInputs, Want, collect, data_sharding, shard_batches
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding
@@ -63,11 +66,11 @@ class PTQModelResult:
   seconds: float
 
 
-def _check_batches(batches) -> list[Any]:
+def _check_batches(batches, ids=None) -> list[Any]:
   batches = list(batches)
   if not batches:
     raise ValueError("quantize_model: no calibration batches were given")
-  for i, b in enumerate(batches):
+  for i, b in zip(range(len(batches)) if ids is None else ids, batches):
     for x in as_args(b):
       a = np.asarray(x)
       if a.size == 0:
@@ -93,7 +96,10 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
     rules: ordered rules; each rule's algorithm (and options) pick how its kernels are rounded.
     batches: calibration inputs (arrays, or tuples of arguments), e.g. token arrays.
     config: a ``jq.ptq.PTQConfig``: ``sequential`` (default True: block by block, see
-      ``jq.ptq.sequential``) and ``sample_tokens`` (AWQ's token sample per layer).
+      ``jq.ptq.sequential``), ``sample_tokens`` (AWQ's token sample per layer), ``mesh``
+      (data-parallel calibration over this process's devices) and ``distributed`` (statistics
+      summed over the processes of ``jax.distributed``, each passing its own share of the
+      batches: ``jq.distributed.process_batches``; on by itself with several processes).
     blocks: a ``jq.ptq.BlockwiseModel`` to run the adapter pipeline instead (linen).
     calib_batches_for_check: batches on which every fold is checked.
     chained: sequential calibration runs one block per step where the model chains its blocks
@@ -106,14 +112,51 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
     ...                             [tokens[i:i + 4] for i in range(0, 32, 4)])
     >>> logits = jax.jit(jq.nn.quantized_apply(model))(res.variables, tokens)
 
+  Several processes (``jax.distributed``)::
+
+    >>> jq.distributed.initialize("localhost:12345", num_processes=2, process_id=p)
+    >>> res = jq.ptq.quantize_model(model, variables, rules,
+    ...                             jq.distributed.process_batches(batches))
+
   Raises:
     ValueError: empty or NaN batches, a batch the model cannot run, a rule asking GPTQ/AWQ/
-      SmoothQuant for a layer whose input cannot be captured; messages name the layer.
+      SmoothQuant for a layer whose input cannot be captured; messages name the layer.  A batch
+      that does not divide over ``config.mesh``; processes that do not run the same calibration
+      (in every process, naming the difference).
+    jq.distributed.PeerError: another process failed (its error is quoted) or did not answer
+      within ``jq.distributed.set_timeout``.
   """
   from jq.ptq import pipeline  # pylint: disable=import-outside-toplevel
-  t0 = time.perf_counter()
   cfg = config if config is not None else pipeline.PTQConfig()
-  batches = _check_batches(batches)
+  if not isinstance(calib_batches_for_check, int) or isinstance(calib_batches_for_check, bool) \
+      or calib_batches_for_check < 1:
+    raise ValueError(f"quantize_model: calib_batches_for_check={calib_batches_for_check!r} must "
+                     "be an int >= 1")
+  if not isinstance(cfg, pipeline.PTQConfig):
+    raise ValueError(f"quantize_model: config={config!r:.80} must be a jq.ptq.PTQConfig")
+  dist = cfg.distributed if cfg.distributed is not None else jax.process_count() > 1
+  if not dist or jax.process_count() <= 1:
+    return _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches_for_check,
+                           chained, progress, False, example_kwargs)
+  from jq import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    return _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches_for_check,
+                           chained, progress, True, example_kwargs)
+  except Exception as e:
+    distributed.fail(f"{type(e).__name__}: {e}")   # the others stop at their next exchange
+    raise
+
+
+def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches_for_check,
+                    chained, progress, dist: bool, example_kwargs) -> PTQModelResult:
+  from jq.ptq import pipeline  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  given_ids, given_total = getattr(batches, "indices", None), getattr(batches, "total", None)
+  batches = _check_batches(batches, given_ids)
+  if blocks is not None and (cfg.mesh is not None or dist):
+    raise ValueError("quantize_model: blocks= (the adapter pipeline) runs on one device in one "
+                     "process; PTQConfig.mesh and several processes need the adapter-free road "
+                     "(blocks=None)")
   if blocks is not None:
     if variables is None:
       raise ValueError("quantize_model: blocks= (a BlockwiseModel) works with linen variables")
@@ -156,16 +199,29 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
                                                                   Algorithm.SMOOTHQUANT)]
   groups = (folding.find_groups(target, target.params, smoothing, batches[0],
                                 [_one_row(batches[0])], log) if smoothing else [])
-  state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)])
+  ids, total = list(range(len(batches))), len(batches)
+  if dist:
+    from jq import distributed  # pylint: disable=import-outside-toplevel
+    ids, total = distributed.plan_batches(
+        len(batches), indices=given_ids, total=given_total,
+        same=_fingerprint(model, target, rules, decided, groups, cfg, chained,
+                          calib_batches_for_check))
+  elif given_ids is not None and jax.process_count() <= 1:
+    ids, total = list(given_ids), int(given_total)
+  if cfg.mesh is not None:
+    batches = shard_batches(batches, cfg.mesh, cfg.data_axis, batch_ids=ids)
+  state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)],
+                 mesh=cfg.mesh, data_axis=cfg.data_axis, batch_ids=ids, total=total, dist=dist)
   schedule = Schedule(target, list(decided), batches, sequential=cfg.sequential, log=log,
                       chained=chained)
+  schedule.params = state.placed(state.cur)
   it = iter(schedule)
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     it = tqdm(it, desc="calibrating", unit="block")
   for unit in it:
     state.calibrate(unit, {p: wants[p] for p in unit.layers if p in wants}, groups)
-    schedule.params = state.cur
+    schedule.params = state.placed(state.cur)
   report = state.report
   qparams = folding.replace_leaves(state.ref, state.finish())
   for p, why in kept.items():
@@ -182,8 +238,15 @@ class _State:
   finished kernels dequantized: what later units run on), the solved matrices, the inputs."""
 
   def __init__(self, target: Target, decided: dict[str, Rule], calibrated, log: list[str],
-               check: list):
+               check: list, *, mesh=None, data_axis: str | None = None,
+               batch_ids: Sequence[int] | None = None, total: int | None = None,
+               dist: bool = False):
     self.target, self.decided, self.log, self.check = target, decided, log, check
+    self.mesh, self.data_axis, self.dist = mesh, data_axis, dist
+    self.batch_ids = None if batch_ids is None else list(batch_ids)
+    self.total = total
+    self._replicated = None if mesh is None else data_sharding(mesh, data_axis)[1]
+    self._placed: dict[int, tuple[Any, Any]] = {}
     self.ref = self.cur = target.params
     self.views = {p: MatrixView(tuple(x.shape), target.layouts[p])
                   for p, x in leaves_with_paths(target.params) if p in decided}
@@ -209,8 +272,37 @@ class _State:
         *[v[layer] for v in inputs.stats]), inputs.lo[layer], inputs.hi[layer],
                        None if inputs.samples is None else inputs.samples[layer])
 
+  def placed(self, tree):
+    """``tree`` replicated on the mesh (each leaf copied once and kept while it is in use), or
+    ``tree`` itself without a mesh."""
+    if self._replicated is None:
+      return tree
+
+    def one(x):
+      if not isinstance(x, (jax.Array, np.ndarray)):
+        return x
+      hit = self._placed.get(id(x))
+      if hit is None or hit[0] is not x:
+        hit = self._placed[id(x)] = (x, jax.device_put(x, self._replicated))
+      return hit[1]
+    return jax.tree_util.tree_map(one, tree)
+
+  def _drop_placed(self) -> None:
+    """Forgets the copies of leaves no longer in ``cur`` (folded or quantized ones)."""
+    if self._placed:
+      live = {id(x) for x in jax.tree_util.tree_leaves(self.cur)}
+      self._placed = {k: v for k, v in self._placed.items() if k in live}
+
   def calibrate(self, unit: Unit, wants: dict[str, Want], groups) -> None:
-    got = collect(unit.run, unit.batches, wants, operands=self.cur) if wants else {}
+    self._drop_placed()
+    reduce = None
+    if self.dist:
+      from jq import distributed  # pylint: disable=import-outside-toplevel
+      reduce = functools.partial(distributed.allreduce_stats,
+                                 what=f"the statistics of {unit.name}")
+    got = collect(unit.run, unit.batches, wants, operands=self.placed(self.cur), mesh=self.mesh,
+                  data_axis=self.data_axis, batch_ids=self.batch_ids, total_batches=self.total,
+                  reduce=reduce) if wants else {}
     for p, inp in got.items():
       for layer in unit.layers[p]:
         self.inputs[p][layer] = self._layer(p, inp, layer)
@@ -282,11 +374,16 @@ class _State:
 
   def _verified(self, found, run, batches) -> list[str]:
     """Keys of the folds that hold all together (checked together first, then halved)."""
+    if self._replicated is not None:   # the batches are on the mesh: so must the parameters be
+      run = functools.partial(lambda f, p, b: f(self.placed(p), b), run)
     refs = [run(self.cur, b) for b in batches]
     keys = list(found)
     while True:
       ok = folding.verify_folds(self.target, self.cur, {k: found[k] for k in keys}, batches,
                                 refs, run, FOLD_TOLERANCE)
+      if self.dist:   # a fold holds where it holds on every process's check batches
+        from jq import distributed  # pylint: disable=import-outside-toplevel
+        ok = distributed.all_true("the fold checks", ok)
       for k in keys:
         if not ok[k]:
           g = found[k][0]
@@ -318,6 +415,31 @@ class _State:
       self.report.append(LayerRow(path, self.algo_used[path].value, q.qtype.value + " tile=" +
                                   "x".join(map(str, q.tile)), "; ".join(self.notes[path])))
     return new
+
+
+def _fingerprint(model, target: Target, rules, decided, groups, cfg, chained: bool,
+                 calib_batches_for_check: int) -> dict[str, Any]:
+  """What every process of a distributed calibration must have the same (JSON-able): the model,
+  its parameters (paths, shapes, dtypes and a few values of each), the rules, the config."""
+  h = hashlib.sha256()
+  for path, x in leaves_with_paths(target.params):
+    h.update(f"{path}:{tuple(np.shape(x))}:{np.dtype(getattr(x, 'dtype', np.float32))};".encode())
+    if hasattr(x, "shape") and np.size(x):
+      h.update(np.asarray(jnp.ravel(x)[:8]).tobytes())
+  mesh = None if cfg.mesh is None else dict(zip(map(str, cfg.mesh.axis_names),
+                                                map(int, cfg.mesh.devices.shape)))
+  model_desc = type(model).__qualname__ if target.kind == "nnx" else repr(model)
+  model_desc = re.sub(r" at 0x[0-9a-fA-F]+", "", model_desc)   # (functions: no addresses)
+  return {
+      "model": hashlib.sha256(model_desc.encode()).hexdigest()[:16] + f" ({type(model).__name__})",
+      "parameters": h.hexdigest()[:16],
+      "rules": [repr(r) for r in rules],
+      "kernels": len(decided),
+      "groups": [g.describe() for g in groups],
+      "config": {"sequential": cfg.sequential, "sample_tokens": cfg.sample_tokens,
+                 "mesh": mesh, "data_axis": cfg.data_axis, "chained": chained,
+                 "calib_batches_for_check": calib_batches_for_check},
+  }
 
 
 def _stats_samples(inp: LayerInputs | None):

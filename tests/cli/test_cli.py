@@ -49,7 +49,7 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
   assert cli.main(["quantize", "--model", "gpt-17", "--no-eval"]) == 1
   assert "unknown model" in capsys.readouterr().err
   assert cli.main(["eval", str(ckpt), "--window", "100000", "--eval-windows", "1"]) == 1
-  assert "fewer than one window" in capsys.readouterr().err
+  assert "--window (evaluation window) = 100000 exceeds the model's context" in capsys.readouterr().err
   # a checkpoint for another model: same metadata name, foreign tree
   import jax.numpy as jnp
   other = tmp_path / "other.safetensors"

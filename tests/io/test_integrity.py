@@ -258,6 +258,44 @@ def test_header_size_limit_and_duplicate_keys():
     codec.parse_json(b'{"a": \xff}', "hdr")
 
 
+def test_non_finite_json_numbers_in_headers_are_checkpoint_errors(saved, tmp_path):
+  """Python's json reads NaN/Infinity; jq never writes them, and the digest of a header holding
+  one used to fail with json's raw 'Out of range float values are not JSON compliant'."""
+  for const in ("NaN", "Infinity", "-Infinity"):
+    with pytest.raises(CheckpointError, match=f"hdr: non-finite number {const} in a JSON header"):
+      codec.parse_json(f'{{"a": {const}}}'.encode(), "hdr")
+  path, _ = saved
+  data = path.read_bytes()
+  old = b'\\"toy\\"'  # the metadata string inside the jq header (a JSON string in a JSON string)
+  path.write_bytes(data.replace(old, b"NaN".ljust(len(old)), 1))  # same length: still parses
+  for fn in (jq.io.load, jq.io.load_header, lambda p: jq.io.load(p, verify=False)):
+    with pytest.raises(CheckpointError, match="non-finite number NaN"):
+      fn(path)
+  pytest.importorskip("orbax.checkpoint")
+  d = tmp_path / "ck"
+  jq.io.save_orbax(d, _tree(), metadata={"model": "toy"})
+  h = json.loads((d / "jq" / "metadata").read_text())
+  h["metadata"]["model"] = float("nan")
+  (d / "jq" / "metadata").write_text(json.dumps(h))
+  with pytest.raises(CheckpointError, match="non-finite number NaN"):
+    jq.io.load_orbax(d)
+
+
+def test_metadata_must_be_a_str_keyed_mapping(tmp_path):
+  p = tmp_path / "m.safetensors"
+  # int keys used to be saved as strings without a word ({1: "a"} read back as {"1": "a"})
+  with pytest.raises(CheckpointError, match=r"metadata\['layers'\]: key 1 of type int is not a "
+                                            r"str; JSON would store it as a string"):
+    jq.io.save(p, _tree(), metadata={"layers": {1: "a"}})
+  with pytest.raises(CheckpointError, match=r"metadata\['runs'\]\[0\]: key None"):
+    jq.io.save(p, _tree(), metadata={"runs": [{None: 1}]})
+  with pytest.raises(CheckpointError, match="metadata must be a dict .* got str 'toy'"):
+    jq.io.save(p, _tree(), metadata="toy")  # was dict()'s "update sequence element #0 ..."
+  assert not p.exists()
+  jq.io.save(p, _tree(), metadata={"layers": {"1": "a"}, "shape": (1, 2)})
+  assert jq.io.load_header(p)["metadata"] == {"layers": {"1": "a"}, "shape": [1, 2]}
+
+
 # ---- orbax --------------------------------------------------------------------------------------
 
 

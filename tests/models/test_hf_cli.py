@@ -80,3 +80,30 @@ def test_export_keeps_the_family_config(tiny_hf, tmp_path, capsys):
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
   assert cli.main(["quantize", "--model", str(tmp_path / "nope"), "--no-eval"]) == 1
   assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["plan", "--bits", "0"], "--bits"),
+    (["plan", "--bits", "nan"], "--bits"),
+    (["quantize", "--rules", "/nonexistent/rules.json"], "--rules /nonexistent/rules.json"),
+    (["quantize", "--recipe", "gptq-w4a16-g128", "--calib-len", "100000", "--no-eval"],
+     "--calib-len"),
+    (["quantize", "--window", "100000"], "--window"),
+    (["quantize", "--recipe", "gptq-w4a16-g128", "--devices", "64"], "--devices 64"),
+])
+def test_cli_argument_mistakes_name_the_flag(tiny_hf, tmp_path, capsys, argv, match):
+  path = tiny_hf("llama")
+  args = [argv[0], "--model", str(path), *argv[1:]]
+  if argv[0] == "quantize":
+    args += ["--out", str(tmp_path / "q.safetensors")]
+  try:
+    rc = cli.main(args)
+  except SystemExit as e:   # argparse
+    rc = e.code
+  assert rc != 0 and match in capsys.readouterr().err
+
+
+def test_cli_plan_out_is_checked_before_the_scan(tiny_hf, tmp_path, capsys):
+  path = tiny_hf("llama")
+  assert cli.main(["plan", "--model", str(path), "--out", str(tmp_path / "no" / "r.json")]) == 1
+  assert "--out" in capsys.readouterr().err

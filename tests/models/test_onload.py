@@ -121,7 +121,8 @@ def test_bad_calibration_tokens_are_named(tiny_hf, tmp_path):
   config, _ = registry.hf_source(path)
   for tokens, match in ((np.zeros((4,), np.int32), "shape"), (-np.ones((2, 8), np.int32),
                                                               "negative"),
-                        (np.zeros((2, 8), np.float32), "integer")):
+                        (np.zeros((2, 8), np.float32), "integer"),
+                        (np.full((2, 8), 288, np.int32), "288 rows")):
     with pytest.raises(ValueError, match=match):
       onload.quantize_onloaded(blockwise.onload_blocks(config), hf.stream_sources(path, config),
                                jq.recipe_rules("gptq-w4a16-g128"), tokens, str(tmp_path / "o"))

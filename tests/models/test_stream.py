@@ -313,7 +313,6 @@ def test_cli_streams_and_reads_the_directory_back(tiny_hf, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--recipe", "gptq-w4a16-g128", "--stream"], "--stream rounds to nearest"),
     (["--stream", "--model", "smollm2"], "--stream reads a Hugging Face checkpoint"),
     (["--stream", "--stream-above", "0"], "--stream-above"),
     (["--stream", "--shard-size", "nan"], "--shard-size"),

@@ -1,0 +1,229 @@
+"""Calibration on a device mesh and over several ``jax.distributed`` processes gives the quantized
+tree of one device in one process (``PTQConfig.mesh``, ``jq.distributed``).
+
+Each check runs ``calib_worker.py`` in subprocesses: the virtual CPU devices
+(``--xla_force_host_platform_device_count``) and ``jax.distributed`` must be set up before JAX
+starts.  Model: a tiny 2-block linen decoder (``jq_models.decoder``), recipes ``gptq-w4a16-g32``
+and ``w8a8-static``; plus ``jq.calibrate.collect`` of a scanned stack (vmapped callbacks).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("calib_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ("gptq-w4a16-g32", "w8a8-static")
+
+
+_CACHE: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the workers of this module (shared by the pytest-xdist
+  workers of one run): they compile the same small programs (the tests take about half the
+  time)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent   # the run's directory, above each xdist worker's own
+  (base / "jq_jax_compilation_cache").mkdir(exist_ok=True)
+  _CACHE["dir"] = str(base / "jq_jax_compilation_cache")
+  yield
+  _CACHE.clear()
+
+
+def _env() -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  if "dir" in _CACHE:
+    env.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _worker(out: Path, *args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+  """``(exit status, output)`` of each process; kills all of them (and fails) after ``timeout``."""
+  end = time.monotonic() + timeout
+  out = []
+  try:
+    for p in procs:
+      text, _ = p.communicate(timeout=max(1.0, end - time.monotonic()))
+      out.append((p.returncode, text))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f"calibration workers still running after {timeout:g} s (a hang)")
+  return out
+
+
+def _processes(out: Path, n: int = 2, bad: dict[int, str] | None = None, extra=()) -> list:
+  port = str(_free_port())
+  return [_worker(out, "--process-id", str(i), "--num-processes", str(n), "--port", port,
+                  *(["--bad", bad[i]] if bad and i in bad else []), *extra) for i in range(n)]
+
+
+def compare(a, b) -> dict[str, float]:
+  """Worst differences between two dumped quantized trees (``calib_worker.dump``) over all
+  kernels: fraction of integer codes that differ, the largest code difference, the largest
+  ``|Δ dequantized| / scale`` (in quantization steps), the largest relative difference of the
+  weight scales and of the static activation scales."""
+  worst = dict(codes_differ=0.0, max_code_diff=0, max_dequant_steps=0.0, scale_rel=0.0,
+               act_scale_rel=0.0)
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    if not k.endswith(".codes"):
+      continue
+    p = k[:-len(".codes")]
+    qa, qb = a[k].astype(np.int64), b[k].astype(np.int64)
+    sa, sb = a[p + ".scale"].astype(np.float64), b[p + ".scale"].astype(np.float64)
+    worst["codes_differ"] = max(worst["codes_differ"], float(np.mean(qa != qb)))
+    worst["max_code_diff"] = max(worst["max_code_diff"], int(np.max(np.abs(qa - qb))))
+    worst["scale_rel"] = max(worst["scale_rel"], float(np.max(np.abs(sa - sb) / np.abs(sa))))
+    # dequantized difference in steps of the kernel's smallest scale
+    dq = np.abs(a[p + ".dequantized"].astype(np.float64) - b[p + ".dequantized"])
+    worst["max_dequant_steps"] = max(worst["max_dequant_steps"], float(dq.max() / np.abs(sa).min()))
+    if p + ".act_scale" in a.files:
+      x, y = a[p + ".act_scale"].astype(np.float64), b[p + ".act_scale"].astype(np.float64)
+      worst["act_scale_rel"] = max(worst["act_scale_rel"], float(np.max(np.abs(x - y) / x)))
+  return worst
+
+
+def _same(a, b) -> list[str]:
+  return [k for k in a.files if not np.array_equal(a[k], b[k])]
+
+
+def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
+  """Data-parallel calibration over 8 virtual CPU devices: the collected statistics are reduced
+  once per model call (not once per device), static W8A8 is the same up to last-bit activation
+  differences, GPTQ up to a few codes off by one; an indivisible batch is a clear ValueError."""
+  [(rc, log)] = _wait([_worker(tmp_path, "--devices", "8")], 240)
+  assert rc == 0, log
+  one, eight = np.load(tmp_path / "collect.single.npz"), np.load(tmp_path / "collect.mesh.npz")
+  for k in one.files:
+    if k.endswith((".count", ".nonfinite", ".lo", ".hi", ".absmax", ".samples")):
+      np.testing.assert_array_equal(eight[k], one[k], err_msg=k)   # counted once, exact
+    else:   # XᵀX, Σ|x|: float32 sums in another order (measured: 1e-7 of the largest entry)
+      err = float(np.max(np.abs(eight[k] - one[k])) / np.max(np.abs(one[k])))
+      assert err <= 1e-6, (k, err)
+  static = compare(np.load(tmp_path / "w8a8-static.single.npz"),
+                   np.load(tmp_path / "w8a8-static.mesh.npz"))
+  assert static["codes_differ"] == 0 and static["scale_rel"] == 0, static   # RTN weights: exact
+  assert static["act_scale_rel"] <= 1e-5, static
+  gptq = compare(np.load(tmp_path / "gptq-w4a16-g32.single.npz"),
+                 np.load(tmp_path / "gptq-w4a16-g32.mesh.npz"))
+  assert gptq["codes_differ"] <= 0.01 and gptq["max_code_diff"] <= 1, gptq
+  assert gptq["scale_rel"] <= 1e-5 and gptq["max_dequant_steps"] <= 1.01, gptq
+  print("mesh vs one device:", {"w8a8-static": static, "gptq": gptq})
+  msg = (tmp_path / "indivisible.txt").read_text()
+  assert "calibration batch 1" in msg and "(6, 32)" in msg and "8 devices" in msg, msg
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """Two jax.distributed processes, each with half of the batches (p::2), write the same bits;
+  and the same bits as one process with all batches (the float64 host sums of per-batch float32
+  statistics are rounded once to float32)."""
+  ref = tmp_path / "ref"
+  ref.mkdir()
+  procs = _processes(tmp_path) + [_worker(ref)]
+  results = _wait(procs, 240)
+  for rc, log in results:
+    assert rc == 0, log
+  for name in ("collect",) + RECIPES:
+    p0, p1 = np.load(tmp_path / f"{name}.p0.npz"), np.load(tmp_path / f"{name}.p1.npz")
+    assert not _same(p0, p1), name                        # every process: the same tree
+    single = np.load(ref / f"{name}.single.npz")
+    assert not _same(p0, single), (name, _same(p0, single))
+
+
+def test_without_cpu_collectives_the_key_value_store_carries_the_statistics(tmp_path):
+  """``cpu_collectives="none"`` (process_allgather would raise "Multiprocess computations aren't
+  implemented on the CPU backend"): the statistics go through the coordinator's key-value store,
+  with the same result."""
+  ref = tmp_path / "ref"
+  ref.mkdir()
+  extra = ("--cpu-collectives", "none", "--recipes", "w8a8-static")
+  results = _wait(_processes(tmp_path, extra=extra) + [_worker(ref, "--recipes", "w8a8-static")],
+                  240)
+  for rc, log in results:
+    assert rc == 0, log
+  for name in ("collect", "w8a8-static"):
+    p0, p1 = np.load(tmp_path / f"{name}.p0.npz"), np.load(tmp_path / f"{name}.p1.npz")
+    single = np.load(ref / f"{name}.single.npz")
+    assert not _same(p0, p1) and not _same(p0, single), name
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ("rules", "disagree on the calibration setup: rules[4]"),
+    ("batches", "split different calibration sets: process 0: 4 batches in all"),
+])
+def test_processes_that_disagree_fail_in_both(tmp_path, bad, expect):
+  """Process 1 runs other rules / splits another calibration set: both processes raise a
+  ValueError naming the difference, quickly (no hang)."""
+  t = time.monotonic()
+  results = _wait(_processes(tmp_path, bad={1: bad}, extra=("--skip-collect", "--recipes",
+                                                            "gptq-w4a16-g32")), 90)
+  for i, (rc, log) in enumerate(results):
+    assert rc == 3, log
+    msg = (tmp_path / f"error.p{i}.txt").read_text()
+    assert msg.startswith("ValueError: jq.distributed:") and expect in msg, msg
+  assert time.monotonic() - t < 60
+
+
+def test_a_failing_process_stops_the_others(tmp_path):
+  """Process 1 fails on its own batch (a negative token id): process 0 raises PeerError quoting
+  it instead of waiting for the timeout."""
+  results = _wait(_processes(tmp_path, bad={1: "tokens"}, extra=("--skip-collect", "--recipes",
+                                                                 "w8a8-static")), 90)
+  assert [rc for rc, _ in results] == [3, 3], results
+  mine = (tmp_path / "error.p1.txt").read_text()
+  assert "negative token ids" in mine, mine
+  other = (tmp_path / "error.p0.txt").read_text()
+  assert other.startswith("PeerError: jq.distributed: process 1 failed") and \
+      "negative token ids" in other, other
+
+
+def test_process_batches_and_plan_without_distributed():
+  """One process: process_batches keeps every batch; PTQConfig checks its new fields."""
+  import jax
+  import jq.distributed
+  from jq.ptq import PTQConfig
+  mine = jq.distributed.process_batches(range(5), index=1, count=2)
+  assert list(mine) == [1, 3] and mine.indices == [1, 3] and mine.total == 5
+  with pytest.raises(ValueError, match="2 calibration batches for 3 processes"):
+    jq.distributed.process_batches([0, 1], index=0, count=3)
+  assert jq.distributed.plan_batches(3) == ([0, 1, 2], 3)
+  assert jq.distributed.allreduce_stats({"x": np.ones(2)}, {"x": "sum"})["x"].tolist() == [1, 1]
+  with pytest.raises(ValueError, match="must give one of"):
+    jq.distributed.allreduce_stats({"x": np.ones(2)}, {"x": "mean"})
+  with pytest.raises(ValueError, match="coordinator_address"):
+    jq.distributed.initialize("localhost", 2, 0)
+  with pytest.raises(ValueError, match="process_id=2 must be < num_processes=2"):
+    jq.distributed.initialize("localhost:1234", 2, 2)
+  with pytest.raises(ValueError, match="PTQConfig.mesh"):
+    PTQConfig(mesh="data")
+  mesh = jax.make_mesh((1,), ("batch",))
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    PTQConfig(mesh=mesh, data_axis="data")
+  with pytest.raises(ValueError, match="must be a bool or None"):
+    PTQConfig(distributed=1)
