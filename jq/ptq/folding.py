@@ -74,31 +74,42 @@ def _per_layer(s: jax.Array, n: int) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(s, jnp.float32).reshape(-1, s.shape[-1]), (n, s.shape[-1]))
 
 
+def wide_dtype(dtype) -> Any:
+  """The dtype a folded (or dequantized, for later blocks to run on) leaf keeps: float32 for
+  bfloat16/float16 leaves (rounding folded values back to 8 mantissa bits would change the model
+  by ~1e-3, far above the fold check's tolerance, and every fold of a bf16 checkpoint would be
+  skipped), else the leaf's own."""
+  dt = jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32) if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4 else dt
+
+
 def folded(target: Target, params: PyTree, group: Group, s: jax.Array) -> dict[str, Any]:
-  """The leaves a fold of ``s`` (``(K,)``, or ``(L, K)`` per stacked layer) changes."""
+  """The leaves a fold of ``s`` (``(K,)``, or ``(L, K)`` per stacked layer) changes (in float32
+  where they were stored in a narrower float: see :func:`wide_dtype`)."""
   leaves = _leaves(params)
   out = {}
   for c in group.consumers:
     view = MatrixView(tuple(leaves[c].shape), target.layouts[c])
     m = view.matrices(leaves[c].astype(jnp.float32)) * _per_layer(s, view.n)[:, :, None]
-    out[c] = view.kernel(m).astype(leaves[c].dtype)
+    out[c] = view.kernel(m).astype(wide_dtype(leaves[c].dtype))
   if group.kind == "linear":
     kpath = group.params[0]
     view = MatrixView(tuple(leaves[kpath].shape), target.layouts[kpath])
     inv = 1.0 / _per_layer(s, view.n)
     m = view.matrices(leaves[kpath].astype(jnp.float32)) * inv[:, None, :]
-    out[kpath] = view.kernel(m).astype(leaves[kpath].dtype)
+    out[kpath] = view.kernel(m).astype(wide_dtype(leaves[kpath].dtype))
     for b in group.params[1:]:
       bias = leaves[b]
       out[b] = (bias.astype(jnp.float32).reshape(view.n, view.out) * inv).reshape(
-          bias.shape).astype(bias.dtype)
+          bias.shape).astype(wide_dtype(bias.dtype))
   else:
     for p in group.params:
       x = leaves[p]
       k = x.shape[-1]
       sv = jnp.asarray(s, jnp.float32)
       sv = sv.reshape(sv.shape[:-1] + (1,) * (x.ndim - sv.ndim) + (k,)) if sv.ndim > 1 else sv
-      out[p] = ((x.astype(jnp.float32) + group.offset) / sv - group.offset).astype(x.dtype)
+      out[p] = ((x.astype(jnp.float32) + group.offset) / sv
+                - group.offset).astype(wide_dtype(x.dtype))
   return out
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from jq import stream
 from jq.io import sharded
+from jq.ptq import folding
 from jq.layout import Layout
 from jq.qarray import QArray
 from jq.spec import ActMode, Algorithm, Rule
@@ -78,9 +79,10 @@ def _nest(leaves: Mapping[str, Any]) -> dict:
 
 
 def _dequantized(leaf: Any, dtype: Any) -> Any:
-  """What later blocks run on: a quantized kernel dequantized to the stored dtype."""
+  """What later blocks run on, as in the in-memory road: a quantized kernel dequantized in
+  float32 (``jq.ptq.folding.wide_dtype`` of its stored dtype)."""
   if isinstance(leaf, QArray):
-    return leaf.dequantize(jnp.float32).astype(dtype)
+    return leaf.dequantize(jnp.float32).astype(folding.wide_dtype(dtype))
   return jnp.asarray(leaf)
 
 
@@ -163,8 +165,17 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
     raise ValueError(f"calibration tokens hold id {calib.max()}, but the embedding "
                      f"{blocks.embed_paths[0]} has {rows} rows (a tokenizer of another model?)")
   order = outside + [p for ps in per_block for p in ps]
+  # AWQ/SmoothQuant fold their scales into a block's float leaves (norms, biases) in float32
+  # (jq.ptq.folding): a block's narrow-float leaves kept float are written widened (exactly)
+  smoothing = any(r.weight is not None and r.algorithm in (Algorithm.AWQ, Algorithm.SMOOTHQUANT)
+                  for r in rules)
+  widened = {p for p in block_of if smoothing and by_path[p][1] is None and
+             np.dtype(by_path[p][0].dtype).itemsize < 4 and
+             jnp.issubdtype(np.dtype(by_path[p][0].dtype), jnp.floating)}
+  abstract = {p: (jax.ShapeDtypeStruct(by_path[p][0].shape, np.float32) if p in widened
+                  else by_path[p][2]) for p in order}
   writer = sharded.ShardedWriter(
-      out, [(p, by_path[p][2]) for p in order], rules=rules,
+      out, [(p, abstract[p]) for p in order], rules=rules,
       fingerprint={**dict(fingerprint or {}), **_fingerprint(calib, cfg)},
       max_shard_bytes=max_shard_bytes, resume=resume)
   todo = set(writer.todo)
@@ -176,6 +187,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
 
   def put(path: str, leaf: Any) -> None:
     nonlocal written, bytes_out
+    if path in widened:
+      leaf = np.asarray(leaf).astype(np.float32)
     writer.add(path, leaf)
     written += 1
     bytes_out += sum(int(np.prod(sh, dtype=np.int64)) * dt.itemsize

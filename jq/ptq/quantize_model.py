@@ -329,7 +329,7 @@ class _State:
           self.notes[path].append(note if view.n == 1 else f"layer {i}: {note}")
       done[path] = view.kernel(jnp.stack([
           self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
-          for i in range(view.n)])).astype(leaves[path].dtype)
+          for i in range(view.n)])).astype(folding.wide_dtype(leaves[path].dtype))
     self.cur = folding.replace_leaves(self.cur, done)
 
   def _fold(self, unit: Unit, groups) -> None:

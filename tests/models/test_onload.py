@@ -138,3 +138,23 @@ def test_cli_stream_calibrates_block_by_block(tiny_hf, tmp_path, capsys):
   assert header["metadata"]["recipe"] == "gptq-w4a16-g128" and header["verified"]
   assert cli.main(["eval", str(out), "--json", "--eval-windows", "1", "--window", "64"]) == 0
   assert json.loads(capsys.readouterr().out)["kl"] > 0
+
+
+def test_bf16_checkpoints_fold_awq_scales_and_both_roads_agree(tiny_hf, tmp_path):
+  """A bfloat16 checkpoint: folded norms stay float32 (rounding them to bf16 failed every fold
+  check, so AWQ silently did nothing); onloaded and in-memory give the same values."""
+  import ml_dtypes
+  path = tiny_hf("mistral", dtype=ml_dtypes.bfloat16)
+  rules = jq.recipe_rules("awq-w4a16-g32")
+  model = registry.load(str(path))
+  tokens = _tokens()
+  res = quantize_model(model.module, model.variables, rules,
+                       [tokens[i:i + 2] for i in range(0, 4, 2)], config=CFG)
+  assert sum("folded into" in line for line in res.log) >= 3 * 3
+  on = _onloaded(path, rules, tmp_path / "out")
+  assert sum("folded into" in line for line in on.log) >= 3 * 3
+  got = _flat(jqio.load(tmp_path / "out"))
+  for k, want in _flat(res.variables).items():
+    wide = lambda x: x.astype(np.float32) if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16 \
+        else x
+    assert np.array_equal(wide(want), wide(got[k])), k
