@@ -173,9 +173,10 @@ class _Quantizer:
       lays = None if layout is None else {"<stream>": layout}
       self._fns[key] = jax.jit(lambda v: quantize_leaf("<stream>", v, rule, layouts=lays,
                                                        nan_policy=self.nan_policy))
+    x = jnp.asarray(x)   # one device copy, checked and quantized
     if self.nan_policy == "raise":
       check_float_input(x, path)   # eagerly, naming the parameter (jit would skip it)
-    return self._fns[key](jnp.asarray(x))
+    return self._fns[key](x)
 
 
 def _chunk_columns(s: SourceTensor, q: Any, chunk_bytes: int) -> int | None:
@@ -205,9 +206,8 @@ def _assemble(parts: list[QArray], like: Any, shape: tuple[int, ...]) -> QArray:
 def _host(q: QArray) -> QArray:
   """``q`` with its arrays fetched to the host (device buffers freed as the chunk is done)."""
   get = lambda x: None if x is None else np.asarray(jax.device_get(x))
-  act = q.activation
   return dataclasses.replace(q, values=get(q.values), scale=get(q.scale),
-                             zero_point=get(q.zero_point), activation=act)
+                             zero_point=get(q.zero_point))
 
 
 def _quantized(planned, todo: set[str], quant: _Quantizer, chunk_bytes: int, bar

@@ -197,14 +197,17 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
   try:
     # 1. outside the blocks: the streamed road, tensor by tensor
     quant = stream._Quantizer(layouts, "raise")  # pylint: disable=protected-access
+    emb = {}   # the embedding's float leaves, kept as they pass (not read twice)
     for path, leaf in stream._quantized([by_path[p] for p in outside], todo, quant,  # pylint: disable=protected-access
                                         chunk_bytes, bar):
+      if path in blocks.embed_paths and by_path[path][1] is None:
+        emb[path] = leaf
       put(path, leaf)
     if bar is not None:
       bar.update(sum(by_path[p][0].nbytes for p in outside if p not in todo))
     # 2. the hidden states of the calibration set
     chunk = max(1, min(cfg.chunk, calib.shape[0]))
-    emb = {p: by_path[p][0].read_all() for p in blocks.embed_paths}
+    emb.update({p: by_path[p][0].read_all() for p in blocks.embed_paths if p not in emb})
     embed = jax.jit(blocks.embed)
     xs = [np.asarray(embed(emb, jnp.asarray(calib[i:i + chunk], jnp.int32)))
           for i in range(0, calib.shape[0], chunk)]
