@@ -55,11 +55,13 @@ class Variant:
   custom: str | None = None     # "int4sym-g32-<algo>" jq rows matched to qwix
   algo: str | None = None
   group: int | None = None
+  calib_text: str = "news"      # jq rows: the calibration text (news split, or shakespeare)
 
 
-def _jq(key, method, spec, recipe, *, rule_options=None, **options):
+def _jq(key, method, spec, recipe, *, rule_options=None, calib_text="news", **options):
   return Variant(key=key, kind="jq", method=method, spec=spec, recipe=recipe,
-                 options=tuple(sorted(options.items())), rule_options=rule_options)
+                 options=tuple(sorted(options.items())), rule_options=rule_options,
+                 calib_text=calib_text)
 
 
 def _variants() -> list[Variant]:
@@ -87,6 +89,13 @@ def _variants() -> list[Variant]:
   s = "w3a16-g128"
   v += [_jq(f"rtn-{s}", "RTN", s, s), _jq(f"gptq-{s}", "GPTQ", s, f"gptq-{s}"),
         _jq(f"awq-{s}", "AWQ", s, f"awq-{s}")]
+  # learned rounding (the recipes' options), and the 4-bit one calibrated on Shakespeare
+  for s in ("w4a16-g128", "w3a16-g128", "w2a16-g32"):
+    v += [_jq(f"autoround-{s}", "AutoRound", s, f"autoround-{s}")]
+  v += [_jq("rtn-w2a16-g32", "RTN", "w2a16-g32", "w2a16-g32"),
+        _jq("gptq-w2a16-g32", "GPTQ", "w2a16-g32", "w2a16-g32", rule_options="gptq"),
+        _jq("autoround-w4a16-g128-shakespeare", "AutoRound (Shakespeare calib.)", "w4a16-g128",
+            "autoround-w4a16-g128", calib_text="shakespeare")]
   # jq on qwix's spec (symmetric int4, non-sequential), then qwix itself.
   for algo, method in (("rtn", "RTN"), ("gptq", "GPTQ non-seq"), ("awq", "AWQ non-seq")):
     v.append(Variant(key=f"jq-{algo}-int4sym-g32", kind="jq", method=method, spec="int4 sym g32",
@@ -118,6 +127,9 @@ def _jq_rules_config(v: Variant):
   from jq.ptq.pipeline import PTQConfig
   from jq.qtypes import QType
   from jq.spec import Algorithm, Granularity, QuantSpec, default_rules, recipe_rules
+  if v.rule_options == "gptq":   # an RTN recipe's spec, rounded by GPTQ (no named recipe)
+    return (default_rules(recipe_rules(v.recipe)[-1].weight, algorithm=Algorithm.GPTQ),
+            PTQConfig(**dict(v.options)))
   if v.custom is None:
     return recipe_rules(v.recipe, options=v.rule_options), PTQConfig(**dict(v.options))
   spec = QuantSpec(qtype=QType.INT4, symmetric=True, granularity=Granularity.GROUP, group_size=32)
@@ -132,7 +144,7 @@ def run_jq(model, v: Variant, args):
   t0 = time.perf_counter()
   qvars, _, notes = app.quantize_model(model, rules, ptq_config=cfg,
                                        calib_sequences=args.calib_sequences,
-                                       calib_len=args.calib_len)
+                                       calib_len=args.calib_len, calib_text=v.calib_text)
   qvars = jax.block_until_ready(qvars)
   return jq_logits_fn(model, qvars), time.perf_counter() - t0, list(notes)
 
@@ -225,7 +237,9 @@ def run_qwix(model, v: Variant, args):
 def _row(v: Variant) -> dict:
   return {"key": v.key, "kind": v.kind, "method": v.method, "spec": v.spec,
           "options": dict(v.options), "recipe": v.recipe,
-          "rule_options": None if v.rule_options is None else dataclasses.asdict(v.rule_options)}
+          "calib_text": v.calib_text,
+          "rule_options": (v.rule_options if v.rule_options is None or isinstance(
+              v.rule_options, str) else dataclasses.asdict(v.rule_options))}
 
 
 def run(args) -> dict:
@@ -277,10 +291,14 @@ def summarize(fm: dict, rows: list[dict]) -> dict:
   for rtn, algos in (("rtn-w4a16-g128", ("gptq-w4a16-g128", "gptq-w4a16-g128-textbook",
                                           "gptq-w4a16-g128-nonseq",
                                           "gptq-w4a16-g128-actorder",
-                                          "gptq-w4a16-g128-actorder-nonseq", "awq-w4a16-g128")),
+                                          "gptq-w4a16-g128-actorder-nonseq", "awq-w4a16-g128",
+                                          "autoround-w4a16-g128",
+                                          "autoround-w4a16-g128-shakespeare")),
                      ("rtn-w4a16-g32", ("gptq-w4a16-g32", "gptq-w4a16-g32-nonseq",
                                         "gptq-w4a16-g32-actorder", "awq-w4a16-g32")),
-                     ("rtn-w3a16-g128", ("gptq-w3a16-g128", "awq-w3a16-g128")),
+                     ("rtn-w3a16-g128", ("gptq-w3a16-g128", "awq-w3a16-g128",
+                                         "autoround-w3a16-g128")),
+                     ("rtn-w2a16-g32", ("gptq-w2a16-g32", "autoround-w2a16-g32")),
                      ("jq-rtn-int4sym-g32", ("jq-gptq-int4sym-g32", "jq-awq-int4sym-g32")),
                      ("qwix-rtn-int4-g32", ("qwix-gptq-int4-g32", "qwix-awq-int4-g32"))):
     if rtn not in by:
@@ -341,6 +359,19 @@ def report(res: dict) -> str:
                    f"{d['ppl_loss_smoothquant']:+.4f}, KL {d['kl_base']:.5f} -> "
                    f"{d['kl_smoothquant']:.5f}: "
                    f"{'lowers' if d['lowers_loss'] else 'does NOT lower'} the loss")
+  goals = []   # learned rounding's goals (issue: "Learned rounding and QAT")
+  by = {r["key"]: r for r in res["rows"] if "ppl_quant" in r}
+  d = summ.get("recovered", {}).get("autoround-w4a16-g128")
+  if d is not None and d["ppl_fraction"] is not None:
+    goals.append(f"- autoround-w4a16-g128 recovers {d['ppl_fraction']:.1%} of RTN's perplexity "
+                 f"loss: {'meets' if d['ppl_fraction'] >= 0.7 else 'DOES NOT meet'} >= 70%")
+  for key, cap in (("autoround-w3a16-g128", 1.5), ("autoround-w2a16-g32", 4.0)):
+    if key in by:
+      ratio = by[key]["ppl_quant"] / pf
+      goals.append(f"- {key}: ppl {ratio:.2f}x float: "
+                   f"{'meets' if ratio <= cap else 'DOES NOT meet'} <= {cap}x")
+  if goals:
+    parts += ["", "### Learned rounding goals", ""] + goals
   parts += ["", f"device: {res['device']}; jax {res['jax']}; total {res['total_s']:.0f} s"]
   return "\n".join(parts)
 

@@ -8,7 +8,8 @@ from jq.qarray import ActivationQuant, QArray, checked, dequantize
 from jq.qtypes import NF4_TABLE, QType
 from jq.quantize import compute_params, fake_quant, quantize, quantize_with_params
 from jq.spec import (A8_DYNAMIC, A8_DYNAMIC_ASYM, A8_STATIC, NF4_G64, RECIPES, W2A16_G32,
-                     W3A16_G128, W4A16_G32, W4A16_G128, W8A16, ActivationSpec, ActMode, Algorithm, AWQOptions, Clip,
+                     W3A16_G128, W4A16_G32, W4A16_G128, W8A16, ActivationSpec, ActMode, Algorithm, AutoRoundOptions,
+                     AWQOptions, Clip,
                      ClipMethod, GPTQOptions, Granularity, QuantSpec, Rule, SmoothQuantOptions,
                      default_rules, recipe_names, recipe_rules)
 from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, plan,
@@ -18,3 +19,4 @@ __version__ = "0.1.0"
 
 from jq import distributed, io, nn, ops, sharding, stream  # noqa: E402  (checkpoints, adapters, ops, sharding, streamed road, processes)
 from jq.nn import explain  # noqa: E402
+from jq import qat  # noqa: E402  (quantization-aware training)

@@ -40,20 +40,21 @@ def float_variables(model) -> Any:
 
 
 def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConfig | None = None,
-                   calib_sequences: int = 32, calib_len: int = 512, progress: bool = False
-                   ) -> tuple[Any, Any, list[str]]:
+                   calib_sequences: int = 32, calib_len: int = 512, calib_text: str = "news",
+                   progress: bool = False) -> tuple[Any, Any, list[str]]:
   """Returns ``(qvars, ref_vars, log)``: the quantized tree, the float tree it approximates
   (with any AWQ/SmoothQuant scales folded in) and notes from calibration.
 
   The algorithms' options come from the rules (``Rule.options``); ``ptq_config`` only says how
-  the block-wise pipeline runs (sequential, chunk, sample_tokens)."""
+  the block-wise pipeline runs (sequential, chunk, sample_tokens).  ``calib_text``: a causal
+  LM's calibration text (``jq_models.registry.calibration_text``: news, shakespeare or a file)."""
   from jq.ptq import quantize_model as calibrated  # pylint: disable=import-outside-toplevel
   rules = tuple(rules)
   if model.kind == "causal_lm":
     if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
       _check_context(model, calib_len, "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
-      calib = model.calibration_tokens(calib_sequences, calib_len)
+      calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
       res = calibrated(model.module, model.variables, rules,
                        [calib[i:i + cfg.chunk] for i in range(0, len(calib), cfg.chunk)],
                        config=cfg, progress=progress)

@@ -77,7 +77,8 @@ def _quantize_model(model, rules, args):
   """Returns ``(qvars, ref_vars, log)``."""
   from jq import app
   return app.quantize_model(model, rules, calib_sequences=args.calib_sequences,
-                            calib_len=args.calib_len, ptq_config=_ptq_config(args),
+                            calib_len=args.calib_len, calib_text=args.calib_text,
+                            ptq_config=_ptq_config(args),
                             progress=True)
 
 
@@ -89,6 +90,9 @@ def cmd_quantize(args) -> int:
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
   _ptq_config(args)                 # and so does a --devices this process does not have
+  if args.calib_text not in registry.CALIBRATION_SOURCES and not Path(args.calib_text).is_file():
+    raise ValueError(f"--calib-text {args.calib_text}: not one of "
+                     f"{list(registry.CALIBRATION_SOURCES)} and not a file")
   if _streamed(args, rules):
     return _quantize_streamed(args, rules, recipe, t0)
   if args.out:                      # and so does an --out that cannot be written
@@ -181,8 +185,11 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   if calibrated:
     from jq.ptq import onload
     from jq_models import blockwise
-    calib = registry.calibration_tokens(hf.load_tokenizer(directory), args.calib_sequences,
-                                        args.calib_len)
+    try:
+      calib = registry.calibration_tokens(hf.load_tokenizer(directory), args.calib_sequences,
+                                          args.calib_len, args.calib_text)
+    except ValueError as e:
+      raise ValueError(f"--calib-sequences/--calib-len/--calib-text: {e}") from e
     res = onload.quantize_onloaded(blockwise.onload_blocks(config), sources, rules, calib, out,
                                    config=_ptq_config(args, chunk=4), **kw)
   else:
@@ -621,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "parallel; the batch size, 8 sequences or 4 with --stream, must divide)")
   q.add_argument("--calib-sequences", type=_at_least(1), default=32)
   q.add_argument("--calib-len", type=_at_least(2), default=512)
+  q.add_argument("--calib-text", default="news", metavar="SOURCE",
+                 help="calibration text of a causal LM: news (default: the calibration split of "
+                 "the bundled articles), shakespeare, or the path of a UTF-8 text file")
   eval_opts(q)
   q.set_defaults(fn=cmd_quantize)
 

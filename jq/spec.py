@@ -321,6 +321,7 @@ class Algorithm(enum.Enum):
   GPTQ = "gptq"
   AWQ = "awq"
   SMOOTHQUANT = "smoothquant"
+  AUTOROUND = "autoround"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -394,8 +395,84 @@ class SmoothQuantOptions:
     _as_python(self, "alpha")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoRoundOptions:
+  """Learned rounding (SignRound / AutoRound, Cheng et al., 2023, arXiv:2309.05516) options.
+
+  Block by block, per-weight rounding offsets ``v`` in [-0.5, 0.5] and per-group factors on the
+  grid's range ends (``clip_min``..1) are trained to minimize the block's output error against
+  the float model (``jq.algorithms.rounding``).
+
+  Attributes:
+    init: where rounding starts: ``"rtn"``, ``"gptq"`` (its rounding and scales, default
+      options) or ``"awq"`` (its input-channel scales folded first, then its clip search).
+    steps: optimizer steps per block.
+    lr: learning rate; None: ``1 / steps`` (SignRound's: with signed steps and a linear decay to
+      0 every offset can move by at most half a grid step).
+    optimizer: ``"signsgd"`` (the sign of the gradient, SignRound) or ``"adam"``.
+    learn_clip: also learn the range factors (else only the rounding offsets).
+    clip_min: the smallest range factor.
+    batch_tokens: tokens per step (whole sequences; at least one sequence): the calibration
+      batches are split into sequences and regrouped to about this many tokens per step.
+    target: ``"float"``: each block's output is matched to the float model's (the block's input
+      is the quantized prefix's output, its target the float prefix's: errors of earlier blocks
+      are corrected, as in AutoRound); ``"local"``: to the float block on the same input.
+    loss: ``"relative"``: each token's squared error divided by its target's squared norm, then
+      averaged (every token counts alike); ``"mse"``: the plain mean squared error (AutoRound's).
+      Decoders grow a few tokens (each sequence's first, the attention sink) to norms ~100x the
+      others': in SmolLM2 from block 11 on the first token holds 98% of the output's energy, so
+      the plain MSE tunes the rounding for that one token.
+    seed: order of the steps' batches.
+  """
+  init: str = "rtn"
+  steps: int = 200
+  lr: float | None = None
+  optimizer: str = "signsgd"
+  learn_clip: bool = True
+  clip_min: float = 0.5
+  batch_tokens: int = 2048
+  target: str = "float"
+  loss: str = "relative"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.init not in ("rtn", "gptq", "awq"):
+      raise ValueError(f"AutoRoundOptions.init={self.init!r}: choose 'rtn', 'gptq' or 'awq'")
+    if not (_is_int(self.steps) and self.steps >= 1):
+      raise ValueError(f"AutoRoundOptions.steps={self.steps!r} must be an int >= 1")
+    if self.lr is not None and not (_is_real(self.lr) and 0 < self.lr < float("inf")):
+      raise ValueError(f"AutoRoundOptions.lr={self.lr!r} must be a positive finite number "
+                       "(or None: 1 / steps)")
+    if self.optimizer not in ("signsgd", "adam"):
+      raise ValueError(f"AutoRoundOptions.optimizer={self.optimizer!r}: choose 'signsgd' or "
+                       "'adam'")
+    _check_bool("AutoRoundOptions", "learn_clip", self.learn_clip)
+    if not (_is_real(self.clip_min) and 0 < self.clip_min <= 1):
+      raise ValueError(f"AutoRoundOptions.clip_min={self.clip_min!r} must be in (0, 1]")
+    if not (_is_int(self.batch_tokens) and self.batch_tokens >= 1):
+      raise ValueError(f"AutoRoundOptions.batch_tokens={self.batch_tokens!r} must be an int >= 1")
+    if self.target not in ("float", "local"):
+      raise ValueError(f"AutoRoundOptions.target={self.target!r}: choose 'float' or 'local'")
+    if self.loss not in ("relative", "mse"):
+      raise ValueError(f"AutoRoundOptions.loss={self.loss!r}: choose 'relative' or 'mse'")
+    if not (_is_int(self.seed) and self.seed >= 0):
+      raise ValueError(f"AutoRoundOptions.seed={self.seed!r} must be an int >= 0")
+    _as_python(self, "steps", "lr", "clip_min", "batch_tokens", "seed")
+
+  @property
+  def learning_rate(self) -> float:
+    return float(self.lr) if self.lr is not None else 1.0 / self.steps
+
+  @property
+  def init_algorithm(self) -> "Algorithm":
+    return Algorithm(self.init)
+
+
 ALGORITHM_OPTIONS = {Algorithm.GPTQ: GPTQOptions, Algorithm.AWQ: AWQOptions,
-                     Algorithm.SMOOTHQUANT: SmoothQuantOptions}
+                     Algorithm.SMOOTHQUANT: SmoothQuantOptions,
+                     Algorithm.AUTOROUND: AutoRoundOptions}
+
+Options = GPTQOptions | AWQOptions | SmoothQuantOptions | AutoRoundOptions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -415,7 +492,7 @@ class Rule:
   weight: QuantSpec | None
   activation: ActivationSpec | None = None
   algorithm: Algorithm = Algorithm.RTN
-  options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None
+  options: Options | None = None
   required: bool = True
 
   def __post_init__(self):
@@ -448,6 +525,10 @@ class Rule:
       raise ValueError(f"Rule {self.pattern!r}: int8 x int8 matmuls need per-channel or per-tensor "
                        "weight scales (group scales do not factor out of the integer dot)")
 
+    if (self.algorithm is Algorithm.AUTOROUND and self.weight is not None
+        and self.weight.qtype.is_table):
+      raise ValueError(f"Rule {self.pattern!r}: learned rounding (autoround) works on integer "
+                       f"grids; {self.weight.qtype.value} is a lookup table (use rtn, gptq or awq)")
     if self.options is not None:
       want = ALGORITHM_OPTIONS.get(self.algorithm)
       if want is None or not isinstance(self.options, want):
@@ -455,12 +536,20 @@ class Rule:
                          f"belong to algorithm {self.algorithm.value}")
 
   @property
-  def algorithm_options(self) -> GPTQOptions | AWQOptions | SmoothQuantOptions | None:
+  def algorithm_options(self) -> Options | None:
     """The options in effect: ``options``, or the algorithm's defaults (None for RTN)."""
     if self.options is not None:
       return self.options
     cls = ALGORITHM_OPTIONS.get(self.algorithm)
     return None if cls is None else cls()
+
+  @property
+  def initial(self) -> "Rule":
+    """The rule that rounds first: itself, or for learned rounding the same rule with its
+    ``init`` algorithm (default options), whose result the learning starts from."""
+    if self.algorithm is not Algorithm.AUTOROUND:
+      return self
+    return dataclasses.replace(self, algorithm=self.algorithm_options.init_algorithm, options=None)
 
   def matches(self, path: str) -> bool:
     return re.search(self.pattern, path) is not None
@@ -478,7 +567,7 @@ SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln_|layernorm", r"(^|/)bias$", r"lm_head|
 
 def default_rules(weight: QuantSpec | None, activation: ActivationSpec | None = None, *,
                   algorithm: Algorithm = Algorithm.RTN,
-                  options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None,
+                  options: Options | None = None,
                   kernel_pattern: str = r"(^|/)kernel$") -> tuple[Rule, ...]:
   """Skip embeddings, norms, biases and the output head; quantize every other ``kernel``.
 
@@ -534,10 +623,15 @@ RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
 }
 
 
+# Learned rounding recipes' options (measured on SmolLM2: README, benchmarks/results/).
+AUTOROUND_W4 = AutoRoundOptions(init="gptq")
+AUTOROUND_W3 = AutoRoundOptions(init="gptq")
+AUTOROUND_W2 = AutoRoundOptions(init="gptq")
+
 # Calibration recipes: an RTN recipe above (its weight and activation specs), the algorithm that
 # rounds the kernels, and the algorithm's options (None: its defaults).
 ALGORITHM_RECIPES: dict[str, tuple[str, Algorithm,
-                                   GPTQOptions | AWQOptions | SmoothQuantOptions | None]] = {
+                                   Options | None]] = {
     "gptq-w4a16-g128": ("w4a16-g128", Algorithm.GPTQ, None),
     "gptq-w4a16-g128-actorder": ("w4a16-g128", Algorithm.GPTQ, GPTQOptions(act_order=True)),
     "gptq-w4a16-g32": ("w4a16-g32", Algorithm.GPTQ, None),
@@ -545,6 +639,9 @@ ALGORITHM_RECIPES: dict[str, tuple[str, Algorithm,
     "awq-w4a16-g128": ("w4a16-g128", Algorithm.AWQ, None),
     "awq-w4a16-g32": ("w4a16-g32", Algorithm.AWQ, None),
     "awq-w3a16-g128": ("w3a16-g128", Algorithm.AWQ, None),
+    "autoround-w4a16-g128": ("w4a16-g128", Algorithm.AUTOROUND, AUTOROUND_W4),
+    "autoround-w3a16-g128": ("w3a16-g128", Algorithm.AUTOROUND, AUTOROUND_W3),
+    "autoround-w2a16-g32": ("w2a16-g32", Algorithm.AUTOROUND, AUTOROUND_W2),
     "smoothquant-w8a8": ("w8a8-dynamic", Algorithm.SMOOTHQUANT, None),
     "smoothquant-w8a8-static": ("w8a8-static", Algorithm.SMOOTHQUANT, None),
 }
@@ -557,7 +654,7 @@ def recipe_names() -> list[str]:
 
 
 def recipe_rules(name: str, *,
-                 options: GPTQOptions | AWQOptions | SmoothQuantOptions | None = None
+                 options: Options | None = None
                  ) -> tuple[Rule, ...]:
   """Default rules (see :func:`default_rules`) of a named recipe (see :func:`recipe_names`).
 

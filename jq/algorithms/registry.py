@@ -4,7 +4,10 @@ Every entry maps ``(w, inputs, spec, options, name) -> (QArray, note)`` for one 
 ``w`` of shape ``(K, N)`` (contracting axes flattened, channels flattened; one layer of a stack)
 with its input statistics (:class:`Inputs`).  AWQ's and SmoothQuant's per-input-channel scales
 are found and folded by the caller (they concern a group of kernels sharing one input); here AWQ
-runs its per-group clip search and SmoothQuant rounds to nearest.
+runs its per-group clip search and SmoothQuant rounds to nearest.  Learned rounding
+(:mod:`jq.algorithms.rounding`) is not a per-matrix solver: it trains all of a block's kernels
+together on the block's output, starting from one of these (``Rule.initial``); the calibration
+road (``jq.ptq.quantize_model``) runs it after them.
 """
 from __future__ import annotations
 

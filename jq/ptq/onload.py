@@ -167,7 +167,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
   order = outside + [p for ps in per_block for p in ps]
   # AWQ/SmoothQuant fold their scales into a block's float leaves (norms, biases) in float32
   # (jq.ptq.folding): a block's narrow-float leaves kept float are written widened (exactly)
-  smoothing = any(r.weight is not None and r.algorithm in (Algorithm.AWQ, Algorithm.SMOOTHQUANT)
+  smoothing = any(r.weight is not None and r.initial.algorithm in (Algorithm.AWQ,
+                                                                   Algorithm.SMOOTHQUANT)
                   for r in rules)
   widened = {p for p in block_of if smoothing and by_path[p][1] is None and
              np.dtype(by_path[p][0].dtype).itemsize < 4 and
@@ -180,6 +181,11 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
       max_shard_bytes=max_shard_bytes, resume=resume)
   todo = set(writer.todo)
   log = list(writer.log)
+  if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND and
+         r.algorithm_options.target == "float" for r in rules):
+    log.append("onloaded: learned rounding matches each block to the float block on the "
+               "quantized blocks' output (as target='local'): the float model's own activations "
+               "are not kept between blocks on this road")
   block_rules = tuple(dataclasses.replace(r, required=False) for r in rules)
   total = sum(s.nbytes for s, _, _ in planned)
   bar = stream._bar(progress, total, 0, "onloaded calibration")  # pylint: disable=protected-access

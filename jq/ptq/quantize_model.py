@@ -4,7 +4,9 @@ One road: layouts from the layers (``jq.nn``) → ``jq.calibrate.collect`` runs 
 over the calibration batches and folds every wanted layer's input into statistics (per stacked
 layer) → AWQ/SmoothQuant scale groups found, folded and checked (``jq.ptq.folding``) → each kernel,
 as ``(K, N)`` matrices (``jq.ptq.matrices``), through its rule's algorithm
-(``jq.algorithms.registry``) → static activation scales attached → one QArray per kernel.
+(``jq.algorithms.registry``) → learned rounding of the unit's ``autoround`` kernels together,
+from those results, on the unit's output error (``jq.algorithms.rounding``) → static activation
+scales attached → one QArray per kernel.
 
 Sequential calibration (the default, ``PTQConfig(sequential=True)``) calibrates the model's
 repeated blocks one at a time on the outputs of the quantized blocks before them; the blocks are
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.algorithms import awq_search_scale, smooth_scales
+from jq.algorithms import awq_search_scale, rounding, smooth_scales
 from jq.algorithms.registry import Inputs, solve
 from jq.algorithms.fold import FOLD_TOLERANCE
 from jq.calibrate.collect import LayerInputs, Want, collect, data_sharding, shard_batches
@@ -35,10 +37,10 @@ from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding
 from jq.ptq.matrices import MatrixView, assemble
-from jq.ptq.sequential import Schedule, Unit
+from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
 from jq.qarray import QArray
-from jq.spec import ActMode, Algorithm, Clip, Rule
+from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
 from jq.tree import leaves_with_paths, plan, with_activation
 
 PyTree = Any
@@ -153,6 +155,12 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   t0 = time.perf_counter()
   given_ids, given_total = getattr(batches, "indices", None), getattr(batches, "total", None)
   batches = _check_batches(batches, given_ids)
+  if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND for r in rules) and (
+      blocks is not None or dist):
+    raise ValueError("quantize_model: learned rounding (autoround) runs on the adapter-free road "
+                     "(blocks=None) in one process (a PTQConfig.mesh of this process's devices "
+                     "works); " + ("blocks= was given" if blocks is not None else
+                                   f"this run has {jax.process_count()} processes"))
   if blocks is not None and (cfg.mesh is not None or dist):
     raise ValueError("quantize_model: blocks= (the adapter pipeline) runs on one device in one "
                      "process; PTQConfig.mesh and several processes need the adapter-free road "
@@ -182,10 +190,11 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   log: list[str] = []
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
+  first = {p: r.initial for p, r in decided.items()}   # (learned rounding starts from these)
 
   # what each layer needs, collected per unit (the whole model, or one block at a time)
   wants = {}
-  for path, rule in decided.items():
+  for path, rule in first.items():
     algo = rule.algorithm
     static = rule.activation is not None and rule.activation.mode is ActMode.STATIC
     if algo is Algorithm.RTN and not static:
@@ -195,8 +204,8 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
         stack=target.stacks.get(path, 1), xtx=algo is not Algorithm.RTN,
         samples=cfg.sample_tokens if algo is Algorithm.AWQ else 0,
         first_token_weight=opts.first_token_weight if algo is Algorithm.GPTQ else 1.0)
-  smoothing = [p for p, r in decided.items() if r.algorithm in (Algorithm.AWQ,
-                                                                  Algorithm.SMOOTHQUANT)]
+  smoothing = [p for p, r in first.items() if r.algorithm in (Algorithm.AWQ,
+                                                                Algorithm.SMOOTHQUANT)]
   groups = (folding.find_groups(target, target.params, smoothing, batches[0],
                                 [_one_row(batches[0])], log) if smoothing else [])
   ids, total = list(range(len(batches))), len(batches)
@@ -213,15 +222,17 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)],
                  mesh=cfg.mesh, data_axis=cfg.data_axis, batch_ids=ids, total=total, dist=dist)
   schedule = Schedule(target, list(decided), batches, sequential=cfg.sequential, log=log,
-                      chained=chained)
-  schedule.params = state.placed(state.cur)
+                      chained=chained, float_inputs=any(
+                          r.algorithm is Algorithm.AUTOROUND and
+                          r.algorithm_options.target == "float" for r in decided.values()))
+  schedule.params, schedule.ref = state.placed(state.cur), state.placed(state.ref)
   it = iter(schedule)
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    it = tqdm(it, desc="calibrating", unit="block")
+    it = state.bar = tqdm(it, desc="calibrating", unit="block")
   for unit in it:
     state.calibrate(unit, {p: wants[p] for p in unit.layers if p in wants}, groups)
-    schedule.params = state.placed(state.cur)
+    schedule.params, schedule.ref = state.placed(state.cur), state.placed(state.ref)
   report = state.report
   qparams = folding.replace_leaves(state.ref, state.finish())
   for p, why in kept.items():
@@ -242,6 +253,8 @@ class _State:
                batch_ids: Sequence[int] | None = None, total: int | None = None,
                dist: bool = False):
     self.target, self.decided, self.log, self.check = target, decided, log, check
+    self.first = {p: r.initial for p, r in decided.items()}
+    self.bar = None   # the progress bar (learned rounding reports its loss there)
     self.mesh, self.data_axis, self.dist = mesh, data_axis, dist
     self.batch_ids = None if batch_ids is None else list(batch_ids)
     self.total = total
@@ -308,9 +321,8 @@ class _State:
         self.inputs[p][layer] = self._layer(p, inp, layer)
     self._fold(unit, [g for g in groups if all(c in unit.layers for c in g.consumers)])
     leaves = dict(leaves_with_paths(self.ref))
-    done = {}
     for path, layers in unit.layers.items():
-      rule, view = self.decided[path], self.views[path]
+      rule, view = self.first[path], self.views[path]
       stacked = self.per_layer[path]
       algo = rule.algorithm
       if algo in (Algorithm.AWQ, Algorithm.SMOOTHQUANT) and not all(
@@ -327,10 +339,84 @@ class _State:
         self.mats[path][i] = q
         if note:
           self.notes[path].append(note if view.n == 1 else f"layer {i}: {note}")
+    learned = [p for p in unit.layers if self.decided[p].algorithm is Algorithm.AUTOROUND]
+    for opts in dict.fromkeys(self.decided[p].algorithm_options for p in learned):
+      self._learn(unit, [p for p in learned if self.decided[p].algorithm_options == opts], opts,
+                  leaves)
+    done = {}
+    for path in unit.layers:
+      view, mats = self.views[path], self.views[path].matrices(jnp.asarray(leaves[path]))
       done[path] = view.kernel(jnp.stack([
           self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
           for i in range(view.n)])).astype(folding.wide_dtype(leaves[path].dtype))
     self.cur = folding.replace_leaves(self.cur, done)
+
+  def _learn(self, unit: Unit, paths: list[str], opts: AutoRoundOptions, leaves) -> None:
+    """Learned rounding (``jq.algorithms.rounding``) of the unit's ``paths`` together, starting
+    from their solved matrices, to minimise the unit's output error against the float model's."""
+    starts, fixed = {}, {}
+    for p in paths:
+      view = self.views[p]
+      mats = view.matrices(jnp.asarray(leaves[p], jnp.float32))
+      fixed[p] = jnp.stack([self.mats[p][i].dequantize(jnp.float32) if i in self.mats[p]
+                            else mats[i] for i in range(view.n)])
+      for i in (unit.layers[p] if self.per_layer[p] else range(view.n)):
+        q0 = self.mats[p][i]
+        starts[(p, i)] = rounding.Start.from_qarray(
+            q0, fixed[p][i] if opts.init == "gptq" else mats[i])
+    items = unit.batches
+    refs = unit.ref_batches if opts.target == "float" and unit.ref_batches else items
+    ref_run = jax.jit(unit.run)
+    ref_params = self.placed(self.ref)
+    targets = jnp.concatenate([first_leaf(ref_run(ref_params, it)).astype(jnp.float32)
+                               for it in refs])
+    seq_tokens = int(np.prod(targets.shape[1:-1], dtype=np.int64))
+    # per token: 1 / its target's squared norm ("relative"), or 1 / its size ("mse")
+    energy = jnp.sum(jnp.square(targets.reshape(len(targets), seq_tokens, -1)), axis=-1)
+    if opts.loss == "relative":
+      weight = 1.0 / jnp.maximum(energy, 1e-3 * jnp.median(energy) + 1e-30)
+    else:
+      weight = jnp.full(energy.shape, 1.0 / targets.shape[-1])
+    data = (_rows(items, unit.name), targets, weight)
+    wide = {p: folding.wide_dtype(leaves[p].dtype) for p in paths}
+    run = unit.run
+
+    def loss(ws, operands, d, idx):
+      params, base = operands
+      new = {}
+      for p in paths:
+        m = base[p]
+        for (q, i), w in ws.items():
+          if q == p:
+            m = m.at[i].set(w)
+        new[p] = self.views[p].kernel(m).astype(wide[p])
+      item, target, weight = jax.tree_util.tree_map(lambda a: a[idx], d)
+      y = first_leaf(run(folding.replace_leaves(params, new), item)).astype(jnp.float32)
+      err = jnp.sum(jnp.square(y - target).reshape(len(idx), seq_tokens, -1), axis=-1)
+      return jnp.mean(err * weight, axis=1)
+
+    bar = self.bar
+
+    def on_step(i, value):
+      if bar is not None and (i % 10 == 0 or i + 1 == opts.steps):
+        bar.set_postfix_str(f"{unit.name}: autoround step {i + 1}/{opts.steps} "
+                            f"loss {value:.4g}", refresh=True)
+
+    got, info = rounding.tune(loss, starts, (self.placed(self.cur), fixed), data, opts,
+                              rows_per_step=max(1, opts.batch_tokens // max(1, seq_tokens)),
+                              on_step=on_step)
+    line = f"{unit.name}: {info.describe()}"
+    self.log.append(line)
+    if bar is not None:
+      bar.write(line)
+    for (p, i), r in got.items():
+      if not info.fell_back:
+        spec2 = self.views[p].matrix_spec(self.decided[p].weight, name=p)
+        self.mats[p][i] = rounding.to_qarray(starts[(p, i)], r, spec2)
+    for p in paths:
+      where = (f"layers {list(unit.layers[p])}: " if self.per_layer[p] and
+               self.target.stacks.get(p, 1) > 1 else "")
+      self.notes[p].append(where + info.describe())
 
   def _fold(self, unit: Unit, groups) -> None:
     """AWQ/SmoothQuant scales of the unit's groups: computed, folded into ``ref`` and ``cur``
@@ -342,7 +428,7 @@ class _State:
                         "scales not applied")
         continue
       layers = unit.layers[g.consumers[0]]
-      s = _group_scales(self.target, self.ref, g, self.decided, self.inputs, layers, self.log)
+      s = _group_scales(self.target, self.ref, g, self.first, self.inputs, layers, self.log)
       if s is not None:
         found[g.producer + ">" + "+".join(g.consumers)] = (g, s)
     if not found:
@@ -357,7 +443,7 @@ class _State:
         keys += self._verified(part, jax.jit(run), batches)
     folds = [found[k] for k in keys]
     for g, s in folds:
-      self.log.append(f"{g.describe()}: {self.decided[g.consumers[0]].algorithm.value} scales "
+      self.log.append(f"{g.describe()}: {self.first[g.consumers[0]].algorithm.value} scales "
                       f"folded into {g.producer} ({g.kind}{', 1 + scale' if g.offset else ''}); "
                       "float model unchanged")
       sv = np.asarray(s).reshape(-1, np.shape(s)[-1])
@@ -388,7 +474,7 @@ class _State:
         if not ok[k]:
           g = found[k][0]
           self.log.append(f"{g.describe()}: folding the "
-                          f"{self.decided[g.consumers[0]].algorithm.value} scales changed the "
+                          f"{self.first[g.consumers[0]].algorithm.value} scales changed the "
                           f"float model by more than {FOLD_TOLERANCE:g}; group skipped")
       if all(ok.values()):
         return keys
@@ -412,7 +498,10 @@ class _State:
       q = assemble(view, [self.mats[path][i] for i in range(view.n)], rule.weight, name=path)
       new[path] = with_activation(q, rule.activation, act_scales.get(path), path=path,
                                   leaf=leaves[path])
-      self.report.append(LayerRow(path, self.algo_used[path].value, q.qtype.value + " tile=" +
+      algo = self.algo_used[path].value
+      if rule.algorithm is Algorithm.AUTOROUND:
+        algo = f"autoround (from {algo})"
+      self.report.append(LayerRow(path, algo, q.qtype.value + " tile=" +
                                   "x".join(map(str, q.tile)), "; ".join(self.notes[path])))
     return new
 
@@ -440,6 +529,19 @@ def _fingerprint(model, target: Target, rules, decided, groups, cfg, chained: bo
                  "mesh": mesh, "data_axis": cfg.data_axis, "chained": chained,
                  "calib_batches_for_check": calib_batches_for_check},
   }
+
+
+def _rows(items: Sequence[Any], name: str) -> Any:
+  """The calibration items of a unit as one pytree of arrays with a leading row axis (each
+  item's arrays share their leading batch axis; None leaves stay None)."""
+  for it in items:
+    leaves = jax.tree_util.tree_leaves(it)
+    lead = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(lead) != 1 or None in lead:
+      raise ValueError(f"{name}: learned rounding splits the calibration batches into rows along "
+                       "their leading axis; a batch holds arrays of leading sizes "
+                       f"{sorted(map(str, lead))} (every argument must share the batch axis)")
+  return jax.tree_util.tree_map(lambda *a: jnp.concatenate([jnp.asarray(x) for x in a]), *items)
 
 
 def _stats_samples(inp: LayerInputs | None):

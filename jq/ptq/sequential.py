@@ -48,16 +48,26 @@ class Unit:
     batches: the items ``run`` takes.
     block: module path of the block ``run`` computes (folds whose producer lies inside it are
       checked on ``run``'s output; others on the whole model), or None when ``run`` is the model.
+    ref_batches: the items on which ``run`` with the float parameters gives the unit's float
+      output (a block's on the *float* prefix's output; learned rounding's target), or None: the
+      same as ``batches``.
   """
   name: str
   layers: dict[str, tuple[int, ...]]
   run: Callable[[Any, Any], Any]
   batches: list[Any]
   block: str | None = None
+  ref_batches: list[Any] | None = None
 
 
 class ChainBroken(Exception):
   """A block's hidden-state input is not the previous block's output."""
+
+
+class _Done(BaseException):
+  """Raised by :func:`block_runner`'s hook once block ``b`` has run: the rest of the model is
+  not traced (it would be dropped from the compiled program anyway, but tracing it, and its
+  derivative under ``jax.grad``, took most of a block's time on a 30-block model)."""
 
 
 def find_blocks(calls: Sequence[Call], kernels: Sequence[str]) -> list[str]:
@@ -115,7 +125,8 @@ def first_leaf(y):
 def block_runner(target: Target, blocks: Sequence[str], b: int) -> Callable[[Any, Any], Any]:
   """``run(params, (batch, x))``: block ``b``'s output inside the model, its hidden input
   replaced by ``x`` (``x=None`` for the first block); raises :class:`ChainBroken` at trace time
-  when block ``b``'s hidden input is not block ``b − 1``'s output."""
+  when block ``b``'s hidden input is not block ``b − 1``'s output.  The model stops at block
+  ``b`` (:class:`_Done`)."""
   blk, prev = blocks[b], (blocks[b - 1] if b else None)
 
   def run(params, item):
@@ -132,11 +143,14 @@ def block_runner(target: Target, blocks: Sequence[str], b: int) -> Callable[[Any
         if py is None or h is None or not (h is py or h is first_leaf(py)):
           raise ChainBroken(blk)
         a, k = _with_hidden(a, k, x)
-      seen["out"] = y = call(*a, **k)
-      return y
+      seen["out"] = call(*a, **k)
+      raise _Done
 
     hooks = {blk: at_block, **({prev: at_prev} if prev else {})}
-    target.run_hooked(params, batch, lambda path, _: hooks.get(path))
+    try:
+      target.run_hooked(params, batch, lambda path, _: hooks.get(path))
+    except _Done:
+      pass
     if "out" not in seen:
       raise ChainBroken(blk)
     return seen["out"]
@@ -146,14 +160,20 @@ def block_runner(target: Target, blocks: Sequence[str], b: int) -> Callable[[Any
 
 class Schedule:
   """The units of one calibration, in order (iterate; set :attr:`params` to the current
-  parameters, finished kernels dequantized, after each unit)."""
+  parameters, finished kernels dequantized, after each unit, and :attr:`ref` to the float ones).
+
+  ``float_inputs``: chained blocks also carry the float model's hidden states (each block run on
+  :attr:`ref` and the previous block's float output) as their units' ``ref_batches``.
+  """
 
   def __init__(self, target: Target, kernels: Sequence[str], batches: Sequence[Any], *,
-               sequential: bool, chained: bool = True, log: list[str] | None = None):
+               sequential: bool, chained: bool = True, log: list[str] | None = None,
+               float_inputs: bool = False):
     self.target, self.kernels, self.batches = target, list(kernels), list(batches)
-    self.sequential, self.chained = sequential, chained
+    self.sequential, self.chained, self.float_inputs = sequential, chained, float_inputs
     self.log = log if log is not None else []
     self.params: Any = target.params
+    self.ref: Any = target.params
     self.blocks: list[str] = []
 
   def _layers(self, paths) -> dict[str, tuple[int, ...]]:
@@ -197,6 +217,7 @@ class Schedule:
 
   def _blocks(self, in_block: dict[str, str]) -> Iterator[Unit]:
     t, chained, xs = self.target, self.chained, [None] * len(self.batches)
+    xfs = list(xs)
     for b, blk in enumerate(self.blocks):
       layers = self._layers([p for p, k in in_block.items() if k == blk])
       if chained:
@@ -212,10 +233,13 @@ class Schedule:
       if not chained:
         yield Unit(f"block {blk}", layers, t.run, self.batches)
         continue
-      yield Unit(f"block {blk}", layers, run, items, block=blk)
+      ref_items = list(zip(self.batches, xfs)) if self.float_inputs else None
+      yield Unit(f"block {blk}", layers, run, items, block=blk, ref_batches=ref_items)
       if b + 1 < len(self.blocks):
         step = jax.jit(run)
         xs = [first_leaf(step(self.params, item)) for item in items]
+        if ref_items is not None:
+          xfs = [first_leaf(step(self.ref, item)) for item in ref_items]
 
 
 __all__ = ["Unit", "Schedule", "find_blocks", "block_runner", "ChainBroken"]

@@ -90,6 +90,8 @@ def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
      "--calib-len"),
     (["quantize", "--window", "100000"], "--window"),
     (["quantize", "--recipe", "gptq-w4a16-g128", "--devices", "64"], "--devices 64"),
+    (["quantize", "--recipe", "autoround-w4a16-g128", "--calib-text", "/nonexistent.txt"],
+     "--calib-text /nonexistent.txt"),
 ])
 def test_cli_argument_mistakes_name_the_flag(tiny_hf, tmp_path, capsys, argv, match):
   path = tiny_hf("llama")
@@ -107,3 +109,26 @@ def test_cli_plan_out_is_checked_before_the_scan(tiny_hf, tmp_path, capsys):
   path = tiny_hf("llama")
   assert cli.main(["plan", "--model", str(path), "--out", str(tmp_path / "no" / "r.json")]) == 1
   assert "--out" in capsys.readouterr().err
+
+
+def test_learned_rounding_from_the_cli_on_the_users_own_text(tiny_hf, tmp_path, capsys):
+  """``--recipe autoround-...`` with ``--calib-text FILE``: the loss per block is reported, the
+  checkpoint says autoround, and it evaluates like any other."""
+  path = tiny_hf("mistral")
+  text = tmp_path / "domain.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+  rules = tmp_path / "rules.json"
+  rules.write_text(json.dumps([{"pattern": "kernel$", "weight": {
+      "qtype": "uint2", "symmetric": False, "granularity": "group", "group_size": 32},
+      "algorithm": "autoround", "options": {"steps": 8, "batch_tokens": 64}}]))
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--rules", str(rules), "--calib-text",
+                   str(text), "--out", str(out), *CALIB, *SMALL]) == 0
+  printed = capsys.readouterr()
+  text_out = printed.out + printed.err
+  for unit in ("block params/layers_0", "block params/layers_1", "block params/layers_2",
+               "outside blocks"):   # (the rule's pattern also takes the head: outside blocks)
+    assert f"{unit}: autoround 8 steps: loss" in text_out, text_out
+  header = jqio.load_header(out)
+  assert header["metadata"]["quality"]["kl"] > 0
+  assert cli.main(["eval", str(out), "--json", *SMALL]) == 0

@@ -158,3 +158,17 @@ def test_bf16_checkpoints_fold_awq_scales_and_both_roads_agree(tiny_hf, tmp_path
     wide = lambda x: x.astype(np.float32) if x.dtype.kind == "f" or x.dtype == ml_dtypes.bfloat16 \
         else x
     assert np.array_equal(wide(want), wide(got[k])), k
+
+
+def test_learned_rounding_onloaded_block_by_block(tiny_hf, tmp_path):
+  """autoround on the onloaded road: each block learns against the float block on the quantized
+  prefix's output, and the log says that this is what the float target means here."""
+  path = tiny_hf("llama")
+  rules = jq.default_rules(jq.W2A16_G32, algorithm=Algorithm.AUTOROUND,
+                           options=jq.AutoRoundOptions(steps=6, batch_tokens=32))
+  res = _onloaded(path, rules, tmp_path / "out")
+  assert any("as target='local'" in line for line in res.log), res.log
+  assert sum("autoround 6 steps: loss" in line or "fell back" in line for line in res.log) == 3
+  q = jqio.load(tmp_path / "out")
+  kernels = [x for p, x in jq.leaves_with_paths(q) if isinstance(x, jq.QArray)]
+  assert kernels and all(k.qtype is jq.QType.UINT2 for k in kernels)

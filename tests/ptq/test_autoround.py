@@ -1,0 +1,73 @@
+"""Learned rounding through ``jq.ptq.quantize_model``: block by block on any linen/nnx model
+(DenseGeneral heads, ``nn.scan`` stacks, nnx lists), an ordinary QArray checkpoint out, and a
+diverging run that falls back to its start and says so."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+import jq.nn as jqnn
+from jq import W2A16_G32, Algorithm, AutoRoundOptions
+from jq.ptq import quantize_model
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from test_quantize_model import _quantized_kl, _setup  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _rules(**options):
+  return jq.default_rules(W2A16_G32, algorithm=Algorithm.AUTOROUND,
+                          options=AutoRoundOptions(**options))
+
+
+@pytest.mark.parametrize("name", ["gpt2_linen", "llama_scan_linen", "nnx_transformer"])
+def test_learned_rounding_beats_rtn_and_gptq_on_any_model(name):
+  model, variables, calib, evalb = _setup(name)
+  rtn, _ = _quantized_kl(model, variables, jq.default_rules(W2A16_G32), calib, evalb)
+  gptq, _ = _quantized_kl(model, variables, jq.default_rules(W2A16_G32, algorithm=Algorithm.GPTQ),
+                          calib, evalb)
+  learned, res = _quantized_kl(model, variables, _rules(steps=40), calib, evalb)
+  assert learned < 0.9 * min(rtn, gptq), (learned, rtn, gptq)
+  rows = [r for r in res.report if r.algorithm.startswith("autoround")]
+  assert rows and all("autoround 40 steps: loss" in r.note for r in rows), res.report
+  lines = [line for line in res.log if "autoround" in line]
+  units = 2   # two blocks (or two stacked layers) per zoo model
+  assert len(lines) >= units and all("lower" in line for line in lines[:units]), res.log
+
+
+def test_the_checkpoint_is_ordinary_and_starts_from_the_chosen_algorithm(tmp_path):
+  model, variables, calib, _ = _setup("gpt2_linen")
+  res = quantize_model(model, variables, _rules(steps=20, init="gptq", target="local"), calib)
+  assert {r.algorithm for r in res.report} == {"autoround (from gptq)"}
+  path = tmp_path / "q.safetensors"
+  jq.io.save(path, nn.unbox(res.variables))   # (the zoo's GPT-2 keeps nn.with_partitioning boxes)
+  back = jq.io.load(path)
+  run = jax.jit(jqnn.quantized_apply(model))
+  np.testing.assert_array_equal(run(back, calib[0]), run(nn.unbox(res.variables), calib[0]))
+  for p, q in jq.leaves_with_paths(back):
+    if isinstance(q, jq.QArray):
+      q.validate(p)
+
+
+def test_a_diverging_run_keeps_its_start_and_the_report_says_so():
+  model, variables, calib, _ = _setup("gpt2_linen")
+  rtn = quantize_model(model, variables, jq.default_rules(W2A16_G32), calib)
+  res = quantize_model(model, variables, _rules(steps=3, optimizer="adam", lr=1e6), calib)
+  assert all("fell back to its start" in r.note for r in res.report), res.report
+  for (p, a), (_, b) in zip(jq.leaves_with_paths(rtn.variables),
+                            jq.leaves_with_paths(res.variables)):
+    if isinstance(a, jq.QArray):
+      np.testing.assert_array_equal(a.unpacked(), b.unpacked(), err_msg=p)
+      assert bool(jnp.all(jnp.isfinite(b.scale)))
+
+
+def test_roads_learned_rounding_cannot_take_are_refused():
+  model, variables, calib, _ = _setup("gpt2_linen")
+  with pytest.raises(ValueError, match="adapter-free road"):
+    quantize_model(model, variables, _rules(steps=2), calib, blocks=object())
