@@ -623,10 +623,12 @@ RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
 }
 
 
-# Learned rounding recipes' options (measured on SmolLM2: README, benchmarks/results/).
-AUTOROUND_W4 = AutoRoundOptions(init="gptq")
-AUTOROUND_W3 = AutoRoundOptions(init="gptq")
-AUTOROUND_W2 = AutoRoundOptions(init="gptq")
+# Learned rounding recipes' options: the settings measured on SmolLM2 on a 2-core CPU (README,
+# benchmarks/results/autoround_smollm2.md); AutoRound's own defaults (200 steps of 8 x 2048
+# tokens) cost ~15x more steps x tokens.
+AUTOROUND_W4 = AutoRoundOptions(steps=60, batch_tokens=1024)
+AUTOROUND_W3 = AutoRoundOptions(steps=30, batch_tokens=512)
+AUTOROUND_W2 = AutoRoundOptions(steps=60, batch_tokens=512)
 
 # Calibration recipes: an RTN recipe above (its weight and activation specs), the algorithm that
 # rounds the kernels, and the algorithm's options (None: its defaults).

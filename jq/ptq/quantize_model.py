@@ -398,13 +398,13 @@ class _State:
     bar = self.bar
 
     def on_step(i, value):
-      if bar is not None and (i % 10 == 0 or i + 1 == opts.steps):
+      if i % 10 == 0 or i + 1 == opts.steps:
         bar.set_postfix_str(f"{unit.name}: autoround step {i + 1}/{opts.steps} "
                             f"loss {value:.4g}", refresh=True)
 
     got, info = rounding.tune(loss, starts, (self.placed(self.cur), fixed), data, opts,
                               rows_per_step=max(1, opts.batch_tokens // max(1, seq_tokens)),
-                              on_step=on_step)
+                              on_step=on_step if bar is not None else None)
     line = f"{unit.name}: {info.describe()}"
     self.log.append(line)
     if bar is not None:

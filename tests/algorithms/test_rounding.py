@@ -150,6 +150,7 @@ def test_options_are_checked_and_serialised():
   assert rules[-1].algorithm is jq.Algorithm.AUTOROUND
   assert spec_json.rules_from_json(spec_json.rules_to_json(rules)) == rules
   with pytest.raises(ValueError, match=r"rules\[0\].options.steps"):
-    spec_json.rules_from_json('[{"pattern": "kernel", "weight": {"qtype": "uint4", "symmetric": false}, '
-                              '"algorithm": "autoround", "options": {"steps": -1}}]')
+    spec_json.rules_from_json('[{"pattern": "kernel", "weight": {"qtype": "uint4", '
+                              '"symmetric": false}, "algorithm": "autoround", '
+                              '"options": {"steps": -1}}]')
   assert rules[-1].initial.algorithm is jq.Algorithm(rules[-1].options.init)

@@ -128,7 +128,8 @@ def test_default_rules_and_recipes():
 
 ALGORITHM_RECIPE_NAMES = ("gptq-w4a16-g128", "gptq-w4a16-g128-actorder", "gptq-w4a16-g32",
                           "gptq-w3a16-g128", "awq-w4a16-g128", "awq-w4a16-g32", "awq-w3a16-g128",
-                          "smoothquant-w8a8", "smoothquant-w8a8-static")
+                          "smoothquant-w8a8", "smoothquant-w8a8-static", "autoround-w4a16-g128",
+                          "autoround-w3a16-g128", "autoround-w2a16-g32")
 
 
 def test_algorithm_options_validation():

@@ -41,10 +41,13 @@ def test_learned_rounding_beats_rtn_and_gptq_on_any_model(name):
   assert len(lines) >= units and all("lower" in line for line in lines[:units]), res.log
 
 
-def test_the_checkpoint_is_ordinary_and_starts_from_the_chosen_algorithm(tmp_path):
+@pytest.mark.parametrize("init", ["gptq", "awq"])
+def test_the_checkpoint_is_ordinary_and_starts_from_the_chosen_algorithm(tmp_path, init):
   model, variables, calib, _ = _setup("gpt2_linen")
-  res = quantize_model(model, variables, _rules(steps=20, init="gptq", target="local"), calib)
-  assert {r.algorithm for r in res.report} == {"autoround (from gptq)"}
+  res = quantize_model(model, variables, _rules(steps=20, init=init, target="local"), calib)
+  assert {r.algorithm for r in res.report} >= {f"autoround (from {init})"}, res.report
+  if init == "awq":   # AWQ's scales were folded (and checked) before the learning started
+    assert any("awq scales folded into" in line for line in res.log), res.log
   path = tmp_path / "q.safetensors"
   jq.io.save(path, nn.unbox(res.variables))   # (the zoo's GPT-2 keeps nn.with_partitioning boxes)
   back = jq.io.load(path)
