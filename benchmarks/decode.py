@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from jq import spec as S  # noqa: E402
 from jq import ops as jq_ops  # noqa: E402
 from jq import _compat  # noqa: E402
+from jq import kv_cache  # noqa: E402
 from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant, QArray  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
@@ -55,6 +56,14 @@ class Config:
   max_len: int = 256
   eps: float = 1e-5
   theta: float = 500000.0
+  tied: bool = True
+
+
+SHAPES = {
+    "1b": Config(),                                                   # Llama-3.2-1B (tied head)
+    "8b": Config(d=4096, ffn=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
+                 tied=False),                                         # Llama-3.1-8B
+}
 
 
 SMALL = Config(vocab=512, d=128, ffn=256, layers=1, heads=4, kv_heads=2, head_dim=32, max_len=16)
@@ -66,7 +75,7 @@ def init_params(cfg: Config, key) -> dict:
   d, hd = cfg.d, cfg.head_dim
   shapes = dict(q=(d, cfg.heads * hd), k=(d, cfg.kv_heads * hd), v=(d, cfg.kv_heads * hd),
                 o=(cfg.heads * hd, d), gate=(d, cfg.ffn), up=(d, cfg.ffn), down=(cfg.ffn, d))
-  keys = iter(jax.random.split(key, 1 + cfg.layers * len(PROJ)))
+  keys = iter(jax.random.split(key, 2 + cfg.layers * len(PROJ)))
 
   def normal(shape):
     return jax.random.normal(next(keys), shape, jnp.bfloat16) * jnp.bfloat16(0.02)
@@ -77,7 +86,10 @@ def init_params(cfg: Config, key) -> dict:
     layer["norm1"] = jnp.ones((d,), jnp.bfloat16)
     layer["norm2"] = jnp.ones((d,), jnp.bfloat16)
     layers.append(layer)
-  return dict(embed=normal((cfg.vocab, d)), layers=layers, final_norm=jnp.ones((d,), jnp.bfloat16))
+  out = dict(embed=normal((cfg.vocab, d)), layers=layers, final_norm=jnp.ones((d,), jnp.bfloat16))
+  if not cfg.tied:
+    out["head"] = normal((d, cfg.vocab))
+  return out
 
 
 VARIANTS = {
@@ -89,6 +101,7 @@ VARIANTS = {
     "xla-w8a16": (S.W8A16, None, "xla"),
     "xla-w4a16-g128": (S.W4A16_G128, None, "xla"),
     "xla-w8a8": (S.W8A16, S.A8_DYNAMIC, "xla"),
+    "fp8": (S.FP8_CHANNEL, S.A_FP8_DYNAMIC, "dispatch"),    # XLA's native fp8 dot on GPU
     # jq.ops.dot_general: whatever dispatch picks under the JQ_PALLAS policy (default "auto")
     "jq-auto-w8a16": (S.W8A16, None, "dispatch"),
     "jq-auto-w4a16-g128": (S.W4A16_G128, None, "dispatch"),
@@ -96,9 +109,19 @@ VARIANTS = {
 }
 
 
-def quantize_params(params: dict, variant: str) -> dict:
-  """The projections of ``params`` quantized for ``variant`` (embed and norms stay bf16)."""
+def head_weight(params: dict):
+  """The output head ``(d, vocab)``: its own array, else the tied embedding's transpose."""
+  return params["head"] if "head" in params else params["embed"].T
+
+
+def quantize_params(params: dict, variant: str, head: str = "bf16") -> dict:
+  """The projections of ``params`` quantized for ``variant`` (embed and norms stay bf16); with
+  ``head="int8"`` the output head is an int8 per-channel QArray (a tied head gets its own copy,
+  read instead of the embedding table at every step)."""
   wspec, act, _ = VARIANTS[variant]
+  if head == "int8" and wspec is not None:
+    params = dict(params, head=jax.jit(functools.partial(quantize, spec=S.W8A16))(
+        head_weight(params)))
   if wspec is None:
     return params
   q = jax.jit(functools.partial(quantize, spec=wspec))
@@ -163,30 +186,36 @@ def decode_step(params, caches, tok, pos, *, cfg: Config, matmul):
     q = _rope(matmul(a, layer["q"]).reshape(b, cfg.heads, cfg.head_dim), pos, cfg.theta)
     k = _rope(matmul(a, layer["k"]).reshape(b, cfg.kv_heads, cfg.head_dim), pos, cfg.theta)
     v = matmul(a, layer["v"]).reshape(b, cfg.kv_heads, cfg.head_dim)
-    ck = jax.lax.dynamic_update_slice_in_dim(ck, k[:, None], pos, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cv, v[:, None], pos, axis=1)
+    ck = kv_cache.update(ck, k[:, None], pos)       # (quantized per token and head, or bf16)
+    cv = kv_cache.update(cv, v[:, None], pos)
+    keys, values = kv_cache.read(ck, q.dtype), kv_cache.read(cv, q.dtype)
     qg = q.reshape(b, cfg.kv_heads, group, cfg.head_dim)
-    s = jnp.einsum("bkgd,btkd->bkgt", qg, ck, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bkgd,btkd->bkgt", qg, keys, preferred_element_type=jnp.float32)
     s = jnp.where(valid, s / np.sqrt(cfg.head_dim).astype(np.float32), -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(cv.dtype)
-    o = jnp.einsum("bkgt,btkd->bkgd", p, cv).reshape(b, cfg.heads * cfg.head_dim)
+    p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
+    o = jnp.einsum("bkgt,btkd->bkgd", p, values).reshape(b, cfg.heads * cfg.head_dim)
     h = h + matmul(o, layer["o"])
     a = _rms_norm(h, layer["norm2"], cfg.eps)
     h = h + matmul(jax.nn.silu(matmul(a, layer["gate"])) * matmul(a, layer["up"]), layer["down"])
     new_caches.append((ck, cv))
-  logits = jnp.dot(_rms_norm(h, params["final_norm"], cfg.eps), params["embed"].T,
-                   preferred_element_type=jnp.float32)
+  hn = _rms_norm(h, params["final_norm"], cfg.eps)
+  w_head = head_weight(params)
+  logits = (jq_ops.dot_general(hn, w_head, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+            if isinstance(w_head, QArray) else
+            jnp.dot(hn, w_head, preferred_element_type=jnp.float32))
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), new_caches
 
 
-def make_generate(cfg: Config, matmul, steps: int):
-  """``generate(params, tok0) -> tokens (B, steps)``: the whole loop in one jitted call."""
+def make_generate(cfg: Config, matmul, steps: int, kv: str = "none"):
+  """``generate(params, tok0) -> tokens (B, steps)``: the whole loop in one jitted call, with a
+  bf16 KV cache (``kv="none"``) or an int8/fp8 one (``jq.kv_cache``)."""
 
   @jax.jit
   def generate(params, tok0):
     b = tok0.shape[0]
-    zeros = jnp.zeros((b, cfg.max_len, cfg.kv_heads, cfg.head_dim), jnp.bfloat16)
-    caches = [(zeros, zeros) for _ in range(cfg.layers)]
+    new = lambda: kv_cache.init(b, cfg.max_len, cfg.kv_heads, cfg.head_dim, kv, jnp.bfloat16)
+    caches = [(new(), new()) for _ in range(cfg.layers)]
     out = jnp.zeros((b, steps), jnp.int32)
 
     def body(i, carry):
@@ -204,15 +233,25 @@ def _nbytes(tree) -> int:
                  for a in jax.tree_util.tree_leaves(tree)))
 
 
+def bytes_per_step(params: dict) -> int:
+  """Weight bytes one batch-1 decode step reads: every projection and the head (one embedding
+  row is negligible; with a tied bf16 head the table itself is the head)."""
+  return _nbytes(params["layers"]) + _nbytes(head_weight(params))
+
+
 def _bytes_in_use() -> int | None:
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   return None if not stats else int(stats.get("bytes_in_use", 0))
 
 
 def run(cfg: Config, variants, batches, *, steps: int, iters: int, interpret: bool,
-        deadline: float = float("inf"), log=print) -> list[dict]:
+        deadline: float = float("inf"), log=print, head: str = "bf16",
+        kv: str = "none") -> list[dict]:
+  """One row per (variant, batch).  ``speedup_vs_bf16`` is measured against the bf16 row of the
+  same run; ``cap_vs_bf16`` is the batch-1 ceiling, bf16's bytes per step over the variant's."""
   rows = []
-  ref_tokens = {}
+  ref_tokens, ref_tps = {}, {}
+  bf16_bytes = None
   for variant in variants:
     if time.monotonic() > deadline:
       log(f"# time budget spent: skipping {variant}")
@@ -222,11 +261,18 @@ def run(cfg: Config, variants, batches, *, steps: int, iters: int, interpret: bo
       # the same key gives every variant the same float weights; only this variant's parameters
       # stay resident, so the device's bytes in use are (about) the parameter memory
       base = init_params(cfg, jax.random.key(0))
-      params = jax.block_until_ready(quantize_params(base, variant))
+      bf16_bytes = bytes_per_step(base)
+      params = jax.block_until_ready(quantize_params(base, variant, head))
       del base
       gc.collect()
-      row0.update(param_bytes=_nbytes(params), device_bytes_in_use=_bytes_in_use())
-      gen = make_generate(cfg, make_matmul(variant, interpret), steps)
+      row0.update(param_bytes=_nbytes(params), device_bytes_in_use=_bytes_in_use(),
+                  head=head if VARIANTS[variant][0] is not None else "bf16",
+                  bytes_per_step=bytes_per_step(params),
+                  cap_vs_bf16=bf16_bytes / bytes_per_step(params))
+      kind = "none" if variant == "bf16" else kv
+      gen = make_generate(cfg, make_matmul(variant, interpret), steps, kind)
+      row0.update(kv_cache=kind, kv_bytes_per_token=kv_cache.bytes_per_token(
+          cfg.layers, cfg.kv_heads, cfg.head_dim, kind, jnp.bfloat16))
     except Exception as e:  # noqa: BLE001
       rows.append(dict(row0, error=f"{type(e).__name__}: {str(e)[:300]}"))
       log(rows[-1])
@@ -243,11 +289,12 @@ def run(cfg: Config, variants, batches, *, steps: int, iters: int, interpret: bo
           times.append(time.perf_counter() - t0)
         t = statistics.median(times)
         if variant == "bf16":
-          ref_tokens[b] = np.asarray(toks)
+          ref_tokens[b], ref_tps[b] = np.asarray(toks), b * steps / t
         agree = (float(np.mean(np.asarray(toks) == ref_tokens[b]))
                  if b in ref_tokens else None)
         row.update(tokens_per_s=b * steps / t, ms_per_step=t / steps * 1e3,
-                   token_agreement_vs_bf16=agree)
+                   token_agreement_vs_bf16=agree,
+                   speedup_vs_bf16=(b * steps / t) / ref_tps[b] if b in ref_tps else None)
       except Exception as e:  # noqa: BLE001
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
       rows.append(row)
@@ -263,8 +310,11 @@ def _fmt(r: dict) -> str:
     return head + " ERROR " + r["error"]
   mem = r.get("device_bytes_in_use")
   agree = r.get("token_agreement_vs_bf16")
+  ratio = r.get("speedup_vs_bf16")
   return (head + f" {r['tokens_per_s']:>10.1f} tok/s  {r['ms_per_step']:>8.3f} ms/step  "
-          f"params {r['param_bytes'] / 2**20:>8.1f} MiB"
+          + (f"{ratio:.2f}x bf16 (cap {r['cap_vs_bf16']:.2f}x, "
+             f"{ratio / r['cap_vs_bf16']:.0%} of it)  " if ratio is not None else "")
+          + f"params {r['param_bytes'] / 2**20:>8.1f} MiB"
           + (f"  in use {mem / 2**20:>8.1f} MiB" if mem else "")
           + (f"  agree {agree:.2f}" if agree is not None else ""))
 
@@ -279,9 +329,16 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--iters", type=int, default=None)
   p.add_argument("--budget-s", type=float, default=float("inf"))
+  p.add_argument("--shape", choices=sorted(SHAPES), default="1b",
+                 help="Llama-3.2-1B (tied head) or Llama-3.1-8B shapes")
+  p.add_argument("--head", choices=("bf16", "int8"), default="bf16",
+                 help="the output head of quantized variants: bf16, or int8 per channel")
+  p.add_argument("--kv-cache", choices=kv_cache.KINDS, default="none",
+                 help="the KV cache of quantized variants (bf16 keeps a bf16 cache)")
   args = p.parse_args(argv)
   start = time.monotonic()
-  cfg = SMALL if args.small else Config()
+  cfg = (dataclasses.replace(SMALL, tied=SHAPES[args.shape].tied) if args.small
+         else SHAPES[args.shape])
   variants = args.variants or ["bf16", "w8a16", "w4a16-g128", "w8a8"]
   batches = args.batches or ([1, 2] if args.small else [1, 16])
   steps = args.steps or (4 if args.small else 128)
@@ -291,13 +348,16 @@ def main(argv=None) -> int:
   print(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {cfg}, "
         f"steps={steps}, interpret={interpret}", flush=True)
   rows = run(cfg, variants, batches, steps=steps, iters=iters, interpret=interpret,
-             deadline=start + args.budget_s, log=lambda s: print(s, flush=True))
+             deadline=start + args.budget_s, log=lambda s: print(s, flush=True), head=args.head,
+             kv=args.kv_cache)
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         device=dev.device_kind, platform=dev.platform, jax_version=jax.__version__,
         jaxlib_version=importlib.import_module("jaxlib").__version__,
-        config=dataclasses.asdict(cfg), steps=steps, interpret=interpret, rows=rows), indent=1))
+        config=dataclasses.asdict(cfg), shape=args.shape, head=args.head,
+        kv_cache=args.kv_cache, steps=steps,
+        interpret=interpret, rows=rows), indent=1))
     print(f"wrote {args.out}")
   return 1 if any("error" in r for r in rows) else 0
 

@@ -2,22 +2,26 @@
 
 Run from the repository root on the GPU machine (writes everything under ``$OUT``)::
 
-  python benchmarks/gpu_check.py            # < 10 min, each stage time-boxed (120+200+130+95 s)
+  python benchmarks/gpu_check.py            # <= 8 min, each stage time-boxed (100+150+3x70+50 s)
 
 Stages (each in its own subprocess with a hard timeout, so one hang cannot eat the others):
 
-1. ``pytest tests/ops/test_pallas_kernels.py`` (when pytest is importable, with ``--noconftest``
-   so hypothesis/strict-promotion setup is not needed): on a GPU the interpret-mode tests run the
-   *compiled* kernels on the odd small shapes, plus the ``gpu``-marked large-shape tests.
+1. ``pytest tests/ops/test_pallas_kernels.py tests/ops/test_ops_fp8.py tests/core/test_kv_cache.py``
+   (when pytest is importable, with ``--noconftest`` so hypothesis/strict-promotion setup is not
+   needed): on a GPU the interpret-mode tests run the *compiled* kernels on the odd small shapes,
+   plus the ``gpu``-marked large-shape tests; the fp8 tests run XLA's native fp8 dot.
    Without pytest, a built-in subset (:func:`builtin_checks`) runs instead.
-2. ``benchmarks/matmul.py`` (``--budget-s``: shapes not started in time are skipped).
-3. ``benchmarks/decode.py``.
-4. ``benchmarks/matmul.py --sweep``: jq kernels under several launch configs at decode shapes
+2. ``benchmarks/matmul.py`` (``--budget-s``: shapes not started in time are skipped): bf16, XLA
+   paths (int8, fp8 native), jq kernels, qwix.
+3. ``benchmarks/decode.py`` three times, each row printed with its ratio to the bf16 row of the
+   same run and the batch-1 cap (bytes moved): Llama-3.2-1B with a bf16 head; the same with an
+   int8 head and an int8 KV cache; Llama-3.1-8B.
+4. ``benchmarks/matmul.py --sweep``: jq kernels under several launch configs at M=1
    (``sweep.json``), to tune the default block sizes.
 
 Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
-``matmul.json``, ``decode.json``, ``sweep.json``, ``summary.json`` (stage
-exit codes and timings, device, versions).  Without a GPU it is a dry run (interpret mode,
+``matmul.json``, ``decode.json``, ``decode_int8head_kv8.json``, ``decode_8b.json``,
+``sweep.json``, ``summary.json`` (stage exit codes and timings, device, versions).  Without a GPU it is a dry run (interpret mode,
 ``--small`` benchmarks) that checks the script itself.
 """
 from __future__ import annotations
@@ -137,23 +141,33 @@ def main() -> int:
     summary["stages"].append(_stage(
         "pytest", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-rfEs",
                    "--durations=10", f"--junitxml={OUT / 'pytest.xml'}",
-                   "tests/ops/test_pallas_kernels.py"], 120, log))
+                   "tests/ops/test_pallas_kernels.py", "tests/ops/test_ops_fp8.py",
+                   "tests/core/test_kv_cache.py"], 100, log))
   else:
     summary["stages"].append(_stage("builtin-checks", [py, __file__, "--builtin-checks"], 120,
                                     log))
   summary["stages"].append(_stage(
       "matmul", [py, "benchmarks/matmul.py", "--out", str(OUT / "matmul.json"), "--budget-s",
-                 "160", "--iters", "3" if small else "10"] + small, 200, log))
+                 "115", "--iters", "3" if small else "10"] + small, 150, log))
+  decode = [py, "benchmarks/decode.py", "--steps", "4" if small else "64", "--iters",
+            "2" if small else "3"] + small
   summary["stages"].append(_stage(
-      "decode", [py, "benchmarks/decode.py", "--out", str(OUT / "decode.json"), "--budget-s", "90",
-                 "--steps", "4" if small else "64", "--iters", "2" if small else "3",
-                 "--variants", "bf16", "w8a16", "w4a16-g128", "w8a8", "xla-w8a16",
-                 "xla-w4a16-g128", "xla-w8a8", "jq-auto-w4a16-g128"] + small,
-      130, log))
+      "decode", decode + ["--out", str(OUT / "decode.json"), "--budget-s", "50", "--variants",
+                          "bf16", "w8a16", "w4a16-g128", "xla-w8a16", "xla-w4a16-g128",
+                          "xla-w8a8", "fp8", "jq-auto-w4a16-g128"], 70, log))
+  summary["stages"].append(_stage(
+      "decode-int8-head-kv8", decode + [
+          "--out", str(OUT / "decode_int8head_kv8.json"), "--budget-s", "50", "--head", "int8",
+          "--kv-cache", "int8", "--variants", "bf16", "w8a16", "jq-auto-w4a16-g128", "fp8"],
+      70, log))
+  summary["stages"].append(_stage(
+      "decode-8b", decode + ["--out", str(OUT / "decode_8b.json"), "--budget-s", "50",
+                             "--shape", "8b", "--batches", "1", "16", "--variants", "bf16",
+                             "w8a16", "jq-auto-w4a16-g128"], 70, log))
   summary["stages"].append(_stage(
       "sweep", [py, "benchmarks/matmul.py", "--sweep", "--out", str(OUT / "sweep.json"),
-                "--budget-s", "70", "--iters", "3" if small else "7", "--m", "1", "16"] + small,
-      95, log))
+                "--budget-s", "35", "--iters", "3" if small else "7", "--m", "1"] + small,
+      50, log))
   (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
   log(json.dumps(summary, indent=1))
   return 0 if all(s["rc"] == 0 for s in summary["stages"]) else 1

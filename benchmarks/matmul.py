@@ -102,8 +102,16 @@ def methods(interpret: bool) -> list[Method]:
   q8 = jax.jit(functools.partial(quantize, spec=S.W8A16))
   q4 = jax.jit(functools.partial(quantize, spec=S.W4A16_G128))
 
+  qf8 = jax.jit(functools.partial(quantize, spec=S.FP8_CHANNEL))
+
   def q8a8(w):
     return dataclasses.replace(q8(w), activation=ActivationQuant(None, None, S.A8_DYNAMIC))
+
+  def qf8a8(w):   # fp8 e4m3 weights per channel, fp8 activations per token at run time
+    return dataclasses.replace(qf8(w), activation=ActivationQuant(None, None, S.A_FP8_DYNAMIC))
+
+  def ref_fp8(x, w):   # XLA's native fp8 dot on GPUs that have one, the exact emulation elsewhere
+    return reference.fp8_dot_general(x, w, _dn(x))
 
   def ref_wo(x, w):
     return reference.weight_only_dot_general(x, w, _dn(x))
@@ -127,6 +135,8 @@ def methods(interpret: bool) -> list[Method]:
       Method("xla-ref-w8a16", q8, ref_wo),
       Method("xla-ref-w4a16-g128", q4, ref_wo),
       Method("xla-ref-w8a8", q8a8, ref_int8),
+      Method("xla-fp8-w8a8", qf8a8, ref_fp8),
+      Method("xla-ref-fp8-w8a16", qf8, ref_wo),
       Method("jq-w8a16", q8, jq_wo),
       Method("jq-w4a16-g128", q4, jq_wo),
       Method("jq-w8a8", q8a8, jq_int8),

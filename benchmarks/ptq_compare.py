@@ -245,6 +245,10 @@ def _row(v: Variant) -> dict:
 def run(args) -> dict:
   log("loading smollm2")
   model = load_model("smollm2")
+  if args.blocks:
+    from jq_models import registry
+    model = registry.truncated(model, args.blocks)
+    log(f"first {args.blocks} blocks only: {model.name}")
   log(f"float reference: {args.windows} windows of {args.window} tokens")
   ref = LMReference(model, windows=args.windows, window=args.window)
   fm = ref.float_metrics()
@@ -397,6 +401,8 @@ def parse_args(argv=None):
   ap.add_argument("--qwix-eager", action="store_true",
                   help="run qwix's GPTQ loop eagerly, as shipped (hours on CPU)")
   ap.add_argument("--out", help="write results as JSON here (and the tables next to it as .md)")
+  ap.add_argument("--blocks", type=int, default=None,
+                  help="keep only the first N decoder blocks (real weights; --small: 4)")
   ap.add_argument("--small", action="store_true",
                   help="smoke run: 1 calibration sequence of 64 tokens, 1 window of 128, "
                        f"{' and '.join(SMALL)}")
@@ -407,6 +413,7 @@ def parse_args(argv=None):
   args.windows = args.windows or (1 if small else 16)
   args.window = args.window or (128 if small else 512)
   args.only = args.only or list(SMALL if small else VARIANTS)
+  args.blocks = args.blocks or (4 if small else None)
   bad = [k for k in args.only if k not in VARIANTS]
   if bad:
     ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")

@@ -2,7 +2,8 @@
 
 * ``make_user_context``: ``jax.make_user_context`` (JAX >= 0.8), a context whose value is part of
   the jit cache key; None on older JAX (:mod:`jq.qarray`'s checked mode then falls back to a
-  thread-local flag read at trace time).
+  thread-local flag read at trace time).  ``user_context``: the same, or a context variable on
+  older JAX (the kernel policy, :mod:`jq.ops.policy`).
 * Meshes and several processes (``jq.distributed``, data-parallel calibration): ``auto_mesh``,
   ``set_cpu_collectives``/``cpu_collectives``, ``distributed_initialize``, ``distributed_client``
   with ``kv_set``/``kv_get``/``kv_delete`` (the coordinator's key-value store),
@@ -38,6 +39,44 @@ except ImportError:  # pragma: no cover - very old JAX
 JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 make_user_context = getattr(jax, "make_user_context", None)
+
+
+class _ContextVarConfig:
+  """``user_context``'s stand-in on JAX without ``make_user_context``: a context variable with a
+  settable global default (NOT part of the jit cache key there)."""
+
+  def __init__(self, default_value):
+    import contextvars  # pylint: disable=import-outside-toplevel
+    self._global = default_value
+    self._var = contextvars.ContextVar("jq_user_context")
+
+  @property
+  def value(self):
+    return self._var.get(self._global)
+
+  def set_global(self, value) -> None:
+    self._global = value
+
+  def __call__(self, value):
+    import contextlib  # pylint: disable=import-outside-toplevel
+
+    @contextlib.contextmanager
+    def scope():
+      token = self._var.set(value)
+      try:
+        yield
+      finally:
+        self._var.reset(token)
+    return scope()
+
+
+def user_context(default_value):
+  """A value with ``.value``, ``set_global(v)`` and ``with ctx(v):`` scoping, part of the jit
+  cache key where JAX has ``make_user_context`` (so functions traced under another value retrace);
+  a context variable elsewhere.  Create these at import time (JAX: not thread-safe to create)."""
+  if make_user_context is not None:
+    return make_user_context(default_value)
+  return _ContextVarConfig(default_value)
 
 _CompilerParams = (getattr(_pltriton, "CompilerParams", None)
                    or getattr(_pltriton, "TritonCompilerParams", None))
@@ -235,3 +274,46 @@ def process_allgather(tree):
   leading axis (in process order), as numpy arrays."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return multihost_utils.process_allgather(tree)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pallas TPU (Mosaic) — jq.ops.pallas_tpu
+#
+# * ``tpu_compiler_params``: ``pltpu.CompilerParams`` (``TPUCompilerParams`` before 0.7).
+# * ``tpu_interpret_params``: ``pltpu.InterpretParams()``, the TPU interpreter that runs Mosaic
+#   kernels (VMEM scratch, grid semantics) on CPU (``TPUInterpretParams`` in 0.6; plain
+#   ``interpret=True``, the generic HLO interpreter, before that).
+# * ``tpu_vmem``: a VMEM scratch buffer ``pltpu.VMEM(shape, dtype)``.
+# ``jax.experimental.pallas.tpu`` is imported on first use, so ``import jq`` does not pay for it.
+# ------------------------------------------------------------------------------------------------
+
+
+def _pltpu():
+  from jax.experimental.pallas import tpu  # pylint: disable=import-outside-toplevel
+  return tpu
+
+
+def on_tpu() -> bool:
+  """True when the default JAX backend is a TPU."""
+  return jax.default_backend() == "tpu"
+
+
+def tpu_compiler_params(*, dimension_semantics: tuple[str, ...]) -> Any:
+  """Mosaic compiler parameters for ``pl.pallas_call(compiler_params=...)``."""
+  tpu = _pltpu()
+  cls = getattr(tpu, "CompilerParams", None) or tpu.TPUCompilerParams
+  return cls(dimension_semantics=dimension_semantics)
+
+
+def tpu_interpret_params() -> Any:
+  """The ``interpret=`` value that runs a Pallas TPU kernel on CPU."""
+  tpu = _pltpu()
+  cls = getattr(tpu, "InterpretParams", None) or getattr(tpu, "TPUInterpretParams", None)
+  return cls() if cls is not None else True
+
+
+def tpu_vmem(shape: tuple[int, ...], dtype) -> Any:
+  """A VMEM scratch buffer of ``shape`` and ``dtype`` (for ``scratch_shapes``)."""
+  tpu = _pltpu()
+  vmem = getattr(tpu, "VMEM", None) or tpu.TPUMemorySpace.VMEM
+  return vmem(shape, dtype)

@@ -7,6 +7,7 @@ Works on the small model interface of ``jq_models.registry`` (duck-typed: ``kind
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq import kv_cache as kvc
 from jq import nn as jqnn
 from jq import stream
 from jq import tree as jqtree
@@ -84,22 +86,48 @@ def check_matches(model, qvars, *, source: str) -> None:
     raise ValueError(f"{source}: {p} has shape {g}, model {model.name} expects {w}")
 
 
-def _logits_fns(model, qvars):
+def _kv_kind(model, kv_cache: str | kvc.KVKind) -> kvc.KVKind:
+  """``kv_cache`` as a kind; a quantized cache needs a decoder (a causal LM with a KV cache)."""
+  kind = kvc.as_kind(kv_cache)
+  if kind is not kvc.KVKind.NONE and model.kind != "causal_lm":
+    raise ValueError(f"--kv-cache {kind.value}: {model.name} is an {model.kind}, not a decoder "
+                     "with a KV cache; only --kv-cache none applies to it")
+  return kind
+
+
+def kv_cache_memory(model, kv_cache: str | kvc.KVKind) -> dict[str, Any]:
+  """Bytes per token of a decoder's KV cache of kind ``kv_cache`` (keys and values of every
+  layer, scales included) and its ratio to the float cache (the config's compute dtype)."""
+  c = model.config
+  size = lambda kind: kvc.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, kind, c.dtype)
+  kind = _kv_kind(model, kv_cache)
+  return {"kv_cache": kind.value, "kv_bytes_per_token": size(kind),
+          "kv_bytes_per_token_float": size("none"),
+          "kv_ratio_to_float": size(kind) / size("none")}
+
+
+def _logits_fns(model, qvars, kv_cache: kvc.KVKind = kvc.KVKind.NONE):
   from jq.nn import quantized_apply
   f_apply = jax.jit(model.module.apply)
-  q_apply = jax.jit(quantized_apply(model.module.apply))
+  apply = model.module.apply
+  if kv_cache is not kvc.KVKind.NONE:   # the full-sequence forward reads what that cache stores
+    apply = functools.partial(apply, kv_quant=kv_cache)
+  q_apply = jax.jit(quantized_apply(apply))
   fvars = model.variables
   return (lambda t: f_apply(fvars, t)), (lambda t: q_apply(qvars, t))
 
 
-def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: bool = False
-             ) -> dict[str, float]:
+def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: bool = False,
+             kv_cache: str | kvc.KVKind = "none") -> dict[str, Any]:
   """Quality of ``qvars`` against the float model on held-out text.
 
   Causal LM: perplexity of both, mean KL(float || quant), top-1 agreement, tokens/s, over
   ``windows`` disjoint windows of ``window`` tokens.  Encoder: mean/min cosine similarity of
-  sentence embeddings on held-out sentences.
+  sentence embeddings on held-out sentences.  ``kv_cache`` (``"int8"``, ``"fp8"``; decoders
+  only): the quantized model reads keys and values as that cache stores them (the float model
+  keeps float ones), and the cache's bytes per token are reported (:func:`kv_cache_memory`).
   """
+  kind = _kv_kind(model, kv_cache)
   if model.kind == "causal_lm":
     _check_context(model, window, "--window (evaluation window)")
     tokens = model.eval_tokens()
@@ -107,11 +135,12 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
     if len(tokens) < window:
       raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than one window of {window}")
     tokens = tokens[:need]
-    f_fn, q_fn = _logits_fns(model, qvars)
+    f_fn, q_fn = _logits_fns(model, qvars, kind)
     cmp = compare(f_fn, q_fn, tokens, window=window, progress=progress)
-    return {"ppl_float": cmp.ref.ppl, "ppl_quant": cmp.quant.ppl, "kl": cmp.kl,
-            "top1_agreement": cmp.top1_agreement, "eval_tokens": cmp.ref.n_predictions,
-            "tokens_per_s_float": cmp.ref.tokens_per_s, "tokens_per_s_quant": cmp.quant.tokens_per_s}
+    out = {"ppl_float": cmp.ref.ppl, "ppl_quant": cmp.quant.ppl, "kl": cmp.kl,
+           "top1_agreement": cmp.top1_agreement, "eval_tokens": cmp.ref.n_predictions,
+           "tokens_per_s_float": cmp.ref.tokens_per_s, "tokens_per_s_quant": cmp.quant.tokens_per_s}
+    return out if kind is kvc.KVKind.NONE else {**out, **kv_cache_memory(model, kind)}
   from jq.nn import quantize_module
   sentences = model.eval_sentences()
   ref = model.embed(model.module, sentences)
@@ -123,12 +152,14 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
 
 
 def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool = True,
-             progress: bool = False) -> tuple[str, int]:
-  """Greedy continuation of ``prompt`` by the quantized model (jitted, KV cache)."""
+             progress: bool = False, kv_cache: str | kvc.KVKind = "none") -> tuple[str, int]:
+  """Greedy continuation of ``prompt`` by the quantized model (jitted, KV cache of kind
+  ``kv_cache``: ``"none"``, ``"int8"`` or ``"fp8"``)."""
   from jq.nn import quantized_apply
+  kind = _kv_kind(model, kv_cache)
   ids = model.prompt_ids(prompt, chat=chat)
   out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens,
-                       progress=progress)
+                       progress=progress, kv_cache=kind.value)
   stop = set(getattr(model.tokenizer, "stop_ids", ()) or ()) | {model.tokenizer.eos_id}
   toks = [int(t) for t in out]
   ends = [i for i, t in enumerate(toks) if t in stop]

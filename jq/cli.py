@@ -1,9 +1,9 @@
 """``jq-quant``: quantize, evaluate, inspect, run and export models (the app layer).
 
   jq-quant quantize [--model smollm2|minilm|HF_DIR|FILE.gguf] [--recipe NAME | --rules FILE] [--out PATH]
-  jq-quant eval CKPT [--json]
+  jq-quant eval CKPT [--json] [--kv-cache none|int8|fp8]
   jq-quant inspect CKPT
-  jq-quant generate CKPT --prompt "..."
+  jq-quant generate CKPT --prompt "..." [--kv-cache none|int8|fp8]
   jq-quant plan [--model smollm2] --bits 4.5          # sensitivity scan + mixed-precision rules
   jq-quant export CKPT --format gguf --type q4_0 --out model.gguf
   jq-quant export CKPT --format compressed-tensors --out DIR
@@ -327,7 +327,7 @@ def cmd_eval(args) -> int:
   from jq import app
   model, qvars, header = _load_ckpt(args.ckpt, args.model)
   quality = app.evaluate(model, qvars, windows=args.eval_windows, window=args.window,
-                                progress=not args.json)
+                         progress=not args.json, kv_cache=args.kv_cache)
   if args.json:
     _print(json.dumps({"checkpoint": args.ckpt, "model": model.name,
                        "recipe": header.get("metadata", {}).get("recipe"), **quality}, indent=2))
@@ -434,10 +434,11 @@ def cmd_generate(args) -> int:
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
   t0 = time.perf_counter()
   text, n = app.generate(model, qvars, args.prompt, max_new_tokens=args.max_new_tokens,
-                         chat=not args.raw, progress=True)
+                         chat=not args.raw, progress=True, kv_cache=args.kv_cache)
   dt = time.perf_counter() - t0
   _print(text)
-  _print(f"\n[{n} tokens in {dt:.1f} s incl. compile, greedy, jitted with a KV cache]",
+  cache = "a KV cache" if args.kv_cache == "none" else f"an {args.kv_cache} KV cache"
+  _print(f"\n[{n} tokens in {dt:.1f} s incl. compile, greedy, jitted with {cache}]",
          file=sys.stderr)
   return 0
 
@@ -588,6 +589,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from jq import kv_cache
   from jq.ptq import recipes
   p = argparse.ArgumentParser(prog="jq-quant", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command")
@@ -597,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation windows (default 8)")
     sp.add_argument("--window", type=_at_least(2), default=512,
                     help="tokens per window (default 512)")
+
+  def kv_opt(sp, what):
+    sp.add_argument("--kv-cache", choices=kv_cache.KINDS, default="none",
+                    help="how the decoder's KV cache stores keys and values: none (float, the "
+                    "default), int8 or fp8 (e4m3), with a float32 scale per token and head; "
+                    + what)
 
   q = sub.add_parser("quantize", help="quantize a model and write a jq checkpoint")
   q.add_argument("--model", default="smollm2",
@@ -638,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("ckpt")
   e.add_argument("--json", action="store_true", help="machine-readable output")
   e.add_argument("--model", help=MODEL_OVERRIDE)
+  kv_opt(e, "the quantized model is evaluated as decoding with that cache computes, and the "
+         "cache's bytes per token are reported")
   eval_opts(e)
   e.set_defaults(fn=cmd_eval)
 
@@ -651,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
   gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
   gen.add_argument("--model", help=MODEL_OVERRIDE)
+  kv_opt(gen, "dequantized inside the jitted decoding step")
   gen.set_defaults(fn=cmd_generate)
 
   pl = sub.add_parser("plan", help="sensitivity scan and a mixed-precision plan as rules")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.qtypes import NF4_TABLE, QType
+from jq.qtypes import FP8_E4M3_MAX, NF4_TABLE, QType
 
 
 def num_tiles(shape: Sequence[int], tile: Sequence[int]) -> tuple[int, ...]:
@@ -34,8 +34,9 @@ def packed_shape(shape: Sequence[int], qtype: QType) -> tuple[int, ...]:
 def pack(q: jax.Array, qtype: QType) -> jax.Array:
   """Packs integer values (in ``[qtype.qmin, qtype.qmax]``) along the last axis.
 
-  8-bit types are returned as ``qtype.storage_dtype`` unchanged; sub-byte ones as uint8 with
-  ``qtype.per_byte`` values per byte.
+  8-bit types (float8 included: pass values already encoded, see :func:`fp8_encode`) are returned
+  as ``qtype.storage_dtype`` unchanged; sub-byte ones as uint8 with ``qtype.per_byte`` values per
+  byte.
   """
   if qtype.storage_bits == 8:
     return q.astype(qtype.storage_dtype)
@@ -53,7 +54,8 @@ def pack(q: jax.Array, qtype: QType) -> jax.Array:
 
 
 def unpack(packed: jax.Array, qtype: QType, n: int) -> jax.Array:
-  """Inverse of :func:`pack`: returns ``n`` values along the last axis as int8 (signed) or uint8."""
+  """Inverse of :func:`pack`: returns ``n`` values along the last axis as int8 (signed) or uint8
+  (float8 values as they are)."""
   if qtype.storage_bits == 8:
     return packed
   if packed.ndim == 0:  # a scalar QArray: one value in the low bits of one byte
@@ -240,6 +242,14 @@ def nf4_encode(v: jax.Array) -> jax.Array:
   for m in mids:
     idx = idx + (v > np.float32(m)).astype(jnp.uint8)
   return idx
+
+
+def fp8_encode(v: jax.Array) -> jax.Array:
+  """float8 e4m3 values of ``v`` (already divided by the scale): ``clip(v, ±448)`` cast to
+  ``float8_e4m3fn``, which rounds to nearest, ties to even.  The clip matters: the cast turns
+  values beyond 448 into NaN (e4m3fn has no infinity)."""
+  v = jnp.clip(v.astype(jnp.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX)
+  return v.astype(jnp.float8_e4m3fn)
 
 
 # ---- scales ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """QArray: a quantized array as plain pytree data.
 
 ``x ≈ (unpack(values) − zero_point) · expand(scale)``, or ``table[unpack(values)] · expand(scale)``
-for NF4.  ``values`` holds packed storage (two int4 / four int2 per byte along the last axis);
+for NF4, or ``float32(values) · expand(scale)`` for float8 e4m3 (one byte per value).  ``values`` holds packed storage (two int4 / four int2 per byte along the last axis);
 ``scale`` and ``zero_point`` have the logical rank with ``ceil(shape[i] / tile[i])`` entries per
 axis.  ``qtype``, ``shape`` and ``tile`` are static (hashable) metadata.
 """
@@ -172,6 +172,10 @@ def check_activation_scale(scale, zero_point, spec: ActivationSpec, name: str) -
   if zero_point is None:
     return
   qt = spec.qtype
+  if qt.is_float:
+    raise ValueError(f"{name}: static activation zero point shape {tuple(np.shape(zero_point))} "
+                     f"dtype {_dtype_of(zero_point)}: {qt.value} activations are symmetric and "
+                     "take no zero point")
   zshape = tuple(np.shape(zero_point))
   zwhere = f"{name}: static activation zero point shape {zshape} dtype {_dtype_of(zero_point)}"
 
@@ -218,10 +222,12 @@ class QArray:
   """A quantized tensor (see module docstring).  Call :meth:`validate` at API boundaries.
 
   Attributes:
-    values: packed integer storage, shape ``numerics.packed_shape(shape, qtype)``.
+    values: packed integer storage (float8 values for ``FP8_E4M3``), shape
+      ``numerics.packed_shape(shape, qtype)``.
     scale: per-tile scales, shape ``numerics.num_tiles(shape, tile)``.
     zero_point: per-tile integer zero points (``qtype.unpacked_dtype``), or None if symmetric.
-    activation: for int8×int8 layers, how the input is quantized; None for weight-only.
+    activation: for int8×int8 (or fp8×fp8) layers, how the input is quantized; None for
+      weight-only.
     qtype: element type.
     shape: logical shape.
     tile: the block each scale covers.
@@ -254,7 +260,8 @@ class QArray:
     return 8.0 * self.nbytes / max(1, int(np.prod(self.shape)))
 
   def unpacked(self) -> jax.Array:
-    """Integer values in logical shape (int8 for signed types, uint8 otherwise)."""
+    """Values in logical shape (int8 for signed types, uint8 for unsigned, float8_e4m3fn for
+    ``FP8_E4M3``)."""
     return numerics.unpack(self.values, self.qtype, self.shape[-1] if self.shape else 1).reshape(
         self.shape)
 
@@ -266,11 +273,11 @@ class QArray:
 
     Structural checks (always, also under ``jit``): qtype, tile, the shapes and dtypes of
     ``values`` (``qtype.storage_dtype``), ``scale`` (floating point), ``zero_point``
-    (``qtype.unpacked_dtype``, none for NF4), the activation's mode and scale dtype.  Value checks
-    (``values=True``; on concrete arrays, or under :func:`checked` also on tracers): scales finite
-    and positive, zero points in ``[qmin, qmax]``, codes in ``[qmin, qmax]`` after unpacking
-    (3-bit types use 4-bit slots that can hold more), static activation scales finite and
-    positive; each message gives the first bad index.
+    (``qtype.unpacked_dtype``, none for NF4 and float8), the activation's mode and scale dtype.
+    Value checks (``values=True``; on concrete arrays, or under :func:`checked` also on tracers):
+    scales finite and positive, zero points in ``[qmin, qmax]``, codes in ``[qmin, qmax]`` after
+    unpacking (3-bit types use 4-bit slots that can hold more), float8 values not NaN, static
+    activation scales finite and positive; each message gives the first bad index.
     """
     self._validate_structure(name)
     if values:
@@ -306,8 +313,9 @@ class QArray:
       raise ValueError(f"{where}: scale shape {tuple(self.scale.shape)} dtype "
                        f"{self.scale.dtype} is not floating point")
     if self.zero_point is not None:
-      if self.qtype.is_table:
-        raise ValueError(f"{where}: NF4 takes no zero point (got shape "
+      if self.qtype.symmetric_only:
+        raise ValueError(f"{where}: {'NF4' if self.qtype.is_table else self.qtype.value} takes "
+                         f"no zero point (symmetric only; got shape "
                          f"{tuple(np.shape(self.zero_point))} dtype {_dtype_of(self.zero_point)})")
       if (not hasattr(self.zero_point, "dtype") or tuple(self.zero_point.shape) != tiles
           or self.zero_point.dtype != self.qtype.unpacked_dtype):
@@ -354,10 +362,21 @@ class QArray:
 
       value_check([zp], zp_summary, zp_fail)
     # Codes: only storage that can hold values outside [qmin, qmax] needs a look (3-bit types in
-    # 4-bit slots); 8/4/2-bit slots hold exactly the qtype's range.
+    # 4-bit slots; float8, whose bytes can hold NaN); 8/4/2-bit slots hold exactly the qtype's
+    # range.
+    if qt.is_float and self.values.size:
+      def nan_summary():
+        v = self.values.astype(jnp.float32)
+        return first_bad(~jnp.isnan(v))
+
+      def nan_fail(n, i, _):
+        raise ValueError(f"{where}: values dtype {self.values.dtype}: {int(n)} NaN values, first "
+                         f"at index {index_str(i, self.shape)}; {qt.value} values must be finite")
+
+      value_check([self.values], nan_summary, nan_fail)
     sb = qt.storage_bits
     slot = (-(1 << (sb - 1)), (1 << (sb - 1)) - 1) if qt.signed else (0, (1 << sb) - 1)
-    if slot != (qt.qmin, qt.qmax) and self.values.size:
+    if not qt.is_float and slot != (qt.qmin, qt.qmax) and self.values.size:
       def code_summary():
         v = self.unpacked().astype(jnp.int32)
         return first_bad((v >= qt.qmin) & (v <= qt.qmax), v)

@@ -137,8 +137,9 @@ def lsq_grad_scale(shape: Sequence[int], tile: Sequence[int], qmax: int) -> floa
 def _check_grid(spec: QuantSpec, where: str) -> None:
   if not isinstance(spec, QuantSpec):
     raise ValueError(f"{where}: spec must be a jq.QuantSpec, got {type(spec).__name__}")
-  if spec.qtype.is_table:
-    raise ValueError(f"{where}: {spec.describe()} is a lookup-table type; LSQ learns the step of "
+  if spec.qtype.symmetric_only:
+    kind = "a lookup-table type" if spec.qtype.is_table else "a float8 type"
+    raise ValueError(f"{where}: {spec.describe()} is {kind}; LSQ learns the step of "
                      "a uniform integer grid: use int8/int4/int3/int2 (e.g. jq.W4A16_G128 or "
                      "jq.W2A16_G32), or keep this parameter out of QAT")
 
@@ -211,6 +212,9 @@ def fake_quant_activation(x: jax.Array, act: ActivationSpec, *, step: jax.Array 
     y = reference.fake_quant_activations(x, axes or tuple(range(x.ndim)),
                                          ActivationQuant(scale=None, zero_point=None, spec=act))
     return x + jax.lax.stop_gradient(y - x)
+  if act.qtype.is_float:
+    raise ValueError(f"static {act.describe()} activations: LSQ learns the step of an integer "
+                     "grid; use int8 activations (jq.A8_STATIC) or dynamic fp8 for QAT")
   if step is None or (zero is None) != act.symmetric:
     raise ValueError(f"static {act.describe()} activations need a learned step"
                      + ("" if act.symmetric else " and zero point"))

@@ -92,7 +92,8 @@ def _check_shape(x, name: str) -> None:
 def _range_to_params(lo, hi, spec: QuantSpec):
   """Scale and zero point for per-tile ranges ``[lo, hi]`` (``lo <= 0 <= hi``).
 
-  Symmetric: ``scale = absmax / qmax`` (``absmax`` for NF4), no zero point.  Asymmetric:
+  Symmetric: ``scale = absmax / qmax`` (``absmax`` for NF4, ``absmax / 448`` for float8 e4m3), no
+  zero point.  Asymmetric:
   ``scale = (hi - lo) / (qmax - qmin)`` and ``zero_point = qmin - round(lo / scale)``, so ``lo``
   maps to ``qmin`` exactly and 0 is on the grid.  An all-zero tile gets scale 1.  When rounding the scale to its stored precision
   made the grid too short for ``hi`` to reach ``qmax``, the scale is lowered by one unit: the grid
@@ -120,12 +121,15 @@ def _range_to_params(lo, hi, spec: QuantSpec):
 
 def _quantize_split(xb, scale, zp, spec: QuantSpec, shape, tile):
   """Unpacked integer values of ``xb`` (the ``numerics.split`` layout) on the given grid:
-  ``clip(round(x / scale) + zero_point)`` (NF4: nearest table entry of ``x / scale``)."""
+  ``clip(round(x / scale) + zero_point)`` (NF4: nearest table entry of ``x / scale``; float8:
+  ``clip(x / scale, ±448)`` cast to e4m3, round to nearest even)."""
   qt = spec.qtype
   r = numerics.tiles_to_split(1.0 / scale.astype(jnp.float32), shape, tile)
   v = xb.astype(jnp.float32) * r
   if qt.is_table:
     return numerics.nf4_encode(v)
+  if qt.is_float:
+    return numerics.fp8_encode(v)
   v = numerics.round_half_even(v)
   if zp is not None:
     v = v + numerics.tiles_to_split(zp.astype(jnp.float32), shape, tile)
@@ -290,6 +294,9 @@ def quantize(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
   within half a step of its dequantized value (asymmetric grids: plus at most
   ``(qmax - qmin) * 2**-(p - 1)`` steps at the range ends, ``p`` the scale's significant bits, 20
   for float32 scales), zeros stay exactly zero, and ``quantize(dequantize(q))`` reproduces ``q``.
+  Float8 e4m3 (``QType.FP8_E4M3``): ``q = e4m3(clip(x / scale, ±448))`` with ``scale = absmax /
+  448``; the step is relative, so each element above ``2**-6 · scale`` (e4m3's subnormal range)
+  is within ``2**-4`` of its magnitude, and those below within ``2**-10 · scale``.
 
   ``layout`` gives the roles of ``x``'s axes (contracting / channels / stacked layers, see
   :class:`jq.Layout`); without it a 2-D ``x`` is read as a Dense kernel ``(in, out)``.

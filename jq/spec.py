@@ -104,8 +104,9 @@ class QuantSpec:
   """How one tensor is quantized: ``x ≈ scale · (q − zero_point)``.
 
   Attributes:
-    qtype: element type (int8, int4, int3, int2, their unsigned twins, or NF4).
-    symmetric: symmetric (zero point 0, ``scale = absmax / qmax``) or asymmetric (range
+    qtype: element type (int8, int4, int3, int2, their unsigned twins, NF4, or float8 e4m3).
+    symmetric: symmetric (zero point 0, ``scale = absmax / qmax``; float8: ``absmax / 448``, the
+      values cast to e4m3 rather than rounded to integers) or asymmetric (range
       ``[min, max]`` stretched over ``[qmin, qmax]`` with an integer zero point; 0 is always exact).
     granularity: see :class:`Granularity`.
     channel_axes: axes that keep one scale per index (CHANNEL and GROUP).  ``None`` (the default):
@@ -155,6 +156,9 @@ class QuantSpec:
       raise ValueError(f"QuantSpec.clip must be a Clip, got {self.clip!r}")
     if self.qtype.is_table and not self.symmetric:
       raise ValueError("QuantSpec: NF4 is a symmetric table type; use symmetric=True")
+    if self.qtype.is_float and not self.symmetric:
+      raise ValueError(f"QuantSpec: {self.qtype.value} is symmetric only (float8 grids have no "
+                       "zero point); use symmetric=True")
     if self.symmetric and not self.qtype.signed and not self.qtype.is_table:
       raise ValueError(f"QuantSpec: unsigned {self.qtype.value} needs symmetric=False "
                        f"(or use {self.qtype.value[1:]} for a symmetric grid)")
@@ -287,7 +291,7 @@ class QuantSpec:
 class ActMode(enum.Enum):
   """How activations of a quantized layer are treated.
 
-  * ``DYNAMIC``: int8 per-token (per-row) scales computed at run time.
+  * ``DYNAMIC``: per-token (per-row) scales computed at run time.
   * ``STATIC``: one calibrated scale (and zero point) per tensor, stored beside the kernel.
   """
   DYNAMIC = "dynamic"
@@ -296,6 +300,15 @@ class ActMode(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ActivationSpec:
+  """How a layer's input is quantized at run time.
+
+  Attributes:
+    mode: see :class:`ActMode`.
+    qtype: the activation element type: ``INT8``/``UINT8`` (integer grids, ``int8 × int8 ->
+      int32`` dots) or ``FP8_E4M3`` (``scale = absmax / 448``, ``fp8 × fp8 -> float32`` dots; needs
+      float8 weights, symmetric only).
+    symmetric: no zero point (``scale = absmax / qmax``), or an integer zero point (int8/uint8).
+  """
   mode: ActMode = ActMode.DYNAMIC
   qtype: QType = QType.INT8
   symmetric: bool = True
@@ -306,12 +319,18 @@ class ActivationSpec:
     if not isinstance(self.qtype, QType):
       raise ValueError(f"ActivationSpec.qtype must be a QType, got {self.qtype!r}")
     _check_bool("ActivationSpec", "symmetric", self.symmetric)
-    if self.qtype not in (QType.INT8, QType.UINT8):
-      raise ValueError(f"ActivationSpec.qtype={self.qtype}: activations are quantized to 8 bits")
+    if self.qtype not in (QType.INT8, QType.UINT8, QType.FP8_E4M3):
+      raise ValueError(f"ActivationSpec.qtype={self.qtype}: activations are quantized to 8 bits "
+                       "(int8, uint8 or fp8_e4m3)")
+    if self.qtype.is_float and not self.symmetric:
+      raise ValueError(f"ActivationSpec: {self.qtype.value} activations are symmetric only (no "
+                       "zero point); use symmetric=True")
     if self.symmetric and not self.qtype.signed:
       raise ValueError("ActivationSpec: uint8 activations need symmetric=False")
 
   def describe(self) -> str:
+    if self.qtype.is_float:
+      return f"a8 {self.mode.value} {self.qtype.value}"
     return f"a8 {self.mode.value} {'sym' if self.symmetric else 'asym'}"
 
 
@@ -482,7 +501,8 @@ class Rule:
   Attributes:
     pattern: regular expression searched (``re.search``) in the '/'-joined parameter path.
     weight: the weight spec, or ``None`` to keep matching leaves in float (skip).
-    activation: ``None`` for weight-only; otherwise int8 activations (dynamic or static).
+    activation: ``None`` for weight-only; otherwise int8 (or fp8 e4m3) activations, dynamic or
+      static.
     algorithm: rounding algorithm for the weight.
     options: the algorithm's options (:class:`GPTQOptions`, :class:`AWQOptions`,
       :class:`SmoothQuantOptions`); None: its defaults (see :attr:`algorithm_options`).
@@ -518,17 +538,26 @@ class Rule:
       raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regex: {e}") from e
     if self.weight is None and self.activation is not None:
       raise ValueError(f"Rule {self.pattern!r}: activation quantization needs a weight spec")
-    if self.activation is not None and self.weight.qtype.bits != 8:
-      raise ValueError(f"Rule {self.pattern!r}: int8 activations need an 8-bit weight "
-                       f"(got {self.weight.qtype.value})")
+    if self.activation is not None and self.activation.qtype.is_float:
+      if self.weight.qtype is not self.activation.qtype:
+        raise ValueError(f"Rule {self.pattern!r}: {self.activation.qtype.value} activations need "
+                         f"{self.activation.qtype.value} weights (got {self.weight.qtype.value}); "
+                         "fp8 x fp8 dots take two float8 operands")
+    elif self.activation is not None and (self.weight.qtype.bits != 8
+                                          or self.weight.qtype.is_float):
+      raise ValueError(f"Rule {self.pattern!r}: int8 activations need an 8-bit weight of an "
+                       f"integer type (got {self.weight.qtype.value}; fp8_e4m3 weights take "
+                       "fp8_e4m3 activations)")
     if self.activation is not None and self.weight.granularity is Granularity.GROUP:
-      raise ValueError(f"Rule {self.pattern!r}: int8 x int8 matmuls need per-channel or per-tensor "
-                       "weight scales (group scales do not factor out of the integer dot)")
+      raise ValueError(f"Rule {self.pattern!r}: {self.activation.qtype.value} x "
+                       f"{self.weight.qtype.value} matmuls need per-channel or per-tensor weight "
+                       "scales (group scales do not factor out of the dot)")
 
     if (self.algorithm is Algorithm.AUTOROUND and self.weight is not None
-        and self.weight.qtype.is_table):
+        and self.weight.qtype.symmetric_only):
+      kind = "a lookup table" if self.weight.qtype.is_table else "a float format"
       raise ValueError(f"Rule {self.pattern!r}: learned rounding (autoround) works on integer "
-                       f"grids; {self.weight.qtype.value} is a lookup table (use rtn, gptq or awq)")
+                       f"grids; {self.weight.qtype.value} is {kind} (use rtn, gptq or awq)")
     if self.options is not None:
       want = ALGORITHM_OPTIONS.get(self.algorithm)
       if want is None or not isinstance(self.options, want):
@@ -600,6 +629,11 @@ A8_DYNAMIC = ActivationSpec(mode=ActMode.DYNAMIC)
 # activations and +0.97% with asymmetric ones (qwix's symmetric scheme: +2.38%).
 A8_DYNAMIC_ASYM = ActivationSpec(mode=ActMode.DYNAMIC, symmetric=False)
 A8_STATIC = ActivationSpec(mode=ActMode.STATIC)
+# Float8 e4m3 (OCP FP8, what H100-class GPUs multiply natively and vLLM serves as FP8): weights
+# per output channel, activations per token at run time or one calibrated scale per tensor.
+FP8_CHANNEL = QuantSpec(qtype=QType.FP8_E4M3, symmetric=True, granularity=Granularity.CHANNEL)
+A_FP8_DYNAMIC = ActivationSpec(mode=ActMode.DYNAMIC, qtype=QType.FP8_E4M3)
+A_FP8_STATIC = ActivationSpec(mode=ActMode.STATIC, qtype=QType.FP8_E4M3)
 
 RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
     "w8a16": (W8A16, None),
@@ -620,6 +654,11 @@ RECIPES: dict[str, tuple[QuantSpec, ActivationSpec | None]] = {
     "ct-w4a16": (QuantSpec(qtype=QType.INT4, symmetric=True, granularity=Granularity.GROUP,
                            group_size=128), None),
     "ct-w8a8": (W8A16, A8_DYNAMIC),
+    # float8 e4m3, per-channel weights (compressed-tensors' FP8_DYNAMIC scheme; its FP8 scheme's
+    # static per-tensor activations; fp8 weight-only, vLLM's W8A16 FP8): exported as they are
+    "fp8-dynamic": (FP8_CHANNEL, A_FP8_DYNAMIC),
+    "fp8-static": (FP8_CHANNEL, A_FP8_STATIC),
+    "fp8-weight-only": (FP8_CHANNEL, None),
 }
 
 

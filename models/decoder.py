@@ -24,6 +24,8 @@ Example::
   model = Decoder(config)
   logits = model.apply({"params": params}, tokens)            # (B, T, V) float32
   new_ids = greedy_generate(model.apply, params, prompt_ids, 32, config=config)
+  new_ids = greedy_generate(model.apply, params, prompt_ids, 32, config=config, kv_cache="int8")
+  logits = model.apply({"params": params}, tokens, kv_quant="int8")  # what that cache computes
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jq import kv_cache as kvc
 from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
 from jq.qarray import first_bad, index_str, value_check
 
@@ -236,29 +239,38 @@ class KVCache(NamedTuple):
   """Fixed-size key/value cache, one entry per layer.
 
   Attributes:
-    keys: per layer, ``(batch, max_len, num_kv_heads, head_dim)`` (keys already rotated by RoPE).
-    values: per layer, same shape as ``keys``.
+    keys: per layer, ``(batch, max_len, num_kv_heads, head_dim)`` (keys already rotated by RoPE):
+      a float array, or a ``jq.kv_cache.QuantizedKV`` (int8 / fp8 values, a scale per token and
+      head) for a quantized cache.
+    values: per layer, same shape and kind as ``keys``.
     index: int32 scalar, the number of positions written so far (= position of the next token).
   """
-  keys: tuple[jax.Array, ...]
-  values: tuple[jax.Array, ...]
+  keys: tuple[kvc.Cache, ...]
+  values: tuple[kvc.Cache, ...]
   index: jax.Array
 
   @property
   def max_len(self) -> int:
     return self.keys[0].shape[1]
 
+  @property
+  def kind(self) -> kvc.KVKind:
+    """How keys and values are stored (``KVKind.NONE``: floats)."""
+    return kvc.kind_of(self.keys[0])
 
-def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any = None) -> KVCache:
-  """An empty cache for ``max_len`` positions (zeros; ``index`` 0). ``dtype`` defaults to the
-  config's compute dtype. Writing past ``max_len`` is not detected inside jit: size it to
-  ``prompt_len + max_new_tokens``."""
+
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any = None, *,
+               kind: str | kvc.KVKind = "none") -> KVCache:
+  """An empty cache for ``max_len`` positions (zeros; ``index`` 0). ``kind``: ``"none"`` (floats
+  of ``dtype``, by default the config's compute dtype), ``"int8"`` or ``"fp8"`` (quantized keys
+  and values with a float32 scale per token and head; see ``jq.kv_cache``). Writing past
+  ``max_len`` is not detected inside jit: size it to ``prompt_len + max_new_tokens``."""
   if batch_size <= 0 or max_len <= 0:
     raise ValueError(f"init_cache: batch_size={batch_size} and max_len={max_len} must be positive")
   dtype = config.dtype if dtype is None else dtype
-  shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-  keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  values = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  make = lambda: kvc.init(batch_size, max_len, config.num_kv_heads, config.head_dim, kind, dtype)
+  keys = tuple(make() for _ in range(config.num_layers))
+  values = tuple(make() for _ in range(config.num_layers))
   return KVCache(keys=keys, values=values, index=jnp.zeros((), jnp.int32))
 
 
@@ -333,14 +345,18 @@ def _rms_norm(name: str, config: DecoderConfig) -> RMSNorm:
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with RoPE and an optional fixed-size KV cache."""
+  """Causal grouped-query self-attention with RoPE and an optional fixed-size KV cache.
+
+  Without a cache, ``kv_quant`` (``"none"``, ``"int8"``, ``"fp8"``) fake-quantizes the keys and
+  values as a cache of that kind would store them (``jq.kv_cache.fake_quant_kv``); with a cache,
+  the cache's kind decides."""
   config: DecoderConfig
   layer: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None = None,
-               index: jax.Array | None = None):
+               kv: tuple[kvc.Cache, kvc.Cache] | None = None,
+               index: jax.Array | None = None, kv_quant: str | kvc.KVKind = "none"):
     c = self.config
     b, t, _ = x.shape
     hd, qkv_bias = c.head_dim, c.qkv_bias
@@ -358,15 +374,12 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if kv is None:
-      keys, values, key_pos = k, v, positions
+      keys, values = kvc.fake_quant_kv(k, kv_quant), kvc.fake_quant_kv(v, kv_quant)
+      key_pos = positions
     else:
-      cache_k, cache_v = kv
-      start = (0, index, 0, 0)
-      keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      kv = (keys, values)
-      key_pos = jnp.arange(cache_k.shape[1])
-      keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+      kv = (kvc.update(kv[0], k, index), kvc.update(kv[1], v, index))
+      key_pos = jnp.arange(kv[0].shape[1])
+      keys, values = kvc.read(kv[0], q.dtype), kvc.read(kv[1], q.dtype)
     mask = key_pos[None, :] <= positions[:, None]
     if sliding:
       mask = mask & (key_pos[None, :] > positions[:, None] - c.sliding_window)
@@ -395,10 +408,10 @@ class Block(nn.Module):
   layer: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, kv=None, index=None):
+  def __call__(self, x, positions, kv=None, index=None, kv_quant="none"):
     c = self.config
     h, kv = Attention(c, self.layer, name="attn")(_rms_norm("input_norm", c)(x), positions, kv,
-                                                  index)
+                                                  index, kv_quant)
     if c.sandwich_norms:
       h = _rms_norm("attn_out_norm", c)(h)
     x = x + h
@@ -460,16 +473,23 @@ class Decoder(nn.Module):
   ``apply({"params": p}, tokens)`` returns logits ``(B, T, V)`` float32 for positions ``0..T-1``.
   ``apply({"params": p}, tokens, cache=cache)`` continues from ``cache.index``: writes the new
   keys/values into the cache and returns ``(logits, new_cache)``; jittable with static shapes.
+  ``apply({"params": p}, tokens, kv_quant="int8")`` (or ``"fp8"``) computes, without a cache,
+  exactly what decoding with a cache of that kind computes (``init_cache(..., kind="int8")``).
   """
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None):
+  def __call__(self, tokens: jax.Array, *, cache: KVCache | None = None,
+               kv_quant: str | kvc.KVKind = "none"):
     c = self.config
     if tokens.ndim != 2:
       raise ValueError(f"Decoder: tokens must be (batch, time), got shape {tokens.shape}")
     if cache is not None and len(cache.keys) != c.num_layers:
       raise ValueError(f"Decoder: cache has {len(cache.keys)} layers, model has {c.num_layers}")
+    kv_quant = kvc.as_kind(kv_quant)
+    if cache is not None and kv_quant not in (kvc.KVKind.NONE, cache.kind):
+      raise ValueError(f"Decoder: kv_quant={kv_quant.value!r} but the cache is "
+                       f"{cache.kind.value!r}; a cache's kind decides how it stores keys/values")
     check_token_ids(tokens, c.vocab_size, "Decoder")
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
                      name="embed")
@@ -479,7 +499,7 @@ class Decoder(nn.Module):
     keys, values = [], []
     for i in range(c.num_layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = Block(c, i, name=f"layers_{i}")(x, positions, kv, index)
+      x, kv = Block(c, i, name=f"layers_{i}")(x, positions, kv, index, kv_quant)
       if cache is not None:
         keys.append(kv[0])
         values.append(kv[1])
@@ -514,10 +534,11 @@ def _tick(*_):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "config", "eos_id",
-                                             "progress"))
-def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id, progress=False):
+                                             "progress", "kv_cache"))
+def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id, progress=False,
+              kv_cache=kvc.KVKind.NONE):
   batch, prompt_len = prompt.shape
-  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  cache = init_cache(config, batch, prompt_len + max_new_tokens, kind=kv_cache)
   logits, cache = apply_fn(variables, prompt, cache=cache)
   token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
@@ -542,7 +563,8 @@ def _generate(apply_fn, variables, prompt, *, max_new_tokens, config, eos_id, pr
 
 def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: ArrayLike,
                     max_new_tokens: int, *, config: DecoderConfig,
-                    eos_id: int | None = None, progress: bool = False) -> jax.Array:
+                    eos_id: int | None = None, progress: bool = False,
+                    kv_cache: str | kvc.KVKind = "none") -> jax.Array:
   """Greedy decoding with a fixed-size KV cache, jitted end to end.
 
   One prefill call over the prompt, then a ``lax.fori_loop`` of single-token steps; the cache holds
@@ -560,11 +582,15 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
     eos_id: if given, once a sequence emits it, the rest of that row is ``eos_id``.
     progress: a progress bar over the generated tokens (a host callback per token; compiled
       separately from the silent version).
+    kv_cache: how the cache stores keys and values: ``"none"`` (the compute dtype), ``"int8"`` or
+      ``"fp8"`` (``jq.kv_cache``: a float32 scale per token and head, dequantized inside the
+      jitted step).
 
   Returns:
     ``(max_new_tokens,)`` or ``(B, max_new_tokens)`` int32 new token ids (prompt excluded),
     matching the rank of ``prompt_ids``.
   """
+  kv_cache = kvc.as_kind(kv_cache)
   prompt = jnp.asarray(prompt_ids)
   if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
     raise ValueError(f"greedy_generate: prompt_ids must be a non-empty (T,) or (B, T) array, got "
@@ -582,7 +608,7 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
   prompt = prompt.reshape(1, -1) if squeeze else prompt
   run = functools.partial(_generate, apply_fn, _variables(params), prompt.astype(jnp.int32),
                           max_new_tokens=max_new_tokens, config=config, eos_id=eos_id,
-                          progress=bool(progress))
+                          progress=bool(progress), kv_cache=kv_cache)
   if not progress:
     out = run()
   else:

@@ -60,11 +60,12 @@ class CausalLM:
     return np.asarray(ids, np.int32)
 
   def generate(self, apply_fn, variables, prompt_ids: np.ndarray, max_new_tokens: int, *,
-               progress: bool = False) -> np.ndarray:
+               progress: bool = False, kv_cache: str = "none") -> np.ndarray:
+    """Greedy continuation; ``kv_cache``: ``"none"``, ``"int8"`` or ``"fp8"`` (``jq.kv_cache``)."""
     from jq_models import decoder
     return np.asarray(decoder.greedy_generate(apply_fn, variables, prompt_ids, max_new_tokens,
                                               config=self.config, eos_id=self.tokenizer.eos_id,
-                                              progress=progress))
+                                              progress=progress, kv_cache=kv_cache))
 
 
 CALIBRATION_SOURCES = ("news", "shakespeare")
@@ -128,6 +129,20 @@ class Encoder:
   def eval_sentences(self, n: int = 256) -> list[str]:
     from jq_models import text
     return text.sentences(n, split="eval")
+
+
+def truncated(model: CausalLM, blocks: int) -> CausalLM:
+  """The first ``blocks`` decoder blocks of a loaded SmolLM2-style (``layers_i``) model, with
+  their real weights, the embedding, final norm and head: a small real model for smoke runs."""
+  from jq_models import blockwise  # pylint: disable=import-outside-toplevel
+  n = model.config.num_layers
+  if not 0 < blocks <= n:
+    raise ValueError(f"truncated: blocks={blocks} must be in 1..{n} for {model.name}")
+  cfg = dataclasses.replace(model.config, num_layers=blocks)
+  keep = lambda k: not k.startswith("layers_") or int(k.split("_")[1]) < blocks
+  return CausalLM(name=f"{model.name}-{blocks}blocks", config=cfg, module=decoder_module(cfg),
+                  params={k: v for k, v in model.params.items() if keep(k)},
+                  tokenizer=model.tokenizer, blocks=blockwise.LlamaBlocks(cfg))
 
 
 def load(name: str) -> CausalLM | Encoder:

@@ -64,7 +64,7 @@ class Start:
   @classmethod
   def from_qarray(cls, q0: QArray, w: jax.Array) -> "Start":
     """The start at ``q0``'s grid, rounding ``w`` (its float input; GPTQ: ``q0``'s own values)."""
-    if q0.qtype.is_table:
+    if q0.qtype.symmetric_only:
       raise ValueError(f"learned rounding needs an integer grid, got {q0.qtype.value}")
     if tuple(np.shape(w)) != q0.shape:
       raise ValueError(f"learned rounding: weights of shape {tuple(np.shape(w))} for a QArray of "

@@ -416,7 +416,8 @@ def act_params(lo: jax.Array, hi: jax.Array, activation_spec: ActivationSpec
                ) -> tuple[jax.Array, jax.Array | None]:
   """Static activation ``(scale, zero_point)`` for the range ``[lo, hi]`` (extended to contain 0).
 
-  Symmetric: ``scale = max(−lo, hi) / 127``, zero point ``None``.  Asymmetric (int8 or uint8):
+  Symmetric: ``scale = max(−lo, hi) / 127`` (fp8 e4m3: ``/ 448``), zero point ``None``.
+  Asymmetric (int8 or uint8):
   ``scale = (hi − lo) / 255`` and the integer ``zero_point = round(qmin − lo / scale)`` (dtype
   int8/uint8), so 0 is exactly representable.  An all-zero range gets scale 1.  The math is
   ``jq.quantize``'s, so weights and activations share one grid convention.

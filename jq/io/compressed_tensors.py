@@ -32,6 +32,12 @@ compressed-tensors (CT) conventions:
   ``weight_zero_point`` if asymmetric) unpacked; input activations ``strategy: token, dynamic:
   true`` (jq's dynamic per-token mode) or ``strategy: tensor, dynamic: false`` with per-layer
   ``input_scale`` ``(1,)`` (+ int8 ``input_zero_point``) (jq's static mode).
+* ``float-quantized`` (FP8, ``type: float``, ``num_bits: 8``, symmetric): ``weight``
+  float8_e4m3fn ``(out, in)`` and ``weight_scale`` ``(out, 1)`` (``channel``) or ``(1,)``
+  (``tensor``); dequantization ``weight · scale``; CT's own scale is ``absmax / 448``
+  (``(max − min) / 2`` of e4m3's range), jq's too.  Input activations as for ``int-quantized``
+  but ``type: float`` (FP8_DYNAMIC: per token, dynamic; FP8: per tensor with ``input_scale``);
+  none for fp8 weight-only (vLLM's W8A16 FP8).
 
 How jq maps onto it (all exact, no re-rounding):
 
@@ -44,17 +50,20 @@ How jq maps onto it (all exact, no re-rounding):
   symmetric ones signed types, so a jq → CT → jq round trip gives identical dequantized values.
 * Weight-only 2/3/4/8-bit -> ``pack-quantized``; 8-bit with activation quantization ->
   ``int-quantized`` (vLLM's Marlin/Machete kernels take 4 and 8 bits; 2/3-bit files are valid CT
-  but may not run in vLLM).
+  but may not run in vLLM).  ``fp8_e4m3`` kernels (per channel or per tensor), weight-only or
+  with fp8 activations -> ``float-quantized``.
 * Scales keep their jq dtype (float32/bfloat16/float16).  jq dequantizes in float32; CT (torch)
   dequantizes in the scale dtype, so with bf16/fp16 scales its float result is that product
   rounded to bf16/fp16.
 * Not representable (refused with a ValueError unless ``requantize=True``, which dequantizes and
   quantizes with CT's own min-max formulas at the same bit width/symmetry, group size if it divides
-  ``in``, else per channel): NF4, a partial last group, groups along the output axis.
+  ``in``, else per channel; fp8 per channel): NF4, a partial last group, groups along the output
+  axis, fp8 group scales.
 
 Checked against the real packages (optional tests, skipped without them): compressed-tensors
 0.20's ``pack_to_int32`` and its compressors' ``decompress`` reproduce jq's packing and dequantized
-weights bit for bit; transformers 5.24 loads symmetric checkpoints and its logits equal jq's.
+weights bit for bit; transformers 5.24 loads symmetric checkpoints and its logits equal jq's
+(fp8-dynamic included: its fake-quantized per-token fp8 activations give jq's fp8 model's logits).
 Asymmetric checkpoints hit a transformers/compressed-tensors 0.20 problem: the model is compressed
 on the meta device, where ``PackedQuantizationCompressor.compress`` leaves ``weight_zero_point``
 unpacked ``(out, groups)``, so the packed zero points (which CT's own compressor writes and vLLM
@@ -93,6 +102,7 @@ from jq.tree import is_qarray, leaves_with_paths
 CT_VERSION = "0.20.0"   # the compressed-tensors release whose conventions this module follows
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 MIXED = "mixed-precision"
 
 
@@ -238,11 +248,12 @@ class _Scheme:
   symmetric: bool
   strategy: str            # tensor | channel | group
   group_size: int | None
-  fmt: str                 # pack-quantized | int-quantized
+  fmt: str                 # pack-quantized | int-quantized | float-quantized
   act: tuple[str, bool] | None = None   # (jq activation mode, symmetric)
+  kind: str = "int"        # int | float (weights and activations alike)
 
   def weights_json(self) -> dict[str, Any]:
-    d = {"num_bits": self.num_bits, "type": "int", "symmetric": self.symmetric,
+    d = {"num_bits": self.num_bits, "type": self.kind, "symmetric": self.symmetric,
          "group_size": self.group_size, "strategy": self.strategy, "dynamic": False,
          "observer": "minmax"}
     if not self.symmetric:
@@ -253,7 +264,7 @@ class _Scheme:
     if self.act is None:
       return None
     mode, sym = self.act
-    d = {"num_bits": 8, "type": "int", "symmetric": sym, "group_size": None,
+    d = {"num_bits": 8, "type": self.kind, "symmetric": sym, "group_size": None,
          "strategy": "token" if mode == "dynamic" else "tensor", "dynamic": mode == "dynamic",
          "observer": None if mode == "dynamic" else "minmax"}
     if not sym:
@@ -272,6 +283,11 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   """CT tensors (``weight_packed``/``weight`` ...) of a jq kernel QArray ``(in, out)``."""
   where = f"{module}: QArray(qtype={q.qtype.value}, shape={q.shape}, tile={q.tile})"
   q.validate(module)
+  if q.qtype.is_float:
+    return _ct_from_fp8(q, where)
+  if q.activation is not None and q.activation.spec.qtype.is_float:
+    raise CompressedTensorsError(f"{where}: {q.activation.spec.qtype.value} activations with "
+                                 "integer weights have no compressed-tensors scheme")
   if q.qtype.is_table:
     raise CompressedTensorsError(f"{where}: NF4 has no compressed-tensors int equivalent; pass "
                                  f"{REQUANTIZE_HINT} to store it as int4")
@@ -331,6 +347,48 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   return scheme, out
 
 
+def _ct_from_fp8(q: QArray, where: str) -> tuple[_Scheme, dict[str, np.ndarray]]:
+  """``float-quantized`` tensors (``weight`` float8 ``(out, in)``, ``weight_scale``) of an fp8
+  kernel QArray ``(in, out)`` with per-channel or per-tensor scales."""
+  if len(q.shape) != 2:
+    raise CompressedTensorsError(f"{where}: only 2-D kernels can be stored")
+  n_in, n_out = q.shape
+  scale = np.asarray(q.scale)
+  if tuple(q.tile) == (n_in, n_out):
+    strategy, scale = "tensor", scale.reshape(1)
+  elif q.tile[0] >= n_in:
+    strategy, scale = "channel", _expand_rows(scale, q.tile[1], n_out)   # (out, 1)
+  else:
+    raise CompressedTensorsError(
+        f"{where}: fp8 weights with groups of {q.tile[0]} along the input; compressed-tensors' "
+        "float-quantized format is written here per channel or per tensor: quantize per channel "
+        f"(jq.FP8_CHANNEL), or pass {REQUANTIZE_HINT} to re-round per channel")
+  a = q.activation
+  if a is not None and not a.spec.qtype.is_float:
+    raise CompressedTensorsError(f"{where}: {a.spec.qtype.value} activations with fp8 weights "
+                                 "have no compressed-tensors scheme")
+  act = None if a is None else (a.spec.mode.value, True)
+  scheme = _Scheme(8, True, strategy, None, FLOAT_QUANTIZED, act, kind="float")
+  out = {"weight": np.ascontiguousarray(_unpacked_np(q).T),
+         "weight_scale": np.ascontiguousarray(scale)}
+  if a is not None and a.spec.mode is ActMode.STATIC:
+    out["input_scale"] = np.asarray(a.scale, np.float32).reshape(1)
+  return scheme, out
+
+
+def _fp8_requantized_qarray(q: QArray) -> QArray:
+  """An fp8 QArray re-rounded per output channel with CT's formulas: ``scale = absmax / 448``
+  (an all-zero channel gets the scale dtype's eps), ``e4m3(clamp(w / scale, ±448))``."""
+  w = _dequantize_np(q)                          # (in, out)
+  sdt = np.dtype(q.scale.dtype)
+  scale = (np.abs(w).max(axis=0, keepdims=True) / np.float32(QType.FP8_E4M3.qmax)).astype(sdt)
+  scale = np.where(scale == 0, np.asarray(np.finfo(sdt).eps, sdt), scale)
+  v = np.clip(w / scale.astype(np.float32), QType.FP8_E4M3.qmin, QType.FP8_E4M3.qmax)
+  return QArray(values=jnp.asarray(v.astype(ml_dtypes.float8_e4m3fn)), scale=jnp.asarray(scale),
+                zero_point=None, activation=q.activation, qtype=QType.FP8_E4M3,
+                shape=tuple(q.shape), tile=(q.shape[0], 1))
+
+
 def _ct_requantize(w: np.ndarray, bits: int, sym: bool, strategy: str, g: int | None,
                    scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """CT's min-max quantization (``calculate_qparams`` + ``quantize``) of an ``(out, in)`` matrix.
@@ -368,6 +426,8 @@ def _ct_requantize(w: np.ndarray, bits: int, sym: bool, strategy: str, g: int | 
 
 def _requantized_qarray(q: QArray) -> QArray:
   """A CT-representable jq QArray holding CT's own quantization of ``q``'s dequantized values."""
+  if q.qtype.is_float:
+    return _fp8_requantized_qarray(q)
   w = _dequantize_np(q).T                        # (out, in)
   n_out, n_in = w.shape
   bits = 4 if q.qtype.is_table else q.qtype.bits
@@ -455,7 +515,8 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                               hf_config: Mapping[str, Any] | None = None,
                               notes: list[str] | None = None,
                               progress: bool = False) -> dict[str, Any]:
-  """Writes a decoder param tree with jq int8/int4 (int3/int2) kernels as a compressed-tensors dir.
+  """Writes a decoder param tree with jq int8/int4 (int3/int2) or fp8 kernels as a compressed-tensors
+  dir.
 
   The directory gets ``model.safetensors`` and ``config.json`` (``LlamaForCausalLM`` plus
   ``quantization_config``) and is replaced atomically.  Float leaves are stored in their own
@@ -513,7 +574,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
         if notes is not None:
           notes.append(f"params/{p}: re-rounded from {leaf.qtype.value} "
                        f"{'sym' if leaf.zero_point is None else 'asym'} tile {tuple(leaf.tile)} to "
-                       f"compressed-tensors int{scheme.num_bits} "
+                       f"compressed-tensors {scheme.kind}{scheme.num_bits} "
                        f"{'sym' if scheme.symmetric else 'asym'} {scheme.strategy}"
                        f"{'' if scheme.group_size is None else f' {scheme.group_size}'}")
       schemes.setdefault(scheme, []).append(module)
@@ -804,14 +865,17 @@ def load_compressed_tensors(path: str | os.PathLike, config: Any = None
 
   Quantized linears become kernel QArrays ``(in, out)`` (symmetric schemes -> signed jq types,
   asymmetric -> unsigned with the zero point shifted by ``2^(b-1)``), W8A8 layers carry an
-  ``ActivationQuant``; other tensors are float arrays (linears transposed to ``(in, out)``).
+  ``ActivationQuant``; ``float-quantized`` (FP8) linears become ``fp8_e4m3`` QArrays (with fp8
+  activations when the scheme has them); other tensors are float arrays (linears transposed to
+  ``(in, out)``).
   ``params`` is the inner dict (wrap as ``{"params": params}``); :func:`llama_hparams` turns
   ``hf_config`` into ``LlamaConfig`` fields.
 
   Raises:
     FileNotFoundError: missing files.
-    CompressedTensorsError: not compressed-tensors, unsupported scheme (float/FP8/NVFP4, block or
-      token weight strategies, >8 bits), tensors inconsistent with the scheme, unknown modules.
+    CompressedTensorsError: not compressed-tensors, unsupported scheme (NVFP4, fp8 block/group
+      scales, block or token weight strategies, >8 bits), tensors inconsistent with the scheme,
+      unknown modules.
   """
   path = Path(path)
   cfg_file = path / "config.json"
@@ -905,8 +969,11 @@ def _qarray_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[st
     raise CompressedTensorsError(f"{where}: tensors {unknown} are not part of a compressed-tensors "
                                  "int scheme jq reads (e.g. g_idx activation reordering); "
                                  "refusing to ignore them")
+  if w.get("type", "int") == "float":
+    return _fp8_from_module(module, ts, w, a, where)
   if w.get("type", "int") != "int":
-    raise CompressedTensorsError(f"{where}: weight type {w.get('type')!r} is not supported (int only)")
+    raise CompressedTensorsError(f"{where}: weight type {w.get('type')!r} is not supported (int "
+                                 "or float)")
   bits = w.get("num_bits", 8)
   if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
     raise CompressedTensorsError(f"{where}: num_bits={bits!r}; jq supports 2, 3, 4 and 8")
@@ -1031,6 +1098,76 @@ def _qarray_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[st
   return q.validate(module)
 
 
+def _fp8_from_module(module: str, ts: Mapping[str, np.ndarray], w: Mapping[str, Any],
+                     a: Mapping[str, Any] | None, where: str) -> QArray:
+  """An fp8 kernel QArray ``(in, out)`` from a ``float-quantized`` module (``weight`` float8
+  ``(out, in)``, per-channel or per-tensor ``weight_scale``, fp8 input activations if any)."""
+  if w.get("num_bits", 8) != 8 or not _flag(w, "symmetric", True, f"{where}: weights"):
+    raise CompressedTensorsError(f"{where}: weight type 'float' with num_bits="
+                                 f"{w.get('num_bits', 8)!r}, symmetric={w.get('symmetric')!r}: jq "
+                                 "reads float weights as symmetric 8-bit (float8 e4m3) only")
+  strategy = w.get("strategy") or "tensor"
+  if strategy not in ("tensor", "channel"):
+    raise CompressedTensorsError(f"{where}: float weight strategy {strategy!r} is not supported "
+                                 "(tensor or channel)")
+  stray = sorted({"weight_zero_point", "weight_packed", "input_zero_point"} & set(ts))
+  if stray:
+    raise CompressedTensorsError(f"{where}: {stray} stored with a symmetric float8 scheme (the "
+                                 "config and the data disagree)")
+  if "weight" not in ts or "weight_scale" not in ts:
+    raise CompressedTensorsError(f"{where}: a float-quantized module needs weight and "
+                                 "weight_scale")
+  qv = np.asarray(ts["weight"])
+  if qv.dtype != ml_dtypes.float8_e4m3fn or qv.ndim != 2:
+    raise CompressedTensorsError(f"{where}: weight has shape {qv.shape} dtype {qv.dtype}; "
+                                 "expected a 2-D float8_e4m3fn (F8_E4M3) tensor")
+  if "weight_shape" in ts and np.asarray(ts["weight_shape"]).reshape(-1).tolist() != list(qv.shape):
+    raise CompressedTensorsError(f"{where}: weight_shape disagrees with the weight's shape "
+                                 f"{qv.shape}")
+  n_out, n_in = qv.shape
+  scale = np.asarray(ts["weight_scale"])
+  _positive_scales(scale, "weight_scale", where)
+  if (scale.size != 1) if strategy == "tensor" else (tuple(scale.shape) != (n_out, 1)):
+    raise CompressedTensorsError(f"{where}: weight_scale shape {scale.shape}, expected "
+                                 f"{(1,) if strategy == 'tensor' else (n_out, 1)} for strategy "
+                                 f"{strategy}")
+  act = None
+  if a is None:
+    if "input_scale" in ts:
+      raise CompressedTensorsError(f"{where}: ['input_scale'] stored but the scheme quantizes no "
+                                   "input activations")
+  else:
+    if a.get("num_bits", 8) != 8 or a.get("type", "int") != "float" or not _flag(
+        a, "symmetric", True, f"{where}: input_activations"):
+      raise CompressedTensorsError(f"{where}: input activations {dict(a)} with float8 weights are "
+                                   "not symmetric float8 (jq: fp8 x fp8 only)")
+    dynamic = _flag(a, "dynamic", False, f"{where}: input_activations")
+    if dynamic:
+      if a.get("strategy", "token") != "token" or "input_scale" in ts:
+        raise CompressedTensorsError(f"{where}: dynamic float8 activations need strategy 'token' "
+                                     "and no input_scale")
+      act = ActivationQuant(scale=None, zero_point=None, spec=ActivationSpec(
+          mode=ActMode.DYNAMIC, qtype=QType.FP8_E4M3))
+    else:
+      if a.get("strategy") != "tensor" or "input_scale" not in ts:
+        raise CompressedTensorsError(f"{where}: static activations need strategy 'tensor' and an "
+                                     "input_scale tensor")
+      if np.asarray(ts["input_scale"]).size != 1:
+        raise CompressedTensorsError(f"{where}: input_scale has shape {ts['input_scale'].shape}; "
+                                     "expected one per-tensor scale")
+      _positive_scales(ts["input_scale"], "input_scale", where)
+      act = ActivationQuant(scale=jnp.asarray(np.asarray(ts["input_scale"], np.float32).reshape(())),
+                            zero_point=None, spec=ActivationSpec(mode=ActMode.STATIC,
+                                                                 qtype=QType.FP8_E4M3))
+  s, tile = ((scale.reshape(1, 1), (n_in, n_out)) if strategy == "tensor"
+             else (scale.reshape(n_out, 1).T, (n_in, 1)))
+  q = QArray(values=jnp.asarray(np.ascontiguousarray(qv.T)),
+             scale=jnp.asarray(np.ascontiguousarray(s)), zero_point=None, activation=act,
+             qtype=QType.FP8_E4M3, shape=(n_in, n_out), tile=tile)
+  return q.validate(module)
+
+
 __all__ = ["export_compressed_tensors", "export_model", "load_compressed_tensors", "pack_int32", "unpack_int32",
            "hf_llama_config", "llama_hparams", "hf_module_name", "jq_param_path",
-           "CompressedTensorsError", "PACK_QUANTIZED", "INT_QUANTIZED", "CT_VERSION"]
+           "CompressedTensorsError", "PACK_QUANTIZED", "INT_QUANTIZED", "FLOAT_QUANTIZED",
+           "CT_VERSION"]

@@ -30,7 +30,8 @@ class Route:
     path: the kernel's parameter path.
     layer: the Flax layer type.
     weight: ``"float32"`` or the QArray's description (qtype, tile, asym).
-    mode: ``"float"``, ``"weight-only"``, ``"int8 dynamic"`` or ``"int8 static"``.
+    mode: ``"float"``, ``"weight-only"``, ``"int8 dynamic"``/``"int8 static"`` (or
+      ``"fp8_e4m3 ..."``).
     impl: the implementation ``jq.ops`` chose (``"float"`` for float layers).
     m: rows of the contraction (tokens incl. batch), None when unknown.
     note: performance note (``jq.ops.PerfNote``) or None.
@@ -119,12 +120,14 @@ def record_float(path: str, layer: str, dtype, m: int | None = None, reason: str
 def record_quantized(path: str, layer: str, q: QArray, impl: str, m: int | None = None) -> None:
   """A route for a layer computed outside ``jq.ops.dot_general`` (e.g. a quantized conv)."""
   for rec in _RECORDERS.get():
-    mode = "weight-only" if q.activation is None else f"int8 {q.activation.spec.mode.value}"
-    rec.routes.append(Route(path, layer, describe_qarray(q), mode, impl, m))
+    rec.routes.append(Route(path, layer, describe_qarray(q), mode_label(q), impl, m))
 
 
-_MODE_LABEL = {ops.Mode.WEIGHT_ONLY: "weight-only", ops.Mode.DYNAMIC: "int8 dynamic",
-               ops.Mode.STATIC: "int8 static"}
+def mode_label(q: QArray) -> str:
+  """``weight-only``, or the activations' type and mode (``int8 dynamic``, ``fp8_e4m3 static``)."""
+  if q.activation is None:
+    return "weight-only"
+  return f"{q.activation.spec.qtype.value} {q.activation.spec.mode.value}"
 
 
 def describe_qarray(q: QArray) -> str:
@@ -134,15 +137,17 @@ def describe_qarray(q: QArray) -> str:
 
 
 def quantized_dot(x: jax.Array, q: QArray, dimension_numbers, *, path: str, layer: str,
-                  precision=None, preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """``jq.ops.dot_general`` that also reports its route to active recorders."""
+                  precision=None, preferred_element_type=None, out_sharding=None,
+                  policy: ops.KernelPolicy | None = None) -> jax.Array:
+  """``jq.ops.dot_general`` (under ``policy``, default the current one) that also reports its
+  route to active recorders."""
   for rec in _RECORDERS.get():
     c = ops.route(x, q, dimension_numbers, backend=rec.backend, name=path,
-                  out_sharding=out_sharding)
-    rec.routes.append(Route(path, layer, describe_qarray(q), _MODE_LABEL[c.problem.mode], c.name,
+                  out_sharding=out_sharding, policy=policy)
+    rec.routes.append(Route(path, layer, describe_qarray(q), mode_label(q), c.name,
                             c.problem.m, c.note))
   return ops.dot_general(x, q, dimension_numbers, precision, preferred_element_type,
-                         out_sharding=out_sharding, name=path)
+                         out_sharding=out_sharding, name=path, policy=policy)
 
 
 # ---- layer math ------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ def normalize_axes(axes: Sequence[int], ndim: int, *, path: str) -> tuple[int, .
 def dense_general(x: jax.Array, q: QArray, bias: jax.Array | None, *, axis: Sequence[int],
                   batch_axes: Sequence[int], features: Sequence[int], dtype, param_dtype,
                   precision, path: str, layer: str, preferred_element_type=None,
-                  out_sharding=None) -> jax.Array:
+                  out_sharding=None, policy: ops.KernelPolicy | None = None) -> jax.Array:
   """``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (and ``Dense``/``Linear``) with a QArray kernel.
 
   Kernel layout ``(batch…, in…, features…)``; output ``(batch…, x free…, features…)`` plus bias.
@@ -221,7 +226,8 @@ def dense_general(x: jax.Array, q: QArray, bias: jax.Array | None, *, axis: Sequ
   nb = len(batch_axes)
   dims = ((axis, tuple(range(nb, nb + len(axis)))), (batch_axes, tuple(range(nb))))
   y = quantized_dot(x, q, dims, path=path, layer=layer, precision=precision,
-                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+                    preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+                    policy=policy)
   if bias is not None:
     expanded = tuple(x.shape[a] if a in batch_axes else 1 for a in range(x.ndim) if a not in axis)
     y = y + jnp.reshape(bias.astype(cdt), expanded + features).astype(y.dtype)
@@ -240,7 +246,8 @@ def einsum_bias_shape(einsum_str: str, x_ndim: int, w_shape: Sequence[int]) -> t
 
 def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str: str,
                  kernel_shape: Sequence[int], dtype, param_dtype, precision, path: str,
-                 layer: str, preferred_element_type=None) -> jax.Array:
+                 layer: str, preferred_element_type=None,
+                 policy: ops.KernelPolicy | None = None) -> jax.Array:
   """``nn.Einsum`` / ``nnx.Einsum`` with a QArray kernel."""
   x = jnp.asarray(x)
   q = check_kernel(q, kernel_shape, path=path, layer=layer, x=x)
@@ -250,7 +257,7 @@ def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str:
   if plan.lhs_sum_axes:
     x = jnp.sum(x, axis=plan.lhs_sum_axes)
   y = quantized_dot(x, q, plan.dimension_numbers, path=path, layer=layer, precision=precision,
-                    preferred_element_type=preferred_element_type)
+                    preferred_element_type=preferred_element_type, policy=policy)
   if plan.out_perm != tuple(range(y.ndim)):
     y = jnp.transpose(y, plan.out_perm)
   if bias is not None:

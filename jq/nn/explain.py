@@ -14,6 +14,7 @@ import flax.linen
 from flax import nnx
 
 from jq.nn import common, linen
+from jq.ops.policy import KernelPolicy, maybe_policy
 from jq.nn import nnx as jnnx
 from jq.tree import leaves_with_paths
 
@@ -101,7 +102,8 @@ def _dedupe(routes: Sequence[Route]) -> list[Route]:
   return out
 
 
-def trace_routes(model: Any, *args, backend: str | None = None, **kwargs) -> list[Route]:
+def trace_routes(model: Any, *args, backend: str | None = None,
+                 policy: "KernelPolicy | bool | str | None" = None, **kwargs) -> list[Route]:
   """The routes of every layer with a kernel (first call of each), in call order.
 
   Args:
@@ -110,12 +112,15 @@ def trace_routes(model: Any, *args, backend: str | None = None, **kwargs) -> lis
       ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of ``quantize_tree``): nothing is computed.
     *args, **kwargs: what you would pass to ``apply`` / call the nnx module with.
     backend: explain for this backend ("cpu", "gpu", "tpu") instead of the default one.
+    policy: explain under this :class:`jq.KernelPolicy` (default: the current one; a policy given
+      to ``quantized_apply``/``quantize_module`` takes precedence, as when the model runs).
   """
-  if isinstance(model, nnx.Module):
-    return _nnx_routes(model, args, kwargs, backend)
-  if not args:
+  if not isinstance(model, nnx.Module) and not args:
     raise ValueError("explain: a linen model needs its variables as the first argument")
-  return _linen_routes(model, args, kwargs, backend)
+  with maybe_policy(policy):
+    if isinstance(model, nnx.Module):
+      return _nnx_routes(model, args, kwargs, backend)
+    return _linen_routes(model, args, kwargs, backend)
 
 
 def format_routes(routes: Sequence[Route]) -> str:
@@ -136,7 +141,7 @@ def format_routes(routes: Sequence[Route]) -> str:
 
 
 def explain(model: Any, *args, backend: str | None = None, file: TextIO | None = sys.stdout,
-            **kwargs) -> list[Route]:
+            policy: "KernelPolicy | bool | str | None" = None, **kwargs) -> list[Route]:
   """Prints, for each layer, the path it takes (float, weight-only reference, int8 dynamic, int8
   static, or a registered kernel's name) and warns where it is expected to be slower than float.
 
@@ -148,6 +153,7 @@ def explain(model: Any, *args, backend: str | None = None, file: TextIO | None =
       (then pass ``*inputs``).
     backend: explain for another backend than ``jax.default_backend()``.
     file: where to print (None: don't print).
+    policy: the kernel policy to explain under (see :func:`trace_routes`).
 
   Example:
     >>> jq.explain(model, qvars, tokens)                 # linen
@@ -156,7 +162,7 @@ def explain(model: Any, *args, backend: str | None = None, file: TextIO | None =
   Returns:
     The list of :class:`Route` rows.
   """
-  routes = trace_routes(model, *args, backend=backend, **kwargs)
+  routes = trace_routes(model, *args, backend=backend, policy=policy, **kwargs)
   if file is not None:
     print(format_routes(routes), file=file)
   return routes

@@ -32,6 +32,7 @@ from flax.linen.module import merge_param
 
 from jq.layout import Layout
 from jq.nn import common, conv
+from jq.ops.policy import KernelPolicy, maybe_policy
 from jq.qarray import QArray
 from jq.tree import leaves_with_paths
 
@@ -250,7 +251,8 @@ def adapter_interceptor(next_fun, args, kwargs, context):
   return kind.run(mod, kernel, *args, **kwargs)
 
 
-def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Callable[..., Any]:
+def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any], *,
+                    policy: "KernelPolicy | bool | str | None" = None) -> Callable[..., Any]:
   """Returns ``apply(variables, *args, **kwargs)`` that runs the model on QArray parameters.
 
   ``variables`` is the model's variables dict with some kernels replaced by QArrays (the output of
@@ -260,6 +262,8 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Calla
 
   Args:
     apply_fn_or_module: a linen module, or its ``apply`` (or any function that calls it).
+    policy: the :class:`jq.KernelPolicy` its contractions dispatch under (default None: the
+      current policy where the function is traced, see :mod:`jq.ops.policy`).
 
   Example:
     >>> qvars = jq.nn.quantize_variables(model, variables, jq.default_rules(jq.W4A16_G128), x)
@@ -271,10 +275,11 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any]) -> Calla
       or a quantized parameter of a layer type jq does not adapt; messages name the parameter path.
   """
   fn = _apply_fn(apply_fn_or_module)
+  policy = None if policy is None else KernelPolicy.parse(policy)
 
   @functools.wraps(fn)
   def apply(variables, *args, **kwargs):
-    with nn.intercept_methods(adapter_interceptor):
+    with maybe_policy(policy), nn.intercept_methods(adapter_interceptor):
       return fn(variables, *args, **kwargs)
 
   return apply

@@ -25,6 +25,7 @@ from flax import nnx
 from jq.layout import Layout, dense_layout
 from jq.nn import common, conv
 from jq.nn.linen import conv_layout, einsum_layout
+from jq.ops.policy import KernelPolicy
 from jq.qarray import QArray
 from jq.spec import Rule
 from jq.tree import leaves_with_paths
@@ -40,8 +41,11 @@ def _bias(layer):
 
 class _Quantized:
   """Mixin of the quantized layer classes: the kernel path, and the float fallback (each class
-  defines ``_jq_layer``, its label)."""
+  defines ``_jq_layer``, its label).  ``jq_policy``: the kernel policy given to
+  :func:`quantize_module` (a static attribute, so part of what ``nnx.jit`` traces), else None:
+  the current one."""
   jq_path = "kernel"
+  jq_policy = None
 
   def _jq_float(self, base: type, kernel, inputs, args, kwargs, rows):
     common.record_float(self.jq_path, self._jq_layer(), getattr(kernel, "dtype", "float32"), rows)
@@ -64,7 +68,7 @@ class QLinear(nnx.Linear, _Quantized):
         inputs, kernel, _bias(self), axis=(-1,), batch_axes=(), features=(self.out_features,),
         dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
         path=self.jq_path, layer=self._jq_layer(),
-        preferred_element_type=self.preferred_element_type, **kwargs)
+        preferred_element_type=self.preferred_element_type, policy=self.jq_policy, **kwargs)
 
 
 class QLinearGeneral(nnx.LinearGeneral, _Quantized):
@@ -82,7 +86,7 @@ class QLinearGeneral(nnx.LinearGeneral, _Quantized):
         inputs, kernel, _bias(self), axis=self.axis, batch_axes=tuple(self.batch_axis),
         features=self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
         precision=self.precision, path=self.jq_path, layer=self._jq_layer(),
-        preferred_element_type=self.preferred_element_type, **kwargs)
+        preferred_element_type=self.preferred_element_type, policy=self.jq_policy, **kwargs)
 
 
 class QEinsum(nnx.Einsum, _Quantized):
@@ -106,7 +110,7 @@ class QEinsum(nnx.Einsum, _Quantized):
         inputs, kernel, _bias(self), einsum_str=eq.replace(" ", ""),
         kernel_shape=tuple(self.kernel_shape), dtype=self.dtype, param_dtype=self.param_dtype,
         precision=self.precision, path=self.jq_path, layer=self._jq_layer(),
-        preferred_element_type=self.preferred_element_type)
+        preferred_element_type=self.preferred_element_type, policy=self.jq_policy)
 
 
 class QConv(nnx.Conv, _Quantized):
@@ -259,7 +263,8 @@ def with_quantized_classes(module: nnx.Module, paths: Sequence[str] | None = Non
 
 def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
                     act_scales: Mapping[str, Any] | None = None,
-                    calibration_batches: Any = None) -> nnx.Module:
+                    calibration_batches: Any = None,
+                    policy: "KernelPolicy | bool | str | None" = None) -> nnx.Module:
   """Returns a NEW module whose layers with QArray kernels run quantized.
 
   Args:
@@ -271,6 +276,8 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
     act_scales: calibrated static activation scales ``{kernel path: (scale, zero_point)}``.
     calibration_batches: inputs to calibrate static int8 activations when rules ask for them and
       ``act_scales`` is not given: an iterable of arrays (or of argument tuples).
+    policy: the :class:`jq.KernelPolicy` the quantized layers dispatch under (kept on the layers
+      as a static attribute; default None: the current policy where the module is traced).
 
   Every float leaf of a given state is written to the copy as well (so a loaded quantized
   checkpoint takes effect); kernel Variables keep their metadata (sharding annotations).
@@ -295,6 +302,7 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
   else:
     raise ValueError("quantize_module: pass a quantized nnx state (from jq.quantize_tree) or a "
                      f"sequence of jq.Rule, got {type(qstate_or_rules).__name__}")
+  policy = None if policy is None else KernelPolicy.parse(policy)
   leaves = dict(leaves_with_paths(qstate))
   new = nnx.clone(module)
   layers = {m.path: m for m in module_layers(new)}
@@ -317,6 +325,7 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
     q.validate(path)
     m.layer.__class__ = quantized_class(type(m.layer))
     m.layer.jq_path = path
+    m.layer.jq_policy = policy
     m.layer.kernel.set_value(q)
     used.add(path)
   rest = {p: v for p, v in leaves.items() if p not in used}

@@ -6,11 +6,12 @@ predicate); ``jq.ops.reference`` holds the XLA reference twins every kernel is t
 from jq.ops.dispatch import (Choice, EinsumPlan, Impl, Mode, PerfNote, Problem, choose,
                              dot_general, einsum, make_problem, matmul, mode_of, parse_einsum,
                              register, registered, route, unregister)
-from jq.ops.reference import (DotLayout, fake_quant_activations, int8_dot_general,
-                              quantize_activations, weight_only_dot_general)
+from jq.ops.policy import KernelPolicy, kernel_policy
+from jq.ops.reference import (DotLayout, fake_quant_activations, fp8_dot_general,
+                              int8_dot_general, quantize_activations, weight_only_dot_general)
 
-__all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "Mode", "PerfNote", "Problem", "choose",
-           "dot_general", "einsum", "fake_quant_activations", "int8_dot_general", "make_problem",
+__all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "KernelPolicy", "kernel_policy", "Mode", "PerfNote", "Problem", "choose",
+           "dot_general", "einsum", "fake_quant_activations", "fp8_dot_general", "int8_dot_general", "make_problem",
            "matmul", "mode_of", "parse_einsum", "quantize_activations", "register", "registered",
            "route", "unregister", "weight_only_dot_general"]
 

@@ -213,6 +213,10 @@ def conv_general_dilated(lhs: ArrayLike, rhs: QArray, window_strides: Sequence[i
     if factors:
       y = y * _to_out_axis(rhs.scale.astype(acc).reshape(-1), y.ndim, dnums.out_spec[1])
     return y.astype(out_dtype)
+  if rhs.activation.spec.qtype.is_float:
+    raise ValueError(f"{where}: {rhs.activation.spec.qtype.value} activations are not supported "
+                     "for convolutions (only int8); quantize this kernel weight-only "
+                     "(activation=None: fp8 weights work) or with int8 activations")
   if rhs.qtype not in _INT8_TYPES:
     raise ValueError(f"{where}: int8 activations need 8-bit integer weights; quantize this layer "
                      "weight-only (activation=None) or with an 8-bit spec")

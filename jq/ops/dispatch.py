@@ -7,7 +7,8 @@ otherwise int8 activations (dynamic or static).
 
 Invariant: every registered implementation computes the same function as its reference in
 ``jq.ops.reference`` (tests hold them together).  Choice happens at trace time from static facts
-only (backend, mode, qtype, shapes, tiles), so it never causes recompilation.
+only (backend, mode, qtype, shapes, tiles, and the kernel policy: a value, see
+:mod:`jq.ops.policy`), so it never causes recompilation, and a new policy is a new trace.
 
 Registering a kernel (the predicate sees a static :class:`Problem`, including ``p.w``)::
 
@@ -32,6 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jq.ops import reference
+from jq.ops.policy import KernelPolicy, current
 from jq.qarray import QArray
 from jq.qtypes import QType
 from jq.spec import ActMode
@@ -70,6 +72,8 @@ class Problem:
     asymmetric: the weight has a zero point.
     w: the QArray itself (its array fields may be tracers: read only shapes and static fields).
     out_sharding: the ``out_sharding`` the caller asked for (kernels may refuse non-None).
+    policy: the :class:`~jq.ops.policy.KernelPolicy` this contraction is traced under (kernel
+      predicates read it).
   """
   name: str
   backend: str
@@ -87,6 +91,7 @@ class Problem:
   asymmetric: bool
   w: QArray = dataclasses.field(compare=False, repr=False, default=None)
   out_sharding: Any = dataclasses.field(compare=False, repr=False, default=None)
+  policy: KernelPolicy = KernelPolicy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +162,10 @@ _INT8_TYPES = (QType.INT8, QType.UINT8)
 
 
 def make_problem(x, w: QArray, dimension_numbers, *, backend: str | None = None,
-                 name: str | None = None, out_sharding=None) -> Problem:
-  """Validates a contraction and describes it (ValueError naming ``name``, shapes and dtypes)."""
+                 name: str | None = None, out_sharding=None,
+                 policy: KernelPolicy | None = None) -> Problem:
+  """Validates a contraction and describes it (ValueError naming ``name``, shapes and dtypes);
+  ``policy`` defaults to the current one (:func:`jq.ops.policy.current`)."""
   name = name or "<dot_general>"
   if not isinstance(w, QArray):
     raise ValueError(f"{name}: rhs must be a jq.QArray, got {type(w).__name__}; "
@@ -174,13 +181,17 @@ def make_problem(x, w: QArray, dimension_numbers, *, backend: str | None = None,
            f"shape {tuple(np.shape(x))} dtype {x_dtype}")
   grouped = not reference.scales_factor_out(w, lay.wc)
   if mode is not Mode.WEIGHT_ONLY:
-    if w.qtype not in _INT8_TYPES:
+    a_qtype = w.activation.spec.qtype
+    if a_qtype.is_float and w.qtype is not a_qtype:
+      raise ValueError(f"{where}: {a_qtype.value} activations need {a_qtype.value} weights; "
+                       "quantize this layer weight-only (activation=None) or with an fp8 spec")
+    if not a_qtype.is_float and w.qtype not in _INT8_TYPES:
       raise ValueError(f"{where}: int8 activations need 8-bit integer weights; quantize this "
                        "layer weight-only (activation=None) or with an 8-bit spec")
     if grouped:
-      raise ValueError(f"{where}: int8 activations need one weight scale along the contracting "
-                       f"axes {lay.wc} (group scales do not factor out of the integer dot); use "
-                       "per-channel weights or weight-only mode for this layer")
+      raise ValueError(f"{where}: {a_qtype.value} activations need one weight scale along the "
+                       f"contracting axes {lay.wc} (group scales do not factor out of the dot); "
+                       "use per-channel weights or weight-only mode for this layer")
     if mode is Mode.STATIC and not w.activation.spec.symmetric and w.activation.zero_point is None:
       raise ValueError(f"{where}: static asymmetric activations need a calibrated zero point")
     if mode is Mode.STATIC and np.shape(w.activation.scale) != ():
@@ -193,13 +204,17 @@ def make_problem(x, w: QArray, dimension_numbers, *, backend: str | None = None,
   return Problem(name=name, backend=backend or jax.default_backend(), mode=mode, qtype=w.qtype,
                  x_dtype=x_dtype, layout=lay, x_shape=shape, w_shape=w.shape, w_tile=w.tile,
                  m=m, k=k, n=n, grouped=grouped, asymmetric=w.zero_point is not None, w=w,
-                 out_sharding=out_sharding)
+                 out_sharding=out_sharding,
+                 policy=current() if policy is None else KernelPolicy.parse(policy))
 
 
 def route(x, w: QArray, dimension_numbers, *, backend: str | None = None,
-          name: str | None = None, out_sharding=None) -> Choice:
-  """The :class:`Choice` for a contraction (highest priority accepting impl)."""
-  p = make_problem(x, w, dimension_numbers, backend=backend, name=name, out_sharding=out_sharding)
+          name: str | None = None, out_sharding=None,
+          policy: KernelPolicy | None = None) -> Choice:
+  """The :class:`Choice` for a contraction (highest priority accepting impl) under ``policy``
+  (default: the current one)."""
+  p = make_problem(x, w, dimension_numbers, backend=backend, name=name, out_sharding=out_sharding,
+                   policy=policy)
   best = None
   for impl in _REGISTRY:
     if impl.accepts(p) and (best is None or impl.priority >= best.priority):
@@ -212,15 +227,17 @@ def route(x, w: QArray, dimension_numbers, *, backend: str | None = None,
 
 
 def choose(x, w: QArray, dimension_numbers, *, backend: str | None = None,
-           name: str | None = None, out_sharding=None) -> tuple[str, DotGeneralFn]:
+           name: str | None = None, out_sharding=None,
+           policy: KernelPolicy | None = None) -> tuple[str, DotGeneralFn]:
   """``(name, fn)`` of the implementation that :func:`dot_general` would call."""
-  c = route(x, w, dimension_numbers, backend=backend, name=name, out_sharding=out_sharding)
+  c = route(x, w, dimension_numbers, backend=backend, name=name, out_sharding=out_sharding,
+            policy=policy)
   return c.name, c.impl.fn
 
 
 def dot_general(lhs: ArrayLike, rhs: QArray, dimension_numbers, precision=None,
                 preferred_element_type=None, *, out_sharding=None,
-                name: str | None = None) -> jax.Array:
+                name: str | None = None, policy: KernelPolicy | None = None) -> jax.Array:
   """``lax.dot_general(lhs, dequantize(rhs), ...)``, computed quantized (see module docstring).
 
   Args:
@@ -231,18 +248,22 @@ def dot_general(lhs: ArrayLike, rhs: QArray, dimension_numbers, precision=None,
     preferred_element_type: output dtype (default ``lhs.dtype``); accumulation is float32/int32.
     out_sharding: passed to the underlying ``lax.dot_general``.
     name: the parameter path used in error messages.
+    policy: the :class:`~jq.ops.policy.KernelPolicy` (default: the current one).  It is read
+      while tracing; under ``jax.jit`` pass it from outside the traced function (a closure or a
+      static argument) or use ``with jq.ops.kernel_policy(p)`` (part of the jit cache key).
 
   Example:
     >>> y = dot_general(x, qw, (((1,), (0,)), ((), ())))      # x (M, K) @ qw (K, N)
   """
   lhs = jnp.asarray(lhs)
-  _, fn = choose(lhs, rhs, dimension_numbers, name=name, out_sharding=out_sharding)
+  _, fn = choose(lhs, rhs, dimension_numbers, name=name, out_sharding=out_sharding,
+                 policy=policy)
   return fn(lhs, rhs, dimension_numbers, precision, preferred_element_type,
             out_sharding=out_sharding)
 
 
 def matmul(x: ArrayLike, w: QArray, *, precision=None, preferred_element_type=None,
-           name: str | None = None) -> jax.Array:
+           name: str | None = None, policy: KernelPolicy | None = None) -> jax.Array:
   """``x[..., K] @ w[K, N]`` for a rank-2 QArray ``w``."""
   x = jnp.asarray(x)
   if not isinstance(w, QArray) or w.ndim != 2:
@@ -251,7 +272,7 @@ def matmul(x: ArrayLike, w: QArray, *, precision=None, preferred_element_type=No
   if x.ndim < 1:
     raise ValueError(f"{name or '<matmul>'}: lhs must have rank >= 1, got shape {x.shape}")
   return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type,
-                     name=name)
+                     name=name, policy=policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +335,8 @@ def parse_einsum(subscripts: str, x_ndim: int, w_ndim: int, *, name: str = "<ein
 
 
 def einsum(subscripts: str, x: ArrayLike, w: QArray, *, precision=None,
-           preferred_element_type=None, name: str | None = None) -> jax.Array:
+           preferred_element_type=None, name: str | None = None,
+           policy: KernelPolicy | None = None) -> jax.Array:
   """``jnp.einsum(subscripts, x, dequantize(w))`` computed quantized via :func:`dot_general`.
 
   Example:
@@ -327,7 +349,8 @@ def einsum(subscripts: str, x: ArrayLike, w: QArray, *, precision=None,
   plan = parse_einsum(subscripts, x.ndim, len(w.shape), name=name or "<einsum>")
   if plan.lhs_sum_axes:
     x = jnp.sum(x, axis=plan.lhs_sum_axes)
-  y = dot_general(x, w, plan.dimension_numbers, precision, preferred_element_type, name=name)
+  y = dot_general(x, w, plan.dimension_numbers, precision, preferred_element_type, name=name,
+                  policy=policy)
   return jnp.transpose(y, plan.out_perm) if plan.out_perm != tuple(range(y.ndim)) else y
 
 
@@ -342,6 +365,10 @@ _CPU_SMALL_M = 64
 
 
 def _reference_weight_only_note(p: Problem) -> PerfNote | None:
+  if p.backend == "tpu":  # a Pallas TPU kernel that the policy keeps off says so
+    from jq.ops import kernels  # pylint: disable=import-outside-toplevel  (imports us)
+    if (note := kernels.tpu_reference_note(p)) is not None:
+      return note
   if p.backend == "cpu":
     if p.m < _CPU_SMALL_M:
       return PerfNote("CPU/XLA reference: about 0.5x float32 speed at decode sizes (convert + "
@@ -357,6 +384,10 @@ def _reference_weight_only_note(p: Problem) -> PerfNote | None:
 
 
 def _reference_int8_note(p: Problem) -> PerfNote | None:
+  if p.backend == "tpu":  # a Pallas TPU kernel that the policy keeps off says so
+    from jq.ops import kernels  # pylint: disable=import-outside-toplevel  (imports us)
+    if (note := kernels.tpu_reference_note(p)) is not None:
+      return note
   if p.backend == "cpu":
     if p.m < _CPU_SMALL_M:
       return PerfNote("CPU/XLA reference: int8 dot about 0.5x float32 speed at decode sizes "
@@ -372,3 +403,17 @@ REFERENCE_INT8 = register(Impl(
     name="xla_reference_int8", fn=reference.int8_dot_general,
     modes=frozenset({Mode.DYNAMIC, Mode.STATIC}), qtypes=frozenset(_INT8_TYPES), priority=-100,
     note=_reference_int8_note))
+
+
+def _reference_fp8_note(p: Problem) -> PerfNote | None:
+  if p.backend == "gpu":
+    return PerfNote("XLA fp8 x fp8 dot (float32 result; tensor cores on H100-class GPUs) after "
+                    "quantizing the activations to fp8")
+  return PerfNote("XLA reference: fp8 values upcast to float32 for an exact emulated dot (speed "
+                  "unmeasured); the gain is memory only")
+
+
+REFERENCE_FP8 = register(Impl(
+    name="xla_reference_fp8", fn=reference.fp8_dot_general,
+    modes=frozenset({Mode.DYNAMIC, Mode.STATIC}), qtypes=frozenset({QType.FP8_E4M3}),
+    priority=-100, note=_reference_fp8_note))

@@ -1,10 +1,13 @@
-"""Registers the Pallas GPU kernels in the ``jq.ops`` dispatch registry.
+"""Registers the Pallas GPU kernels (and the Pallas TPU ones, below) in the ``jq.ops`` dispatch
+registry.
 
 The kernels (``pallas_wo``, ``pallas_w8a8``) are held equal to their XLA reference twins by tests
 in Pallas interpret mode on CPU, and were compiled, checked and timed on an H100
 (``benchmarks/gpu_check.py``; results in ``benchmarks/results/gpu_h100.md``).
 
-``JQ_PALLAS`` (environment) or :func:`enable` choose the policy:
+The policy (:class:`jq.ops.policy.KernelPolicy`, a value passed to ``quantized_apply`` /
+``quantize_module`` / ``dot_general`` or set with ``jq.ops.kernel_policy``; the process default
+from ``JQ_PALLAS`` or :func:`enable`) chooses:
 
 * ``auto`` (default): the Pallas weight-only kernel where the H100 runs measured it ahead of both
   bf16 and XLA's dequant path: 4-bit weights with at most ``AUTO_MAX_M_INT4`` (16) rows, 8-bit
@@ -14,52 +17,26 @@ in Pallas interpret mode on CPU, and were compiled, checked and timed on an H100
   int8 path beat the kernel (13.9k vs 11.3k tok/s) and at M >= 64 the kernels are 1.1-6.7x
   slower than bf16.  W8A8 stays on XLA's int8 dot (faster than the kernel in both runs).  The
   int8 threshold (4) lies between the measured M=1 (kernel ahead) and M=16 (XLA ahead).
-* ``1``: every problem the kernels accept (what ``benchmarks/gpu_check.py`` tests).
-* ``0``: never.
+* ``always`` (``JQ_PALLAS=1``): every problem the kernels accept (what ``gpu_check.py`` tests).
+* ``never`` (``JQ_PALLAS=0``).
 """
 from __future__ import annotations
 
-import os
-
-from jq.ops import pallas_w8a8, pallas_wo
+from jq.ops import pallas_tpu, pallas_w8a8, pallas_wo
 from jq.ops.dispatch import Impl, Mode, PerfNote, Problem, register
-
-AUTO_MAX_M_INT4 = 16
-AUTO_MAX_M_INT8 = 4
-_POLICIES = ("auto", "1", "0")
-
-
-def _policy_from_env() -> str:
-  v = os.environ.get("JQ_PALLAS", "auto").strip().lower() or "auto"
-  if v not in _POLICIES:
-    raise ValueError(f"JQ_PALLAS={v!r}: expected one of {_POLICIES}")
-  return v
-
-
-_POLICY = _policy_from_env()
-
-
-def enabled() -> bool:
-  """True unless the policy is ``0`` (``auto`` still limits the kernels to small M)."""
-  return _POLICY != "0"
-
-
-def policy() -> str:
-  return _POLICY
+from jq.ops.policy import (AUTO_MAX_M_INT4, AUTO_MAX_M_INT8, PALLAS_CHOICES, KernelPolicy,
+                           current, set_default)
+from jq.qtypes import QType
 
 
 def _wo_ok(p: Problem) -> bool:
-  if _POLICY == "0":
-    return False
-  if _POLICY == "auto" and p.m > (AUTO_MAX_M_INT4 if p.qtype.storage_bits == 4 else
-                                  AUTO_MAX_M_INT8):
-    return False
-  return p.out_sharding is None and pallas_wo.unsupported_reason(
-      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
+  return (p.policy.allows_weight_only(p.m, p.qtype.storage_bits) and p.out_sharding is None
+          and pallas_wo.unsupported_reason(p.x_shape, p.x_dtype, p.w,
+                                           p.layout.dimension_numbers) is None)
 
 
 def _w8a8_ok(p: Problem) -> bool:
-  return _POLICY == "1" and p.out_sharding is None and pallas_w8a8.unsupported_reason(
+  return p.policy.allows_w8a8() and p.out_sharding is None and pallas_w8a8.unsupported_reason(
       p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
 
 
@@ -77,19 +54,76 @@ def _register() -> None:
                 predicate=_w8a8_ok, priority=10, note=_note))
 
 
-def enable(on: bool | str = True) -> None:
-  """Sets the policy: ``True``/``"1"`` (all accepted problems), ``"auto"``, ``False``/``"0"``."""
-  global _POLICY
-  v = ("1" if on else "0") if isinstance(on, bool) else str(on)
-  if v not in _POLICIES:
-    raise ValueError(f"enable({on!r}): expected a bool or one of {_POLICIES}")
-  _POLICY = v
+def enable(on: KernelPolicy | bool | str = True) -> KernelPolicy:
+  """Sets the process default policy: a :class:`KernelPolicy`, ``True`` (always), ``False``
+  (never) or a name (``"auto"``, ``"always"``, ``"never"``, ``"1"``, ``"0"``).  Part of the jit
+  cache key: functions jitted before retrace under the new default."""
+  try:
+    return set_default(on)
+  except ValueError as e:
+    raise ValueError(f"enable({on!r}): expected a KernelPolicy, a bool or one of "
+                     f"{PALLAS_CHOICES}") from e
 
 
-def disable() -> None:
-  enable(False)
+def disable() -> KernelPolicy:
+  return enable(False)
+
+
+def enabled() -> bool:
+  """True unless the current policy is ``never`` (``auto`` still limits the kernels to small M)."""
+  return current().pallas != "never"
+
+
+def policy() -> KernelPolicy:
+  """The current :class:`KernelPolicy` (``enable(policy())`` restores it)."""
+  return current()
 
 
 _register()
 
 __all__ = ["enable", "disable", "enabled", "policy", "AUTO_MAX_M_INT4", "AUTO_MAX_M_INT8"]
+
+
+# ---- Pallas TPU kernels (jq.ops.pallas_tpu) ------------------------------------------------------
+# Held equal to their XLA twins in Pallas TPU interpret mode on CPU and lowered to Mosaic there,
+# but not yet compiled or timed on a TPU: dispatch picks them on TPU only under
+# ``KernelPolicy(tpu="always")`` (the default ``tpu="never"`` keeps XLA's paths until they are
+# measured), and ``jq.explain`` says so through :func:`tpu_reference_note`.
+
+_TPU_INT8, _TPU_WEIGHT_ONLY = "pallas_tpu_int8", "pallas_tpu_weight_only"
+
+
+def _tpu_accepts(p: Problem) -> bool:
+  """The problem is one a Pallas TPU kernel takes, whatever the policy says."""
+  return p.out_sharding is None and pallas_tpu.unsupported_reason(
+      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
+
+
+def _tpu_ok(p: Problem) -> bool:
+  return p.policy.allows_tpu() and _tpu_accepts(p)
+
+
+def _tpu_note(p: Problem) -> PerfNote:
+  return PerfNote("Pallas TPU kernel (tested in interpret mode against the XLA reference; not yet "
+                  "timed on a TPU)")
+
+
+def tpu_reference_note(p: Problem) -> PerfNote | None:
+  """The XLA reference's note on TPU when a Pallas TPU kernel would take the problem but the
+  policy keeps it off (None otherwise)."""
+  if p.backend != "tpu" or p.policy.allows_tpu() or not _tpu_accepts(p):
+    return None
+  name = _TPU_WEIGHT_ONLY if p.mode is Mode.WEIGHT_ONLY else _TPU_INT8
+  return PerfNote(f"XLA on TPU: a Pallas TPU kernel ({name}) accepts this problem but is not yet "
+                  "measured on a TPU; KernelPolicy(tpu='always') opts in")
+
+
+register(Impl(name=_TPU_INT8, fn=pallas_tpu.int8_dot_general, backends=frozenset({"tpu"}),
+              modes=frozenset({Mode.DYNAMIC, Mode.STATIC}), qtypes=frozenset({QType.INT8}),
+              predicate=_tpu_ok, priority=10, note=_tpu_note))
+register(Impl(name=_TPU_WEIGHT_ONLY, fn=pallas_tpu.weight_only_dot_general,
+              backends=frozenset({"tpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
+              qtypes=frozenset(pallas_tpu.INT4_QTYPES), predicate=_tpu_ok, priority=10,
+              note=_tpu_note))
+
+__all__ += ["tpu_reference_note"]

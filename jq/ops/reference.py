@@ -10,6 +10,11 @@ Invariants (every registered kernel must agree with these within float rounding)
   ``Σ qx·qw − zw·Σqx − zx·Σqw + K·zx·zw`` from an ``int8 × int8 -> int32`` ``lax.dot_general``,
   and ``y = acc · sx ⊗ sw``.  Unsigned operands are shifted by −128 into int8 (with their zero
   points), which leaves ``(q − z)`` unchanged.
+* Float8 (e4m3) activations with float8 weights: ``x`` becomes ``qx = e4m3(clip(x / sx, ±448))``
+  (``sx = absmax / 448`` per token, or the calibrated per-tensor scale), ``acc = Σ qx·qw`` in
+  float32 and ``y = acc · sx ⊗ sw``.  Each product of two e4m3 values is exact in float32 (4
+  significant bits each), so the upcast emulation differs from a native fp8 dot only in the
+  float32 summation order.
 
 All functions share ``lax.dot_general``'s signature with the QArray on the right-hand side; the
 output has ``lax.dot_general``'s layout ``(batch…, lhs free…, rhs free…)``.
@@ -120,9 +125,10 @@ def accumulation_dtype(dtype) -> np.dtype:
 
 
 def integer_valued_weight(w: QArray, dtype) -> jax.Array:
-  """``q − zero_point`` (or ``NF4_TABLE[q]``) in ``dtype``, without the scale.
+  """``q − zero_point`` (or ``NF4_TABLE[q]``, or the float8 values) in ``dtype``, without the scale.
 
-  Exact for uniform types in any float dtype (``|q − z| ≤ 255``).
+  Exact for uniform types in any float dtype (``|q − z| ≤ 255``), and for float8 e4m3 values in
+  float32/bfloat16/float16 (4 significant bits, exponents 2^-9..2^8).
   """
   v = w.unpacked()
   if w.qtype.is_table:
@@ -158,16 +164,18 @@ def weight_only_dot_general(x: jax.Array, w: QArray, dimension_numbers: Dimensio
 
 def quantize_activations(x: jax.Array, contracting: Sequence[int], act: ActivationQuant
                          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Quantizes ``x`` to ``act.spec.qtype`` (int8 or uint8).
+  """Quantizes ``x`` to ``act.spec.qtype`` (int8, uint8 or fp8 e4m3).
 
   Dynamic mode: one scale per token, i.e. per index of the non-contracting axes (a keepdims
-  reduction over ``contracting``); symmetric ``s = absmax/127``, asymmetric ``s = (max − min)/255``
-  with the range widened to contain 0 and an integer zero point.  Static mode: the calibrated
-  per-tensor ``act.scale`` / ``act.zero_point``.
+  reduction over ``contracting``); symmetric ``s = absmax/127`` (fp8: ``absmax/448``), asymmetric
+  ``s = (max − min)/255`` with the range widened to contain 0 and an integer zero point.  Static
+  mode: the calibrated per-tensor ``act.scale`` / ``act.zero_point``.  An all-zero token gets
+  scale 1.
 
   Returns:
-    ``(q, scale, zero_point)``: ``q`` int32 values in ``[qmin, qmax]``; ``scale`` float32 (keepdims
-    shape or scalar); ``zero_point`` int32 of the same shape, or None when symmetric.
+    ``(q, scale, zero_point)``: ``q`` int32 values in ``[qmin, qmax]`` (fp8: float8_e4m3fn values
+    ``e4m3(clip(x / s, ±448))``); ``scale`` float32 (keepdims shape or scalar); ``zero_point``
+    int32 of the same shape, or None when symmetric (always for fp8).
   """
   spec = act.spec
   qt = spec.qtype
@@ -175,7 +183,9 @@ def quantize_activations(x: jax.Array, contracting: Sequence[int], act: Activati
   if spec.mode is ActMode.DYNAMIC:
     axes = tuple(contracting)
     if spec.symmetric:
-      s = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) / float(qt.qmax)
+      amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+      # fp8: the product XLA makes of ``/ 448`` anyway, written out so eager and jit agree
+      s = amax * np.float32(1.0 / qt.qmax) if qt.is_float else amax / float(qt.qmax)
       z = None
     else:
       lo = jnp.minimum(jnp.min(xf, axis=axes, keepdims=True), 0.0)
@@ -196,6 +206,8 @@ def quantize_activations(x: jax.Array, contracting: Sequence[int], act: Activati
     elif not spec.symmetric:
       raise ValueError("static asymmetric activation quantization needs a calibrated zero point "
                        "(ActivationQuant.zero_point is None)")
+  if qt.is_float:
+    return numerics.fp8_encode(xf / s), s, None
   v = numerics.round_half_even(xf / s)
   if z is not None:
     v = v + z.astype(jnp.float32)
@@ -256,6 +268,43 @@ def int8_dot_general(x: jax.Array, w: QArray, dimension_numbers: DimensionNumber
   return y.astype(out_dtype)
 
 
-__all__ = ["DotLayout", "weight_only_dot_general", "int8_dot_general", "quantize_activations",
+def fp8_dot_general(x: jax.Array, w: QArray, dimension_numbers: DimensionNumbers,
+                    precision=None, preferred_element_type=None, *, out_sharding=None,
+                    native: bool | None = None) -> jax.Array:
+  """Fp8 × fp8 ``dot_general``: ``y = (Σ e4m3(x / sx) · qw) · sx ⊗ sw`` (see the module docstring).
+
+  ``w`` must be an ``FP8_E4M3`` QArray whose scale is constant along the contracting axes,
+  carrying ``w.activation`` (fp8 dynamic: ``sx = absmax / 448`` per token; static: the calibrated
+  per-tensor scale).  ``native``: XLA's float8 dot (``lax.dot_general`` on float8_e4m3fn operands,
+  float32 result; tensor cores on H100-class GPUs); False: the exact emulation (e4m3 values upcast
+  to float32, products exact, float32 sums); None: native on GPU, emulation elsewhere.
+  ``precision`` is unused (the emulation always runs at full float32 precision).  Output dtype:
+  ``preferred_element_type`` or ``x.dtype``.
+
+  Example:
+    >>> qw = jq.tree.with_activation(jq.quantize(w, jq.FP8_CHANNEL), jq.A_FP8_DYNAMIC, None,
+    ...                              path="w", leaf=w)
+    >>> y = fp8_dot_general(x, qw, (((1,), (0,)), ((), ())))
+  """
+  del precision
+  lay = DotLayout.make(dimension_numbers, x.shape, w.shape)
+  out_dtype = preferred_element_type or x.dtype
+  qx, sx, _ = quantize_activations(x, lay.xc, w.activation)
+  qw = w.unpacked()
+  if native is None:
+    native = jax.default_backend() == "gpu"
+  if native:
+    acc = lax.dot_general(qx, qw, lay.dimension_numbers, preferred_element_type=jnp.float32,
+                          out_sharding=out_sharding)
+  else:
+    acc = lax.dot_general(qx.astype(jnp.float32), qw.astype(jnp.float32), lay.dimension_numbers,
+                          precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+                          out_sharding=out_sharding)
+  y = acc * lay.lhs_to_out(sx) * lay.rhs_to_out(w.scale.astype(jnp.float32))
+  return y.astype(out_dtype)
+
+
+__all__ = ["DotLayout", "weight_only_dot_general", "int8_dot_general", "fp8_dot_general",
+           "quantize_activations",
            "fake_quant_activations", "integer_valued_weight", "scales_factor_out",
            "accumulation_dtype"]

@@ -287,7 +287,8 @@ def test_property_validate_raises_or_dequantize_is_finite_and_exact(q):
   scale = np.asarray(q.scale, np.float64)
   zp = None if q.zero_point is None else np.asarray(q.zero_point).astype(np.float64)
   codes_ok = bool(np.all((codes >= q.qtype.qmin) & (codes <= q.qtype.qmax)))
-  zp_ok = zp is None or bool(np.all((zp >= q.qtype.qmin) & (zp <= q.qtype.qmax)))
+  zp_ok = zp is None or (not q.qtype.symmetric_only
+                         and bool(np.all((zp >= q.qtype.qmin) & (zp <= q.qtype.qmax))))
   scale_ok = bool(np.all(np.isfinite(scale) & (scale > 0)))
   try:
     q.validate("q")

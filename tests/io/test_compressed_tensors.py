@@ -1,10 +1,12 @@
 """compressed-tensors export/import: packing vectors, round trips, config layout, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -380,3 +382,176 @@ def test_export_model_adapter(tmp_path):
   C.export_model({"params": q}, tmp_path / "x", model=types.SimpleNamespace(config=CFG))
   _, back = C.load_compressed_tensors(tmp_path / "x")
   _assert_same_values(q, back)
+
+
+# ---- fp8 (float-quantized) ------------------------------------------------------------------
+
+FP8_TENSOR_BF16 = jq.QuantSpec(qtype=jq.QType.FP8_E4M3, granularity=jq.Granularity.TENSOR,
+                               scale_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name", ["fp8-dynamic", "fp8-static", "fp8-weight-only",
+                                  "fp8-tensor-bf16"])
+def test_fp8_round_trip(tmp_path, name):
+  params = tiny_llama(np.random.default_rng(8))
+  kernels = [p for p, _ in leaves_with_paths(params) if p.endswith("kernel")]
+  if name == "fp8-tensor-bf16":
+    rules, act = jq.default_rules(FP8_TENSOR_BF16), None
+  else:
+    rules = jq.recipe_rules(name)
+    act = rules[-1].activation
+  scales = {p: (jnp.float32(0.01 * (i + 1)), None) for i, p in enumerate(kernels)}
+  q = qtree(params, rules, scales if name == "fp8-static" else None)
+  qc = C.export_compressed_tensors(q, CFG, tmp_path / "ck")
+  assert qc["format"] == "float-quantized" and qc["quant_method"] == "compressed-tensors"
+  (g,) = qc["config_groups"].values()
+  tensor = name == "fp8-tensor-bf16"
+  assert {k: g["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} \
+      == {"num_bits": 8, "type": "float", "strategy": "tensor" if tensor else "channel",
+          "symmetric": True, "dynamic": False}
+  a = g["input_activations"]
+  if act is None:
+    assert a is None
+  else:
+    assert {k: a[k] for k in ("num_bits", "type", "strategy", "symmetric", "dynamic")} == {
+        "num_bits": 8, "type": "float", "symmetric": True,
+        "strategy": "token" if name == "fp8-dynamic" else "tensor",
+        "dynamic": name == "fp8-dynamic"}
+  t = read_tensors(tmp_path / "ck" / "model.safetensors")
+  m = "model.layers.1.mlp.down_proj"                     # jq kernel (96, 64) -> HF (64, 96)
+  assert t[f"{m}.weight"].dtype == np.dtype(ml_dtypes.float8_e4m3fn)
+  assert t[f"{m}.weight"].shape == (64, 96)
+  assert t[f"{m}.weight_scale"].shape == ((1,) if tensor else (64, 1))
+  assert t[f"{m}.weight_scale"].dtype == (np.dtype(ml_dtypes.bfloat16) if tensor else np.float32)
+  assert sorted(k[len(m) + 1:] for k in t if k.startswith(m + ".")) == sorted(
+      ["weight", "weight_scale"] + (["input_scale"] if name == "fp8-static" else []))
+  kd = q["layers_1"]["mlp"]["down_proj"]["kernel"]
+  assert np.array_equal(t[f"{m}.weight"].view(np.uint8), np.asarray(kd.values).T.view(np.uint8))
+  if name == "fp8-static":
+    want = scales["layers_1/mlp/down_proj/kernel"][0]
+    assert t[f"{m}.input_scale"].tolist() == [np.float32(want)]
+  _, back = C.load_compressed_tensors(tmp_path / "ck")
+  _assert_same_values(q, back)
+  for p, x in leaves_with_paths(back):
+    if is_qarray(x):
+      y = dict(leaves_with_paths(q))[p]
+      assert x.qtype is jq.QType.FP8_E4M3 and x.tile == y.tile, p
+      assert (x.activation is None) == (act is None), p
+      if act is not None:
+        assert x.activation.spec == act, p
+        if name == "fp8-static":
+          assert float(x.activation.scale) == float(y.activation.scale), p
+
+
+def test_fp8_groups_and_bad_checkpoints(tmp_path):
+  params = tiny_llama(np.random.default_rng(9))
+  g32 = jq.QuantSpec(qtype=jq.QType.FP8_E4M3, granularity=jq.Granularity.GROUP, group_size=32)
+  q = qtree(params, jq.default_rules(g32))
+  with pytest.raises(C.CompressedTensorsError,
+                     match=r"model\.layers\.0\..*fp8 weights with groups of 32.*requantize=True"):
+    C.export_compressed_tensors(q, CFG, tmp_path / "g")
+  notes = []
+  C.export_compressed_tensors(q, CFG, tmp_path / "g", requantize=True, notes=notes)
+  assert notes and all("re-rounded from fp8_e4m3 sym tile (32, 1) to compressed-tensors float8 "
+                       "sym channel" in n for n in notes)
+  _, back = C.load_compressed_tensors(tmp_path / "g")
+  for p, x in leaves_with_paths(back):
+    if is_qarray(x):
+      w = _deq(dict(leaves_with_paths(q))[p])
+      assert x.qtype is jq.QType.FP8_E4M3 and x.tile == (x.shape[0], 1), p
+      s = np.asarray(x.scale, np.float32)
+      assert np.all(np.abs(_deq(x) - w) <= 2.0 ** -4 * np.abs(w) + 2.0 ** -10 * s), p
+  # operands jq's rules never pair (built by hand): refused by name
+  q8 = qtree(params, jq.default_rules(jq.W8A16))
+  k = q8["layers_0"]["mlp"]["up_proj"]["kernel"]
+  q8["layers_0"]["mlp"]["up_proj"]["kernel"] = dataclasses.replace(
+      k, activation=jq.ActivationQuant(None, None, jq.A_FP8_DYNAMIC))
+  with pytest.raises(C.CompressedTensorsError,
+                     match=r"up_proj.*fp8_e4m3 activations with integer weights have no"):
+    C.export_compressed_tensors(q8, CFG, tmp_path / "x")
+  # a checkpoint whose data disagree with its float scheme
+  ck = tmp_path / "ck"
+  C.export_compressed_tensors(qtree(params, jq.recipe_rules("fp8-dynamic")), CFG, ck)
+  t = read_tensors(ck / "model.safetensors")
+  m = "model.layers.0.mlp.up_proj"
+  good = dict(t)
+  t[f"{m}.weight"] = t[f"{m}.weight"].astype(np.float32).astype(np.int8)
+  write_safetensors(ck / "model.safetensors", t)
+  with pytest.raises(C.CompressedTensorsError, match=r"up_proj.*expected a 2-D float8_e4m3fn"):
+    C.load_compressed_tensors(ck)
+  t = dict(good, **{f"{m}.input_scale": np.ones(1, np.float32)})
+  write_safetensors(ck / "model.safetensors", t)
+  with pytest.raises(C.CompressedTensorsError, match="dynamic float8 activations need"):
+    C.load_compressed_tensors(ck)
+  write_safetensors(ck / "model.safetensors", good)
+  cfg = json.loads((ck / "config.json").read_text())
+  cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+  (ck / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(C.CompressedTensorsError, match="weight type 'float' with num_bits=4"):
+    C.load_compressed_tensors(ck)
+  cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+  cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]["type"] = "int"
+  (ck / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(C.CompressedTensorsError, match="not symmetric float8"):
+    C.load_compressed_tensors(ck)
+
+
+def test_fp8_matches_compressed_tensors_package(tmp_path):
+  """compressed-tensors' own float compressor decompresses jq's fp8 export to jq's values, and
+  its min-max scale and float quantization agree with jq's."""
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+  from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+  from compressed_tensors.quantization.lifecycle.forward import quantize
+  from compressed_tensors.quantization.utils import calculate_qparams
+
+  params = tiny_llama(np.random.default_rng(10))
+  q = qtree(params, jq.recipe_rules("fp8-dynamic"))
+  qc = C.export_compressed_tensors(q, CFG, tmp_path / "ck")
+  (scheme,) = QuantizationConfig.model_validate(qc).config_groups.values()
+  t = read_tensors(tmp_path / "ck" / "model.safetensors")
+  args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+  for p, x in leaves_with_paths(q):
+    if not is_qarray(x):
+      continue
+    mod, _ = C.hf_module_name(p)
+    sd = {"weight": torch.from_numpy(t[f"{mod}.weight"].view(np.uint8)).view(torch.float8_e4m3fn),
+          "weight_scale": torch.from_numpy(t[f"{mod}.weight_scale"])}
+    w = FloatQuantizationCompressor.decompress(sd, scheme)["weight"].float().numpy()
+    assert np.array_equal(w, _deq(x).T), p
+    tw = torch.from_numpy(np.asarray(params_leaf(params, p)).T.copy())
+    rs, rz = calculate_qparams(tw.amin(1, keepdim=True), tw.amax(1, keepdim=True), args)
+    np.testing.assert_allclose(np.asarray(x.scale).T, rs.numpy(), rtol=2.0 ** -19)  # jq: 20 bits
+    rq = quantize(tw, torch.from_numpy(np.asarray(x.scale).T.copy()), rz, args,
+                  dtype=torch.float8_e4m3fn)
+    assert np.array_equal(rq.view(torch.uint8).numpy(), np.asarray(x.values).T.view(np.uint8)), p
+
+
+def params_leaf(params, path):
+  for k in path.split("/"):
+    params = params[k]
+  return params
+
+
+def test_transformers_runs_fp8_checkpoint(tmp_path):
+  """Optional: transformers (+ compressed-tensors) loads jq's fp8 exports; with fp8-dynamic its
+  fake-quantized fp8 activations give jq's quantized model's logits."""
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  decoder = pytest.importorskip("jq_models.decoder")
+  params = tiny_llama(np.random.default_rng(6))
+  toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
+  model = decoder.Llama(decoder.LlamaConfig(**CFG))
+  for name in ("fp8-weight-only", "fp8-dynamic"):
+    q = qtree(params, jq.recipe_rules(name))
+    C.export_compressed_tensors(q, CFG, tmp_path / name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+    with torch.no_grad():
+      got = hf(torch.tensor(toks)).logits.numpy()
+    want = np.asarray(jq.nn.quantized_apply(model)({"params": q}, jnp.asarray(toks)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    if name == "fp8-dynamic":     # the activations really were quantized (by both)
+      deq = np.asarray(model.apply({"params": jq.dequantize_tree(q)}, jnp.asarray(toks)))
+      assert np.max(np.abs(deq - want)) > 1e-3

@@ -237,7 +237,7 @@ def test_nnx_state_roundtrip(tmp_path):
                   group=st.one_of(st.none(), st.integers(1, 6)),
                   scale_dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
 def test_property_roundtrip(tmp_path, rows, cols, qtype, asym, group, scale_dtype):
-  sym = qtype.is_table or (qtype.signed and not asym)
+  sym = qtype.symmetric_only or (qtype.signed and not asym)
   gran = Granularity.CHANNEL if group is None else Granularity.GROUP
   spec = QuantSpec(qtype=qtype, symmetric=sym, granularity=gran, group_size=group,
                    scale_dtype=scale_dtype)

@@ -24,6 +24,10 @@ def _qarray_codes(q: QArray, block_axis: int, name: str) -> tuple[np.ndarray, np
   if q.qtype.is_table:
     raise GGUFExportError(f"{where}: NF4 table values have no GGUF equivalent; pass "
                           f"{REQUANTIZE_HINT} to dequantize and quantize with gguf's reference")
+  if q.qtype.is_float:
+    raise GGUFExportError(f"{where}: {q.qtype.value} (float8) values are not integer codes and "
+                          "GGUF has no float8 type; write this tensor as F16/BF16/F32, or pass "
+                          f"{REQUANTIZE_HINT} to dequantize and quantize with gguf's reference")
   if len(q.shape) != 2:
     raise GGUFExportError(f"{where}: only 2-D tensors are written as quantized GGUF tensors")
   q.validate(name)
