@@ -130,12 +130,8 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
   """
   where = (f"pallas tpu: x {tuple(x_shape)} {np.dtype(x_dtype)}, w QArray({w.qtype.value}, "
            f"shape={w.shape}, tile={w.tile})")
-  if len(w.shape) != 2 or len(x_shape) < 1:
-    return f"{where}: only a 2-D (K, N) weight and x (..., K) are supported"
-  (xc, wc), (xb, wb) = dimension_numbers
-  if tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,) \
-      or tuple(int(a) % 2 for a in wc) != (0,):
-    return f"{where}: dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
+  if (why := reference.plain_matmul_reason(x_shape, w.shape, dimension_numbers)) is not None:
+    return f"{where}: {why}"
   if np.dtype(x_dtype) not in _X_DTYPES:
     return f"{where}: x dtype must be bfloat16 or float32"
   k, n = w.shape

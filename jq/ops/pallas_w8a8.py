@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
 from jq import _compat
+from jq.ops import reference
 from jq.ops.pallas_wo import BlockConfig
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType
@@ -182,12 +183,8 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
     return f"{where}: the weight carries no activation quantization (use the weight-only kernel)"
   if w.qtype not in (QType.INT8, QType.UINT8):
     return f"{where}: int8 x int8 needs an 8-bit weight"
-  if len(w.shape) != 2 or len(x_shape) < 1:
-    return f"{where}: only a 2-D (K, N) weight and x (..., K) are supported"
-  (xc, wc), (xb, wb) = dimension_numbers
-  if tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,) \
-      or tuple(int(a) % 2 for a in wc) != (0,):
-    return f"{where}: dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
+  if (why := reference.plain_matmul_reason(x_shape, w.shape, dimension_numbers)) is not None:
+    return f"{where}: {why}"
   if np.dtype(x_dtype) not in _FLOAT_DTYPES:
     return f"{where}: x dtype must be bfloat16, float16 or float32"
   if w.scale.shape[0] != 1 or w.scale.shape[1] not in (1, w.shape[1]):

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
 from jq import _compat
+from jq.ops import reference
 from jq.qarray import QArray
 from jq.qtypes import QType
 
@@ -90,12 +91,8 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
           f"{w.qtype.value}, shape={w.shape}, tile={w.tile})"
   if w.qtype not in SUPPORTED_QTYPES:
     return f"{where}: qtype {w.qtype.value} is not one of int8/uint8/int4/uint4"
-  if len(w.shape) != 2 or len(x_shape) < 1:
-    return f"{where}: only a 2-D (K, N) weight and x (..., K) are supported"
-  (xc, wc), (xb, wb) = dimension_numbers
-  if tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,) \
-      or tuple(int(a) % 2 for a in wc) != (0,):
-    return f"{where}: dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
+  if (why := reference.plain_matmul_reason(x_shape, w.shape, dimension_numbers)) is not None:
+    return f"{where}: {why}"
   if np.dtype(x_dtype) not in _FLOAT_DTYPES:
     return f"{where}: x dtype must be bfloat16, float16 or float32"
   if w.scale.shape[1] not in (1, w.shape[1]):

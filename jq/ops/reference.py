@@ -113,6 +113,19 @@ class DotLayout:
     return t.reshape(t.shape[:nb] + (1,) * len(self.x_free) + t.shape[nb:nb + nf])
 
 
+def plain_matmul_reason(x_shape: Sequence[int], w_shape: Sequence[int], dimension_numbers
+                        ) -> str | None:
+  """Why a contraction is not the plain ``x[..., K] · w[K, N]`` the 2-D kernels take (None if
+  it is): a 2-D weight, contracted on its axis 0 with ``x``'s last axis, no batch axes."""
+  if len(w_shape) != 2 or len(x_shape) < 1:
+    return "only a 2-D (K, N) weight and x (..., K) are supported"
+  (xc, wc), (xb, wb) = dimension_numbers
+  if (tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,)
+      or tuple(int(a) % 2 for a in wc) != (0,)):
+    return f"dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
+  return None
+
+
 def scales_factor_out(w: QArray, contracting: Sequence[int]) -> bool:
   """True when ``w`` has a single scale along every contracting axis (per-channel or per-tensor),
   so ``Σ_k x_k·(q_k − z)·s = s·Σ_k x_k·(q_k − z)``."""
