@@ -6,7 +6,8 @@ Run from the repository root on the GPU machine (writes everything under ``$OUT`
 
 Stages (each in its own subprocess with a hard timeout, so one hang cannot eat the others):
 
-1. ``pytest tests/ops/test_pallas_kernels.py tests/ops/test_ops_fp8.py tests/core/test_kv_cache.py``
+1. ``pytest tests/ops/test_pallas_kernels.py test_pallas_heads.py test_ops_fp8.py
+   tests/core/test_kv_cache.py``
    (when pytest is importable, with ``--noconftest`` so hypothesis/strict-promotion setup is not
    needed): on a GPU the interpret-mode tests run the *compiled* kernels on the odd small shapes,
    plus the ``gpu``-marked large-shape tests; the fp8 tests run XLA's native fp8 dot.
@@ -141,7 +142,8 @@ def main() -> int:
     summary["stages"].append(_stage(
         "pytest", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-rfEs",
                    "--durations=10", f"--junitxml={OUT / 'pytest.xml'}",
-                   "tests/ops/test_pallas_kernels.py", "tests/ops/test_ops_fp8.py",
+                   "tests/ops/test_pallas_kernels.py", "tests/ops/test_pallas_heads.py",
+                   "tests/ops/test_ops_fp8.py",
                    "tests/core/test_kv_cache.py"], 100, log))
   else:
     summary["stages"].append(_stage("builtin-checks", [py, __file__, "--builtin-checks"], 120,

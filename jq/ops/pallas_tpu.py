@@ -132,6 +132,8 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
            f"shape={w.shape}, tile={w.tile})")
   if (why := reference.plain_matmul_reason(x_shape, w.shape, dimension_numbers)) is not None:
     return f"{where}: {why}"
+  if len(w.shape) != 2:
+    return f"{where}: only a 2-D (K, N) weight is supported"
   if np.dtype(x_dtype) not in _X_DTYPES:
     return f"{where}: x dtype must be bfloat16 or float32"
   k, n = w.shape

@@ -185,6 +185,8 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
     return f"{where}: int8 x int8 needs an 8-bit weight"
   if (why := reference.plain_matmul_reason(x_shape, w.shape, dimension_numbers)) is not None:
     return f"{where}: {why}"
+  if len(w.shape) != 2:
+    return f"{where}: only a 2-D (K, N) weight is supported"
   if np.dtype(x_dtype) not in _FLOAT_DTYPES:
     return f"{where}: x dtype must be bfloat16, float16 or float32"
   if w.scale.shape[0] != 1 or w.scale.shape[1] not in (1, w.shape[1]):

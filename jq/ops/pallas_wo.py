@@ -95,7 +95,10 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
     return f"{where}: {why}"
   if np.dtype(x_dtype) not in _FLOAT_DTYPES:
     return f"{where}: x dtype must be bfloat16, float16 or float32"
-  if w.scale.shape[1] not in (1, w.shape[1]):
+  if w.ndim > 2 and reference.matrix_tile(w) is None:
+    return (f"{where}: the output axes' scales do not flatten to (K, N) (each must be per "
+            "channel, or all per tensor) or the last axis is not a whole number of bytes")
+  if w.ndim == 2 and w.scale.shape[1] not in (1, w.shape[1]):
     return f"{where}: scales must be per output channel or per tensor along N"
   g = _group_rows(w)
   if g is not None and _pow2_factor(g) < 16:
@@ -307,8 +310,9 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
                             interpret: bool = False, **block_kwargs: Any) -> jax.Array:
   """Pallas twin of :func:`jq.ops.reference.weight_only_dot_general`.
 
-  Supports ``dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))`` (``x[..., K] · w[K, N]``);
-  other layouts raise NotImplementedError (check :func:`unsupported_reason` first).
+  Supports ``dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))`` (``x[..., K] · w[K, N]``,
+  or ``w[K, n1, ..]`` of a ``DenseGeneral`` head, run as :func:`reference.as_matrix`); other
+  layouts raise NotImplementedError (check :func:`unsupported_reason` first).
 
   Example:
     >>> w = jq.quantize.quantize(kernel, jq.spec.W4A16_G128)
@@ -320,11 +324,11 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
   if reason:
     raise NotImplementedError(reason)
-  lead = x.shape[:-1]
+  lead, free = x.shape[:-1], w.shape[1:]
   out_dtype = None if preferred_element_type is None else np.dtype(preferred_element_type)
-  y = wo_matmul_2d(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype,
+  y = wo_matmul_2d(x.reshape(-1, x.shape[-1]), reference.as_matrix(w), out_dtype=out_dtype,
                    precision=precision, interpret=interpret, **block_kwargs)
-  return y.reshape(*lead, w.shape[1])
+  return y.reshape(*lead, *free)
 
 
 __all__ = ["BlockConfig", "default_config", "unsupported_reason", "wo_matmul_2d",

@@ -115,15 +115,48 @@ class DotLayout:
 
 def plain_matmul_reason(x_shape: Sequence[int], w_shape: Sequence[int], dimension_numbers
                         ) -> str | None:
-  """Why a contraction is not the plain ``x[..., K] · w[K, N]`` the 2-D kernels take (None if
-  it is): a 2-D weight, contracted on its axis 0 with ``x``'s last axis, no batch axes."""
-  if len(w_shape) != 2 or len(x_shape) < 1:
-    return "only a 2-D (K, N) weight and x (..., K) are supported"
+  """Why a contraction is not the plain ``x[..., K] · w[K, N...]`` the matmul kernels take (None
+  if it is): a weight contracted on its axis 0 with ``x``'s last axis, no batch axes; weights of
+  rank > 2 run as :func:`as_matrix`, kernels that cannot flatten them say so."""
+  if len(w_shape) < 2 or len(x_shape) < 1:
+    return "only a (K, N...) weight and x (..., K) are supported"
   (xc, wc), (xb, wb) = dimension_numbers
   if (tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,)
-      or tuple(int(a) % 2 for a in wc) != (0,)):
+      or tuple(int(a) % len(w_shape) for a in wc) != (0,)):
     return f"dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
   return None
+
+
+def matrix_tile(w: QArray) -> tuple[int, int] | None:
+  """The ``(K, N)`` tile of :func:`as_matrix` (from static fields only), or None."""
+  if w.ndim < 2:
+    return None
+  free = tuple(w.shape[1:])
+  if w.shape[-1] % w.qtype.per_byte:
+    return None
+  if all(t == 1 for t in w.tile[1:]):
+    return w.tile[0], 1
+  if tuple(w.tile[1:]) == free:
+    return w.tile[0], int(np.prod(free))
+  return None
+
+
+def as_matrix(w: QArray) -> QArray | None:
+  """``w (K, n1, .., nr)`` as the 2-D ``(K, n1·…·nr)`` QArray a matmul kernel takes (``w``
+  itself when 2-D), or None when its scales cannot follow the reshape: every output axis must be
+  per channel (tile 1) or every one per tensor.  Sub-byte values are packed along the last axis
+  within each row, so the packed bytes reshape in the same row-major order (``nr`` is a whole
+  number of bytes: checked).  A ``DenseGeneral`` head's ``(d, heads, head_dim)`` kernel is one.
+  ``as_matrix(w) is None`` reads only static fields (cheap on abstract values)."""
+  if w.ndim == 2:
+    return w
+  tile = matrix_tile(w)
+  if tile is None:
+    return None
+  k, n = w.shape[0], int(np.prod(w.shape[1:]))
+  flat = lambda a: None if a is None else a.reshape(a.shape[0], -1)
+  return dataclasses.replace(w, values=flat(w.values), scale=flat(w.scale),
+                             zero_point=flat(w.zero_point), shape=(k, n), tile=tile)
 
 
 def scales_factor_out(w: QArray, contracting: Sequence[int]) -> bool:
