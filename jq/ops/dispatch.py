@@ -115,6 +115,8 @@ class Impl:
     priority: the highest-priority accepting impl wins; later registration wins ties.
     note: optional :class:`PerfNote` for a problem (``jq.explain`` prints it and warns when the
       layer is expected to run slower than float).
+    held_back: for kernels the default policy keeps off, why and how to opt in; the route of a
+      problem it would accept under an open policy says so in its note.
   """
   name: str
   fn: DotGeneralFn
@@ -124,6 +126,7 @@ class Impl:
   predicate: Callable[[Problem], bool] = lambda p: True
   priority: int = 0
   note: Callable[[Problem], "PerfNote | None"] | None = None
+  held_back: str = ""
 
   def accepts(self, p: Problem) -> bool:
     return (p.mode in self.modes and (self.backends is None or p.backend in self.backends)
@@ -223,7 +226,15 @@ def route(x, w: QArray, dimension_numbers, *, backend: str | None = None,
     raise ValueError(f"{p.name}: no implementation for mode {p.mode.value}, qtype "
                      f"{p.qtype.value}, backend {p.backend} (registered: "
                      f"{[i.name for i in _REGISTRY]})")
-  return Choice(best.name, best, p, best.note(p) if best.note else None)
+  note = best.note(p) if best.note else None
+  opened = dataclasses.replace(p, policy=KernelPolicy.open())
+  for impl in _REGISTRY:
+    if impl.held_back and impl.priority > best.priority and impl.accepts(opened):
+      text = (f"{impl.name} accepts this problem, but the kernel policy keeps it off: "
+              f"{impl.held_back}")
+      note = PerfNote(text if note is None else f"{note.text}; {text}",
+                      note is not None and note.slower_than_float)
+  return Choice(best.name, best, p, note)
 
 
 def choose(x, w: QArray, dimension_numbers, *, backend: str | None = None,
@@ -365,10 +376,6 @@ _CPU_SMALL_M = 64
 
 
 def _reference_weight_only_note(p: Problem) -> PerfNote | None:
-  if p.backend == "tpu":  # a Pallas TPU kernel that the policy keeps off says so
-    from jq.ops import kernels  # pylint: disable=import-outside-toplevel  (imports us)
-    if (note := kernels.tpu_reference_note(p)) is not None:
-      return note
   if p.backend == "cpu":
     if p.m < _CPU_SMALL_M:
       return PerfNote("CPU/XLA reference: about 0.5x float32 speed at decode sizes (convert + "
@@ -384,10 +391,6 @@ def _reference_weight_only_note(p: Problem) -> PerfNote | None:
 
 
 def _reference_int8_note(p: Problem) -> PerfNote | None:
-  if p.backend == "tpu":  # a Pallas TPU kernel that the policy keeps off says so
-    from jq.ops import kernels  # pylint: disable=import-outside-toplevel  (imports us)
-    if (note := kernels.tpu_reference_note(p)) is not None:
-      return note
   if p.backend == "cpu":
     if p.m < _CPU_SMALL_M:
       return PerfNote("CPU/XLA reference: int8 dot about 0.5x float32 speed at decode sizes "

@@ -88,19 +88,14 @@ __all__ = ["enable", "disable", "enabled", "policy", "AUTO_MAX_M_INT4", "AUTO_MA
 # Held equal to their XLA twins in Pallas TPU interpret mode on CPU and lowered to Mosaic there,
 # but not yet compiled or timed on a TPU: dispatch picks them on TPU only under
 # ``KernelPolicy(tpu="always")`` (the default ``tpu="never"`` keeps XLA's paths until they are
-# measured), and ``jq.explain`` says so through :func:`tpu_reference_note`.
+# measured), and ``jq.explain`` says so (``Impl.held_back``).
 
 _TPU_INT8, _TPU_WEIGHT_ONLY = "pallas_tpu_int8", "pallas_tpu_weight_only"
 
 
-def _tpu_accepts(p: Problem) -> bool:
-  """The problem is one a Pallas TPU kernel takes, whatever the policy says."""
-  return p.out_sharding is None and pallas_tpu.unsupported_reason(
-      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
-
-
 def _tpu_ok(p: Problem) -> bool:
-  return p.policy.allows_tpu() and _tpu_accepts(p)
+  return p.policy.allows_tpu() and p.out_sharding is None and pallas_tpu.unsupported_reason(
+      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
 
 
 def _tpu_note(p: Problem) -> PerfNote:
@@ -108,22 +103,13 @@ def _tpu_note(p: Problem) -> PerfNote:
                   "timed on a TPU)")
 
 
-def tpu_reference_note(p: Problem) -> PerfNote | None:
-  """The XLA reference's note on TPU when a Pallas TPU kernel would take the problem but the
-  policy keeps it off (None otherwise)."""
-  if p.backend != "tpu" or p.policy.allows_tpu() or not _tpu_accepts(p):
-    return None
-  name = _TPU_WEIGHT_ONLY if p.mode is Mode.WEIGHT_ONLY else _TPU_INT8
-  return PerfNote(f"XLA on TPU: a Pallas TPU kernel ({name}) accepts this problem but is not yet "
-                  "measured on a TPU; KernelPolicy(tpu='always') opts in")
+_TPU_HELD_BACK = "not yet measured on a TPU; KernelPolicy(tpu='always') opts in"
 
 
 register(Impl(name=_TPU_INT8, fn=pallas_tpu.int8_dot_general, backends=frozenset({"tpu"}),
               modes=frozenset({Mode.DYNAMIC, Mode.STATIC}), qtypes=frozenset({QType.INT8}),
-              predicate=_tpu_ok, priority=10, note=_tpu_note))
+              predicate=_tpu_ok, priority=10, note=_tpu_note, held_back=_TPU_HELD_BACK))
 register(Impl(name=_TPU_WEIGHT_ONLY, fn=pallas_tpu.weight_only_dot_general,
               backends=frozenset({"tpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
               qtypes=frozenset(pallas_tpu.INT4_QTYPES), predicate=_tpu_ok, priority=10,
-              note=_tpu_note))
-
-__all__ += ["tpu_reference_note"]
+              note=_tpu_note, held_back=_TPU_HELD_BACK))

@@ -89,6 +89,12 @@ class KernelPolicy:
     except ValueError as e:
       raise ValueError(f"JQ_PALLAS={raw!r}: expected one of {PALLAS_CHOICES} (or 1/0)") from e
 
+  @classmethod
+  def open(cls) -> "KernelPolicy":
+    """Every kernel allowed (what dispatch compares against to say which ones a policy keeps
+    off)."""
+    return cls(pallas="always", tpu="always")
+
   def allows_weight_only(self, m: int, storage_bits: int) -> bool:
     """May a Pallas weight-only kernel run a problem of ``m`` rows?"""
     if self.pallas == "auto":
