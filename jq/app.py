@@ -57,8 +57,8 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
       _check_context(model, calib_len, "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
       calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
-      res = calibrated(model.module, model.variables, rules,
-                       [calib[i:i + cfg.chunk] for i in range(0, len(calib), cfg.chunk)],
+      res = calibrated(model.module, model.variables, rules, _share(
+          [calib[i:i + cfg.chunk] for i in range(0, len(calib), cfg.chunk)], cfg),
                        config=cfg, progress=progress)
       return res.variables, res.ref, res.log
     lays = jqnn.layouts(model.module, model.variables, jax.ShapeDtypeStruct((1, 8), jnp.int32))
@@ -66,10 +66,20 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
             model.variables, [])
   state = float_variables(model)
   if recipes.needs_calibration(rules):   # the generic road: any nnx model, no adapter
-    res = calibrated(model.module, None, rules, model.calibration_batches(calib_sequences * 4),
+    res = calibrated(model.module, None, rules,
+                     _share(model.calibration_batches(calib_sequences * 4), ptq_config),
                      config=ptq_config, progress=progress)
     return float_variables(dataclasses.replace(model, module=res.module)), res.ref, res.log
   return jqtree.quantize_tree(state, rules, layouts=jqnn.layouts(model.module)), state, []
+
+
+def _share(batches: list, cfg: pipeline.PTQConfig | None) -> list:
+  """This process's share of the calibration batches when several processes calibrate together
+  (``jax.distributed``; ``jq.distributed.process_batches``), else all of them."""
+  if jax.process_count() <= 1 or (cfg is not None and cfg.distributed is False):
+    return batches
+  from jq import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.process_batches(batches)
 
 
 def check_matches(model, qvars, *, source: str) -> None:

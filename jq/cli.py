@@ -82,7 +82,57 @@ def _quantize_model(model, rules, args):
                             progress=True)
 
 
+def _start_processes(args) -> int:
+  """Starts ``jax.distributed`` for ``--coordinator/--num-processes/--process-id`` (before
+  anything else touches JAX); returns the number of processes (1 without them)."""
+  given = {"--coordinator": args.coordinator is not None,
+           "--num-processes": args.num_processes is not None,
+           "--process-id": args.process_id is not None}
+  if not any(given.values()):
+    return 1
+  if not all(given.values()):
+    missing = ", ".join(k for k, v in given.items() if not v)
+    raise ValueError(f"--coordinator, --num-processes and --process-id go together (missing "
+                     f"{missing}): every process runs the same command with its own --process-id "
+                     "0 .. N-1 and the address of process 0, e.g. --coordinator localhost:12345 "
+                     "--num-processes 2 --process-id 0")
+  from jq import distributed
+  try:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           timeout_s=args.process_timeout)
+  except ValueError as e:
+    raise ValueError(f"--coordinator/--num-processes/--process-id: {e}") from e
+  return args.num_processes
+
+
 def cmd_quantize(args) -> int:
+  if _start_processes(args) <= 1:
+    return _quantize(args)
+  from jq import distributed
+  try:
+    return _quantize(args)
+  except BaseException as e:
+    distributed.fail(f"{type(e).__name__}: {e}")   # the others stop at their next exchange
+    raise
+
+
+def _wait_for_process_0(args, wrote: str | None) -> None:
+  """Several processes: process 0 has written the output (``wrote``) or the others wait until it
+  has (or failed: then they raise its error)."""
+  import jax
+  from jq import distributed
+  if jax.process_count() <= 1:
+    return
+  if jax.process_index() > 0:
+    _print(f"process {jax.process_index()} of {jax.process_count()}: calibration done; process "
+           "0 evaluates and writes the checkpoint")
+  # process 0's evaluation and writing may take long: no step timeout here
+  distributed.agree("the end (process 0 writes the checkpoint)", {}, wrote,
+                    timeout_s=max(args.process_timeout, 7 * 86400.0))
+
+
+def _quantize(args) -> int:
+  import jax
   from jq import io as jqio
   from jq import tree as jqtree
   from jq import app
@@ -105,6 +155,9 @@ def cmd_quantize(args) -> int:
   t_quant = time.perf_counter() - t1
   for line in log:
     _print("  " + line)
+  if jax.process_index() > 0:
+    _wait_for_process_0(args, None)
+    return 0
   fvars = app.float_variables(model)
   rows = jqtree.report(ref_vars, qvars)
   _print("\nworst layers by SQNR:")
@@ -122,6 +175,7 @@ def cmd_quantize(args) -> int:
   _print("\n" + _summary_table(model.name, recipe, before, after, quality, t_quant,
                                time.perf_counter() - t0))
   _print(f"\nwrote {out} ({_fmt_bytes(out.stat().st_size)})")
+  _wait_for_process_0(args, str(out))
   return 0
 
 
@@ -634,6 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--devices", type=_at_least(1), default=1,
                  help="calibration: split each batch over this many local devices (data "
                  "parallel; the batch size, 8 sequences or 4 with --stream, must divide)")
+  q.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="several processes (jax.distributed; with --num-processes and "
+                 "--process-id): the address of process 0.  Every process runs the same command "
+                 "with its own --process-id; the calibration batches are split between them, "
+                 "the statistics summed and the GPTQ/AWQ solves shared; process 0 evaluates and "
+                 "writes --out (streamed: each process writes its own shards of the directory)")
+  q.add_argument("--num-processes", type=_at_least(2), default=None, metavar="N",
+                 help="several processes: how many (see --coordinator)")
+  q.add_argument("--process-id", type=_at_least(0), default=None, metavar="I",
+                 help="several processes: this one, 0 .. N-1 (see --coordinator)")
+  q.add_argument("--process-timeout", type=_positive_float, default=1800.0, metavar="S",
+                 help="several processes: how long one waits for the others at each step "
+                 "(default 1800 s)")
   q.add_argument("--calib-sequences", type=_at_least(1), default=32)
   q.add_argument("--calib-len", type=_at_least(2), default=512)
   q.add_argument("--calib-text", default="news", metavar="SOURCE",

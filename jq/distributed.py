@@ -15,6 +15,13 @@ The road (``jq.ptq.quantize_model`` takes it by itself when ``jax.process_count(
    statistics (``XᵀX`` and ``Σ|x|`` in float64, counts, per-channel min/max/``max|x|``, token
    samples in global batch order) are summed across processes by :func:`allreduce_stats`, in
    process order, so every process gets the same bits.
+5. Each GPTQ/AWQ solve of the unit then runs in one process (the costliest first, to the least
+   loaded) and :func:`share` sends the results to the others, so the solves are split rather
+   than repeated and every process still ends with the same tree.
+
+The streamed road (``jq.stream.quantize_to_dir``) splits its output instead: each process
+quantizes and writes its own shards, process 0 the index (``jq.io.sharded``, through
+:func:`agree`).
 
 Every exchange goes through the coordinator's key-value store with a timeout
 (:func:`set_timeout`): a process that disagrees, fails or hangs makes the others raise instead of
@@ -40,6 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jq import _compat
@@ -466,6 +474,52 @@ def allreduce_stats(arrays: Mapping[str, np.ndarray], ops: Mapping[str, str], *,
   return out
 
 
+def share(what: str, arrays: Mapping[str, Any], info: Any = None, *,
+          timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], list[Any]]:
+  """Work split over the processes, brought back together: every process's ``arrays`` (their
+  keys disjoint between processes) merged into one dict, and every process's ``info``
+  (JSON-able), in process order.
+
+  The arrays travel as raw bytes with their dtype and shape (bfloat16 and float8 included), so
+  every process holds the same bits afterwards (``jq.ptq.quantize_model`` shares its GPTQ/AWQ
+  solves this way: each runs in one process).
+
+  Raises:
+    ValueError: (in every process) two processes send the same key.
+    PeerError: another process failed or timed out.
+
+  Example:
+    >>> arrays, infos = share("the solves of block 0", {"q_proj/values": v}, {"q_proj": "..."})
+  """
+  arrays = {str(k): np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+  if jax.process_count() <= 1:
+    return dict(arrays), [info]
+  layout = [[k, arrays[k].dtype.name, list(arrays[k].shape)] for k in sorted(arrays)]
+  payload = b"".join(arrays[k].tobytes() for k in sorted(arrays))
+  infos = agree(what, {}, {"layout": layout, "size": len(payload), "info": info},
+                timeout_s=timeout_s)
+  owner: dict[str, int] = {}
+  for p, i in enumerate(infos):
+    for k, _, _ in i["layout"]:
+      if k in owner:
+        raise ValueError(f"jq.distributed.share ({what}): processes {owner[k]} and {p} both send "
+                         f"{k!r}; each key must come from one process")
+      owner[k] = p
+  blobs = _gather_bytes(what, payload, [i["size"] for i in infos], timeout_s)
+  me, out = jax.process_index(), {}
+  for p, (i, blob) in enumerate(zip(infos, blobs)):
+    if p == me:
+      out.update(arrays)
+      continue
+    offset = 0
+    for k, name, shape in i["layout"]:
+      dtype = np.dtype(jnp.dtype(name))
+      count = int(np.prod(shape, dtype=np.int64))
+      out[k] = np.frombuffer(blob, dtype, count=count, offset=offset).reshape(shape).copy()
+      offset += count * dtype.itemsize
+  return out, [i["info"] for i in infos]
+
+
 __all__ = ["initialize", "set_timeout", "process_index", "process_count", "local_mesh",
            "process_batches", "ProcessBatches", "plan_batches", "agree", "all_true",
-           "allreduce_stats", "fail", "PeerError"]
+           "allreduce_stats", "share", "fail", "PeerError"]

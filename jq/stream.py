@@ -14,6 +14,10 @@ along the last axis; chunks are multiples of 64 columns).  Host memory then stay
 plus one output tensor; other tensors (tensor-wise scales, embeddings kept in float) are read
 whole.
 
+Several ``jax.distributed`` processes (one host, or several sharing a filesystem) write one
+checkpoint together, each quantizing the tensors of its own shards (``distributed``; on by
+itself with several processes): the same bytes one process writes.
+
 The result is the tree :func:`jq.quantize_tree` gives for the same rules and layouts (tests hold
 the two together); static activation scales and the calibrated algorithms (GPTQ, AWQ,
 SmoothQuant) need calibration data and are refused here, naming the parameter.
@@ -74,7 +78,8 @@ class SourceTensor:
 @dataclasses.dataclass
 class StreamResult:
   """What :func:`quantize_to_dir` did: the output directory, tensors written (this run, and
-  skipped because a resumed run had them), bytes read and written, seconds, log lines."""
+  skipped because a resumed run had them), bytes read and written, seconds, log lines (with
+  several processes: this process's tensors and bytes)."""
   out: str
   written: int
   resumed: int
@@ -256,7 +261,8 @@ def quantize_to_dir(sources: Sequence[SourceTensor], rules: Sequence[Rule],
                     fingerprint: Mapping[str, Any] | None = None,
                     max_shard_bytes: int = sharded.DEFAULT_SHARD_BYTES,
                     chunk_bytes: int = 256 << 20, resume: bool = True,
-                    nan_policy: str = "raise", progress: bool = False) -> StreamResult:
+                    nan_policy: str = "raise", progress: bool = False,
+                    distributed: bool | None = None) -> StreamResult:
   """Quantizes ``sources`` tensor by tensor into a sharded jq checkpoint at ``out``.
 
   Args:
@@ -264,7 +270,8 @@ def quantize_to_dir(sources: Sequence[SourceTensor], rules: Sequence[Rule],
     rules: ordered rules (RTN weight-only or dynamic activations); first match wins.
     out: the output directory (replaced atomically at the end; see :mod:`jq.io.sharded`).
     layouts: ``{path: Layout}`` as for :func:`jq.quantize_tree` (``jq.nn.layouts`` of the model).
-    metadata: stored in the header (e.g. the model's source record, the recipe).
+    metadata: stored in the header (e.g. the model's source record, the recipe); with several
+      processes, process 0's.
     fingerprint: describes the inputs (e.g. file sizes and times): a partial run of other inputs
       is not resumed.
     max_shard_bytes: tensor bytes per output shard.
@@ -273,24 +280,57 @@ def quantize_to_dir(sources: Sequence[SourceTensor], rules: Sequence[Rule],
       it finished; False starts over.
     nan_policy: as for :func:`jq.quantize_tree`.
     progress: a progress bar over the bytes read (tensors, GB, GB/s).
+    distributed: write the checkpoint together with the other ``jax.distributed`` processes
+      (None: when ``jax.process_count() > 1``; False: this process alone writes all of it, so
+      give each process its own ``out``).  Every process calls this with the same sources,
+      rules and options, ``out`` on a filesystem they share; each quantizes and writes its own
+      shards (:func:`jq.io.sharded.assign_shards`, balanced by bytes), process 0 writes
+      the index, and every process returns once the checkpoint (the same bytes as one process
+      writes) is in place.  The progress bar and the returned counts are this process's work.
+      The processes wait for each other at the start and at the end, each wait up to
+      ``jq.distributed.set_timeout`` (give it more than the difference in their run times); a
+      process that fails makes the others raise ``jq.distributed.PeerError`` with its error, and
+      no index is written (the finished shards stay for a resume, with any number of processes).
 
   Raises:
     ValueError: what :func:`plan_stream` refuses, or NaN/Inf values (naming the parameter, shape,
       dtype and first bad index), before the output is finished (the shards done so far are kept
-      for a resume).
+      for a resume); with several processes, processes whose inputs differ (in every process,
+      naming the first difference).
     OSError: reading a source or writing (disk full): the partial output is kept, never moved
       into place.
+    jq.distributed.PeerError: another process failed (its error is quoted) or did not answer in
+      time.
   """
+  if distributed is not None and not isinstance(distributed, bool):
+    raise ValueError(f"quantize_to_dir: distributed={distributed!r} must be a bool or None")
+  dist = distributed if distributed is not None else jax.process_count() > 1
+  if not dist or jax.process_count() <= 1:
+    return _quantize_to_dir(sources, rules, out, layouts, metadata, fingerprint, max_shard_bytes,
+                            chunk_bytes, resume, nan_policy, progress, {})
+  from jq import distributed as jqdist  # pylint: disable=import-outside-toplevel
+  many = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+              exchange=lambda what, info: jqdist.agree(what, {}, info))
+  try:
+    return _quantize_to_dir(sources, rules, out, layouts, metadata, fingerprint, max_shard_bytes,
+                            chunk_bytes, resume, nan_policy, progress, many)
+  except BaseException as e:
+    jqdist.fail(f"{type(e).__name__}: {e}")   # the others stop at their next exchange
+    raise
+
+
+def _quantize_to_dir(sources, rules, out, layouts, metadata, fingerprint, max_shard_bytes,
+                     chunk_bytes, resume, nan_policy, progress, many: dict) -> StreamResult:
   t0 = time.perf_counter()
   _check_chunk_bytes(chunk_bytes)
   rules = tuple(rules)
   planned = plan_stream(sources, rules, layouts=layouts, nan_policy=nan_policy)
   writer = sharded.ShardedWriter(out, [(s.path, q) for s, _, q in planned], rules=rules,
                                  fingerprint={**dict(fingerprint or {}), "nan_policy": nan_policy},
-                                 max_shard_bytes=max_shard_bytes, resume=resume)
-  todo = set(writer.todo)
-  total = sum(s.nbytes for s, _, _ in planned)
-  done_bytes = sum(s.nbytes for s, _, _ in planned if s.path not in todo)
+                                 max_shard_bytes=max_shard_bytes, resume=resume, **many)
+  mine, todo = set(writer.mine), set(writer.todo)
+  total = sum(s.nbytes for s, _, _ in planned if s.path in mine)
+  done_bytes = sum(s.nbytes for s, _, _ in planned if s.path in mine and s.path not in todo)
   bar = _bar(progress, total, done_bytes, "quantizing")
   written = bytes_out = 0
   try:
@@ -308,7 +348,7 @@ def quantize_to_dir(sources: Sequence[SourceTensor], rules: Sequence[Rule],
     if bar is not None:
       bar.close()
   path = writer.finish(metadata=metadata)
-  return StreamResult(out=path, written=written, resumed=len(planned) - len(todo),
+  return StreamResult(out=path, written=written, resumed=len(mine) - len(todo),
                       bytes_in=total - done_bytes, bytes_out=bytes_out,
                       seconds=time.perf_counter() - t0, log=list(writer.log))
 

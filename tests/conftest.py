@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -15,6 +17,34 @@ settings.register_profile("jq", deadline=None, max_examples=20, print_blob=True,
                                                  HealthCheck.data_too_large])
 settings.register_profile("thorough", parent=settings.get_profile("jq"), max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jq"))
+
+
+_CACHE_ENV = "JQ_TEST_JAX_CACHE"
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run, shared by the pytest-xdist workers
+  and the subprocesses the tests start (CLI runs, notebooks, jax.distributed workers): many tests
+  compile the same programs again (fresh closures of the same model), and compiling is most of
+  their time on CPU.  The run's master makes a fresh directory (so every run starts cold, as CI
+  does) and removes it at the end; ``JQ_TEST_JAX_CACHE=<dir>`` keeps one across runs instead."""
+  if not hasattr(config, "workerinput") and not os.environ.get(_CACHE_ENV):
+    config._jq_cache = tempfile.mkdtemp(prefix="jq-jax-cache-")   # pylint: disable=protected-access
+    os.environ[_CACHE_ENV] = config._jq_cache                       # pylint: disable=protected-access
+  directory = os.environ.get(_CACHE_ENV)
+  if directory:
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+  directory = getattr(config, "_jq_cache", None)
+  if directory:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -25,22 +25,48 @@ Writing (:class:`ShardedWriter`) is built for runs that take hours and may die:
   of unfinished shards are asked for (:attr:`ShardedWriter.todo`).  A different plan is refused
   (naming the fields that differ) unless ``resume=False``, which starts over.
 
+Several processes (``jax.distributed``, on one host or several sharing a filesystem) write one
+checkpoint together, the same bytes as one process: every process plans the same shards, and each
+shard is written by one of them (:func:`assign_shards`, balanced by bytes).  The work directory
+is shared::
+
+  .out.jq-partial/
+    progress.p0.json                    process 0's finished shards (header entries, digests)
+    progress.p1.json                    process 1's ...
+    model-00001-of-00004.safetensors    written by its owner only (temporary name until done)
+    ...
+
+The processes meet through ``exchange`` (``jq.distributed.agree`` in ``jq.stream``): they first
+compare their plans (any difference is a ``ValueError`` in every process), process 0 alone clears
+or creates the work directory, every process verifies the finished shards it owns; at
+:meth:`ShardedWriter.finish` process 0 gathers every process's records, checks every shard file,
+writes the one index and moves the directory into place, and the others return once it is there.
+A process that fails leaves no index (process 0 writes it only after every process has reported
+its shards finished); the finished shards stay for a resume, with any number of processes (the
+records of every progress file are used).
+
 Example:
   >>> w = ShardedWriter("out", [(path, abstract_leaf), ...], rules=rules, fingerprint={...})
   >>> for path in w.todo:
   ...   w.add(path, compute(path))
   >>> w.finish(metadata={"model": "..."})
+
+  Two processes (each runs the same code; ``agree`` returns every process's ``info``):
+  >>> ex = lambda what, info: jq.distributed.agree(what, {}, info)
+  >>> w = ShardedWriter("out", leaves, rules=rules, process_index=jax.process_index(),
+  ...                   process_count=jax.process_count(), exchange=ex)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +83,8 @@ from jq.spec import Rule
 PyTree = Any
 
 INDEX = "jq.index.json"
-PROGRESS = "progress.json"
+PROGRESS = "progress.json"   # one process; process i of several: progress.p{i}.json
+_PROGRESS_RE = re.compile(r"progress(\.p\d+)?\.json")
 SHARDS_KEY = "shards"
 DEFAULT_SHARD_BYTES = 2 << 30
 _PARTIAL = ".jq-partial"
@@ -159,6 +186,24 @@ def plan_shards(leaves: Sequence[tuple[str, Any]], max_shard_bytes: int = DEFAUL
   return out
 
 
+def assign_shards(shards: Sequence[Shard], process_count: int) -> list[int]:
+  """The process that writes each shard (``owners[i]`` writes ``shards[i]``), balanced by bytes.
+
+  Greedy, largest first: the shards in order of decreasing size (equal sizes in plan order), each
+  to the process with the fewest bytes so far (ties to the lowest index).  It depends on the plan
+  only, so every process computes the same owners; with at least as many shards as processes,
+  every process writes one or more.
+  """
+  if not isinstance(process_count, int) or isinstance(process_count, bool) or process_count < 1:
+    raise ValueError(f"process_count={process_count!r} must be an int >= 1")
+  load, owners = [0] * process_count, [0] * len(shards)
+  for i in sorted(range(len(shards)), key=lambda i: (-shards[i].nbytes, i)):
+    p = min(range(process_count), key=lambda p: (load[p], p))
+    owners[i] = p
+    load[p] += shards[i].nbytes
+  return owners
+
+
 # ---- writing ---------------------------------------------------------------------------------
 
 
@@ -210,8 +255,34 @@ def _file_digests(path: str, infos: Mapping[str, TensorInfo], start: int,
   return out
 
 
+def _short(v: Any, limit: int = 200) -> str:
+  s = repr(v)
+  return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _first_difference(key: str, a: Any, b: Any) -> tuple[str, Any, Any]:
+  """``(key, value in a, value in b)`` of the first entry where ``a`` and ``b`` (JSON values)
+  differ, descending into dicts and equally long lists."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    k = next(k for k in sorted(set(a) | set(b), key=str)
+             if a.get(k, "<missing>") != b.get(k, "<missing>"))
+    return _first_difference(f"{key}.{k}", a.get(k, "<missing>"), b.get(k, "<missing>"))
+  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    i = next(i for i in range(len(a)) if a[i] != b[i])
+    return _first_difference(f"{key}[{i}]", a[i], b[i])
+  return key, a, b
+
+
+def _entry(d: Any, key: str) -> Any:
+  """``d["a"]["b"]`` for ``key="a.b"`` ("<missing>" where there is none)."""
+  for k in key.split("."):
+    d = d.get(k, "<missing>") if isinstance(d, dict) else "<missing>"
+  return d
+
+
 class ShardedWriter:
-  """Writes a sharded jq checkpoint leaf by leaf, resumably (see the module doc).
+  """Writes a sharded jq checkpoint leaf by leaf, resumably, in one process or several (see the
+  module doc).
 
   Args:
     out: the destination directory (created by :meth:`finish`; an existing one is replaced).
@@ -223,11 +294,37 @@ class ShardedWriter:
       another fingerprint is not resumed.
     max_shard_bytes: tensor bytes per shard.
     resume: continue a partial run of the same plan (default); False deletes it and starts over.
+    process_index, process_count: this process and the number of processes writing the
+      checkpoint together (``jax.process_index()``, ``jax.process_count()``); each writes the
+      shards :func:`assign_shards` gives it.  Every process passes the same ``out`` (on a shared
+      filesystem), leaves, rules, fingerprint, ``max_shard_bytes`` and ``resume``.
+    exchange: with several processes, ``exchange(what, info)`` returns every process's ``info``
+      (JSON-able) in process order, once every process has called it with the same ``what``
+      (``lambda what, info: jq.distributed.agree(what, {}, info)``); the constructor and
+      :meth:`finish` call it.  A process that raises must tell the others (``jq.distributed.fail``,
+      as :func:`jq.stream.quantize_to_dir` does), or they wait for the exchange's timeout.
+
+  Raises:
+    ValueError: a bad process index or count, several processes without ``exchange``, processes
+      whose plans differ (in every process, naming the first difference), a partial run of other
+      inputs.
   """
 
   def __init__(self, out: str | os.PathLike, leaves: Sequence[tuple[str, Any]], *,
                rules: Sequence[Rule] = (), fingerprint: Mapping[str, Any] | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES, resume: bool = True):
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES, resume: bool = True,
+               process_index: int = 0, process_count: int = 1,
+               exchange: Callable[[str, Any], Sequence[Any]] | None = None):
+    for name, v, lo in (("process_count", process_count, 1), ("process_index", process_index, 0)):
+      if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"ShardedWriter: {name}={v!r} must be an int >= {lo}")
+    if process_index >= process_count:
+      raise ValueError(f"ShardedWriter: process_index={process_index} must be < "
+                       f"process_count={process_count}")
+    if process_count > 1 and not callable(exchange):
+      raise ValueError(f"ShardedWriter: {process_count} processes need exchange(what, info) -> "
+                       "every process's info (e.g. lambda what, info: "
+                       f"jq.distributed.agree(what, {{}}, info)); got {exchange!r}")
     self.out = os.path.abspath(os.fspath(out))
     if os.path.exists(self.out) and not os.path.isdir(self.out):
       raise ValueError(f"{self.out} exists and is not a directory; a sharded checkpoint is a "
@@ -239,51 +336,113 @@ class ShardedWriter:
     self.paths = [p for p, _ in leaves]
     self.shards = plan_shards(leaves, max_shard_bytes)
     self.shard_of = {p: i for i, s in enumerate(self.shards) for p in s.leaves}
+    self.process_index, self.process_count = process_index, process_count
+    self.owner = assign_shards(self.shards, process_count)   # shard index -> its process
+    self.exchange = exchange
     plan = [[s.file, list(s.leaves), {n: [t.dtype.name, list(t.shape)] for n, t in s.infos.items()}]
             for s in self.shards]
     self.fingerprint = json.loads(json.dumps({"inputs": dict(fingerprint or {}), "plan": plan,
                                               "rules": [r.describe() for r in self.rules]}))
     self.work = work_dir(self.out)
+    self.progress_file = PROGRESS if process_count == 1 else f"progress.p{process_index}.json"
     self.done: dict[str, dict] = {}     # shard file -> {"leaves": {...}, "tensors": {...}}
     self.log: list[str] = []
     self._open: tuple[int, Any, str, dict, dict] | None = None  # (shard, file, tmp, leaves, tensors)
     self._setup(resume)
 
+  def _exchange(self, what: str, info: Any) -> list[Any]:
+    got = list(self.exchange(what, info))
+    if len(got) != self.process_count:
+      raise ValueError(f"ShardedWriter: exchange({what!r}) returned {len(got)} answers for "
+                       f"{self.process_count} processes")
+    return got
+
+  def _mine(self, i: int) -> bool:
+    return self.owner[i] == self.process_index
+
   # -- resume ------------------------------------------------------------------------------
   def _setup(self, resume: bool) -> None:
+    several = self.process_count > 1
+    if several:
+      self._agree(resume)
+    if self.process_index == 0:
+      self._prepare(resume)
+    if several:   # process 0 has cleared or created the work directory
+      self._exchange("the work directory", None)
+    self._resume()
+    if several:   # every process has read every progress file: they may be rewritten
+      counts = self._exchange("the resumed shards", len(self.done))
+      if sum(counts):
+        own = sum(self._mine(i) for i in range(len(self.shards)))
+        self.log.append(f"resuming {self.work}: {sum(counts)} of {len(self.shards)} shards done "
+                        f"and verified ({len(self.done)} of the {own} of process "
+                        f"{self.process_index})")
+    elif self.done:
+      self.log.append(f"resuming {self.work}: {len(self.done)} of {len(self.shards)} shards done "
+                      "and verified")
+    self._save_progress()
+
+  def _agree(self, resume: bool) -> None:
+    """Checks (in every process) that every process writes the same checkpoint."""
+    mine = {"fingerprint": self.fingerprint, "resume": bool(resume),
+            "process_count": self.process_count}
+    got = self._exchange("the checkpoint plan", mine)
+    diffs = []
+    for p in range(1, len(got)):
+      for key in ("fingerprint.inputs", "fingerprint.rules", "fingerprint.plan", "resume",
+                  "process_count"):
+        a, b = _entry(got[0], key), _entry(got[p], key)
+        if a != b:
+          k, a, b = _first_difference(key, a, b)
+          diffs.append(f"{k}: process 0 has {_short(a)}, process {p} {_short(b)}")
+    if diffs:
+      more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+      raise ValueError(f"{self.out}: the processes would write different checkpoints: "
+                       + "; ".join(diffs[:4]) + more + ". Every process must pass the same "
+                       "sources, rules and options")
+
+  def _prepare(self, resume: bool) -> None:
+    """Clears (``resume=False``, or nothing to resume) or creates the work directory (process 0)."""
     if os.path.isdir(self.work) and not resume:
       shutil.rmtree(self.work)
-    if not os.path.isdir(self.work):
-      os.makedirs(self.work)
-      self._save_progress()
-      return
-    prog_path = os.path.join(self.work, PROGRESS)
-    if not os.path.exists(prog_path) and not any(
+    if os.path.isdir(self.work) and not self._progress_files() and not any(
         n.endswith(".safetensors") for n in os.listdir(self.work)):
       shutil.rmtree(self.work)   # killed before its first record: nothing to resume
+    if not os.path.isdir(self.work):
       os.makedirs(self.work)
-      self._save_progress()
-      return
-    try:
-      with open(prog_path, "rb") as f:
-        prog = codec.parse_json(f.read(), f"{prog_path}")
-    except (OSError, CheckpointError) as e:
-      raise ValueError(f"{self.work} holds a partial run whose {PROGRESS} cannot be read ({e}); "
-                       "delete the directory, or start over with resume=False (--restart)") from e
-    old = prog.get("fingerprint") if isinstance(prog, dict) else None
-    if old != self.fingerprint:
-      fields = sorted(k for k in set(old or {}) | set(self.fingerprint)
-                      if (old or {}).get(k) != self.fingerprint.get(k)) if isinstance(old, dict) \
-          else ["fingerprint"]
-      inner = []
-      if "inputs" in fields and isinstance(old, dict) and isinstance(old.get("inputs"), dict):
-        a, b = old["inputs"], self.fingerprint["inputs"]
-        inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-      raise ValueError(f"{self.work} holds a partial run made from other inputs (differing: "
-                       f"{fields}{' ' + str(inner) if inner else ''}); delete it, or start over "
-                       "with resume=False (--restart)")
-    for file, rec in dict(prog.get("shards") or {}).items():
-      problem = self._check_done(file, rec)
+
+  def _progress_files(self) -> list[str]:
+    """The progress files in the work directory, this process's first."""
+    names = sorted(n for n in os.listdir(self.work) if _PROGRESS_RE.fullmatch(n))
+    return sorted(names, key=lambda n: n != self.progress_file)
+
+  def _resume(self) -> None:
+    """Adopts the verified records of this process's finished shards (from any progress file: a
+    run with another number of processes is resumed too) and drops its unfinished files."""
+    names = self._progress_files()
+    if not names and any(n.endswith(".safetensors") for n in os.listdir(self.work)):
+      raise ValueError(f"{self.work} holds a partial run whose {self.progress_file} cannot be "
+                       "read (it is missing); delete the directory, or start over with "
+                       "resume=False (--restart)")
+    found: dict[str, list] = {}
+    for name in names:
+      prog_path = os.path.join(self.work, name)
+      try:
+        with open(prog_path, "rb") as f:
+          prog = codec.parse_json(f.read(), f"{prog_path}")
+      except (OSError, CheckpointError) as e:
+        raise ValueError(f"{self.work} holds a partial run whose {name} cannot be read ({e}); "
+                         "delete the directory, or start over with resume=False (--restart)"
+                         ) from e
+      self._check_fingerprint(prog)
+      for file, rec in dict(prog.get("shards") or {}).items():
+        found.setdefault(file, []).append(rec)
+    index = {s.file: i for i, s in enumerate(self.shards)}
+    for file, recs in found.items():
+      i = index.get(file)
+      if (self.process_index != 0) if i is None else not self._mine(i):
+        continue   # another process's (process 0 drops files outside the plan)
+      rec, problem = self._check_done(file, recs)
       if problem:
         self.log.append(f"{file}: {problem}; writing it again")
         try:
@@ -292,51 +451,78 @@ class ShardedWriter:
           pass
       else:
         self.done[file] = rec
-    for name in os.listdir(self.work):   # temporary files of an interrupted shard
+    for name in os.listdir(self.work):   # temporary files of an interrupted shard (or record)
       if name.startswith(".") and name.endswith(_TMP):
+        i = index.get(name[1:-len(_TMP)])
+        if (self.process_index == 0) if i is None else self._mine(i):
+          os.unlink(os.path.join(self.work, name))
+      elif name.startswith(f".{self.progress_file}.jq-tmp-"):
         os.unlink(os.path.join(self.work, name))
-    if self.done:
-      self.log.append(f"resuming {self.work}: {len(self.done)} of {len(self.shards)} shards done "
-                      "and verified")
-    self._save_progress()
 
-  def _check_done(self, file: str, rec: Any) -> str | None:
+  def _check_fingerprint(self, prog: Any) -> None:
+    old = prog.get("fingerprint") if isinstance(prog, dict) else None
+    if old == self.fingerprint:
+      return
+    fields = sorted(k for k in set(old or {}) | set(self.fingerprint)
+                    if (old or {}).get(k) != self.fingerprint.get(k)) if isinstance(old, dict) \
+        else ["fingerprint"]
+    inner = []
+    if "inputs" in fields and isinstance(old, dict) and isinstance(old.get("inputs"), dict):
+      a, b = old["inputs"], self.fingerprint["inputs"]
+      inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ValueError(f"{self.work} holds a partial run made from other inputs (differing: "
+                     f"{fields}{' ' + str(inner) if inner else ''}); delete it, or start over "
+                     "with resume=False (--restart)")
+
+  def _check_done(self, file: str, recs: Sequence[Any]) -> tuple[dict | None, str | None]:
+    """``(a record the shard file passes, None)``, or ``(None, why none does)``."""
     idx = next((i for i, s in enumerate(self.shards) if s.file == file), None)
-    if idx is None or not isinstance(rec, dict) or not isinstance(rec.get("tensors"), dict):
-      return "not in the plan"
+    recs = [r for r in recs if isinstance(r, dict) and isinstance(r.get("tensors"), dict)]
+    if idx is None or not recs:
+      return None, "not in the plan"
     path = os.path.join(self.work, file)
     shard = self.shards[idx]
     try:
       infos, _ = read_safetensors_header(path)
     except (OSError, CheckpointError) as e:
-      return f"unreadable ({e})"
+      return None, f"unreadable ({e})"
     if {n: (t.dtype, t.shape) for n, t in infos.items()} != \
         {n: (t.dtype, t.shape) for n, t in shard.infos.items()}:
-      return "holds other tensors than planned"
+      return None, "holds other tensors than planned"
     got = _file_digests(path, shard.infos, len(shard.header))
-    for name, (crc, sha) in got.items():
-      want = rec["tensors"].get(name, {})
-      if crc != want.get("crc32") or sha != want.get("sha256"):
-        return f"tensor {name!r} fails its recorded SHA-256"
-    return None
+    problem = None
+    for rec in recs:
+      bad = next((name for name, (crc, sha) in got.items()
+                  if (crc, sha) != (rec["tensors"].get(name, {}).get("crc32"),
+                                    rec["tensors"].get(name, {}).get("sha256"))), None)
+      if bad is None:
+        return rec, None
+      problem = problem or f"tensor {bad!r} fails its recorded SHA-256"
+    return None, problem
 
   def _save_progress(self) -> None:
-    with atomic_write(os.path.join(self.work, PROGRESS)) as f:
+    with atomic_write(os.path.join(self.work, self.progress_file)) as f:
       f.write(json.dumps({"fingerprint": self.fingerprint, "shards": self.done},
                          separators=(",", ":")).encode())
 
   @property
+  def mine(self) -> list[str]:
+    """Leaf paths of the shards this process writes, in order (every leaf in one process)."""
+    return [p for p in self.paths if self._mine(self.shard_of[p])]
+
+  @property
   def todo(self) -> list[str]:
-    """Leaf paths still to :meth:`add`, in order (those of finished shards are left out)."""
-    return [p for p in self.paths if self.shards[self.shard_of[p]].file not in self.done]
+    """Leaf paths still to :meth:`add` in this process, in order: those of its shards that are
+    not finished."""
+    return [p for p in self.mine if self.shards[self.shard_of[p]].file not in self.done]
 
   # -- writing -----------------------------------------------------------------------------
   def add(self, path: str, leaf: Any) -> None:
     """Writes one leaf (in :attr:`todo` order); a shard is closed and recorded with its last leaf.
 
     Raises:
-      ValueError: a leaf out of order, or whose tensors differ from the plan (naming path, shapes
-        and dtypes).
+      ValueError: a leaf out of order, of a shard another process writes, or whose tensors differ
+        from the plan (naming path, shapes and dtypes).
       CheckpointError: what :func:`jq.io.save` refuses (invalid QArray, rules that disagree).
       OSError: the disk is full or not writable; the work directory is kept for a resume.
     """
@@ -344,6 +530,10 @@ class ShardedWriter:
       raise ValueError(f"{path}: not a leaf of the planned tree")
     i = self.shard_of[path]
     shard = self.shards[i]
+    if not self._mine(i):
+      raise ValueError(f"{path}: its shard {shard.file} is written by process {self.owner[i]}, "
+                       f"not this one ({self.process_index}); add only the leaves of "
+                       "ShardedWriter.todo")
     if shard.file in self.done:
       raise ValueError(f"{path}: its shard {shard.file} is already written")
     if self._open is None or self._open[0] != i:
@@ -423,12 +613,14 @@ class ShardedWriter:
     resumed run continues from, e.g. the quantized blocks before the first unfinished one).
 
     Raises:
-      ValueError: the leaf's shard is not finished.
+      ValueError: the leaf's shard is not finished, or another process writes it.
     """
-    shard = self.shards[self.shard_of[path]]
+    i = self.shard_of[path]
+    shard = self.shards[i]
     rec = self.done.get(shard.file)
     if rec is None:
-      raise ValueError(f"{path}: its shard {shard.file} is not finished")
+      whose = "" if self._mine(i) else f" by this process (process {self.owner[i]} writes it)"
+      raise ValueError(f"{path}: its shard {shard.file} is not finished{whose}")
     info = rec["leaves"][path]
     names = ([f"{path}.{c}" for c in info.get("components", ())] if info.get("kind") == "qarray"
              else [info["tensor"]])
@@ -445,8 +637,14 @@ class ShardedWriter:
   def finish(self, *, metadata: Mapping[str, Any] | None = None) -> str:
     """Writes the index and moves the finished checkpoint to ``out``; returns its path.
 
+    With several processes every process calls it: process 0 gathers the records of every
+    shard, checks that each shard file is in the work directory with its planned size, writes the
+    index (its own ``metadata``) and moves the directory; the others return once it is in place.
+
     Raises:
-      ValueError: leaves are missing (naming the first).
+      ValueError: leaves of this process are missing (naming the first); in process 0, a shard
+        that its process did not report finished, or whose file is missing or of another size in
+        the work directory (the processes do not share it?).
     """
     missing = self.todo
     if missing:
@@ -456,9 +654,17 @@ class ShardedWriter:
       json.dumps(user, allow_nan=False)
     except (TypeError, ValueError) as e:
       raise CheckpointError(f"metadata must be JSON-serialisable: {e}") from e
+    done = self.done
+    if self.process_count > 1:
+      # a JSON text, so that the records keep their key order (the index is the same bytes)
+      got = self._exchange("the finished shards", json.dumps(self.done, separators=(",", ":")))
+      if self.process_index != 0:
+        self._exchange("the finished checkpoint", None)   # process 0 has moved it into place
+        return self.out
+      done = self._gathered(got)
     leaves, tensors, shards = {}, {}, {}
     for s in self.shards:
-      rec = self.done[s.file]
+      rec = done[s.file]
       leaves.update(rec["leaves"])
       tensors.update(rec["tensors"])
       shards.update({n: s.file for n in rec["tensors"]})
@@ -471,9 +677,42 @@ class ShardedWriter:
     sealed = codec.seal(header)
     with atomic_write(os.path.join(self.work, INDEX)) as f:
       f.write(json.dumps(sealed, indent=1, allow_nan=False).encode())
-    os.unlink(os.path.join(self.work, PROGRESS))
+    for name in self._progress_files():
+      os.unlink(os.path.join(self.work, name))
     replace_dir(self.work, self.out)
+    if self.process_count > 1:
+      self._exchange("the finished checkpoint", None)
     return self.out
+
+  def _gathered(self, got: Sequence[Any]) -> dict[str, dict]:
+    """Every process's records merged (process 0), each shard checked in the work directory."""
+    index = {s.file: i for i, s in enumerate(self.shards)}
+    done: dict[str, dict] = {}
+    for p, blob in enumerate(got):
+      for file, rec in dict(json.loads(blob) if isinstance(blob, str) else blob).items():
+        i = index.get(file)
+        if i is None or self.owner[i] != p:
+          raise ValueError(f"{self.work}: process {p} reports shard {file!r}, which "
+                           + ("is not in the plan" if i is None else
+                              f"process {self.owner[i]} writes") +
+                           "; do all processes run the same version of jq?")
+        done[file] = rec
+    for i, s in enumerate(self.shards):
+      where = f"{self.work}: shard {s.file} (written by process {self.owner[i]})"
+      rec = done.get(s.file)
+      if not isinstance(rec, dict) or set(rec.get("leaves") or ()) != set(s.leaves):
+        raise ValueError(f"{where} is not reported finished with all its leaves; the finished "
+                         "shards are kept for a resume")
+      try:
+        size = os.path.getsize(os.path.join(self.work, s.file))
+      except OSError:
+        size = None
+      if size != s.nbytes:
+        raise ValueError(f"{where} is " + ("missing" if size is None else f"{size} bytes, not "
+                                           f"{s.nbytes}") + " in process 0's work directory; "
+                         "every process must write to the same directory on a shared "
+                         "filesystem (rerun to resume)")
+    return done
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -613,5 +852,5 @@ def iter_shard_paths(directory: str | os.PathLike) -> Iterator[str]:
   yield from _shard_files(directory, _index(directory)).values()
 
 
-__all__ = ["ShardedWriter", "plan_shards", "leaf_tensors", "is_sharded", "load", "load_header",
-           "work_dir", "INDEX", "DEFAULT_SHARD_BYTES"]
+__all__ = ["ShardedWriter", "plan_shards", "assign_shards", "leaf_tensors", "is_sharded", "load",
+           "load_header", "work_dir", "INDEX", "DEFAULT_SHARD_BYTES"]

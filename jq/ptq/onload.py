@@ -20,6 +20,13 @@ checkpoint (:mod:`jq.io.sharded`): atomic, and resumable: a resumed run reads th
 quantized weights back from their shards to recompute the hidden states, and calibrates only the
 blocks not yet written.
 
+Several ``jax.distributed`` processes (``PTQConfig.distributed``, on by itself with several):
+each embeds and carries its share of the calibration chunks (``jq.distributed.process_batches``),
+every block's statistics are summed and its GPTQ/AWQ solves split between the processes (as in
+:func:`jq.ptq.quantize_model`), and process 0 alone reads the source's leaves outside the blocks
+and writes the checkpoint (on a resume it reads finished blocks back and sends them to the
+others); the others return once it is in place.
+
 Calibration runs on the block alone, where the in-memory road runs it inside the whole model;
 the results agree to float rounding (``tests/models/test_onload.py`` states the tolerance).
 
@@ -175,12 +182,25 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
              jnp.issubdtype(np.dtype(by_path[p][0].dtype), jnp.floating)}
   abstract = {p: (jax.ShapeDtypeStruct(by_path[p][0].shape, np.float32) if p in widened
                   else by_path[p][2]) for p in order}
+  dist = jax.process_count() > 1 and cfg.distributed is not False
+  lead = not dist or jax.process_index() == 0
   writer = sharded.ShardedWriter(
       out, [(p, abstract[p]) for p in order], rules=rules,
       fingerprint={**dict(fingerprint or {}), **_fingerprint(calib, cfg)},
-      max_shard_bytes=max_shard_bytes, resume=resume)
-  todo = set(writer.todo)
-  log = list(writer.log)
+      max_shard_bytes=max_shard_bytes, resume=resume) if lead else None
+  todo = set(writer.todo) if lead else set()
+  log = list(writer.log) if lead else []
+  n_chunks = -(-calib.shape[0] // max(1, min(cfg.chunk, calib.shape[0])))
+  mine = list(range(n_chunks))   # this process's chunks of the calibration set
+  if dist:
+    from jq import distributed  # pylint: disable=import-outside-toplevel
+    mine = distributed.process_batches(mine).indices
+    same = {"leaves": [[p, list(by_path[p][0].shape), str(np.dtype(by_path[p][0].dtype))]
+                       for p in order],
+            "calibration": {k: v for k, v in _fingerprint(calib, cfg).items() if k != "ptq_config"},
+            "config": [cfg.sequential, cfg.chunk, cfg.sample_tokens]}
+    todo = set(distributed.agree("the onloaded calibration plan", same,
+                                 sorted(todo) if lead else None)[0])
   if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND and
          r.algorithm_options.target == "float" for r in rules):
     log.append("onloaded: learned rounding matches each block to the float block on the "
@@ -193,6 +213,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
 
   def put(path: str, leaf: Any) -> None:
     nonlocal written, bytes_out
+    if not lead:   # several processes: process 0 writes
+      return
     if path in widened:
       leaf = np.asarray(leaf).astype(np.float32)
     writer.add(path, leaf)
@@ -204,8 +226,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
     # 1. outside the blocks: the streamed road, tensor by tensor
     quant = stream._Quantizer(layouts, "raise")  # pylint: disable=protected-access
     emb = {}   # the embedding's float leaves, kept as they pass (not read twice)
-    for path, leaf in stream._quantized([by_path[p] for p in outside], todo, quant,  # pylint: disable=protected-access
-                                        chunk_bytes, bar):
+    for path, leaf in stream._quantized([by_path[p] for p in outside],  # pylint: disable=protected-access
+                                        todo if lead else set(), quant, chunk_bytes, bar):
       if path in blocks.embed_paths and by_path[path][1] is None:
         emb[path] = leaf
       put(path, leaf)
@@ -215,8 +237,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
     chunk = max(1, min(cfg.chunk, calib.shape[0]))
     emb.update({p: by_path[p][0].read_all() for p in blocks.embed_paths if p not in emb})
     embed = jax.jit(blocks.embed)
-    xs = [np.asarray(embed(emb, jnp.asarray(calib[i:i + chunk], jnp.int32)))
-          for i in range(0, calib.shape[0], chunk)]
+    xs = [np.asarray(embed(emb, jnp.asarray(calib[i * chunk:(i + 1) * chunk], jnp.int32)))
+          for i in mine]
     del emb
     # 3. block by block
     for i, paths in enumerate(per_block):
@@ -225,14 +247,20 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
       fwd = jax.jit(module.apply)
       dtypes = {p: np.dtype(by_path[p][0].dtype) for p in paths}
       if all(p not in todo for p in paths):   # finished in a resumed run: read it back
-        cur = {p: _dequantized(writer.read_leaf(p), dtypes[p]) for p in paths}
+        cur = {p: _dequantized(writer.read_leaf(p), dtypes[p]) for p in paths} if lead else {}
+        if dist:   # process 0 reads it, the others get its bits
+          got, _ = distributed.share(f"block {blocks.prefixes[i]} read back", cur)
+          cur = {p: jnp.asarray(got[p]) for p in paths}
         log.append(f"{blocks.prefixes[i]}: read back from the resumed run")
         if bar is not None:
           bar.update(sum(by_path[p][0].nbytes for p in paths))
       else:
         fl = {p: by_path[p][0].read_all() for p in paths}
         variables = {"params": _nest({p.split("/", 1)[1]: jnp.asarray(x) for p, x in fl.items()})}
-        res = quantize_model(module, variables, block_rules, [jnp.asarray(x) for x in xs],
+        batches = [jnp.asarray(x) for x in xs]
+        if dist:   # every process calibrates on its share; statistics and solves are shared
+          batches = distributed.ProcessBatches(batches, mine, n_chunks)
+        res = quantize_model(module, variables, block_rules, batches,
                              config=dataclasses.replace(cfg, sequential=False))
         log += [f"{blocks.prefixes[i]}: {line}" for line in res.log]
         got = dict(leaves_with_paths(res.variables))
@@ -250,13 +278,23 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
       del cur, params
       if bar is not None:
         bar.set_postfix_str(f"block {i + 1}/{len(per_block)} ({key})", refresh=False)
-  except BaseException:
-    writer.close()
+  except BaseException as e:
+    if writer is not None:
+      writer.close()
+    if dist:
+      distributed.fail(f"{type(e).__name__}: {e}")
     raise
   finally:
     if bar is not None:
       bar.close()
-  path = writer.finish(metadata=metadata)
+  try:
+    path = writer.finish(metadata=metadata) if lead else None
+  except BaseException as e:
+    if dist:
+      distributed.fail(f"{type(e).__name__}: {e}")
+    raise
+  if dist:   # the others return once process 0 has moved the checkpoint into place
+    path = distributed.agree("the onloaded checkpoint written by process 0", {}, path)[0]
   return stream.StreamResult(out=path, written=written, resumed=len(planned) - len(todo),
                              bytes_in=total, bytes_out=bytes_out,
                              seconds=time.perf_counter() - t0, log=log)

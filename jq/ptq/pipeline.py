@@ -82,8 +82,9 @@ class PTQConfig:
     data_axis: the mesh axis the batches are split over (default: the mesh's only axis, or its
       ``"data"`` axis); other axes hold copies.
     distributed: sum the statistics over the processes of ``jax.distributed`` (each holding its
-      own share of the batches, :func:`jq.distributed.process_batches`), so that every process
-      computes the same quantized tree; None: when ``jax.process_count() > 1``.  The processes
+      own share of the batches, :func:`jq.distributed.process_batches`) and split the GPTQ/AWQ
+      solves between them (each kernel solved in one process, the result shared), so that every
+      process holds the same quantized tree; None: when ``jax.process_count() > 1``.  The processes
       first check that they run the same calibration (a ValueError in each otherwise); see
       :mod:`jq.distributed`.
   """

@@ -17,13 +17,14 @@ the adapter pipeline (``jq.ptq.quantize_blockwise``) instead.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import re
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
 from jq.qarray import QArray
+from jq.qtypes import QType
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
 from jq.tree import leaves_with_paths, plan, with_activation
 
@@ -234,6 +236,11 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
     state.calibrate(unit, {p: wants[p] for p in unit.layers if p in wants}, groups)
     schedule.params, schedule.ref = state.placed(state.cur), state.placed(state.ref)
   report = state.report
+  if state.solved_by:
+    log.append(f"GPTQ/AWQ solves split over {jax.process_count()} processes: " + ", ".join(
+        f"process {p} ran {c}" for p, c in sorted(state.solved_by.items())))
+  if state.devices_used > 1:
+    log.append(f"GPTQ/AWQ solves spread over {state.devices_used} devices of the mesh")
   qparams = folding.replace_leaves(state.ref, state.finish())
   for p, why in kept.items():
     log.append(f"{p}: kept float: {why}")
@@ -277,6 +284,8 @@ class _State:
     self.report: list[LayerRow] = []
     self.notes: dict[str, list[str]] = collections.defaultdict(list)
     self.algo_used: dict[str, Algorithm] = {}
+    self.solved_by: dict[int, int] = {}   # process -> GPTQ/AWQ solves it ran (several processes)
+    self.devices_used = 0                  # most devices one unit's solves ran on (a mesh)
 
   def _layer(self, path: str, inputs: LayerInputs, layer: int) -> LayerInputs:
     if self.target.stacks.get(path, 1) == 1:
@@ -321,6 +330,7 @@ class _State:
         self.inputs[p][layer] = self._layer(p, inp, layer)
     self._fold(unit, [g for g in groups if all(c in unit.layers for c in g.consumers)])
     leaves = dict(leaves_with_paths(self.ref))
+    tasks = []
     for path, layers in unit.layers.items():
       rule, view = self.first[path], self.views[path]
       stacked = self.per_layer[path]
@@ -333,12 +343,14 @@ class _State:
       spec2 = view.matrix_spec(rule.weight, name=path)
       mats = view.matrices(jnp.asarray(leaves[path]))
       for i in (layers if stacked else range(view.n)):   # (unstacked: matrices of batch axes)
-        inp = self.inputs[path].get(i if stacked else 0)
-        q, note = solve(algo, mats[i], Inputs(*(_stats_samples(inp))), spec2,
-                        rule.algorithm_options, f"{path}[{i}]" if view.n > 1 else path)
-        self.mats[path][i] = q
-        if note:
-          self.notes[path].append(note if view.n == 1 else f"layer {i}: {note}")
+        tasks.append(_Solve(path, i, algo, mats[i], self.inputs[path].get(i if stacked else 0),
+                            spec2, rule.algorithm_options,
+                            f"{path}[{i}]" if view.n > 1 else path))
+    for t, (q, note) in zip(tasks, self._solve(unit, tasks)):
+      self.mats[t.path][t.index] = q
+      if note:
+        self.notes[t.path].append(note if self.views[t.path].n == 1 else
+                                  f"layer {t.index}: {note}")
     learned = [p for p in unit.layers if self.decided[p].algorithm is Algorithm.AUTOROUND]
     for opts in dict.fromkeys(self.decided[p].algorithm_options for p in learned):
       self._learn(unit, [p for p in learned if self.decided[p].algorithm_options == opts], opts,
@@ -350,6 +362,66 @@ class _State:
           self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
           for i in range(view.n)])).astype(folding.wide_dtype(leaves[path].dtype))
     self.cur = folding.replace_leaves(self.cur, done)
+
+  def _solve(self, unit: Unit, tasks: Sequence[_Solve]) -> list[tuple[QArray, str]]:
+    """Each task's ``(QArray, note)``.  With several processes, each GPTQ/AWQ solve runs in one
+    process (:func:`_owners`: the costliest first, each to the least loaded process) and the
+    results are shared (``jq.distributed.share``: the same bits everywhere); rounding to nearest
+    is cheaper than sending it, so every process does it.  Within a process, a mesh's devices
+    share its solves the same way (:meth:`_run`)."""
+    n = jax.process_count() if self.dist else 1
+    owner = _owners(tasks, n) if n > 1 else {}
+    me = jax.process_index()
+    for k in owner:
+      self.solved_by[owner[k]] = self.solved_by.get(owner[k], 0) + 1
+    out: list[tuple[QArray, str] | None] = [None] * len(tasks)
+    for k, got in self._run({k: t for k, t in enumerate(tasks) if owner.get(k, me) == me}).items():
+      out[k] = got
+    if not owner:
+      return out
+    from jq import distributed  # pylint: disable=import-outside-toplevel
+    arrays, info = {}, {}
+    for k in owner:
+      if owner[k] == me:
+        q, note = out[k]
+        arrays.update({f"{k}/{c}": getattr(q, c) for c in ("values", "scale", "zero_point")
+                       if getattr(q, c) is not None})
+        info[str(k)] = [q.qtype.value, list(q.shape), list(q.tile), note]
+    arrays, infos = distributed.share(f"the solves of {unit.name}", arrays, info)
+    for got in infos:
+      for k, (qtype, shape, tile, note) in got.items():
+        k = int(k)
+        if owner[k] == me:
+          continue
+        zp = arrays.get(f"{k}/zero_point")
+        out[k] = (QArray(values=jnp.asarray(arrays[f"{k}/values"]),
+                         scale=jnp.asarray(arrays[f"{k}/scale"]),
+                         zero_point=None if zp is None else jnp.asarray(zp), activation=None,
+                         qtype=QType(qtype), shape=tuple(shape), tile=tuple(tile)), note)
+    return out
+
+  def _run(self, tasks: dict[int, _Solve]) -> dict[int, tuple[QArray, str]]:
+    """Runs ``tasks`` in this process: on a mesh of several local devices, the GPTQ/AWQ solves
+    are spread over them (:func:`_owners` again; one thread per device, each solve's inputs
+    placed on its device, the results brought back to the default device: the same program on
+    the same kind of device, so the same bits); everything else on the default device."""
+    devices = [] if self.mesh is None else [d for d in self.mesh.devices.flat
+                                            if d.process_index == jax.process_index()]
+    keys = list(tasks)
+    where = _owners([tasks[k] for k in keys], len(devices)) if len(devices) > 1 else {}
+    out = {k: _solve_on(tasks[k], None) for j, k in enumerate(keys) if j not in where}
+    if not where:
+      return out
+    home = jax.local_devices()[0]
+
+    def run(d: int) -> dict[int, tuple[QArray, str]]:
+      return {keys[j]: _solve_on(tasks[keys[j]], devices[d]) for j in where if where[j] == d}
+
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+      for got in pool.map(run, range(len(devices))):
+        out.update({k: (jax.device_put(q, home), note) for k, (q, note) in got.items()})
+    self.devices_used = max(self.devices_used, len(set(where.values())))
+    return out
 
   def _learn(self, unit: Unit, paths: list[str], opts: AutoRoundOptions, leaves) -> None:
     """Learned rounding (``jq.algorithms.rounding``) of the unit's ``paths`` together, starting
@@ -504,6 +576,49 @@ class _State:
       self.report.append(LayerRow(path, algo, q.qtype.value + " tile=" +
                                   "x".join(map(str, q.tile)), "; ".join(self.notes[path])))
     return new
+
+
+class _Solve(NamedTuple):
+  """One kernel matrix to solve (``jq.algorithms.registry.solve``)."""
+  path: str
+  index: int
+  algo: Algorithm
+  w: jax.Array
+  inputs: LayerInputs | None
+  spec: Any
+  options: Any
+  name: str
+
+
+def _solve_on(t: _Solve, device) -> tuple[QArray, str]:
+  """``solve`` of one task, on ``device`` (its inputs placed there) or where its inputs are."""
+  stats, samples = _stats_samples(t.inputs)
+  w = t.w
+  if device is not None:
+    put = functools.partial(jax.device_put, device=device)
+    w, samples = put(w), None if samples is None else put(samples)
+    stats = None if stats is None else LayerStats(*[put(x) for x in stats])
+    with jax.default_device(device):
+      return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
+  return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
+
+
+def _owners(tasks: Sequence[_Solve], n: int) -> dict[int, int]:
+  """``{task: process}`` for the GPTQ/AWQ solves: the costliest first (GPTQ ~ K²N + K³, AWQ's
+  clip search ~ K·N per sampled token), each to the least loaded of the ``n`` processes.  The
+  same in every process (it depends on shapes only)."""
+  cost = {}
+  for k, t in enumerate(tasks):
+    kk, nn = (int(d) for d in t.w.shape[-2:])
+    if t.algo is Algorithm.GPTQ:
+      cost[k] = kk * kk * nn + kk ** 3
+    elif t.algo is Algorithm.AWQ and t.options.clip:
+      cost[k] = kk * nn * 512
+  load, owner = [0] * n, {}
+  for k in sorted(cost, key=lambda k: (-cost[k], k)):
+    p = min(range(n), key=lambda p: (load[p], p))
+    owner[k], load[p] = p, load[p] + cost[k]
+  return owner
 
 
 def _fingerprint(model, target: Target, rules, decided, groups, cfg, chained: bool,

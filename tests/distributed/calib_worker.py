@@ -113,6 +113,28 @@ def collect_check(path: str, *, mesh=None, share=None) -> None:
   np.savez(path, **out)
 
 
+def solve_on_check(path: str) -> None:
+  """A GPTQ solve on another device of the mesh gives the default device's bits: writes the
+  names of the fields that differ (none: an empty file)."""
+  import importlib
+  import jax
+  import numpy as np
+  import jq
+  from jq.calibrate.stats import init_stats, update_stats
+  qm = importlib.import_module("jq.ptq.quantize_model")   # the module, not jq.ptq's function
+  rng = np.random.default_rng(3)
+  x = jax.numpy.asarray(rng.standard_normal((256, 64)).astype(np.float32))
+  w = jax.numpy.asarray(rng.standard_normal((64, 48)).astype(np.float32))
+  stats = update_stats(init_stats(64), x, jax.numpy.ones((256,), jax.numpy.float32))
+  rule = jq.recipe_rules("gptq-w4a16-g32")[-1]
+  inputs = qm.LayerInputs(stats, np.zeros(64, np.float32), np.zeros(64, np.float32), None)
+  task = qm._Solve("k", 0, rule.algorithm, w, inputs, rule.weight, rule.algorithm_options, "k")
+  (a, _), (b, _) = qm._solve_on(task, None), qm._solve_on(task, jax.devices()[5])
+  with open(path, "w") as f:
+    f.write(" ".join(c for c in ("values", "scale") if not np.array_equal(
+        np.asarray(getattr(a, c)), np.asarray(getattr(b, c)))))
+
+
 def dump(path: str, tree) -> None:
   import jax.numpy as jnp
   import numpy as np
@@ -179,6 +201,8 @@ def main(argv=None) -> int:
         res = quantize_model(model, variables, rules, mine, config=cfg)
         times[recipe] = time.perf_counter() - t
         dump(os.path.join(a.out, f"{recipe}.{me}.npz"), res.variables)
+        with open(os.path.join(a.out, f"{recipe}.{me}.log"), "w") as f:
+          f.write("\n".join(res.log))
         continue
       res = quantize_model(model, variables, rules, calib)
       dump(os.path.join(a.out, f"{recipe}.single.npz"), res.variables)
@@ -186,6 +210,10 @@ def main(argv=None) -> int:
         mesh = jax.make_mesh((a.devices,), ("data",))
         res = quantize_model(model, variables, rules, calib, config=PTQConfig(mesh=mesh))
         dump(os.path.join(a.out, f"{recipe}.mesh.npz"), res.variables)
+        with open(os.path.join(a.out, f"{recipe}.mesh.log"), "w") as f:
+          f.write("\n".join(res.log))
+    if a.devices > 1 and a.process_id is None:
+      solve_on_check(os.path.join(a.out, "solve_on.txt"))
   except Exception as e:  # pylint: disable=broad-except
     with open(os.path.join(a.out, f"error.{me}.txt"), "w") as f:
       f.write(f"{type(e).__name__}: {e}")

@@ -8,8 +8,6 @@ and ``w8a8-static``; plus ``jq.calibrate.collect`` of a scanned stack (vmapped c
 """
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,66 +17,19 @@ import numpy as np
 import pytest
 
 WORKER = Path(__file__).with_name("calib_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 RECIPES = ("gptq-w4a16-g32", "w8a8-static")
 
 
-_CACHE: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the workers of this module (shared by the pytest-xdist
-  workers of one run): they compile the same small programs (the tests take about half the
-  time)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent   # the run's directory, above each xdist worker's own
-  (base / "jq_jax_compilation_cache").mkdir(exist_ok=True)
-  _CACHE["dir"] = str(base / "jq_jax_compilation_cache")
-  yield
-  _CACHE.clear()
-
-
-def _env() -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-  if "dir" in _CACHE:
-    env.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _worker(out: Path, *args: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], cwd=ROOT, env=_env(),
+  return subprocess.Popen([sys.executable, str(WORKER), str(out), *args], cwd=spawn.ROOT,
+                          env=spawn.env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
-  """``(exit status, output)`` of each process; kills all of them (and fails) after ``timeout``."""
-  end = time.monotonic() + timeout
-  out = []
-  try:
-    for p in procs:
-      text, _ = p.communicate(timeout=max(1.0, end - time.monotonic()))
-      out.append((p.returncode, text))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail(f"calibration workers still running after {timeout:g} s (a hang)")
-  return out
-
-
 def _processes(out: Path, n: int = 2, bad: dict[int, str] | None = None, extra=()) -> list:
-  port = str(_free_port())
+  port = str(spawn.free_port())
   return [_worker(out, "--process-id", str(i), "--num-processes", str(n), "--port", port,
                   *(["--bad", bad[i]] if bad and i in bad else []), *extra) for i in range(n)]
 
@@ -117,7 +68,7 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
   """Data-parallel calibration over 8 virtual CPU devices: the collected statistics are reduced
   once per model call (not once per device), static W8A8 is the same up to last-bit activation
   differences, GPTQ up to a few codes off by one; an indivisible batch is a clear ValueError."""
-  [(rc, log)] = _wait([_worker(tmp_path, "--devices", "8")], 240)
+  [(rc, log)] = spawn.wait([_worker(tmp_path, "--devices", "8")], 240)
   assert rc == 0, log
   one, eight = np.load(tmp_path / "collect.single.npz"), np.load(tmp_path / "collect.mesh.npz")
   for k in one.files:
@@ -135,6 +86,11 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
   assert gptq["codes_differ"] <= 0.01 and gptq["max_code_diff"] <= 1, gptq
   assert gptq["scale_rel"] <= 1e-5 and gptq["max_dequant_steps"] <= 1.01, gptq
   print("mesh vs one device:", {"w8a8-static": static, "gptq": gptq})
+  # the mesh's devices share the GPTQ solves (one thread each); a solve on another device gives
+  # the default device's bits
+  log = (tmp_path / "gptq-w4a16-g32.mesh.log").read_text()
+  assert "GPTQ/AWQ solves spread over 7 devices of the mesh" in log, log
+  assert (tmp_path / "solve_on.txt").read_text() == ""
   msg = (tmp_path / "indivisible.txt").read_text()
   assert "calibration batch 1" in msg and "(6, 32)" in msg and "8 devices" in msg, msg
 
@@ -142,18 +98,26 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
   """Two jax.distributed processes, each with half of the batches (p::2), write the same bits;
   and the same bits as one process with all batches (the float64 host sums of per-batch float32
-  statistics are rounded once to float32)."""
+  statistics are rounded once to float32).  The GPTQ and AWQ solves are split between the two
+  (each kernel solved in one process, the results shared)."""
   ref = tmp_path / "ref"
   ref.mkdir()
-  procs = _processes(tmp_path) + [_worker(ref)]
-  results = _wait(procs, 240)
+  recipes = RECIPES + ("awq-w4a16-g32",)
+  extra = ("--recipes", ",".join(recipes))
+  procs = _processes(tmp_path, extra=extra) + [_worker(ref, *extra)]
+  results = spawn.wait(procs, 240)
   for rc, log in results:
     assert rc == 0, log
-  for name in ("collect",) + RECIPES:
+  for name in ("collect",) + recipes:
     p0, p1 = np.load(tmp_path / f"{name}.p0.npz"), np.load(tmp_path / f"{name}.p1.npz")
     assert not _same(p0, p1), name                        # every process: the same tree
     single = np.load(ref / f"{name}.single.npz")
     assert not _same(p0, single), (name, _same(p0, single))
+  for recipe in ("gptq-w4a16-g32", "awq-w4a16-g32"):   # 2 blocks x 7 kernels, 4 + 3 each
+    for p in (0, 1):
+      log = (tmp_path / f"{recipe}.p{p}.log").read_text()
+      assert "solves split over 2 processes: process 0 ran 8, process 1 ran 6" in log, log
+  assert "solves split" not in (tmp_path / "w8a8-static.p0.log").read_text()
 
 
 def test_without_cpu_collectives_the_key_value_store_carries_the_statistics(tmp_path):
@@ -162,12 +126,12 @@ def test_without_cpu_collectives_the_key_value_store_carries_the_statistics(tmp_
   with the same result."""
   ref = tmp_path / "ref"
   ref.mkdir()
-  extra = ("--cpu-collectives", "none", "--recipes", "w8a8-static")
-  results = _wait(_processes(tmp_path, extra=extra) + [_worker(ref, "--recipes", "w8a8-static")],
-                  240)
+  extra = ("--cpu-collectives", "none", "--recipes", "gptq-w4a16-g32")
+  results = spawn.wait(_processes(tmp_path, extra=extra) + [_worker(ref, "--recipes",
+                                                               "gptq-w4a16-g32")], 240)
   for rc, log in results:
     assert rc == 0, log
-  for name in ("collect", "w8a8-static"):
+  for name in ("collect", "gptq-w4a16-g32"):
     p0, p1 = np.load(tmp_path / f"{name}.p0.npz"), np.load(tmp_path / f"{name}.p1.npz")
     single = np.load(ref / f"{name}.single.npz")
     assert not _same(p0, p1) and not _same(p0, single), name
@@ -181,7 +145,7 @@ def test_processes_that_disagree_fail_in_both(tmp_path, bad, expect):
   """Process 1 runs other rules / splits another calibration set: both processes raise a
   ValueError naming the difference, quickly (no hang)."""
   t = time.monotonic()
-  results = _wait(_processes(tmp_path, bad={1: bad}, extra=("--skip-collect", "--recipes",
+  results = spawn.wait(_processes(tmp_path, bad={1: bad}, extra=("--skip-collect", "--recipes",
                                                             "gptq-w4a16-g32")), 90)
   for i, (rc, log) in enumerate(results):
     assert rc == 3, log
@@ -193,7 +157,7 @@ def test_processes_that_disagree_fail_in_both(tmp_path, bad, expect):
 def test_a_failing_process_stops_the_others(tmp_path):
   """Process 1 fails on its own batch (a negative token id): process 0 raises PeerError quoting
   it instead of waiting for the timeout."""
-  results = _wait(_processes(tmp_path, bad={1: "tokens"}, extra=("--skip-collect", "--recipes",
+  results = spawn.wait(_processes(tmp_path, bad={1: "tokens"}, extra=("--skip-collect", "--recipes",
                                                                  "w8a8-static")), 90)
   assert [rc for rc, _ in results] == [3, 3], results
   mine = (tmp_path / "error.p1.txt").read_text()
