@@ -95,12 +95,14 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
     return f"{where}: {why}"
   if np.dtype(x_dtype) not in _FLOAT_DTYPES:
     return f"{where}: x dtype must be bfloat16, float16 or float32"
-  if w.ndim > 2 and reference.matrix_tile(w) is None:
-    return (f"{where}: the output axes' scales do not flatten to (K, N) (each must be per "
-            "channel, or all per tensor) or the last axis is not a whole number of bytes")
+  c = len(tuple(dimension_numbers[0][0]))
+  if (w.ndim > 2 or c > 1) and reference.matrix_tile(w, c) is None:
+    return (f"{where}: the scales do not flatten to (K, N) (each output axis must be per "
+            "channel, or all per tensor; groups only inside the last contracting axis) or the "
+            "last axis is not a whole number of bytes")
   if w.ndim == 2 and w.scale.shape[1] not in (1, w.shape[1]):
     return f"{where}: scales must be per output channel or per tensor along N"
-  g = _group_rows(w)
+  g = _group_rows(w if c == 1 else reference.as_matrix(w, c))
   if g is not None and _pow2_factor(g) < 16:
     return f"{where}: K group size {g} needs a power-of-two factor >= 16"
   return None
@@ -311,8 +313,9 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   """Pallas twin of :func:`jq.ops.reference.weight_only_dot_general`.
 
   Supports ``dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))`` (``x[..., K] · w[K, N]``,
-  or ``w[K, n1, ..]`` of a ``DenseGeneral`` head, run as :func:`reference.as_matrix`); other
-  layouts raise NotImplementedError (check :func:`unsupported_reason` first).
+  or ``w[K, n1, ..]`` of a ``DenseGeneral`` head) and ``x``'s last ``c`` axes with ``w``'s first
+  ``c`` (the ``(heads, head_dim, d)`` output projection), run as :func:`reference.as_matrix`;
+  other layouts raise NotImplementedError (check :func:`unsupported_reason` first).
 
   Example:
     >>> w = jq.quantize.quantize(kernel, jq.spec.W4A16_G128)
@@ -324,10 +327,12 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
   if reason:
     raise NotImplementedError(reason)
-  lead, free = x.shape[:-1], w.shape[1:]
+  c = len(tuple(dimension_numbers[0][0]))   # x's last c axes with w's first c
+  lead, free = x.shape[:x.ndim - c], w.shape[c:]
   out_dtype = None if preferred_element_type is None else np.dtype(preferred_element_type)
-  y = wo_matmul_2d(x.reshape(-1, x.shape[-1]), reference.as_matrix(w), out_dtype=out_dtype,
-                   precision=precision, interpret=interpret, **block_kwargs)
+  y = wo_matmul_2d(x.reshape(-1, int(np.prod(x.shape[x.ndim - c:]))), reference.as_matrix(w, c),
+                   out_dtype=out_dtype, precision=precision, interpret=interpret,
+                   **block_kwargs)
   return y.reshape(*lead, *free)
 
 

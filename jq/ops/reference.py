@@ -116,45 +116,65 @@ class DotLayout:
 def plain_matmul_reason(x_shape: Sequence[int], w_shape: Sequence[int], dimension_numbers
                         ) -> str | None:
   """Why a contraction is not the plain ``x[..., K] · w[K, N...]`` the matmul kernels take (None
-  if it is): a weight contracted on its axis 0 with ``x``'s last axis, no batch axes; weights of
-  rank > 2 run as :func:`as_matrix`, kernels that cannot flatten them say so."""
+  if it is): ``x``'s last ``c >= 1`` axes contracted, in order, with the weight's first ``c``
+  (one axis, or the ``(heads, head_dim)`` of a ``DenseGeneral`` output projection), no batch
+  axes, at least one free weight axis.  Weights of rank > 2 run as :func:`as_matrix`; kernels
+  that cannot flatten them say so."""
   if len(w_shape) < 2 or len(x_shape) < 1:
     return "only a (K, N...) weight and x (..., K) are supported"
   (xc, wc), (xb, wb) = dimension_numbers
-  if (tuple(xb) or tuple(wb) or tuple(int(a) % len(x_shape) for a in xc) != (len(x_shape) - 1,)
-      or tuple(int(a) % len(w_shape) for a in wc) != (0,)):
+  c = len(tuple(xc))
+  if (tuple(xb) or tuple(wb) or not 1 <= c < len(w_shape) or c > len(x_shape)
+      or tuple(int(a) % len(x_shape) for a in xc) != tuple(range(len(x_shape) - c, len(x_shape)))
+      or tuple(int(a) % len(w_shape) for a in wc) != tuple(range(c))):
     return f"dimension_numbers {dimension_numbers} are not x[..., K] · w[K, N]"
   return None
 
 
-def matrix_tile(w: QArray) -> tuple[int, int] | None:
-  """The ``(K, N)`` tile of :func:`as_matrix` (from static fields only), or None."""
-  if w.ndim < 2:
-    return None
-  free = tuple(w.shape[1:])
-  if w.shape[-1] % w.qtype.per_byte:
-    return None
-  if all(t == 1 for t in w.tile[1:]):
-    return w.tile[0], 1
-  if tuple(w.tile[1:]) == free:
-    return w.tile[0], int(np.prod(free))
+def _merged_tile(sizes: Sequence[int], tiles: Sequence[int]) -> int | None:
+  """The tile of axes ``sizes`` merged into one (row-major), or None when the tiles are not
+  contiguous runs of it: every axis before some axis ``j`` has tile 1, every axis after it is
+  whole."""
+  for j in range(len(sizes)):
+    if all(t == 1 for t in tiles[:j]) and tuple(tiles[j + 1:]) == tuple(sizes[j + 1:]):
+      return int(tiles[j] * np.prod(sizes[j + 1:], dtype=np.int64))
   return None
 
 
-def as_matrix(w: QArray) -> QArray | None:
-  """``w (K, n1, .., nr)`` as the 2-D ``(K, n1·…·nr)`` QArray a matmul kernel takes (``w``
-  itself when 2-D), or None when its scales cannot follow the reshape: every output axis must be
-  per channel (tile 1) or every one per tensor.  Sub-byte values are packed along the last axis
-  within each row, so the packed bytes reshape in the same row-major order (``nr`` is a whole
-  number of bytes: checked).  A ``DenseGeneral`` head's ``(d, heads, head_dim)`` kernel is one.
+def matrix_tile(w: QArray, contracting: int = 1) -> tuple[int, int] | None:
+  """The ``(K, N)`` tile of :func:`as_matrix` (from static fields only), or None."""
+  c = int(contracting)
+  if not 1 <= c < w.ndim or w.shape[-1] % w.qtype.per_byte:
+    return None
+  tk = _merged_tile(w.shape[:c], w.tile[:c])
+  free = tuple(w.shape[c:])
+  if tk is None:
+    return None
+  if all(t == 1 for t in w.tile[c:]):
+    return tk, 1
+  if tuple(w.tile[c:]) == free:
+    return tk, int(np.prod(free))
+  return None
+
+
+def as_matrix(w: QArray, contracting: int = 1) -> QArray | None:
+  """``w (k1, .., kc, n1, .., nr)`` (the first ``contracting`` axes contracted) as the 2-D
+  ``(k1·…·kc, n1·…·nr)`` QArray a matmul kernel takes (``w`` itself when 2-D), or None when its
+  scales cannot follow the reshape: every output axis must be per channel (tile 1) or every one
+  per tensor, and the contracting axes' tiles must be runs of the merged axis (groups inside the
+  last contracting axis, or whole trailing axes).  Sub-byte values are packed along the last
+  axis within each row, so the packed bytes reshape in the same row-major order (``nr`` is a
+  whole number of bytes: checked).  A ``DenseGeneral`` head's ``(d, heads, head_dim)`` kernel is
+  one, and so is its output projection's ``(heads, head_dim, d)`` with ``contracting=2``.
   ``as_matrix(w) is None`` reads only static fields (cheap on abstract values)."""
-  if w.ndim == 2:
+  if w.ndim == 2 and contracting == 1:
     return w
-  tile = matrix_tile(w)
+  tile = matrix_tile(w, contracting)
   if tile is None:
     return None
-  k, n = w.shape[0], int(np.prod(w.shape[1:]))
-  flat = lambda a: None if a is None else a.reshape(a.shape[0], -1)
+  c = int(contracting)
+  k, n = int(np.prod(w.shape[:c])), int(np.prod(w.shape[c:]))
+  flat = lambda a: None if a is None else a.reshape(int(np.prod(a.shape[:c])), -1)
   return dataclasses.replace(w, values=flat(w.values), scale=flat(w.scale),
                              zero_point=flat(w.zero_point), shape=(k, n), tile=tile)
 

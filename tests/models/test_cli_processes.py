@@ -23,11 +23,11 @@ import spawn  # noqa: E402  pylint: disable=wrong-import-position
 ARGS = ("--recipe", "gptq-w4a16-g32", "--calib-sequences", "16", "--calib-len", "32")
 
 
-def _run(argv_of, n: int, timeout: float = 240) -> list[tuple[int, str]]:
-  """Runs ``jq-quant`` ``n`` times at once (``argv_of(i)``); ``[(exit status, output)]``."""
-  return spawn.wait([subprocess.Popen([sys.executable, "-m", "jq.cli", *argv_of(i)],
-                                      cwd=spawn.ROOT, env=spawn.env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True) for i in range(n)],
+def _run(argvs: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
+  """Runs ``jq-quant`` with each of ``argvs`` at once; ``[(exit status, output)]``."""
+  return spawn.wait([subprocess.Popen([sys.executable, "-m", "jq.cli", *argv], cwd=spawn.ROOT,
+                                      env=spawn.env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for argv in argvs],
                     timeout)
 
 
@@ -47,10 +47,10 @@ def test_two_processes_write_the_one_process_checkpoint(tiny_hf, tmp_path, road)
   extra = ("--stream",) if road == "stream" else ("--no-eval",)
   one, two = tmp_path / f"one{ext}", tmp_path / f"two{ext}"
   port = str(spawn.free_port())
-  got = _run(lambda i: ["quantize", "--model", model, *ARGS, *extra, "--out", str(two),
-                               "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], 2)
-  [ref] = _run(lambda i: ["quantize", "--model", model, *ARGS, *extra, "--out", str(one)], 1)
+  *got, ref = _run([["quantize", "--model", model, *ARGS, *extra, "--out", str(two),
+                      "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                      "--process-id", str(i)] for i in range(2)] +
+                    [["quantize", "--model", model, *ARGS, *extra, "--out", str(one)]])
   for rc, text in got + [ref]:
     assert rc == 0, text
   assert "process 1 of 2: calibration done; process 0 evaluates and writes" in got[1][1] or \
