@@ -605,8 +605,9 @@ def _solve_on(t: _Solve, device) -> tuple[QArray, str]:
 
 def _owners(tasks: Sequence[_Solve], n: int) -> dict[int, int]:
   """``{task: process}`` for the GPTQ/AWQ solves: the costliest first (GPTQ ~ K²N + K³, AWQ's
-  clip search ~ K·N per sampled token), each to the least loaded of the ``n`` processes.  The
-  same in every process (it depends on shapes only)."""
+  clip search ~ K·N per sampled token, each plus the unit's mean cost for what does not grow
+  with the flops: dispatch, host syncs, compiling a new shape), each to the least loaded of the
+  ``n`` processes (or devices).  The same in every process (it depends on shapes only)."""
   cost = {}
   for k, t in enumerate(tasks):
     kk, nn = (int(d) for d in t.w.shape[-2:])
@@ -614,6 +615,8 @@ def _owners(tasks: Sequence[_Solve], n: int) -> dict[int, int]:
       cost[k] = kk * kk * nn + kk ** 3
     elif t.algo is Algorithm.AWQ and t.options.clip:
       cost[k] = kk * nn * 512
+  fixed = sum(cost.values()) // max(1, len(cost))
+  cost = {k: c + fixed for k, c in cost.items()}
   load, owner = [0] * n, {}
   for k in sorted(cost, key=lambda k: (-cost[k], k)):
     p = min(range(n), key=lambda p: (load[p], p))
