@@ -29,15 +29,19 @@ from jq.ops.policy import (AUTO_MAX_M_INT4, AUTO_MAX_M_INT8, PALLAS_CHOICES, Ker
 from jq.qtypes import QType
 
 
+def _takes(module, p: Problem) -> bool:
+  """Whether the kernel module's ``unsupported_reason`` accepts the problem (and no
+  ``out_sharding``, which no kernel takes)."""
+  return p.out_sharding is None and module.unsupported_reason(
+      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
+
+
 def _wo_ok(p: Problem) -> bool:
-  return (p.policy.allows_weight_only(p.m, p.qtype.storage_bits) and p.out_sharding is None
-          and pallas_wo.unsupported_reason(p.x_shape, p.x_dtype, p.w,
-                                           p.layout.dimension_numbers) is None)
+  return p.policy.allows_weight_only(p.m, p.qtype.storage_bits) and _takes(pallas_wo, p)
 
 
 def _w8a8_ok(p: Problem) -> bool:
-  return p.policy.allows_w8a8() and p.out_sharding is None and pallas_w8a8.unsupported_reason(
-      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
+  return p.policy.allows_w8a8() and _takes(pallas_w8a8, p)
 
 
 def _note(p: Problem) -> PerfNote:
@@ -94,8 +98,7 @@ _TPU_INT8, _TPU_WEIGHT_ONLY = "pallas_tpu_int8", "pallas_tpu_weight_only"
 
 
 def _tpu_ok(p: Problem) -> bool:
-  return p.policy.allows_tpu() and p.out_sharding is None and pallas_tpu.unsupported_reason(
-      p.x_shape, p.x_dtype, p.w, p.layout.dimension_numbers) is None
+  return p.policy.allows_tpu() and _takes(pallas_tpu, p)
 
 
 def _tpu_note(p: Problem) -> PerfNote:

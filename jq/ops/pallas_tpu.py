@@ -254,6 +254,23 @@ def int8_matmul_2d(qx: jax.Array, x_scale: jax.Array, w_values: jax.Array, w_sca
   return y[:m]
 
 
+def _check_call(kind: str, x: jax.Array, w: QArray, dimension_numbers, out_sharding, *,
+                activation: bool) -> None:
+  """Raises NotImplementedError for a call the ``kind`` kernel does not take: ``out_sharding``,
+  a weight with (int8) or without (weight-only) activation quantization, or what
+  :func:`unsupported_reason` refuses."""
+  if out_sharding is not None:
+    raise NotImplementedError(f"pallas tpu {kind}: out_sharding is not supported")
+  if (w.activation is not None) != activation:
+    raise NotImplementedError(
+        f"pallas tpu {kind}: QArray({w.qtype.value}, shape={w.shape}) carries "
+        + ("no activation quantization; use weight_only_dot_general" if activation
+           else "activation quantization; use int8_dot_general"))
+  reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
+  if reason:
+    raise NotImplementedError(reason)
+
+
 def int8_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precision=None,
                      preferred_element_type=None, *, out_sharding=None,
                      interpret: bool | None = None, block_m: int | None = None,
@@ -269,14 +286,7 @@ def int8_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precision=None,
   """
   del precision  # integer dots are exact
   x = jnp.asarray(x)
-  if out_sharding is not None:
-    raise NotImplementedError("pallas tpu int8: out_sharding is not supported")
-  if w.activation is None:
-    raise NotImplementedError(f"pallas tpu int8: QArray({w.qtype.value}, shape={w.shape}) "
-                              "carries no activation quantization; use weight_only_dot_general")
-  reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
-  if reason:
-    raise NotImplementedError(reason)
+  _check_call("int8", x, w, dimension_numbers, out_sharding, activation=True)
   out_dtype = np.dtype(preferred_element_type or x.dtype)
   lead, (k, n) = x.shape[:-1], w.shape
   x2 = x.reshape(-1, k)
@@ -414,14 +424,7 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
     >>> y = weight_only_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
   """
   x = jnp.asarray(x)
-  if out_sharding is not None:
-    raise NotImplementedError("pallas tpu weight-only: out_sharding is not supported")
-  if w.activation is not None:
-    raise NotImplementedError(f"pallas tpu weight-only: QArray({w.qtype.value}, shape={w.shape}) "
-                              "carries activation quantization; use int8_dot_general")
-  reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
-  if reason:
-    raise NotImplementedError(reason)
+  _check_call("weight-only", x, w, dimension_numbers, out_sharding, activation=False)
   out_dtype = np.dtype(preferred_element_type or x.dtype)
   kernel_dtype = out_dtype if out_dtype in _X_DTYPES else np.dtype(np.float32)
   y = int4_matmul_2d(x.reshape(-1, x.shape[-1]), w, out_dtype=kernel_dtype, precision=precision,

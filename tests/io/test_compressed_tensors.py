@@ -353,17 +353,23 @@ def test_smollm2_w4a16_g64_round_trip(tmp_path):
     C.export_compressed_tensors(w128, hp, tmp_path / "g128")
 
 
-def test_transformers_loads_checkpoint(tmp_path):
-  """Optional: transformers (+ compressed-tensors) loads symmetric and asymmetric checkpoints;
-  logits match jq. (Asymmetric exports carry ``run_compressed: false``: transformers 5.x would
-  otherwise expect unpacked zero points and refuse the packed ``weight_zero_point``.)"""
+def _transformers_case():
+  """``(torch, transformers, jq Llama, its params, tokens)`` for the transformers oracle tests
+  (skipped without compressed-tensors, torch or transformers)."""
   pytest.importorskip("compressed_tensors")
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   decoder = pytest.importorskip("jq_models.decoder")
-  params = tiny_llama(np.random.default_rng(6))
-  toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
   model = decoder.Llama(decoder.LlamaConfig(**CFG))
+  return (torch, transformers, model, tiny_llama(np.random.default_rng(6)),
+          np.array([[1, 5, 9, 77, 3, 100, 42, 8]]))
+
+
+def test_transformers_loads_checkpoint(tmp_path):
+  """Optional: transformers (+ compressed-tensors) loads symmetric and asymmetric checkpoints;
+  logits match jq. (Asymmetric exports carry ``run_compressed: false``: transformers 5.x would
+  otherwise expect unpacked zero points and refuse the packed ``weight_zero_point``.)"""
+  torch, transformers, model, params, toks = _transformers_case()
   for spec in (jq.W8A16, SPECS["w4a16-g32-sym"][0], jq.W4A16_G32):
     q = qtree(params, jq.default_rules(spec))
     C.export_compressed_tensors(q, CFG, tmp_path / "ck")
@@ -537,13 +543,7 @@ def params_leaf(params, path):
 def test_transformers_runs_fp8_checkpoint(tmp_path):
   """Optional: transformers (+ compressed-tensors) loads jq's fp8 exports; with fp8-dynamic its
   fake-quantized fp8 activations give jq's quantized model's logits."""
-  pytest.importorskip("compressed_tensors")
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  decoder = pytest.importorskip("jq_models.decoder")
-  params = tiny_llama(np.random.default_rng(6))
-  toks = np.array([[1, 5, 9, 77, 3, 100, 42, 8]])
-  model = decoder.Llama(decoder.LlamaConfig(**CFG))
+  torch, transformers, model, params, toks = _transformers_case()
   for name in ("fp8-weight-only", "fp8-dynamic"):
     q = qtree(params, jq.recipe_rules(name))
     C.export_compressed_tensors(q, CFG, tmp_path / name)

@@ -22,10 +22,7 @@ def rms(a) -> float:
 
 @pytest.fixture(scope="module")
 def linen():
-  model, variables, tokens = tm.linen_model()
-  y_float = jax.jit(model.apply)(variables, tokens)
-  ranges = tm.linen_ranges(model, variables, tokens)
-  return model, variables, tokens, y_float, ranges
+  return tm.linen_case()
 
 
 @pytest.mark.parametrize("recipe", FP8_RECIPES)

@@ -60,10 +60,7 @@ def output_tolerance(eps_w: float, act) -> float:
 
 @pytest.fixture(scope="module")
 def linen():
-  model, variables, tokens = tm.linen_model()
-  y_float = jax.jit(model.apply)(variables, tokens)
-  ranges = tm.linen_ranges(model, variables, tokens)
-  return model, variables, tokens, y_float, ranges
+  return tm.linen_case()
 
 
 def _layouts(variables):

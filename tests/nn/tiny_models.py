@@ -283,6 +283,14 @@ def linen_ranges(model, variables, tokens):
   return run(variables, tokens)
 
 
+def linen_case():
+  """``(model, variables, tokens, float outputs, input ranges)`` of :func:`linen_model`: what the
+  linen recipe tests start from."""
+  model, variables, tokens = linen_model()
+  y_float = jax.jit(model.apply)(variables, tokens)
+  return model, variables, tokens, y_float, linen_ranges(model, variables, tokens)
+
+
 def nnx_ranges(model, tokens):
   ranges = {}
   graphdef, state = nnx.split(nnx_input_hook(model, _observe(ranges)))
