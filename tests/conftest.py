@@ -1,6 +1,7 @@
 """Suite-wide test setup: strict dtype promotion everywhere, and the hypothesis profile."""
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
@@ -52,3 +53,22 @@ def _strict_dtype_promotion():
   """jq must not rely on implicit dtype promotion (int8 + float32 and the like)."""
   with jax.numpy_dtype_promotion("strict"):
     yield
+
+
+@pytest.fixture
+def compiles():
+  """XLA compilations counted by jitted-function name (``compiles["jit(f)"]``), from
+  ``jax.monitoring``'s backend-compile event: one per executable, persistent-cache hits included.
+  Not ``f._cache_size()``: the C++ dispatch cache is process-wide and its count depends on what the
+  test worker ran before (CI once saw 0 after two calls)."""
+  counts = collections.Counter()
+
+  def listener(event, _duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      counts[kwargs.get("fun_name")] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

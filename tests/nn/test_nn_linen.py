@@ -100,7 +100,7 @@ def test_quantized_model_matches_float_and_dequantized_reference(linen, wspec, a
   assert rms(y - y_float) / rms(y_float) <= output_tolerance(float(eps_w), act)
 
 
-def test_jit_once_with_kv_cache_collection(linen):
+def test_jit_once_with_kv_cache_collection(linen, compiles):
   """Prefill + decode with mutable=["cache"]: one trace per shape; decode equals full forward."""
   model, variables, _, _, _ = linen
   qvars = _jit_quantize(variables, jq.default_rules(jq.W8A16, jq.A8_DYNAMIC))
@@ -119,7 +119,7 @@ def test_jit_once_with_kv_cache_collection(linen):
     logits, state = step({"params": qvars["params"], "cache": state["cache"]}, tokens[:, i:i + 1])
     decoded.append(logits)
   assert traces == [(2, 6), (2, 1)], "the decode step traced once for three calls"
-  assert step._cache_size() == 2
+  assert compiles["jit(counted)"] == 2
   assert set(state) == {"cache"} and int(state["cache"]["block_0"]["attn"]["index"]) == 9
   np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full, rtol=0,
                              atol=1e-4 * float(jnp.max(jnp.abs(full))))

@@ -99,18 +99,19 @@ def test_weight_only_group_scales_dequantize_inside_the_computation():
 
 
 @pytest.mark.parametrize("act", [None, ActivationSpec()], ids=["weight_only", "dynamic"])
-def test_no_recompilation_on_second_call(act):
+def test_no_recompilation_on_second_call(act, compiles):
+  """New values of x and of the QArray (scales included) reuse the one trace and executable."""
   traces = []
 
-  @jax.jit
   def f(x, q):
     traces.append(1)  # runs only while tracing
     return ops.matmul(x, q)
 
+  g = jax.jit(f)
   q = _qarray(QuantSpec(qtype=QType.INT8), act)
   q2 = _qarray(QuantSpec(qtype=QType.INT8), act)
-  f(X, q).block_until_ready()
-  f(X * 2.0, q2).block_until_ready()
-  assert len(traces) == 1 and f._cache_size() == 1
-  f(jnp.ones((8, K), jnp.float32), q).block_until_ready()  # a new shape traces again
-  assert len(traces) == 2
+  g(X, q).block_until_ready()
+  g(X * 2.0, q2).block_until_ready()
+  assert len(traces) == 1 and compiles["jit(f)"] == 1
+  g(jnp.ones((8, K), jnp.float32), q).block_until_ready()  # a new shape traces again
+  assert len(traces) == 2 and compiles["jit(f)"] == 2
