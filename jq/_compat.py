@@ -174,7 +174,8 @@ def default_interpret() -> bool:
 # ------------------------------------------------------------------------------------------------
 # Meshes and multi-process runs (jq.distributed, data-parallel calibration)
 #
-# * ``auto_mesh``: the same devices and axis names with every axis of type ``Auto``.  Since JAX
+# * ``auto_mesh`` (``auto_typed`` for a tree's arrays): the same devices and axis names with every
+#   axis of type ``Auto``.  Since JAX
 #   0.7 ``jax.make_mesh`` makes *Explicit* axes by default (sharding in types), under which a
 #   ``dot_general`` contracting a batch-sharded axis (``XᵀX``) is an error instead of an
 #   all-reduce that XLA inserts; calibration places its batches on an ``Auto`` twin of the mesh.
@@ -199,6 +200,22 @@ def auto_mesh(mesh):
     return mesh
   return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                            axis_types=(axis_type.Auto,) * len(mesh.axis_names))
+
+
+def auto_typed(tree):
+  """``tree`` with every array split on a mesh of non-``Auto`` axes moved to the ``Auto`` twin of
+  that mesh (same devices, same PartitionSpec): a model traced on *Explicit*-sharded params
+  carries the sharding in its types, and a plain ``reshape`` of a split activation is then an
+  error (``ShardingTypeError``) where XLA would otherwise choose the layout."""
+  def one(x):
+    s = getattr(x, "sharding", None)
+    if not isinstance(x, jax.Array) or not isinstance(s, jax.sharding.NamedSharding):
+      return x
+    auto = auto_mesh(s.mesh)
+    if auto is s.mesh:
+      return x
+    return jax.device_put(x, jax.sharding.NamedSharding(auto, s.spec, memory_kind=s.memory_kind))
+  return jax.tree_util.tree_map(one, tree)
 
 
 def set_cpu_collectives(implementation: str) -> None:

@@ -21,6 +21,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jq"))
 
 
 _CACHE_ENV = "JQ_TEST_JAX_CACHE"
+_FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+def _fast_compile() -> bool:
+  """JAX's own switch for its tests (XLA backend optimization level 0, no expensive LLVM passes):
+  most of the suite's programs are tiny and compiled once each, so compiling is most of their
+  time and optimizing does not pay (measured: the zoo GPTQ/AWQ comparison 60 s -> 44 s).  Tests
+  marked ``optimized`` (real checkpoints, training loops) compile fully optimized: there the
+  arithmetic dominates (the GGUF CLI test took twice as long unoptimized).  Unoptimized programs
+  compute the same IEEE operations (bit-exact comparisons in the suite are between programs
+  compiled the same way).  Set in the environment, so the subprocesses the tests start (CLI
+  runs, notebooks, jax.distributed workers) compile the same way;
+  ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs the whole suite fully optimized."""
+  os.environ.setdefault(_FAST_COMPILE_ENV, "1")
+  fast = os.environ[_FAST_COMPILE_ENV].lower() not in ("", "0", "false")
+  jax.config.update("jax_disable_most_optimizations", fast)
+  return fast
 
 
 def pytest_configure(config):
@@ -29,6 +46,7 @@ def pytest_configure(config):
   compile the same programs again (fresh closures of the same model), and compiling is most of
   their time on CPU.  The run's master makes a fresh directory (so every run starts cold, as CI
   does) and removes it at the end; ``JQ_TEST_JAX_CACHE=<dir>`` keeps one across runs instead."""
+  config._jq_fast_compile = _fast_compile()   # pylint: disable=protected-access
   if not hasattr(config, "workerinput") and not os.environ.get(_CACHE_ENV):
     config._jq_cache = tempfile.mkdtemp(prefix="jq-jax-cache-")   # pylint: disable=protected-access
     os.environ[_CACHE_ENV] = config._jq_cache                       # pylint: disable=protected-access
@@ -46,6 +64,23 @@ def pytest_unconfigure(config):
   directory = getattr(config, "_jq_cache", None)
   if directory:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _optimized(request):
+  """Tests marked ``optimized`` compile with XLA's full optimizations (see ``_fast_compile``),
+  and so do the subprocesses they start."""
+  if (not getattr(request.config, "_jq_fast_compile", False)
+      or request.node.get_closest_marker("optimized") is None):
+    yield
+    return
+  jax.config.update("jax_disable_most_optimizations", False)
+  os.environ[_FAST_COMPILE_ENV] = "0"
+  try:
+    yield
+  finally:
+    os.environ[_FAST_COMPILE_ENV] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(autouse=True)

@@ -67,7 +67,14 @@ class PTQConfig:
       process's devices, e.g. ``jax.make_mesh((8,), ("data",))``.  Every calibration batch is
       split along its leading axis over the mesh's data axis (each device runs its rows; the
       leading axis of every batch must divide by the number of devices there, else a ValueError
-      names the batch); the parameters are replicated.  XLA all-reduces the statistics, which
+      names the batch).  Parameters the caller split over the mesh's devices (NamedShardings,
+      e.g. from ``with_partitioning`` specs) stay split as given: never replicated, the finished
+      kernels that replace them and the quantized kernels they become split the same way
+      (``jq.sharding.qarray_sharding``); every other parameter is replicated.  A mesh of
+      ``Explicit`` axes (``jax.make_mesh``'s default) is used through its ``Auto`` twin, which is
+      also the mesh of the split results.  Each GPTQ/AWQ solve still holds its kernel matrix on
+      one device.  The GPTQ/AWQ solves are spread over the devices (``jq.ptq.solves``: a wide
+      kernel cut into column blocks).  XLA all-reduces the statistics, which
       reach the host once per model call.  Against one device: counts, min/max and the token
       samples are the same bits, and so are RTN weights; ``XᵀX`` and ``Σ|x|`` are float32 sums in
       another order, and the activations themselves may differ in their last bits (XLA compiles

@@ -24,24 +24,24 @@ import hashlib
 import re
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms import awq_search_scale, rounding, smooth_scales
-from jq.algorithms.registry import Inputs, solve
 from jq.algorithms.fold import FOLD_TOLERANCE
 from jq.calibrate.collect import LayerInputs, Want, collect, data_sharding, shard_batches
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
-from jq.ptq import folding
+from jq.ptq import folding, solves
 from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
 from jq.qarray import QArray
 from jq.qtypes import QType
+from jq.sharding import qarray_sharding
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
 from jq.tree import leaves_with_paths, plan, with_activation
 
@@ -177,13 +177,16 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
     return PTQModelResult(res.qparams, None, res.ref_params, report, res.log,
                           time.perf_counter() - t0)
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jq import _compat  # pylint: disable=import-outside-toplevel
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise ValueError("quantize_model: an nnx module carries its own state; pass variables=None")
     target = nnx_target(model)
+    target.params = _compat.auto_typed(target.params)
   else:
     if variables is None:
       raise ValueError("quantize_model: a linen model needs its variables")
+    variables = _compat.auto_typed(variables)   # params split on an Explicit-axes mesh
     try:
       target = linen_target(model, variables, batches[0], example_kwargs)
     except (TypeError, ValueError) as e:
@@ -241,7 +244,13 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
         f"process {p} ran {c}" for p, c in sorted(state.solved_by.items())))
   if state.devices_used > 1:
     log.append(f"GPTQ/AWQ solves spread over {state.devices_used} devices of the mesh")
+  if state.cut:
+    log.append("solved in column blocks (output channels) on several workers: "
+               + ", ".join(sorted(state.cut)))
   qparams = folding.replace_leaves(state.ref, state.finish())
+  if state.sharded:
+    log.append(f"{len(state.sharded)} parameters split over the mesh's devices as given: kept "
+               "split (never replicated), their quantized kernels split the same way")
   for p, why in kept.items():
     log.append(f"{p}: kept float: {why}")
   out = target.finish(qparams)
@@ -268,6 +277,11 @@ class _State:
     self._replicated = None if mesh is None else data_sharding(mesh, data_axis)[1]
     self._placed: dict[int, tuple[Any, Any]] = {}
     self.ref = self.cur = target.params
+    # leaves the caller split over the mesh's devices: they stay split (never replicated), and so
+    # do the finished kernels that replace them and the QArrays they become (on the Auto-typed
+    # twin of the caller's mesh: ``_compat.auto_typed``)
+    self.sharded = {p: x.sharding for p, x in leaves_with_paths(target.params)
+                    if self._split(x)}
     self.views = {p: MatrixView(tuple(x.shape), target.layouts[p])
                   for p, x in leaves_with_paths(target.params) if p in decided}
     self.per_layer = {}   # matrix i is stacked layer i (else every matrix shares one input)
@@ -284,8 +298,9 @@ class _State:
     self.report: list[LayerRow] = []
     self.notes: dict[str, list[str]] = collections.defaultdict(list)
     self.algo_used: dict[str, Algorithm] = {}
-    self.solved_by: dict[int, int] = {}   # process -> GPTQ/AWQ solves it ran (several processes)
+    self.solved_by: dict[int, int] = {}   # process -> GPTQ/AWQ solves (or blocks) it ran
     self.devices_used = 0                  # most devices one unit's solves ran on (a mesh)
+    self.cut: set[str] = set()             # kernels whose solve was cut into column blocks
 
   def _layer(self, path: str, inputs: LayerInputs, layer: int) -> LayerInputs:
     if self.target.stacks.get(path, 1) == 1:
@@ -294,20 +309,45 @@ class _State:
         *[v[layer] for v in inputs.stats]), inputs.lo[layer], inputs.hi[layer],
                        None if inputs.samples is None else inputs.samples[layer])
 
+  def _split(self, x) -> bool:
+    """``x`` is split over this mesh's devices (a NamedSharding that is not a full copy)."""
+    s = getattr(x, "sharding", None)
+    return (self.mesh is not None and isinstance(x, jax.Array)
+            and isinstance(s, jax.sharding.NamedSharding) and not s.is_fully_replicated
+            and s.device_set == set(self.mesh.devices.flat))
+
   def placed(self, tree):
-    """``tree`` replicated on the mesh (each leaf copied once and kept while it is in use), or
-    ``tree`` itself without a mesh."""
+    """``tree`` on the mesh: leaves split over its devices as they are (on the ``Auto`` twin of
+    their mesh, which the calibration programs use), every other leaf replicated (each copied
+    once and kept while it is in use); ``tree`` itself without a mesh."""
     if self._replicated is None:
       return tree
+    auto = self._replicated.mesh
 
     def one(x):
       if not isinstance(x, (jax.Array, np.ndarray)):
         return x
       hit = self._placed.get(id(x))
       if hit is None or hit[0] is not x:
-        hit = self._placed[id(x)] = (x, jax.device_put(x, self._replicated))
+        to = (jax.sharding.NamedSharding(auto, x.sharding.spec) if self._split(x)
+              else self._replicated)
+        hit = self._placed[id(x)] = (x, jax.device_put(x, to))
       return hit[1]
     return jax.tree_util.tree_map(one, tree)
+
+  def _keep_split(self, tree):
+    """``tree`` with the caller's split leaves split as they were (after a fold rescaled them)."""
+    if not self.sharded:
+      return tree
+    return folding.replace_leaves(tree, {p: self.kept_split(p, x)
+                                         for p, x in leaves_with_paths(tree) if p in self.sharded})
+
+  def kept_split(self, path: str, x):
+    """A finished float kernel (or QArray) of ``path`` split like the caller's leaf was."""
+    s = self.sharded.get(path)
+    if s is None:
+      return x
+    return jax.device_put(x, qarray_sharding(x, s) if isinstance(x, QArray) else s)
 
   def _drop_placed(self) -> None:
     """Forgets the copies of leaves no longer in ``cur`` (folded or quantized ones)."""
@@ -343,9 +383,9 @@ class _State:
       spec2 = view.matrix_spec(rule.weight, name=path)
       mats = view.matrices(jnp.asarray(leaves[path]))
       for i in (layers if stacked else range(view.n)):   # (unstacked: matrices of batch axes)
-        tasks.append(_Solve(path, i, algo, mats[i], self.inputs[path].get(i if stacked else 0),
-                            spec2, rule.algorithm_options,
-                            f"{path}[{i}]" if view.n > 1 else path))
+        tasks.append(solves.Solve(path, i, algo, mats[i],
+                                  self.inputs[path].get(i if stacked else 0), spec2,
+                                  rule.algorithm_options, f"{path}[{i}]" if view.n > 1 else path))
     for t, (q, note) in zip(tasks, self._solve(unit, tasks)):
       self.mats[t.path][t.index] = q
       if note:
@@ -361,67 +401,82 @@ class _State:
       done[path] = view.kernel(jnp.stack([
           self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
           for i in range(view.n)])).astype(folding.wide_dtype(leaves[path].dtype))
+      done[path] = self.kept_split(path, done[path])
     self.cur = folding.replace_leaves(self.cur, done)
 
-  def _solve(self, unit: Unit, tasks: Sequence[_Solve]) -> list[tuple[QArray, str]]:
-    """Each task's ``(QArray, note)``.  With several processes, each GPTQ/AWQ solve runs in one
-    process (:func:`_owners`: the costliest first, each to the least loaded process) and the
-    results are shared (``jq.distributed.share``: the same bits everywhere); rounding to nearest
-    is cheaper than sending it, so every process does it.  Within a process, a mesh's devices
-    share its solves the same way (:meth:`_run`)."""
+  def _solve(self, unit: Unit, tasks: Sequence[solves.Solve]) -> list[tuple[QArray, str]]:
+    """Each task's ``(QArray, note)``.  With several processes, the GPTQ/AWQ solves are shared
+    out (``jq.ptq.solves``: a solve costlier than a process's even share cut into column blocks,
+    the costliest first, each to the least loaded process), each process runs its own and the
+    results are sent to all (``jq.distributed.share``: the same bits everywhere); rounding to
+    nearest is cheaper than sending it, so every process does it.  Within a process, a mesh's
+    devices share its solves the same way (:meth:`_run`)."""
     n = jax.process_count() if self.dist else 1
-    owner = _owners(tasks, n) if n > 1 else {}
+    pieces = solves.split(tasks, n)
+    owner = solves.owners([p for _, p in pieces], n) if n > 1 else {}
     me = jax.process_index()
-    for k in owner:
-      self.solved_by[owner[k]] = self.solved_by.get(owner[k], 0) + 1
-    out: list[tuple[QArray, str] | None] = [None] * len(tasks)
-    for k, got in self._run({k: t for k, t in enumerate(tasks) if owner.get(k, me) == me}).items():
-      out[k] = got
-    if not owner:
-      return out
+    for j in owner:
+      self.solved_by[owner[j]] = self.solved_by.get(owner[j], 0) + 1
+    self.cut.update(p.path for _, p in pieces if p.cols is not None)
+    got = self._run({j: p for j, (_, p) in enumerate(pieces) if owner.get(j, me) == me})
+    if owner:
+      got.update(self._shared(unit, {j: got[j] for j in owner if owner[j] == me}))
+    by_task: list[list[tuple[QArray, str]]] = [[] for _ in tasks]
+    for j, (i, _) in enumerate(pieces):
+      by_task[i].append(got[j])
+    return [solves.join(parts) for parts in by_task]
+
+  def _shared(self, unit: Unit, mine: dict[int, tuple[QArray, str]]
+              ) -> dict[int, tuple[QArray, str]]:
+    """Every process's solved pieces, from this process's ``mine`` (``jq.distributed.share``)."""
     from jq import distributed  # pylint: disable=import-outside-toplevel
     arrays, info = {}, {}
-    for k in owner:
-      if owner[k] == me:
-        q, note = out[k]
-        arrays.update({f"{k}/{c}": getattr(q, c) for c in ("values", "scale", "zero_point")
-                       if getattr(q, c) is not None})
-        info[str(k)] = [q.qtype.value, list(q.shape), list(q.tile), note]
+    for j, (q, note) in mine.items():
+      arrays.update({f"{j}/{c}": getattr(q, c) for c in ("values", "scale", "zero_point")
+                     if getattr(q, c) is not None})
+      info[str(j)] = [q.qtype.value, list(q.shape), list(q.tile), note]
     arrays, infos = distributed.share(f"the solves of {unit.name}", arrays, info)
+    out = {}
     for got in infos:
-      for k, (qtype, shape, tile, note) in got.items():
-        k = int(k)
-        if owner[k] == me:
-          continue
-        zp = arrays.get(f"{k}/zero_point")
-        out[k] = (QArray(values=jnp.asarray(arrays[f"{k}/values"]),
-                         scale=jnp.asarray(arrays[f"{k}/scale"]),
-                         zero_point=None if zp is None else jnp.asarray(zp), activation=None,
-                         qtype=QType(qtype), shape=tuple(shape), tile=tuple(tile)), note)
+      for j, (qtype, shape, tile, note) in got.items():
+        zp = arrays.get(f"{j}/zero_point")
+        out[int(j)] = (QArray(values=jnp.asarray(arrays[f"{j}/values"]),
+                              scale=jnp.asarray(arrays[f"{j}/scale"]),
+                              zero_point=None if zp is None else jnp.asarray(zp),
+                              activation=None, qtype=QType(qtype), shape=tuple(shape),
+                              tile=tuple(tile)), note)
+    out.update(mine)
     return out
 
-  def _run(self, tasks: dict[int, _Solve]) -> dict[int, tuple[QArray, str]]:
+  def _run(self, tasks: dict[int, solves.Solve]) -> dict[int, tuple[QArray, str]]:
     """Runs ``tasks`` in this process: on a mesh of several local devices, the GPTQ/AWQ solves
-    are spread over them (:func:`_owners` again; one thread per device, each solve's inputs
-    placed on its device, the results brought back to the default device: the same program on
-    the same kind of device, so the same bits); everything else on the default device."""
+    are spread over them (``jq.ptq.solves`` again, column blocks included; one thread per
+    device, each solve's inputs placed on its device, the results brought back to the default
+    device: the same program on the same kind of device, so the same bits); everything else on
+    the default device."""
     devices = [] if self.mesh is None else [d for d in self.mesh.devices.flat
                                             if d.process_index == jax.process_index()]
     keys = list(tasks)
-    where = _owners([tasks[k] for k in keys], len(devices)) if len(devices) > 1 else {}
-    out = {k: _solve_on(tasks[k], None) for j, k in enumerate(keys) if j not in where}
-    if not where:
-      return out
+    if len(devices) < 2:
+      return {k: solves.solve_on(tasks[k], None) for k in keys}
+    pieces = solves.split([tasks[k] for k in keys], len(devices))
+    self.cut.update(p.path for _, p in pieces if p.cols is not None)
+    where = solves.owners([p for _, p in pieces], len(devices))
+    got = {j: solves.solve_on(p, None) for j, (_, p) in enumerate(pieces) if j not in where}
     home = jax.local_devices()[0]
 
     def run(d: int) -> dict[int, tuple[QArray, str]]:
-      return {keys[j]: _solve_on(tasks[keys[j]], devices[d]) for j in where if where[j] == d}
+      return {j: solves.solve_on(pieces[j][1], devices[d]) for j in where if where[j] == d}
 
-    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
-      for got in pool.map(run, range(len(devices))):
-        out.update({k: (jax.device_put(q, home), note) for k, (q, note) in got.items()})
-    self.devices_used = max(self.devices_used, len(set(where.values())))
-    return out
+    if where:
+      with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        for part in pool.map(run, range(len(devices))):
+          got.update({j: (jax.device_put(q, home), note) for j, (q, note) in part.items()})
+      self.devices_used = max(self.devices_used, len(set(where.values())))
+    by_task: dict[int, list[tuple[QArray, str]]] = {k: [] for k in keys}
+    for j, (i, _) in enumerate(pieces):
+      by_task[keys[i]].append(got[j])
+    return {k: solves.join(parts) for k, parts in by_task.items()}
 
   def _learn(self, unit: Unit, paths: list[str], opts: AutoRoundOptions, leaves) -> None:
     """Learned rounding (``jq.algorithms.rounding``) of the unit's ``paths`` together, starting
@@ -527,8 +582,8 @@ class _State:
               scale_stats(inp.stats, row), inp.lo / row, inp.hi / row,
               None if inp.samples is None else inp.samples / row)
           self.scaled.add((c, layer))
-    self.ref = folding.apply_folds(self.target, self.ref, folds)
-    self.cur = folding.apply_folds(self.target, self.cur, folds)
+    self.ref, self.cur = (self._keep_split(folding.apply_folds(self.target, t, folds))
+                          for t in (self.ref, self.cur))
 
   def _verified(self, found, run, batches) -> list[str]:
     """Keys of the folds that hold all together (checked together first, then halved)."""
@@ -568,60 +623,14 @@ class _State:
     for path, rule in self.decided.items():
       view = self.views[path]
       q = assemble(view, [self.mats[path][i] for i in range(view.n)], rule.weight, name=path)
-      new[path] = with_activation(q, rule.activation, act_scales.get(path), path=path,
-                                  leaf=leaves[path])
+      new[path] = self.kept_split(path, with_activation(q, rule.activation, act_scales.get(path),
+                                                        path=path, leaf=leaves[path]))
       algo = self.algo_used[path].value
       if rule.algorithm is Algorithm.AUTOROUND:
         algo = f"autoround (from {algo})"
       self.report.append(LayerRow(path, algo, q.qtype.value + " tile=" +
                                   "x".join(map(str, q.tile)), "; ".join(self.notes[path])))
     return new
-
-
-class _Solve(NamedTuple):
-  """One kernel matrix to solve (``jq.algorithms.registry.solve``)."""
-  path: str
-  index: int
-  algo: Algorithm
-  w: jax.Array
-  inputs: LayerInputs | None
-  spec: Any
-  options: Any
-  name: str
-
-
-def _solve_on(t: _Solve, device) -> tuple[QArray, str]:
-  """``solve`` of one task, on ``device`` (its inputs placed there) or where its inputs are."""
-  stats, samples = _stats_samples(t.inputs)
-  w = t.w
-  if device is not None:
-    put = functools.partial(jax.device_put, device=device)
-    w, samples = put(w), None if samples is None else put(samples)
-    stats = None if stats is None else LayerStats(*[put(x) for x in stats])
-    with jax.default_device(device):
-      return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
-  return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
-
-
-def _owners(tasks: Sequence[_Solve], n: int) -> dict[int, int]:
-  """``{task: process}`` for the GPTQ/AWQ solves: the costliest first (GPTQ ~ K²N + K³, AWQ's
-  clip search ~ K·N per sampled token, each plus the unit's mean cost for what does not grow
-  with the flops: dispatch, host syncs, compiling a new shape), each to the least loaded of the
-  ``n`` processes (or devices).  The same in every process (it depends on shapes only)."""
-  cost = {}
-  for k, t in enumerate(tasks):
-    kk, nn = (int(d) for d in t.w.shape[-2:])
-    if t.algo is Algorithm.GPTQ:
-      cost[k] = kk * kk * nn + kk ** 3
-    elif t.algo is Algorithm.AWQ and t.options.clip:
-      cost[k] = kk * nn * 512
-  fixed = sum(cost.values()) // max(1, len(cost))
-  cost = {k: c + fixed for k, c in cost.items()}
-  load, owner = [0] * n, {}
-  for k in sorted(cost, key=lambda k: (-cost[k], k)):
-    p = min(range(n), key=lambda p: (load[p], p))
-    owner[k], load[p] = p, load[p] + cost[k]
-  return owner
 
 
 def _fingerprint(model, target: Target, rules, decided, groups, cfg, chained: bool,
@@ -660,12 +669,6 @@ def _rows(items: Sequence[Any], name: str) -> Any:
                        "their leading axis; a batch holds arrays of leading sizes "
                        f"{sorted(map(str, lead))} (every argument must share the batch axis)")
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate([jnp.asarray(x) for x in a]), *items)
-
-
-def _stats_samples(inp: LayerInputs | None):
-  if inp is None:
-    return None, None
-  return inp.stats, None if inp.samples is None else jnp.asarray(inp.samples)
 
 
 def _one_row(batch):

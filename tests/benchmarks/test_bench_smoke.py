@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 
 
 def _load(name: str):

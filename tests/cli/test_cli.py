@@ -6,7 +6,7 @@ import pytest
 from jq import cli
 from jq import io as jqio
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.optimized]
 FAST = ["--eval-windows", "1", "--window", "128"]
 
 

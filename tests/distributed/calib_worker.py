@@ -121,6 +121,7 @@ def solve_on_check(path: str) -> None:
   import numpy as np
   import jq
   from jq.calibrate.stats import init_stats, update_stats
+  from jq.ptq import solves
   qm = importlib.import_module("jq.ptq.quantize_model")   # the module, not jq.ptq's function
   rng = np.random.default_rng(3)
   x = jax.numpy.asarray(rng.standard_normal((256, 64)).astype(np.float32))
@@ -128,11 +129,50 @@ def solve_on_check(path: str) -> None:
   stats = update_stats(init_stats(64), x, jax.numpy.ones((256,), jax.numpy.float32))
   rule = jq.recipe_rules("gptq-w4a16-g32")[-1]
   inputs = qm.LayerInputs(stats, np.zeros(64, np.float32), np.zeros(64, np.float32), None)
-  task = qm._Solve("k", 0, rule.algorithm, w, inputs, rule.weight, rule.algorithm_options, "k")
-  (a, _), (b, _) = qm._solve_on(task, None), qm._solve_on(task, jax.devices()[5])
+  task = solves.Solve("k", 0, rule.algorithm, w, inputs, rule.weight, rule.algorithm_options, "k")
+  (a, _), (b, _) = solves.solve_on(task, None), solves.solve_on(task, jax.devices()[5])
+  # the same kernel cut into 3 column blocks, each solved on its own device, then joined
+  blocks = solves.split([task, task._replace(w=w[:, :8])], 3)
+  c, _ = solves.join([solves.solve_on(p, jax.devices()[1 + j]) for j, (i, p) in enumerate(blocks)
+                      if i == 0])
   with open(path, "w") as f:
-    f.write(" ".join(c for c in ("values", "scale") if not np.array_equal(
-        np.asarray(getattr(a, c)), np.asarray(getattr(b, c)))))
+    f.write(" ".join(f"{name}:{c_}" for name, other in (("device", b), ("blocks", c))
+                     for c_ in ("values", "scale") if not np.array_equal(
+                         np.asarray(getattr(a, c_)), np.asarray(getattr(other, c_)))))
+
+
+def split_check(out: str, model, variables, calib, mesh) -> None:
+  """The caller's parameters split over the mesh (every kernel along its output axis): GPTQ and
+  SmoothQuant (a fold) run on them as they are; writes the trees, the logs and, per quantized
+  kernel, the PartitionSpec of its values and of the float kernel it replaced."""
+  import json
+  import jax
+  import jq
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jq.ptq import PTQConfig, quantize_model
+
+  def split(x):
+    n = mesh.devices.size
+    spec = (P(*([None] * (x.ndim - 1)), "data") if x.ndim >= 2 and x.shape[-1] % n == 0
+            else P())
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  placed = jax.tree.map(split, variables)
+  specs = {}
+  for recipe in ("gptq-w4a16-g32", "smoothquant-w8a8"):
+    if recipe == "smoothquant-w8a8":
+      dump(os.path.join(out, f"{recipe}.single.npz"),
+           quantize_model(model, variables, jq.recipe_rules(recipe), calib).variables)
+    res = quantize_model(model, placed, jq.recipe_rules(recipe), calib,
+                         config=PTQConfig(mesh=mesh))
+    dump(os.path.join(out, f"{recipe}.split.npz"), res.variables)
+    with open(os.path.join(out, f"{recipe}.split.log"), "w") as f:
+      f.write("\n".join(res.log))
+    flat = dict(jq.leaves_with_paths(placed))
+    specs[recipe] = {p: [str(q.values.sharding.spec), str(flat[p].sharding.spec)]
+                     for p, q in jq.leaves_with_paths(res.variables) if isinstance(q, jq.QArray)}
+  with open(os.path.join(out, "split.json"), "w") as f:
+    json.dump(specs, f)
 
 
 def dump(path: str, tree) -> None:
@@ -214,6 +254,7 @@ def main(argv=None) -> int:
           f.write("\n".join(res.log))
     if a.devices > 1 and a.process_id is None:
       solve_on_check(os.path.join(a.out, "solve_on.txt"))
+      split_check(a.out, model, variables, calib, jax.make_mesh((a.devices,), ("data",)))
   except Exception as e:  # pylint: disable=broad-except
     with open(os.path.join(a.out, f"error.{me}.txt"), "w") as f:
       f.write(f"{type(e).__name__}: {e}")

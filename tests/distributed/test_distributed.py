@@ -8,6 +8,7 @@ and ``w8a8-static``; plus ``jq.calibrate.collect`` of a scanned stack (vmapped c
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -86,11 +87,26 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
   assert gptq["codes_differ"] <= 0.01 and gptq["max_code_diff"] <= 1, gptq
   assert gptq["scale_rel"] <= 1e-5 and gptq["max_dequant_steps"] <= 1.01, gptq
   print("mesh vs one device:", {"w8a8-static": static, "gptq": gptq})
-  # the mesh's devices share the GPTQ solves (one thread each); a solve on another device gives
-  # the default device's bits
+  # the mesh's devices share the GPTQ solves (one thread each); a solve on another device, and
+  # a kernel solved in column blocks on three devices and joined, give the default device's bits
   log = (tmp_path / "gptq-w4a16-g32.mesh.log").read_text()
-  assert "GPTQ/AWQ solves spread over 7 devices of the mesh" in log, log
+  assert "GPTQ/AWQ solves spread over 8 devices of the mesh" in log, log
+  assert "solved in column blocks" in log, log
   assert (tmp_path / "solve_on.txt").read_text() == ""
+  # the caller's parameters split over the mesh (kernels along their output axis) stay split:
+  # the same result as replicated ones, and each quantized kernel split like its float kernel
+  specs = json.loads((tmp_path / "split.json").read_text())
+  for recipe, ref in (("gptq-w4a16-g32", "gptq-w4a16-g32.mesh.npz"),
+                      ("smoothquant-w8a8", "smoothquant-w8a8.single.npz")):
+    got = compare(np.load(tmp_path / ref), np.load(tmp_path / f"{recipe}.split.npz"))
+    # (SmoothQuant against one device: its smoothing scales from float32 sums in another order
+    # move a few codes by one step, in a kernel column whose scale exceeds the kernel's smallest)
+    assert got["codes_differ"] <= 0.01 and got["max_code_diff"] <= 1, (recipe, got)
+    assert got["scale_rel"] <= 1e-5 and got["max_dequant_steps"] <= 2, (recipe, got)
+    log = (tmp_path / f"{recipe}.split.log").read_text()
+    assert "split over the mesh's devices as given: kept split" in log, log
+    split = [p for p, (_, float_spec) in specs[recipe].items() if "data" in float_spec]
+    assert split and all("'data'" in specs[recipe][p][0] for p in split), specs[recipe]
   msg = (tmp_path / "indivisible.txt").read_text()
   assert "calibration batch 1" in msg and "(6, 32)" in msg and "8 devices" in msg, msg
 

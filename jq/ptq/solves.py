@@ -1,0 +1,147 @@
+"""Sharing a unit's kernel solves between workers (processes or a mesh's devices).
+
+A unit's solves (``jq.algorithms.registry.solve``: one ``(K, N)`` kernel matrix each) are
+independent, so :func:`owners` hands them to ``n`` workers, the costliest first, each to the least
+loaded.  A solve costing more than one worker's even share is first cut by :func:`split` into
+column blocks (output channels): GPTQ's and AWQ's clip search treat each output column on its own
+(the K×K statistics and the input sample are shared, the rounding order runs over K), so the
+blocks' results, joined by :func:`join`, are the whole kernel's.  The block edges fall on whole
+scale tiles and whole packed bytes; a kernel whose scales span its output channels (one scale per
+tensor, say) is never cut.  All of it depends on shapes only: every process computes the same plan.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jq.algorithms.registry import Inputs, solve
+from jq.calibrate.collect import LayerInputs
+from jq.calibrate.stats import LayerStats
+from jq.qarray import QArray
+from jq.spec import Algorithm
+
+
+class Solve(NamedTuple):
+  """One kernel matrix to solve (``jq.algorithms.registry.solve``), or a column block of one."""
+  path: str
+  index: int
+  algo: Algorithm
+  w: jax.Array
+  inputs: LayerInputs | None
+  spec: Any
+  options: Any
+  name: str
+  cols: tuple[int, int] | None = None   # output channels [a, b) of the kernel matrix; None: all
+
+
+def stats_samples(inp: LayerInputs | None):
+  """``(LayerStats | None, samples | None)`` of a layer's collected inputs."""
+  if inp is None:
+    return None, None
+  return inp.stats, None if inp.samples is None else jnp.asarray(inp.samples)
+
+
+def solve_on(t: Solve, device) -> tuple[QArray, str]:
+  """``solve`` of one task, on ``device`` (its inputs placed there) or where its inputs are."""
+  stats, samples = stats_samples(t.inputs)
+  w = t.w
+  if device is not None:
+    put = functools.partial(jax.device_put, device=device)
+    w, samples = put(w), None if samples is None else put(samples)
+    stats = None if stats is None else LayerStats(*[put(x) for x in stats])
+    with jax.default_device(device):
+      return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
+  return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
+
+
+def cost(t: Solve) -> int:
+  """Flops of a GPTQ solve (~ K²N + K³) or AWQ clip search (~ K·N per sampled token); 0 for the
+  rest (rounding to nearest: cheaper to do everywhere than to send)."""
+  k, n = (int(d) for d in t.w.shape[-2:])
+  if t.algo is Algorithm.GPTQ:
+    return k * k * n + k ** 3
+  if t.algo is Algorithm.AWQ and t.options.clip:
+    return k * n * 512
+  return 0
+
+
+def _column_unit(t: Solve) -> int | None:
+  """The narrowest column block whose edges fall on whole scale tiles and packed bytes, or None
+  where the scales span the output channels (the kernel cannot be cut)."""
+  k, n = (int(d) for d in t.w.shape[-2:])
+  tile_n = int(t.spec.tile((k, n), name=t.name, dtype=t.w.dtype)[-1])
+  if tile_n >= n:
+    return None
+  return math.lcm(tile_n, int(t.spec.qtype.per_byte))
+
+
+def split(tasks: Sequence[Solve], n: int) -> list[tuple[int, Solve]]:
+  """``(task, piece)`` pairs: every task whole, except GPTQ/AWQ solves costing more than an even
+  share (total / ``n``), cut into the fewest equal column blocks (at most ``n``) that bring a
+  block under the share.  Every block of a GPTQ solve repeats its K³ factorisation, so a GPTQ
+  kernel is cut only where its column work (K²N) is at least that (N ≥ K): cutting the others
+  would add more work than it takes off the longest solve."""
+  share = sum(cost(t) for t in tasks) / max(1, n)
+  out = []
+  for i, t in enumerate(tasks):
+    c, unit = cost(t), _column_unit(t) if n > 1 else None
+    k, width = (int(d) for d in t.w.shape[-2:])
+    fixed = k ** 3 if t.algo is Algorithm.GPTQ else 0
+    if not c or c <= share or unit is None or c - fixed < fixed:
+      out.append((i, t))
+      continue
+    m = next((m for m in range(2, n + 1) if fixed + (c - fixed) / m <= share), n)
+    m = min(m, width // unit)
+    if m < 2:
+      out.append((i, t))
+      continue
+    start = 0 if t.cols is None else t.cols[0]
+    units = width // unit
+    edges = [unit * (units * j // m) for j in range(m)] + [width]
+    for a, b in zip(edges[:-1], edges[1:]):
+      out.append((i, t._replace(w=t.w[..., a:b], cols=(start + a, start + b),
+                                name=f"{t.name}[:, {start + a}:{start + b}]")))
+  return out
+
+
+def owners(tasks: Sequence[Solve], n: int) -> dict[int, int]:
+  """``{task: worker}`` for the GPTQ/AWQ solves: the costliest first, each plus the tasks' mean
+  cost for what does not grow with the flops (dispatch, host syncs, compiling a new shape), each
+  to the least loaded of the ``n`` workers.  Rounding to nearest is left out (every worker does
+  its own)."""
+  costs = {k: c for k, t in enumerate(tasks) if (c := cost(t))}
+  fixed = sum(costs.values()) // max(1, len(costs))
+  costs = {k: c + fixed for k, c in costs.items()}
+  load, owner = [0] * n, {}
+  for k in sorted(costs, key=lambda k: (-costs[k], k)):
+    p = min(range(n), key=lambda p: (load[p], p))
+    owner[k], load[p] = p, load[p] + costs[k]
+  return owner
+
+
+def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
+  """One kernel's ``(QArray, note)`` from its column blocks' results, in column order: values,
+  scales and zero points concatenated along the output channels (block edges fall on whole tiles
+  and bytes), the blocks' distinct notes joined."""
+  if len(pieces) == 1:
+    return pieces[0]
+  qs = [q for q, _ in pieces]
+  first = qs[0]
+
+  def cat(name):
+    parts = [getattr(q, name) for q in qs]
+    return None if parts[0] is None else jnp.concatenate(parts, axis=-1)
+
+  shape = (*first.shape[:-1], sum(q.shape[-1] for q in qs))
+  q = QArray(values=cat("values"), scale=cat("scale"), zero_point=cat("zero_point"),
+             activation=first.activation, qtype=first.qtype, shape=shape, tile=first.tile)
+  notes = "; ".join(dict.fromkeys(note for _, note in pieces if note))
+  return q, notes
+
+
+__all__ = ["Solve", "cost", "join", "owners", "solve_on", "split", "stats_samples"]

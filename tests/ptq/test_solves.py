@@ -1,0 +1,88 @@
+"""Sharing solves between workers (``jq.ptq.solves``): a kernel cut into column blocks, each block
+solved on its own and the results joined, is the whole kernel's solve, bit for bit; kernels whose
+scales span the output channels are never cut; the split and the owners depend on shapes only."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+from jq.calibrate.collect import LayerInputs
+from jq.calibrate.stats import init_stats, update_stats
+from jq.ptq import solves
+from jq.spec import Algorithm
+
+K = 128
+
+
+def _task(rule, n: int, seed: int = 0, name: str = "mlp/down/kernel") -> solves.Solve:
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((512, K)).astype(np.float32) * np.linspace(0.2, 3.0, K, dtype=np.float32)
+  w = jnp.asarray(rng.standard_normal((K, n)).astype(np.float32))
+  stats = update_stats(init_stats(K), jnp.asarray(x), jnp.ones((512,), jnp.float32))
+  inputs = LayerInputs(stats, np.min(x, 0), np.max(x, 0), jnp.asarray(x[:256]))
+  return solves.Solve(name, 0, rule.algorithm, w, inputs, rule.weight, rule.algorithm_options,
+                      name)
+
+
+CASES = {
+    "gptq-w4a16-g128-actorder": jq.recipe_rules("gptq-w4a16-g128-actorder")[-1],
+    "gptq-w8a16": jq.default_rules(jq.W8A16, algorithm=Algorithm.GPTQ)[-1],
+    "gptq-w2a16-g32": jq.default_rules(jq.W2A16_G32, algorithm=Algorithm.GPTQ)[-1],
+    "awq-w4a16-g32": jq.recipe_rules("awq-w4a16-g32")[-1],
+}
+
+
+@pytest.mark.parametrize("recipe", list(CASES))
+def test_column_blocks_joined_are_the_whole_solve(recipe):
+  """150 output channels in 3 blocks (int2 packs 4 per byte: edges on multiples of 4, a ragged
+  last block), beside a narrow kernel (N < K: GPTQ's K³ factorisation dominates; not cut)."""
+  big, small = _task(CASES[recipe], 150), _task(CASES[recipe], 8, seed=1, name="small")
+  pieces = solves.split([big, small], 3)
+  cut = [p for i, p in pieces if i == 0]
+  assert len(cut) == 3 and [i for i, _ in pieces].count(1) == 1
+  per = CASES[recipe].weight.qtype.per_byte
+  assert all(p.cols[0] % per == 0 for p in cut) and cut[-1].cols[1] == 150
+  assert [p.cols for p in cut] == [(0, cut[1].cols[0]), (cut[1].cols[0], cut[2].cols[0]),
+                                   (cut[2].cols[0], 150)]
+  assert cut[1].name == f"mlp/down/kernel[:, {cut[1].cols[0]}:{cut[1].cols[1]}]"
+  whole, _ = solves.solve_on(big, None)
+  joined, note = solves.join([solves.solve_on(p, None) for p in cut])
+  assert joined.shape == whole.shape and joined.tile == whole.tile and note == ""
+  for field in ("values", "scale", "zero_point"):
+    a, b = getattr(whole, field), getattr(joined, field)
+    assert (a is None) == (b is None), field
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=field)
+
+
+def test_a_block_cut_again_joins_to_that_block():
+  """A process's block spread over its devices: cut again (absolute columns), joined back."""
+  half = solves.split([_task(CASES["awq-w4a16-g32"], 150)], 2)[1][1]
+  again = [p for _, p in solves.split([half], 2)]
+  assert [p.cols for p in again] == [(74, 112), (112, 150)] and half.cols == (74, 150)
+  np.testing.assert_array_equal(
+      np.asarray(solves.join([solves.solve_on(p, None) for p in again])[0].values),
+      np.asarray(solves.solve_on(half, None)[0].values))
+
+
+def test_kernels_whose_scales_span_the_channels_are_never_cut():
+  per_tensor = jq.default_rules(jq.QuantSpec(qtype=jq.QType.INT8,
+                                             granularity=jq.Granularity.TENSOR),
+                                algorithm=Algorithm.GPTQ)[-1]
+  big, small = _task(per_tensor, 96), _task(per_tensor, 8, name="small")
+  assert [(i, p.cols) for i, p in solves.split([big, small], 4)] == [(0, None), (1, None)]
+  rtn = jq.recipe_rules("w4a16-g32")[-1]     # rounding to nearest: nothing to share
+  assert [p.cols for _, p in solves.split([_task(rtn, 96), small], 4)] == [None, None]
+  assert solves.owners([_task(rtn, 96)], 2) == {}
+
+
+def test_owners_balance_the_blocks():
+  rule = CASES["gptq-w2a16-g32"]
+  tasks = [_task(rule, 512, name="up"), _task(rule, 128, name="q"), _task(rule, 128, name="k")]
+  pieces = [p for _, p in solves.split(tasks, 2)]
+  assert [p.cols for p in pieces if p.path == "up"] == [(0, 256), (256, 512)]
+  owner = solves.owners(pieces, 2)
+  load = [sum(solves.cost(pieces[j]) for j in owner if owner[j] == w) for w in (0, 1)]
+  assert sorted(owner.values()) == [0, 0, 1, 1] and max(load) / min(load) < 1.2, load
