@@ -91,7 +91,6 @@ print("SHARDING-OK", checked)
 ''')
 
 
-@pytest.mark.optimized
 def test_quantize_tree_keeps_leaves_sharded():
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

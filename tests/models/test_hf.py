@@ -146,7 +146,6 @@ def test_bad_checkpoints_name_file_and_field(tiny_hf, tmp_path):
     registry.load(str(tmp_path / "absent"))
 
 
-@pytest.mark.optimized
 def test_awq_folds_into_gemma_norms_exactly(tiny_hf):
   """Gemma's RMSNorm multiplies by ``1 + scale``: AWQ's fold must keep the offset (found, checked)."""
   import jq

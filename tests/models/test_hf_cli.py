@@ -111,7 +111,6 @@ def test_cli_plan_out_is_checked_before_the_scan(tiny_hf, tmp_path, capsys):
   assert "--out" in capsys.readouterr().err
 
 
-@pytest.mark.optimized
 def test_learned_rounding_from_the_cli_on_the_users_own_text(tiny_hf, tmp_path, capsys):
   """``--recipe autoround-...`` with ``--calib-text FILE``: the loss per block is reported, the
   checkpoint says autoround, and it evaluates like any other."""

@@ -28,7 +28,10 @@ def test_notebooks_exist():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [
+    # 02 evaluates a 49k-vocabulary model many times: compiled fully optimized (tests/conftest.py)
+    pytest.param(p, marks=[pytest.mark.optimized] if p.stem == "02_ptq_study" else [])
+    for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs_in_small_mode(path, monkeypatch):
   monkeypatch.setenv("JQ_NOTEBOOK_SMALL", "1")
   # each notebook picks its own devices (03 asks for 8 virtual CPU devices); don't inherit ours
