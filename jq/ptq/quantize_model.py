@@ -281,7 +281,7 @@ class _State:
     # do the finished kernels that replace them and the QArrays they become (on the Auto-typed
     # twin of the caller's mesh: ``_compat.auto_typed``)
     self.sharded = {p: x.sharding for p, x in leaves_with_paths(target.params)
-                    if self._split(x)}
+                    if self._is_split(x)}
     self.views = {p: MatrixView(tuple(x.shape), target.layouts[p])
                   for p, x in leaves_with_paths(target.params) if p in decided}
     self.per_layer = {}   # matrix i is stacked layer i (else every matrix shares one input)
@@ -309,7 +309,7 @@ class _State:
         *[v[layer] for v in inputs.stats]), inputs.lo[layer], inputs.hi[layer],
                        None if inputs.samples is None else inputs.samples[layer])
 
-  def _split(self, x) -> bool:
+  def _is_split(self, x) -> bool:
     """``x`` is split over this mesh's devices (a NamedSharding that is not a full copy)."""
     s = getattr(x, "sharding", None)
     return (self.mesh is not None and isinstance(x, jax.Array)
@@ -329,20 +329,20 @@ class _State:
         return x
       hit = self._placed.get(id(x))
       if hit is None or hit[0] is not x:
-        to = (jax.sharding.NamedSharding(auto, x.sharding.spec) if self._split(x)
+        to = (jax.sharding.NamedSharding(auto, x.sharding.spec) if self._is_split(x)
               else self._replicated)
         hit = self._placed[id(x)] = (x, jax.device_put(x, to))
       return hit[1]
     return jax.tree_util.tree_map(one, tree)
 
-  def _keep_split(self, tree):
+  def _tree_as_given(self, tree):
     """``tree`` with the caller's split leaves split as they were (after a fold rescaled them)."""
     if not self.sharded:
       return tree
-    return folding.replace_leaves(tree, {p: self.kept_split(p, x)
+    return folding.replace_leaves(tree, {p: self._as_given(p, x)
                                          for p, x in leaves_with_paths(tree) if p in self.sharded})
 
-  def kept_split(self, path: str, x):
+  def _as_given(self, path: str, x):
     """A finished float kernel (or QArray) of ``path`` split like the caller's leaf was."""
     s = self.sharded.get(path)
     if s is None:
@@ -401,7 +401,7 @@ class _State:
       done[path] = view.kernel(jnp.stack([
           self.mats[path][i].dequantize(jnp.float32) if i in self.mats[path] else mats[i]
           for i in range(view.n)])).astype(folding.wide_dtype(leaves[path].dtype))
-      done[path] = self.kept_split(path, done[path])
+      done[path] = self._as_given(path, done[path])
     self.cur = folding.replace_leaves(self.cur, done)
 
   def _solve(self, unit: Unit, tasks: Sequence[solves.Solve]) -> list[tuple[QArray, str]]:
@@ -421,10 +421,8 @@ class _State:
     got = self._run({j: p for j, (_, p) in enumerate(pieces) if owner.get(j, me) == me})
     if owner:
       got.update(self._shared(unit, {j: got[j] for j in owner if owner[j] == me}))
-    by_task: list[list[tuple[QArray, str]]] = [[] for _ in tasks]
-    for j, (i, _) in enumerate(pieces):
-      by_task[i].append(got[j])
-    return [solves.join(parts) for parts in by_task]
+    joined = solves.joined(pieces, got)
+    return [joined[i] for i in range(len(tasks))]
 
   def _shared(self, unit: Unit, mine: dict[int, tuple[QArray, str]]
               ) -> dict[int, tuple[QArray, str]]:
@@ -473,10 +471,7 @@ class _State:
         for part in pool.map(run, range(len(devices))):
           got.update({j: (jax.device_put(q, home), note) for j, (q, note) in part.items()})
       self.devices_used = max(self.devices_used, len(set(where.values())))
-    by_task: dict[int, list[tuple[QArray, str]]] = {k: [] for k in keys}
-    for j, (i, _) in enumerate(pieces):
-      by_task[keys[i]].append(got[j])
-    return {k: solves.join(parts) for k, parts in by_task.items()}
+    return {keys[i]: q for i, q in solves.joined(pieces, got).items()}
 
   def _learn(self, unit: Unit, paths: list[str], opts: AutoRoundOptions, leaves) -> None:
     """Learned rounding (``jq.algorithms.rounding``) of the unit's ``paths`` together, starting
@@ -582,7 +577,7 @@ class _State:
               scale_stats(inp.stats, row), inp.lo / row, inp.hi / row,
               None if inp.samples is None else inp.samples / row)
           self.scaled.add((c, layer))
-    self.ref, self.cur = (self._keep_split(folding.apply_folds(self.target, t, folds))
+    self.ref, self.cur = (self._tree_as_given(folding.apply_folds(self.target, t, folds))
                           for t in (self.ref, self.cur))
 
   def _verified(self, found, run, batches) -> list[str]:
@@ -623,8 +618,8 @@ class _State:
     for path, rule in self.decided.items():
       view = self.views[path]
       q = assemble(view, [self.mats[path][i] for i in range(view.n)], rule.weight, name=path)
-      new[path] = self.kept_split(path, with_activation(q, rule.activation, act_scales.get(path),
-                                                        path=path, leaf=leaves[path]))
+      new[path] = self._as_given(path, with_activation(q, rule.activation, act_scales.get(path),
+                                                      path=path, leaf=leaves[path]))
       algo = self.algo_used[path].value
       if rule.algorithm is Algorithm.AUTOROUND:
         algo = f"autoround (from {algo})"

@@ -124,6 +124,16 @@ def owners(tasks: Sequence[Solve], n: int) -> dict[int, int]:
   return owner
 
 
+def joined(pieces: Sequence[tuple[int, Solve]], got: dict[int, tuple[QArray, str]]
+           ) -> dict[int, tuple[QArray, str]]:
+  """``{task: (QArray, note)}`` from :func:`split`'s ``pieces`` and each piece's result
+  (``got[j]`` for ``pieces[j]``), every task's blocks joined in order (:func:`join`)."""
+  parts: dict[int, list[tuple[QArray, str]]] = {}
+  for j, (i, _) in enumerate(pieces):
+    parts.setdefault(i, []).append(got[j])
+  return {i: join(p) for i, p in parts.items()}
+
+
 def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
   """One kernel's ``(QArray, note)`` from its column blocks' results, in column order: values,
   scales and zero points concatenated along the output channels (block edges fall on whole tiles
@@ -144,4 +154,4 @@ def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
   return q, notes
 
 
-__all__ = ["Solve", "cost", "join", "owners", "solve_on", "split", "stats_samples"]
+__all__ = ["Solve", "cost", "join", "joined", "owners", "solve_on", "split", "stats_samples"]
