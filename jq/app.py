@@ -25,7 +25,7 @@ from jq.ptq import pipeline, recipes
 from jq.spec import Rule, SKIP_PATTERNS
 
 
-def _check_context(model, length: int, what: str) -> None:
+def check_context(model, length: int, what: str) -> None:
   """A sequence longer than the model's context would be run anyway (RoPE extrapolates) and may
   not fit in memory: refused, naming the flag."""
   limit = getattr(getattr(model, "config", None), "max_seq_len", None)
@@ -54,7 +54,7 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
   rules = tuple(rules)
   if model.kind == "causal_lm":
     if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
-      _check_context(model, calib_len, "--calib-len (calibration sequence length)")
+      check_context(model, calib_len, "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
       calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
       res = calibrated(model.module, model.variables, rules, _share(
@@ -139,7 +139,7 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
   """
   kind = _kv_kind(model, kv_cache)
   if model.kind == "causal_lm":
-    _check_context(model, window, "--window (evaluation window)")
+    check_context(model, window, "--window (evaluation window)")
     tokens = model.eval_tokens()
     need = windows * window
     if len(tokens) < window:

@@ -62,7 +62,8 @@ def _rules_for(args) -> tuple[Any, str]:
 
 def _ptq_config(args, **kw):
   """The calibration config of the CLI: ``--devices N`` splits each calibration batch over N
-  local devices (data parallel)."""
+  local devices (data parallel); ``--split-factor-from K`` (with ``--devices``) factors GPTQ
+  Hessians of K or more input channels split over them."""
   from jq.ptq import PTQConfig
   if args.devices and args.devices > 1:
     from jq import distributed
@@ -70,7 +71,10 @@ def _ptq_config(args, **kw):
       kw["mesh"] = distributed.local_mesh(devices=args.devices)
     except ValueError as e:
       raise ValueError(f"--devices {args.devices}: {e}") from e
-  return PTQConfig(**kw)
+  elif args.split_factor_from is not None:
+    raise ValueError(f"--split-factor-from {args.split_factor_from}: splits GPTQ's factorisation "
+                     "over the devices of --devices N (N >= 2); --devices is 1")
+  return PTQConfig(split_factor_from=args.split_factor_from, **kw)
 
 
 def _quantize_model(model, rules, args):
@@ -149,6 +153,8 @@ def _quantize(args) -> int:
     _check_out_file(args.out)
   _print(f"loading {args.model} ...")
   model = registry.load(args.model)
+  if not args.no_eval and model.kind == "causal_lm":   # before the work, not after it
+    app.check_context(model, args.window, "--window (evaluation window)")
   _print(f"quantizing with {recipe} ...")
   t1 = time.perf_counter()
   qvars, ref_vars, log = _quantize_model(model, rules, args)
@@ -688,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--devices", type=_at_least(1), default=1,
                  help="calibration: split each batch over this many local devices (data "
                  "parallel; the batch size, 8 sequences or 4 with --stream, must divide)")
+  q.add_argument("--split-factor-from", type=_at_least(1), default=None, metavar="K",
+                 help="with --devices: GPTQ kernels of K or more input channels factor their "
+                 "Hessian split over the devices, none holding a K x K matrix (default: where "
+                 "one device's solve would take over half of its memory, as GPUs/TPUs report "
+                 "it; never on CPU)")
   q.add_argument("--coordinator", metavar="HOST:PORT",
                  help="several processes (jax.distributed; with --num-processes and "
                  "--process-id): the address of process 0.  Every process runs the same command "

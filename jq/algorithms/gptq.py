@@ -43,6 +43,10 @@ Implementation notes (differences from the reference implementation are marked *
   with zero rows whose Hessian block is the identity, so they never interact with real rows and
   quantize exactly to 0.  ``gptq_quantize`` can itself be called under ``jax.jit`` (the value
   checks then only run on concrete inputs).
+* ``devices=``: a Hessian too large for one device is placed split by rows over several, factored
+  there (``jq.algorithms.factor_split``: a blocked UL factorisation ``H = RRᵀ`` and ``U = R⁻¹``,
+  the same factor as the dense road up to float32 rounding order) and read one row panel at a
+  time by the loop, the kernel's output channels split over the same devices.
 * The rounding grid is jq's own (``jq.quantize``), and the result is built with
   :func:`jq.quantize.quantize_with_params`, so ``dequantize(result)`` is exactly the weights GPTQ
   optimised.
@@ -51,13 +55,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jq import numerics
+from jq.algorithms import factor_split
 from jq.calibrate.stats import LayerStats, hessian as stats_hessian
 from jq.qarray import QArray
 from jq.quantize import check_float_input, compute_params, quantize_with_params
@@ -129,17 +136,26 @@ def _upper_chol_inverse(h: jax.Array, damp: jax.Array, max_retries: int):
 
 
 def _block_layout(k: int, block_size: int, dynamic_groups: bool, g: int
-                  ) -> tuple[int, int]:
-  """Effective block size and padded row count."""
+                  ) -> tuple[int, int, int]:
+  """Effective block size, padded row count and the rows padding is counted in (a block, or a
+  group spanning several blocks)."""
   b = max(1, min(block_size, k))
   if not dynamic_groups:
-    return b, -(-k // b) * b
+    return b, -(-k // b) * b, b
   if g <= b:
     b = (b // g) * g
   elif g % b:
     b = g
   span = max(b, g)
-  return b, -(-k // span) * span
+  return b, -(-k // span) * span, span
+
+
+def _layout(spec: QuantSpec, k: int, n: int, block_size: int, static_groups: bool):
+  """``(tile, dynamic_groups, block, padded rows, span)`` of a ``(k, n)`` kernel's GPTQ loop."""
+  tile = spec.tile((k, n))
+  dynamic_groups = (spec.granularity is Granularity.GROUP and (spec.group_axis or 0) % 2 == 0
+                    and not static_groups)     # (act-order implies static groups)
+  return (tile, dynamic_groups, *_block_layout(k, block_size, dynamic_groups, tile[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("act_order", "max_retries"))
@@ -158,18 +174,17 @@ def _prepare(h: jax.Array, damp: jax.Array, *, act_order: bool, max_retries: int
   return u, perm, dead, rel, retries, failed
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups"))
+@functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups", "mesh"))
 def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec: QuantSpec,
-          block_size: int, static_groups: bool):
-  """The blocked GPTQ loop; returns ``(qarray, loss, fallback_to_rtn)``."""
+          block_size: int, static_groups: bool, mesh=None):
+  """The blocked GPTQ loop; returns ``(qarray, loss, fallback_to_rtn)``.  With ``mesh``, ``u`` is
+  split by rows over it and already padded (``jq.algorithms.factor_split``); the loop reads it one
+  row panel at a time."""
   k, n = w.shape
   w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
 
-  tile = spec.tile((k, n))
-  dynamic_groups = (spec.granularity is Granularity.GROUP and (spec.group_axis or 0) % 2 == 0
-                    and not static_groups)     # (act-order implies static groups)
+  tile, dynamic_groups, b, kp, span = _layout(spec, k, n, block_size, static_groups)
   g = tile[0]
-  b, kp = _block_layout(k, block_size, dynamic_groups, g)
   n_groups = -(-k // g)
   has_zp = not spec.symmetric and not spec.qtype.is_table
 
@@ -182,10 +197,21 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
   inv_perm = jnp.argsort(perm)
   wp = w[perm]
 
-  pad = kp - k
+  if mesh is None:
+    pad = kp - k
+    u = jnp.pad(u, ((0, pad), (0, pad)))
+    u = u + jnp.diag(jnp.concatenate([jnp.zeros((k,), jnp.float32),
+                                      jnp.ones((pad,), jnp.float32)]))
+
+    def panel(i1):
+      return jax.lax.dynamic_slice_in_dim(u, i1, b, axis=0)
+  else:
+    kp = u.shape[0]
+    pad = kp - k
+
+    def panel(i1):
+      return factor_split.row_panel(u, i1, b, mesh)
   wp = jnp.pad(wp, ((0, pad), (0, 0)))
-  u = jnp.pad(u, ((0, pad), (0, pad)))
-  u = u + jnp.diag(jnp.concatenate([jnp.zeros((k,), jnp.float32), jnp.ones((pad,), jnp.float32)]))
   if dynamic_groups:
     s_el = z_el = None
   else:
@@ -226,7 +252,8 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
     wfull, qfull, loss, sbuf, zbuf = c
     i1 = bi * b
     w1 = jax.lax.dynamic_slice_in_dim(wfull, i1, b, axis=0)
-    u1 = jax.lax.dynamic_slice(u, (i1, i1), (b, b))
+    u_rows = panel(i1)                                                      # (b, kp)
+    u1 = jax.lax.dynamic_slice_in_dim(u_rows, i1, b, axis=1)
     q1 = jnp.zeros_like(w1)
     e1 = jnp.zeros_like(w1)
     inner = (w1, q1, e1, loss, sbuf, zbuf, u1)
@@ -254,7 +281,6 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
       inner = jax.lax.fori_loop(0, b, lambda j, cc: column(j, cc, i1), inner)
     _, q1, e1, loss, sbuf, zbuf, _ = inner
     # lazy batch update of all later rows: W[i2:] -= U[i1:i2, i2:]ᵀ E
-    u_rows = jax.lax.dynamic_slice_in_dim(u, i1, b, axis=0)                 # (b, kp)
     u_rows = jnp.where(jnp.arange(kp)[None, :] >= i1 + b, u_rows, 0.0)
     wfull = wfull - jax.lax.dot_general(u_rows, e1, (((0,), (0,)), ((), ())), precision=_HIGHEST)
     qfull = jax.lax.dynamic_update_slice_in_dim(qfull, q1, i1, axis=0)
@@ -264,7 +290,8 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
   sbuf = jnp.ones((n_buf, n), jnp.float32)
   zbuf = jnp.zeros((n_buf, n), jnp.float32)
   init = (wp, jnp.zeros_like(wp), jnp.float32(0.0), sbuf, zbuf)
-  _, qp, loss, sbuf, zbuf = jax.lax.fori_loop(0, kp // b, block, init)
+  # (the split road's extra padding is zero rows that need no pass: only the first whole spans)
+  _, qp, loss, sbuf, zbuf = jax.lax.fori_loop(0, -(-k // span) * span // b, block, init)
 
   wq = qp[:k][inv_perm]
   if dynamic_groups:
@@ -281,10 +308,35 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
   return quantize_with_params(wq, scale, zp, spec), 0.5 * loss, ~ok
 
 
+def _prepare_split(w, h, spec: QuantSpec, devices: list, *, damp: float, block_size: int,
+                   static_groups: bool, act_order: bool, max_retries: int):
+  """:func:`_prepare`'s twin with ``H`` and ``U`` split by rows over ``devices``; also places
+  ``w`` (split by output channels where they divide evenly, else whole on every device)."""
+  if not numerics.is_concrete(h):
+    raise ValueError("gptq_quantize(devices=...) needs a concrete Hessian (not under jax.jit)")
+  k, n = w.shape
+  hn = np.asarray(h, np.float32)
+  diag = np.diag(hn).copy()
+  dead = ~(diag > 0)
+  diag[dead] = 1.0
+  perm = (np.argsort(-diag, kind="stable") if act_order else np.arange(k)).astype(np.int32)
+  _, _, b, _, span = _layout(spec, k, n, block_size, static_groups)
+  mesh = factor_split.mesh_of(devices)
+  kp = factor_split.padded_size(k, len(devices), span)
+  hp = factor_split.place_hessian(hn, perm, dead, kp, mesh)
+  u, rel, retries, failed = factor_split.upper_chol_inverse(
+      hp, float(np.mean(diag, dtype=np.float32)), damp, max_retries, mesh=mesh, k=k, block=b)
+  whole = NamedSharding(mesh, PartitionSpec())
+  cols = PartitionSpec(None, "rows") if n % len(devices) == 0 else PartitionSpec()
+  w = jax.device_put(w, NamedSharding(mesh, cols))
+  perm, dead = jax.device_put(perm, whole), jax.device_put(dead, whole)
+  return w, u, perm, dead, rel, retries, failed, mesh
+
+
 def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False, max_retries: int = 6, name: str = "<kernel>"
-                  ) -> tuple[QArray, GPTQInfo]:
+                  static_groups: bool = False, max_retries: int = 6, name: str = "<kernel>",
+                  devices: Sequence[jax.Device] | None = None) -> tuple[QArray, GPTQInfo]:
   """Quantizes a Dense kernel with GPTQ (Frantar et al., 2022, arXiv:2210.17323).
 
   Minimises ``‖X W − X Ŵ‖²`` over the quantization grid of ``spec`` using the Hessian
@@ -304,6 +356,12 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
       updated weights as each group is reached.
     max_retries: how often damping is multiplied by 10 after a failed factorisation.
     name: parameter path used in error messages.
+    devices: split the Hessian's factorisation and the factor over these devices
+      (``jq.algorithms.factor_split``: each holds ``K / len(devices)`` rows of ``H`` and of
+      ``U``, never the whole ``K × K``; the kernel's output channels are split over them too
+      where they divide evenly).  For a Hessian too large for one device (Llama-3.1-405B's
+      ``down_proj``, K = 53248).  The same result as one device up to float32 rounding order;
+      the QArray comes back placed on these devices.  None: one device (the default).
 
   Returns:
     ``(qarray, info)``: the quantized kernel (an ordinary :class:`~jq.qarray.QArray` with
@@ -318,7 +376,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
     >>> qw, info = gptq_quantize(w, st, W4A16_G128, act_order=True, name="mlp/up/kernel")
   """
   if isinstance(h, LayerStats):
-    h = stats_hessian(h, name)
+    h = stats_hessian(h, name, host=bool(devices))
   check_float_input(w, name)
   if w.ndim != 2:
     raise ValueError(f"{name}: shape {tuple(w.shape)} dtype {w.dtype}: GPTQ quantizes 2-D "
@@ -327,7 +385,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
   if tuple(np.shape(h)) != (k, k):
     raise ValueError(f"{name}: shape {tuple(w.shape)}: Hessian has shape {tuple(np.shape(h))}, "
                      f"expected ({k}, {k}) (input channels = axis 0 of the kernel)")
-  h = jnp.asarray(h)
+  h = h if devices else jnp.asarray(h)
   if not jnp.issubdtype(h.dtype, jnp.floating):
     raise ValueError(f"{name}: Hessian dtype {h.dtype} is not floating point")
   if numerics.is_concrete(h):
@@ -345,10 +403,17 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
   if int(max_retries) < 0:
     raise ValueError(f"{name}: max_retries={max_retries} must be >= 0")
   spec.tile((k, n), name=name, dtype=w.dtype)   # validates axes with a named error
-  u, perm, dead, rel, retries, failed = _prepare(h, jnp.float32(damp), act_order=bool(act_order),
-                                                 max_retries=int(max_retries))
+  static_groups = bool(static_groups or act_order)
+  if devices:
+    w, u, perm, dead, rel, retries, failed, mesh = _prepare_split(
+        w, h, spec, list(devices), damp=float(damp), block_size=int(block_size),
+        static_groups=static_groups, act_order=bool(act_order), max_retries=int(max_retries))
+  else:
+    mesh = None
+    u, perm, dead, rel, retries, failed = _prepare(
+        h, jnp.float32(damp), act_order=bool(act_order), max_retries=int(max_retries))
   qarr, loss, rtn = _gptq(w, u, perm, dead, spec=spec, block_size=int(block_size),
-                          static_groups=bool(static_groups or act_order))
+                          static_groups=static_groups, mesh=mesh)
   info = GPTQInfo(loss=loss, damp=rel, retries=retries, dead=jnp.sum(dead, dtype=jnp.int32),
                   fallback=jnp.where(rtn, jnp.int32(2), failed.astype(jnp.int32)))
   return qarr.validate(name), info

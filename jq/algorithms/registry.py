@@ -38,11 +38,12 @@ def _rtn(w, inputs, spec, options, name):
   return quantize(w, spec, name=name), ""
 
 
-def _gptq(w, inputs, spec, options, name):
+def _gptq(w, inputs, spec, options, name, devices=None):
   if inputs.stats is None:
     raise ValueError(f"{name}: GPTQ needs this layer's captured inputs (XᵀX); none were collected")
   q, info = gptq_quantize(w, inputs.stats, spec, damp=options.damp,
-                          block_size=options.block_size, act_order=options.act_order, name=name)
+                          block_size=options.block_size, act_order=options.act_order, name=name,
+                          devices=devices)
   note = ""
   if int(info.retries) or bool(info.fallback):
     note = f"gptq damping retries={int(info.retries)} fallback to RTN={bool(info.fallback)}"
@@ -64,10 +65,16 @@ SOLVERS: dict[Algorithm, Solver] = {Algorithm.RTN: _rtn, Algorithm.GPTQ: _gptq,
 
 
 def solve(algorithm: Algorithm, w: jax.Array, inputs: Inputs, spec: QuantSpec, options: Any,
-          name: str) -> tuple[QArray, str]:
-  """``SOLVERS[algorithm](...)``; a ValueError names the algorithm when none is registered."""
+          name: str, *, devices=None) -> tuple[QArray, str]:
+  """``SOLVERS[algorithm](...)``; a ValueError names the algorithm when none is registered.
+  ``devices``: GPTQ's Hessian factorisation split over them (``gptq_quantize(devices=...)``);
+  only GPTQ takes it."""
   if algorithm not in SOLVERS:
     raise ValueError(f"{name}: no solver registered for algorithm {algorithm!r}")
+  if devices is not None:
+    if algorithm is not Algorithm.GPTQ:
+      raise ValueError(f"{name}: only GPTQ splits its solve over devices, not {algorithm!r}")
+    return SOLVERS[algorithm](w, inputs, spec, options, name, devices=devices)
   return SOLVERS[algorithm](w, inputs, spec, options, name)
 
 

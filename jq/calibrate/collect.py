@@ -134,7 +134,8 @@ class _Acc:
     stats = None
     if "xtx" in self.layers[0]:
       stats = LayerStats(
-          xtx=jnp.asarray(stack(lambda c: c["xtx"]), jnp.float32),
+          xtx=np.asarray(stack(lambda c: c["xtx"]), np.float32),   # K × K: on the host until
+          # a solve places it (on its device, or split over several: jq.algorithms.factor_split)
           count=jnp.asarray(stack(lambda c: np.int32(c["count"])), jnp.int32),
           absmax=jnp.asarray(stack(lambda c: c["absmax"]), jnp.float32),
           abssum=jnp.asarray(stack(lambda c: c["abssum"]), jnp.float32),

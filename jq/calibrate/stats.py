@@ -142,9 +142,13 @@ def check_stats(stats: LayerStats, name: str = "<layer>") -> None:
                      "rescale the inputs or use fewer tokens")
 
 
-def hessian(stats: LayerStats, name: str = "<layer>") -> jax.Array:
-  """GPTQ's proxy Hessian ``H = 2 XᵀX / n`` (float32, ``K × K``); checks ``stats`` first."""
+def hessian(stats: LayerStats, name: str = "<layer>", *, host: bool = False) -> jax.Array:
+  """GPTQ's proxy Hessian ``H = 2 XᵀX / n`` (float32, ``K × K``); checks ``stats`` first.
+  ``host``: a NumPy array computed on the host (the same bits), never placed on a device."""
   check_stats(stats, name)
+  if host:
+    n = np.float32(max(int(stats.count), 1))
+    return np.asarray(stats.xtx, np.float32) * (np.float32(2.0) / n)
   n = jnp.maximum(stats.count, 1).astype(jnp.float32)
   return stats.xtx * (2.0 / n)
 

@@ -72,9 +72,10 @@ class PTQConfig:
       kernels that replace them and the quantized kernels they become split the same way
       (``jq.sharding.qarray_sharding``); every other parameter is replicated.  A mesh of
       ``Explicit`` axes (``jax.make_mesh``'s default) is used through its ``Auto`` twin, which is
-      also the mesh of the split results.  Each GPTQ/AWQ solve still holds its kernel matrix on
-      one device.  The GPTQ/AWQ solves are spread over the devices (``jq.ptq.solves``: a wide
-      kernel cut into column blocks).  XLA all-reduces the statistics, which
+      also the mesh of the split results.  The GPTQ/AWQ solves are spread over the devices
+      (``jq.ptq.solves``: a wide kernel cut into column blocks), each holding its kernel
+      matrix and ``K × K`` Hessian on one device, except the GPTQ kernels of
+      ``split_factor_from`` input channels or more.  XLA all-reduces the statistics, which
       reach the host once per model call.  Against one device: counts, min/max and the token
       samples are the same bits, and so are RTN weights; ``XᵀX`` and ``Σ|x|`` are float32 sums in
       another order, and the activations themselves may differ in their last bits (XLA compiles
@@ -86,6 +87,14 @@ class PTQConfig:
       at most 1 % of the codes off by one step and scales within 1e-5.  Several processes
       (``distributed``) without a mesh give the one-process tree bit for bit in the tests: each
       batch's statistics are the same float32 values, summed in float64 on the host.
+    split_factor_from: GPTQ kernels with at least this many input channels ``K`` are solved on
+      all of this process's mesh devices together, one at a time: the Hessian, its factor and
+      the kernel's output channels split over them (``jq.algorithms.factor_split``), so no
+      device holds a ``K × K`` matrix whole (Llama-3.1-405B's ``down_proj``: K = 53248, 11.3 GB
+      per float32 copy).  The same codes as one device up to float32 rounding order.  None
+      (default): where one device's solve (~6 float32 ``K × K`` matrices) would take more than
+      half of a device's memory, as the devices report it (GPUs, TPUs; CPU devices report no
+      limit, so never on CPU).  Needs a mesh of at least 2 devices in this process.
     data_axis: the mesh axis the batches are split over (default: the mesh's only axis, or its
       ``"data"`` axis); other axes hold copies.
     distributed: sum the statistics over the processes of ``jax.distributed`` (each holding its
@@ -101,6 +110,7 @@ class PTQConfig:
   mesh: Any = None
   data_axis: str | None = None
   distributed: bool | None = None
+  split_factor_from: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.sequential, bool):
@@ -124,6 +134,11 @@ class PTQConfig:
         and "data" not in self.mesh.axis_names:
       raise ValueError(f"PTQConfig.mesh has axes {tuple(self.mesh.axis_names)}; set data_axis "
                        "to the one the batches are split over")
+    v = self.split_factor_from
+    if v is not None and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                              and v >= 1):
+      raise ValueError(f"PTQConfig.split_factor_from={v!r} must be an int >= 1 (input channels) "
+                       "or None")
     if self.distributed is not None and not isinstance(self.distributed, bool):
       raise ValueError(f"PTQConfig.distributed={self.distributed!r} must be a bool or None")
 

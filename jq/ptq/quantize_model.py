@@ -225,7 +225,8 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   if cfg.mesh is not None:
     batches = shard_batches(batches, cfg.mesh, cfg.data_axis, batch_ids=ids)
   state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)],
-                 mesh=cfg.mesh, data_axis=cfg.data_axis, batch_ids=ids, total=total, dist=dist)
+                 mesh=cfg.mesh, data_axis=cfg.data_axis, batch_ids=ids, total=total, dist=dist,
+                 split_factor_from=cfg.split_factor_from)
   schedule = Schedule(target, list(decided), batches, sequential=cfg.sequential, log=log,
                       chained=chained, float_inputs=any(
                           r.algorithm is Algorithm.AUTOROUND and
@@ -247,6 +248,10 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   if state.cut:
     log.append("solved in column blocks (output channels) on several workers: "
                + ", ".join(sorted(state.cut)))
+  if state.factored:
+    log.append(f"GPTQ Hessians factored split over the mesh's devices (K >= "
+               f"{state.split_factor_from}; no device held a K × K "
+               "matrix): " + ", ".join(sorted(state.factored)))
   qparams = folding.replace_leaves(state.ref, state.finish())
   if state.sharded:
     log.append(f"{len(state.sharded)} parameters split over the mesh's devices as given: kept "
@@ -267,7 +272,7 @@ class _State:
   def __init__(self, target: Target, decided: dict[str, Rule], calibrated, log: list[str],
                check: list, *, mesh=None, data_axis: str | None = None,
                batch_ids: Sequence[int] | None = None, total: int | None = None,
-               dist: bool = False):
+               dist: bool = False, split_factor_from: int | None = None):
     self.target, self.decided, self.log, self.check = target, decided, log, check
     self.first = {p: r.initial for p, r in decided.items()}
     self.bar = None   # the progress bar (learned rounding reports its loss there)
@@ -301,6 +306,8 @@ class _State:
     self.solved_by: dict[int, int] = {}   # process -> GPTQ/AWQ solves (or blocks) it ran
     self.devices_used = 0                  # most devices one unit's solves ran on (a mesh)
     self.cut: set[str] = set()             # kernels whose solve was cut into column blocks
+    self.factored: set[str] = set()        # GPTQ kernels solved with the Hessian split (mesh)
+    self.split_factor_from = solves.factor_from(self._local_devices(), split_factor_from)
 
   def _layer(self, path: str, inputs: LayerInputs, layer: int) -> LayerInputs:
     if self.target.stacks.get(path, 1) == 1:
@@ -308,6 +315,11 @@ class _State:
     return LayerInputs(None if inputs.stats is None else LayerStats(
         *[v[layer] for v in inputs.stats]), inputs.lo[layer], inputs.hi[layer],
                        None if inputs.samples is None else inputs.samples[layer])
+
+  def _local_devices(self) -> list:
+    """This process's devices of the mesh (none without a mesh)."""
+    return [] if self.mesh is None else [d for d in self.mesh.devices.flat
+                                         if d.process_index == jax.process_index()]
 
   def _is_split(self, x) -> bool:
     """``x`` is split over this mesh's devices (a NamedSharding that is not a full copy)."""
@@ -452,16 +464,21 @@ class _State:
     device, each solve's inputs placed on its device, the results brought back to the default
     device: the same program on the same kind of device, so the same bits); everything else on
     the default device."""
-    devices = [] if self.mesh is None else [d for d in self.mesh.devices.flat
-                                            if d.process_index == jax.process_index()]
+    devices = self._local_devices()
     keys = list(tasks)
     if len(devices) < 2:
       return {k: solves.solve_on(tasks[k], None) for k in keys}
+    home = jax.local_devices()[0]
+    out = {}
+    for k in [k for k in keys if solves.factors_split(tasks[k], self.split_factor_from)]:
+      q, note = solves.solve_on(tasks[k], devices)
+      out[k] = (jax.device_put(q, home), note)
+      self.factored.add(tasks[k].path)
+    keys = [k for k in keys if k not in out]
     pieces = solves.split([tasks[k] for k in keys], len(devices))
     self.cut.update(p.path for _, p in pieces if p.cols is not None)
     where = solves.owners([p for _, p in pieces], len(devices))
     got = {j: solves.solve_on(p, None) for j, (_, p) in enumerate(pieces) if j not in where}
-    home = jax.local_devices()[0]
 
     def run(d: int) -> dict[int, tuple[QArray, str]]:
       return {j: solves.solve_on(pieces[j][1], devices[d]) for j in where if where[j] == d}
@@ -471,7 +488,8 @@ class _State:
         for part in pool.map(run, range(len(devices))):
           got.update({j: (jax.device_put(q, home), note) for j, (q, note) in part.items()})
       self.devices_used = max(self.devices_used, len(set(where.values())))
-    return {keys[i]: q for i, q in solves.joined(pieces, got).items()}
+    out.update({keys[i]: q for i, q in solves.joined(pieces, got).items()})
+    return out
 
   def _learn(self, unit: Unit, paths: list[str], opts: AutoRoundOptions, leaves) -> None:
     """Learned rounding (``jq.algorithms.rounding``) of the unit's ``paths`` together, starting

@@ -47,9 +47,13 @@ def stats_samples(inp: LayerInputs | None):
 
 
 def solve_on(t: Solve, device) -> tuple[QArray, str]:
-  """``solve`` of one task, on ``device`` (its inputs placed there) or where its inputs are."""
+  """``solve`` of one task, on ``device`` (its inputs placed there) or where its inputs are; a
+  list of devices: a GPTQ solve with its Hessian's factorisation split over them
+  (:func:`factor_from`)."""
   stats, samples = stats_samples(t.inputs)
   w = t.w
+  if isinstance(device, (list, tuple)):
+    return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name, devices=device)
   if device is not None:
     put = functools.partial(jax.device_put, device=device)
     w, samples = put(w), None if samples is None else put(samples)
@@ -57,6 +61,33 @@ def solve_on(t: Solve, device) -> tuple[QArray, str]:
     with jax.default_device(device):
       return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
   return solve(t.algo, w, Inputs(stats, samples), t.spec, t.options, t.name)
+
+
+def factor_from(devices: Sequence[Any], given: int | None) -> int | None:
+  """The input channels ``K`` from which a GPTQ solve runs on all ``devices`` together, its
+  Hessian and factor split by rows (``PTQConfig.split_factor_from``): ``given``, else where one
+  device's solve (about 6 float32 ``K × K`` matrices: the Hessian, the factor, the compiled
+  factorisation's workspace) would take more than half of the smallest device memory the devices
+  report; None with fewer than 2 devices, or devices that report no memory limit (CPU)."""
+  if len(devices) < 2:
+    return None
+  if given is not None:
+    return int(given)
+  limits = []
+  for d in devices:
+    try:
+      limits.append((d.memory_stats() or {}).get("bytes_limit"))
+    except Exception:  # pylint: disable=broad-except  # no memory statistics on this backend
+      limits.append(None)
+  if not all(limits):
+    return None
+  return max(1, math.isqrt(min(limits) // 2 // (6 * 4)))
+
+
+def factors_split(t: Solve, threshold: int | None) -> bool:
+  """``t`` is a GPTQ solve of at least ``threshold`` input channels (:func:`factor_from`)."""
+  return (threshold is not None and t.algo is Algorithm.GPTQ
+          and int(t.w.shape[-2]) >= threshold)
 
 
 def cost(t: Solve) -> int:
@@ -154,4 +185,4 @@ def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
   return q, notes
 
 
-__all__ = ["Solve", "cost", "join", "joined", "owners", "solve_on", "split", "stats_samples"]
+__all__ = ["Solve", "cost", "factor_from", "factors_split", "join", "joined", "owners", "solve_on", "split", "stats_samples"]

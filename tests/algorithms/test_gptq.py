@@ -242,3 +242,57 @@ def test_upweighting_a_rare_token_protects_it():
   assert out[1.0][0] > 1.2 * rtn[0], (out, rtn)         # textbook GPTQ sacrifices the rare token
   assert out[16.0][0] < 0.25 * out[1.0][0], (out, rtn)  # the weight protects it
   assert out[16.0][1] < 0.7 * rtn[1], (out, rtn)        # ordinary tokens still beat RTN
+
+
+@pytest.mark.parametrize("spec,kw", [
+    (W4A16_G32, dict(block_size=16)),                      # dynamic groups, several per block
+    (W4A16_G32, dict(act_order=True, block_size=7)),       # processing order, ragged blocks
+    (QuantSpec(qtype=QType.UINT4, symmetric=False), dict(block_size=128)),   # asymmetric, 1 block
+])
+def test_split_factor_road_matches_the_dense_road(spec, kw):
+  """``devices=``: the Hessian placed by rows, factored blockwise (UL factorisation, triangular
+  inverse) and read one row panel at a time gives the dense road's factor and codes (one device
+  here; 8 devices in tests/distributed)."""
+  from jq.algorithms import factor_split
+  from jq.algorithms.gptq import _prepare
+  x, w = _layer(7)
+  x[:, 5] = 0.0                                            # a dead input
+  h = _hessian(x)
+  a, ia = gptq_quantize(jnp.asarray(w), h, spec, **kw)
+  b, ib = gptq_quantize(jnp.asarray(w), h, spec, devices=jax.devices()[:1], **kw)
+  np.testing.assert_array_equal(np.asarray(b.unpacked()), np.asarray(a.unpacked()))
+  np.testing.assert_allclose(np.asarray(b.scale, np.float32), np.asarray(a.scale, np.float32),
+                             rtol=1e-5)   # group scales of weights updated in another order
+  assert int(ib.dead) == int(ia.dead) == 1 and int(ib.retries) == int(ia.retries) == 0
+  np.testing.assert_allclose(float(ib.loss), float(ia.loss), rtol=1e-4)
+  # the factor itself, against the dense road's (processing order, damped)
+  mesh = factor_split.mesh_of(jax.devices()[:1])
+  diag = np.where(np.diag(np.asarray(h)) > 0, np.diag(np.asarray(h)), 1.0).astype(np.float32)
+  hp = factor_split.place_hessian(h, np.arange(K), ~(np.diag(np.asarray(h)) > 0), 96, mesh)
+  u, _, _, failed = factor_split.upper_chol_inverse(hp, float(np.mean(diag)), 0.01, 6, mesh=mesh,
+                                                    k=K, block=16)
+  u0 = _prepare(h, jnp.float32(0.01), act_order=False, max_retries=6)[0]
+  assert not bool(failed)
+  np.testing.assert_allclose(np.asarray(u)[:K, :K], np.asarray(u0), atol=2e-6 * float(
+      np.max(np.abs(np.asarray(u0)))))
+  np.testing.assert_array_equal(np.asarray(u)[K:, K:], np.eye(96 - K, dtype=np.float32))
+  assert not np.any(np.asarray(u)[:K, K:]) and not np.any(np.asarray(u)[K:, :K])
+
+
+def test_split_factor_road_retries_and_falls_back_like_the_dense_road():
+  x, w = _layer(4)
+  wj = jnp.asarray(w)
+  one = jax.devices()[:1]
+  xs = x[:8].copy()                                        # rank-deficient: damping handles it
+  xs[:, 1] = xs[:, 0]
+  a, ia = gptq_quantize(wj, _hessian(xs), W4A16_G32)
+  b, ib = gptq_quantize(wj, _hessian(xs), W4A16_G32, devices=one)
+  assert int(ib.retries) == int(ia.retries)
+  assert np.mean(np.asarray(a.unpacked()) != np.asarray(b.unpacked())) <= 0.01
+  bad = jnp.asarray(np.diag(np.linspace(4.0, 5.0, K)) - 3.0 * np.ones((K, K)), jnp.float32)
+  a, ia = gptq_quantize(wj, bad, W4A16_G32, max_retries=1)       # fails, then the diagonal
+  b, ib = gptq_quantize(wj, bad, W4A16_G32, max_retries=1, devices=one)
+  assert (int(ia.fallback), int(ia.retries)) == (int(ib.fallback), int(ib.retries)) == (1, 1)
+  np.testing.assert_array_equal(np.asarray(b.unpacked()), np.asarray(a.unpacked()))
+  with pytest.raises(ValueError, match="concrete Hessian"):
+    jax.jit(lambda h: gptq_quantize(wj, h, W4A16_G32, devices=one)[0].scale)(bad)

@@ -175,6 +175,46 @@ def split_check(out: str, model, variables, calib, mesh) -> None:
     json.dump(specs, f)
 
 
+def factor_check(out: str, model, variables, calib, mesh) -> None:
+  """GPTQ with every Hessian factored split over the mesh's devices
+  (``PTQConfig.split_factor_from``): writes the tree and the log, and ``factor.json``: per
+  device, the bytes the compiled split factorisation of a K = 512 Hessian holds (arguments,
+  outputs, workspace) against one device's dense factorisation, and the shape of a device's rows
+  of the factor."""
+  import json
+  import jax.numpy as jnp
+  import numpy as np
+  import jq
+  from jq.algorithms import factor_split
+  from jq.algorithms.gptq import _prepare
+  from jq.ptq import PTQConfig, quantize_model
+  res = quantize_model(model, variables, jq.recipe_rules("gptq-w4a16-g32"), calib,
+                       config=PTQConfig(mesh=mesh, split_factor_from=64))
+  dump(os.path.join(out, "gptq-w4a16-g32.factored.npz"), res.variables)
+  with open(os.path.join(out, "gptq-w4a16-g32.factored.log"), "w") as f:
+    f.write("\n".join(res.log))
+  k = 512
+  x = np.random.default_rng(5).standard_normal((1024, k)).astype(np.float32)
+  h = 2 * x.T @ x / len(x)
+  rows = factor_split.mesh_of(list(mesh.devices.flat))
+  hp = factor_split.place_hessian(h, np.arange(k), np.zeros(k, bool), k, rows)
+  u, _, _, failed = factor_split.upper_chol_inverse(hp, float(np.mean(np.diag(h))), 0.01, 0,
+                                                    mesh=rows, k=k, block=64)
+
+  def held(m):
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+  split = factor_split._factor.lower(hp, jnp.float32(0.1), mesh=rows, k=k, block=64)
+  dense = _prepare.lower(jnp.asarray(h), jnp.float32(0.01), act_order=False, max_retries=0)
+  u0 = _prepare(jnp.asarray(h), jnp.float32(0.01), act_order=False, max_retries=0)[0]
+  with open(os.path.join(out, "factor.json"), "w") as f:
+    json.dump({"split_bytes": held(split.compile().memory_analysis()),
+               "dense_bytes": held(dense.compile().memory_analysis()),
+               "shard": list(u.addressable_shards[0].data.shape), "failed": bool(failed),
+               "u_err": float(np.max(np.abs(np.asarray(u) - np.asarray(u0)))
+                              / np.max(np.abs(np.asarray(u0))))}, f)
+
+
 def dump(path: str, tree) -> None:
   import jax.numpy as jnp
   import numpy as np
@@ -255,6 +295,7 @@ def main(argv=None) -> int:
     if a.devices > 1 and a.process_id is None:
       solve_on_check(os.path.join(a.out, "solve_on.txt"))
       split_check(a.out, model, variables, calib, jax.make_mesh((a.devices,), ("data",)))
+      factor_check(a.out, model, variables, calib, jax.make_mesh((a.devices,), ("data",)))
   except Exception as e:  # pylint: disable=broad-except
     with open(os.path.join(a.out, f"error.{me}.txt"), "w") as f:
       f.write(f"{type(e).__name__}: {e}")

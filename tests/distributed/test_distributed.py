@@ -69,7 +69,7 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
   """Data-parallel calibration over 8 virtual CPU devices: the collected statistics are reduced
   once per model call (not once per device), static W8A8 is the same up to last-bit activation
   differences, GPTQ up to a few codes off by one; an indivisible batch is a clear ValueError."""
-  [(rc, log)] = spawn.wait([_worker(tmp_path, "--devices", "8")], 240)
+  [(rc, log)] = spawn.wait([_worker(tmp_path, "--devices", "8")], 420)
   assert rc == 0, log
   one, eight = np.load(tmp_path / "collect.single.npz"), np.load(tmp_path / "collect.mesh.npz")
   for k in one.files:
@@ -107,6 +107,20 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
     assert "split over the mesh's devices as given: kept split" in log, log
     split = [p for p, (_, float_spec) in specs[recipe].items() if "data" in float_spec]
     assert split and all("'data'" in specs[recipe][p][0] for p in split), specs[recipe]
+  # every GPTQ Hessian factored split over the 8 devices (PTQConfig.split_factor_from): the
+  # mesh's codes within the same bounds, and each device holds an eighth of the factor
+  got = compare(np.load(tmp_path / "gptq-w4a16-g32.single.npz"),
+                np.load(tmp_path / "gptq-w4a16-g32.factored.npz"))
+  assert got["codes_differ"] <= 0.01 and got["max_code_diff"] <= 1, got
+  assert got["scale_rel"] <= 1e-5 and got["max_dequant_steps"] <= 1.01, got
+  log = (tmp_path / "gptq-w4a16-g32.factored.log").read_text()
+  assert "GPTQ Hessians factored split over the mesh's devices (K >= 64" in log, log
+  assert "params/layers_0/mlp/down_proj/kernel" in log, log
+  factor = json.loads((tmp_path / "factor.json").read_text())
+  assert factor["shard"] == [64, 512] and not factor["failed"], factor
+  assert factor["u_err"] <= 1e-5, factor
+  assert factor["split_bytes"] * 4 <= factor["dense_bytes"], factor   # measured: 8.8x less
+  print("split factorisation vs one device:", got, factor)
   msg = (tmp_path / "indivisible.txt").read_text()
   assert "calibration batch 1" in msg and "(6, 32)" in msg and "8 devices" in msg, msg
 

@@ -90,6 +90,8 @@ def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
      "--calib-len"),
     (["quantize", "--window", "100000"], "--window"),
     (["quantize", "--recipe", "gptq-w4a16-g128", "--devices", "64"], "--devices 64"),
+    (["quantize", "--recipe", "gptq-w4a16-g128", "--split-factor-from", "64"],
+     "--split-factor-from 64: splits GPTQ's factorisation over the devices of --devices N"),
     (["quantize", "--recipe", "autoround-w4a16-g128", "--calib-text", "/nonexistent.txt"],
      "--calib-text /nonexistent.txt"),
 ])
@@ -103,6 +105,15 @@ def test_cli_argument_mistakes_name_the_flag(tiny_hf, tmp_path, capsys, argv, ma
   except SystemExit as e:   # argparse
     rc = e.code
   assert rc != 0 and match in capsys.readouterr().err
+
+
+def test_an_evaluation_window_beyond_the_context_fails_before_calibrating(tiny_hf, tmp_path,
+                                                                           capsys):
+  path = tiny_hf("llama")
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "gptq-w4a16-g128", "--window",
+                   "100000", "--out", str(tmp_path / "q.safetensors")]) == 1
+  out = capsys.readouterr()
+  assert "--window (evaluation window) = 100000" in out.err and "quantizing" not in out.out
 
 
 def test_cli_plan_out_is_checked_before_the_scan(tiny_hf, tmp_path, capsys):

@@ -86,3 +86,29 @@ def test_owners_balance_the_blocks():
   owner = solves.owners(pieces, 2)
   load = [sum(solves.cost(pieces[j]) for j in owner if owner[j] == w) for w in (0, 1)]
   assert sorted(owner.values()) == [0, 0, 1, 1] and max(load) / min(load) < 1.2, load
+
+
+class _Device:
+  """A device as ``factor_from`` sees it: what it reports of its memory."""
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_which_gptq_solves_factor_their_hessian_split_over_devices():
+  gptq, awq = _task(CASES["gptq-w8a16"], 64), _task(CASES["awq-w4a16-g32"], 64)
+  # given: from K = 128 on; never on fewer than 2 devices
+  assert solves.factor_from([_Device(None)] * 2, 128) == 128
+  assert solves.factor_from([_Device(None)], 128) is None
+  assert solves.factors_split(gptq, 128) and not solves.factors_split(gptq, 129)
+  assert not solves.factors_split(awq, 1) and not solves.factors_split(gptq, None)
+  # automatic: where ~6 float32 K × K matrices exceed half the smallest device (16 GB: K ≥ 18257,
+  # 80 GB: K ≥ 40824, so 405B's down_proj with K = 53248 on either); no limit reported: never
+  assert solves.factor_from([_Device(16 * 10**9)] * 4, None) == 18257
+  assert solves.factor_from([_Device(80 * 10**9), _Device(16 * 10**9)], None) == 18257
+  assert solves.factor_from([_Device(80 * 10**9)] * 8, None) == 40824
+  assert solves.factor_from([_Device(None)] * 8, None) is None
+  with pytest.raises(ValueError, match="split_factor_from=0 must be an int >= 1"):
+    jq.ptq.PTQConfig(split_factor_from=0)
