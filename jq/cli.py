@@ -62,7 +62,8 @@ def _rules_for(args) -> tuple[Any, str]:
 
 def _ptq_config(args, **kw):
   """The calibration config of the CLI: ``--devices N`` splits each calibration batch over N
-  local devices (data parallel); ``--split-factor-from K`` (with ``--devices``) factors GPTQ
+  local devices (data parallel) and the parameters too (``PTQConfig.split_params``);
+  ``--split-factor-from K`` (with ``--devices``) factors GPTQ
   Hessians of K or more input channels split over them."""
   from jq.ptq import PTQConfig
   if args.devices and args.devices > 1:
@@ -71,6 +72,7 @@ def _ptq_config(args, **kw):
       kw["mesh"] = distributed.local_mesh(devices=args.devices)
     except ValueError as e:
       raise ValueError(f"--devices {args.devices}: {e}") from e
+    kw["split_params"] = True
   elif args.split_factor_from is not None:
     raise ValueError(f"--split-factor-from {args.split_factor_from}: splits GPTQ's factorisation "
                      "over the devices of --devices N (N >= 2); --devices is 1")
@@ -152,7 +154,8 @@ def _quantize(args) -> int:
   if args.out:                      # and so does an --out that cannot be written
     _check_out_file(args.out)
   _print(f"loading {args.model} ...")
-  model = registry.load(args.model)
+  cfg = _ptq_config(args)           # --devices N: loaded straight into shards over the N devices
+  model = registry.load(args.model, place=cfg.split if cfg.split_params else None)
   if not args.no_eval and model.kind == "causal_lm":   # before the work, not after it
     app.check_context(model, args.window, "--window (evaluation window)")
   _print(f"quantizing with {recipe} ...")
@@ -693,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="streamed: discard a partial run of --out instead of resuming it")
   q.add_argument("--devices", type=_at_least(1), default=1,
                  help="calibration: split each batch over this many local devices (data "
-                 "parallel; the batch size, 8 sequences or 4 with --stream, must divide)")
+                 "parallel; the batch size, 8 sequences or 4 with --stream, must divide) and the "
+                 "parameters too (each tensor along its last axis, loaded straight into shards)")
   q.add_argument("--split-factor-from", type=_at_least(1), default=None, metavar="K",
                  help="with --devices: GPTQ kernels of K or more input channels factor their "
                  "Hessian split over the devices, none holding a K x K matrix (default: where "

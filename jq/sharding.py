@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from jq import numerics
@@ -48,6 +49,27 @@ def _fit(entries: Sequence[Any], shape: Sequence[int], mesh: Mesh | AbstractMesh
   if mesh is None:
     return tuple(entries)
   return tuple(e if shape[i] % _axis_size(mesh, e) == 0 else None for i, e in enumerate(entries))
+
+
+def split_last_axis(tree: PyTree, mesh: Mesh, axis: str) -> PyTree:
+  """``tree`` placed on ``mesh``: every array leaf of 2 or more dimensions split along its last
+  axis over the mesh axis ``axis`` where that length divides by the axis's size, every other leaf
+  replicated; leaves already split over ``mesh``'s devices stay as they are.  NumPy leaves go
+  straight into their shards (each device receives its part; none holds the whole array).  The
+  CLI's ``--devices N`` loads a model this way (``PTQConfig.split_params``)."""
+  n = int(mesh.shape[axis])
+  devices = set(mesh.devices.flat)
+
+  def one(x):
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      return x
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and not s.is_fully_replicated and s.device_set == devices:
+      return x
+    cut = x.ndim >= 2 and x.shape[-1] % n == 0
+    spec = PartitionSpec(*([None] * (x.ndim - 1)), axis) if cut else PartitionSpec()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map(one, tree)
 
 
 def qarray_partition_spec(q: QArray, spec: PartitionSpec, *,
@@ -200,4 +222,4 @@ def unbox_specs(tree: PyTree) -> tuple[PyTree, PyTree]:
 
 
 __all__ = ["qarray_partition_spec", "qarray_sharding", "partition_specs", "shardings",
-           "unbox_specs"]
+           "split_last_axis", "unbox_specs"]

@@ -14,7 +14,7 @@ Evaluation text is the held-out split of ``jq_models.text``; calibration uses th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,12 @@ def truncated(model: CausalLM, blocks: int) -> CausalLM:
                   tokenizer=model.tokenizer, blocks=blockwise.LlamaBlocks(cfg))
 
 
-def load(name: str) -> CausalLM | Encoder:
+def load(name: str, *, place: Callable[[Any], Any] | None = None) -> CausalLM | Encoder:
   """Loads a known model by name, or a checkpoint by path (see the module docstring).
+
+  ``place``: a causal LM's parameter tree goes through it (e.g. ``PTQConfig.split``, which splits
+  it over a mesh's devices); a Hugging Face checkpoint's tensors reach it as NumPy arrays, so they
+  go straight into their shards, never whole onto one device.
 
   Raises:
     ValueError: neither a known name nor a supported checkpoint path (``jq_models.hf.CheckpointError``
@@ -157,7 +161,8 @@ def load(name: str) -> CausalLM | Encoder:
     from jq_models import blockwise, fetch, gguf_weights, tokenizer
     path = fetch.fetch(fetch.SMOLLM2_GGUF)
     config, params = gguf_weights.load_smollm2(path)
-    return CausalLM(name=name, config=config, module=decoder_module(config), params=params,
+    return CausalLM(name=name, config=config, module=decoder_module(config),
+                    params=params if place is None else place(params),
                     tokenizer=tokenizer.load_tokenizer(path), blocks=blockwise.LlamaBlocks(config),
                     gguf_path=path, source={"kind": "bundled", "name": name})
   if name == "minilm":
@@ -166,9 +171,9 @@ def load(name: str) -> CausalLM | Encoder:
     return Encoder(name=name, config=module.config, module=module, tokenizer=tok)
   path = Path(name)
   if path.is_dir():
-    return _load_hf(path)
+    return _load_hf(path, place)
   if path.is_file() and path.suffix == ".gguf":
-    return _load_gguf(path)
+    return _load_gguf(path, place)
   if path.exists():
     raise ValueError(f"{name}: not a model jq knows how to load (expected a Hugging Face "
                      "checkpoint directory with config.json, or a .gguf file)")
@@ -207,21 +212,23 @@ def hf_source(path: str | Path) -> tuple[Any, dict[str, Any]]:
                   "config": config.to_json()}
 
 
-def _load_hf(path: Path) -> CausalLM:
+def _load_hf(path: Path, place=None) -> CausalLM:
   import jax
   from jq_models import hf
   config, source = hf_source(path)
   _, params = hf.load_weights(path)
   return CausalLM(name=path.resolve().name, config=config, module=decoder_module(config),
-                  params=jax.tree.map(jax.numpy.asarray, params),
+                  params=jax.tree.map(jax.numpy.asarray, params) if place is None else
+                  place(params),
                   tokenizer=hf.load_tokenizer(path), source=source)
 
 
-def _load_gguf(path: Path) -> CausalLM:
+def _load_gguf(path: Path, place=None) -> CausalLM:
   from jq_models import gguf_weights, tokenizer
   reader = gguf_weights.open_gguf(path)
   config = gguf_weights.read_config(reader)
   params = gguf_weights.read_gguf_params(path, config)
+  params = params if place is None else place(params)
   tok = tokenizer.load_tokenizer(path)
   _check_vocab(tok, config, f"{path}: tokenizer.ggml.tokens vs the token_embd rows")
   return CausalLM(name=path.stem, config=config, module=decoder_module(config), params=params,

@@ -256,7 +256,8 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
           bar.update(sum(by_path[p][0].nbytes for p in paths))
       else:
         fl = {p: by_path[p][0].read_all() for p in paths}
-        variables = {"params": _nest({p.split("/", 1)[1]: jnp.asarray(x) for p, x in fl.items()})}
+        on = (lambda x: x) if cfg.split_params else jnp.asarray   # split: straight into shards
+        variables = {"params": _nest({p.split("/", 1)[1]: on(x) for p, x in fl.items()})}
         batches = [jnp.asarray(x) for x in xs]
         if dist:   # every process calibrates on its share; statistics and solves are shared
           batches = distributed.ProcessBatches(batches, mine, n_chunks)

@@ -87,6 +87,11 @@ class PTQConfig:
       at most 1 % of the codes off by one step and scales within 1e-5.  Several processes
       (``distributed``) without a mesh give the one-process tree bit for bit in the tests: each
       batch's statistics are the same float32 values, summed in float64 on the host.
+    split_params: with a mesh, split every parameter not already split over it along its last
+      axis over the data axis, where the length divides (others replicated;
+      ``jq.sharding.split_last_axis``), then keep them split as above: no device holds the
+      whole model (XLA gathers each weight where a calibration forward uses it, as in FSDP).
+      NumPy parameters go straight into their shards.  The CLI's ``--devices N`` sets it.
     split_factor_from: GPTQ kernels with at least this many input channels ``K`` are solved on
       all of this process's mesh devices together, one at a time: the Hessian, its factor and
       the kernel's output channels split over them (``jq.algorithms.factor_split``), so no
@@ -110,6 +115,7 @@ class PTQConfig:
   mesh: Any = None
   data_axis: str | None = None
   distributed: bool | None = None
+  split_params: bool = False
   split_factor_from: int | None = None
 
   def __post_init__(self):
@@ -134,6 +140,10 @@ class PTQConfig:
         and "data" not in self.mesh.axis_names:
       raise ValueError(f"PTQConfig.mesh has axes {tuple(self.mesh.axis_names)}; set data_axis "
                        "to the one the batches are split over")
+    if not isinstance(self.split_params, bool):
+      raise ValueError(f"PTQConfig.split_params={self.split_params!r} must be a bool")
+    if self.split_params and self.mesh is None:
+      raise ValueError("PTQConfig.split_params=True splits parameters over a mesh; mesh is None")
     v = self.split_factor_from
     if v is not None and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                               and v >= 1):
@@ -141,6 +151,15 @@ class PTQConfig:
                        "or None")
     if self.distributed is not None and not isinstance(self.distributed, bool):
       raise ValueError(f"PTQConfig.distributed={self.distributed!r} must be a bool or None")
+
+  def split(self, tree):
+    """``tree`` split over the mesh as ``split_params`` asks (``tree`` itself otherwise)."""
+    if not self.split_params:
+      return tree
+    from jq.calibrate.collect import data_sharding  # pylint: disable=import-outside-toplevel
+    from jq.sharding import split_last_axis  # pylint: disable=import-outside-toplevel
+    batch, _, _ = data_sharding(self.mesh, self.data_axis)
+    return split_last_axis(tree, batch.mesh, batch.spec[0])
 
 
 @dataclasses.dataclass

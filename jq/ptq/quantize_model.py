@@ -182,11 +182,11 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
     if variables is not None:
       raise ValueError("quantize_model: an nnx module carries its own state; pass variables=None")
     target = nnx_target(model)
-    target.params = _compat.auto_typed(target.params)
+    target.params = cfg.split(_compat.auto_typed(target.params))
   else:
     if variables is None:
       raise ValueError("quantize_model: a linen model needs its variables")
-    variables = _compat.auto_typed(variables)   # params split on an Explicit-axes mesh
+    variables = cfg.split(_compat.auto_typed(variables))   # (Explicit meshes: Auto)
     try:
       target = linen_target(model, variables, batches[0], example_kwargs)
     except (TypeError, ValueError) as e:

@@ -24,9 +24,16 @@ ARGS = ("--recipe", "gptq-w4a16-g32", "--calib-sequences", "16", "--calib-len", 
 
 
 def _run(argvs: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
-  """Runs ``jq-quant`` with each of ``argvs`` at once; ``[(exit status, output)]``."""
+  """Runs ``jq-quant`` with each of ``argvs`` at once (``--devices N``: on N virtual CPU
+  devices); ``[(exit status, output)]``."""
+  def env(argv):
+    out = spawn.env()
+    if "--devices" in argv:
+      n = argv[argv.index("--devices") + 1]
+      out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    return out
   return spawn.wait([subprocess.Popen([sys.executable, "-m", "jq.cli", *argv], cwd=spawn.ROOT,
-                                      env=spawn.env(), stdout=subprocess.PIPE,
+                                      env=env(argv), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True) for argv in argvs],
                     timeout)
 
@@ -45,14 +52,26 @@ def test_two_processes_write_the_one_process_checkpoint(tiny_hf, tmp_path, road)
   model = str(tiny_hf("llama"))
   ext = "" if road == "stream" else ".safetensors"
   extra = ("--stream",) if road == "stream" else ("--no-eval",)
-  one, two = tmp_path / f"one{ext}", tmp_path / f"two{ext}"
+  one, two, dev = tmp_path / f"one{ext}", tmp_path / f"two{ext}", tmp_path / f"devices{ext}"
   port = str(spawn.free_port())
-  *got, ref = _run([["quantize", "--model", model, *ARGS, *extra, "--out", str(two),
-                      "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                      "--process-id", str(i)] for i in range(2)] +
-                    [["quantize", "--model", model, *ARGS, *extra, "--out", str(one)]])
-  for rc, text in got + [ref]:
+  *got, ref, on_devices = _run(
+      [["quantize", "--model", model, *ARGS, *extra, "--out", str(two),
+        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+       for i in range(2)] +
+      [["quantize", "--model", model, *ARGS, *extra, "--out", str(one)],
+       ["quantize", "--model", model, *ARGS, *extra, "--out", str(dev), "--devices", "2"]])
+  for rc, text in got + [ref, on_devices]:
     assert rc == 0, text
+  # --devices 2: the parameters loaded (in memory) or onloaded (each block) straight into shards
+  # over the 2 devices and kept split; the codes of one device up to float32 sums in another order
+  assert "parameters split over the mesh's devices as given: kept split" in on_devices[1], \
+      on_devices[1]
+  a, c = _leaves(one), _leaves(dev)
+  assert sorted(a) == sorted(c)
+  codes = [k for k in a if k.endswith(":0") and a[k].dtype == np.uint8]
+  unpacked = [np.concatenate([x & 15, x >> 4]) for x in (np.concatenate([a[k].ravel() for k in codes]),
+                                                          np.concatenate([c[k].ravel() for k in codes]))]
+  assert np.mean(unpacked[0] != unpacked[1]) <= 0.01, np.mean(unpacked[0] != unpacked[1])
   assert "process 1 of 2: calibration done; process 0 evaluates and writes" in got[1][1] or \
       road == "stream", got[1][1]
   assert "solves split over 2 processes: process 0 ran" in got[0][1], got[0][1]
