@@ -7,7 +7,10 @@ column blocks (output channels): GPTQ's and AWQ's clip search treat each output 
 (the K×K statistics and the input sample are shared, the rounding order runs over K), so the
 blocks' results, joined by :func:`join`, are the whole kernel's.  The block edges fall on whole
 scale tiles and whole packed bytes; a kernel whose scales span its output channels (one scale per
-tensor, say) is never cut.  All of it depends on shapes only: every process computes the same plan.
+tensor, say) is never cut.  A GPTQ solve whose ``K × K`` Hessian is too large for one device
+(:func:`factor_from`) runs instead on all of a process's devices together, the Hessian and its
+factor split by rows (``jq.algorithms.factor_split``).  All of it depends on shapes only: every
+process computes the same plan.
 """
 from __future__ import annotations
 
