@@ -371,7 +371,9 @@ def quantize_in_memory(tree: Any, rules: Sequence[Rule], *,
                        chunk_bytes: int = 256 << 20, progress: bool = False) -> Any:
   """:func:`jq.quantize_tree`'s result for a tree of nested str-keyed dicts, computed tensor by
   tensor on the streamed road (the same checks and chunking as :func:`quantize_to_dir`), with a
-  progress bar; kept leaves are returned as given."""
+  progress bar; kept leaves are returned as given, and a leaf split over a mesh's devices comes
+  back split the same way (``jq.sharding.qarray_sharding``; each is gathered only while it is
+  quantized)."""
   _check_chunk_bytes(chunk_bytes)
   sources = tree_sources(tree)
   planned = plan_stream(sources, tuple(rules), layouts=layouts, nan_policy=nan_policy)
@@ -385,8 +387,17 @@ def quantize_in_memory(tree: Any, rules: Sequence[Rule], *,
     if bar is not None:
       bar.close()
   kept = {s.path for s, r, _ in planned if r is None}
-  return map_with_paths(lambda p, x: x if p in kept else jax.tree.map(jnp.asarray, done[p]),
-                        tree)
+
+  def out(path, x):
+    if path in kept:
+      return x
+    q = jax.tree.map(jnp.asarray, done[path])
+    where = getattr(x, "sharding", None)
+    if isinstance(where, jax.sharding.NamedSharding) and not where.is_fully_replicated:
+      from jq.sharding import qarray_sharding  # pylint: disable=import-outside-toplevel
+      q = jax.device_put(q, qarray_sharding(q, where) if isinstance(q, QArray) else where)
+    return q
+  return map_with_paths(out, tree)
 
 
 __all__ = ["SourceTensor", "StreamResult", "plan_stream", "abstract_output", "quantize_to_dir", "quantize_in_memory",

@@ -148,6 +148,7 @@ def split_check(out: str, model, variables, calib, mesh) -> None:
   import json
   import jax
   import jq
+  import jq.stream
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jq.ptq import PTQConfig, quantize_model
 
@@ -171,6 +172,11 @@ def split_check(out: str, model, variables, calib, mesh) -> None:
     flat = dict(jq.leaves_with_paths(placed))
     specs[recipe] = {p: [str(q.values.sharding.spec), str(flat[p].sharding.spec)]
                      for p, q in jq.leaves_with_paths(res.variables) if isinstance(q, jq.QArray)}
+  # rounding to nearest on the streamed road's in-memory twin: split leaves come back split
+  rtn = jq.stream.quantize_in_memory(placed, jq.recipe_rules("w4a16-g32"))
+  flat = dict(jq.leaves_with_paths(placed))
+  specs["w4a16-g32 in memory"] = {p: [str(q.values.sharding.spec), str(flat[p].sharding.spec)]
+                                  for p, q in jq.leaves_with_paths(rtn) if isinstance(q, jq.QArray)}
   with open(os.path.join(out, "split.json"), "w") as f:
     json.dump(specs, f)
 

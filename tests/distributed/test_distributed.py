@@ -107,6 +107,9 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
     assert "split over the mesh's devices as given: kept split" in log, log
     split = [p for p, (_, float_spec) in specs[recipe].items() if "data" in float_spec]
     assert split and all("'data'" in specs[recipe][p][0] for p in split), specs[recipe]
+  rtn = specs["w4a16-g32 in memory"]    # jq.stream.quantize_in_memory keeps them split too
+  split = [q for q, f in rtn.values() if "data" in f]
+  assert split and all("'data'" in q for q in split), rtn
   # every GPTQ Hessian factored split over the 8 devices (PTQConfig.split_factor_from): the
   # mesh's codes within the same bounds, and each device holds an eighth of the factor
   got = compare(np.load(tmp_path / "gptq-w4a16-g32.single.npz"),
