@@ -21,8 +21,9 @@ that multiplies), so a Gemma GGUF loads with ``norm_offset=0``.
 from __future__ import annotations
 
 import functools
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import jax.numpy as jnp
@@ -41,10 +42,45 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-  """A memory-mapped ``GGUFReader``, shared by the calls that open the same unchanged file (the
-  weights and the tokenizer of one load, and later loads in the process): gguf-py parses the
-  metadata one numpy view per element, ~10 s for SmolLM2's 49152-token vocabulary.
+class _Field(NamedTuple):
+  """One metadata value, as gguf-py's ``ReaderField.contents()`` gives it."""
+  value: Any
+
+  def contents(self) -> Any:
+    return self.value
+
+
+class _Tensor(NamedTuple):
+  """One tensor, as gguf-py's ``ReaderTensor``: ``shape`` in GGUF order (innermost first) and
+  ``data`` the memory-mapped bytes, rows of ``shape[0]`` values, which ``gguf.quants.dequantize``
+  reads for every type (float types by a view)."""
+  name: str
+  shape: tuple[int, ...]
+  tensor_type: gguf.GGMLQuantizationType
+  data: np.ndarray
+
+
+class GGUFFile:
+  """The part of gguf-py's ``GGUFReader`` this package reads (``fields``, ``tensors``), parsed by
+  jq's own GGUF reader (``jq.io.gguf.reader``, with its truncation and overlap checks): under a
+  second for SmolLM2, where gguf-py builds a numpy view per metadata element (~10 s for its
+  49152-token vocabulary)."""
+
+  def __init__(self, path: Path):
+    from jq.io.gguf.reader import _GGUFFile  # pylint: disable=import-outside-toplevel
+    f = _GGUFFile(path)
+    self.fields = {k: _Field(v) for k, v in f.metadata.items()}
+    self.tensors = []
+    for ti in f.tensors:
+      bs, ts = gguf.GGML_QUANT_SIZES[ti.type]
+      rows = f.tensor_bytes(ti).reshape(*ti.shape[:-1], ti.shape[-1] // bs * ts)
+      self.tensors.append(_Tensor(ti.name, tuple(reversed(ti.shape)),
+                                  gguf.GGMLQuantizationType(int(ti.type)), rows))
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+  """A memory-mapped GGUF (:class:`GGUFFile`), shared by the calls that open the same unchanged
+  file (the weights and the tokenizer of one load, and later loads in the process).
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
@@ -58,17 +94,17 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=2)
-def _reader(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
+def _reader(path: Path, size: int, mtime_ns: int) -> GGUFFile:
   """The reader of ``path`` as it is (``size`` and ``mtime_ns`` key the cache: a file rewritten
   in place is read again)."""
   del size, mtime_ns
   try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # gguf-py raises ValueError, struct/numpy errors on corrupt input.
+    return GGUFFile(path)
+  except (ValueError, KeyError, struct.error) as e:   # jq's GGUFFormatError is a ValueError
     raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+def metadata(reader: GGUFFile) -> dict[str, Any]:
   """All key/value metadata except the (large) tokenizer arrays, as Python values."""
   skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
           "tokenizer.ggml.scores")
@@ -83,7 +119,7 @@ def _get(meta: dict[str, Any], key: str, default: Any = None, *, required: bool 
   return meta[key]
 
 
-def read_config(reader: gguf.GGUFReader) -> DecoderConfig:
+def read_config(reader: GGUFFile) -> DecoderConfig:
   """``DecoderConfig`` from GGUF metadata (``{arch}.*`` keys; see ``ARCHITECTURES``).
 
   Raises:
@@ -222,7 +258,7 @@ def read_gguf_params(path: str | Path, config: DecoderConfig | None = None) -> d
   return _read_params(reader, read_config(reader) if config is None else config)
 
 
-def _read_params(reader: gguf.GGUFReader, c: DecoderConfig) -> dict[str, Any]:
+def _read_params(reader: GGUFFile, c: DecoderConfig) -> dict[str, Any]:
   arch = metadata(reader).get("general.architecture", "llama")
   wanted = {t.gguf: t for t in decoder_names.decoder_tensors(c)}
   params: dict[str, Any] = {}
