@@ -169,8 +169,12 @@ def _prepare(h: jax.Array, damp: jax.Array, *, act_order: bool, max_retries: int
   h = 0.5 * (h + h.T)
   dead = ~(jnp.diag(h) > 0)
   h = jnp.where(dead[:, None] | dead[None, :], jnp.eye(k, dtype=jnp.float32), h)
-  perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
-  u, rel, retries, failed = _upper_chol_inverse(h[perm][:, perm], damp, max_retries)
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(h), stable=True)
+    h = h[perm][:, perm]
+  else:
+    perm = jnp.arange(k)
+  u, rel, retries, failed = _upper_chol_inverse(h, damp, max_retries)
   return u, perm, dead, rel, retries, failed
 
 
@@ -199,9 +203,9 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
 
   if mesh is None:
     pad = kp - k
-    u = jnp.pad(u, ((0, pad), (0, pad)))
-    u = u + jnp.diag(jnp.concatenate([jnp.zeros((k,), jnp.float32),
-                                      jnp.ones((pad,), jnp.float32)]))
+    if pad:   # (identity on the padding, set in place: no second K × K matrix)
+      u = jnp.pad(u, ((0, pad), (0, pad)))
+      u = u.at[jnp.arange(k, kp), jnp.arange(k, kp)].set(1.0)
 
     def panel(i1):
       return jax.lax.dynamic_slice_in_dim(u, i1, b, axis=0)

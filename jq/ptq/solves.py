@@ -188,4 +188,5 @@ def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
   return q, notes
 
 
-__all__ = ["Solve", "cost", "factor_from", "factors_split", "join", "joined", "owners", "solve_on", "split", "stats_samples"]
+__all__ = ["Solve", "cost", "factor_from", "factors_split", "join", "joined", "owners", "solve_on",
+           "split", "stats_samples"]
