@@ -79,13 +79,12 @@ def _ptq_config(args, **kw):
   return PTQConfig(split_factor_from=args.split_factor_from, **kw)
 
 
-def _quantize_model(model, rules, args):
+def _quantize_model(model, rules, args, cfg):
   """Returns ``(qvars, ref_vars, log)``."""
   from jq import app
   return app.quantize_model(model, rules, calib_sequences=args.calib_sequences,
                             calib_len=args.calib_len, calib_text=args.calib_text,
-                            ptq_config=_ptq_config(args),
-                            progress=True)
+                            ptq_config=cfg, progress=True)
 
 
 def _start_processes(args) -> int:
@@ -145,7 +144,7 @@ def _quantize(args) -> int:
   from jq_models import registry
   t0 = time.perf_counter()
   rules, recipe = _rules_for(args)  # a bad --rules file fails before the model loads
-  _ptq_config(args)                 # and so does a --devices this process does not have
+  cfg = _ptq_config(args)           # and so does a --devices this process does not have
   if args.calib_text not in registry.CALIBRATION_SOURCES and not Path(args.calib_text).is_file():
     raise ValueError(f"--calib-text {args.calib_text}: not one of "
                      f"{list(registry.CALIBRATION_SOURCES)} and not a file")
@@ -154,13 +153,13 @@ def _quantize(args) -> int:
   if args.out:                      # and so does an --out that cannot be written
     _check_out_file(args.out)
   _print(f"loading {args.model} ...")
-  cfg = _ptq_config(args)           # --devices N: loaded straight into shards over the N devices
+  # --devices N: loaded straight into shards over the N devices
   model = registry.load(args.model, place=cfg.split if cfg.split_params else None)
   if not args.no_eval and model.kind == "causal_lm":   # before the work, not after it
     app.check_context(model, args.window, "--window (evaluation window)")
   _print(f"quantizing with {recipe} ...")
   t1 = time.perf_counter()
-  qvars, ref_vars, log = _quantize_model(model, rules, args)
+  qvars, ref_vars, log = _quantize_model(model, rules, args, cfg)
   t_quant = time.perf_counter() - t1
   for line in log:
     _print("  " + line)

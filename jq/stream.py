@@ -391,12 +391,11 @@ def quantize_in_memory(tree: Any, rules: Sequence[Rule], *,
   def out(path, x):
     if path in kept:
       return x
-    q = jax.tree.map(jnp.asarray, done[path])
-    where = getattr(x, "sharding", None)
+    q, where = done[path], getattr(x, "sharding", None)    # (q: host arrays)
     if isinstance(where, jax.sharding.NamedSharding) and not where.is_fully_replicated:
       from jq.sharding import qarray_sharding  # pylint: disable=import-outside-toplevel
-      q = jax.device_put(q, qarray_sharding(q, where) if isinstance(q, QArray) else where)
-    return q
+      return jax.device_put(q, qarray_sharding(q, where) if isinstance(q, QArray) else where)
+    return jax.tree.map(jnp.asarray, q)
   return map_with_paths(out, tree)
 
 
