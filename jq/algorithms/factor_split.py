@@ -47,12 +47,13 @@ def padded_size(k: int, devices: int, span: int) -> int:
   return -(-k // unit) * unit
 
 
-def place_hessian(h, perm: np.ndarray, dead: np.ndarray, kp: int, mesh: Mesh) -> jax.Array:
-  """``H`` symmetrised, its dead channels replaced by the identity, permuted into processing order
+def place_hessian(h, scale, perm: np.ndarray, dead: np.ndarray, kp: int, mesh: Mesh
+                  ) -> jax.Array:
+  """``H = scale · h`` symmetrised, its dead channels replaced by the identity, permuted into processing order
   and padded with the identity to ``kp`` rows, **built row block by row block on the host** and
   placed split by rows (each device receives only its rows; ``H`` is never copied whole onto a
   device)."""
-  h = np.asarray(h, np.float32)
+  h, scale = np.asarray(h, np.float32), np.float32(scale)
   k = h.shape[0]
 
   def rows(index):
@@ -62,7 +63,7 @@ def place_hessian(h, perm: np.ndarray, dead: np.ndarray, kp: int, mesh: Mesh) ->
     real = np.arange(lo, min(hi, k))
     if real.size:
       src = perm[real]
-      block = 0.5 * (h[src][:, perm] + h[:, src].T[:, perm])
+      block = 0.5 * (h[src][:, perm] * scale + h[:, src].T[:, perm] * scale)
       d_rows, d_cols = dead[src], dead[perm]
       block[d_rows] = 0.0
       block[:, d_cols] = 0.0
@@ -77,7 +78,9 @@ def place_hessian(h, perm: np.ndarray, dead: np.ndarray, kp: int, mesh: Mesh) ->
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "block"))
 def _factor(h: jax.Array, shift: jax.Array, *, mesh: Mesh, k: int, block: int):
-  """``(U, ok)``: ``U`` of ``H + shift·I`` on its ``k`` real rows, split by rows like ``h``."""
+  """``(U, factored, inverted)``: ``U`` of ``H + shift·I`` on its ``k`` real rows, split by rows
+  like ``h``; whether the factorisation and the inverse came out finite with a positive
+  diagonal."""
   kp = h.shape[0]
   d = mesh.devices.size
   r, b = kp // d, block
@@ -129,14 +132,17 @@ def _factor(h: jax.Array, shift: jax.Array, *, mesh: Mesh, k: int, block: int):
       return jax.lax.cond(mine, lambda v: jax.lax.dynamic_update_slice_in_dim(v, x, at, axis=0),
                           lambda v: v, u)
 
+    def fine(x):   # finite with a positive diagonal, on every device
+      ok = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.take_along_axis(x, grow[:, None], axis=1) > 0)
+      return jax.lax.pmin(ok.astype(jnp.int32), _AXIS) > 0
+
+    factored = fine(rr)
     eye = (grow[:, None] == gcol[None, :]).astype(jnp.float32)
     u = jax.lax.fori_loop(0, panels, inv_step, eye)
-    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.take_along_axis(u, grow[:, None], axis=1) > 0)
-    ok = jax.lax.pmin(ok.astype(jnp.int32), _AXIS) > 0
-    return u, ok
+    return u, factored, fine(u)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(_AXIS, None), P()),
-                       out_specs=(P(_AXIS, None), P()), check_vma=False)(h, shift)
+                       out_specs=(P(_AXIS, None), P(), P()), check_vma=False)(h, shift)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k"))
@@ -161,7 +167,8 @@ def upper_chol_inverse(h: jax.Array, mean_diag: float, damp: float, max_retries:
                        mesh: Mesh, k: int, block: int):
   """The split road's twin of ``jq.algorithms.gptq._upper_chol_inverse``: ``U`` of
   ``H + λI`` (``λ = damp · mean_diag``, ×10 after each failed factorisation, at most
-  ``max_retries`` times; then ``diag(H)`` alone), with ``h`` from :func:`place_hessian`.
+  ``max_retries`` times; then, or if the inverse is not finite, ``diag(H)`` alone), with ``h``
+  from :func:`place_hessian`.
 
   Returns ``(U, relative_damp, retries, failed)`` like the dense road.
   """
@@ -169,11 +176,15 @@ def upper_chol_inverse(h: jax.Array, mean_diag: float, damp: float, max_retries:
   for tries in range(max_retries + 1):
     if tries:
       rel = np.float32(rel * 10.0)
-    u, ok = _factor(h, jnp.float32(rel * mean_diag), mesh=mesh, k=k, block=block)
-    if bool(ok):
+    u, factored, inverted = _factor(h, jnp.float32(rel * mean_diag), mesh=mesh, k=k,
+                                    block=block)
+    if bool(factored) and bool(inverted):
       return u, jnp.float32(rel), jnp.int32(tries), jnp.bool_(False)
+    del u
+    if bool(factored):
+      break
   u = _diagonal(h, jnp.float32(rel * mean_diag), mesh=mesh, k=k)
-  return u, jnp.float32(rel), jnp.int32(max_retries), jnp.bool_(True)
+  return u, jnp.float32(rel), jnp.int32(tries), jnp.bool_(True)
 
 
 def row_panel(u: jax.Array, start: jax.Array, rows: int, mesh: Mesh) -> jax.Array:

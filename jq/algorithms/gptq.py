@@ -38,8 +38,9 @@ Implementation notes (differences from the reference implementation are marked *
   but group ``g`` keeps the scale of the *original contiguous* rows ``[g·G, (g+1)·G)``.  The stored
   :class:`~jq.qarray.QArray` therefore has ordinary contiguous groups and needs no ``g_idx``
   permutation at inference (the reference's ``desc_act`` without static groups would).
-* Two jitted stages: the factorisation (compiled once per ``K``, shared by all specs) and the
-  blocked loop (``lax.fori_loop`` over blocks and rows).  The weights are padded to whole blocks
+* Jitted stages: the factorisation (ordering, Cholesky, inverse: each compiled once per ``K``,
+  shared by all specs; at most 3 float32 ``K × K`` matrices held at a time, see
+  :func:`_prepare`) and the blocked loop (``lax.fori_loop`` over blocks and rows).  The weights are padded to whole blocks
   with zero rows whose Hessian block is the identity, so they never interact with real rows and
   quantize exactly to 0.  ``gptq_quantize`` can itself be called under ``jax.jit`` (the value
   checks then only run on concrete inputs).
@@ -65,7 +66,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jq import numerics
 from jq.algorithms import factor_split
-from jq.calibrate.stats import LayerStats, hessian as stats_hessian
+from jq.calibrate.stats import LayerStats, hessian_scale
 from jq.qarray import QArray
 from jq.quantize import check_float_input, compute_params, quantize_with_params
 from jq.spec import Clip, ClipMethod, Granularity, QuantSpec
@@ -100,19 +101,58 @@ def _fq_row(w: jax.Array, s: jax.Array, z: jax.Array | None, spec: QuantSpec) ->
   return q.dequantize(jnp.float32)[0]
 
 
-def _upper_chol_inverse(h: jax.Array, damp: jax.Array, max_retries: int):
-  """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU``, increasing ``λ`` on failure.
+def _ordered(h: jax.Array, scale: jax.Array, *, act_order: bool):
+  """``scale · H`` symmetrised, dead channels (``H_ii ≤ 0``) replaced by the identity, in
+  processing order; with its diagonal, the diagonal's mean, the processing order and the dead
+  mask."""
+  k = h.shape[0]
+  h = h.astype(jnp.float32) * scale
+  h = 0.5 * (h + h.T)
+  dead = ~(jnp.diag(h) > 0)
+  h = jnp.where(dead[:, None] | dead[None, :], jnp.eye(k, dtype=jnp.float32), h)
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(h), stable=True)
+    h = h[perm[:, None], perm[None, :]]
+  else:
+    perm = jnp.arange(k)
+  return h, jnp.diag(h), jnp.mean(jnp.diag(h)), perm, dead
+
+
+def _cholesky(h: jax.Array, rel: jax.Array, mean_diag: jax.Array):
+  """``M`` (lower) with ``J(H + λI)J = MMᵀ``, ``λ = rel · mean_diag`` and ``J`` the reversal, and
+  whether the factorisation succeeded (finite, positive diagonal)."""
+  k = h.shape[0]
+  m = jax.lax.linalg.cholesky(h[::-1, ::-1] + (rel * mean_diag) * jnp.eye(k, dtype=jnp.float32),
+                              symmetrize_input=False)
+  return m, jnp.all(jnp.isfinite(m)) & jnp.all(jnp.diag(m) > 0)
+
+
+def _inverse(m: jax.Array):
+  """``U = J M⁻¹ J`` (upper, ``(H + λI)⁻¹ = UᵀU``) and whether it is finite with a positive
+  diagonal."""
+  k = m.shape[0]
+  u = jax.lax.linalg.triangular_solve(m, jnp.eye(k, dtype=jnp.float32), left_side=True,
+                                      lower=True)[::-1, ::-1]
+  return u, jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(u) > 0)
+
+
+def _diagonal(h_diag: jax.Array, rel: jax.Array, mean_diag: jax.Array) -> jax.Array:
+  """The last resort's ``U``: ``diag(1 / sqrt(H_ii + λ))`` (no correlations, no error feedback)."""
+  return jnp.diag(jax.lax.rsqrt(h_diag + rel * mean_diag + jnp.finfo(jnp.float32).tiny))
+
+def _upper_chol_inverse(h: jax.Array, h_diag: jax.Array, mean_diag: jax.Array, damp: jax.Array,
+                        max_retries: int):
+  """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU``, increasing ``λ`` on failure, as one
+  traced program (:func:`_prepare` under ``jax.jit``).
 
   With ``J`` the reversal permutation and ``J(H + λI)J = MMᵀ`` (``M`` lower), ``H + λI = RRᵀ`` with
   ``R = JMJ`` upper, so ``(H + λI)⁻¹ = (R⁻¹)ᵀR⁻¹`` and ``U = R⁻¹ = J M⁻¹ J``: one factorisation
-  and one triangular inverse, instead of the reference's factorise-invert-factorise.
+  and one triangular inverse, instead of the reference's factorise-invert-factorise.  A failed
+  factorisation is retried with ``λ × 10``; if all fail, or the inverse is not finite, ``U`` is
+  :func:`_diagonal`'s.
 
   Returns ``(U, relative_damp, retries, failed)``.
   """
-  k = h.shape[0]
-  eye = jnp.eye(k, dtype=jnp.float32)
-  mean_diag = jnp.mean(jnp.diag(h))
-  h_rev = h[::-1, ::-1]
 
   def cond(c):
     _, _, tries, ok = c
@@ -121,18 +161,14 @@ def _upper_chol_inverse(h: jax.Array, damp: jax.Array, max_retries: int):
   def body(c):
     _, rel, tries, _ = c
     rel = jnp.where(tries < 0, rel, rel * 10.0)
-    m = jax.lax.linalg.cholesky(h_rev + (rel * mean_diag) * eye, symmetrize_input=False)
-    m_inv = jax.lax.linalg.triangular_solve(m, eye, left_side=True, lower=True)
-    u = m_inv[::-1, ::-1]
-    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(u) > 0)
-    return u, rel, tries + 1, ok
+    m, ok = _cholesky(h, rel, mean_diag)
+    return m, rel, tries + 1, ok
 
   init = (jnp.zeros_like(h), damp, jnp.int32(-1), jnp.bool_(False))
-  u, rel, tries, ok = jax.lax.while_loop(cond, body, init)
-  # last resort: ignore correlations (no error feedback)
-  diag_u = jnp.diag(jax.lax.rsqrt(jnp.diag(h) + rel * mean_diag + jnp.finfo(jnp.float32).tiny))
-  u = jnp.where(ok, u, diag_u)
-  return u, rel, tries, ~ok
+  m, rel, tries, ok = jax.lax.while_loop(cond, body, init)
+  u, inverted = _inverse(m)
+  ok = ok & inverted
+  return jnp.where(ok, u, _diagonal(h_diag, rel, mean_diag)), rel, tries, ~ok
 
 
 def _block_layout(k: int, block_size: int, dynamic_groups: bool, g: int
@@ -158,24 +194,46 @@ def _layout(spec: QuantSpec, k: int, n: int, block_size: int, static_groups: boo
   return (tile, dynamic_groups, *_block_layout(k, block_size, dynamic_groups, tile[0]))
 
 
-@functools.partial(jax.jit, static_argnames=("act_order", "max_retries"))
-def _prepare(h: jax.Array, damp: jax.Array, *, act_order: bool, max_retries: int):
-  """Dead inputs, processing order and the factor ``U`` (compiled once per K, shared by specs).
+_ordered_jit = jax.jit(_ordered, static_argnames=("act_order",))
+_cholesky_jit = jax.jit(_cholesky)
+_inverse_jit = jax.jit(_inverse, donate_argnums=0)
+_diagonal_jit = jax.jit(_diagonal)
+
+
+def _prepare(h: jax.Array, scale: jax.Array, damp: jax.Array, *, act_order: bool,
+             max_retries: int):
+  """Dead inputs, processing order and the factor ``U`` of ``H = scale · h``.
+
+  Concrete inputs run one jitted stage at a time (each compiled once per ``K``, shared by specs):
+  :func:`_ordered`, :func:`_cholesky` (retried with more damping in Python), then :func:`_inverse`
+  on the factor it consumes, once the ordered ``H`` is dropped.  No stage holds more than three
+  ``K × K`` float32 matrices (a single program holds ~5.5: for Llama's ``down_proj``,
+  K = 8192 or 14336, that is 0.6-1.9 GiB less).  Traced inputs (``gptq_quantize`` under
+  ``jax.jit``) run the same stages as one program (:func:`_upper_chol_inverse`).
 
   Returns ``(u, perm, dead, relative_damp, retries, failed)``; ``u`` is in processing order.
   """
-  k = h.shape[0]
-  h = h.astype(jnp.float32)
-  h = 0.5 * (h + h.T)
-  dead = ~(jnp.diag(h) > 0)
-  h = jnp.where(dead[:, None] | dead[None, :], jnp.eye(k, dtype=jnp.float32), h)
-  if act_order:
-    perm = jnp.argsort(-jnp.diag(h), stable=True)
-    h = h[perm][:, perm]
-  else:
-    perm = jnp.arange(k)
-  u, rel, retries, failed = _upper_chol_inverse(h, damp, max_retries)
-  return u, perm, dead, rel, retries, failed
+  if not all(numerics.is_concrete(x) for x in (h, scale, damp)):
+    hp, h_diag, mean_diag, perm, dead = _ordered(h, scale, act_order=act_order)
+    u, rel, retries, failed = _upper_chol_inverse(hp, h_diag, mean_diag, damp, max_retries)
+    return u, perm, dead, rel, retries, failed
+  hp, h_diag, mean_diag, perm, dead = _ordered_jit(h, scale, act_order=act_order)
+  rel = jnp.float32(damp)
+  for tries in range(max_retries + 1):
+    if tries:
+      rel = rel * jnp.float32(10.0)
+    m, ok = _cholesky_jit(hp, rel, mean_diag)
+    if bool(ok):
+      break
+    m = None                              # (a failed factor is not kept through the retry)
+  del hp                                  # (the inverse needs only the factor)
+  u = None
+  if bool(ok):
+    u, ok = _inverse_jit(m)               # (donates the factor)
+  m = None
+  if not bool(ok):
+    u = _diagonal_jit(h_diag, rel, mean_diag)
+  return u, perm, dead, rel, jnp.int32(tries), ~ok
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_size", "static_groups", "mesh"))
@@ -312,22 +370,22 @@ def _gptq(w: jax.Array, u: jax.Array, perm: jax.Array, dead: jax.Array, *, spec:
   return quantize_with_params(wq, scale, zp, spec), 0.5 * loss, ~ok
 
 
-def _prepare_split(w, h, spec: QuantSpec, devices: list, *, damp: float, block_size: int,
+def _prepare_split(w, h, scale, spec: QuantSpec, devices: list, *, damp: float, block_size: int,
                    static_groups: bool, act_order: bool, max_retries: int):
   """:func:`_prepare`'s twin with ``H`` and ``U`` split by rows over ``devices``; also places
   ``w`` (split by output channels where they divide evenly, else whole on every device)."""
-  if not numerics.is_concrete(h):
+  if not (numerics.is_concrete(h) and numerics.is_concrete(scale)):
     raise ValueError("gptq_quantize(devices=...) needs a concrete Hessian (not under jax.jit)")
   k, n = w.shape
-  hn = np.asarray(h, np.float32)
-  diag = np.diag(hn).copy()
+  hn, scale = np.asarray(h, np.float32), np.float32(scale)
+  diag = np.diag(hn) * scale
   dead = ~(diag > 0)
   diag[dead] = 1.0
   perm = (np.argsort(-diag, kind="stable") if act_order else np.arange(k)).astype(np.int32)
   _, _, b, _, span = _layout(spec, k, n, block_size, static_groups)
   mesh = factor_split.mesh_of(devices)
   kp = factor_split.padded_size(k, len(devices), span)
-  hp = factor_split.place_hessian(hn, perm, dead, kp, mesh)
+  hp = factor_split.place_hessian(hn, scale, perm, dead, kp, mesh)
   u, rel, retries, failed = factor_split.upper_chol_inverse(
       hp, float(np.mean(diag, dtype=np.float32)), damp, max_retries, mesh=mesh, k=k, block=b)
   whole = NamedSharding(mesh, PartitionSpec())
@@ -379,8 +437,9 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
     >>> st = update_stats(init_stats(512), x)           # x: (tokens, 512)
     >>> qw, info = gptq_quantize(w, st, W4A16_G128, act_order=True, name="mlp/up/kernel")
   """
-  if isinstance(h, LayerStats):
-    h = stats_hessian(h, name, host=bool(devices))
+  scale = jnp.float32(1.0)
+  if isinstance(h, LayerStats):   # H = scale · XᵀX, scaled where it is used (no second K × K)
+    scale, h = hessian_scale(h, name), h.xtx
   check_float_input(w, name)
   if w.ndim != 2:
     raise ValueError(f"{name}: shape {tuple(w.shape)} dtype {w.dtype}: GPTQ quantizes 2-D "
@@ -389,7 +448,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
   if tuple(np.shape(h)) != (k, k):
     raise ValueError(f"{name}: shape {tuple(w.shape)}: Hessian has shape {tuple(np.shape(h))}, "
                      f"expected ({k}, {k}) (input channels = axis 0 of the kernel)")
-  h = h if devices else jnp.asarray(h)
+  h = h if isinstance(h, (np.ndarray, jax.Array)) else jnp.asarray(h)
   if not jnp.issubdtype(h.dtype, jnp.floating):
     raise ValueError(f"{name}: Hessian dtype {h.dtype} is not floating point")
   if numerics.is_concrete(h):
@@ -410,12 +469,12 @@ def gptq_quantize(w: jax.Array, h: jax.Array | LayerStats, spec: QuantSpec, *,
   static_groups = bool(static_groups or act_order)
   if devices:
     w, u, perm, dead, rel, retries, failed, mesh = _prepare_split(
-        w, h, spec, list(devices), damp=float(damp), block_size=int(block_size),
+        w, h, scale, spec, list(devices), damp=float(damp), block_size=int(block_size),
         static_groups=static_groups, act_order=bool(act_order), max_retries=int(max_retries))
   else:
     mesh = None
     u, perm, dead, rel, retries, failed = _prepare(
-        h, jnp.float32(damp), act_order=bool(act_order), max_retries=int(max_retries))
+        h, scale, jnp.float32(damp), act_order=bool(act_order), max_retries=int(max_retries))
   qarr, loss, rtn = _gptq(w, u, perm, dead, spec=spec, block_size=int(block_size),
                           static_groups=static_groups, mesh=mesh)
   info = GPTQInfo(loss=loss, damp=rel, retries=retries, dead=jnp.sum(dead, dtype=jnp.int32),

@@ -82,14 +82,16 @@ class _Acc:
     cur = self.layers[i]
     if cur is None:
       self.layers[i] = cur = {
-          k: (np.asarray(v, np.float64) if k in ("xtx", "abssum") else
+          k: (np.array(v, np.float64) if k in ("xtx", "abssum") else   # (owned: summed in place)
               np.asarray(v, np.int64) if k in ("count", "nonfinite") else
               [] if k == "samples" else np.asarray(v)) for k, v in part.items()}
       if "samples" in part:
         cur["samples"].append((batch, np.asarray(part["samples"])))
       return
     for k, v in part.items():
-      if k in _SUMMED:
+      if k in ("xtx", "abssum"):
+        np.add(cur[k], v, out=cur[k])      # in place: no second K × K float64 sum
+      elif k in _SUMMED:
         cur[k] = cur[k] + v
       elif k in ("absmax", "hi"):
         cur[k] = np.maximum(cur[k], v)

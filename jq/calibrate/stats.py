@@ -137,20 +137,23 @@ def check_stats(stats: LayerStats, name: str = "<layer>") -> None:
     raise ValueError(f"{name}: {int(stats.nonfinite)} NaN/Inf input activation values in "
                      f"{int(stats.count)} tokens (K={k}); fix the model or calibration data "
                      "(e.g. overflow in float16) before quantizing")
-  if not bool(jnp.all(jnp.isfinite(stats.xtx))):
+  xp = np if isinstance(stats.xtx, np.ndarray) else jnp   # (host sums stay on the host)
+  if not bool(xp.all(xp.isfinite(stats.xtx))):
     raise ValueError(f"{name}: XᵀX overflowed float32 (K={k}, {int(stats.count)} tokens); "
                      "rescale the inputs or use fewer tokens")
 
 
-def hessian(stats: LayerStats, name: str = "<layer>", *, host: bool = False) -> jax.Array:
-  """GPTQ's proxy Hessian ``H = 2 XᵀX / n`` (float32, ``K × K``); checks ``stats`` first.
-  ``host``: a NumPy array computed on the host (the same bits), never placed on a device."""
+def hessian_scale(stats: LayerStats, name: str = "<layer>") -> jax.Array:
+  """The factor ``2 / n`` of GPTQ's ``H = 2 XᵀX / n`` (a float32 scalar); checks ``stats`` first.
+  ``hessian(stats)`` is ``stats.xtx * hessian_scale(stats)``, bit for bit: a solve can scale
+  ``XᵀX`` where it uses it instead of holding a second ``K × K`` matrix."""
   check_stats(stats, name)
-  if host:
-    n = np.float32(max(int(stats.count), 1))
-    return np.asarray(stats.xtx, np.float32) * (np.float32(2.0) / n)
-  n = jnp.maximum(stats.count, 1).astype(jnp.float32)
-  return stats.xtx * (2.0 / n)
+  return 2.0 / jnp.maximum(stats.count, 1).astype(jnp.float32)
+
+
+def hessian(stats: LayerStats, name: str = "<layer>") -> jax.Array:
+  """GPTQ's proxy Hessian ``H = 2 XᵀX / n`` (float32, ``K × K``); checks ``stats`` first."""
+  return jnp.asarray(stats.xtx) * hessian_scale(stats, name)
 
 
 def mean_abs(stats: LayerStats, name: str = "<layer>") -> jax.Array:
@@ -165,5 +168,5 @@ def max_abs(stats: LayerStats, name: str = "<layer>") -> jax.Array:
   return stats.absmax
 
 
-__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "scale_stats", "check_stats", "hessian",
-           "mean_abs", "max_abs"]
+__all__ = ["LayerStats", "init_stats", "update_stats", "merge_stats", "scale_stats", "check_stats",
+           "hessian", "hessian_scale", "mean_abs", "max_abs"]

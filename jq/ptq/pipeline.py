@@ -97,7 +97,7 @@ class PTQConfig:
       the kernel's output channels split over them (``jq.algorithms.factor_split``), so no
       device holds a ``K × K`` matrix whole (Llama-3.1-405B's ``down_proj``: K = 53248, 11.3 GB
       per float32 copy).  The same codes as one device up to float32 rounding order.  None
-      (default): where one device's solve (~6 float32 ``K × K`` matrices) would take more than
+      (default): where one device's solve (3 float32 ``K × K`` matrices) would take more than
       half of a device's memory, as the devices report it (GPUs, TPUs; CPU devices report no
       limit, so never on CPU).  Needs a mesh of at least 2 devices in this process.
     data_axis: the mesh axis the batches are split over (default: the mesh's only axis, or its

@@ -69,9 +69,9 @@ def solve_on(t: Solve, device) -> tuple[QArray, str]:
 def factor_from(devices: Sequence[Any], given: int | None) -> int | None:
   """The input channels ``K`` from which a GPTQ solve runs on all ``devices`` together, its
   Hessian and factor split by rows (``PTQConfig.split_factor_from``): ``given``, else where one
-  device's solve (about 6 float32 ``K × K`` matrices: the Hessian, the factor, the compiled
-  factorisation's workspace) would take more than half of the smallest device memory the devices
-  report; None with fewer than 2 devices, or devices that report no memory limit (CPU)."""
+  device's solve (3 float32 ``K × K`` matrices in its largest stage, ``jq.algorithms.gptq``)
+  would take more than half of the smallest device memory the devices report; None with fewer
+  than 2 devices, or devices that report no memory limit (CPU)."""
   if len(devices) < 2:
     return None
   if given is not None:
@@ -84,7 +84,7 @@ def factor_from(devices: Sequence[Any], given: int | None) -> int | None:
       limits.append(None)
   if not all(limits):
     return None
-  return max(1, math.isqrt(min(limits) // 2 // (6 * 4)))
+  return max(1, math.isqrt(min(limits) // 2 // (3 * 4)))
 
 
 def factors_split(t: Solve, threshold: int | None) -> bool:

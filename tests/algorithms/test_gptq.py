@@ -172,6 +172,42 @@ def test_adversarial_inputs_stay_finite():
   assert np.all(np.asarray(q.dequantize()) == 0)
 
 
+def test_staged_factorisation_equals_one_program_and_holds_three_k_by_k():
+  """Concrete Hessians are factored one jitted stage at a time (the ordered Hessian dropped
+  before the inverse); under jax.jit the same stages run as one program.  Both give the same
+  bits, retries and fallbacks; no stage holds more than 3 K × K float32 matrices (one program:
+  5.5)."""
+  from jq.algorithms import gptq
+  x, w = _layer(5)
+  wj = jnp.asarray(w)
+  x[:, 7] = 0.0                                            # a dead input
+  st = update_stats(init_stats(K), jnp.asarray(x))
+  xs = x[:8].copy()                                        # rank-deficient
+  xs[:, 1] = xs[:, 0]
+  bad = jnp.asarray(np.diag(np.linspace(4.0, 5.0, K)) - 3.0 * np.ones((K, K)), jnp.float32)
+  cases = [(st, {}), (st, {"act_order": True}), (_hessian(xs), {}),
+           (bad, {"max_retries": 1}), (bad, {})]           # fails, then the diagonal; damping wins
+  for h, kw in cases:
+    a, ia = gptq_quantize(wj, h, W4A16_G32, **kw)
+    b, ib = jax.jit(lambda w_, h_, kw=kw: gptq_quantize(w_, h_, W4A16_G32, **kw))(wj, h)
+    np.testing.assert_array_equal(np.asarray(a.unpacked()), np.asarray(b.unpacked()))
+    np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+    assert [int(v) for v in (ia.retries, ia.fallback, ia.dead)] == \
+        [int(v) for v in (ib.retries, ib.fallback, ib.dead)]
+  assert (int(ia.retries), int(ia.fallback)) == (5, 0)
+  k = 512
+  kk, one = jax.ShapeDtypeStruct((k, k), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)
+
+  def held(lowered):
+    m = lowered.compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / (k * k * 4)
+
+  stages = [gptq._ordered_jit.lower(kk, one, act_order=True), gptq._cholesky_jit.lower(kk, one, one),
+            gptq._inverse_jit.lower(kk)]
+  assert max(held(s) for s in stages) <= 3.05, [held(s) for s in stages]
+
+
 def test_percentile_clip_with_partial_group():
   """Group scales come from compute_params on the group's real rows only (padding excluded)."""
   x, w = _layer(5)
@@ -268,10 +304,10 @@ def test_split_factor_road_matches_the_dense_road(spec, kw):
   # the factor itself, against the dense road's (processing order, damped)
   mesh = factor_split.mesh_of(jax.devices()[:1])
   diag = np.where(np.diag(np.asarray(h)) > 0, np.diag(np.asarray(h)), 1.0).astype(np.float32)
-  hp = factor_split.place_hessian(h, np.arange(K), ~(np.diag(np.asarray(h)) > 0), 96, mesh)
+  hp = factor_split.place_hessian(h, 1.0, np.arange(K), ~(np.diag(np.asarray(h)) > 0), 96, mesh)
   u, _, _, failed = factor_split.upper_chol_inverse(hp, float(np.mean(diag)), 0.01, 6, mesh=mesh,
                                                     k=K, block=16)
-  u0 = _prepare(h, jnp.float32(0.01), act_order=False, max_retries=6)[0]
+  u0 = _prepare(h, jnp.float32(1.0), jnp.float32(0.01), act_order=False, max_retries=6)[0]
   assert not bool(failed)
   np.testing.assert_allclose(np.asarray(u)[:K, :K], np.asarray(u0), atol=2e-6 * float(
       np.max(np.abs(np.asarray(u0)))))

@@ -188,11 +188,11 @@ def factor_check(out: str, model, variables, calib, mesh) -> None:
   outputs, workspace) against one device's dense factorisation, and the shape of a device's rows
   of the factor."""
   import json
+  import jax
   import jax.numpy as jnp
   import numpy as np
   import jq
-  from jq.algorithms import factor_split
-  from jq.algorithms.gptq import _prepare
+  from jq.algorithms import factor_split, gptq
   from jq.ptq import PTQConfig, quantize_model
   res = quantize_model(model, variables, jq.recipe_rules("gptq-w4a16-g32"), calib,
                        config=PTQConfig(mesh=mesh, split_factor_from=64))
@@ -203,19 +203,22 @@ def factor_check(out: str, model, variables, calib, mesh) -> None:
   x = np.random.default_rng(5).standard_normal((1024, k)).astype(np.float32)
   h = 2 * x.T @ x / len(x)
   rows = factor_split.mesh_of(list(mesh.devices.flat))
-  hp = factor_split.place_hessian(h, np.arange(k), np.zeros(k, bool), k, rows)
+  hp = factor_split.place_hessian(h, 1.0, np.arange(k), np.zeros(k, bool), k, rows)
   u, _, _, failed = factor_split.upper_chol_inverse(hp, float(np.mean(np.diag(h))), 0.01, 0,
                                                     mesh=rows, k=k, block=64)
 
-  def held(m):
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  def held(m):   # (a donated argument's buffer is the output's: counted once)
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
 
   split = factor_split._factor.lower(hp, jnp.float32(0.1), mesh=rows, k=k, block=64)
-  dense = _prepare.lower(jnp.asarray(h), jnp.float32(0.01), act_order=False, max_retries=0)
-  u0 = _prepare(jnp.asarray(h), jnp.float32(0.01), act_order=False, max_retries=0)[0]
+  kk, one = jax.ShapeDtypeStruct((k, k), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)
+  dense = [gptq._ordered_jit.lower(kk, one, act_order=False), gptq._cholesky_jit.lower(kk, one, one),
+           gptq._inverse_jit.lower(kk)]     # the dense road's stages: its peak is the largest
+  u0 = gptq._prepare(h, jnp.float32(1.0), jnp.float32(0.01), act_order=False, max_retries=0)[0]
   with open(os.path.join(out, "factor.json"), "w") as f:
     json.dump({"split_bytes": held(split.compile().memory_analysis()),
-               "dense_bytes": held(dense.compile().memory_analysis()),
+               "dense_bytes": max(held(c.compile().memory_analysis()) for c in dense),
                "shard": list(u.addressable_shards[0].data.shape), "failed": bool(failed),
                "u_err": float(np.max(np.abs(np.asarray(u) - np.asarray(u0)))
                               / np.max(np.abs(np.asarray(u0))))}, f)

@@ -122,7 +122,8 @@ def test_mesh_of_8_cpu_devices_matches_one_device(tmp_path):
   factor = json.loads((tmp_path / "factor.json").read_text())
   assert factor["shard"] == [64, 512] and not factor["failed"], factor
   assert factor["u_err"] <= 1e-5, factor
-  assert factor["split_bytes"] * 4 <= factor["dense_bytes"], factor   # measured: 8.8x less
+  # per device against the dense road's largest stage (3 K x K): measured 3.9x less at K = 512
+  assert factor["split_bytes"] * 3 <= factor["dense_bytes"], factor
   print("split factorisation vs one device:", got, factor)
   msg = (tmp_path / "indivisible.txt").read_text()
   assert "calibration batch 1" in msg and "(6, 32)" in msg and "8 devices" in msg, msg

@@ -104,11 +104,12 @@ def test_which_gptq_solves_factor_their_hessian_split_over_devices():
   assert solves.factor_from([_Device(None)], 128) is None
   assert solves.factors_split(gptq, 128) and not solves.factors_split(gptq, 129)
   assert not solves.factors_split(awq, 1) and not solves.factors_split(gptq, None)
-  # automatic: where ~6 float32 K × K matrices exceed half the smallest device (16 GB: K ≥ 18257,
-  # 80 GB: K ≥ 40824, so 405B's down_proj with K = 53248 on either); no limit reported: never
-  assert solves.factor_from([_Device(16 * 10**9)] * 4, None) == 18257
-  assert solves.factor_from([_Device(80 * 10**9), _Device(16 * 10**9)], None) == 18257
-  assert solves.factor_from([_Device(80 * 10**9)] * 8, None) == 40824
+  # automatic: where the dense road's largest stage, 3 float32 K × K matrices, exceeds half the
+  # smallest device (16 GB: K ≥ 25819, so 70B's down_proj, K = 28672; 80 GB: K ≥ 57735, so not
+  # 405B's, K = 53248: its 34 GB fit); no limit reported: never
+  assert solves.factor_from([_Device(16 * 10**9)] * 4, None) == 25819
+  assert solves.factor_from([_Device(80 * 10**9), _Device(16 * 10**9)], None) == 25819
+  assert solves.factor_from([_Device(80 * 10**9)] * 8, None) == 57735
   assert solves.factor_from([_Device(None)] * 8, None) is None
   with pytest.raises(ValueError, match="split_factor_from=0 must be an int >= 1"):
     jq.ptq.PTQConfig(split_factor_from=0)
