@@ -49,10 +49,10 @@ def padded_size(k: int, devices: int, span: int) -> int:
 
 def place_hessian(h, scale, perm: np.ndarray, dead: np.ndarray, kp: int, mesh: Mesh
                   ) -> jax.Array:
-  """``H = scale · h`` symmetrised, its dead channels replaced by the identity, permuted into processing order
-  and padded with the identity to ``kp`` rows, **built row block by row block on the host** and
-  placed split by rows (each device receives only its rows; ``H`` is never copied whole onto a
-  device)."""
+  """``H = scale · h`` symmetrised, its dead channels replaced by the identity, permuted into
+  processing order and padded with the identity to ``kp`` rows, **built row block by row block on
+  the host** and placed split by rows (each device receives only its rows; ``H`` is never copied
+  whole onto a device)."""
   h, scale = np.asarray(h, np.float32), np.float32(scale)
   k = h.shape[0]
 

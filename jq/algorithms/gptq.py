@@ -40,10 +40,11 @@ Implementation notes (differences from the reference implementation are marked *
   permutation at inference (the reference's ``desc_act`` without static groups would).
 * Jitted stages: the factorisation (ordering, Cholesky, inverse: each compiled once per ``K``,
   shared by all specs; at most 3 float32 ``K × K`` matrices held at a time, see
-  :func:`_prepare`) and the blocked loop (``lax.fori_loop`` over blocks and rows).  The weights are padded to whole blocks
-  with zero rows whose Hessian block is the identity, so they never interact with real rows and
-  quantize exactly to 0.  ``gptq_quantize`` can itself be called under ``jax.jit`` (the value
-  checks then only run on concrete inputs).
+  :func:`_prepare`) and the blocked loop (``lax.fori_loop`` over blocks and rows).  The weights
+  are padded to whole blocks with zero rows whose Hessian block is the identity, so they never
+  interact with real rows and quantize exactly to 0.  ``gptq_quantize`` can itself be called
+  under ``jax.jit`` (the value checks then only run on concrete inputs; the factorisation's
+  stages then run as one program).
 * ``devices=``: a Hessian too large for one device is placed split by rows over several, factored
   there (``jq.algorithms.factor_split``: a blocked UL factorisation ``H = RRᵀ`` and ``U = R⁻¹``,
   the same factor as the dense road up to float32 rounding order) and read one row panel at a
@@ -139,6 +140,7 @@ def _inverse(m: jax.Array):
 def _diagonal(h_diag: jax.Array, rel: jax.Array, mean_diag: jax.Array) -> jax.Array:
   """The last resort's ``U``: ``diag(1 / sqrt(H_ii + λ))`` (no correlations, no error feedback)."""
   return jnp.diag(jax.lax.rsqrt(h_diag + rel * mean_diag + jnp.finfo(jnp.float32).tiny))
+
 
 def _upper_chol_inverse(h: jax.Array, h_diag: jax.Array, mean_diag: jax.Array, damp: jax.Array,
                         max_retries: int):

@@ -203,8 +203,8 @@ def test_staged_factorisation_equals_one_program_and_holds_three_k_by_k():
     return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
             - m.alias_size_in_bytes) / (k * k * 4)
 
-  stages = [gptq._ordered_jit.lower(kk, one, act_order=True), gptq._cholesky_jit.lower(kk, one, one),
-            gptq._inverse_jit.lower(kk)]
+  stages = [gptq._ordered_jit.lower(kk, one, act_order=True),
+            gptq._cholesky_jit.lower(kk, one, one), gptq._inverse_jit.lower(kk)]
   assert max(held(s) for s in stages) <= 3.05, [held(s) for s in stages]
 
 

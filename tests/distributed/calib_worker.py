@@ -213,8 +213,8 @@ def factor_check(out: str, model, variables, calib, mesh) -> None:
 
   split = factor_split._factor.lower(hp, jnp.float32(0.1), mesh=rows, k=k, block=64)
   kk, one = jax.ShapeDtypeStruct((k, k), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)
-  dense = [gptq._ordered_jit.lower(kk, one, act_order=False), gptq._cholesky_jit.lower(kk, one, one),
-           gptq._inverse_jit.lower(kk)]     # the dense road's stages: its peak is the largest
+  dense = [gptq._ordered_jit.lower(kk, one, act_order=False),   # the dense road's stages: its
+           gptq._cholesky_jit.lower(kk, one, one), gptq._inverse_jit.lower(kk)]   # peak: the largest
   u0 = gptq._prepare(h, jnp.float32(1.0), jnp.float32(0.01), act_order=False, max_retries=0)[0]
   with open(os.path.join(out, "factor.json"), "w") as f:
     json.dump({"split_bytes": held(split.compile().memory_analysis()),
