@@ -65,7 +65,8 @@ class LayerInputs:
   samples: np.ndarray | None
 
 
-_SUMMED = ("xtx", "abssum", "count", "nonfinite")
+_WIDE = ("xtx", "abssum")                 # summed in float64 (in place)
+_SUMMED = (*_WIDE, "count", "nonfinite")
 _OPS = {"xtx": "sum", "abssum": "sum", "count": "sum", "nonfinite": "sum", "absmax": "max",
         "hi": "max", "lo": "min", "samples": "cat", "samples_batch": "cat"}
 
@@ -82,14 +83,14 @@ class _Acc:
     cur = self.layers[i]
     if cur is None:
       self.layers[i] = cur = {
-          k: (np.array(v, np.float64) if k in ("xtx", "abssum") else   # (owned: summed in place)
+          k: (np.array(v, np.float64) if k in _WIDE else   # (a copy of its own: summed in place)
               np.asarray(v, np.int64) if k in ("count", "nonfinite") else
               [] if k == "samples" else np.asarray(v)) for k, v in part.items()}
       if "samples" in part:
         cur["samples"].append((batch, np.asarray(part["samples"])))
       return
     for k, v in part.items():
-      if k in ("xtx", "abssum"):
+      if k in _WIDE:
         np.add(cur[k], v, out=cur[k])      # in place: no second K × K float64 sum
       elif k in _SUMMED:
         cur[k] = cur[k] + v
