@@ -185,8 +185,13 @@ def test_matrix_view_reproduces_the_layout_grid():
     for spec in (W8A16, W4A16_G128, W4A16_G32):
       view = MatrixView(shape, lay)
       spec2 = view.matrix_spec(spec, name="w")
-      got = assemble(view, [jq.quantize(m, spec2) for m in view.matrices(w)], spec, name="w")
-      want = jq.quantize(w, spec, layout=lay)
+
+      @jax.jit   # one program per case (op by op, the 12 cases took ~70 s of dispatch)
+      def both(w, view=view, spec=spec, spec2=spec2, lay=lay):
+        return (assemble(view, [jq.quantize(m, spec2) for m in view.matrices(w)], spec, name="w"),
+                jq.quantize(w, spec, layout=lay))
+
+      got, want = both(w)
       assert got.tile == want.tile
       np.testing.assert_array_equal(got.values, want.values)
       np.testing.assert_array_equal(got.scale, want.scale)
