@@ -8,8 +8,10 @@ sample) and sends them to the host with ``jax.debug.callback``, where they are s
 inside ``nn.scan``/``nnx.scan`` stacks, whose layers share one traced body: the callbacks of a
 stacked layer arrive in layer order, so the k-th of ``n·L`` calls in one model call belongs to
 layer ``k // n``; under ``vmap`` the callback receives one value per mapped layer, and an input
-shared by all of them (``in_axes=None``) counts for each.  Layers reading the same input (q, k and
-v after one norm) share one computation of the statistics.
+shared by all of them (``in_axes=None``) counts for each.  Layers reading the same input with the
+same :class:`Want` (q, k and v after one norm) share one computation of the statistics, one
+callback and one host sum: they get the same :class:`LayerInputs` (one float64 ``XᵀX`` of
+K = 8192 is 0.5 GiB while it is summed).
 
 Data parallel: with a ``mesh`` the batches are split over its data axis (:func:`shard_batches`)
 and XLA all-reduces the statistics, which the callback receives once per model call.  Several
@@ -316,18 +318,22 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
     operands = jax.device_put(operands, data_sharding(mesh, data_axis)[1])
   per_call = {p: -(-w.samples // total) for p, w in wants.items() if w.samples}
   seen: dict[str, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
+  # layers reading one input with the same wants (q, k and v) share one computation, one
+  # callback and one host sum (for K = 8192 one float64 XᵀX is 0.5 GiB): named by the first
+  # of them to run, the group's paths in the order they ran
+  groups: dict[str, list[str]] = {}
 
-  def host(path, part):
+  def host(group, part):
     part = {k: np.asarray(v) for k, v in part.items()}
     lead = part["nonfinite"].ndim  # > 0 when vmapped: one entry per mapped layer
     if lead == 0:
-      seen[path].append(part)
+      seen[group].append(part)
     else:
       for i in range(part["nonfinite"].shape[0]):
-        seen[path].append({k: v[i] for k, v in part.items()})
+        seen[group].append({k: v[i] for k, v in part.items()})
 
   def observed(ops, batch):
-    cache: dict[tuple[int, Any], dict[str, jax.Array]] = {}
+    cache: dict[tuple[int, Any, Want], str] = {}   # input -> the first path that read it
     keep = []
 
     def observer(path, x, x_axes):
@@ -338,17 +344,21 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
         raise ValueError(f"{path}: this layer's input does not map onto its kernel's contracting "
                          "axes (a convolution, dot batch dims or summed einsum axes); GPTQ, AWQ "
                          "and SmoothQuant are not available for it: use RTN")
-      key = (id(x), x_axes, want.xtx, want.samples, want.first_token_weight)
+      key = (id(x), x_axes, want)
       if key not in cache:
         keep.append(x)
-        cache[key] = _statistics(x, x_axes, want, per_call.get(path, 0))
-      jax.debug.callback(lambda part, p=path: host(p, part), cache[key])
+        cache[key] = path
+        jax.debug.callback(lambda part, g=path: host(g, part),
+                           _statistics(x, x_axes, want, per_call.get(path, 0)))
+      members = groups.setdefault(cache[key], [])
+      if path not in members:
+        members.append(path)
 
     with common.observing(observer):
       return run(ops, batch)
 
   step = jax.jit(observed)
-  accs = {p: _Acc(w, p) for p, w in wants.items()}
+  accs: dict[str, _Acc] = {}       # one per group
   for b, batch in enumerate(batches):
     seen.clear()
     try:
@@ -357,28 +367,33 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
       shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
       raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {e}") from e
     jax.effects_barrier()
-    for path, calls in seen.items():
-      n = wants[path].stack
+    for group, calls in seen.items():
+      n, names = wants[group].stack, ", ".join(groups[group])
       bad = sum(int(c["nonfinite"]) for c in calls)
       if bad:
-        raise ValueError(f"{path}: calibration batch {ids[b]} gives this layer {bad} NaN/Inf input "
-                         "values; fix the model or the calibration data")
+        raise ValueError(f"{names}: calibration batch {ids[b]} gives this layer {bad} NaN/Inf "
+                         "input values; fix the model or the calibration data")
       if len(calls) == 1 and n > 1:   # one input shared by every stacked layer
         calls = calls * n
       if len(calls) % n:
-        raise ValueError(f"{path}: {len(calls)} calls in one model call do not divide into its "
+        raise ValueError(f"{names}: {len(calls)} calls in one model call do not divide into its "
                          f"{n} stacked layers")
       per = len(calls) // n
+      acc = accs.setdefault(group, _Acc(wants[group], group))
       for k, c in enumerate(calls):
-        accs[path].add(k // per, c, ids[b])
-  if reduce is not None:
-    for a in accs.values():
-      a.check_ran()
+        acc.add(k // per, c, ids[b])
+  owner = {p: g for g, members in groups.items() for p in members}
+  for p in wants:
+    if owner.get(p) not in accs:
+      raise ValueError(f"{p}: this layer never ran on the calibration batches")
+    accs[owner[p]].check_ran()
+  if reduce is not None:   # (every process traced the same model: the same groups)
     flat = {k: v for a in accs.values() for k, v in a.export().items()}
     flat = reduce(flat, {k: _OPS[k.rpartition("#")[2]] for k in flat})
     for a in accs.values():
       a.load(flat)
-  return {p: a.result() for p, a in accs.items()}
+  results = {g: a.result() for g, a in accs.items()}
+  return {p: results[owner[p]] for p in wants}   # (a group's layers share their arrays)
 
 
 def capture_inputs(fn: Callable[..., Any], *args, prefix: str = "",

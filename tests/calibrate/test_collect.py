@@ -70,3 +70,34 @@ def test_capture_inputs_flattens_the_contracting_axes_in_kernel_order():
   h = _block_inputs(variables, x)[0][1]
   np.testing.assert_allclose(np.asarray(o), np.asarray(h).reshape(2, 5, 32), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(found["q/kernel"]), np.asarray(x), rtol=0)
+
+
+class Fork(nn.Module):
+  """q, k and v read one input; u reads a copy of it (another array: its own statistics)."""
+  @nn.compact
+  def __call__(self, x):
+    q, k, v = (nn.Dense(16, name=n)(x) for n in ("q", "k", "v"))
+    return q + k + v + nn.Dense(16, name="u")(x * 1.0 + 0.0)
+
+
+def test_layers_reading_one_input_share_one_host_sum():
+  model = Fork()
+  x = jax.random.normal(jax.random.key(2), (2, 5, 32))
+  variables = model.init(jax.random.key(0), x)
+  qapply = jqnn.quantized_apply(model)
+  paths = [f"params/{n}/kernel" for n in ("q", "k", "v", "u")]
+  wants = {p: Want(xtx=True, samples=4) for p in paths}
+  wants["params/u/kernel"] = Want(xtx=True)   # other wants: its own group whatever its input
+  got = collect(lambda v, b: qapply(v, b), [x, 2 * x], wants, operands=variables)
+  q, k, v, u = (got[p] for p in paths)
+  assert q is k is v and q.stats.xtx is v.stats.xtx      # one sum, not three copies
+  assert u is not q and u.samples is None
+  a = np.concatenate([np.asarray(x).reshape(-1, 32), 2 * np.asarray(x).reshape(-1, 32)])
+  for st in (q.stats, u.stats):
+    np.testing.assert_allclose(st.xtx, a.T @ a, rtol=2e-5, atol=1e-4)
+    assert int(st.count) == a.shape[0]
+  # each alone: the same statistics as shared
+  alone = collect(lambda v, b: qapply(v, b), [x, 2 * x], {"params/k/kernel": wants[paths[1]]},
+                  operands=variables)["params/k/kernel"]
+  np.testing.assert_array_equal(alone.stats.xtx, k.stats.xtx)
+  np.testing.assert_array_equal(alone.samples, k.samples)
