@@ -379,9 +379,10 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
         raise ValueError(f"{names}: {len(calls)} calls in one model call do not divide into its "
                          f"{n} stacked layers")
       per = len(calls) // n
-      acc = accs.setdefault(group, _Acc(wants[group], group))
+      if group not in accs:
+        accs[group] = _Acc(wants[group], group)
       for k, c in enumerate(calls):
-        acc.add(k // per, c, ids[b])
+        accs[group].add(k // per, c, ids[b])
   owner = {p: g for g, members in groups.items() for p in members}
   for p in wants:
     if owner.get(p) not in accs:

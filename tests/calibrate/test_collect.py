@@ -73,11 +73,11 @@ def test_capture_inputs_flattens_the_contracting_axes_in_kernel_order():
 
 
 class Fork(nn.Module):
-  """q, k and v read one input; u reads a copy of it (another array: its own statistics)."""
+  """q, k, v and u read one input (u is asked for other statistics)."""
   @nn.compact
   def __call__(self, x):
-    q, k, v = (nn.Dense(16, name=n)(x) for n in ("q", "k", "v"))
-    return q + k + v + nn.Dense(16, name="u")(x * 1.0 + 0.0)
+    q, k, v, u = (nn.Dense(16, name=n)(x) for n in ("q", "k", "v", "u"))
+    return q + k + v + u
 
 
 def test_layers_reading_one_input_share_one_host_sum():
@@ -87,7 +87,7 @@ def test_layers_reading_one_input_share_one_host_sum():
   qapply = jqnn.quantized_apply(model)
   paths = [f"params/{n}/kernel" for n in ("q", "k", "v", "u")]
   wants = {p: Want(xtx=True, samples=4) for p in paths}
-  wants["params/u/kernel"] = Want(xtx=True)   # other wants: its own group whatever its input
+  wants["params/u/kernel"] = Want(xtx=True)   # other wants: a group of its own
   got = collect(lambda v, b: qapply(v, b), [x, 2 * x], wants, operands=variables)
   q, k, v, u = (got[p] for p in paths)
   assert q is k is v and q.stats.xtx is v.stats.xtx      # one sum, not three copies
