@@ -248,6 +248,10 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   if state.cut:
     log.append("solved in column blocks (output channels) on several workers: "
                + ", ".join(sorted(state.cut)))
+  if state.fused:
+    fused = list(dict.fromkeys(state.fused))
+    log.append(f"GPTQ kernels reading one input solved as one (their Hessian factored once), "
+               f"{len(fused)} groups: " + ", ".join(fused[:4]) + (", ..." if fused[4:] else ""))
   if state.factored:
     log.append(f"GPTQ Hessians factored split over the mesh's devices (K >= "
                f"{state.split_factor_from}; no device held a K × K "
@@ -307,6 +311,7 @@ class _State:
     self.devices_used = 0                  # most devices one unit's solves ran on (a mesh)
     self.cut: set[str] = set()             # kernels whose solve was cut into column blocks
     self.factored: set[str] = set()        # GPTQ kernels solved with the Hessian split (mesh)
+    self.fused: list[str] = []             # GPTQ kernels solved as one (one factorisation)
     self.split_factor_from = solves.factor_from(self._local_devices(), split_factor_from)
 
   def _layer(self, path: str, inputs: LayerInputs, layer: int) -> LayerInputs:
@@ -377,9 +382,13 @@ class _State:
     got = collect(unit.run, unit.batches, wants, operands=self.placed(self.cur), mesh=self.mesh,
                   data_axis=self.data_axis, batch_ids=self.batch_ids, total_batches=self.total,
                   reduce=reduce) if wants else {}
+    sliced: dict[tuple, LayerInputs] = {}   # (layers reading one input keep one LayerInputs)
     for p, inp in got.items():
       for layer in unit.layers[p]:
-        self.inputs[p][layer] = self._layer(p, inp, layer)
+        key = (id(inp), layer, self.target.stacks.get(p, 1))
+        if key not in sliced:
+          sliced[key] = self._layer(p, inp, layer)
+        self.inputs[p][layer] = sliced[key]
     self._fold(unit, [g for g in groups if all(c in unit.layers for c in g.consumers)])
     leaves = dict(leaves_with_paths(self.ref))
     tasks = []
@@ -422,19 +431,22 @@ class _State:
     the costliest first, each to the least loaded process), each process runs its own and the
     results are sent to all (``jq.distributed.share``: the same bits everywhere); rounding to
     nearest is cheaper than sending it, so every process does it.  Within a process, a mesh's
-    devices share its solves the same way (:meth:`_run`)."""
+    devices share its solves the same way (:meth:`_run`).  GPTQ kernels reading one input with
+    one spec (q, k, v) are solved as one first (``solves.fuse``: one Hessian factorisation)."""
     n = jax.process_count() if self.dist else 1
-    pieces = solves.split(tasks, n)
+    fused, parts = solves.fuse(tasks)
+    self.fused.extend(" + ".join((t.path, *t.also)) for t in fused if t.also)
+    pieces = solves.split(fused, n)
     owner = solves.owners([p for _, p in pieces], n) if n > 1 else {}
     me = jax.process_index()
     for j in owner:
       self.solved_by[owner[j]] = self.solved_by.get(owner[j], 0) + 1
-    self.cut.update(p.path for _, p in pieces if p.cols is not None)
+    self.cut.update(q for _, p in pieces if p.cols is not None for q in (p.path, *p.also))
     got = self._run({j: p for j, (_, p) in enumerate(pieces) if owner.get(j, me) == me})
     if owner:
       got.update(self._shared(unit, {j: got[j] for j in owner if owner[j] == me}))
-    joined = solves.joined(pieces, got)
-    return [joined[i] for i in range(len(tasks))]
+    out = solves.unfuse(parts, solves.joined(pieces, got))
+    return [out[i] for i in range(len(tasks))]
 
   def _shared(self, unit: Unit, mine: dict[int, tuple[QArray, str]]
               ) -> dict[int, tuple[QArray, str]]:
@@ -473,10 +485,10 @@ class _State:
     for k in [k for k in keys if solves.factors_split(tasks[k], self.split_factor_from)]:
       q, note = solves.solve_on(tasks[k], devices)
       out[k] = (jax.device_put(q, home), note)
-      self.factored.add(tasks[k].path)
+      self.factored.update((tasks[k].path, *tasks[k].also))
     keys = [k for k in keys if k not in out]
     pieces = solves.split([tasks[k] for k in keys], len(devices))
-    self.cut.update(p.path for _, p in pieces if p.cols is not None)
+    self.cut.update(q for _, p in pieces if p.cols is not None for q in (p.path, *p.also))
     where = solves.owners([p for _, p in pieces], len(devices))
     got = {j: solves.solve_on(p, None) for j, (_, p) in enumerate(pieces) if j not in where}
 

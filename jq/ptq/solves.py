@@ -11,12 +11,18 @@ tensor, say) is never cut.  A GPTQ solve whose ``K × K`` Hessian is too large f
 (:func:`factor_from`) runs instead on all of a process's devices together, the Hessian and its
 factor split by rows (``jq.algorithms.factor_split``).  All of it depends on shapes only: every
 process computes the same plan.
+
+The reverse holds too: GPTQ kernels that read one input (q, k and v; gate and up: the same
+:class:`~jq.calibrate.collect.LayerInputs`) with the same spec and options are fused by
+:func:`fuse` into one solve of their columns side by side, so their Hessian is factored once,
+not once per kernel; :func:`unfuse` cuts the result back into each kernel's (the same bits as
+solving each alone, as for column blocks).
 """
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,6 +46,7 @@ class Solve(NamedTuple):
   options: Any
   name: str
   cols: tuple[int, int] | None = None   # output channels [a, b) of the kernel matrix; None: all
+  also: tuple[str, ...] = ()            # the other kernels fused into this solve (:func:`fuse`)
 
 
 def stats_samples(inp: LayerInputs | None):
@@ -112,6 +119,66 @@ def _column_unit(t: Solve) -> int | None:
   if tile_n >= n:
     return None
   return math.lcm(tile_n, int(t.spec.qtype.per_byte))
+
+
+def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int, int]]]]:
+  """``(fused, parts)``: the GPTQ solves of ``tasks`` that read the same collected inputs (one
+  ``LayerInputs`` object: q, k and v; gate and up) with equal spec, options, dtype and input
+  channels, and whose output channels can be cut on whole scale tiles and packed bytes, joined
+  into one solve of their columns side by side, in the place of the first; every other task as
+  it is.  ``parts[f]``: ``(task, a, b)`` for each task in ``fused[f]``, its columns ``[a, b)``
+  there.  The fused solve factors the shared Hessian once instead of once per kernel."""
+  groups: dict[tuple, list[int]] = {}
+  for i, t in enumerate(tasks):
+    unit = (_column_unit(t) if t.algo is Algorithm.GPTQ and t.inputs is not None
+            and t.cols is None and not t.also else None)
+    if unit is None or int(t.w.shape[-1]) % unit:
+      continue
+    key = (id(t.inputs), t.spec, t.options, t.w.dtype, int(t.w.shape[-2]), unit)
+    groups.setdefault(key, []).append(i)
+  first = {g[0]: g for g in groups.values() if len(g) > 1}
+  fused, parts, member = [], [], {i for g in first.values() for i in g}
+  for i, t in enumerate(tasks):
+    if i in first:
+      members = [tasks[j] for j in first[i]]
+      edges = [0]
+      for m in members:
+        edges.append(edges[-1] + int(m.w.shape[-1]))
+      fused.append(t._replace(w=jnp.concatenate([m.w for m in members], axis=-1),
+                              name=" + ".join(m.name for m in members),
+                              also=tuple(m.path for m in members[1:])))
+      parts.append([(j, a, b) for j, a, b in zip(first[i], edges[:-1], edges[1:])])
+    elif i not in member:
+      fused.append(t)
+      parts.append([(i, 0, int(t.w.shape[-1]))])
+  return fused, parts
+
+
+def columns(q: QArray, a: int, b: int) -> QArray:
+  """Output channels ``[a, b)`` of ``q`` (edges on whole scale tiles and packed bytes)."""
+  tile_n, per = int(q.tile[-1]), int(q.qtype.per_byte)
+  if a % tile_n or (b % tile_n and b != q.shape[-1]) or a % per or (b % per and b != q.shape[-1]):
+    raise ValueError(f"columns [{a}, {b}) of a {q.shape} QArray do not fall on whole tiles "
+                     f"({tile_n}) and bytes ({per} values)")
+
+  def cut(x, unit):
+    return None if x is None else x[..., a // unit:-(-b // unit)]
+
+  return QArray(values=cut(q.values, per), scale=cut(q.scale, tile_n),
+                zero_point=cut(q.zero_point, tile_n), activation=q.activation, qtype=q.qtype,
+                shape=(*q.shape[:-1], b - a), tile=q.tile)
+
+
+def unfuse(parts: Sequence[Sequence[tuple[int, int, int]]],
+           got: Mapping[int, tuple[QArray, str]]) -> dict[int, tuple[QArray, str]]:
+  """``{task: (QArray, note)}`` from :func:`fuse`'s ``parts`` and each fused solve's result
+  (``got[f]``): each kernel's columns, with the fused solve's note."""
+  out = {}
+  for f, members in enumerate(parts):
+    q, note = got[f]
+    for i, a, b in members:
+      out[i] = (q, note) if len(members) == 1 else (columns(q, a, b), note)
+  return out
 
 
 def split(tasks: Sequence[Solve], n: int) -> list[tuple[int, Solve]]:
@@ -188,5 +255,5 @@ def join(pieces: Sequence[tuple[QArray, str]]) -> tuple[QArray, str]:
   return q, notes
 
 
-__all__ = ["Solve", "cost", "factor_from", "factors_split", "join", "joined", "owners", "solve_on",
-           "split", "stats_samples"]
+__all__ = ["Solve", "columns", "cost", "factor_from", "factors_split", "fuse", "join", "joined",
+           "owners", "solve_on", "split", "stats_samples", "unfuse"]

@@ -19,7 +19,7 @@ from flax import nnx
 import jq
 import jq.nn as jqnn
 from jq import A8_DYNAMIC, A8_STATIC, W4A16_G32, W4A16_G128, W8A16, Algorithm
-from jq.ptq import PTQConfig, quantize_model
+from jq.ptq import PTQConfig, quantize_model, solves
 from jq.ptq.matrices import MatrixView, assemble
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "nn"))
@@ -117,6 +117,25 @@ def _kernels(res) -> dict[str, np.ndarray]:
   tree = res.variables if res.module is None else nnx.state(res.module, nnx.Param)
   return {p: np.asarray(q.dequantize(jnp.float32)) for p, q in jq.tree.leaves_with_paths(tree)
           if isinstance(q, jq.QArray)}
+
+
+def test_gptq_kernels_reading_one_input_are_solved_as_one(monkeypatch):
+  """q, k, v (and gate, up) share one Hessian factorisation (``jq.ptq.solves.fuse``), layer by
+  layer of a scan stack: the log names the groups, and every kernel has the bits of solving it
+  alone."""
+  model, variables, calib, _ = _setup("llama_scan_linen")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = quantize_model(model, variables, GPTQ, calib)
+    monkeypatch.setattr(solves, "fuse", lambda tasks: (
+        list(tasks), [[(i, 0, int(t.w.shape[-1]))] for i, t in enumerate(tasks)]))
+    alone = quantize_model(model, variables, GPTQ, calib)
+  line = next(l for l in res.log if "solved as one" in l)
+  assert "layers/q/kernel + " in line and not any("solved as one" in l for l in alone.log), line
+  got, want = _kernels(res), _kernels(alone)
+  assert got.keys() == want.keys()
+  for p in got:
+    np.testing.assert_array_equal(got[p], want[p], err_msg=p)
 
 
 @pytest.mark.parametrize("name,first,second", [

@@ -113,3 +113,36 @@ def test_which_gptq_solves_factor_their_hessian_split_over_devices():
   assert solves.factor_from([_Device(None)] * 8, None) is None
   with pytest.raises(ValueError, match="split_factor_from=0 must be an int >= 1"):
     jq.ptq.PTQConfig(split_factor_from=0)
+
+
+def test_kernels_reading_one_input_are_solved_as_one():
+  """q, k and v (one LayerInputs, one spec) become one GPTQ solve of their columns side by side,
+  in q's place; cut back, each kernel is its own solve, bit for bit.  Another input, another
+  spec, scales spanning the channels, or another algorithm: left alone."""
+  rule = CASES["gptq-w4a16-g128-actorder"]
+  q = _task(rule, 128, name="attn/q")
+  k = q._replace(path="attn/k", name="attn/k", w=_task(rule, 32, seed=1).w)
+  v = q._replace(path="attn/v", name="attn/v", w=_task(rule, 32, seed=2).w)
+  other = _task(rule, 32, seed=3, name="mlp/up")                  # its own inputs
+  w8 = q._replace(path="attn/w8", name="attn/w8", spec=CASES["gptq-w8a16"].weight)
+  per_tensor = jq.QuantSpec(qtype=jq.QType.INT8, granularity=jq.Granularity.TENSOR)
+  pt = q._replace(path="attn/pt", name="attn/pt", spec=per_tensor)
+  rtn = q._replace(path="attn/r", name="attn/r", algo=Algorithm.RTN)
+  tasks = [other, q, w8, k, pt, rtn, v]
+  fused, parts = solves.fuse(tasks)
+  assert [t.name for t in fused] == ["mlp/up", "attn/q + attn/k + attn/v", "attn/w8", "attn/pt",
+                                     "attn/r"]
+  assert fused[1].also == ("attn/k", "attn/v") and fused[1].w.shape == (K, 192)
+  assert parts[1] == [(1, 0, 128), (3, 128, 160), (6, 160, 192)]
+  got = solves.unfuse(parts, {f: solves.solve_on(t, None) for f, t in enumerate(fused)})
+  assert sorted(got) == list(range(len(tasks)))
+  for i in (1, 3, 6):
+    alone, _ = solves.solve_on(tasks[i], None)
+    assert got[i][0].shape == alone.shape and got[i][0].tile == alone.tile
+    for field in ("values", "scale", "zero_point"):
+      a, b = getattr(alone, field), getattr(got[i][0], field)
+      assert (a is None) == (b is None), field
+      if a is not None:
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{i} {field}")
+  with pytest.raises(ValueError, match=r"columns \[0, 5\) .* do not fall on whole tiles"):
+    solves.columns(got[1][0], 0, 5)
