@@ -360,6 +360,11 @@ def load_tokenizer(directory: str | Path):
     backend = tokenizers.Tokenizer.from_file(str(tj))
   except Exception as e:  # tokenizers raises a bare Exception
     raise CheckpointError(f"{tj}: the tokenizer cannot be built ({e})") from e
+  # a tokenizer.json may carry truncation and padding (BERT-style exports: 128 tokens, padded):
+  # jq sets lengths itself, so calibration and evaluation texts are never cut short or padded
+  # (as transformers' tokenizers, which apply them only when asked)
+  backend.no_truncation()
+  backend.no_padding()
   tc_path = directory / "tokenizer_config.json"
   tc = read_json(tc_path) if tc_path.is_file() else {}
   gc_path = directory / "generation_config.json"

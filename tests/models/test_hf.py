@@ -80,6 +80,22 @@ def test_sharded_bfloat16_stays_bfloat16(tiny_hf):
   assert np.abs(a - b).max() / np.abs(a).max() < 2e-2   # bf16 rounding of the weights only
 
 
+def test_truncation_and_padding_in_tokenizer_json_are_not_applied(tiny_hf):
+  """A tokenizer.json saved with truncation and padding (BERT-style exports) encodes whole texts:
+  a long calibration text is not cut to 16 tokens, a short prompt is not padded."""
+  path = tiny_hf("qwen2")
+  tj = json.loads((path / "tokenizer.json").read_text())
+  tj["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst",
+                      "stride": 0}
+  tj["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": None,
+                   "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"}
+  (path / "tokenizer.json").write_text(json.dumps(tj))
+  tok = hf.load_tokenizer(path)
+  text = "The quick brown fox jumps over the lazy dog. " * 8
+  assert len(tok.encode(text)) > 40 and tok.decode(tok.encode(text)) == text
+  assert len(tok.encode("Hi")) < 4
+
+
 def test_registry_loads_a_directory_and_records_its_source(tiny_hf):
   path = tiny_hf("qwen3")
   model = registry.load(str(path))
