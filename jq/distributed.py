@@ -31,7 +31,10 @@ once with it.  The statistics travel through ``jax.experimental.multihost_utils.
 through the key-value store where the CPU has no cross-process collectives (``transport="kv"``).
 
 Data parallelism inside a process is ``PTQConfig(mesh=...)`` with a mesh of this process's own
-devices (:func:`local_mesh`); the two compose.
+devices (:func:`local_mesh`); the two compose.  A mesh of every process's devices works too
+(``PTQConfig(mesh=jax.sharding.Mesh(np.array(jax.devices()), ("data",)))``, each process still
+passing its own batches): XLA then all-reduces the statistics across the processes and
+``jq.calibrate.collect`` sends the host sums to every process (:func:`share`).
 
 Example (``python calib.py 0`` and ``python calib.py 1``, each in its own process):
   >>> jq.distributed.initialize("localhost:12345", num_processes=2, process_id=int(sys.argv[1]))
@@ -491,7 +494,7 @@ def share(what: str, arrays: Mapping[str, Any], info: Any = None, *,
   Example:
     >>> arrays, infos = share("the solves of block 0", {"q_proj/values": v}, {"q_proj": "..."})
   """
-  arrays = {str(k): np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+  arrays = {str(k): np.asarray(v, order="C") for k, v in arrays.items()}   # (0-d stays 0-d)
   if jax.process_count() <= 1:
     return dict(arrays), [info]
   layout = [[k, arrays[k].dtype.name, list(arrays[k].shape)] for k in sorted(arrays)]

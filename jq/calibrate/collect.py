@@ -122,14 +122,15 @@ class _Acc:
     return out
 
   def load(self, flat: Mapping[str, np.ndarray]) -> None:
-    """Replaces the sums by reduced ones (from :meth:`export`'s keys)."""
-    for i, c in enumerate(self.layers):
-      for k in list(c):
-        if k == "samples":
-          rows, ids = flat[f"{self.path}#{i}#samples"], flat[f"{self.path}#{i}#samples_batch"]
-          c[k] = [(0, rows[np.argsort(ids, kind="stable")])]   # global batch order
-        else:
-          c[k] = flat[f"{self.path}#{i}#{k}"]
+    """Replaces the sums by reduced (or received) ones, from :meth:`export`'s keys."""
+    for i in range(len(self.layers)):
+      pre = f"{self.path}#{i}#"
+      c = {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}
+      if "samples" in c:
+        order = np.argsort(c.pop("samples_batch"), kind="stable")   # global batch order
+        c["samples"] = [(0, c["samples"][order])]
+      self.layers[i] = c or None
+    self.check_ran()
 
   def result(self) -> LayerInputs:
     self.check_ran()
@@ -165,8 +166,11 @@ def _flatten(x: jax.Array, x_axes) -> tuple[jax.Array, jax.Array | None]:
   return xt.reshape(-1, k).astype(jnp.float32), tuple(x.shape[a] for a in free)
 
 
-def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int) -> dict[str, jax.Array]:
-  """The per-call statistics of one input (traced, inside the model)."""
+def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int, chunks: int = 1
+                ) -> dict[str, jax.Array]:
+  """The per-call statistics of one input (traced, inside the model); the token sample is taken
+  from each of ``chunks`` equal runs of tokens (the processes' rows of a batch on a mesh over
+  several processes: the tokens one process would sample from each of its batches)."""
   if x_axes is None or not want.xtx and not want.samples:
     xf = x.astype(jnp.float32)
     fin = jnp.isfinite(xf)
@@ -190,8 +194,9 @@ def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int) -> dict
                count=jnp.int32(flat.shape[0]), absmax=jnp.max(ax, axis=0),
                abssum=jnp.sum(ax, axis=0))
   if want.samples:
-    idx = jnp.linspace(0, flat.shape[0] - 1, min(per_call_samples, flat.shape[0])).astype(jnp.int32)
-    out["samples"] = flat[idx]
+    run = flat.shape[0] // chunks
+    idx = jnp.linspace(0, run - 1, min(per_call_samples, run)).astype(jnp.int32)
+    out["samples"] = flat[(jnp.arange(chunks, dtype=jnp.int32)[:, None] * run + idx).reshape(-1)]
   return out
 
 
@@ -202,10 +207,10 @@ def data_sharding(mesh, data_axis: str | None = None):
   ``"data"`` axis); the other axes hold copies.  The shardings use an ``Auto``-typed twin of the
   mesh (``jq._compat.auto_mesh``), so XLA inserts the all-reduce of each statistic.
 
+  The mesh may hold the devices of several processes (``jax.distributed``): see :func:`collect`.
+
   Raises:
-    ValueError: ``mesh`` is not a ``jax.sharding.Mesh``, has no such axis, or holds devices of
-      other processes (statistics are summed across processes on the host: give each process a
-      mesh of its own devices, ``jq.distributed.local_mesh()``).
+    ValueError: ``mesh`` is not a ``jax.sharding.Mesh`` or has no such axis.
   """
   # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -221,21 +226,33 @@ def data_sharding(mesh, data_axis: str | None = None):
     data_axis = names[0] if len(names) == 1 else "data"
   if data_axis not in names:
     raise ValueError(f"calibration mesh: no axis {data_axis!r} in {names}")
-  me = jax.process_index()
-  foreign = sorted({d.process_index for d in mesh.devices.flat if d.process_index != me})
-  if foreign:
-    raise ValueError(f"calibration mesh: it holds devices of processes {foreign} (this is process "
-                     f"{me}); statistics are summed across processes on the host, so give each "
-                     "process a mesh of its own devices (jq.distributed.local_mesh())")
   m = _compat.auto_mesh(mesh)
   return (NamedSharding(m, PartitionSpec(data_axis)), NamedSharding(m, PartitionSpec()),
           int(mesh.shape[data_axis]))
 
 
+def spanned(mesh) -> list[int]:
+  """The processes whose devices ``mesh`` holds (``[this one]`` for a mesh of local devices)."""
+  return sorted({d.process_index for d in mesh.devices.flat})
+
+
+def put(x, sharding):
+  """``jax.device_put(x, sharding)``, except that on a mesh over several processes a value every
+  process holds alike (a replicated parameter) is built from this process's own copy: no device
+  sends to another host."""
+  if (not isinstance(x, jax.Array) or x.sharding.is_equivalent_to(sharding, x.ndim)
+      or len({d.process_index for d in sharding.device_set}) == 1):
+    return jax.device_put(x, sharding)
+  mine = x if x.is_fully_addressable else x.addressable_data(0)   # (then fully replicated)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: mine[idx])
+
+
 def shard_batches(batches: Iterable[Any], mesh, data_axis: str | None = None, *,
                   batch_ids: Sequence[int] | None = None) -> list[Any]:
   """``batches`` with every array's leading (batch) axis split over the mesh's data axis (scalars
-  replicated), so each device runs its share of every batch.
+  replicated), so each device runs its share of every batch.  On a mesh over several processes
+  each process gives its own batches: batch ``i`` is then every process's batch ``i``, their rows
+  joined in process order (``jax.make_array_from_process_local_data``).
 
   Args:
     batches: calibration inputs (arrays, or tuples/pytrees of arrays with a leading batch axis).
@@ -244,25 +261,38 @@ def shard_batches(batches: Iterable[Any], mesh, data_axis: str | None = None, *,
 
   Raises:
     ValueError: a batch whose leading axis does not divide by the number of devices on the data
-      axis (naming the batch, its shape and the device count), or a bad mesh.
+      axis (naming the batch, its shape and the device count), or a bad mesh; on a mesh over
+      processes, in every process, when their batches differ in number, shape or dtype.
 
   Example:
     >>> placed = shard_batches(batches, jax.make_mesh((8,), ("data",)))
   """
   split, whole, n = data_sharding(mesh, data_axis)
+  procs = len(spanned(mesh))
   batches = list(batches)
   ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
+  if procs > 1:   # every global batch joins one batch of each process: as many, alike
+    from jq import distributed  # pylint: disable=import-outside-toplevel
+    def desc(x):
+      return [list(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)]
+    distributed.agree("the calibration batches on the mesh", {
+        "batches": [jax.tree_util.tree_map(desc, b) for b in batches]})
 
   def place(b: int, x):
     if not (isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__array__")):
       return x
     shape = tuple(np.shape(x))
     if not shape:
-      return jax.device_put(x, whole)
-    if shape[0] % n:
+      return put(x, whole)
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(split, len(shape)):
+      return x                                              # (placed already)
+    if shape[0] % (n // procs):
       raise ValueError(f"calibration batch {b}: an input of shape {shape} has a leading (batch) "
-                       f"axis of {shape[0]}, which does not divide over the {n} devices of the "
-                       f"mesh's data axis; give every batch a multiple of {n} rows")
+                       f"axis of {shape[0]}, which does not divide over the {n // procs} devices "
+                       f"of the mesh's data axis in this process; give every batch a multiple of "
+                       f"{n // procs} rows")
+    if procs > 1:   # this process's rows of one batch, joined over the processes' devices
+      return jax.make_array_from_process_local_data(split, np.asarray(x))
     return jax.device_put(x, split)
 
   return [jax.tree_util.tree_map(functools.partial(place, b), batch)
@@ -287,6 +317,14 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
   in the whole calibration set of ``total_batches``, which also sets how many tokens each call
   samples); ``reduce`` (``jq.distributed.allreduce_stats``) sums the host statistics across the
   processes before they are returned.
+
+  A mesh over several processes (``jax.distributed``; the processes on disjoint slices of its
+  data axis, each with its own batches, as many and as shaped as the others'): each global batch
+  joins the processes' batches (:func:`shard_batches`), XLA all-reduces the statistics across
+  the processes, the callbacks run in the process XLA gives them to, and that process's host
+  sums are sent to the others (``jq.distributed.share``), so every process returns the same
+  arrays.  The token sample is taken from each process's rows as one process would from its
+  batch.  No ``reduce`` then.
 
   Args:
     run: ``run(operands, batch)`` runs the model once through jq's adapters (jitted here, with
@@ -313,9 +351,18 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
   if len(ids) != len(batches):
     raise ValueError(f"calibration: {len(ids)} batch_ids for {len(batches)} batches")
   total = len(batches) if total_batches is None else int(total_batches)
+  chunks = 1 if mesh is None else len(spanned(mesh))
+  spans = chunks > 1   # a mesh over processes: each global batch joins the processes' batches
+  if spans:
+    if reduce is not None:
+      raise ValueError("calibration: a mesh over several processes reduces the statistics "
+                       "itself; pass no reduce")
+    ids, total = list(range(len(batches))), len(batches) * chunks
   if mesh is not None:
     batches = shard_batches(batches, mesh, data_axis, batch_ids=ids)
-    operands = jax.device_put(operands, data_sharding(mesh, data_axis)[1])
+    whole = data_sharding(mesh, data_axis)[1]
+    operands = jax.tree_util.tree_map(lambda x: put(x, whole) if isinstance(
+        x, (jax.Array, np.ndarray)) else x, operands)
   per_call = {p: -(-w.samples // total) for p, w in wants.items() if w.samples}
   seen: dict[str, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
   # layers reading one input with the same wants (q, k and v) share one computation, one
@@ -349,7 +396,7 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
         keep.append(x)
         cache[key] = path
         jax.debug.callback(lambda part, g=path: host(g, part),
-                           _statistics(x, x_axes, want, per_call.get(path, 0)))
+                           _statistics(x, x_axes, want, per_call.get(path, 0), chunks))
       members = groups.setdefault(cache[key], [])
       if path not in members:
         members.append(path)
@@ -384,6 +431,13 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
       for k, c in enumerate(calls):
         accs[group].add(k // per, c, ids[b])
   owner = {p: g for g, members in groups.items() for p in members}
+  if spans:   # the callbacks ran in the process of the device XLA gave them: sent to the others
+    from jq import distributed  # pylint: disable=import-outside-toplevel
+    flat, _ = distributed.share("the statistics", {k: v for a in accs.values()
+                                                   for k, v in a.export().items()})
+    accs = {g: _Acc(wants[g], g) for g in groups if any(k.startswith(f"{g}#") for k in flat)}
+    for a in accs.values():
+      a.load(flat)
   for p in wants:
     if owner.get(p) not in accs:
       raise ValueError(f"{p}: this layer never ran on the calibration batches")
@@ -458,5 +512,5 @@ def tensor_ranges(inputs: Mapping[str, LayerInputs]) -> dict[str, tuple[np.ndarr
   return {p: (np.min(r.lo, axis=-1), np.max(r.hi, axis=-1)) for p, r in inputs.items()}
 
 
-__all__ = ["collect", "shard_batches", "data_sharding", "capture_inputs", "input_ranges",
-           "tensor_ranges", "Want", "LayerInputs"]
+__all__ = ["collect", "shard_batches", "data_sharding", "spanned", "put", "capture_inputs",
+           "input_ranges", "tensor_ranges", "Want", "LayerInputs"]

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import stream
+from jq.calibrate.collect import spanned
 from jq.io import sharded
 from jq.ptq import folding
 from jq.layout import Layout
@@ -140,6 +141,9 @@ def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTenso
                      "integer ids of shape (sequences >= 1, length >= 2)")
   if not isinstance(cfg, pipeline.PTQConfig):
     raise ValueError(f"quantize_onloaded: config={config!r:.80} must be a jq.ptq.PTQConfig")
+  if cfg.mesh is not None and len(spanned(cfg.mesh)) > 1:
+    raise ValueError("quantize_onloaded: PTQConfig.mesh holds the devices of several processes; "
+                     "the onloaded road takes a mesh per process (jq.distributed.local_mesh())")
   if calib.size and calib.min() < 0:
     raise ValueError(f"calibration tokens hold negative ids (min {calib.min()})")
   rules = tuple(rules)

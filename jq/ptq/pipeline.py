@@ -64,7 +64,7 @@ class PTQConfig:
     chunk: calibration sequences per forward (memory vs. speed; the CLI's batch size).
     sample_tokens: tokens kept per linear for AWQ's searches.
     mesh: data-parallel calibration (``quantize_model``): a ``jax.sharding.Mesh`` of this
-      process's devices, e.g. ``jax.make_mesh((8,), ("data",))``.  Every calibration batch is
+      process's devices (or of every process's: see below), e.g. ``jax.make_mesh((8,), ("data",))``.  Every calibration batch is
       split along its leading axis over the mesh's data axis (each device runs its rows; the
       leading axis of every batch must divide by the number of devices there, else a ValueError
       names the batch).  Parameters the caller split over the mesh's devices (NamedShardings,
@@ -86,7 +86,16 @@ class PTQConfig:
       (another tiny decoder, SmoothQuant W8A8: 0.02 % of the codes off by one).  The tests allow
       at most 1 % of the codes off by one step and scales within 1e-5.  Several processes
       (``distributed``) without a mesh give the one-process tree bit for bit in the tests: each
-      batch's statistics are the same float32 values, summed in float64 on the host.
+      batch's statistics are the same float32 values, summed in float64 on the host.  The mesh
+      may also hold the devices of every process (``jax.distributed``; the processes on
+      disjoint, equal slices of the data axis, each passing its own batches from
+      ``jq.distributed.process_batches``, as many and as shaped as the others'): each global
+      batch joins the processes' batches, XLA all-reduces the statistics across them, and every
+      process gets the same host sums (``jq.calibrate.collect``); the solves are shared as
+      without a mesh, each process's over its own devices.  Parameters are replicated there
+      (split ones, and ``split_params``, are refused).  Tested with 2 processes of 2 CPU
+      devices: GPTQ, AWQ and SmoothQuant W8A8 static codes identical to one process, scales
+      within 2e-6.
     split_params: with a mesh, split every parameter not already split over it along its last
       axis over the data axis, where the length divides (others replicated;
       ``jq.sharding.split_last_axis``), then keep them split as above: no device holds the

@@ -32,7 +32,8 @@ import numpy as np
 
 from jq.algorithms import awq_search_scale, rounding, smooth_scales
 from jq.algorithms.fold import FOLD_TOLERANCE
-from jq.calibrate.collect import LayerInputs, Want, collect, data_sharding, shard_batches
+from jq.calibrate.collect import (LayerInputs, Want, collect, data_sharding, put,
+                                  shard_batches, spanned)
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding, solves
@@ -151,6 +152,32 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
     raise
 
 
+def _check_spanning(cfg, target, dist: bool) -> None:
+  """A mesh over several processes: the processes hold equal, disjoint slices of the data axis
+  (each global batch joins their rows: ``shard_batches`` checks the batches alike), and no
+  parameter is split over the mesh (not supported across processes)."""
+  if not dist:
+    raise ValueError("quantize_model: PTQConfig.mesh holds devices of several processes, but "
+                     "PTQConfig.distributed=False; a mesh over processes runs in all of them")
+  mesh, axis = cfg.mesh, data_sharding(cfg.mesh, cfg.data_axis)[0].spec[0]
+  rows = {}   # process -> its positions along the data axis
+  for pos, d in np.ndenumerate(mesh.devices):
+    rows.setdefault(d.process_index, set()).add(pos[list(mesh.axis_names).index(axis)])
+  taken = [i for r in rows.values() for i in r]
+  if len(taken) != len(set(taken)) or len({len(r) for r in rows.values()}) > 1:
+    raise ValueError(f"quantize_model: the mesh {dict(mesh.shape)} spans processes "
+                     f"{sorted(rows)}, but they do not hold equal, disjoint slices of its data "
+                     f"axis {axis!r} ({ {p: sorted(r) for p, r in sorted(rows.items())} }); put "
+                     "the processes along the data axis, or give each process a mesh of its own "
+                     "devices (jq.distributed.local_mesh())")
+  split = [p for p, x in leaves_with_paths(target.params) if isinstance(x, jax.Array)
+           and not x.is_fully_replicated and len(x.sharding.device_set) > 1]
+  if split or cfg.split_params:
+    raise ValueError("quantize_model: parameters split over a mesh that spans processes are not "
+                     f"supported ({', '.join(split[:3]) or 'PTQConfig.split_params=True'}); "
+                     "replicate them, or give each process a mesh of its own devices")
+
+
 def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches_for_check,
                     chained, progress, dist: bool, example_kwargs) -> PTQModelResult:
   from jq.ptq import pipeline  # pylint: disable=import-outside-toplevel
@@ -222,6 +249,8 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
                           calib_batches_for_check))
   elif given_ids is not None and jax.process_count() <= 1:
     ids, total = list(given_ids), int(given_total)
+  if cfg.mesh is not None and len(spanned(cfg.mesh)) > 1:
+    _check_spanning(cfg, target, dist)
   if cfg.mesh is not None:
     batches = shard_batches(batches, cfg.mesh, cfg.data_axis, batch_ids=ids)
   state = _State(target, decided, wants, log, batches[:max(1, calib_batches_for_check)],
@@ -348,7 +377,7 @@ class _State:
       if hit is None or hit[0] is not x:
         to = (jax.sharding.NamedSharding(auto, x.sharding.spec) if self._is_split(x)
               else self._replicated)
-        hit = self._placed[id(x)] = (x, jax.device_put(x, to))
+        hit = self._placed[id(x)] = (x, put(x, to))
       return hit[1]
     return jax.tree_util.tree_map(one, tree)
 
@@ -375,7 +404,7 @@ class _State:
   def calibrate(self, unit: Unit, wants: dict[str, Want], groups) -> None:
     self._drop_placed()
     reduce = None
-    if self.dist:
+    if self.dist and (self.mesh is None or len(spanned(self.mesh)) == 1):
       from jq import distributed  # pylint: disable=import-outside-toplevel
       reduce = functools.partial(distributed.allreduce_stats,
                                  what=f"the statistics of {unit.name}")

@@ -10,6 +10,9 @@
 * ``--process-id``: one of several ``jax.distributed`` processes on localhost; it quantizes its
   share (``jq.distributed.process_batches``) and writes ``<recipe>.p<I>.npz``; with
   ``--devices N`` data-parallel over its own N devices (``jq.distributed.local_mesh()``).
+* ``--global-mesh`` (with ``--process-id`` and ``--devices N``): one mesh of every process's
+  devices (``PTQConfig(mesh=...)`` over processes) instead of a mesh per process; first, a 2-D
+  mesh whose processes share data-axis slices must be refused (``overlap.txt``).
 * neither: the single-process reference, ``<recipe>.single.npz``.
 * first (unless ``--skip-collect``): ``jq.calibrate.collect`` of a scanned stack, written to
   ``collect.<single|mesh|p<I>>.npz``.
@@ -41,6 +44,7 @@ def _args(argv=None):
   ap.add_argument("--timeout", type=float, default=40.0)
   ap.add_argument("--batches", type=int, default=4)
   ap.add_argument("--skip-collect", action="store_true")
+  ap.add_argument("--global-mesh", action="store_true")
   ap.add_argument("--cpu-collectives", default="gloo", choices=["gloo", "none"])
   return ap.parse_args(argv)
 
@@ -99,7 +103,9 @@ def collect_check(path: str, *, mesh=None, share=None) -> None:
   wants = {"params/layers/q/kernel": Want(stack=3, xtx=True, samples=24),
            "params/layers/o/kernel": Want(stack=3, xtx=True, samples=10)}
   kw = {}
-  if share is not None:
+  if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
+    xs = list(jq.distributed.process_batches(xs))   # (a global batch joins the processes' rows)
+  elif share is not None:
     mine = jq.distributed.process_batches(xs)
     xs = list(mine)
     kw = dict(batch_ids=mine.indices, total_batches=mine.total,
@@ -265,8 +271,12 @@ def main(argv=None) -> int:
     recipes = ["gptq-w4a16-g128" if r == "gptq-w4a16-g32" else "gptq-w4a16-g32" for r in recipes]
   times = {}
   try:
+    spanning = None
+    if a.global_mesh:
+      import numpy as np
+      spanning = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     if not a.skip_collect:
-      collect_check(os.path.join(a.out, f"collect.{me}.npz"),
+      collect_check(os.path.join(a.out, f"collect.{me}.npz"), mesh=spanning,
                     share=None if a.process_id is None else a.process_id)
       if a.devices > 1 and a.process_id is None:
         mesh = jax.make_mesh((a.devices,), ("data",))
@@ -286,7 +296,8 @@ def main(argv=None) -> int:
           mine[0] = mine[0].copy()
           mine[0][0, 0] = -1
         t = time.perf_counter()
-        cfg = PTQConfig(mesh=jq.distributed.local_mesh()) if a.devices > 1 else None
+        cfg = (PTQConfig(mesh=spanning) if spanning is not None else
+               PTQConfig(mesh=jq.distributed.local_mesh()) if a.devices > 1 else None)
         res = quantize_model(model, variables, rules, mine, config=cfg)
         times[recipe] = time.perf_counter() - t
         dump(os.path.join(a.out, f"{recipe}.{me}.npz"), res.variables)
@@ -301,6 +312,23 @@ def main(argv=None) -> int:
         dump(os.path.join(a.out, f"{recipe}.mesh.npz"), res.variables)
         with open(os.path.join(a.out, f"{recipe}.mesh.log"), "w") as f:
           f.write("\n".join(res.log))
+    if spanning is not None:   # last: a failed run is not resumed (its peers were told)
+      import numpy as np
+      from jq.ptq.onload import quantize_onloaded
+      try:   # (refused before anything is read or written)
+        quantize_onloaded(None, [], jq.recipe_rules("gptq-w4a16-g32"), np.zeros((1, 8), np.int32),
+                          os.path.join(a.out, "onloaded"), config=PTQConfig(mesh=spanning))
+      except ValueError as e:
+        with open(os.path.join(a.out, f"onload.{me}.txt"), "w") as f:
+          f.write(str(e))
+      crossed = np.array(jax.devices()).reshape(a.num_processes, -1).T   # processes along "model"
+      try:
+        quantize_model(model, variables, jq.recipe_rules("w8a8-static"),
+                       jq.distributed.process_batches(calib), config=PTQConfig(
+                           mesh=jax.sharding.Mesh(crossed, ("data", "model"))))
+      except ValueError as e:
+        with open(os.path.join(a.out, f"overlap.{me}.txt"), "w") as f:
+          f.write(str(e))
     if a.devices > 1 and a.process_id is None:
       solve_on_check(os.path.join(a.out, "solve_on.txt"))
       split_check(a.out, model, variables, calib, jax.make_mesh((a.devices,), ("data",)))

@@ -156,6 +156,44 @@ def test_two_processes_match_one_process(tmp_path):
   assert "solves split" not in (tmp_path / "w8a8-static.p0.log").read_text()
 
 
+def test_a_mesh_over_two_processes_matches_one_process(tmp_path):
+  """One mesh of both processes' devices (2 x 2 CPU devices): each global batch joins the two
+  processes' rows, XLA all-reduces the statistics across the processes (gloo), process 0's host
+  sums reach the other; the same tree in both, and one process's tree up to float32 sums in
+  another order (GPTQ and AWQ codes identical here; the token sample is the same rows).  A mesh
+  whose processes share slices of the data axis is refused by name, and so is the onloaded
+  road's (a mesh per process there)."""
+  ref = tmp_path / "ref"
+  ref.mkdir()
+  recipes = ("gptq-w4a16-g32", "awq-w4a16-g32", "smoothquant-w8a8-static")
+  extra = ("--recipes", ",".join(recipes))
+  results = spawn.wait(_processes(tmp_path, extra=(*extra, "--devices", "2", "--global-mesh")) +
+                       [_worker(ref, *extra)], 300)
+  for rc, log in results:
+    assert rc == 0, log
+  for p in (0, 1):
+    text = (tmp_path / f"overlap.p{p}.txt").read_text()
+    assert "do not hold equal, disjoint slices of its data axis 'data'" in text, text
+    text = (tmp_path / f"onload.p{p}.txt").read_text()
+    assert "the onloaded road takes a mesh per process" in text, text
+  p0, p1, single = (np.load(tmp_path / "collect.p0.npz"), np.load(tmp_path / "collect.p1.npz"),
+                    np.load(ref / "collect.single.npz"))
+  assert not _same(p0, p1)
+  for k in single.files:
+    if k.endswith((".count", ".nonfinite", ".lo", ".hi", ".absmax", ".samples")):
+      np.testing.assert_array_equal(p0[k], single[k], err_msg=k)
+    else:
+      assert float(np.max(np.abs(p0[k] - single[k])) / np.max(np.abs(single[k]))) <= 1e-6, k
+  for recipe in recipes:
+    p0, p1 = np.load(tmp_path / f"{recipe}.p0.npz"), np.load(tmp_path / f"{recipe}.p1.npz")
+    assert not _same(p0, p1), recipe
+    got = compare(np.load(ref / f"{recipe}.single.npz"), p0)
+    assert got["codes_differ"] == 0 and got["scale_rel"] <= 1e-5, (recipe, got)
+    assert got["act_scale_rel"] <= 1e-5, (recipe, got)
+  log = (tmp_path / "gptq-w4a16-g32.p0.log").read_text()
+  assert "solves split over 2 processes" in log and "spread over 2 devices" in log, log
+
+
 def test_without_cpu_collectives_the_key_value_store_carries_the_statistics(tmp_path):
   """``cpu_collectives="none"`` (process_allgather would raise "Multiprocess computations aren't
   implemented on the CPU backend"): the statistics go through the coordinator's key-value store,
