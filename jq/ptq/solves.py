@@ -12,11 +12,11 @@ tensor, say) is never cut.  A GPTQ solve whose ``K × K`` Hessian is too large f
 factor split by rows (``jq.algorithms.factor_split``).  All of it depends on shapes only: every
 process computes the same plan.
 
-The reverse holds too: GPTQ kernels that read one input (q, k and v; gate and up: the same
-:class:`~jq.calibrate.collect.LayerInputs`) with the same spec and options are fused by
-:func:`fuse` into one solve of their columns side by side, so their Hessian is factored once,
-not once per kernel; :func:`unfuse` cuts the result back into each kernel's (the same bits as
-solving each alone, as for column blocks).
+The reverse holds too: GPTQ kernels that read one input (q, k and v: the same
+:class:`~jq.calibrate.collect.LayerInputs`) with the same spec and options, at most ``3K``
+columns together, are fused by :func:`fuse` into one solve of their columns side by side, so
+their Hessian is factored once, not once per kernel; :func:`unfuse` cuts the result back into
+each kernel's (the same bits as solving each alone, as for column blocks).
 """
 from __future__ import annotations
 
@@ -123,10 +123,10 @@ def _column_unit(t: Solve) -> int | None:
 
 def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int, int]]]]:
   """``(fused, parts)``: the GPTQ solves of ``tasks`` that read the same collected inputs (one
-  ``LayerInputs`` object: q, k and v; gate and up) with equal spec, options, dtype and input
-  channels, and whose output channels can be cut on whole scale tiles and packed bytes, joined
-  into one solve of their columns side by side, in the place of the first; every other task as
-  it is.  ``parts[f]``: ``(task, a, b)`` for each task in ``fused[f]``, its columns ``[a, b)``
+  ``LayerInputs`` object: q, k and v) with equal spec, options, dtype and input channels ``K``,
+  whose output channels can be cut on whole scale tiles and packed bytes and add up to at most
+  ``3K``, joined into one solve of their columns side by side, in the place of the first; every
+  other task as it is.  ``parts[f]``: ``(task, a, b)`` for each task in ``fused[f]``, its columns ``[a, b)``
   there.  The fused solve factors the shared Hessian once instead of once per kernel."""
   groups: dict[tuple, list[int]] = {}
   for i, t in enumerate(tasks):
@@ -136,7 +136,11 @@ def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int,
       continue
     key = (id(t.inputs), t.spec, t.options, t.w.dtype, int(t.w.shape[-2]), unit)
     groups.setdefault(key, []).append(i)
-  first = {g[0]: g for g in groups.values() if len(g) > 1}
+  # only where the factorisation (~K³) is a sizeable share of the work: a wider group (gate and
+  # up, N = 2 × 4K) saves little time and would double the solve's working set
+  first = {g[0]: g for g in groups.values()
+           if len(g) > 1 and sum(int(tasks[i].w.shape[-1]) for i in g) <= 3 * int(
+               tasks[g[0]].w.shape[-2])}
   fused, parts, member = [], [], {i for g in first.values() for i in g}
   for i, t in enumerate(tasks):
     if i in first:

@@ -120,7 +120,7 @@ def _kernels(res) -> dict[str, np.ndarray]:
 
 
 def test_gptq_kernels_reading_one_input_are_solved_as_one(monkeypatch):
-  """q, k, v (and gate, up) share one Hessian factorisation (``jq.ptq.solves.fuse``), layer by
+  """q, k and v share one Hessian factorisation (``jq.ptq.solves.fuse``), layer by
   layer of a scan stack: the log names the groups, and every kernel has the bits of solving it
   alone."""
   model, variables, calib, _ = _setup("llama_scan_linen")

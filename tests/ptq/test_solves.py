@@ -118,22 +118,24 @@ def test_which_gptq_solves_factor_their_hessian_split_over_devices():
 def test_kernels_reading_one_input_are_solved_as_one():
   """q, k and v (one LayerInputs, one spec) become one GPTQ solve of their columns side by side,
   in q's place; cut back, each kernel is its own solve, bit for bit.  Another input, another
-  spec, scales spanning the channels, or another algorithm: left alone."""
+  spec, scales spanning the channels, another algorithm, or more than 3K columns together (gate
+  and up): left alone."""
   rule = CASES["gptq-w4a16-g128-actorder"]
   q = _task(rule, 128, name="attn/q")
   k = q._replace(path="attn/k", name="attn/k", w=_task(rule, 32, seed=1).w)
   v = q._replace(path="attn/v", name="attn/v", w=_task(rule, 32, seed=2).w)
-  other = _task(rule, 32, seed=3, name="mlp/up")                  # its own inputs
+  other = _task(rule, 200, seed=3, name="mlp/up")                 # its own inputs
+  gate = other._replace(path="mlp/gate", name="mlp/gate")         # 400 > 3K columns with up
   w8 = q._replace(path="attn/w8", name="attn/w8", spec=CASES["gptq-w8a16"].weight)
   per_tensor = jq.QuantSpec(qtype=jq.QType.INT8, granularity=jq.Granularity.TENSOR)
   pt = q._replace(path="attn/pt", name="attn/pt", spec=per_tensor)
   rtn = q._replace(path="attn/r", name="attn/r", algo=Algorithm.RTN)
-  tasks = [other, q, w8, k, pt, rtn, v]
+  tasks = [other, q, w8, k, pt, rtn, v, gate]
   fused, parts = solves.fuse(tasks)
   assert [t.name for t in fused] == ["mlp/up", "attn/q + attn/k + attn/v", "attn/w8", "attn/pt",
-                                     "attn/r"]
+                                     "attn/r", "mlp/gate"]
   assert fused[1].also == ("attn/k", "attn/v") and fused[1].w.shape == (K, 192)
-  assert parts[1] == [(1, 0, 128), (3, 128, 160), (6, 160, 192)]
+  assert parts[1] == [(1, 0, 128), (3, 128, 160), (6, 160, 192)] and parts[5] == [(7, 0, 200)]
   got = solves.unfuse(parts, {f: solves.solve_on(t, None) for f, t in enumerate(fused)})
   assert sorted(got) == list(range(len(tasks)))
   for i in (1, 3, 6):
