@@ -271,9 +271,13 @@ def shard_batches(batches: Iterable[Any], mesh, data_axis: str | None = None, *,
   procs = len(spanned(mesh))
   batches = list(batches)
   ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
-  if procs > 1:   # every global batch joins one batch of each process: as many, alike
+  def placed(x) -> bool:
+    return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(split, x.ndim)
+
+  if procs > 1 and not all(placed(x) for b in batches for x in jax.tree_util.tree_leaves(b)
+                           if np.ndim(x)):   # (once: placed global batches are not checked again)
     from jq import distributed  # pylint: disable=import-outside-toplevel
-    def desc(x):
+    def desc(x):   # every global batch joins one batch of each process: as many, alike
       return [list(np.shape(x)), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)]
     distributed.agree("the calibration batches on the mesh", {
         "batches": [jax.tree_util.tree_map(desc, b) for b in batches]})
@@ -284,8 +288,8 @@ def shard_batches(batches: Iterable[Any], mesh, data_axis: str | None = None, *,
     shape = tuple(np.shape(x))
     if not shape:
       return put(x, whole)
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(split, len(shape)):
-      return x                                              # (placed already)
+    if placed(x):
+      return x
     if shape[0] % (n // procs):
       raise ValueError(f"calibration batch {b}: an input of shape {shape} has a leading (batch) "
                        f"axis of {shape[0]}, which does not divide over the {n // procs} devices "

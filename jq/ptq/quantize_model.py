@@ -464,13 +464,13 @@ class _State:
     one spec (q, k, v) are solved as one first (``solves.fuse``: one Hessian factorisation)."""
     n = jax.process_count() if self.dist else 1
     fused, parts = solves.fuse(tasks)
-    self.fused.extend(" + ".join((t.path, *t.also)) for t in fused if t.also)
+    self.fused.extend(" + ".join(t.paths) for t in fused if t.also)
     pieces = solves.split(fused, n)
     owner = solves.owners([p for _, p in pieces], n) if n > 1 else {}
     me = jax.process_index()
     for j in owner:
       self.solved_by[owner[j]] = self.solved_by.get(owner[j], 0) + 1
-    self.cut.update(q for _, p in pieces if p.cols is not None for q in (p.path, *p.also))
+    self.cut.update(q for _, p in pieces if p.cols is not None for q in p.paths)
     got = self._run({j: p for j, (_, p) in enumerate(pieces) if owner.get(j, me) == me})
     if owner:
       got.update(self._shared(unit, {j: got[j] for j in owner if owner[j] == me}))
@@ -514,10 +514,10 @@ class _State:
     for k in [k for k in keys if solves.factors_split(tasks[k], self.split_factor_from)]:
       q, note = solves.solve_on(tasks[k], devices)
       out[k] = (jax.device_put(q, home), note)
-      self.factored.update((tasks[k].path, *tasks[k].also))
+      self.factored.update(tasks[k].paths)
     keys = [k for k in keys if k not in out]
     pieces = solves.split([tasks[k] for k in keys], len(devices))
-    self.cut.update(q for _, p in pieces if p.cols is not None for q in (p.path, *p.also))
+    self.cut.update(q for _, p in pieces if p.cols is not None for q in p.paths)
     where = solves.owners([p for _, p in pieces], len(devices))
     got = {j: solves.solve_on(p, None) for j, (_, p) in enumerate(pieces) if j not in where}
 

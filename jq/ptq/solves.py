@@ -21,6 +21,7 @@ each kernel's (the same bits as solving each alone, as for column blocks).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -47,6 +48,11 @@ class Solve(NamedTuple):
   name: str
   cols: tuple[int, int] | None = None   # output channels [a, b) of the kernel matrix; None: all
   also: tuple[str, ...] = ()            # the other kernels fused into this solve (:func:`fuse`)
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    """Every kernel this solve quantizes (its own, then those fused into it)."""
+    return (self.path, *self.also)
 
 
 def stats_samples(inp: LayerInputs | None):
@@ -126,8 +132,9 @@ def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int,
   ``LayerInputs`` object: q, k and v) with equal spec, options, dtype and input channels ``K``,
   whose output channels can be cut on whole scale tiles and packed bytes and add up to at most
   ``3K``, joined into one solve of their columns side by side, in the place of the first; every
-  other task as it is.  ``parts[f]``: ``(task, a, b)`` for each task in ``fused[f]``, its columns ``[a, b)``
-  there.  The fused solve factors the shared Hessian once instead of once per kernel."""
+  other task as it is.  ``parts[f]``: ``(task, a, b)`` for each task in ``fused[f]``, its
+  columns ``[a, b)`` there.  The fused solve factors the shared Hessian once instead of once per
+  kernel."""
   groups: dict[tuple, list[int]] = {}
   for i, t in enumerate(tasks):
     unit = (_column_unit(t) if t.algo is Algorithm.GPTQ and t.inputs is not None
@@ -145,9 +152,7 @@ def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int,
   for i, t in enumerate(tasks):
     if i in first:
       members = [tasks[j] for j in first[i]]
-      edges = [0]
-      for m in members:
-        edges.append(edges[-1] + int(m.w.shape[-1]))
+      edges = [0, *itertools.accumulate(int(m.w.shape[-1]) for m in members)]
       fused.append(t._replace(w=jnp.concatenate([m.w for m in members], axis=-1),
                               name=" + ".join(m.name for m in members),
                               also=tuple(m.path for m in members[1:])))
