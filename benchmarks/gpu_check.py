@@ -6,14 +6,15 @@ Run from the repository root on the GPU machine (writes everything under ``$OUT`
 
 Stages (each in its own subprocess with a hard timeout, so one hang cannot eat the others):
 
-1. ``pytest tests/ops/test_pallas_kernels.py test_pallas_heads.py test_ops_fp8.py
-   tests/core/test_kv_cache.py``
+1. ``pytest tests/ops/test_pallas_kernels.py test_pallas_heads.py test_mosaic_kernels.py
+   test_ops_fp8.py tests/core/test_kv_cache.py``
    (when pytest is importable, with ``--noconftest`` so hypothesis/strict-promotion setup is not
    needed): on a GPU the interpret-mode tests run the *compiled* kernels on the odd small shapes,
-   plus the ``gpu``-marked large-shape tests; the fp8 tests run XLA's native fp8 dot.
+   plus the ``gpu``-marked large-shape tests (the Mosaic GPU kernel's first compiled runs); the
+   fp8 tests run XLA's native fp8 dot.
    Without pytest, a built-in subset (:func:`builtin_checks`) runs instead.
 2. ``benchmarks/matmul.py`` (``--budget-s``: shapes not started in time are skipped): bf16, XLA
-   paths (int8, fp8 native), jq kernels, qwix.
+   paths (int8, fp8 native), jq kernels (Triton and Mosaic GPU), qwix.
 3. ``benchmarks/decode.py`` three times, each row printed with its ratio to the bf16 row of the
    same run and the batch-1 cap (bytes moved): Llama-3.2-1B with a bf16 head; the same with an
    int8 head and an int8 KV cache; Llama-3.1-8B.
@@ -22,8 +23,8 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
 
 Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
 ``matmul.json``, ``decode.json``, ``decode_int8head_kv8.json``, ``decode_8b.json``,
-``sweep.json``, ``summary.json`` (stage exit codes and timings, device, versions).  Without a GPU it is a dry run (interpret mode,
-``--small`` benchmarks) that checks the script itself.
+``sweep.json``, ``summary.json`` (stage exit codes and timings, device, versions).  Without a GPU
+it is a dry run (interpret mode, ``--small`` benchmarks) that checks the script itself.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def main() -> int:
         "pytest", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-rfEs",
                    "--durations=10", f"--junitxml={OUT / 'pytest.xml'}",
                    "tests/ops/test_pallas_kernels.py", "tests/ops/test_pallas_heads.py",
-                   "tests/ops/test_ops_fp8.py",
+                   "tests/ops/test_mosaic_kernels.py", "tests/ops/test_ops_fp8.py",
                    "tests/core/test_kv_cache.py"], 100, log))
   else:
     summary["stages"].append(_stage("builtin-checks", [py, __file__, "--builtin-checks"], 120,

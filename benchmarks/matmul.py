@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
 from jq import _compat  # noqa: E402
+from jq.ops import mosaic_wo as mosaic_wo_  # noqa: E402
 from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
@@ -122,6 +123,9 @@ def methods(interpret: bool) -> list[Method]:
   def jq_wo(x, w):
     return pallas_wo.weight_only_dot_general(x, w, _dn(x), interpret=interpret)
 
+  def mosaic_wo(x, w):  # the Hopper (TMA + wgmma) kernel; prefill tiles
+    return mosaic_wo_.weight_only_dot_general(x, w, _dn(x), interpret=interpret)
+
   def jq_int8(x, w):
     return pallas_w8a8.int8_dot_general(x, w, _dn(x), interpret=interpret)
 
@@ -140,6 +144,8 @@ def methods(interpret: bool) -> list[Method]:
       Method("jq-w8a16", q8, jq_wo),
       Method("jq-w4a16-g128", q4, jq_wo),
       Method("jq-w8a8", q8a8, jq_int8),
+      Method("mosaic-w8a16", q8, mosaic_wo),
+      Method("mosaic-w4a16-g128", q4, mosaic_wo),
   ] + _qwix_methods()
 
 

@@ -9,9 +9,10 @@
   with ``kv_set``/``kv_get``/``kv_delete`` (the coordinator's key-value store),
   ``process_allgather``: see their section below.
 
-The Pallas kernels target the Pallas GPU *Triton* backend on JAX 0.10.x (CPU development, interpret mode)
-and 0.11.x (the CUDA image).  Everything that moved, was renamed or is deprecated across those
-versions is resolved here once, so kernel modules import only stable names from this file:
+The Pallas GPU kernels target the *Triton* backend (and Hopper's Mosaic GPU: see the section at the
+end) on JAX 0.10.x (CPU development, interpret mode) and 0.11.x (the CUDA image).  Everything
+that moved, was renamed or is deprecated across those versions is resolved here once, so kernel
+modules import only stable names from this file:
 
 * ``triton_params``: ``jax.experimental.pallas.triton.CompilerParams`` (``TritonCompilerParams``
   before 0.7).  Passing it explicitly also pins the Triton backend, whatever the default GPU
@@ -334,3 +335,45 @@ def tpu_vmem(shape: tuple[int, ...], dtype) -> Any:
   tpu = _pltpu()
   vmem = getattr(tpu, "VMEM", None) or tpu.TPUMemorySpace.VMEM
   return vmem(shape, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pallas Mosaic GPU (Hopper: TMA, wgmma) — jq.ops.mosaic_wo
+#
+# * ``mosaic_gpu``: ``jax.experimental.pallas.mosaic_gpu`` (plgpu), imported on first use.
+# * ``gpu_interpret_params``: the ``interpret=`` value that runs a Mosaic GPU kernel on CPU,
+#   simulating shared memory, TMA, barriers and wgmma (``InterpretGPUParams``: private in 0.10,
+#   ``jax._src.pallas.mosaic_gpu.interpret.params``; public names are tried first).
+# * ``has_mosaic_gpu``: whether this JAX has both (the kernel is not registered otherwise).
+# ------------------------------------------------------------------------------------------------
+
+
+def mosaic_gpu() -> Any:
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  return plgpu
+
+
+def _gpu_interpret_cls() -> Any:
+  plgpu = mosaic_gpu()
+  for name in ("InterpretParams", "InterpretGPUParams"):
+    if (cls := getattr(plgpu, name, None)) is not None:
+      return cls
+  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=import-outside-toplevel
+  return params.InterpretGPUParams
+
+
+def gpu_interpret_params() -> Any:
+  """The ``interpret=`` value that runs a Mosaic GPU kernel on CPU."""
+  return _gpu_interpret_cls()()
+
+
+@functools.lru_cache(maxsize=None)
+def has_mosaic_gpu() -> bool:
+  """Whether this JAX has Pallas Mosaic GPU with ``emit_pipeline``, ``wgmma`` and its
+  interpreter (JAX >= 0.10)."""
+  try:
+    plgpu = mosaic_gpu()
+    _gpu_interpret_cls()
+  except ImportError:
+    return False
+  return all(hasattr(plgpu, n) for n in ("emit_pipeline", "wgmma", "kernel", "ACC"))

@@ -27,7 +27,7 @@ from jq.nn import common, conv
 from jq.nn.linen import conv_layout, einsum_layout
 from jq.ops.policy import KernelPolicy
 from jq.qarray import QArray
-from jq.spec import Rule
+from jq.spec import QuantSpec, Rule
 from jq.tree import leaves_with_paths
 
 
@@ -300,8 +300,10 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
                        "are given")
     qstate = qstate_or_rules
   else:
+    hint = (f" ({qstate_or_rules.describe()}): pass jq.default_rules(spec) for one spec"
+            if isinstance(qstate_or_rules, QuantSpec) else "")
     raise ValueError("quantize_module: pass a quantized nnx state (from jq.quantize_tree) or a "
-                     f"sequence of jq.Rule, got {type(qstate_or_rules).__name__}")
+                     f"sequence of jq.Rule, got {type(qstate_or_rules).__name__}{hint}")
   policy = None if policy is None else KernelPolicy.parse(policy)
   leaves = dict(leaves_with_paths(qstate))
   new = nnx.clone(module)

@@ -22,7 +22,8 @@ from ``JQ_PALLAS`` or :func:`enable`) chooses:
 """
 from __future__ import annotations
 
-from jq.ops import pallas_tpu, pallas_w8a8, pallas_wo
+from jq import _compat
+from jq.ops import mosaic_wo, pallas_tpu, pallas_w8a8, pallas_wo
 from jq.ops.dispatch import Impl, Mode, PerfNote, Problem, register
 from jq.ops.policy import (AUTO_MAX_M_INT4, AUTO_MAX_M_INT8, PALLAS_CHOICES, KernelPolicy,
                            current, set_default)
@@ -116,3 +117,28 @@ register(Impl(name=_TPU_WEIGHT_ONLY, fn=pallas_tpu.weight_only_dot_general,
               backends=frozenset({"tpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
               qtypes=frozenset(pallas_tpu.INT4_QTYPES), predicate=_tpu_ok, priority=10,
               note=_tpu_note, held_back=_TPU_HELD_BACK))
+
+
+# ---- Pallas Mosaic GPU kernel (jq.ops.mosaic_wo) -------------------------------------------------
+# Hopper's TMA + wgmma weight-only matmul for prefill-sized problems, held equal to its XLA twin in
+# Mosaic GPU interpret mode on CPU and lowered for CUDA there, but not yet compiled or timed on a
+# GPU: dispatch picks it (ahead of the Triton kernel) only under ``KernelPolicy(mosaic="always")``
+# until benchmarks/gpu_check.py has measured it.
+
+_MOSAIC_HELD_BACK = "not yet measured on a GPU; KernelPolicy(mosaic='always') opts in"
+
+
+def _mosaic_ok(p: Problem) -> bool:
+  return p.policy.allows_mosaic() and _takes(mosaic_wo, p)
+
+
+def _mosaic_note(p: Problem) -> PerfNote:
+  return PerfNote("Pallas Mosaic GPU kernel (tested in interpret mode against the XLA reference; "
+                  "not yet timed on a GPU)")
+
+
+if _compat.has_mosaic_gpu():
+  register(Impl(name="mosaic_gpu_weight_only", fn=mosaic_wo.weight_only_dot_general,
+                backends=frozenset({"gpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
+                qtypes=frozenset(mosaic_wo.SUPPORTED_QTYPES), predicate=_mosaic_ok, priority=20,
+                note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))

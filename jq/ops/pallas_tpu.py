@@ -69,11 +69,6 @@ def _round_up(a: int, b: int) -> int:
   return -(-a // b) * b
 
 
-def _group_rows(w: QArray) -> int | None:
-  """Rows of ``w`` per K scale group, or None when one scale covers all of K (per channel)."""
-  return None if w.scale.shape[0] == 1 else int(w.tile[0])
-
-
 def _k_block_fits(bk: int, group: int | None) -> bool:
   """A K block holds whole groups, or lies inside one."""
   return group is None or bk % group == 0 or group % bk == 0
@@ -171,7 +166,7 @@ def _weight_only_reason(where: str, w: QArray) -> str | None:
   if n % _n_align(True):
     return (f"{where}: N={n} is not a multiple of {_n_align(True)} (128 lanes of packed bytes, "
             "two int4 columns each)")
-  g = _group_rows(w)
+  g = reference.group_rows(w)
   if g is not None:
     if k % g:
       return f"{where}: K={k} is not a multiple of the group size {g} (a partial last group)"
@@ -372,7 +367,7 @@ def int4_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, precision=None,
   out_dtype = np.dtype(out_dtype or x.dtype)
   if m == 0:
     return jnp.zeros((0, n), out_dtype)
-  g = _group_rows(w)
+  g = reference.group_rows(w)
   bm, bn, bk = _resolve_blocks(m, k, n, int4=True, group=g, block_m=block_m, block_n=block_n,
                                block_k=block_k)
   mp, h, bh = _round_up(m, bm), n // 2, bn // 2

@@ -75,13 +75,6 @@ def _pow2_factor(n: int) -> int:
   return n & -n
 
 
-def _group_rows(w: QArray) -> int | None:
-  """Rows of ``w`` per K scale group, or None when one scale covers all of K (factors out)."""
-  if w.scale.shape[0] == 1:
-    return None
-  return int(w.tile[0])
-
-
 def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | None:
   """Why :func:`weight_only_dot_general` cannot run ``x × w`` (None when it can).
 
@@ -102,7 +95,7 @@ def unsupported_reason(x_shape, x_dtype, w: QArray, dimension_numbers) -> str | 
             "last axis is not a whole number of bytes")
   if w.ndim == 2 and w.scale.shape[1] not in (1, w.shape[1]):
     return f"{where}: scales must be per output channel or per tensor along N"
-  g = _group_rows(w if c == 1 else reference.as_matrix(w, c))
+  g = reference.group_rows(w if c == 1 else reference.as_matrix(w, c))
   if g is not None and _pow2_factor(g) < 16:
     return f"{where}: K group size {g} needs a power-of-two factor >= 16"
   return None
@@ -272,7 +265,7 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, precision=None,
   if kw != k:
     raise ValueError(f"pallas weight-only: x {x.shape} and w {w.shape} do not contract")
   packed = w.qtype.storage_bits == 4
-  group = _group_rows(w)
+  group = reference.group_rows(w)
   cfg = _resolve_config(m, k, n, packed=packed, group=group, block_m=block_m, block_n=block_n,
                         block_k=block_k, split_k=split_k, num_warps=num_warps,
                         num_stages=num_stages, x_bytes=np.dtype(x.dtype).itemsize)

@@ -34,6 +34,7 @@ AUTO_MAX_M_INT8 = 4
 
 PALLAS_CHOICES = ("auto", "always", "never")
 TPU_CHOICES = ("never", "always")
+MOSAIC_CHOICES = ("never", "always")
 _ENV_ALIASES = {"1": "always", "0": "never", "true": "always", "false": "never", "on": "always",
                 "off": "never"}
 
@@ -51,17 +52,23 @@ class KernelPolicy:
     tpu: the Pallas TPU kernels: ``"never"`` (the default: they are tested in interpret mode but
       not yet measured on a TPU, so XLA's paths run there) or ``"always"`` (every problem they
       accept; for measuring them).
+    mosaic: the Pallas Mosaic GPU (Hopper) kernels: ``"never"`` (the default until
+      ``benchmarks/gpu_check.py`` has measured them on a GPU) or ``"always"`` (every problem they
+      accept, ahead of the Triton kernels).
   """
   pallas: str = "auto"
   max_m_int4: int = AUTO_MAX_M_INT4
   max_m_int8: int = AUTO_MAX_M_INT8
   tpu: str = "never"
+  mosaic: str = "never"
 
   def __post_init__(self):
     if self.pallas not in PALLAS_CHOICES:
       raise ValueError(f"KernelPolicy(pallas={self.pallas!r}): expected one of {PALLAS_CHOICES}")
     if self.tpu not in TPU_CHOICES:
       raise ValueError(f"KernelPolicy(tpu={self.tpu!r}): expected one of {TPU_CHOICES}")
+    if self.mosaic not in MOSAIC_CHOICES:
+      raise ValueError(f"KernelPolicy(mosaic={self.mosaic!r}): expected one of {MOSAIC_CHOICES}")
     for f in ("max_m_int4", "max_m_int8"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -93,7 +100,7 @@ class KernelPolicy:
   def open(cls) -> "KernelPolicy":
     """Every kernel allowed (what dispatch compares against to say which ones a policy keeps
     off)."""
-    return cls(pallas="always", tpu="always")
+    return cls(pallas="always", tpu="always", mosaic="always")
 
   def allows_weight_only(self, m: int, storage_bits: int) -> bool:
     """May a Pallas weight-only kernel run a problem of ``m`` rows?"""
@@ -104,6 +111,10 @@ class KernelPolicy:
   def allows_tpu(self) -> bool:
     """May a Pallas TPU kernel run?"""
     return self.tpu == "always"
+
+  def allows_mosaic(self) -> bool:
+    """May a Pallas Mosaic GPU kernel run?"""
+    return self.mosaic == "always"
 
   def allows_w8a8(self) -> bool:
     """May a Pallas int8-activation kernel run?  (``auto``: no, XLA's int8 dot was faster.)"""
@@ -139,4 +150,5 @@ def set_default(policy: "KernelPolicy | bool | str") -> KernelPolicy:
 
 
 __all__ = ["KernelPolicy", "current", "kernel_policy", "maybe_policy", "set_default",
-           "AUTO_MAX_M_INT4", "AUTO_MAX_M_INT8", "PALLAS_CHOICES", "TPU_CHOICES"]
+           "AUTO_MAX_M_INT4", "AUTO_MAX_M_INT8", "PALLAS_CHOICES", "TPU_CHOICES",
+           "MOSAIC_CHOICES"]

@@ -179,6 +179,12 @@ def as_matrix(w: QArray, contracting: int = 1) -> QArray | None:
                              zero_point=flat(w.zero_point), shape=(k, n), tile=tile)
 
 
+def group_rows(w: QArray) -> int | None:
+  """Rows of a 2-D ``w`` per K scale group, or None when one scale covers all of K (per channel
+  or per tensor: the scale factors out of the contraction)."""
+  return None if w.scale.shape[0] == 1 else int(w.tile[0])
+
+
 def scales_factor_out(w: QArray, contracting: Sequence[int]) -> bool:
   """True when ``w`` has a single scale along every contracting axis (per-channel or per-tensor),
   so ``Σ_k x_k·(q_k − z)·s = s·Σ_k x_k·(q_k − z)``."""
