@@ -153,10 +153,12 @@ def checkpoint_bytes(tree, *, rules=None, metadata: dict | None = None) -> int:
 
 
 def quantized_linear_bytes(ref_vars, qvars) -> tuple[int, int]:
-  """``(float bytes, quantized bytes)`` of the leaves that are QArrays in ``qvars``."""
+  """``(float bytes, quantized bytes)`` of the leaves that are QArrays in ``qvars`` (sizes only:
+  nothing is dequantized)."""
   from jq import tree as jqtree
-  rows = jqtree.report(ref_vars, qvars)
-  return sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+  ref = dict(jqtree.leaves_with_paths(ref_vars))
+  pairs = [(ref[p], q) for p, q in jqtree.leaves_with_paths(qvars) if jqtree.is_qarray(q)]
+  return sum(jqtree.nbytes(w) for w, _ in pairs), sum(q.nbytes for _, q in pairs)
 
 
 def mib(n: float | None) -> str:
