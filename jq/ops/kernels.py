@@ -129,7 +129,8 @@ _MOSAIC_HELD_BACK = "not yet measured on a GPU; KernelPolicy(mosaic='always') op
 
 
 def _mosaic_ok(p: Problem) -> bool:
-  return p.policy.allows_mosaic() and _takes(mosaic_wo, p)
+  # (the policy first: Mosaic GPU is imported only when a policy lets the kernel in)
+  return p.policy.allows_mosaic() and _compat.has_mosaic_gpu() and _takes(mosaic_wo, p)
 
 
 def _mosaic_note(p: Problem) -> PerfNote:
@@ -137,8 +138,7 @@ def _mosaic_note(p: Problem) -> PerfNote:
                   "not yet timed on a GPU)")
 
 
-if _compat.has_mosaic_gpu():
-  register(Impl(name="mosaic_gpu_weight_only", fn=mosaic_wo.weight_only_dot_general,
-                backends=frozenset({"gpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
-                qtypes=frozenset(mosaic_wo.SUPPORTED_QTYPES), predicate=_mosaic_ok, priority=20,
-                note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))
+register(Impl(name="mosaic_gpu_weight_only", fn=mosaic_wo.weight_only_dot_general,
+              backends=frozenset({"gpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
+              qtypes=frozenset(mosaic_wo.SUPPORTED_QTYPES), predicate=_mosaic_ok, priority=20,
+              note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))
