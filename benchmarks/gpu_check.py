@@ -24,8 +24,8 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
 
 Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
 ``pytest_mosaic.xml``, ``matmul.json``, ``decode.json``, ``decode_int8head_kv8.json``,
-``decode_8b.json``, ``sweep.json`` (with ``--sweep``), ``summary.json`` (stage exit codes and timings, device, versions).  Without a GPU
-it is a dry run (interpret mode, ``--small`` benchmarks) that checks the script itself.
+``decode_8b.json``, ``sweep.json`` (with ``--sweep``), ``summary.json`` (stage exit codes and
+timings, device, versions).  Without a GPU it is a dry run (interpret mode, ``--small`` benchmarks) that checks the script itself.
 """
 from __future__ import annotations
 

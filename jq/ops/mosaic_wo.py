@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
@@ -206,7 +207,6 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
   # rows the pipeline brings per step: group scales (grouped only), zero points; per-channel
   # scales are read once, for the epilogue
   n_rows = n_planes * (int(grouped) + int(has_zp))
-  lax = jax.lax
 
   def kernel(x_gmem, q_gmem, *refs):
     scale_gmem = refs[:n_planes]
@@ -301,13 +301,10 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
     raise NotImplementedError("mosaic weight-only: out_sharding is not supported")
   if (why := unsupported_reason(x.shape, x.dtype, w, dimension_numbers)) is not None:
     raise NotImplementedError(why)
-  c = len(tuple(dimension_numbers[0][0]))
-  lead, free = x.shape[:x.ndim - c], w.shape[c:]
   out_dtype = np.dtype(preferred_element_type or x.dtype)
   kernel_dtype = out_dtype if out_dtype in OUT_DTYPES else np.dtype(np.float32)
-  y = wo_matmul_2d(x.reshape(-1, int(np.prod(x.shape[x.ndim - c:]))), reference.as_matrix(w, c),
-                   out_dtype=kernel_dtype, interpret=interpret, **tiles)
-  return y.astype(out_dtype).reshape(*lead, *free)
+  return reference.matrix_matmul(wo_matmul_2d, x, w, dimension_numbers, out_dtype=kernel_dtype,
+                                 interpret=interpret, **tiles).astype(out_dtype)
 
 
 __all__ = ["TileConfig", "default_config", "unsupported_reason", "wo_matmul_2d",

@@ -320,13 +320,9 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   reason = unsupported_reason(x.shape, x.dtype, w, dimension_numbers)
   if reason:
     raise NotImplementedError(reason)
-  c = len(tuple(dimension_numbers[0][0]))   # x's last c axes with w's first c
-  lead, free = x.shape[:x.ndim - c], w.shape[c:]
   out_dtype = None if preferred_element_type is None else np.dtype(preferred_element_type)
-  y = wo_matmul_2d(x.reshape(-1, int(np.prod(x.shape[x.ndim - c:]))), reference.as_matrix(w, c),
-                   out_dtype=out_dtype, precision=precision, interpret=interpret,
-                   **block_kwargs)
-  return y.reshape(*lead, *free)
+  return reference.matrix_matmul(wo_matmul_2d, x, w, dimension_numbers, out_dtype=out_dtype,
+                                 precision=precision, interpret=interpret, **block_kwargs)
 
 
 __all__ = ["BlockConfig", "default_config", "unsupported_reason", "wo_matmul_2d",

@@ -179,6 +179,17 @@ def as_matrix(w: QArray, contracting: int = 1) -> QArray | None:
                              zero_point=flat(w.zero_point), shape=(k, n), tile=tile)
 
 
+def matrix_matmul(matmul_2d, x: jax.Array, w: QArray, dimension_numbers: DimensionNumbers,
+                  **kwargs) -> jax.Array:
+  """``x``'s last ``c`` axes contracted with ``w``'s first ``c`` (``c`` from
+  ``dimension_numbers``) as one 2-D kernel call ``matmul_2d(x2, as_matrix(w, c), **kwargs)``,
+  reshaped back to ``(x's leading axes…, w's free axes…)``."""
+  c = len(tuple(dimension_numbers[0][0]))
+  lead, free = x.shape[:x.ndim - c], w.shape[c:]
+  y = matmul_2d(x.reshape(-1, int(np.prod(x.shape[x.ndim - c:]))), as_matrix(w, c), **kwargs)
+  return y.reshape(*lead, *free)
+
+
 def group_rows(w: QArray) -> int | None:
   """Rows of a 2-D ``w`` per K scale group, or None when one scale covers all of K (per channel
   or per tensor: the scale factors out of the contraction)."""

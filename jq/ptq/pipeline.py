@@ -67,7 +67,8 @@ class PTQConfig:
       process's devices (or of every process's: see below), e.g.
       ``jax.make_mesh((8,), ("data",))``.  Every calibration batch is split along its leading
       axis over the mesh's data axis (each device runs its rows; the leading axis of every batch
-      must divide by the number of devices there, else a ValueError names the batch).  Parameters the caller split over the mesh's devices (NamedShardings,
+      must divide by the number of devices there, else a ValueError names the batch).
+      Parameters the caller split over the mesh's devices (NamedShardings,
       e.g. from ``with_partitioning`` specs) stay split as given: never replicated, the finished
       kernels that replace them and the quantized kernels they become split the same way
       (``jq.sharding.qarray_sharding``); every other parameter is replicated.  A mesh of
