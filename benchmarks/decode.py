@@ -40,6 +40,7 @@ from jq import ops as jq_ops  # noqa: E402
 from jq import _compat  # noqa: E402
 from jq import kv_cache  # noqa: E402
 from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
+from jq.ops.policy import KernelPolicy  # noqa: E402
 from jq.qarray import ActivationQuant, QArray  # noqa: E402
 from jq.quantize import quantize  # noqa: E402
 
@@ -68,6 +69,7 @@ SHAPES = {
 
 SMALL = Config(vocab=512, d=128, ffn=256, layers=1, heads=4, kv_heads=2, head_dim=32, max_len=16)
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")
+MOSAIC = KernelPolicy(mosaic="always")  # the "mosaic-*" variants (GPU only; elsewhere as auto)
 
 
 def init_params(cfg: Config, key) -> dict:
@@ -106,6 +108,9 @@ VARIANTS = {
     "jq-auto-w8a16": (S.W8A16, None, "dispatch"),
     "jq-auto-w4a16-g128": (S.W4A16_G128, None, "dispatch"),
     "jq-auto-w8a8": (S.W8A16, S.A8_DYNAMIC, "dispatch"),
+    # the Mosaic GPU (TMA + wgmma, split-K) kernel where it takes the shape, else as "jq-auto"
+    "mosaic-w8a16": (S.W8A16, None, "mosaic"),
+    "mosaic-w4a16-g128": (S.W4A16_G128, None, "mosaic"),
 }
 
 
@@ -146,6 +151,8 @@ def make_matmul(variant: str, interpret: bool):
     dn = (((x.ndim - 1,), (0,)), ((), ()))
     if impl == "dispatch":
       return jq_ops.dot_general(x, w, dn)
+    if impl == "mosaic":
+      return jq_ops.dot_general(x, w, dn, policy=MOSAIC)
     if impl == "jq":
       if act is not None:
         return pallas_w8a8.int8_dot_general(x, w, dn, interpret=interpret)

@@ -16,7 +16,8 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
    paths (int8, fp8 native), jq kernels (Triton and Mosaic GPU), qwix.
 3. ``benchmarks/decode.py`` three times, each row printed with its ratio to the bf16 row of the
    same run and the batch-1 cap (bytes moved): Llama-3.2-1B with a bf16 head; the same with an
-   int8 head and an int8 KV cache; Llama-3.1-8B.
+   int8 head and an int8 KV cache; Llama-3.1-8B (``mosaic-w4a16-g128``: the Mosaic GPU kernel,
+   split-K at batch 1, in the 1B and 8B runs).
 4. ``pytest tests/ops/test_mosaic_kernels.py``: the Mosaic GPU kernel compiled (its own stage
    and junit file, ``pytest_mosaic.xml``, so a slow first compile cannot cost the others).
    ``python benchmarks/gpu_check.py --sweep`` adds ``benchmarks/matmul.py --sweep``: the Triton
@@ -25,7 +26,8 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
 Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
 ``pytest_mosaic.xml``, ``matmul.json``, ``decode.json``, ``decode_int8head_kv8.json``,
 ``decode_8b.json``, ``sweep.json`` (with ``--sweep``), ``summary.json`` (stage exit codes and
-timings, device, versions).  Without a GPU it is a dry run (interpret mode, ``--small`` benchmarks) that checks the script itself.
+timings, device, versions).  Without a GPU it is a dry run (interpret mode, ``--small``
+benchmarks) that checks the script itself.
 """
 from __future__ import annotations
 
@@ -158,7 +160,8 @@ def main() -> int:
   summary["stages"].append(_stage(
       "decode", decode + ["--out", str(OUT / "decode.json"), "--budget-s", "50", "--variants",
                           "bf16", "w8a16", "w4a16-g128", "xla-w8a16", "xla-w4a16-g128",
-                          "xla-w8a8", "fp8", "jq-auto-w4a16-g128"], 70, log))
+                          "xla-w8a8", "fp8", "jq-auto-w4a16-g128", "mosaic-w4a16-g128"],
+      70, log))
   summary["stages"].append(_stage(
       "decode-int8-head-kv8", decode + [
           "--out", str(OUT / "decode_int8head_kv8.json"), "--budget-s", "50", "--head", "int8",
@@ -167,7 +170,7 @@ def main() -> int:
   summary["stages"].append(_stage(
       "decode-8b", decode + ["--out", str(OUT / "decode_8b.json"), "--budget-s", "50",
                              "--shape", "8b", "--batches", "1", "16", "--variants", "bf16",
-                             "w8a16", "jq-auto-w4a16-g128"], 70, log))
+                             "w8a16", "jq-auto-w4a16-g128", "mosaic-w4a16-g128"], 70, log))
   if importlib.util.find_spec("pytest") is not None:
     summary["stages"].append(_stage(
         "pytest-mosaic", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",

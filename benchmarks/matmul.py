@@ -123,7 +123,7 @@ def methods(interpret: bool) -> list[Method]:
   def jq_wo(x, w):
     return pallas_wo.weight_only_dot_general(x, w, _dn(x), interpret=interpret)
 
-  def mosaic_wo(x, w):  # the Hopper (TMA + wgmma) kernel; prefill tiles
+  def mosaic_wo(x, w):  # the Hopper (TMA + wgmma) kernel: split-K decode, prefill tiles
     return mosaic_wo_.weight_only_dot_general(x, w, _dn(x), interpret=interpret)
 
   def jq_int8(x, w):

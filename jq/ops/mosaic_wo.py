@@ -1,7 +1,8 @@
 """Pallas Mosaic GPU (Hopper: TMA loads, wgmma) weight-only matmul: ``y = x @ dequantize(w)``.
 
-Twin of :func:`jq.ops.reference.weight_only_dot_general` for the prefill-sized problems where the
-Triton kernels (:mod:`jq.ops.pallas_wo`) trail bf16 (1.5-6.7x its time at M >= 256 on an H100).
+Twin of :func:`jq.ops.reference.weight_only_dot_general`, for prefill-sized problems (where the
+Triton kernels of :mod:`jq.ops.pallas_wo` trail bf16: 1.5-6.7x its time at M >= 256 on an H100)
+and, split along K, for decode-sized ones.
 Supported weights: 2-D ``(K, N)`` QArrays (or DenseGeneral kernels that flatten to one, as
 :func:`jq.ops.reference.as_matrix`) of type int8 / uint8 / int4 / uint4, per-channel, per-tensor
 or group-wise along K (group a multiple of 64), with or without zero points; ``x`` bfloat16 or
@@ -20,6 +21,11 @@ asynchronously: two dequantization slots and the x tile held one step longer
 bytes hold column ``2j`` in the low nibble and ``2j + 1`` in the high one: the two nibbles are
 two *planes*, each with its own dequantized tile, accumulator and output (of ``N / 2`` columns,
 with the scales' even / odd columns), interleaved by XLA afterwards.
+
+Decode (few rows, so few output tiles: 16 for a 2048-column int4 weight, on a GPU of 132 SMs)
+splits K into ``split_k`` slices (:func:`default_config`): a third grid axis whose programs each
+contract one slice into a float32 partial tile, summed by XLA.  wgmma's 64 rows are computed
+for x's few (zero-padded) rows, but only ``M`` rounded up to 8 rows are written back.
 
 Not yet compiled on a GPU: tested in Mosaic GPU interpret mode and lowered for CUDA on CPU, held
 back by the kernel policy (``KernelPolicy(mosaic="always")`` opts in) until
@@ -59,11 +65,15 @@ class TileConfig:
     tile_n: output columns per program and plane (64 or 128).
     tile_k: contraction rows per pipeline step (64; divides the scale group).
     max_concurrent_steps: pipeline depth (TMA loads in flight).
+    split_k: programs sharing one output tile, each contracting ``K / split_k`` rows into a
+      float32 partial tile (summed by XLA): decode-sized problems have too few output tiles to
+      occupy the GPU's SMs otherwise.
   """
   tile_m: int
   tile_n: int
   tile_k: int = TILE_K
   max_concurrent_steps: int = 4
+  split_k: int = 1
 
 
 def _plane_cols(w: QArray) -> int:
@@ -118,18 +128,44 @@ def _fit(cfg: TileConfig, planes: int, x_bytes: int, out_bytes: int, zp: bool) -
   return dataclasses.replace(cfg, max_concurrent_steps=_compat.fit_stages(per, fixed, 4))
 
 
-def default_config(m: int, cols: int, *, planes: int, x_bytes: int, out_bytes: int,
-                   zp: bool) -> TileConfig:
-  """Shape-based launch parameters (prefill tiles; not yet tuned on a GPU): the widest
-  ``tile_n`` dividing the plane's columns that still leaves >= 2 pipeline steps in flight
-  (the smallest tiles always do: 2 x (8 + 4 + 1) KiB per step + 74 KiB)."""
+MIN_SLICE_STEPS = 2  # K steps per split-K slice: one step would leave nothing to pipeline
+
+
+def split_k_for(tiles: int, steps: int, sms: int, limit: int) -> int:
+  """K slices per output tile: the fewest that give ``tiles × split >= sms`` programs (one wave
+  on every SM), each of ``>= MIN_SLICE_STEPS`` K steps, dividing ``steps`` and at most
+  ``limit``; 1 when the tiles alone fill the SMs (prefill)."""
+  best = 1
+  for d in range(1, min(steps // MIN_SLICE_STEPS, limit) + 1):
+    if tiles * best >= sms:
+      break
+    if steps % d == 0:
+      best = d
+  return best
+
+
+def default_config(m: int, cols: int, *, k: int, planes: int, x_bytes: int, out_bytes: int,
+                   zp: bool, sms: int | None = None) -> TileConfig:
+  """Shape-based launch parameters (not yet tuned on a GPU): the widest ``tile_n`` dividing the
+  plane's columns that still leaves >= 2 pipeline steps in flight (the smallest tiles always do:
+  2 x (8 + 4 + 1) KiB per step + 74 KiB), and for problems with fewer output tiles than the GPU
+  has SMs (decode) K split into slices (:func:`split_k_for`; ``sms``: the GPU's, default
+  :func:`jq._compat.num_sms`).  The slices' float32 partial sums are written and read back
+  (8 bytes per element, slice and plane): at most ``K / (8 · rows · planes)`` slices keep that
+  traffic within the weight's own bytes (K per stored column)."""
   tile_m = 64 if m <= 64 else 128
-  for tile_n in (128, 64):
-    if cols % tile_n == 0:
-      cfg = _fit(TileConfig(tile_m=tile_m, tile_n=tile_n), planes, x_bytes, out_bytes, zp)
-      if cfg.max_concurrent_steps >= MIN_STEPS_IN_FLIGHT:
-        return cfg
-  return _fit(TileConfig(tile_m=64, tile_n=64), planes, x_bytes, out_bytes, zp)
+  sms = _compat.num_sms() if sms is None else sms
+  for tile_m, tile_n in ((tile_m, 128), (tile_m, 64), (64, 64)):
+    if cols % tile_n:
+      continue
+    rows = -(-m // 8) * 8 if m <= tile_m else -(-m // tile_m) * tile_m
+    split = split_k_for(-(-m // tile_m) * (cols // tile_n), k // TILE_K, sms,
+                        limit=k // (8 * rows * planes))
+    cfg = _fit(TileConfig(tile_m=tile_m, tile_n=tile_n, split_k=split), planes, x_bytes,
+               4 if split > 1 else out_bytes, zp)  # (split K: float32 partial tiles)
+    if cfg.max_concurrent_steps >= MIN_STEPS_IN_FLIGHT:
+      break
+  return cfg
 
 
 def _swizzled(cols: int, dtype) -> tuple[Any, ...]:
@@ -155,17 +191,17 @@ def _planes(w: QArray, n: int) -> tuple[list[jax.Array], list[jax.Array] | None]
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tile_m", "tile_n",
-                                             "max_concurrent_steps", "interpret"))
+                                             "max_concurrent_steps", "split_k", "interpret"))
 def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None = None,
                  tile_n: int | None = None, max_concurrent_steps: int | None = None,
-                 interpret: bool = False) -> jax.Array:
+                 split_k: int | None = None, interpret: bool = False) -> jax.Array:
   """``x (M, K) @ dequantize(w) (K, N) -> (M, N)`` with the Mosaic GPU kernel.
 
   Args:
     x: bfloat16 / float16 activations ``(M, K)``.
     w: a supported QArray of shape ``(K, N)`` (see :func:`unsupported_reason`).
     out_dtype: bfloat16, float16 or float32 (default ``x.dtype``).
-    tile_m, tile_n, max_concurrent_steps: launch overrides (:class:`TileConfig`).
+    tile_m, tile_n, max_concurrent_steps, split_k: launch overrides (:class:`TileConfig`).
     interpret: run in Mosaic GPU interpret mode (CPU, tests).
   """
   plgpu = _compat.mosaic_gpu()
@@ -182,28 +218,43 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
   cols = _plane_cols(w)
   scales, zps = _planes(w, n)
   xb, ob = np.dtype(x.dtype).itemsize, out_dtype.itemsize
-  cfg = default_config(m, cols, planes=n_planes, x_bytes=xb, out_bytes=ob, zp=zps is not None)
+  cfg = default_config(m, cols, k=k, planes=n_planes, x_bytes=xb, out_bytes=ob,
+                       zp=zps is not None)
   cfg = dataclasses.replace(cfg, **{f: v for f, v in dict(
-      tile_m=tile_m, tile_n=tile_n, max_concurrent_steps=max_concurrent_steps).items()
-      if v is not None})
+      tile_m=tile_m, tile_n=tile_n, max_concurrent_steps=max_concurrent_steps,
+      split_k=split_k).items() if v is not None})
   if cfg.tile_m not in (64, 128) or cfg.tile_n not in (64, 128) or cols % cfg.tile_n:
     raise ValueError(f"mosaic weight-only: tile_m={cfg.tile_m}, tile_n={cfg.tile_n}: expected "
                      f"64 or 128, tile_n dividing the {cols} plane columns")
+  tm, tn, tk, split = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.split_k
+  if split < 1 or (k // tk) % split:
+    raise ValueError(f"mosaic weight-only: split_k={split} does not divide the {k // tk} "
+                     f"K steps of {tk} rows")
+  part_dtype = np.dtype(np.float32) if split > 1 else out_dtype  # split K: float32 partials
+  launch = (n_planes, xb, part_dtype.itemsize, zps is not None)
+  if max_concurrent_steps is None:  # the overrides' tiles and output may fit fewer steps
+    cfg = _fit(cfg, *launch)
+  if (need := smem_bytes(cfg, *launch, max(cfg.max_concurrent_steps, MIN_STEPS_IN_FLIGHT))
+      ) > _compat.SMEM_BUDGET:
+    raise ValueError(f"mosaic weight-only: {cfg} needs {need} bytes of shared memory with "
+                     f"{MIN_STEPS_IN_FLIGHT}+ steps in flight (budget {_compat.SMEM_BUDGET}): "
+                     f"use smaller tiles")
   if cfg.max_concurrent_steps < MIN_STEPS_IN_FLIGHT:
     raise ValueError(f"mosaic weight-only: max_concurrent_steps={cfg.max_concurrent_steps}: "
                      f"needs >= {MIN_STEPS_IN_FLIGHT} (the x tile is held one step longer)")
-  tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
   mp = -(-m // tm) * tm
   if mp != m:  # rows past M are zeros (and cut off the output)
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
-  grid_m, grid_n, steps = mp // tm, cols // tn, k // tk
+  grid_m, grid_n, steps = mp // tm, cols // tn, k // tk // split
+  # rows written back: one tile of rows (decode) stores only M rounded up to the 8-row tiling
+  rows = -(-m // 8) * 8 if grid_m == 1 else tm
   group = reference.group_rows(w)
   grouped = group is not None
-  group_steps = group // tk if grouped else steps
+  group_steps = group // tk if grouped else k // tk
   signed, has_zp = w.qtype.signed, zps is not None
   dt = np.dtype(x.dtype)
   x_tf, q_tf = _swizzled(tk, dt), _swizzled(tn, np.int8)
-  wd_tf, out_tf = _swizzled(tn, dt), _swizzled(tn, out_dtype)
+  wd_tf, out_tf = _swizzled(tn, dt), _swizzled(tn, part_dtype)
   # rows the pipeline brings per step: group scales (grouped only), zero points; per-channel
   # scales are read once, for the epilogue
   n_rows = n_planes * (int(grouped) + int(has_zp))
@@ -215,7 +266,8 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
     wd_smem, out_smem, s_smem, s_barrier = refs[n_planes * (2 + has_zp):]
 
     def with_accs(*accs):
-      mi, ni = lax.axis_index("m"), lax.axis_index("n")
+      mi, ni, ki = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("k")
+      k0 = ki * steps  # this program's first K step
       if not grouped:  # the epilogue's scales, fetched while the pipeline runs
         for p in range(n_planes):
           plgpu.copy_gmem_to_smem(scale_gmem[p].at[pl.ds(ni * tn, tn)], s_smem.at[p],
@@ -245,12 +297,12 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
         # spec's delay_release); this step's MMA keeps running into the next dequantization
         plgpu.wgmma_wait(1)
 
-      row_spec = plgpu.BlockSpec((tn,), lambda s: ((s // group_steps) * grid_n + ni,))
+      row_spec = plgpu.BlockSpec((tn,), lambda s: (((k0 + s) // group_steps) * grid_n + ni,))
       plgpu.emit_pipeline(
           step, grid=(steps,), max_concurrent_steps=cfg.max_concurrent_steps,
-          in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (mi, s), transforms=x_tf,
+          in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (mi, k0 + s), transforms=x_tf,
                                     delay_release=1),
-                    plgpu.BlockSpec((tk, tn), lambda s: (s, ni), transforms=q_tf),
+                    plgpu.BlockSpec((tk, tn), lambda s: (k0 + s, ni), transforms=q_tf),
                     *[row_spec] * n_rows],
       )(x_gmem, q_gmem, *rows_gmem)
       plgpu.wgmma_wait(0)
@@ -259,29 +311,34 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
         if not grouped:
           plgpu.barrier_wait(s_barrier.at[p])
           y = y * lax.broadcast_in_dim(s_smem.at[p][...], y.shape, [1])
-        out_smem.at[p][...] = y.astype(out_dtype)
+        out_smem.at[p][...] = y.astype(part_dtype)
       plgpu.commit_smem()
       for p in range(n_planes):
-        plgpu.copy_smem_to_gmem(out_smem.at[p],
-                                outs[p].at[pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)])
+        dst = outs[p].at[ki] if split > 1 else outs[p]
+        plgpu.copy_smem_to_gmem(out_smem.at[p, pl.ds(0, rows)],
+                                dst.at[pl.ds(mi * tm, rows), pl.ds(ni * tn, tn)])
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(with_accs, *[plgpu.ACC((tm, tn), jnp.float32)] * n_planes)
 
+  out_rows = grid_m * tm if grid_m > 1 else rows
   call = plgpu.kernel(
       kernel,
-      out_type=[jax.ShapeDtypeStruct((mp, cols), out_dtype)] * n_planes,
-      grid=(grid_m, grid_n), grid_names=("m", "n"),
+      out_type=[jax.ShapeDtypeStruct((split,) * (split > 1) + (out_rows, cols), part_dtype)]
+      * n_planes,
+      grid=(grid_m, grid_n, split), grid_names=("m", "n", "k"),
       scratch_types=[plgpu.SMEM((2, n_planes, tk, tn), dt, transforms=wd_tf),
-                     plgpu.SMEM((n_planes, tm, tn), out_dtype, transforms=out_tf),
+                     plgpu.SMEM((n_planes, tm, tn), part_dtype, transforms=out_tf),
                      plgpu.SMEM((n_planes, tn), jnp.float32),
                      plgpu.Barrier(num_barriers=n_planes)],
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_compat.gpu_interpret_params() if interpret else False)
   ys = call(x, w.values, *scales, *(zps or []))
-  y = ys[0] if n_planes == 1 else jnp.stack(ys, axis=-1).reshape(mp, n)
-  return y[:m]
+  if split > 1:  # the K slices' partial sums
+    ys = [y.sum(axis=0) for y in ys]
+  y = ys[0] if n_planes == 1 else jnp.stack(ys, axis=-1).reshape(out_rows, n)
+  return y[:m].astype(out_dtype)
 
 
 def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precision=None,

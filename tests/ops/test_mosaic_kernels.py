@@ -96,12 +96,13 @@ def test_float16_input_bfloat16_output_and_dense_general_heads():
 
 @pytest.mark.parametrize("spec", [UINT8_ASYM, INT4_G64], ids=lambda s: s.describe())
 def test_lowers_for_cuda(spec):
-  x, w = _data((256, 576), (576, 1536))
-  q = quantize(w, spec)
   fn = functools.partial(mosaic_wo.weight_only_dot_general, dimension_numbers=_dn(1, 2),
                          interpret=False)
-  text = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for m in (256, 1):   # prefill tiles; decode: split K, 8 rows written back
+    x, w = _data((m, 576), (576, 1536))
+    q = quantize(w, spec)
+    text = jax.jit(fn).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_launches_keep_two_steps_in_flight_within_shared_memory():
@@ -109,13 +110,59 @@ def test_launches_keep_two_steps_in_flight_within_shared_memory():
   one-slot pipeline would deadlock: every default launch keeps >= 2 steps in flight and fits."""
   for planes, out_bytes, zp, cols, m in itertools.product((1, 2), (2, 4), (False, True),
                                                           (64, 128, 384, 4096), (1, 80, 4096)):
-    cfg = mosaic_wo.default_config(m, cols, planes=planes, x_bytes=2, out_bytes=out_bytes, zp=zp)
+    cfg = mosaic_wo.default_config(m, cols, k=2048, planes=planes, x_bytes=2,
+                                   out_bytes=out_bytes, zp=zp)
     assert cfg.max_concurrent_steps >= 2 and cols % cfg.tile_n == 0
-    assert mosaic_wo.smem_bytes(cfg, planes, 2, out_bytes, zp,
+    part_bytes = 4 if cfg.split_k > 1 else out_bytes   # split K writes float32 partials
+    assert mosaic_wo.smem_bytes(cfg, planes, 2, part_bytes, zp,
                                 cfg.max_concurrent_steps) <= _compat.SMEM_BUDGET
   x, w = _data((8, 128), (128, 128))
   with pytest.raises(ValueError, match="max_concurrent_steps=1"):
     mosaic_wo.wo_matmul_2d(x, quantize(w, S.W8A16), max_concurrent_steps=1, interpret=True)
+
+
+def test_split_k_decode_equals_reference():
+  """Decode-sized problems split K across programs (float32 partial tiles summed by XLA): by
+  default where the output tiles alone would leave SMs idle, or forced; with group scales whose
+  groups straddle no slice and per-channel scales applied to every partial; rows trimmed to M
+  rounded up to 8, and whole 64-row tiles (M = 130) when x spans several."""
+  cases = [(S.W4A16_G128, (1, 512), (512, 256), None),   # default: 4 slices of 2 steps
+           (UINT8_ASYM, (9, 256), (256, 128), 2),
+           (S.W8A16, (130, 256), (256, 64), 4)]         # one step per slice, three row tiles
+  for spec, x_shape, w_shape, split in cases:
+    x, w = _data(x_shape, w_shape, seed=4)
+    q = quantize(w, spec)
+    if split is None:
+      cfg = mosaic_wo.default_config(x_shape[0], int(q.values.shape[1]), k=w_shape[0], planes=2,
+                                     x_bytes=2, out_bytes=4, zp=True, sms=132)
+      assert cfg.split_k == 4, cfg
+    y = mosaic_wo.wo_matmul_2d(x, q, out_dtype=jnp.float32, split_k=split,
+                               tile_m=64 if split == 4 else None, interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(_reference(x, q, _dn(1, 2))),
+                               rtol=TOL, atol=TOL)
+  with pytest.raises(ValueError, match="split_k=3"):
+    mosaic_wo.wo_matmul_2d(x, q, split_k=3, interpret=True)
+  # float32 partials of two int4 planes in 128 x 128 tiles do not fit shared memory
+  x, w = _data((128, 256), (256, 256))
+  with pytest.raises(ValueError, match="bytes of shared memory"):
+    mosaic_wo.wo_matmul_2d(x, quantize(w, INT4_G64), tile_m=128, tile_n=128, split_k=2,
+                           interpret=True)
+
+
+def test_split_k_choice():
+  """The fewest K slices that fill the SMs, each >= 2 steps and dividing the steps, capped by
+  the partial sums' traffic; prefill (enough tiles) does not split."""
+  assert mosaic_wo.split_k_for(16, 32, 132, limit=64) == 16    # 9 would do, 16 divides 32
+  assert mosaic_wo.split_k_for(8, 128, 132, limit=64) == 32
+  assert mosaic_wo.split_k_for(8, 128, 132, limit=8) == 8
+  assert mosaic_wo.split_k_for(132, 32, 132, limit=64) == 1
+  assert mosaic_wo.split_k_for(4, 3, 132, limit=64) == 1       # a slice needs two steps
+  # Llama-3.2-1B decode, int4 g128 q projection (2048 x 2048): 8 column tiles per plane pair
+  cfg = mosaic_wo.default_config(1, 1024, k=2048, planes=2, x_bytes=2, out_bytes=2, zp=True,
+                                 sms=132)
+  assert (cfg.tile_n, cfg.split_k) == (128, 16)
+  assert mosaic_wo.default_config(4096, 1024, k=2048, planes=2, x_bytes=2, out_bytes=2, zp=True,
+                                  sms=132).split_k == 1
 
 
 def test_unsupported_problems_are_named():
