@@ -599,16 +599,22 @@ class _State:
                self.target.stacks.get(p, 1) > 1 else "")
       self.notes[p].append(where + info.describe())
 
+  def _solved(self, path: str, layers) -> bool:
+    """Whether kernel ``path`` is already quantized in any of ``layers`` (a stacked kernel is
+    solved layer by layer: its later layers can still take a fold)."""
+    done = self.mats.get(path, {})
+    return any(i in done for i in layers) if self.per_layer.get(path) else bool(done)
+
   def _fold(self, unit: Unit, groups) -> None:
     """AWQ/SmoothQuant scales of the unit's groups: computed, folded into ``ref`` and ``cur``
     when the float model keeps its function (checked), else skipped with a log line."""
     found = {}
     for g in groups:
-      if g.kind == "linear" and g.params[0] in self.mats:
+      layers = unit.layers[g.consumers[0]]
+      if g.kind == "linear" and self._solved(g.params[0], layers):
         self.log.append(f"{g.describe()}: the producer {g.params[0]} is already quantized; "
                         "scales not applied")
         continue
-      layers = unit.layers[g.consumers[0]]
       s = _group_scales(self.target, self.ref, g, self.first, self.inputs, layers, self.log)
       if s is not None:
         found[g.producer + ">" + "+".join(g.consumers)] = (g, s)
