@@ -231,13 +231,17 @@ def _candidates(target: Target, leaves, calls: Sequence[Call], input_id: int, be
     else:
       yield from _affine_groups(leaves, c.module, consumers, k, n)
   # through operations linear per channel (attention, act(gate) * up, remat boundaries): earlier
-  # modules of the same block (the consumers' grandparent), latest first, a few at most
-  block = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
+  # modules of the same block, latest first, a few at most.  The block is the consumers'
+  # grandparent module (layers_0/mlp/down -> layers_0), else their parent (an nnx.scan stack's
+  # blocks/down -> blocks), else the whole model
+  parent = members[0].rpartition("/")[0].rpartition("/")[0]
+  block = parent.rpartition("/")[0] or parent
+  prefix = block + "/" if block else ""
   seen, tried = {c.module for c in direct}, 0
   for c in reversed(calls[:before]):
     if tried >= MAX_CANDIDATES:
       break
-    if c.module in seen or not c.module.startswith(block + "/"):
+    if c.module in seen or not c.module.startswith(prefix):
       continue
     seen.add(c.module)
     kernel = c.module + "/kernel"

@@ -116,6 +116,53 @@ def test_scan_stack_gets_per_layer_groups_and_static_scales():
   assert kl < 0.5
 
 
+class _NnxMlpBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.norm = nnx.RMSNorm(32, rngs=rngs)
+    self.gate = nnx.Linear(32, 64, use_bias=False, rngs=rngs)
+    self.up = nnx.Linear(32, 64, rngs=rngs)
+    self.down = nnx.Linear(64, 32, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm(x)
+    return x + self.down(nnx.silu(self.gate(h)) * self.up(h))
+
+
+class _NnxScanStack(nnx.Module):
+  """Blocks made by ``nnx.vmap`` (every parameter stacked ``(2, ...)``, paths ``blocks/up/...``
+  with no parent module between the stack and its layers), applied by ``nnx.scan``."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(64, 32, rngs=rngs)
+
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+      return _NnxMlpBlock(r)
+    self.blocks = make(rngs)
+
+  def __call__(self, tok):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+    return body(self.embed(tok), self.blocks)
+
+
+def test_nnx_scan_stack_folds_through_the_gated_product_in_every_layer():
+  """up -> down (through ``silu(gate) * up``) is found where the consumer has no grandparent
+  module (``blocks/down``), and folds into both stacked layers like the norm's group."""
+  model = _NnxScanStack(nnx.Rngs(0))
+  calib = [jnp.asarray(np.random.default_rng(i).integers(0, 64, (4, 8))) for i in range(3)]
+  want = model(calib[0])
+  res = quantize_model(model, None, jq.default_rules(W8A16, A8_DYNAMIC,
+                                                     algorithm=Algorithm.SMOOTHQUANT), calib)
+  folded = [l for l in res.log if "folded into" in l]
+  assert sum("blocks/up -> down" in l for l in folded) == 2, res.log
+  assert sum("blocks/norm -> gate+up" in l for l in folded) == 2, res.log
+  got = res.module(calib[0])
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+
+
 def _kernels(res) -> dict[str, np.ndarray]:
   tree = res.variables if res.module is None else nnx.state(res.module, nnx.Param)
   return {p: np.asarray(q.dequantize(jnp.float32)) for p, q in jq.tree.leaves_with_paths(tree)
