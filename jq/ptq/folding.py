@@ -18,6 +18,7 @@ by name, never applied silently.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -165,6 +166,7 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
     pos[call.input_id] = min(pos.get(call.input_id, i), i)
   run = jax.jit(target.run)
   refs = [run(params, b) for b in check_batches]
+  why = _low_precision(refs)
   rng = np.random.default_rng(seed)
   pending = {}   # input id -> (candidate iterator, random scales, members)
   for input_id, members in by_input.items():
@@ -189,9 +191,24 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
     for i in [i for i, c in current.items() if c is None]:
       members = pending[i][2]
       log.append(f"{'+'.join(members)}: no producer of their input could take the scales "
-                 "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied")
+                 "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied"
+                 + why)
       del current[i]
+  if why and len(found) < len(by_input):
+    warnings.warn("AWQ/SmoothQuant: no scales applied where folding failed" + why, stacklevel=3)
   return [found[i] for i in by_input if i in found]
+
+
+def _low_precision(refs) -> str:
+  """A note for the log when the model computes in a 16-bit float: there any fold moves the
+  outputs by rounding (~1e-3 relative), far beyond the checks' tolerance, so none can be found."""
+  low = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(refs)
+                if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if not low:
+    return ""
+  return (f" (the model computes in {'/'.join(low)}: a fold moves its outputs by rounding, more "
+          f"than the check's {DISCOVERY_TOL:g}; calibrate an instance that computes in float32, "
+          "e.g. dtype=jnp.float32 with the same parameters, to apply AWQ/SmoothQuant)")
 
 
 def verify_folds(target: Target, params: PyTree, trial: Mapping[Any, tuple[Group, jax.Array]],

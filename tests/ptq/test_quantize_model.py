@@ -8,6 +8,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,45 @@ def test_nnx_scan_stack_folds_through_the_gated_product_in_every_layer():
   assert sum("blocks/norm -> gate+up" in l for l in folded) == 2, res.log
   got = res.module(calib[0])
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+
+
+class _Norm(nn.Module):
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.bfloat16)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class _Bf16Mlp(nn.Module):
+  dtype: Any = jnp.bfloat16
+
+  @nn.compact
+  def __call__(self, tok):
+    kw = dict(dtype=self.dtype, param_dtype=jnp.bfloat16)
+    x = nn.Embed(64, 32, **kw)(tok)
+    h = _Norm(self.dtype, name="norm")(x)
+    up = nn.Dense(64, name="up", **kw)(h)
+    return x + nn.Dense(32, name="down", **kw)(nn.silu(nn.Dense(64, name="gate", **kw)(h)) * up)
+
+
+def test_a_model_computing_in_bfloat16_is_told_to_calibrate_in_float32():
+  """In bfloat16 compute every fold moves the outputs by rounding, so no fold passes the check:
+  the log and a warning say so and what to do; the same parameters in a float32 instance fold."""
+  model = _Bf16Mlp()
+  calib = [jnp.asarray(np.random.default_rng(i).integers(0, 64, (4, 8))) for i in range(3)]
+  variables = model.init(jax.random.key(0), calib[0])
+  rules = jq.default_rules(W8A16, A8_DYNAMIC, algorithm=Algorithm.SMOOTHQUANT)
+  with pytest.warns(UserWarning, match="computes in bfloat16"):
+    res = quantize_model(model, variables, rules, calib)
+  assert not any("folded into" in l for l in res.log), res.log
+  assert any("computes in bfloat16" in l and "float32" in l for l in res.log), res.log
+  res32 = quantize_model(_Bf16Mlp(dtype=jnp.float32), variables, rules, calib)
+  folded = [l for l in res32.log if "folded into" in l]
+  assert any("norm -> gate+up" in l for l in folded) and any("up -> down" in l for l in folded)
 
 
 def _kernels(res) -> dict[str, np.ndarray]:
