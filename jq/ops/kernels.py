@@ -120,9 +120,9 @@ register(Impl(name=_TPU_WEIGHT_ONLY, fn=pallas_tpu.weight_only_dot_general,
 
 
 # ---- Pallas Mosaic GPU kernel (jq.ops.mosaic_wo) -------------------------------------------------
-# Hopper's TMA + wgmma weight-only matmul for prefill-sized problems, held equal to its XLA twin in
-# Mosaic GPU interpret mode on CPU and lowered for CUDA there, but not yet compiled or timed on a
-# GPU: dispatch picks it (ahead of the Triton kernel) only under ``KernelPolicy(mosaic="always")``
+# Hopper's TMA + wgmma weight-only matmul (prefill tiles, split-K decode), held equal to its XLA
+# twin in Mosaic GPU interpret mode on CPU and lowered for CUDA there, but not yet compiled or timed
+# on a GPU: dispatch picks it (ahead of the Triton kernel) only under ``KernelPolicy(mosaic="always")``
 # until benchmarks/gpu_check.py has measured it.
 
 _MOSAIC_HELD_BACK = "not yet measured on a GPU; KernelPolicy(mosaic='always') opts in"

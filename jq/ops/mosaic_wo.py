@@ -131,6 +131,12 @@ def _fit(cfg: TileConfig, planes: int, x_bytes: int, out_bytes: int, zp: bool) -
 MIN_SLICE_STEPS = 2  # K steps per split-K slice: one step would leave nothing to pipeline
 
 
+def rows_written(m: int, tile_m: int) -> int:
+  """Output rows a launch writes: whole row tiles, or for a single tile (decode) only ``m``
+  rounded up to the shared-memory tiling's 8 rows."""
+  return -(-m // 8) * 8 if m <= tile_m else -(-m // tile_m) * tile_m
+
+
 def split_k_for(tiles: int, steps: int, sms: int, limit: int) -> int:
   """K slices per output tile: the fewest that give ``tiles × split >= sms`` programs (one wave
   on every SM), each of ``>= MIN_SLICE_STEPS`` K steps, dividing ``steps`` and at most
@@ -158,9 +164,8 @@ def default_config(m: int, cols: int, *, k: int, planes: int, x_bytes: int, out_
   for tile_m, tile_n in ((tile_m, 128), (tile_m, 64), (64, 64)):
     if cols % tile_n:
       continue
-    rows = -(-m // 8) * 8 if m <= tile_m else -(-m // tile_m) * tile_m
     split = split_k_for(-(-m // tile_m) * (cols // tile_n), k // TILE_K, sms,
-                        limit=k // (8 * rows * planes))
+                        limit=k // (8 * rows_written(m, tile_m) * planes))
     cfg = _fit(TileConfig(tile_m=tile_m, tile_n=tile_n, split_k=split), planes, x_bytes,
                4 if split > 1 else out_bytes, zp)  # (split K: float32 partial tiles)
     if cfg.max_concurrent_steps >= MIN_STEPS_IN_FLIGHT:
@@ -246,8 +251,8 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
   if mp != m:  # rows past M are zeros (and cut off the output)
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
   grid_m, grid_n, steps = mp // tm, cols // tn, k // tk // split
-  # rows written back: one tile of rows (decode) stores only M rounded up to the 8-row tiling
-  rows = -(-m // 8) * 8 if grid_m == 1 else tm
+  out_rows = rows_written(m, tm)
+  rows = min(out_rows, tm)  # per program
   group = reference.group_rows(w)
   grouped = group is not None
   group_steps = group // tk if grouped else k // tk
@@ -321,7 +326,6 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
 
     pl.run_scoped(with_accs, *[plgpu.ACC((tm, tn), jnp.float32)] * n_planes)
 
-  out_rows = grid_m * tm if grid_m > 1 else rows
   call = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((split,) * (split > 1) + (out_rows, cols), part_dtype)]
@@ -348,7 +352,7 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   :func:`jq.ops.pallas_wo.weight_only_dot_general`; ``precision`` is unused: 16-bit operands).
 
   Example:
-    >>> w = jq.quantize.quantize(kernel, jq.spec.W4A16_G128)
+    >>> w = jq.quantize(kernel, jq.W4A16_G128)
     >>> y = weight_only_dot_general(x.astype(jnp.bfloat16), w, (((x.ndim - 1,), (0,)), ((), ())))
   """
   del precision

@@ -311,7 +311,7 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
   other layouts raise NotImplementedError (check :func:`unsupported_reason` first).
 
   Example:
-    >>> w = jq.quantize.quantize(kernel, jq.spec.W4A16_G128)
+    >>> w = jq.quantize(kernel, jq.W4A16_G128)
     >>> y = weight_only_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
   """
   x = jnp.asarray(x)
