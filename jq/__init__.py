@@ -12,7 +12,7 @@ from jq.spec import (A8_DYNAMIC, A8_DYNAMIC_ASYM, A8_STATIC, A_FP8_DYNAMIC, A_FP
                      W3A16_G128, W4A16_G32, W4A16_G128, W8A16, ActivationSpec, ActMode, Algorithm, AutoRoundOptions,
                      AWQOptions, Clip,
                      ClipMethod, GPTQOptions, Granularity, QuantSpec, Rule, SmoothQuantOptions,
-                     default_rules, recipe_names, recipe_rules)
+                     default_rules, head_rule, recipe_names, recipe_rules)
 from jq.tree import (dequantize_tree, format_report, leaves_with_paths, nbytes, plan,
                      quantize_tree, report, tree_error)
 

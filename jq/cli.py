@@ -51,13 +51,33 @@ def _rules_for(args) -> tuple[Any, str]:
   from jq.ptq import recipes
   if args.rules:
     try:
-      return spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
+      rules, label = spec_json.load_rules(args.rules), f"rules:{Path(args.rules).name}"
     except (ValueError, OSError) as e:   # OSError: missing file, a directory, unreadable
       raise ValueError(f"--rules {args.rules}: {e}") from e
-  try:
-    return recipes.rules(args.recipe), args.recipe
-  except ValueError as e:
-    raise ValueError(f"--recipe: {e}") from e
+  else:
+    try:
+      rules, label = recipes.rules(args.recipe), args.recipe
+    except ValueError as e:
+      raise ValueError(f"--recipe: {e}") from e
+  if getattr(args, "head", None):
+    label = f"{label}+head-{args.head}"
+  return rules, label
+
+
+# ``--head``: the jq.spec preset of the output head (jq.head_rule; weight-only).
+HEAD_SPECS = {"int8": "W8A16"}
+
+
+def _with_head(args, rules, tied: bool | None) -> tuple:
+  """``--head``: a rule for the decoder's output head in front of ``rules`` (whose skip rules
+  would keep it float): the token embedding when ``tied``, else ``lm_head`` alone (its lookup
+  table stays float).  ``tied=None``: the model has no output head (an encoder)."""
+  if not getattr(args, "head", None):
+    return tuple(rules)
+  if tied is None:
+    raise ValueError(f"--head: {args.model} has no output head (an encoder); drop --head")
+  from jq import spec
+  return (spec.head_rule(getattr(spec, HEAD_SPECS[args.head]), embeddings=tied),) + tuple(rules)
 
 
 # Calibration sequences per forward, in both roads of ``quantize`` (in memory and ``--stream``):
@@ -163,6 +183,8 @@ def _quantize(args) -> int:
   _print(f"loading {args.model} ...")
   # --devices N: loaded straight into shards over the N devices
   model = registry.load(args.model, place=cfg.split if cfg.split_params else None)
+  rules = _with_head(args, rules, model.config.tie_embeddings if model.kind == "causal_lm"
+                     else None)
   if not args.no_eval and model.kind == "causal_lm":   # before the work, not after it
     app.check_context(model, args.window, "--window (evaluation window)")
   _print(f"quantizing with {recipe} ...")
@@ -233,6 +255,7 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   from jq_models import hf, registry
   directory = Path(args.model)
   config, source = registry.hf_source(directory)
+  rules = _with_head(args, rules, config.tie_embeddings)
   out = args.out or f"{directory.resolve().name}-{recipe.replace(':', '-')}"
   _check_out_dir(out)
   sources = hf.stream_sources(directory, config)
@@ -686,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--rules", help="JSON rules file (see jq.spec_json); a rule's \"options\" "
                  "hold its algorithm's settings, e.g. {\"algorithm\": \"gptq\", "
                  "\"options\": {\"act_order\": true}}")
+  q.add_argument("--head", choices=sorted(HEAD_SPECS), default=None,
+                 help="also quantize the decoder's output head, weight-only (int8: one scale "
+                 "per vocabulary entry): lm_head, or a tied head's token embedding, whose "
+                 "lookups then read int8 rows too.  Default: the head stays float")
   q.add_argument("--out", help="output .safetensors path (streamed: a directory)")
   q.add_argument("--worst", type=_at_least(0), default=8,
                  help="layers shown in the worst-SQNR table")

@@ -491,9 +491,10 @@ def _linen_interceptor(next_fun, args, kwargs, context):
   from jq.nn import linen as jlinen  # pylint: disable=import-outside-toplevel
   mod = context.module
   kind = jlinen._kind(mod, next_fun, context.method_name)  # pylint: disable=protected-access
-  if kind is None or not args or jlinen._kernel(mod) is None:  # pylint: disable=protected-access
+  if (kind is None or not kind.observed or not args
+      or jlinen._kernel(mod, kind.param) is None):  # pylint: disable=protected-access
     return next_fun(*args, **kwargs)
-  path = jlinen._path(mod)  # pylint: disable=protected-access
+  path = jlinen._path(mod, kind.param)  # pylint: disable=protected-access
   return next_fun(_input(path, args[0], kind.x_axes(mod, args, kwargs)), *args[1:], **kwargs)
 
 
@@ -533,7 +534,7 @@ def _nnx_apply(module) -> Callable[..., Any]:
   from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
   clone = nnx.clone(module)
   for m in jnnx.module_layers(clone):
-    if m.layout is not None:
+    if m.layout is not None and not isinstance(m.layer, nnx.Embed):   # (ids: no fake quant)
       m.layer.__class__ = _qat_class(type(m.layer))
       m.layer.jq_qat_path = m.path
   graphdef, _, rest = nnx.split(clone, nnx.Param, ...)

@@ -591,24 +591,51 @@ class Rule:
 
 
 # Paths that default rules keep in float: embeddings, norms, biases, the output head.
-SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln_|layernorm", r"(^|/)bias$", r"lm_head|(^|/)head(/|$)|output_proj")
+HEAD_PATTERN = r"lm_head|(^|/)head(/|$)|output_proj"
+SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln_|layernorm", r"(^|/)bias$", HEAD_PATTERN)
+
+
+def head_rule(spec: QuantSpec, *, embeddings: bool = True) -> Rule:
+  """A weight-only rule for the output head, to put before the rules that skip it
+  (``default_rules(..., head=spec)`` does).
+
+  It matches the head's kernel (``lm_head``, ``head``, ``output_proj``: one scale per vocabulary
+  column) and, with ``embeddings``, every embedding table (``nn.Embed`` / ``nnx.Embed``'s
+  ``embedding``: one scale per row).  A head tied to the token embedding (``embed.attend``) *is*
+  that table, so its lookups read the quantized rows too; in a model with its own head kernel,
+  ``embeddings=False`` keeps the lookup tables float (with True they are quantized too, saving
+  their memory, as llama.cpp pairs ``token_embd`` with ``output``).  In decoding the head is
+  one of the largest weights read per token (Llama-3.2-1B: its tied 262M of 1.24B parameters).
+
+  Example:
+    >>> rules = (jq.head_rule(jq.W8A16),) + jq.recipe_rules("gptq-w4a16-g128")
+  """
+  if not isinstance(spec, QuantSpec):
+    raise ValueError(f"head_rule: expected a QuantSpec (e.g. jq.W8A16), got {spec!r}")
+  tables = r"|(?:^|/)embedding$" if embeddings else ""
+  return Rule(pattern=rf"(?:{HEAD_PATTERN}).*kernel${tables}", weight=spec)
 
 
 def default_rules(weight: QuantSpec | None, activation: ActivationSpec | None = None, *,
                   algorithm: Algorithm = Algorithm.RTN,
                   options: Options | None = None,
-                  kernel_pattern: str = r"(^|/)kernel$") -> tuple[Rule, ...]:
+                  kernel_pattern: str = r"(^|/)kernel$",
+                  head: QuantSpec | None = None) -> tuple[Rule, ...]:
   """Skip embeddings, norms, biases and the output head; quantize every other ``kernel``.
 
-  ``algorithm`` and its ``options`` (see :class:`Rule`) go to the kernel rule.
+  ``algorithm`` and its ``options`` (see :class:`Rule`) go to the kernel rule.  ``head``: also
+  quantize the output head and the embedding tables with this weight-only spec (round to
+  nearest; see :func:`head_rule`).
 
   Example:
     >>> rules = default_rules(W4A16_G128, algorithm=Algorithm.GPTQ,
     ...                       options=GPTQOptions(act_order=True))
+    >>> rules = default_rules(W4A16_G128, head=W8A16)     # int8 head (and embedding tables)
   """
+  heads = () if head is None else (head_rule(head),)
   skips = tuple(Rule(pattern=p, weight=None, required=False) for p in SKIP_PATTERNS)
-  return skips + (Rule(pattern=kernel_pattern, weight=weight, activation=activation,
-                       algorithm=algorithm, options=options),)
+  return heads + skips + (Rule(pattern=kernel_pattern, weight=weight, activation=activation,
+                               algorithm=algorithm, options=options),)
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -695,16 +722,19 @@ def recipe_names() -> list[str]:
 
 
 def recipe_rules(name: str, *,
-                 options: Options | None = None
-                 ) -> tuple[Rule, ...]:
+                 options: Options | None = None,
+                 head: QuantSpec | None = None) -> tuple[Rule, ...]:
   """Default rules (see :func:`default_rules`) of a named recipe (see :func:`recipe_names`).
 
   Args:
     name: e.g. ``"w4a16-g128"`` or ``"gptq-w4a16-g128-actorder"``.
     options: replaces the recipe's algorithm options (their class must match its algorithm).
+    head: also quantize the output head and the embedding tables, weight-only, with this spec
+      (e.g. ``W8A16``; see :func:`head_rule`).  Default: they stay float.
 
   Example:
     >>> recipe_rules("gptq-w4a16-g128", options=GPTQOptions(first_token_weight=1.0))
+    >>> recipe_rules("w4a16-g128", head=W8A16)            # int8 head: less to read per token
 
   Raises:
     ValueError: unknown name (the message lists the known ones), or options that do not belong
@@ -723,4 +753,4 @@ def recipe_rules(name: str, *,
                        f"{type(options).__name__} do not belong to it")
     opts = options
   w, a = RECIPES[base]
-  return default_rules(w, a, algorithm=algorithm, options=opts)
+  return default_rules(w, a, algorithm=algorithm, options=opts, head=head)

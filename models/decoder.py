@@ -444,13 +444,17 @@ def check_token_ids(tokens, vocab_size: int, name: str) -> None:
   value_check([tokens], summary, fail)
 
 
-def embed_lookup(c: DecoderConfig, table: jax.Array, tokens: jax.Array) -> jax.Array:
-  """The decoder's input hidden states: embedding rows in ``c.dtype`` (Gemma: times
-  ``sqrt(hidden_size)`` rounded to the table's dtype first, as in Hugging Face)."""
-  x = jnp.take(table, tokens, axis=0)
+def scale_embeddings(c: DecoderConfig, rows: jax.Array) -> jax.Array:
+  """Embedding rows as the decoder's input hidden states, in ``c.dtype`` (Gemma: times
+  ``sqrt(hidden_size)`` rounded to the rows' dtype first, as in Hugging Face)."""
   if c.embed_scale:
-    x = x * jnp.asarray(c.hidden_size ** 0.5, table.dtype)
-  return x.astype(c.dtype)
+    rows = rows * jnp.asarray(c.hidden_size ** 0.5, rows.dtype)
+  return rows.astype(c.dtype)
+
+
+def embed_lookup(c: DecoderConfig, table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """The decoder's input hidden states from a float table (the rows in the table's dtype)."""
+  return scale_embeddings(c, jnp.take(table, tokens, axis=0))
 
 
 class OneBlock(nn.Module):
@@ -491,9 +495,11 @@ class Decoder(nn.Module):
       raise ValueError(f"Decoder: kv_quant={kv_quant.value!r} but the cache is "
                        f"{cache.kind.value!r}; a cache's kind decides how it stores keys/values")
     check_token_ids(tokens, c.vocab_size, "Decoder")
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=jnp.float32,
-                     name="embed")
-    x = embed_lookup(c, embed.embedding, tokens) if c.embed_scale else embed(tokens)
+    # Gemma scales the rows in the table's own dtype (dtype=None: Flax keeps it); the lookup goes
+    # through nn.Embed, so a quantized table (jq.head_rule) is read by jq's adapter.
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=None if c.embed_scale else c.dtype,
+                     param_dtype=jnp.float32, name="embed")
+    x = scale_embeddings(c, embed(tokens))
     index = jnp.zeros((), jnp.int32) if cache is None else cache.index
     positions = index + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     keys, values = [], []

@@ -563,8 +563,12 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     module, linear = hf_name.rpartition(".")[0], p.endswith("/kernel")
     if is_qarray(leaf):
       if not linear:
-        raise CompressedTensorsError(f"params/{p}: only Linear kernels can be quantized in a "
-                                     "compressed-tensors checkpoint (embeddings/norms stay float)")
+        tied = (" (a tied head: quantize the model without --head / jq.head_rule, or export "
+                "to GGUF)" if p == "embed/embedding" else "")
+        raise CompressedTensorsError(f"params/{p}: shape {tuple(leaf.shape)} "
+                                     f"{leaf.qtype.value}: only Linear kernels can be quantized "
+                                     "in a compressed-tensors checkpoint (embeddings and norms "
+                                     f"stay float){tied}")
       try:
         scheme, ts = _ct_from_qarray(leaf, module)
       except CompressedTensorsError:
@@ -594,7 +598,9 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   if not schemes:
     raise CompressedTensorsError("params has no QArray kernels; nothing to compress (use "
                                  "jq.io.save or plain safetensors for float models)")
-  ignore = sorted(set(float_linears) | ({"lm_head"} if "lm_head" not in float_linears else set()))
+  # a tied head has no lm_head tensor, but transformers and vLLM build the Linear: ignore it
+  quantized_head = any("lm_head" in modules for modules in schemes.values())
+  ignore = sorted(set(float_linears) | (set() if quantized_head else {"lm_head"}))
   groups: dict[str, Any] = {}
   formats = {s.fmt for s in schemes}
   for i, (s, modules) in enumerate(schemes.items()):

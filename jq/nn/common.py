@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import ops
-from jq.qarray import QArray
+from jq.layout import Layout
+from jq.qarray import QArray, dequantize
 
 
 # ---- explain: a trace-time recorder -----------------------------------------------------------
@@ -266,6 +267,42 @@ def einsum_layer(x: jax.Array, q: QArray, bias: jax.Array | None, *, einsum_str:
   return y
 
 
+def embed_layout(shape: Sequence[int], layer: str) -> Layout:
+  """An embedding table ``(num_embeddings, features)``: one scale per row (per token; the output
+  channel of ``attend``), groups along the features (``attend`` contracts them)."""
+  return Layout(contracting=(len(shape) - 1,), channels=tuple(range(len(shape) - 1)), layer=layer)
+
+
+def embed_lookup(ids: jax.Array, q: QArray, *, num_embeddings: int, features: int, dtype,
+                 param_dtype, path: str, layer: str) -> jax.Array:
+  """``nn.Embed.__call__`` / ``nnx.Embed.__call__`` with a QArray table: the rows it reads,
+  dequantized to ``dtype`` (Flax's: the layer's ``dtype``, else the table's, ``param_dtype``)."""
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{path}: {layer} takes integer ids, got dtype {ids.dtype}")
+  q = check_kernel(q, (num_embeddings, features), path=path, layer=layer)
+  out = jnp.dtype(dtype if dtype is not None else param_dtype)
+  record_quantized(path, layer, q, "take (rows)", rows(ids, ()))
+  if num_embeddings == 1:
+    return jnp.broadcast_to(dequantize(q, out, name=path), ids.shape + (features,))
+  return ops.take(q, ids, dtype=out, name=path)
+
+
+def embed_attend(query: jax.Array, q: QArray, *, num_embeddings: int, features: int, dtype,
+                 param_dtype, path: str, layer: str, precision=None, out_sharding=None,
+                 policy: ops.KernelPolicy | None = None) -> jax.Array:
+  """``nn.Embed.attend`` / ``nnx.Embed.attend`` (a tied output head) with a QArray table:
+  ``query · tableᵀ`` through ``jq.ops`` (per-row scales factor out of the contraction)."""
+  query = jnp.asarray(query)
+  q = check_kernel(q, (num_embeddings, features), path=path, layer=layer, x=query)
+  if query.shape[-1:] != (features,):
+    raise ValueError(f"{path}: {layer}.attend: query shape {tuple(query.shape)} dtype "
+                     f"{query.dtype} does not end in the {features} features")
+  query = query.astype(compute_dtype(query, param_dtype, None, dtype))
+  return quantized_dot(query, q, (((query.ndim - 1,), (1,)), ((), ())), path=path, layer=layer,
+                       precision=precision, out_sharding=out_sharding, policy=policy)
+
+
 def rows(x: jax.Array, contracting: Sequence[int]) -> int:
   """Number of output rows (tokens) of a contraction of ``x`` over ``contracting``."""
   sizes = [d for i, d in enumerate(np.shape(x)) if i not in contracting]
@@ -273,5 +310,6 @@ def rows(x: jax.Array, contracting: Sequence[int]) -> int:
 
 
 __all__ = ["Route", "recording", "observing", "observe", "einsum_x_axes", "record_float", "record_quantized",
-           "layer_view", "quantized_dot", "dense_general", "einsum_layer",
+           "layer_view", "quantized_dot", "dense_general", "einsum_layer", "embed_layout",
+           "embed_lookup", "embed_attend",
            "check_kernel", "describe_qarray", "compute_dtype", "einsum_bias_shape", "rows"]

@@ -27,7 +27,7 @@ def _nnx_routes(model: nnx.Module, args, kwargs, backend) -> list[Route]:
   clone = jnnx.with_quantized_classes(model)
   for m in jnnx.module_layers(clone):
     if m.layout is None:
-      m.layer.__class__ = _reporting_class(type(m.layer), m.path, m.reason)
+      m.layer.__class__ = _reporting_class(type(m.layer), m.path, m.reason, m.variable)
   graphdef, state = nnx.split(clone)
   with common.recording(backend) as routes:
     linen.abstract_call(lambda st, *a, **k: nnx.merge(graphdef, st)(*a, **k), state, *args,
@@ -41,9 +41,9 @@ def _nnx_routes(model: nnx.Module, args, kwargs, backend) -> list[Route]:
   return routes
 
 
-def _reporting_class(cls: type, path: str, reason: str) -> type:
+def _reporting_class(cls: type, path: str, reason: str, var) -> type:
   def __call__(self, *a, **k):  # pylint: disable=invalid-name
-    common.record_float(path, cls.__name__, getattr(self.kernel.get_value(), "dtype", "float32"),
+    common.record_float(path, cls.__name__, getattr(var.get_value(), "dtype", "float32"),
                         reason=reason)
     return cls.__call__(self, *a, **k)
   return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
@@ -94,10 +94,13 @@ def _not_a_kernel_owner(cls_name: str) -> bool:
 
 
 def _dedupe(routes: Sequence[Route]) -> list[Route]:
+  """The first route of each (parameter, method): an embedding table has its lookup's and, as a
+  tied head, its ``attend``'s."""
   seen, out = set(), []
   for r in routes:
-    if r.path not in seen:
-      seen.add(r.path)
+    key = (r.path, r.layer.split("(")[0].endswith(".attend"))
+    if key not in seen:
+      seen.add(key)
       out.append(r)
   return out
 

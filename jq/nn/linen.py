@@ -2,7 +2,8 @@
 
 ``quantized_apply(model.apply)`` returns an apply function with the same signature.  Inside it,
 ``flax.linen.intercept_methods`` (a public hook, scoped to the call) intercepts the ``__call__`` of
-``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Conv`` (and of subclasses: an override
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Conv``, and ``nn.Embed``'s lookup and
+``attend`` (and of subclasses: an override
 that calls ``super().__call__`` reaches the adapted base method, which is what is intercepted).
 The QArrays travel in the ordinary variables dict (inside ``nn.Partitioned`` boxes too); when a
 layer's kernel is a QArray, the layer is computed through ``jq.ops`` and the float ``__call__``
@@ -165,53 +166,83 @@ def _no_x_axes(mod, args, kwargs):
   return None
 
 
+def _embed_layer(mod: nn.Embed, method: str = "") -> str:
+  return f"nn.Embed{method}({mod.num_embeddings}, {mod.features})"
+
+
+def _embed_layout(mod: nn.Embed, shape, args, kwargs) -> Layout:
+  return common.embed_layout(shape, _embed_layer(mod))
+
+
+def _embed_dims(mod: nn.Embed) -> dict:
+  return dict(num_embeddings=mod.num_embeddings, features=mod.features, dtype=mod.dtype,
+              param_dtype=mod.param_dtype, path=_path(mod, "embedding"), layer=_embed_layer(mod))
+
+
+def _embed(mod: nn.Embed, q: QArray, inputs, *args, **kwargs):
+  if args or kwargs:
+    raise ValueError(f"{_path(mod, 'embedding')}: nn.Embed.__call__ takes only the ids")
+  return common.embed_lookup(inputs, q, **_embed_dims(mod))
+
+
+def _attend(mod: nn.Embed, q: QArray, query, *args, **kwargs):
+  if args or kwargs:
+    raise ValueError(f"{_path(mod, 'embedding')}: nn.Embed.attend takes only the query")
+  return common.embed_attend(query, q, **dict(_embed_dims(mod),
+                                               layer=_embed_layer(mod, ".attend")))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kind:
+  """One adapted method of a layer class: ``cls.method`` computing on the param ``param``."""
   cls: type
   layout: Callable[..., Layout]
   run: Callable[..., Any]
   x_axes: Callable[..., tuple[int, ...] | None]
+  param: str = "kernel"
+  method: str = "__call__"
+  observed: bool = True      # its input is a float activation (an embedding lookup's is not)
 
   @functools.cached_property
   def raw_call(self):
-    return inspect.unwrap(self.cls.__call__)
+    return inspect.unwrap(getattr(self.cls, self.method))
 
 
-# Layer classes the adapter computes (their subclasses too, through the base ``__call__``).
+# Layer methods the adapter computes (their subclasses too, through the base method).
 _KINDS: tuple[_Kind, ...] = (
     _Kind(nn.Dense, _dense_layout, _dense, _dense_x_axes),
     _Kind(nn.DenseGeneral, _dense_general_layout, _dense_general, _dense_general_x_axes),
     _Kind(nn.Einsum, _einsum_layout, _einsum, _einsum_x_axes),
-    _Kind(nn.Conv, _conv_layout, _conv, _no_x_axes))
-ADAPTED = tuple(k.cls for k in _KINDS)
-LAYER_NAMES = ", ".join(f"nn.{k.cls.__name__}" for k in _KINDS)
+    _Kind(nn.Conv, _conv_layout, _conv, _no_x_axes),
+    _Kind(nn.Embed, _embed_layout, _embed, _no_x_axes, param="embedding", observed=False),
+    _Kind(nn.Embed, _embed_layout, _attend, _dense_x_axes, param="embedding", method="attend"))
+ADAPTED = tuple(dict.fromkeys(k.cls for k in _KINDS))
+LAYER_NAMES = ", ".join(f"nn.{c.__name__}" for c in ADAPTED)
 
 
 def _kind(mod: nn.Module, next_fun, method_name: str) -> _Kind | None:
-  """The adapted layer whose own ``__call__`` is about to run (not a subclass override)."""
-  if method_name != "__call__":
-    return None
+  """The adapted layer method about to run (the base class's own, not a subclass override)."""
   func = getattr(next_fun, "func", None)
   for kind in _KINDS:
-    if isinstance(mod, kind.cls):
+    if kind.method == method_name and isinstance(mod, kind.cls):
       if func is not None:
         return kind if inspect.unwrap(func) is kind.raw_call else None
-      return kind if type(mod).__call__ is kind.cls.__call__ else None
+      return kind if getattr(type(mod), method_name) is getattr(kind.cls, method_name) else None
   return None
 
 
-def _kernel(mod: nn.Module):
-  if mod.scope is None or not mod.has_variable("params", "kernel"):
+def _kernel(mod: nn.Module, name: str = "kernel"):
+  if mod.scope is None or not mod.has_variable("params", name):
     return None
-  return _unbox(mod.get_variable("params", "kernel"))
+  return _unbox(mod.get_variable("params", name))
 
 
 def _contracted_rows(kind: _Kind, mod: nn.Module, inputs) -> int | None:
   """Tokens of a float Dense/DenseGeneral call (for ``explain``)."""
   ndim = getattr(inputs, "ndim", None)
-  if not ndim or kind.cls in (nn.Einsum, nn.Conv):
+  if not ndim or kind.cls in (nn.Einsum, nn.Conv) or not kind.observed:
     return None
-  axes = (-1,) if kind.cls is nn.Dense else _as_tuple(mod.axis)
+  axes = _as_tuple(mod.axis) if kind.cls is nn.DenseGeneral else (-1,)
   return common.rows(inputs, tuple(a % ndim for a in axes))
 
 
@@ -229,23 +260,36 @@ def _refuse_quantized_params(mod: nn.Module) -> None:
           f"quantized; keep it in float with Rule(pattern={_path(mod, name)!r}, weight=None)")
 
 
+def _setup_of_a_quantized_table(mod: nn.Module) -> bool:
+  """``nn.Embed.setup`` declares its table with ``self.param``, whose shape check would compare
+  the QArray's packed values with the table (int4: half the columns).  With a QArray table the
+  adapted methods read the variable themselves, so its ``setup`` (Flax's own) is skipped."""
+  return (type(mod).setup is nn.Embed.setup and isinstance(mod, nn.Embed)
+          and isinstance(_kernel(mod, "embedding"), QArray))
+
+
 def adapter_interceptor(next_fun, args, kwargs, context):
   """The ``nn.intercept_methods`` hook: routes adapted layers with a QArray kernel to ``jq.ops``;
   reports every adapted layer (explain, calibration observers)."""
   mod = context.module
+  if context.method_name == "setup" and _setup_of_a_quantized_table(mod):
+    return None
   kind = _kind(mod, next_fun, context.method_name)
   if kind is None:
     if not isinstance(mod, ADAPTED):  # (overrides of adapted layers reach the base call inside)
       _refuse_quantized_params(mod)
     return next_fun(*args, **kwargs)
-  kernel = _kernel(mod)
+  kernel = _kernel(mod, kind.param)
   if kernel is None:
     return next_fun(*args, **kwargs)  # initialization: the float layer creates its params
+  path = _path(mod, kind.param)
   if not args:
-    raise ValueError(f"{_path(mod)}: {type(mod).__name__} called without an input")
-  common.observe(_path(mod), args[0], kind.x_axes(mod, args, kwargs))
+    raise ValueError(f"{path}: {type(mod).__name__} called without an input")
+  if kind.observed:
+    common.observe(path, args[0], kind.x_axes(mod, args, kwargs))
   if not isinstance(kernel, QArray):
-    common.record_float(_path(mod), type(mod).__name__, getattr(kernel, "dtype", "float32"),
+    method = "" if kind.method == "__call__" else f".{kind.method}"
+    common.record_float(path, type(mod).__name__ + method, getattr(kernel, "dtype", "float32"),
                         _contracted_rows(kind, mod, args[0]))
     return next_fun(*args, **kwargs)
   return kind.run(mod, kernel, *args, **kwargs)
@@ -333,14 +377,14 @@ def trace_layers(model, variables, *args, **kwargs) -> tuple[list[LayerCall], li
     if context.method_name == "__call__":
       modules.append(("/".join(("params",) + tuple(map(str, mod.path))), type(mod).__name__))
     kind = _kind(mod, next_fun, context.method_name)
-    kernel = _kernel(mod) if kind is not None else None
+    kernel = _kernel(mod, kind.param) if kind is not None else None
     if kernel is not None:
       shape = tuple(kernel.shape)
+      path = _path(mod, kind.param)
       if isinstance(kernel, QArray) and a:
-        raise ValueError(f"{_path(mod)}: the variables are already quantized; pass the float "
+        raise ValueError(f"{path}: the variables are already quantized; pass the float "
                          "variables to learn the layouts")
       lay = kind.layout(mod, shape, a, kw)
-      path = _path(mod)
       prev = calls.get(path)
       if prev is not None and (prev.shape, prev.layout) != (shape, lay):
         raise ValueError(f"{path}: the kernel is used by two layers with different layouts "

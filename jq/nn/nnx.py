@@ -1,6 +1,7 @@
 """nnx: layouts read from the modules, and ``quantize_module`` that returns a quantized copy.
 
-Each nnx layer jq runs quantized (``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``) has a
+Each nnx layer jq runs quantized (``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``, ``Embed``
+(its ``embedding`` table: lookups and ``attend``)) has a
 quantized class that *subclasses* it (:class:`QLinear`, ...).  In the copy, a quantized layer's
 class becomes its quantized class — for a user's subclass, a class inserted between the user's
 class and the nnx base, so an override that calls ``super().__call__`` keeps its own code and
@@ -130,6 +131,37 @@ class QConv(nnx.Conv, _Quantized):
                            path=self.jq_path, layer=self._jq_layer())
 
 
+class QEmbed(nnx.Embed, _Quantized):
+  """``nnx.Embed`` whose lookups (``__call__``) and tied-head ``attend`` read a QArray table."""
+  jq_path = "embedding"
+
+  def _jq_layer(self, method: str = "") -> str:
+    return f"nnx.Embed{method}({self.num_embeddings}, {self.features})"
+
+  def _jq_dims(self, method: str = "") -> dict:
+    return dict(num_embeddings=self.num_embeddings, features=self.features, dtype=self.dtype,
+                param_dtype=self.param_dtype, path=self.jq_path, layer=self._jq_layer(method))
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    table = self.embedding.get_value()
+    if not isinstance(table, QArray):
+      common.record_float(self.jq_path, self._jq_layer(), table.dtype)
+      return nnx.Embed.__call__(self, inputs, out_sharding=out_sharding)
+    if out_sharding is not None:
+      raise ValueError(f"{self.jq_path}: a quantized nnx.Embed takes no out_sharding")
+    return common.embed_lookup(inputs, table, **self._jq_dims())
+
+  def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
+    table = self.embedding.get_value()
+    common.observe(self.jq_path, query, (-1,))
+    if not isinstance(table, QArray):
+      rows = common.rows(query, (query.ndim - 1,)) if getattr(query, "ndim", 0) else None
+      common.record_float(self.jq_path, self._jq_layer(".attend"), table.dtype, rows)
+      return nnx.Embed.attend(self, query, out_sharding=out_sharding)
+    return common.embed_attend(query, table, **self._jq_dims(".attend"),
+                               precision=None, out_sharding=out_sharding, policy=self.jq_policy)
+
+
 # ---- which layers, with which layouts -------------------------------------------------------
 
 def _linear_layout(layer: nnx.Linear, shape) -> tuple[int, Layout]:
@@ -160,16 +192,26 @@ def _conv_layout(layer: nnx.Conv, shape) -> tuple[int, Layout]:
                                      f"nnx.Conv(kernel_size={tuple(layer.kernel_size)})")
 
 
+def _embed_layout(layer: nnx.Embed, shape) -> tuple[int, Layout]:
+  return len(shape) - 2, common.embed_layout(
+      (layer.num_embeddings, layer.features),
+      f"nnx.Embed({layer.num_embeddings}, {layer.features})")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kind:
   base: type
   quantized: type
   layout: Callable[[Any, tuple[int, ...]], tuple[int, Layout]]
+  param: str = "kernel"
+  methods: tuple[str, ...] = ("__call__",)
 
 
 _KINDS = (_Kind(nnx.Linear, QLinear, _linear_layout),
           _Kind(nnx.LinearGeneral, QLinearGeneral, _linear_general_layout),
-          _Kind(nnx.Einsum, QEinsum, _einsum_layout), _Kind(nnx.Conv, QConv, _conv_layout))
+          _Kind(nnx.Einsum, QEinsum, _einsum_layout), _Kind(nnx.Conv, QConv, _conv_layout),
+          _Kind(nnx.Embed, QEmbed, _embed_layout, param="embedding",
+                methods=("__call__", "attend")))
 QUANTIZED_LAYERS = tuple(k.quantized for k in _KINDS)
 LAYER_NAMES = ", ".join(f"nnx.{k.base.__name__}" for k in _KINDS)
 
@@ -178,10 +220,10 @@ class _NotRunnable(Exception):
   pass
 
 
-def _names_kernel(code: types.CodeType) -> bool:
-  if "kernel" in code.co_names:
+def _names(code: types.CodeType, name: str) -> bool:
+  if name in code.co_names:
     return True
-  return any(isinstance(c, types.CodeType) and _names_kernel(c) for c in code.co_consts)
+  return any(isinstance(c, types.CodeType) and _names(c, name) for c in code.co_consts)
 
 
 def _kind_of(cls: type) -> _Kind:
@@ -192,10 +234,15 @@ def _kind_of(cls: type) -> _Kind:
   for c in cls.__mro__:
     if c is kind.base or c is kind.quantized:
       break
-    code = getattr(c.__dict__.get("__call__"), "__code__", None)
-    if code is not None and _names_kernel(code):
-      raise _NotRunnable(f"{c.__name__}.__call__ reads self.kernel itself")
+    for method in kind.methods:
+      code = getattr(c.__dict__.get(method), "__code__", None)
+      if code is not None and _names(code, kind.param):
+        raise _NotRunnable(f"{c.__name__}.{method} reads self.{kind.param} itself")
   return kind
+
+
+def _param_name(cls: type) -> str:
+  return next((k.param for k in _KINDS if issubclass(cls, k.base)), "kernel")
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,22 +258,29 @@ def quantized_class(cls: type) -> type:
 
 @dataclasses.dataclass(frozen=True)
 class ModuleLayer:
-  """A layer of an nnx module that owns a ``kernel`` parameter."""
+  """A layer of an nnx module that owns a ``kernel`` parameter (an ``nnx.Embed``: its
+  ``embedding``)."""
   path: str
   layer: Any
   layout: Layout | None
   stack: int        # number of stacked layers (1 if not stacked)
   reason: str       # why jq cannot run it quantized ("" if it can)
 
+  @property
+  def variable(self) -> nnx.Variable:
+    return getattr(self.layer, self.path.rpartition("/")[2])
+
 
 def module_layers(module: nnx.Module) -> list[ModuleLayer]:
-  """Every sub-module owning a ``kernel`` Param, with its layout read from the module."""
+  """Every sub-module owning a ``kernel`` Param (``embedding`` for ``nnx.Embed``), with its
+  layout read from the module."""
   out = []
   for path, layer in nnx.iter_modules(module):
-    var = getattr(layer, "kernel", None)
+    name = _param_name(type(layer))
+    var = getattr(layer, name, None)
     if not isinstance(var, nnx.Variable):
       continue
-    kpath = _key(path + ("kernel",))
+    kpath = _key(path + (name,))
     value = var.get_value()
     shape = tuple(value.shape)
     try:
@@ -320,7 +374,7 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
       raise ValueError(f"quantize_module: {path} (shape {q.shape}, {q.qtype.value}) is quantized, "
                        f"but its layer ({owner}) cannot run it: {why}; keep it in float with "
                        f"Rule(pattern={path!r}, weight=None)")
-    old = tuple(m.layer.kernel.get_value().shape)
+    old = tuple(m.variable.get_value().shape)
     if tuple(q.shape) != old:
       raise ValueError(f"quantize_module: {path}: QArray shape {q.shape} ({q.qtype.value}) does "
                        f"not match the kernel of shape {old} of {m.layout.layer}")
@@ -328,7 +382,7 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
     m.layer.__class__ = quantized_class(type(m.layer))
     m.layer.jq_path = path
     m.layer.jq_policy = policy
-    m.layer.kernel.set_value(q)
+    m.variable.set_value(q)
     used.add(path)
   rest = {p: v for p, v in leaves.items() if p not in used}
   if rest:
@@ -351,5 +405,5 @@ def _write_float_leaves(root: nnx.Module, values: Mapping[str, Any]) -> None:
     var.set_value(value)
 
 
-__all__ = ["QLinear", "QLinearGeneral", "QEinsum", "QConv", "quantize_module", "layouts",
+__all__ = ["QLinear", "QLinearGeneral", "QEinsum", "QConv", "QEmbed", "quantize_module", "layouts",
            "module_layers", "quantized_class", "with_quantized_classes", "QUANTIZED_LAYERS"]

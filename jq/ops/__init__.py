@@ -18,5 +18,6 @@ __all__ = ["Choice", "DotLayout", "EinsumPlan", "Impl", "KernelPolicy", "kernel_
 from jq.ops import kernels  # noqa: E402,F401  (registers the Pallas GPU kernels; see kernels.py)
 
 from jq.ops.conv import conv_general_dilated  # noqa: E402  (conv with a QArray kernel)
+from jq.ops.take import take  # noqa: E402  (rows of a QArray: embedding lookups)
 
-__all__ += ["conv_general_dilated"]
+__all__ += ["conv_general_dilated", "take"]

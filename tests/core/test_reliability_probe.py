@@ -204,18 +204,33 @@ def _tiny():
   return _Tiny(), _Tiny().init(jax.random.key(0), tokens), tokens
 
 
+class _OwnTable(nn.Module):
+  """An embedding table the model reads itself (jq cannot run it quantized)."""
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param("table", nn.initializers.normal(1.0), (16, 8))
+    return nn.Dense(16, name="fc")(jnp.take(table, tokens, axis=0))
+
+
 def test_a_rule_whose_only_matches_cannot_run_quantized_says_so():
-  model, variables, tokens = _tiny()
-  rules = (Rule(pattern="embed", weight=jq.W8A16),) + jq.default_rules(jq.W8A16)
-  # was: "rule pattern(s) ['embed'] matched no parameter; paths look like: params/embed/..."
+  _, _, tokens = _tiny()
+  model = _OwnTable()
+  variables = model.init(jax.random.key(0), tokens)
+  rules = (Rule(pattern="table", weight=jq.W8A16),) + jq.default_rules(jq.W8A16)
+  # was: "rule pattern(s) ['table'] matched no parameter; paths look like: params/..."
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    with pytest.raises(ValueError, match=r"rule 'embed' \(rtn w:int8 sym channel\) matches only "
+    with pytest.raises(ValueError, match=r"rule 'table' \(rtn w:int8 sym channel\) matches only "
                                          r"parameters whose layer jq cannot run quantized: "
-                                         r"params/embed/embedding"):
+                                         r"params/table"):
       jq.nn.quantize_variables(model, variables, rules, tokens)
-    with pytest.raises(ValueError, match="rule 'embed' .* matches only parameters"):
+    with pytest.raises(ValueError, match="rule 'table' .* matches only parameters"):
       ptq.quantize_model(model, variables, rules, [tokens])
+  # an nn.Embed table runs quantized (lookups and a tied head): the same rule on it works
+  model, variables, tokens = _tiny()
+  qvars = jq.nn.quantize_variables(model, variables, (Rule(pattern="embed", weight=jq.W8A16),)
+                                   + jq.default_rules(jq.W8A16), tokens)
+  assert isinstance(qvars["params"]["embed"]["embedding"], jq.QArray)
 
 
 def test_a_rule_quantizing_a_rank1_parameter_is_named_in_quantize_model():

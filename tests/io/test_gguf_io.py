@@ -348,6 +348,26 @@ def test_llama_export_k_quants_and_fallback(tmp_path):
   assert err < 0.05 * np.abs(params["layers_0"]["attn"]["q_proj"]["kernel"]).max()
 
 
+def test_an_int8_embedding_is_written_as_q8_0_not_as_the_linears_type(tmp_path):
+  """An int8 head (``jq.head_rule``) keeps 8 bits in GGUF without ``embed_type``: Q8_0, exact when
+  its grid is Q8_0's, re-rounded (and reported) only in its block scales otherwise."""
+  params = tiny_llama(np.random.default_rng(13))
+  emb = params["embed"]["embedding"]
+  params["embed"]["embedding"] = G.quantize_for_gguf(emb, "q8_0", block_axis=1)
+  written = G.export_gguf(params, CFG, None, tmp_path / "e.gguf", "q4_0")
+  assert written["token_embd.weight"] == T.Q8_0 and written["blk.0.attn_q.weight"] == T.Q4_0
+  params["embed"]["embedding"] = jq.quantize(emb, jq.W8A16, layout=jq.Layout(contracting=(1,),
+                                                                            channels=(0,)))
+  with pytest.raises(G.GGUFExportError, match="embed/embedding.*Q8_0"):
+    G.export_gguf(params, CFG, None, tmp_path / "e2.gguf", "q4_0")
+  notes = []
+  written = G.export_gguf(params, CFG, None, tmp_path / "e2.gguf", "q4_0", requantize=True,
+                          notes=notes)
+  assert written["token_embd.weight"] == T.Q8_0
+  assert any("embed/embedding: re-rounded from int8 sym tile (1, 64) to GGUF Q8_0" in n
+             for n in notes), notes
+
+
 def test_qarray_tree_round_trip(tmp_path):
   """export(jq twin QArrays) -> import gives the same QArrays and dequantized values."""
   rng = np.random.default_rng(7)

@@ -138,12 +138,12 @@ def test_explain_nnx(quantized):
   out = io.StringIO()
   routes = jqnn.explain(qmodel, tokens, file=out)
   by_path = {r.path: r for r in routes}
-  assert len(routes) == 2 * 7 + 1
+  assert len(routes) == 2 * 7 + 2     # (+ the embedding's lookup, float)
   assert by_path["blocks/0/attn/o_proj/kernel"].impl == "xla_reference_weight_only"
   assert by_path["blocks/0/attn/o_proj/kernel"].m == 16
   assert by_path["blocks/0/mlp/down_proj/kernel"].mode == "float"
   assert by_path["lm_head/kernel"].mode == "float"
-  assert "12 quantized / 3 float layers" in out.getvalue()
+  assert "12 quantized / 4 float layers" in out.getvalue()
 
 
 def _edit(qstate, path, fn):

@@ -289,6 +289,14 @@ def _rope_freqs(config: Any, head_dim: int) -> np.ndarray | None:
   return (base / rope_inv_freq(head_dim, float(config.rope_theta), scaling)).astype(np.float32)
 
 
+def _qarray_default(leaf, main_type: GGMLType) -> GGMLType:
+  """The type of a quantized ``token_embd`` / ``output`` without ``embed_type``: Q8_0 for 8-bit
+  integer codes (an int8 head, ``jq.head_rule``; re-rounded only in its block scales), else the
+  linears' type."""
+  q = leaf.qtype
+  return GGMLType.Q8_0 if q.bits == 8 and not q.is_float else main_type
+
+
 def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | None,
                 path: str | os.PathLike, ggml_type: GGMLType | str = "q8_0", *,
                 embed_type: GGMLType | str | None = None,
@@ -318,8 +326,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       are not a multiple of 256 falls back from Q4_K to Q5_0 and from Q6_K to Q8_0 (a line in
       ``notes`` says so per tensor).
     embed_type: type of ``token_embd`` (and ``output``). Default: a float leaf keeps its float
-      type (F32 / F16 / BF16: the model the user quantized left it float), a QArray leaf is
-      written as ``ggml_type``.
+      type (F32 / F16 / BF16: the model the user quantized left it float), an 8-bit integer
+      QArray leaf (an int8 head) is written as Q8_0, any other QArray leaf as ``ggml_type``.
     tensor_types: overrides, ``{regex on the GGUF tensor name: type}``; first match wins.
     requantize: re-round QArrays the chosen type cannot store exactly instead of raising.
     name: ``general.name``.
@@ -404,8 +412,9 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     else:
       t = main_type
       if kind == "embed" or gname == "output.weight":
-        t = emb_type if emb_type is not None else (main_type if is_qarray(leaf) else
-                                                   _FLOAT_OF.get(np.dtype(leaf.dtype), GGMLType.F32))
+        t = emb_type if emb_type is not None else (
+            _qarray_default(leaf, main_type) if is_qarray(leaf)
+            else _FLOAT_OF.get(np.dtype(leaf.dtype), GGMLType.F32))
       for rx, ot in overrides:
         if rx.search(gname):
           t = ot
