@@ -70,9 +70,13 @@ class _Done(BaseException):
   derivative under ``jax.grad``, took most of a block's time on a 30-block model)."""
 
 
-def find_blocks(calls: Sequence[Call], kernels: Sequence[str]) -> list[str]:
+def find_blocks(calls: Sequence[Call], kernels: Sequence[str],
+                stacked: Sequence[str] = ()) -> list[str]:
   """Module paths of the model's repeated blocks, in call order (see module doc): the outermost
-  family of two or more indexed siblings, each called once, of one class, holding ``kernels``."""
+  family of two or more indexed siblings, each called once, of one class, holding ``kernels``.
+  Siblings holding ``stacked`` kernels are layers *inside* an ``nn.scan``/``nnx.scan`` body
+  (``fc1``/``fc2`` of the scanned block), traced once but run once per stacked layer: no blocks."""
+  stacked = set(stacked)
   count = collections.Counter(c.module for c in calls)
   first: dict[str, Call] = {}
   for c in calls:
@@ -89,7 +93,8 @@ def find_blocks(calls: Sequence[Call], kernels: Sequence[str]) -> list[str]:
   for members in families.values():
     if (len(members) >= 2 and all(count[m] == 1 for m in members)
         and len({first[m].cls for m in members}) == 1
-        and all(any(k.startswith(m + "/") for k in kernels) for m in members)):
+        and all(any(k.startswith(m + "/") for k in kernels) for m in members)
+        and not any(k in stacked and k.startswith(m + "/") for m in members for k in kernels)):
       blocks += members
   outer = [b for b in blocks if not any(b.startswith(o + "/") for o in blocks if o != b)]
   return sorted(outer, key=first_calls(calls).__getitem__)
@@ -185,7 +190,8 @@ class Schedule:
       yield Unit("model", self._layers(self.kernels), t.run, self.batches)
       return
     calls = t.calls(t.params, self.batches[0])
-    self.blocks = find_blocks(calls, self.kernels)
+    self.blocks = find_blocks(calls, self.kernels,
+                              [p for p in self.kernels if t.stacks.get(p, 1) > 1])
     if not self.blocks and not any(t.stacks.get(p, 1) > 1 for p in self.kernels):
       self.log.append("sequential: no repeated blocks found in the module tree (siblings named "
                       "<name>_<i>, <name><i> or list entries, called once each); every layer "

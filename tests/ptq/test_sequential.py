@@ -39,3 +39,48 @@ def test_not_blocks_shared_called_twice_mixed_classes_or_without_kernels():
   empty = _calls(("params/layers_0", "B"), ("params/layers_1", "B"))
   assert find_blocks(empty, ["params/layers_0/k"]) == []
   assert find_blocks(_calls(("params/layers_0", "B")), ["params/layers_0/k"]) == []
+
+
+def test_indexed_layers_inside_a_scan_body_are_not_blocks():
+  """``fc1``/``fc2`` of an ``nnx.scan``-ed block are traced once but run per stacked layer: taking
+  them for blocks made quantize_model leak the scan's tracers (a new-user model)."""
+  calls = _calls(("blocks/fc1", "Linear"), ("blocks/fc2", "Linear"), ("blocks", "MLPBlock"))
+  kernels = ["blocks/fc1/kernel", "blocks/fc2/kernel"]
+  assert find_blocks(calls, kernels) == ["blocks/fc1", "blocks/fc2"]     # (unstacked: blocks)
+  assert find_blocks(calls, kernels, stacked=kernels) == []
+
+
+def test_quantize_model_calibrates_a_scan_stack_with_indexed_layers():
+  import jax
+  from flax import nnx
+
+  import jq
+  from jq.ptq import quantize_model
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1, self.fc2 = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.fc2(jax.nn.gelu(self.fc1(x)))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = _stack(rngs)
+
+    def __call__(self, x):
+      return nnx.scan(lambda blk, h: (blk(h), None), in_axes=(0, nnx.Carry),
+                      out_axes=(nnx.Carry, 0))(self.blocks, x)[0]
+
+  def _stack(rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+      return Block(r)
+    return make(rngs)
+
+  model = Net(nnx.Rngs(0))
+  calib = [jax.random.normal(jax.random.key(i), (2, 4, 16)) for i in range(2)]
+  res = quantize_model(model, None, jq.recipe_rules("gptq-w4a16-g128"), calib)
+  assert isinstance(res.module.blocks.fc1.kernel.get_value(), jq.QArray)
+  assert res.module(calib[0]).shape == (2, 4, 16)
