@@ -23,3 +23,4 @@ from jq.nn import explain  # noqa: E402
 from jq.ops.policy import KernelPolicy  # noqa: E402  (which kernels dispatch may pick: a value)
 from jq import qat  # noqa: E402  (quantization-aware training)
 from jq import kv_cache  # noqa: E402  (quantized KV caches: int8 / fp8 keys and values)
+from jq import ptq  # noqa: E402  (calibrated quantization: jq.ptq.quantize_model)
