@@ -203,11 +203,30 @@ def with_activation(q: QArray, act: ActivationSpec | None,
       raise ValueError(f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}: static activation "
                        "quantization needs a calibrated input scale; run jq.calibrate first")
     s, z = scale_zp
-    check_activation_scale(s, z, act, f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}")
+    where = f"{path}: shape {tuple(leaf.shape)} dtype {leaf.dtype}"
+    s, z = (_per_stacked_layer(v, leaf.shape, where) for v in (s, z))
+    check_activation_scale(s, z, act, where)
     aq = ActivationQuant(scale=jnp.asarray(s, jnp.float32), zero_point=z, spec=act)
   else:
     aq = ActivationQuant(scale=None, zero_point=None, spec=act)
   return dataclasses.replace(q, activation=aq)
+
+
+def _per_stacked_layer(v, shape: Sequence[int], where: str):
+  """A flat ``(n,)`` per-layer activation scale (or zero point) of a kernel stacked on several
+  leading axes (``nn.scan`` over ``nn.vmap`` experts: ``(L, E, ...)``, n = L·E in row-major
+  order) shaped ``(L, E)``, so each stack level slices its own axis."""
+  if v is None or np.ndim(v) != 1 or np.size(v) == 1:
+    return v
+  n, lead = int(np.size(v)), 1
+  for k, d in enumerate(shape):
+    lead *= int(d)
+    if lead == n:
+      return jnp.reshape(v, tuple(shape[:k + 1]))
+    if lead > n:
+      break
+  raise ValueError(f"{where}: {n} static activation scales (one per stacked layer) do not match "
+                   "the kernel's leading (stacked) axes")
 
 
 def dequantize_tree(tree: PyTree, dtype=jnp.float32) -> PyTree:

@@ -1,17 +1,17 @@
 """Collecting the inputs of every quantizable layer while the UNCHANGED model runs.
 
-The Flax adapters (``jq.nn``) call ``jq.nn.common.observe(kernel path, input, input axes)`` for
-every layer they adapt, float or quantized.  :func:`collect` installs an observer that folds each
+The Flax adapters (``jq.nn``) call ``jq.nn.common.observe(kernel path, input, input axes, kernel)``
+for every layer they adapt, float or quantized. :func:`collect` installs an observer that folds each
 wanted layer's input into fixed-size statistics *inside* the jitted model (``XᵀX`` over the
 flattened contracting axes, per-channel ``max|x|``, ``Σ|x|``, min and max, an evenly spaced token
-sample) and sends them to the host with ``jax.debug.callback``, where they are summed.  That works
+sample) and sends them to the host with ``jax.debug.callback``, where they are summed. That works
 inside ``nn.scan``/``nnx.scan`` stacks, whose layers share one traced body: the callbacks of a
-stacked layer arrive in layer order, so the k-th of ``n·L`` calls in one model call belongs to
-layer ``k // n``; under ``vmap`` the callback receives one value per mapped layer, and an input
-shared by all of them (``in_axes=None``) counts for each.  Layers reading the same input with the
-same :class:`Want` (q, k and v after one norm) share one computation of the statistics, one
-callback and one host sum: they get the same :class:`LayerInputs` (one float64 ``XᵀX`` of
-K = 8192 is 0.5 GiB while it is summed).
+stacked layer arrive in layer order, so the k-th of ``n·L`` calls in one model call belongs to layer
+``k // n``; under ``vmap`` (:func:`_emit`) the callback receives one value per mapped layer, in
+layer order, and an input shared by all of them (``in_axes=None``) counts for each. Layers reading
+the same input with the same :class:`Want` (q, k and v after one norm) share one computation of the
+statistics, one callback and one host sum: they get the same :class:`LayerInputs` (one float64
+``XᵀX`` of K = 8192 is 0.5 GiB while it is summed).
 
 Data parallel: with a ``mesh`` the batches are split over its data axis (:func:`shard_batches`)
 and XLA all-reduces the statistics, which the callback receives once per model call.  Several
@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from jq.calibrate.stats import LayerStats
 
@@ -155,6 +156,48 @@ class _Acc:
       samples = stack(pick)
     return LayerInputs(stats, np.asarray(stack(lambda c: c["lo"]), np.float32),
                        np.asarray(stack(lambda c: c["hi"]), np.float32), samples)
+
+
+class _NotMapped(ValueError):
+  """``XᵀX`` asked for a layer whose input does not map onto its kernel."""
+
+
+def _token(kernel) -> jax.Array | None:
+  """A scalar computed from the kernel: mapped wherever the kernel is (``vmap``-stacked layers),
+  also when their input is shared (``in_axes=None``)."""
+  leaves = jax.tree_util.tree_leaves(kernel)
+  if not leaves or not hasattr(leaves[0], "reshape"):
+    return None
+  first = jnp.reshape(leaves[0], (-1,))[:1]
+  return jnp.sum(first == first, dtype=jnp.int32)
+
+
+def _emit(fn: Callable[[dict[str, np.ndarray]], None], part: dict[str, jax.Array],
+          token: jax.Array | None = None) -> None:
+  """``jax.debug.callback(fn, part)`` that under ``vmap`` calls ``fn`` ONCE with the mapped values
+  stacked on leading axes (outer ``vmap`` first), rather than once per mapped element.
+
+  ``jax.debug.callback`` unrolls a ``vmap`` into one callback per element, and unordered callbacks
+  reach the host in any order: the statistics of ``nn.vmap``-stacked experts landed on the wrong
+  expert.  Statistics that do not depend on the mapped value (a token count, an input shared by
+  the experts) are broadcast; ``token`` (:func:`_token` of the kernel) is mapped wherever the
+  layer is stacked, so each stacked layer gets its entry.
+  """
+  @custom_batching.custom_vmap
+  def send(part, token):
+    del token
+    jax.debug.callback(fn, part)
+    return jnp.zeros((), jnp.int32)
+
+  @send.def_vmap
+  def _batched(axis_size, in_batched, part, token):   # (an outer vmap batches this call again)
+    part = jax.tree_util.tree_map(
+        lambda v, mapped: v if mapped else jnp.broadcast_to(v, (axis_size, *v.shape)),
+        part, in_batched[0])
+    _emit(fn, part, token)
+    return jnp.zeros((axis_size,), jnp.int32), True
+
+  send(part, jnp.int32(0) if token is None else token)
 
 
 def _flatten(x: jax.Array, x_axes) -> tuple[jax.Array, jax.Array | None]:
@@ -376,31 +419,29 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
 
   def host(group, part):
     part = {k: np.asarray(v) for k, v in part.items()}
-    lead = part["nonfinite"].ndim  # > 0 when vmapped: one entry per mapped layer
-    if lead == 0:
-      seen[group].append(part)
-    else:
-      for i in range(part["nonfinite"].shape[0]):
-        seen[group].append({k: v[i] for k, v in part.items()})
+    lead = part["nonfinite"].shape  # () per call; (E,) or (E1, E2) under vmap: in layer order
+    n = int(np.prod(lead, dtype=np.int64))
+    part = {k: v.reshape((n, *v.shape[len(lead):])) for k, v in part.items()}
+    seen[group].extend({k: v[i] for k, v in part.items()} for i in range(n))
 
   def observed(ops, batch):
     cache: dict[tuple[int, Any, Want], str] = {}   # input -> the first path that read it
     keep = []
 
-    def observer(path, x, x_axes):
+    def observer(path, x, x_axes, kernel):
       want = wants.get(path)
       if want is None:
         return
       if want.xtx and x_axes is None:
-        raise ValueError(f"{path}: this layer's input does not map onto its kernel's contracting "
+        raise _NotMapped(f"{path}: this layer's input does not map onto its kernel's contracting "
                          "axes (a convolution, dot batch dims or summed einsum axes); GPTQ, AWQ "
                          "and SmoothQuant are not available for it: use RTN")
       key = (id(x), x_axes, want)
       if key not in cache:
         keep.append(x)
         cache[key] = path
-        jax.debug.callback(lambda part, g=path: host(g, part),
-                           _statistics(x, x_axes, want, per_call.get(path, 0), chunks))
+        _emit(functools.partial(host, path),
+              _statistics(x, x_axes, want, per_call.get(path, 0), chunks), _token(kernel))
       members = groups.setdefault(cache[key], [])
       if path not in members:
         members.append(path)
@@ -414,6 +455,8 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
     seen.clear()
     try:
       jax.block_until_ready(step(operands, batch))
+    except _NotMapped:
+      raise   # (the layer's, not the batch's)
     except (TypeError, ValueError) as e:
       shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
       raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {e}") from e
@@ -481,7 +524,7 @@ def capture_inputs(fn: Callable[..., Any], *args, prefix: str = "",
   from jq.nn import common, linen  # pylint: disable=import-outside-toplevel
   found: dict[str, Any] = {}
 
-  def observer(path, x, x_axes):
+  def observer(path, x, x_axes, _kernel):
     if x_axes is None:
       return
     if path.startswith("params/"):

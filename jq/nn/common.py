@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,22 +85,24 @@ def recording(backend: str | None = None) -> Iterator[list[Route]]:
 
 
 @contextlib.contextmanager
-def observing(fn: Callable[[str, jax.Array], None]) -> Iterator[None]:
-  """Calls ``fn(kernel path, layer input)`` for every adapted layer run inside the block (float
-  or quantized), before the layer computes; used by calibration."""
+def observing(fn: Callable[[str, jax.Array, Any, Any], None]) -> Iterator[None]:
+  """Calls ``fn(kernel path, layer input, input axes, kernel)`` for every adapted layer run inside
+  the block (float or quantized), before the layer computes; used by calibration."""
   with _pushed(_OBSERVERS, fn):
     yield
 
 
-def observe(path: str, x, x_axes: Sequence[int] | None = None) -> None:
+def observe(path: str, x, x_axes: Sequence[int] | None = None, kernel=None) -> None:
   """Reports a layer's input to active observers.  ``x_axes``: the input axes contracted with
   the kernel's contracting axes, in the kernel's order (None where the input does not map onto
-  the kernel's contracting axes one to one: convolutions, dot batch dims, summed einsum axes)."""
+  the kernel's contracting axes one to one: convolutions, dot batch dims, summed einsum axes).
+  ``kernel``: the layer's kernel as the layer sees it (inside ``vmap``, its mapped slice: an
+  input shared by stacked experts, ``in_axes=None``, is still one input per expert)."""
   if not _OBSERVERS.get():
     return
   xa = None if x_axes is None else tuple(int(a) % np.ndim(x) for a in x_axes)
   for fn in _OBSERVERS.get():
-    fn(path, x, xa)
+    fn(path, x, xa, kernel)
 
 
 def einsum_x_axes(einsum_str: str, x_ndim: int, w_ndim: int, *, path: str) -> tuple[int, ...] | None:

@@ -286,7 +286,7 @@ def adapter_interceptor(next_fun, args, kwargs, context):
   if not args:
     raise ValueError(f"{path}: {type(mod).__name__} called without an input")
   if kind.observed:
-    common.observe(path, args[0], kind.x_axes(mod, args, kwargs))
+    common.observe(path, args[0], kind.x_axes(mod, args, kwargs), kernel)
   if not isinstance(kernel, QArray):
     method = "" if kind.method == "__call__" else f".{kind.method}"
     common.record_float(path, type(mod).__name__ + method, getattr(kernel, "dtype", "float32"),

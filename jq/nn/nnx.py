@@ -61,7 +61,7 @@ class QLinear(nnx.Linear, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs, (-1,))
+    common.observe(self.jq_path, inputs, (-1,), kernel)
     if not isinstance(kernel, QArray):
       rows = common.rows(inputs, (inputs.ndim - 1,)) if getattr(inputs, "ndim", 0) else None
       return self._jq_float(nnx.Linear, kernel, inputs, args, kwargs, rows)
@@ -80,7 +80,7 @@ class QLinearGeneral(nnx.LinearGeneral, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs, None if self.batch_axis else self.axis)
+    common.observe(self.jq_path, inputs, None if self.batch_axis else self.axis, kernel)
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.LinearGeneral, kernel, inputs, args, kwargs, None)
     return common.dense_general(
@@ -100,7 +100,7 @@ class QEinsum(nnx.Einsum, _Quantized):
     kernel = self.kernel.get_value()
     eq = einsum_str if einsum_str is not None else self.einsum_str
     common.observe(self.jq_path, inputs, None if eq is None else common.einsum_x_axes(
-        eq, inputs.ndim, len(self.kernel_shape), path=self.jq_path))
+        eq, inputs.ndim, len(self.kernel_shape), path=self.jq_path), kernel)
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.Einsum, kernel, inputs, (einsum_str,) + args, kwargs, None)
     if kwargs.get("out_sharding") is not None or args:
@@ -122,7 +122,7 @@ class QConv(nnx.Conv, _Quantized):
 
   def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
     kernel = self.kernel.get_value()
-    common.observe(self.jq_path, inputs, None)
+    common.observe(self.jq_path, inputs, None, kernel)
     if not isinstance(kernel, QArray):
       return self._jq_float(nnx.Conv, kernel, inputs, args, kwargs, None)
     if args or kwargs.get("out_sharding") is not None:
@@ -153,7 +153,7 @@ class QEmbed(nnx.Embed, _Quantized):
 
   def attend(self, query: jax.Array, out_sharding=None) -> jax.Array:
     table = self.embedding.get_value()
-    common.observe(self.jq_path, query, (-1,))
+    common.observe(self.jq_path, query, (-1,), table)
     if not isinstance(table, QArray):
       rows = common.rows(query, (query.ndim - 1,)) if getattr(query, "ndim", 0) else None
       common.record_float(self.jq_path, self._jq_layer(".attend"), table.dtype, rows)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jq.calibrate.collect import input_ranges
 from jq.calibrate.observers import act_params
@@ -83,10 +84,36 @@ def static_scales(rules: Sequence[Rule], params: PyTree, run, operands,
 
 
 def act_scales_from_ranges(ranges: Mapping[str, tuple[Any, Any]],
-                           specs: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """``{path: (scale, zero_point)}`` of static int8 activations from calibrated input ranges."""
-  return {p: act_params(jnp.asarray(ranges[p][0]), jnp.asarray(ranges[p][1]), spec)
-          for p, spec in specs.items()}
+                           specs: Mapping[str, Any], log: list[str] | None = None
+                           ) -> dict[str, tuple[Any, Any]]:
+  """``{path: (scale, zero_point)}`` of static int8 activations from calibrated input ranges.
+
+  A stacked layer (an ``nn.vmap`` expert) that no calibration input reached (range ``[0, 0]``)
+  takes the range of its stack (every expert reads the same hidden states): a scale of 1 would
+  round its real inputs to a handful of levels.  Each such case is reported, in ``log`` or as a
+  warning."""
+  out = {}
+  for p, spec in specs.items():
+    lo, hi = (np.asarray(r, np.float32) for r in ranges[p])
+    dead = (lo == 0) & (hi == 0)
+    if dead.any() and not dead.all():
+      which = [int(i) for i in np.flatnonzero(dead)]
+      lo, hi = np.where(dead, lo[~dead].min(), lo), np.where(dead, hi[~dead].max(), hi)
+      line = (f"{p}: stacked layers {which} saw no calibration input (experts no token was "
+              f"routed to?): their static activation scales take the range of the others, "
+              f"[{float(lo[dead][0]):.4g}, {float(hi[dead][0]):.4g}]")
+    elif dead.all():
+      line = (f"{p}: no calibration input reached this layer (its inputs were all zero): its "
+              "static activation scale is 1, a placeholder; calibrate with data that reaches it")
+    else:
+      line = None
+    if line is not None:
+      if log is None:
+        warnings.warn("jq: " + line, stacklevel=2)
+      else:
+        log.append(line)
+    out[p] = act_params(jnp.asarray(lo), jnp.asarray(hi), spec)
+  return out
 
 
 def quantize_variables(model, variables: PyTree, rules: Sequence[Rule], *example_args,

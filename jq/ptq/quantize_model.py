@@ -222,6 +222,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   log: list[str] = []
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
+  _round_unmapped_to_nearest(target, decided, batches[0], log)
   first = {p: r.initial for p, r in decided.items()}   # (learned rounding starts from these)
 
   # what each layer needs, collected per unit (the whole model, or one block at a time)
@@ -333,6 +334,7 @@ class _State:
     self.mats: dict[str, dict[int, QArray]] = collections.defaultdict(dict)
     self.inputs: dict[str, dict[int, LayerInputs]] = collections.defaultdict(dict)
     self.scaled: set[tuple[str, int]] = set()   # (kernel, layer) whose input AWQ/SQ rescaled
+    self.spanning: set = set()   # scale groups over several blocks, handled with the first
     self.report: list[LayerRow] = []
     self.notes: dict[str, list[str]] = collections.defaultdict(list)
     self.algo_used: dict[str, Algorithm] = {}
@@ -418,7 +420,7 @@ class _State:
         if key not in sliced:
           sliced[key] = self._layer(p, inp, layer)
         self.inputs[p][layer] = sliced[key]
-    self._fold(unit, [g for g in groups if all(c in unit.layers for c in g.consumers)])
+    self._fold(unit, self._groups_of(unit, groups))
     leaves = dict(leaves_with_paths(self.ref))
     tasks = []
     for path, layers in unit.layers.items():
@@ -433,9 +435,15 @@ class _State:
       spec2 = view.matrix_spec(rule.weight, name=path)
       mats = view.matrices(jnp.asarray(leaves[path]))
       for i in (layers if stacked else range(view.n)):   # (unstacked: matrices of batch axes)
-        tasks.append(solves.Solve(path, i, algo, mats[i],
-                                  self.inputs[path].get(i if stacked else 0), spec2,
-                                  rule.algorithm_options, f"{path}[{i}]" if view.n > 1 else path))
+        inp, a = self.inputs[path].get(i if stacked else 0), algo
+        name = f"{path}[{i}]" if view.n > 1 else path
+        if a is Algorithm.GPTQ and _saw_nothing(inp):
+          a = Algorithm.RTN
+          self.log.append(f"{name}: no nonzero calibration input reached it (an expert no token "
+                          "was routed to?): GPTQ has nothing to work with; rounded to nearest")
+          self.notes[path].append((f"layer {i}: " if view.n > 1 else "")
+                                  + "no calibration input; rounded to nearest")
+        tasks.append(solves.Solve(path, i, a, mats[i], inp, spec2, rule.algorithm_options, name))
     for t, (q, note) in zip(tasks, self._solve(unit, tasks)):
       self.mats[t.path][t.index] = q
       if note:
@@ -599,6 +607,30 @@ class _State:
                self.target.stacks.get(p, 1) > 1 else "")
       self.notes[p].append(where + info.describe())
 
+  def _groups_of(self, unit: Unit, groups) -> list:
+    """The scale groups folded with ``unit``: those whose consumers it holds (a stacked group in
+    each of its layers' units), and once, with the first unit holding any of them, a group whose
+    consumers lie in several blocks (a T5 encoder's output, read by every decoder block's
+    cross-attention): they read one tensor, so this unit's consumers' statistics are the others'
+    too, and the others, not quantized yet, take the fold before their blocks run."""
+    out = []
+    for g in groups:
+      here = tuple(c for c in g.consumers if c in unit.layers)
+      if len(here) == len(g.consumers):
+        out.append(g)
+        continue
+      if not here or g in self.spanning:
+        continue
+      self.spanning.add(g)
+      if any(self.target.stacks.get(c, 1) > 1 for c in g.consumers):
+        self.log.append(f"{g.describe()}: stacked consumers in several blocks "
+                        f"({', '.join(g.consumers)}); scales not applied (calibrate with "
+                        "PTQConfig(sequential=False) to fold them)")
+        continue
+      out.append(dataclasses.replace(g, consumers=here + tuple(
+          c for c in g.consumers if c not in here)))
+    return out
+
   def _solved(self, path: str, layers) -> bool:
     """Whether kernel ``path`` is already quantized in any of ``layers`` (a stacked kernel is
     solved layer by layer: its later layers can still take a fold)."""
@@ -635,6 +667,9 @@ class _State:
                       "float model unchanged")
       sv = np.asarray(s).reshape(-1, np.shape(s)[-1])
       for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
+        if c not in unit.layers:   # (a later block's: its statistics are collected folded)
+          self.scaled.add((c, 0))
+          continue
         for layer in unit.layers[c]:
           row = sv[layer if len(sv) > 1 else 0]
           inp = self.inputs[c][layer]
@@ -677,7 +712,7 @@ class _State:
       lo = np.stack([np.min(x.lo) for x in per])
       hi = np.stack([np.max(x.hi) for x in per])
       ranges[p] = (lo, hi) if self.target.stacks.get(p, 1) > 1 else (lo[0], hi[0])
-    act_scales = act_scales_from_ranges(ranges, static)
+    act_scales = act_scales_from_ranges(ranges, static, self.log)
     leaves = dict(leaves_with_paths(self.ref))
     new = {}
     for path, rule in self.decided.items():
@@ -738,6 +773,41 @@ def _one_row(batch):
     return jax.tree_util.tree_map(lambda a: a[:1] if np.ndim(a) else a, batch)
   except (TypeError, IndexError):
     return batch
+
+
+def _saw_nothing(inp: LayerInputs | None) -> bool:
+  """The layer's ``XᵀX`` has no positive diagonal entry: no nonzero input reached it."""
+  return (inp is not None and inp.stats is not None
+          and not np.any(np.diagonal(np.asarray(inp.stats.xtx)) > 0))
+
+
+def _round_unmapped_to_nearest(target: Target, decided: dict[str, Rule], batch,
+                               log: list[str]) -> None:
+  """GPTQ, AWQ and SmoothQuant (and learned rounding's GPTQ/AWQ start) need a layer's input to map
+  onto its kernel's contracting axes: a convolution's (or an einsum's with batch letters) does
+  not.  Such layers are rounded to nearest (learned rounding starts from it), each logged."""
+  asked = {p for p, r in decided.items() if r.initial.algorithm is not Algorithm.RTN}
+  if not asked:
+    return
+  from jq.nn import common, linen  # pylint: disable=import-outside-toplevel
+  unmapped: list[str] = []
+
+  def observer(path, _x, x_axes, _kernel):
+    if x_axes is None and path in asked and path not in unmapped:
+      unmapped.append(path)
+
+  with common.observing(observer):   # (an abstract trace: nothing is computed)
+    linen.abstract_call(target.run, target.params, batch)
+  for path in unmapped:
+    r = decided[path]
+    algo = r.initial.algorithm.value
+    decided[path] = (dataclasses.replace(r, options=dataclasses.replace(r.algorithm_options,
+                                                                        init="rtn"))
+                     if r.algorithm is Algorithm.AUTOROUND else
+                     dataclasses.replace(r, algorithm=Algorithm.RTN, options=None))
+    log.append(f"{path}: {target.layouts[path].layer or 'its layer'} reads an input that does "
+               "not map onto the kernel's contracting axes (a convolution, or dot batch dims): "
+               f"{algo} is not available there; rounded to nearest")
 
 
 def _group_scales(target: Target, params, g: folding.Group, decided, inputs, layers, log):

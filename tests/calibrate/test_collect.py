@@ -101,3 +101,51 @@ def test_layers_reading_one_input_share_one_host_sum():
                   operands=variables)["params/k/kernel"]
   np.testing.assert_array_equal(alone.stats.xtx, k.stats.xtx)
   np.testing.assert_array_equal(alone.samples, k.samples)
+
+
+class _Expert(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8, use_bias=False, name="proj")(x)
+
+
+class _MoEBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):   # expert e reads (e + 1)·x: its input range is (e + 1)× expert 0's
+    xe = jnp.stack([x * (e + 1.0) for e in range(8)])
+    ex = nn.vmap(_Expert, in_axes=0, out_axes=0, variable_axes={"params": 0},
+                 split_rngs={"params": True}, axis_size=8)
+    return x + ex(name="experts")(xe).mean(0).sum(-1, keepdims=True), None
+
+
+class _MoEStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.scan(_MoEBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)(name="layers")(x, None)[0]
+
+
+def test_vmapped_experts_get_their_own_statistics_in_expert_order():
+  """``jax.debug.callback`` unrolls a vmap into unordered per-expert callbacks: the statistics of
+  ``nn.vmap`` experts (inside an ``nn.scan``) reached the host in any order and were summed
+  onto the wrong expert (silently wrong static scales)."""
+  model = _MoEStack()
+  x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+  variables = model.init(jax.random.key(0), x)
+  qapply = jqnn.quantized_apply(model)
+  path = "params/layers/experts/proj/kernel"
+  # the layers' inputs by hand: layer 0 reads x, layer 1 reads layer 0's output
+  p0 = jax.tree_util.tree_map(lambda a: a[0], variables["params"]["layers"])
+  x1 = _MoEBlock().apply({"params": p0}, x, None)[0]
+  for _ in range(3):   # (the old order was a race: sometimes right)
+    for want in (Want(stack=16), Want(stack=16, xtx=True)):
+      got = collect(lambda v, b: qapply(v, b), [x], {path: want}, operands=variables)[path]
+      assert got.hi.shape[0] == 16
+      for layer, xin in enumerate((x, x1)):
+        for e in range(8):
+          np.testing.assert_allclose(got.hi[layer * 8 + e].max(),
+                                     float(jnp.max(xin * (e + 1.0))), rtol=1e-5)
+          if want.xtx:
+            a = np.asarray(xin * (e + 1.0)).reshape(-1, 16)
+            np.testing.assert_allclose(np.asarray(got.stats.xtx[layer * 8 + e]), a.T @ a,
+                                       rtol=2e-4, atol=1e-3)

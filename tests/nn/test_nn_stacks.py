@@ -56,3 +56,39 @@ def test_vmap_stack_gets_per_layer_scales(shared_input):
     y = jax.jit(jqnn.quantized_apply(model))(qv, x)
     rel = float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
     assert rel < 2e-2, (recipe, rel)
+
+
+class _ScannedExperts(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    def block(mdl, h, _):
+      he = jnp.stack([h * (e + 1.0) for e in range(4)])   # expert e reads (e + 1)·h
+      ve = nn.vmap(Expert, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=0, out_axes=0, axis_size=4)
+      return h + ve(name="experts")(he).mean(0)[..., :16], None
+    scan = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return scan(self, x, None)[0]
+
+
+def test_scan_over_vmap_experts_gets_one_static_scale_per_layer_and_expert(tmp_path):
+  """``nn.scan`` over ``nn.vmap`` experts: kernels stacked ``(L, E, ...)``.  The static activation
+  scales came out flat ``(L·E,)`` and the quantized model could not run."""
+  model = _ScannedExperts()
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  variables = model.init(jax.random.key(0), x)
+  assert variables["params"]["experts"]["w"]["kernel"].shape == (3, 4, 16, 32)
+  qv = jqnn.quantize_variables(model, variables, jq.recipe_rules("w8a8-static"), x,
+                               calibration_batches=[x])
+  s = np.asarray(qv["params"]["experts"]["w"]["kernel"].activation.scale)
+  assert s.shape == (3, 4)
+  np.testing.assert_allclose(s / s[:, :1], np.broadcast_to([1.0, 2.0, 3.0, 4.0], (3, 4)),
+                             rtol=1e-5)   # each expert its own range, in expert order
+  y_float = model.apply(variables, x)
+  y = jax.jit(jqnn.quantized_apply(model))(qv, x)
+  assert float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float)) < 2e-2
+  jq.io.save(tmp_path / "m.safetensors", qv, rules=jq.recipe_rules("w8a8-static"))
+  back = jq.io.load(tmp_path / "m.safetensors")
+  np.testing.assert_array_equal(
+      np.asarray(back["params"]["experts"]["w"]["kernel"].activation.scale), s)
+  np.testing.assert_array_equal(np.asarray(jax.jit(jqnn.quantized_apply(model))(back, x)),
+                                np.asarray(y))

@@ -5,6 +5,7 @@ as trained LLMs have), so that AWQ and SmoothQuant have something to fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 import warnings
@@ -282,6 +283,157 @@ def test_sequential_reruns_the_model_when_blocks_do_not_chain():
   got, want = _kernels(res), _kernels(ref)
   for p in want:
     np.testing.assert_allclose(got[p], want[p], rtol=0, atol=1e-6, err_msg=p)
+
+
+class _CrossBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, mem):
+    h = nn.Dense(32, use_bias=False, name="q")(_Norm(jnp.float32, name="norm")(x))
+    return x + nn.Dense(32, use_bias=False, name="k")(mem) * jnp.tanh(h)
+
+
+class _EncDec(nn.Module):
+  """An encoder whose normed output every decoder block reads (T5's cross-attention k/v)."""
+  @nn.compact
+  def __call__(self, x):
+    mem = _Norm(jnp.float32, name="enc_norm")(nn.Dense(32, name="enc")(x))
+    for i in range(2):
+      x = _CrossBlock(name=f"dec_{i}")(x, mem)
+    return x
+
+
+@pytest.mark.parametrize("rules,algo", [
+    (jq.default_rules(W4A16_G32, algorithm=Algorithm.AWQ), "awq"),
+    (jq.recipe_rules("smoothquant-w8a8-static"), "smoothquant")])
+def test_sequential_folds_a_group_whose_consumers_lie_in_several_blocks(rules, algo):
+  """Every decoder block's k reads the encoder's normed output: one scale group over two
+  blocks.  Sequential calibration dropped it without a word (the k kernels rounded to nearest);
+  it is folded with the first block, as the whole-model road folds it."""
+  model = _EncDec()
+  rng = np.random.default_rng(0)
+  calib = [jnp.asarray(rng.normal(size=(4, 8, 32)), jnp.float32) for _ in range(3)]
+  variables = _outliers(model, model.init(jax.random.key(0), calib[0]))
+  ks = ("params/dec_0/k/kernel", "params/dec_1/k/kernel")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = {seq: quantize_model(model, variables, rules, calib, config=PTQConfig(sequential=seq))
+           for seq in (True, False)}
+  for seq, r in res.items():
+    folded = [l for l in r.log if l.startswith("params/enc_norm -> k+k") and "folded" in l]
+    assert folded, (seq, r.log)
+    rows = {row.path: row for row in r.report}
+    assert all(rows[k].algorithm == algo for k in ks), (seq, [rows[k] for k in ks])
+  # the same fold and (but for the quantized encoder under the sequential road) the same kernels
+  s_seq, s_flat = (np.asarray(r.variables["params"]["enc_norm"]["scale"]) for r in
+                   (res[True], res[False]))
+  assert not np.allclose(s_seq, np.asarray(variables["params"]["enc_norm"]["scale"]))
+  np.testing.assert_allclose(s_seq, s_flat, rtol=0.2)
+  y_float = model.apply(variables, calib[0])
+  def err(qv):
+    y = jax.jit(jqnn.quantized_apply(model))(qv, calib[0])
+    return float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
+  rtn = err(jqnn.quantize_variables(model, variables, [dataclasses.replace(
+      r, algorithm=Algorithm.RTN, options=None) for r in rules], calib[0],
+      calibration_batches=calib))
+  seq, flat = err(res[True].variables), err(res[False].variables)
+  assert seq < 0.9 * rtn and abs(seq - flat) < 0.1 * flat, (seq, flat, rtn)
+
+
+class _ConvNet(nnx.Module):
+  def __init__(self, *, rngs):
+    self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    self.fc = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("recipe", ["gptq-w4a16-g128", "smoothquant-w8a8-static"])
+def test_calibrated_recipes_round_a_convolution_to_nearest_and_say_so(recipe):
+  """A convolution's input does not map onto its kernel's contracting axes: GPTQ/AWQ/SmoothQuant
+  are not available there.  Any calibrated recipe on a model with a conv aborted the whole run
+  (blaming "calibration batch 0"); the conv is rounded to nearest, by name in the log."""
+  calib = [jax.random.normal(jax.random.key(i), (2, 8, 8, 3)) for i in range(2)]
+  res = quantize_model(_ConvNet(rngs=nnx.Rngs(0)), None, jq.recipe_rules(recipe), calib)
+  rows = {r.path: r.algorithm for r in res.report}
+  assert rows == {"conv/kernel": "rtn", "fc/kernel": recipe.split("-")[0]}, rows
+  assert any(l.startswith("conv/kernel: nnx.Conv") and "rounded to nearest" in l
+             for l in res.log), res.log
+  with pytest.raises(ValueError, match=r"^conv/kernel: this layer's input does not map"):
+    from jq.calibrate import Want, collect   # pylint: disable=import-outside-toplevel
+    net = jqnn.nnx.with_quantized_classes(_ConvNet(rngs=nnx.Rngs(0)))
+    collect(lambda m, b: m(b), calib, {"conv/kernel": Want(xtx=True)}, operands=net)
+
+
+class _Expert(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(32, use_bias=False, name="proj")(x)
+
+
+class _SharedExperts(nn.Module):
+  """``nn.scan`` over layers of ``nn.vmap`` experts that all read the layer's input
+  (``in_axes=None``); expert 3 of each layer gets no tokens when ``dead``."""
+  dead: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    def block(mdl, h, _):
+      ex = nn.vmap(_Expert, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=None, out_axes=0, axis_size=4)
+      y = ex(name="experts")(h)                                     # (4, b, s, 32)
+      if self.dead:
+        y = y * jnp.asarray([1.0, 1.0, 1.0, 0.0])[:, None, None, None]
+      return h + y.mean(0), None
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)(self, x, None)[0]
+
+
+class _DeadExpert(nn.Module):
+  """``nn.vmap`` experts with their own inputs; expert 3's buffer is empty (all zeros)."""
+  @nn.compact
+  def __call__(self, x):
+    xe = jnp.stack([x * (e + 1.0) for e in range(3)] + [jnp.zeros_like(x)])
+    ex = nn.vmap(_Expert, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=0, out_axes=0, axis_size=4)
+    return ex(name="experts")(xe)
+
+
+def test_gptq_on_scanned_experts_that_share_their_input():
+  """Each of the 2 × 4 stacked experts gets its own Hessian (the layer's input), though the
+  callback of an input shared by a vmap runs once per layer: that was "2 calls ... do not
+  divide into its 8 stacked layers"."""
+  model = _SharedExperts()
+  rng = np.random.default_rng(0)
+  calib = [jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32) for _ in range(2)]
+  variables = model.init(jax.random.key(0), calib[0])
+  assert variables["params"]["experts"]["proj"]["kernel"].shape == (2, 4, 32, 32)
+  res = quantize_model(model, variables, GPTQ, calib)
+  assert {r.algorithm for r in res.report if "experts" in r.path} == {"gptq"}
+  y_float = model.apply(variables, calib[0])
+  def err(qv):
+    y = jax.jit(jqnn.quantized_apply(model))(qv, calib[0])
+    return float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
+  assert err(res.variables) < err(jqnn.quantize_variables(model, variables, RTN, calib[0]))
+
+
+def test_an_expert_no_token_reached_is_rounded_to_nearest_and_takes_its_stacks_range():
+  """GPTQ stopped the whole run on an expert with a zero Hessian, and its static activation
+  scale was 1 (its real inputs rounded to a handful of levels): now that expert is rounded to
+  nearest and takes the other experts' input range, each said in the log."""
+  model = _DeadExpert()
+  rng = np.random.default_rng(0)
+  calib = [jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32) for _ in range(2)]
+  variables = model.init(jax.random.key(0), calib[0])
+  res = quantize_model(model, variables, GPTQ, calib)
+  assert any(l.startswith("params/experts/proj/kernel[3]: no nonzero calibration input")
+             for l in res.log), res.log
+  row = next(r for r in res.report if r.path == "params/experts/proj/kernel")
+  assert "layer 3: no calibration input; rounded to nearest" in row.note, row
+  res = quantize_model(model, variables, jq.recipe_rules("w8a8-static"), calib)
+  s = np.asarray(res.variables["params"]["experts"]["proj"]["kernel"].activation.scale)
+  assert s[3] == s[:3].max(), s
+  assert any("stacked layers [3] saw no calibration input" in l for l in res.log), res.log
 
 
 def test_matrix_view_reproduces_the_layout_grid():
