@@ -6,6 +6,7 @@ name) and ``jq.ops`` adds its performance note.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -16,7 +17,8 @@ from flax import nnx
 from jq.nn import common, linen
 from jq.ops.policy import KernelPolicy, maybe_policy
 from jq.nn import nnx as jnnx
-from jq.tree import leaves_with_paths
+from jq.spec import Rule
+from jq.tree import check_rules, leaves_with_paths
 
 Route = common.Route
 
@@ -144,7 +146,8 @@ def format_routes(routes: Sequence[Route]) -> str:
 
 
 def explain(model: Any, *args, backend: str | None = None, file: TextIO | None = sys.stdout,
-            policy: "KernelPolicy | bool | str | None" = None, **kwargs) -> list[Route]:
+            policy: "KernelPolicy | bool | str | None" = None,
+            rules: Sequence[Rule] | None = None, **kwargs) -> list[Route]:
   """Prints, for each layer, the path it takes (float, weight-only reference, int8 dynamic, int8
   static, or a registered kernel's name) and warns where it is expected to be slower than float.
 
@@ -157,18 +160,35 @@ def explain(model: Any, *args, backend: str | None = None, file: TextIO | None =
     backend: explain for another backend than ``jax.default_backend()``.
     file: where to print (None: don't print).
     policy: the kernel policy to explain under (see :func:`trace_routes`).
+    rules: the rules the model was quantized with: each float layer then says why (the rule
+      that keeps it float, or that no rule matches it).
 
   Example:
     >>> jq.explain(model, qvars, tokens)                 # linen
+    >>> jq.explain(qmodel, tokens, rules=rules)          # why each float layer is float
     >>> jq.explain(qmodel, tokens, backend="gpu")        # nnx, as it would run on a GPU
 
   Returns:
     The list of :class:`Route` rows.
   """
   routes = trace_routes(model, *args, backend=backend, policy=policy, **kwargs)
+  if rules is not None:
+    routes = [r if r.mode != "float" or r.reason else
+              dataclasses.replace(r, reason=_float_by(r.path, check_rules(rules)))
+              for r in routes]
   if file is not None:
     print(format_routes(routes), file=file)
   return routes
+
+
+def _float_by(path: str, rules: Sequence[Rule]) -> str:
+  """Why the rules leave the kernel at ``path`` float."""
+  rule = next((r for r in rules if r.matches(path)), None)
+  if rule is None:
+    return "no rule matches it"
+  if rule.weight is None:
+    return f"kept float by rule {rule.pattern!r}"
+  return f"float in these parameters, though rule {rule.pattern!r} would quantize it"
 
 
 __all__ = ["explain", "format_routes", "trace_routes", "Route"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -344,7 +345,9 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
     ValueError: a QArray for a parameter that is not the kernel of a layer jq runs, a QArray
       shape that disagrees with its layer, or an invalid QArray; messages name the path.
   """
-  if isinstance(qstate_or_rules, Sequence) and all(isinstance(r, Rule) for r in qstate_or_rules):
+  rules_given = isinstance(qstate_or_rules, Sequence) and all(
+      isinstance(r, Rule) for r in qstate_or_rules)
+  if rules_given:
     from jq.nn import quantize as _quantize  # pylint: disable=import-outside-toplevel
     qstate = _quantize.quantize_nnx_state(module, tuple(qstate_or_rules), act_scales=act_scales,
                                           calibration_batches=calibration_batches)
@@ -387,7 +390,32 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
   rest = {p: v for p, v in leaves.items() if p not in used}
   if rest:
     _write_float_leaves(new, rest)
+  if not rules_given:   # (a state quantized here from the module's own Params covers them)
+    _check_covered(new, leaves)
   return new
+
+
+def _check_covered(root: nnx.Module, leaves: Mapping[str, Any]) -> None:
+  """A given state must hold every parameter of the module (a checkpoint of another model, or of
+  fewer layers, left the rest at the skeleton's initial values, silently); other variables it
+  lacks (BatchNorm statistics of a Param-only save) keep the module's values, with a warning."""
+  missing: dict[str, list[str]] = {}
+  for path, var in nnx.to_flat_state(nnx.state(root)):
+    key = _key(path)
+    if key not in leaves and not isinstance(var, (nnx.RngState, nnx.Cache, nnx.Intermediate,
+                                                  nnx.Perturbation)):
+      missing.setdefault(type(var).__name__, []).append(key)
+  params = missing.pop("Param", [])
+  if params:
+    raise ValueError(f"quantize_module: the state holds no value for {len(params)} parameter(s) "
+                     f"of the module: {', '.join(params[:4])}{', ...' if params[4:] else ''}; "
+                     "it was saved from another model (or one with fewer layers)")
+  if missing:
+    listing = "; ".join(f"{', '.join(v[:4])}{', ...' if v[4:] else ''} ({k})"
+                        for k, v in missing.items())
+    warnings.warn(f"jq: quantize_module: the state holds no value for {listing}: they keep this "
+                  "module's values (a fresh module's are its initial ones); save "
+                  "nnx.state(qmodel), not only its nnx.Param, to keep them", stacklevel=3)
 
 
 def _write_float_leaves(root: nnx.Module, values: Mapping[str, Any]) -> None:

@@ -32,6 +32,19 @@ def _as_args(batch) -> tuple:
   return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
+def _report_unmatched_custom(planned, reasons: Mapping[str, str]) -> None:
+  """Matrices (rank >= 2) that no rule names and that modules' own code uses (MoE experts as raw
+  ``self.param`` s under an einsum) stay float: said in a warning, with what would quantize them."""
+  left = [p for p in planned if p.rule is None and len(p.shape) >= 2 and p.path in reasons]
+  if not left:
+    return
+  listing = "; ".join(f"{p.path} {p.shape}: {reasons[p.path]}" for p in left[:4])
+  warnings.warn(f"jq: {len(left)} matrix parameter(s) stay float: no rule matches them and no "
+                f"layer jq runs uses them: {listing}{'; ...' if left[4:] else ''} (to quantize "
+                "them, compute them with nn.Dense/nn.DenseGeneral/nn.Einsum, e.g. experts as "
+                "nn.Einsum or nn.vmap over nn.Dense)", stacklevel=4)
+
+
 def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Layout],
                    reasons: Mapping[str, str]) -> tuple[tuple[Rule, ...], dict[str, str]]:
   """``rules`` with a float rule in front for every leaf they quantize that no adapted layer runs.
@@ -49,6 +62,7 @@ def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Lay
                          "runs quantized uses it; keep it in float with "
                          f"Rule(pattern={'^' + re.escape(p.path) + '$'!r}, weight=None) before it")
       kept[p.path] = reasons.get(p.path, "no layer that jq runs quantized uses it")
+  _report_unmatched_custom(planned, reasons)
   if not kept:
     return tuple(rules), {}
   for r in rules:  # a required rule whose every match stays float would seem to match nothing

@@ -89,6 +89,21 @@ def _check_batches(batches, ids=None) -> list[Any]:
   return batches
 
 
+def _check_one_length(batches, ids=None) -> None:
+  """Learned rounding draws rows from all the calibration batches at once: they must agree in
+  every axis but the leading (batch) one."""
+  def tail(b):
+    return [tuple(np.shape(x))[1:] for x in as_args(b)]
+  ids = list(range(len(batches))) if ids is None else list(ids)
+  for i, b in zip(ids[1:], batches[1:]):
+    if tail(b) != tail(batches[0]):
+      raise ValueError(
+          f"quantize_model: learned rounding (autoround) draws rows from all calibration batches "
+          f"together, so they must agree in every axis but the first; batch {ids[0]} has inputs "
+          f"of shapes {[tuple(np.shape(x)) for x in as_args(batches[0])]}, batch {i} "
+          f"{[tuple(np.shape(x)) for x in as_args(b)]}: pad or crop them to one length")
+
+
 def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[Any], *,
                    config: Any = None, blocks: Any = None, calib_batches_for_check: int = 2,
                    chained: bool = True, progress: bool = False, **example_kwargs) -> PTQModelResult:
@@ -190,6 +205,8 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
                      "(blocks=None) in one process (a PTQConfig.mesh of this process's devices "
                      "works); " + ("blocks= was given" if blocks is not None else
                                    f"this run has {jax.process_count()} processes"))
+  if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND for r in rules):
+    _check_one_length(batches, given_ids)
   if blocks is not None and (cfg.mesh is not None or dist):
     raise ValueError("quantize_model: blocks= (the adapter pipeline) runs on one device in one "
                      "process; PTQConfig.mesh and several processes need the adapter-free road "
@@ -222,6 +239,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   log: list[str] = []
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
+  _check_finite(target.params)
   _round_unmapped_to_nearest(target, decided, batches[0], log)
   first = {p: r.initial for p, r in decided.items()}   # (learned rounding starts from these)
 
@@ -773,6 +791,22 @@ def _one_row(batch):
     return jax.tree_util.tree_map(lambda a: a[:1] if np.ndim(a) else a, batch)
   except (TypeError, IndexError):
     return batch
+
+
+def _check_finite(params) -> None:
+  """A NaN/Inf parameter is named (path, shape, dtype, first bad index) before calibration runs,
+  rather than surfacing as a later layer's non-finite input, blamed on the data."""
+  for path, x in leaves_with_paths(params):
+    if not (isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
+            and getattr(x, "is_fully_addressable", True) and x.size):
+      continue
+    bad = ~jnp.isfinite(jnp.asarray(x))
+    n = int(jnp.sum(bad))
+    if n:
+      i = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
+      raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {n} NaN/Inf values "
+                       f"(first at index {tuple(int(a) for a in i)}: {float(x[i])}); "
+                       "quantize_model cannot calibrate a model with non-finite parameters")
 
 
 def _saw_nothing(inp: LayerInputs | None) -> bool:

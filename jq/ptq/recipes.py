@@ -1,9 +1,9 @@
 """Named recipes for ``jq-quant --recipe``: a thin view of the one table in :mod:`jq.spec`.
 
 ``jq.spec.RECIPES`` (RTN) and ``jq.spec.ALGORITHM_RECIPES`` (GPTQ, AWQ, SmoothQuant, with their
-options in the rules) hold every recipe; all skip embeddings, norms, biases and the output head
-(``jq.spec.default_rules``).  Algorithm options live in the rules (``Rule.options``), so a rules
-file can say everything a recipe says.
+options in the rules) hold every recipe; all skip embeddings, norms, biases, MoE routers and the
+output head (``jq.spec.default_rules``).  Algorithm options live in the rules (``Rule.options``),
+so a rules file can say everything a recipe says.
 """
 from __future__ import annotations
 

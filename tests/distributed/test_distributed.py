@@ -212,7 +212,7 @@ def test_without_cpu_collectives_the_key_value_store_carries_the_statistics(tmp_
 
 
 @pytest.mark.parametrize("bad, expect", [
-    ("rules", "disagree on the calibration setup: rules[4]"),
+    ("rules", "disagree on the calibration setup: rules[5]"),
     ("batches", "split different calibration sets: process 0: 4 batches in all"),
 ])
 def test_processes_that_disagree_fail_in_both(tmp_path, bad, expect):

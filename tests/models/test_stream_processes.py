@@ -159,7 +159,7 @@ def test_processes_with_different_rules_fail_in_both(ref, tmp_path):
   for i in range(2):
     msg = (res / f"error.p{i}.txt").read_text()
     assert msg.startswith(f"ValueError: {out}: the processes would write different checkpoints: "
-                          "fingerprint.rules[4]: process 0 has 'rtn w:uint4 asym g32', process 1 "
+                          "fingerprint.rules[5]: process 0 has 'rtn w:uint4 asym g32', process 1 "
                           "'rtn w:int8 sym channel'; fingerprint.plan"), msg
     assert msg.endswith("Every process must pass the same sources, rules and options"), msg
   assert not out.exists() and not os.path.exists(sharded.work_dir(out))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -203,3 +204,59 @@ def test_quantized_class_keeps_a_subclass_override():
   assert issubclass(q, Twice) and issubclass(q, QLinear) and q.__mro__[1] is Twice
   assert quantized_class(q) is q            # swapping again (explain, calibration) keeps it
   assert quantized_class(nnx.Linear) is QLinear
+
+
+class _BnNet(nnx.Module):
+  def __init__(self, n, *, rngs):
+    self.layers = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(n)])
+    self.bn = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return self.bn(x)
+
+
+def test_a_state_that_does_not_cover_the_module_is_refused_or_reported(tmp_path):
+  """A checkpoint of fewer layers left the skeleton's extra layer at its random initial values,
+  and a Param-only save its BatchNorm statistics, both silently."""
+  m = _BnNet(2, rngs=nnx.Rngs(0))
+  m.bn.mean.set_value(jnp.full((16,), 0.5))
+  rules = jq.default_rules(jq.W8A16)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")   # (rules: the state is the module's own)
+    qm = jqnn.quantize_module(m, rules)
+  jq.io.save(tmp_path / "p.safetensors", nnx.state(qm, nnx.Param), rules=rules)
+  jq.io.save(tmp_path / "f.safetensors", nnx.state(qm), rules=rules)
+  with pytest.raises(ValueError, match=r"no value for 2 parameter\(s\) of the module: "
+                                       r"layers/2/bias, layers/2/kernel"):
+    jqnn.quantize_module(_BnNet(3, rngs=nnx.Rngs(7)), jq.io.load(tmp_path / "f.safetensors"))
+  with pytest.warns(UserWarning, match=r"no value for bn/mean, bn/var \(BatchStat\)"):
+    jqnn.quantize_module(_BnNet(2, rngs=nnx.Rngs(7)), jq.io.load(tmp_path / "p.safetensors"))
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    back = jqnn.quantize_module(_BnNet(2, rngs=nnx.Rngs(7)), jq.io.load(tmp_path / "f.safetensors"))
+  np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(qm(x)))
+
+
+class _PatchNet(nnx.Module):
+  def __init__(self, *, rngs):
+    self.patch_embed = nnx.Conv(3, 16, (4, 4), strides=(4, 4), rngs=rngs)
+    self.mlp = nnx.Linear(16, 16, rngs=rngs)
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.mlp(self.patch_embed(x)).mean(axis=(1, 2)))
+
+
+def test_explain_with_the_rules_says_why_each_float_layer_is_float():
+  rules = jq.default_rules(jq.W8A16)
+  qm = jqnn.quantize_module(_PatchNet(rngs=nnx.Rngs(0)), rules)
+  routes = {r.path: r for r in jqnn.explain(qm, jnp.ones((1, 16, 16, 3)), rules=rules, file=None)}
+  assert routes["patch_embed/kernel"].reason == "kept float by rule 'embed'"
+  assert routes["head/kernel"].reason.startswith("kept float by rule 'lm_head|")
+  assert routes["mlp/kernel"].mode == "weight-only" and not routes["mlp/kernel"].reason
+  only_mlp = [jq.Rule(pattern="mlp", weight=jq.W8A16)]
+  routes = jqnn.explain(qm, jnp.ones((1, 16, 16, 3)), rules=only_mlp, file=None)
+  assert {r.path: r.reason for r in routes}["head/kernel"] == "no rule matches it"

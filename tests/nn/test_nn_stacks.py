@@ -1,4 +1,5 @@
-"""``nn.vmap`` stacks: one scale set per stacked layer, calibrated static scales per layer."""
+"""``nn.vmap`` stacks (MoE experts): one scale set per stacked layer, calibrated static scales per
+layer; routers and experts jq cannot run are said."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -92,3 +93,25 @@ def test_scan_over_vmap_experts_gets_one_static_scale_per_layer_and_expert(tmp_p
       np.asarray(back["params"]["experts"]["w"]["kernel"].activation.scale), s)
   np.testing.assert_array_equal(np.asarray(jax.jit(jqnn.quantized_apply(model))(back, x)),
                                 np.asarray(y))
+
+
+class _RawExperts(nn.Module):
+  """Experts as raw ``self.param`` s under an einsum (custom code jq does not run), a router."""
+  @nn.compact
+  def __call__(self, x):
+    gates = jax.nn.softmax(nn.Dense(4, use_bias=False, name="router")(x), -1)
+    wi = self.param("wi", nn.initializers.lecun_normal(batch_axis=(0,)), (4, 16, 32))
+    h = jnp.einsum("bd,edf->bef", x, wi)
+    return nn.Dense(16, name="out")(jnp.einsum("bef,be->bf", h, gates))
+
+
+def test_routers_stay_float_and_raw_expert_params_are_said():
+  model = _RawExperts()
+  x = jax.random.normal(jax.random.key(1), (3, 16))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.warns(UserWarning, match=r"1 matrix parameter\(s\) stay float: no rule matches "
+                                       r"them .*params/wi \(4, 16, 32\): _RawExperts runs its own"):
+    q = jqnn.quantize_variables(model, variables, jq.default_rules(jq.W8A16), x)
+  assert isinstance(q["params"]["out"]["kernel"], jq.QArray)
+  assert not isinstance(q["params"]["router"]["kernel"], jq.QArray)   # (default rules skip it)
+  assert isinstance(q["params"]["wi"], jax.Array)
