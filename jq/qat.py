@@ -609,7 +609,8 @@ def _target(model, variables, batches: list, example_kwargs: dict):
 def _model_state(target, rules: Sequence[Rule], batches: list) -> tuple[QATState, list[str]]:
   from jq.calibrate.collect import input_ranges  # pylint: disable=import-outside-toplevel
   from jq.nn.quantize import runnable_rules  # pylint: disable=import-outside-toplevel
-  rules, kept = runnable_rules(target.params, check_rules(rules), target.layouts, target.reasons)
+  rules, kept = runnable_rules(target.params, check_rules(rules), target.layouts,
+                               target.reasons, target.stacks)
   log = [f"qat: {p} stays float: {why}" for p, why in kept.items()]
   static = [p.path for p in plan(target.params, rules) if p.quantized and p.rule.activation
             is not None and p.rule.activation.mode is ActMode.STATIC]

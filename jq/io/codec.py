@@ -31,6 +31,8 @@ Header schema (format version 1)::
           | {"kind": "nnx.State", "keys": [...], "items": [<node>, ...]}
           | {"kind": "nnx.Variable", "type": "Param", "metadata": [[name, value], ...],
              "child": <node>}                        # tuples as {"__tuple__": [...]}
+          | {"kind": "linen.Partitioned" | "linen.LogicallyPartitioned", "names": [...],
+             "rules": [...] | null, "child": <node>}   # nn.with_partitioning boxes (no mesh)
   <leaf> := {"kind": "array", "tensor": name, "array_type": "jax" | "numpy" | "numpy_scalar"}
           | {"kind": "python", "value": 3}           # int, float, bool or str leaves
           | {"kind": "qarray", "qtype": "uint4", "shape": [64, 48], "tile": [32, 1],
@@ -352,6 +354,16 @@ def _nnx_if_loaded():
   return sys.modules.get("flax.nnx")
 
 
+_BOXES = {"Partitioned": "flax.core.meta", "LogicallyPartitioned": "flax.linen.spmd"}
+
+
+def _box(x: Any):
+  """``x`` if it is a linen partitioning box (``nn.with_partitioning`` /
+  ``nn.with_logical_partitioning``), else None (without importing flax)."""
+  home = sys.modules.get(_BOXES.get(type(x).__name__, ""))
+  return x if home is not None and type(x) is getattr(home, type(x).__name__, None) else None
+
+
 # ---- encoding ----------------------------------------------------------------------------------
 
 
@@ -474,6 +486,11 @@ class _Encoder:
       meta = [[k, _to_tagged(v, f"{where} (metadata {k!r})")] for k, v in aux]
       return {"kind": "nnx.Variable", "type": cls.__name__, "metadata": meta,
               "child": self.node(children[0], keypath + (jax.tree_util.GetAttrKey("value"),))}
+    if _box(x) is not None:   # (the mesh is the running program's, not the checkpoint's)
+      rules = getattr(x, "rules", None)
+      return {"kind": f"linen.{type(x).__name__}", "names": _to_tagged(tuple(x.names), where),
+              "rules": None if rules is None else _to_tagged(tuple(rules), where),
+              "child": self.node(x.value, keypath + (jax.tree_util.GetAttrKey("value"),))}
     if isinstance(x, (jax.Array, np.ndarray, np.generic)):
       kind = ("jax" if isinstance(x, jax.Array) else
               "numpy" if isinstance(x, np.ndarray) else "numpy_scalar")
@@ -487,7 +504,8 @@ class _Encoder:
       return self._add_leaf(path, {"kind": "python", "value": _to_tagged(x, where)}, where)
     raise CheckpointError(f"{where}: cannot store a {type(x).__module__}.{type(x).__qualname__}; "
                           "checkpoints hold dicts, lists, tuples, None, arrays, QArrays, python "
-                          "scalars and nnx State (convert e.g. FrozenDict with flax.core.unfreeze)")
+                          "scalars, nnx State and linen partitioning boxes (convert e.g. "
+                          "FrozenDict with flax.core.unfreeze)")
 
   def qarray(self, path: str, q: QArray) -> dict:
     qt = getattr(q.qtype, "value", q.qtype)
@@ -736,6 +754,24 @@ class _Decoder:
       except Exception as e:  # pylint: disable=broad-except  (flax decides what metadata is valid)
         raise CheckpointError(f"{where}: cannot rebuild nnx.{name} with metadata {meta!r}: "
                               f"{e}") from e
+    if kind in tuple(f"linen.{b}" for b in _BOXES):
+      child = self.node(_need(n, "child", dict, where), where)
+      name = kind.partition(".")[2]
+      if self.abstract and _BOXES[name] not in sys.modules:
+        return None
+      try:
+        cls = getattr(importlib.import_module(_BOXES[name]), name)
+      except ImportError as e:
+        raise CheckpointError(f"{where}: the checkpoint holds a {kind}; install flax to load "
+                              "it") from e
+      names = _from_tagged(n.get("names"))
+      if not isinstance(names, tuple):
+        raise CheckpointError(f"{where}: malformed {kind} names {n.get('names')!r}")
+      if name == "Partitioned":
+        return cls(child, names=names, mesh=None)
+      rules = n.get("rules")
+      return cls(child, names=names, mesh=None,
+                 rules=None if rules is None else _from_tagged(rules))
     raise CheckpointError(f"{where}: unknown node kind {kind!r} in checkpoint header")
 
   def leaf(self, path: str) -> Any:

@@ -32,10 +32,21 @@ def _as_args(batch) -> tuple:
   return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-def _report_unmatched_custom(planned, reasons: Mapping[str, str]) -> None:
-  """Matrices (rank >= 2) that no rule names and that modules' own code uses (MoE experts as raw
-  ``self.param`` s under an einsum) stay float: said in a warning, with what would quantize them."""
-  left = [p for p in planned if p.rule is None and len(p.shape) >= 2 and p.path in reasons]
+def _report_unmatched_custom(planned, reasons: Mapping[str, str],
+                             stacks: Mapping[str, int]) -> None:
+  """Matrices that no rule names and that modules' own code uses (MoE experts as raw
+  ``self.param`` s under an einsum) stay float: said in a warning, with what would quantize them.
+  A parameter beside stacked kernels (``nn.scan``) counts by its per-layer rank (a scanned norm's
+  ``(L, D)`` scale is no matrix)."""
+  def per_layer_rank(path: str, shape: tuple) -> int:
+    scope = path.rsplit("/", 2)[0] + "/"   # the module around the parameter's module
+    n = max((c for k, c in stacks.items() if k.startswith(scope)), default=1)
+    lead, k = 1, 0
+    while n > 1 and k < len(shape) and lead < n:
+      lead, k = lead * shape[k], k + 1
+    return len(shape) - (k if lead == n else 0)
+  left = [p for p in planned if p.rule is None and p.path in reasons
+          and per_layer_rank(p.path, p.shape) >= 2]
   if not left:
     return
   listing = "; ".join(f"{p.path} {p.shape}: {reasons[p.path]}" for p in left[:4])
@@ -46,8 +57,10 @@ def _report_unmatched_custom(planned, reasons: Mapping[str, str]) -> None:
 
 
 def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Layout],
-                   reasons: Mapping[str, str]) -> tuple[tuple[Rule, ...], dict[str, str]]:
-  """``rules`` with a float rule in front for every leaf they quantize that no adapted layer runs.
+                   reasons: Mapping[str, str], stacks: Mapping[str, int] | None = None
+                   ) -> tuple[tuple[Rule, ...], dict[str, str]]:
+  """``rules`` with a float rule in front for every leaf they quantize that no adapted layer runs
+  (``stacks``: ``{kernel path: stacked layers}``, for the report of unmatched matrices).
 
   Returns:
     ``(rules, {path: why it stays float})``.
@@ -62,7 +75,7 @@ def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Lay
                          "runs quantized uses it; keep it in float with "
                          f"Rule(pattern={'^' + re.escape(p.path) + '$'!r}, weight=None) before it")
       kept[p.path] = reasons.get(p.path, "no layer that jq runs quantized uses it")
-  _report_unmatched_custom(planned, reasons)
+  _report_unmatched_custom(planned, reasons, stacks or {})
   if not kept:
     return tuple(rules), {}
   for r in rules:  # a required rule whose every match stays float would seem to match nothing
@@ -159,7 +172,7 @@ def quantize_variables(model, variables: PyTree, rules: Sequence[Rule], *example
   from jq.nn import linen  # pylint: disable=import-outside-toplevel
   lays, stacks, reasons = linen.layouts_and_stacks(model, variables, *example_args,
                                                    **example_kwargs)
-  rules, _ = runnable_rules(variables, rules, lays, reasons)
+  rules, _ = runnable_rules(variables, rules, lays, reasons, stacks)
   if act_scales is None:
     qapply = linen.quantized_apply(model)
     act_scales = static_scales(
@@ -178,13 +191,13 @@ def quantize_nnx_state(module, rules: Sequence[Rule], *,
   lays = {m.path: m.layout for m in layers if m.layout is not None}
   reasons = {m.path: m.reason for m in layers if m.layout is None}
   state = nnx.state(module, nnx.Param)
-  rules, _ = runnable_rules(state, rules, lays, reasons)
+  stacks = {m.path: m.stack for m in layers if m.stack > 1}
+  rules, _ = runnable_rules(state, rules, lays, reasons, stacks)
   if act_scales is None:
     graphdef, full = nnx.split(jnnx.with_quantized_classes(module))
     act_scales = static_scales(rules, state,
                                lambda st, b: nnx.merge(graphdef, st)(*_as_args(b)), full,
-                               calibration_batches,
-                               {m.path: m.stack for m in layers if m.stack > 1})
+                               calibration_batches, stacks)
   return quantize_tree(state, rules, act_scales=act_scales, layouts=lays)
 
 

@@ -237,7 +237,8 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
       raise ValueError(f"quantize_model: the model cannot run calibration batch 0 "
                        f"({[np.shape(x) for x in as_args(batches[0])]}): {e}") from e
   log: list[str] = []
-  rules, kept = runnable_rules(target.params, tuple(rules), target.layouts, target.reasons)
+  rules, kept = runnable_rules(target.params, tuple(rules), target.layouts,
+                               target.reasons, target.stacks)
   decided = {p.path: p.rule for p in plan(target.params, rules) if p.quantized}
   _check_finite(target.params)
   _round_unmapped_to_nearest(target, decided, batches[0], log)

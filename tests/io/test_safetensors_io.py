@@ -501,3 +501,24 @@ def test_overwrite_keeps_permissions(tmp_path):
   assert os.stat(path).st_mode & 0o777 == 0o640
   np.testing.assert_array_equal(np.asarray(jq.io.load(path)["w"]), np.zeros(3, np.float32))
   assert os.listdir(tmp_path) == ["perm.safetensors"]
+
+
+def test_linen_partitioning_boxes_round_trip(tmp_path):
+  """A quantized tree of a model built with nn.with_partitioning keeps its nn.Partitioned boxes
+  (quantize_variables keeps them); saving refused them."""
+  import flax.linen as nn   # pylint: disable=import-outside-toplevel
+  q = jq.quantize(jax.random.normal(jax.random.key(0), (64, 32)), jq.W4A16_G32)
+  tree = {"params": {
+      "q": {"kernel": nn.Partitioned(q, names=("embed", "heads")),
+            "bias": nn.LogicallyPartitioned(jnp.ones((32,)), names=("heads",), mesh=None,
+                                            rules=(("heads", "model"),))},
+      "n": {"scale": nn.Partitioned(jnp.ones((2, 32)), names=("layers", None))}}}
+  rules = [jq.Rule(pattern="kernel", weight=jq.W4A16_G32), jq.Rule(pattern=".", weight=None)]
+  jq.io.save(tmp_path / "b.safetensors", tree, rules=rules)
+  back = jq.io.load(tmp_path / "b.safetensors")
+  k, b, s = back["params"]["q"]["kernel"], back["params"]["q"]["bias"], back["params"]["n"]["scale"]
+  assert type(k) is nn.Partitioned and k.names == ("embed", "heads")
+  np.testing.assert_array_equal(np.asarray(k.value.dequantize()), np.asarray(q.dequantize()))
+  assert type(b) is nn.LogicallyPartitioned and b.rules == (("heads", "model"),)
+  assert s.names == ("layers", None) and s.value.shape == (2, 32)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)

@@ -2,6 +2,8 @@
 layer; routers and experts jq cannot run are said."""
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -115,3 +117,24 @@ def test_routers_stay_float_and_raw_expert_params_are_said():
   assert isinstance(q["params"]["out"]["kernel"], jq.QArray)
   assert not isinstance(q["params"]["router"]["kernel"], jq.QArray)   # (default rules skip it)
   assert isinstance(q["params"]["wi"], jax.Array)
+
+
+class _ScannedOwnNorm(nn.Module):
+  """A scanned block with its own norm (``self.param``: ``(L, D)`` once stacked): no matrix."""
+  @nn.compact
+  def __call__(self, x):
+    def block(mdl, h, _):
+      w = mdl.param("weight", nn.initializers.ones, (h.shape[-1],))
+      return h + nn.Dense(16, name="proj")(h * w), None
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(self, x, None)[0]
+
+
+def test_a_scanned_norm_of_its_own_is_not_reported_as_a_matrix():
+  model = _ScannedOwnNorm()
+  x = jax.random.normal(jax.random.key(1), (3, 16))
+  variables = model.init(jax.random.key(0), x)
+  assert variables["params"]["weight"].shape == (3, 16)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jqnn.quantize_variables(model, variables, jq.default_rules(jq.W8A16), x)
