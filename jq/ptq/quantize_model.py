@@ -40,7 +40,7 @@ from jq.ptq import folding, solves
 from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
-from jq.qarray import QArray
+from jq.qarray import QArray, first_bad, index_str
 from jq.qtypes import QType
 from jq.sharding import qarray_sharding
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
@@ -801,12 +801,11 @@ def _check_finite(params) -> None:
     if not (isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
             and getattr(x, "is_fully_addressable", True) and x.size):
       continue
-    bad = ~jnp.isfinite(jnp.asarray(x))
-    n = int(jnp.sum(bad))
-    if n:
-      i = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
-      raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {n} NaN/Inf values "
-                       f"(first at index {tuple(int(a) for a in i)}: {float(x[i])}); "
+    xa = jnp.asarray(x)
+    ok, n, i, v = first_bad(jnp.isfinite(xa), xa)
+    if not bool(ok):
+      raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {int(n)} NaN/Inf "
+                       f"values (first at index {index_str(i, x.shape)}: {float(v)}); "
                        "quantize_model cannot calibrate a model with non-finite parameters")
 
 
