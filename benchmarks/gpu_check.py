@@ -2,7 +2,7 @@
 
 Run from the repository root on the GPU machine (writes everything under ``$OUT``)::
 
-  python benchmarks/gpu_check.py            # <= 8.5 min, each stage time-boxed (100+150+3x70+50 s)
+  python benchmarks/gpu_check.py            # <= 8.5 min, each stage time-boxed (100+125+3x70+75 s)
 
 Stages (each in its own subprocess with a hard timeout, so one hang cannot eat the others):
 
@@ -13,12 +13,13 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
    plus the ``gpu``-marked large-shape tests; the fp8 tests run XLA's native fp8 dot.
    Without pytest, a built-in subset (:func:`builtin_checks`) runs instead.
 2. ``benchmarks/matmul.py`` (``--budget-s``: shapes not started in time are skipped): bf16, XLA
-   paths (int8, fp8 native), jq kernels (Triton and Mosaic GPU), qwix.
+   paths (int8, fp8 native), jq kernels (Triton; Mosaic GPU weight-only and W8A8), qwix.
 3. ``benchmarks/decode.py`` three times, each row printed with its ratio to the bf16 row of the
    same run and the batch-1 cap (bytes moved): Llama-3.2-1B with a bf16 head; the same with an
    int8 head and an int8 KV cache; Llama-3.1-8B (``mosaic-w4a16-g128``: the Mosaic GPU kernel,
    split-K at batch 1, in the 1B and 8B runs).
-4. ``pytest tests/ops/test_mosaic_kernels.py``: the Mosaic GPU kernel compiled (its own stage
+4. ``pytest tests/ops/test_mosaic_kernels.py test_mosaic_w8a8.py``: the Mosaic GPU kernels
+   (weight-only; W8A8 int8 and fp8) compiled (their own stage
    and junit file, ``pytest_mosaic.xml``, so a slow first compile cannot cost the others).
    ``python benchmarks/gpu_check.py --sweep`` adds ``benchmarks/matmul.py --sweep``: the Triton
    kernels under several launch configs at M=1 (``sweep.json``; run twice on an H100 already).
@@ -154,7 +155,7 @@ def main() -> int:
                                     log))
   summary["stages"].append(_stage(
       "matmul", [py, "benchmarks/matmul.py", "--out", str(OUT / "matmul.json"), "--budget-s",
-                 "115", "--iters", "3" if small else "10"] + small, 150, log))
+                 "95", "--iters", "3" if small else "10"] + small, 125, log))
   decode = [py, "benchmarks/decode.py", "--steps", "4" if small else "64", "--iters",
             "2" if small else "3"] + small
   summary["stages"].append(_stage(
@@ -175,7 +176,8 @@ def main() -> int:
     summary["stages"].append(_stage(
         "pytest-mosaic", [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
                           "-rfEs", "--durations=10", f"--junitxml={OUT / 'pytest_mosaic.xml'}",
-                          "tests/ops/test_mosaic_kernels.py"], 50, log))
+                          "tests/ops/test_mosaic_kernels.py", "tests/ops/test_mosaic_w8a8.py"], 75,
+        log))
   if "--sweep" in sys.argv[1:]:
     summary["stages"].append(_stage(
         "sweep", [py, "benchmarks/matmul.py", "--sweep", "--out", str(OUT / "sweep.json"),

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from jq import spec as S  # noqa: E402
 from jq import _compat  # noqa: E402
+from jq.ops import mosaic_w8a8 as mosaic_w8a8_  # noqa: E402
 from jq.ops import mosaic_wo as mosaic_wo_  # noqa: E402
 from jq.ops import pallas_w8a8, pallas_wo, reference  # noqa: E402
 from jq.qarray import ActivationQuant  # noqa: E402
@@ -126,6 +127,9 @@ def methods(interpret: bool) -> list[Method]:
   def mosaic_wo(x, w):  # the Hopper (TMA + wgmma) kernel: split-K decode, prefill tiles
     return mosaic_wo_.weight_only_dot_general(x, w, _dn(x), interpret=interpret)
 
+  def mosaic_w8a8(x, w):  # the Hopper kernel: int8 x int8 -> int32 / fp8 x fp8 -> float32 wgmma
+    return mosaic_w8a8_.w8a8_dot_general(x, w, _dn(x), interpret=interpret)
+
   def jq_int8(x, w):
     return pallas_w8a8.int8_dot_general(x, w, _dn(x), interpret=interpret)
 
@@ -146,6 +150,8 @@ def methods(interpret: bool) -> list[Method]:
       Method("jq-w8a8", q8a8, jq_int8),
       Method("mosaic-w8a16", q8, mosaic_wo),
       Method("mosaic-w4a16-g128", q4, mosaic_wo),
+      Method("mosaic-w8a8", q8a8, mosaic_w8a8),
+      Method("mosaic-fp8-w8a8", qf8a8, mosaic_w8a8),
   ] + _qwix_methods()
 
 

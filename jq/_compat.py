@@ -338,7 +338,7 @@ def tpu_vmem(shape: tuple[int, ...], dtype) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pallas Mosaic GPU (Hopper: TMA, wgmma) — jq.ops.mosaic_wo
+# Pallas Mosaic GPU (Hopper: TMA, wgmma) — jq.ops.mosaic_wo, jq.ops.mosaic_w8a8
 #
 # * ``mosaic_gpu``: ``jax.experimental.pallas.mosaic_gpu`` (plgpu), imported on first use.
 # * ``gpu_interpret_params``: the ``interpret=`` value that runs a Mosaic GPU kernel on CPU,

@@ -23,7 +23,7 @@ from ``JQ_PALLAS`` or :func:`enable`) chooses:
 from __future__ import annotations
 
 from jq import _compat
-from jq.ops import mosaic_wo, pallas_tpu, pallas_w8a8, pallas_wo
+from jq.ops import mosaic_w8a8, mosaic_wo, pallas_tpu, pallas_w8a8, pallas_wo
 from jq.ops.dispatch import Impl, Mode, PerfNote, Problem, register
 from jq.ops.policy import (AUTO_MAX_M_INT4, AUTO_MAX_M_INT8, PALLAS_CHOICES, KernelPolicy,
                            current, set_default)
@@ -119,18 +119,21 @@ register(Impl(name=_TPU_WEIGHT_ONLY, fn=pallas_tpu.weight_only_dot_general,
               note=_tpu_note, held_back=_TPU_HELD_BACK))
 
 
-# ---- Pallas Mosaic GPU kernel (jq.ops.mosaic_wo) -------------------------------------------------
-# Hopper's TMA + wgmma weight-only matmul (prefill tiles, split-K decode), held equal to its XLA
-# twin in Mosaic GPU interpret mode on CPU and lowered for CUDA there, but not yet compiled or timed
-# on a GPU: dispatch picks it (ahead of the Triton kernel) only under ``KernelPolicy(mosaic="always")``
-# until benchmarks/gpu_check.py has measured it.
+# ---- Pallas Mosaic GPU kernels (jq.ops.mosaic_wo, jq.ops.mosaic_w8a8) ----------------------------
+# Hopper's TMA + wgmma weight-only matmul (prefill tiles, split-K decode) and W8A8 matmul (int8 x
+# int8 -> int32 or fp8 x fp8 -> float32, per-token x per-channel rescale in the epilogue), held
+# equal to their XLA twins in Mosaic GPU interpret mode on CPU and lowered for CUDA there, but not
+# yet compiled or timed on a GPU: dispatch picks them (ahead of the Triton kernels and XLA) only
+# under ``KernelPolicy(mosaic="always")`` until benchmarks/gpu_check.py has measured them.
 
 _MOSAIC_HELD_BACK = "not yet measured on a GPU; KernelPolicy(mosaic='always') opts in"
 
 
-def _mosaic_ok(p: Problem) -> bool:
-  # (the policy first: Mosaic GPU is imported only when a policy lets the kernel in)
-  return p.policy.allows_mosaic() and _compat.has_mosaic_gpu() and _takes(mosaic_wo, p)
+def _mosaic_ok(module):
+  def ok(p: Problem) -> bool:
+    # (the policy first: Mosaic GPU is imported only when a policy lets the kernel in)
+    return p.policy.allows_mosaic() and _compat.has_mosaic_gpu() and _takes(module, p)
+  return ok
 
 
 def _mosaic_note(p: Problem) -> PerfNote:
@@ -140,5 +143,9 @@ def _mosaic_note(p: Problem) -> PerfNote:
 
 register(Impl(name="mosaic_gpu_weight_only", fn=mosaic_wo.weight_only_dot_general,
               backends=frozenset({"gpu"}), modes=frozenset({Mode.WEIGHT_ONLY}),
-              qtypes=frozenset(mosaic_wo.SUPPORTED_QTYPES), predicate=_mosaic_ok, priority=20,
-              note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))
+              qtypes=frozenset(mosaic_wo.SUPPORTED_QTYPES), predicate=_mosaic_ok(mosaic_wo),
+              priority=20, note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))
+register(Impl(name="mosaic_gpu_w8a8", fn=mosaic_w8a8.w8a8_dot_general,
+              backends=frozenset({"gpu"}), modes=frozenset({Mode.DYNAMIC, Mode.STATIC}),
+              qtypes=frozenset(mosaic_w8a8.SUPPORTED_QTYPES), predicate=_mosaic_ok(mosaic_w8a8),
+              priority=20, note=_mosaic_note, held_back=_MOSAIC_HELD_BACK))

@@ -173,7 +173,7 @@ def default_config(m: int, cols: int, *, k: int, planes: int, x_bytes: int, out_
   return cfg
 
 
-def _swizzled(cols: int, dtype) -> tuple[Any, ...]:
+def swizzled(cols: int, dtype) -> tuple[Any, ...]:
   """Tiling and swizzle transforms of a shared-memory tile whose rows have ``cols`` elements."""
   plgpu = _compat.mosaic_gpu()
   bits = np.dtype(dtype).itemsize * 8
@@ -258,8 +258,8 @@ def wo_matmul_2d(x: jax.Array, w: QArray, *, out_dtype=None, tile_m: int | None 
   group_steps = group // tk if grouped else k // tk
   signed, has_zp = w.qtype.signed, zps is not None
   dt = np.dtype(x.dtype)
-  x_tf, q_tf = _swizzled(tk, dt), _swizzled(tn, np.int8)
-  wd_tf, out_tf = _swizzled(tn, dt), _swizzled(tn, part_dtype)
+  x_tf, q_tf = swizzled(tk, dt), swizzled(tn, np.int8)
+  wd_tf, out_tf = swizzled(tn, dt), swizzled(tn, part_dtype)
   # rows the pipeline brings per step: group scales (grouped only), zero points; per-channel
   # scales are read once, for the epilogue
   n_rows = n_planes * (int(grouped) + int(has_zp))

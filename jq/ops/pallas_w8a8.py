@@ -17,7 +17,8 @@ Twin of :func:`jq.ops.reference.int8_dot_general` (same signature, plus keyword-
 With ``split_k > 1`` (decode), each split writes its exact int32 partial (corrections included) and
 a small XLA epilogue sums the partials and rescales, so the int32 result stays exact.
 
-fp8 (e4m3) activations/weights are not implemented.
+fp8 (e4m3): XLA's native fp8 dot (:func:`jq.ops.reference.fp8_dot_general`) or the Mosaic GPU
+kernel (:mod:`jq.ops.mosaic_w8a8`); not in this Triton kernel.
 """
 from __future__ import annotations
 
