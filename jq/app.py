@@ -56,7 +56,10 @@ def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConf
     if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
       check_context(model, calib_len, "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
-      calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
+      try:
+        calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
+      except ValueError as e:
+        raise ValueError(f"--calib-sequences/--calib-len/--calib-text: {e}") from e
       res = calibrated(model.module, model.variables, rules, _share(
           [calib[i:i + cfg.chunk] for i in range(0, len(calib), cfg.chunk)], cfg),
                        config=cfg, progress=progress)

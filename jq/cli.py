@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -197,7 +198,7 @@ def _quantize(args) -> int:
     _wait_for_process_0(args, None)
     return 0
   fvars = app.float_variables(model)
-  rows = jqtree.report(ref_vars, qvars)
+  rows = jqtree.report(ref_vars, qvars, stored=fvars)
   _print("\nworst layers by SQNR:")
   _print(jqtree.format_report(rows, limit=args.worst))
   quality = {}
@@ -810,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     return args.fn(args)
+  except BrokenPipeError:   # `jq-quant inspect CKPT | head`: the reader left; not an error
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")   # (Python flushes stdout at exit)
+    return 0
   except (ValueError, OSError) as e:   # OSError: missing, unreadable or unwritable paths
     _print(f"error: {e}", file=sys.stderr)
     return 1

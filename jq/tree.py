@@ -256,9 +256,14 @@ class LayerReport:
   bytes_after: int
 
 
-def report(params: PyTree, qparams: PyTree) -> list[LayerReport]:
-  """Per quantized leaf: error metrics of the dequantized weight against the float one, and sizes."""
+def report(params: PyTree, qparams: PyTree, stored: PyTree | None = None) -> list[LayerReport]:
+  """Per quantized leaf: error metrics of the dequantized weight against the float one (``params``),
+  and sizes: ``bytes_before`` of ``stored``'s leaf where given (the model as loaded: AWQ and
+  SmoothQuant hand back ``params`` folded in float32 from a bfloat16 / float16 checkpoint),
+  else of ``params``'."""
   ref = dict(leaves_with_paths(params))
+  sizes = {p: int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+           for p, x in leaves_with_paths(params if stored is None else stored)}
   rows = []
   for path, q in leaves_with_paths(qparams):
     if not is_qarray(q):
@@ -272,7 +277,8 @@ def report(params: PyTree, qparams: PyTree) -> list[LayerReport]:
     desc += "" if q.activation is None else f" {q.activation.spec.describe()}"
     rows.append(LayerReport(path, tuple(q.shape), desc, float(metrics.mse(w, deq)),
                             float(metrics.sqnr(w, deq)),
-                            int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize, q.nbytes))
+                            sizes.get(path, int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize),
+                            q.nbytes))
   return rows
 
 

@@ -113,7 +113,7 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   layers = int(need("num_hidden_layers"))
   gemma = family in _GEMMA
   kw: dict[str, Any] = {}
-  if family in ("llama", "qwen3"):
+  if family in ("llama", "qwen3") or gemma:   # (Mistral's projections never have biases)
     bias = bool(raw.get("attention_bias", False))
     kw.update(qkv_bias=bias, o_bias=bias)
   if family == "llama":
@@ -285,6 +285,13 @@ def stream_sources(directory: str | Path, config: DecoderConfig) -> list[Any]:
   if missing:
     raise CheckpointError(f"{directory}: {len(missing)} tensors the config needs are missing, "
                           f"e.g. {missing[:3]}")
+  unused = sorted((n for n in set(files) - set(names) if not _ignorable(n, config)), key=_natural)
+  if unused:
+    raise CheckpointError(
+        f"{directory}: {len(unused)} tensors config.json gives no use for, e.g. {unused[:3]}: "
+        "jq's decoder would drop them and compute another function than the checkpoint's (a "
+        "config field such as attention_bias / mlp_bias that does not match the weights, or a "
+        "feature jq does not support)")
   headers = {f: _file_tensors(f) for f in sorted(set(files[n] for n in names))}
   out = []
   for t in decoder_names.decoder_tensors(config):
@@ -306,6 +313,13 @@ def stream_sources(directory: str | Path, config: DecoderConfig) -> list[Any]:
                             read=_reader(file, info, start, t.hf, t.transpose),
                             where=f"{file.name}: {t.hf}"))
   return out
+
+
+def _ignorable(name: str, config: DecoderConfig) -> bool:
+  """Tensors a checkpoint may carry that transformers ignores as well: RoPE's precomputed inverse
+  frequencies (older conversions), and a tied model's copy of the head."""
+  return (name.endswith("rotary_emb.inv_freq")
+          or (config.tie_embeddings and name == "lm_head.weight"))
 
 
 def iter_tensors(directory: Path, config: DecoderConfig

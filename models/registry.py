@@ -7,13 +7,15 @@
   run on ``jq_models.decoder``.
 
 Every model has a ``source`` (a JSON-able dict) that checkpoints record, so ``load_source`` finds
-the float model again for ``eval``, ``generate`` and ``export``.
+the float model again for ``eval``, ``generate`` and ``export``, and checks it is the same one: its
+config, and for a path a fingerprint of its weight files (:func:`weights_fingerprint`).
 
 Evaluation text is the held-out split of ``jq_models.text``; calibration uses the disjoint split.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +199,27 @@ def _check_vocab(tok, config, where: str) -> None:
                      "(a tokenizer from another model?)")
 
 
+FINGERPRINT_SAMPLES, FINGERPRINT_CHUNK = 64, 4096
+
+
+def weights_fingerprint(files: Sequence[Path]) -> dict[str, str]:
+  """File name -> a digest of its size, its first 64 KiB (a safetensors / GGUF header) and
+  ``FINGERPRINT_SAMPLES`` evenly spaced ``FINGERPRINT_CHUNK``-byte samples of the rest: weights
+  changed in place (same shapes, so the same header) show, a copy (other times) does not, and it
+  reads ~320 KiB per file."""
+  out = {}
+  for f in files:
+    size = f.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(f, "rb") as fh:
+      h.update(fh.read(1 << 16))
+      for i in range(FINGERPRINT_SAMPLES):
+        fh.seek(size * i // FINGERPRINT_SAMPLES)
+        h.update(fh.read(FINGERPRINT_CHUNK))
+    out[f.name] = h.hexdigest()
+  return out
+
+
 def hf_source(path: str | Path) -> tuple[Any, dict[str, Any]]:
   """``(config, source record)`` of a Hugging Face checkpoint directory, reading no weights (the
   tokenizer is read and checked against the vocabulary)."""
@@ -209,7 +232,8 @@ def hf_source(path: str | Path) -> tuple[Any, dict[str, Any]]:
   tok = hf.load_tokenizer(path)
   _check_vocab(tok, config, f"{path / 'tokenizer.json'} vs {path / 'config.json'} vocab_size")
   return config, {"kind": "hf", "path": str(path.resolve()), "family": raw.get("model_type"),
-                  "config": config.to_json()}
+                  "config": config.to_json(),
+                  "weights": weights_fingerprint(sorted(set(hf.weight_files(path).values())))}
 
 
 def _load_hf(path: Path, place=None) -> CausalLM:
@@ -235,7 +259,7 @@ def _load_gguf(path: Path, place=None) -> CausalLM:
                   tokenizer=tok, gguf_path=path,
                   source={"kind": "gguf", "path": str(path.resolve()),
                           "family": gguf_weights.metadata(reader)["general.architecture"],
-                          "config": config.to_json()})
+                          "config": config.to_json(), "weights": weights_fingerprint([path])})
 
 
 def load_source(source: dict[str, Any], *, override: str | None = None) -> CausalLM | Encoder:
@@ -261,4 +285,13 @@ def load_source(source: dict[str, Any], *, override: str | None = None) -> Causa
     diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
     raise ValueError(f"{where}: its config differs from the one the checkpoint was made from "
                      f"(fields {diff})")
+  want = source.get("weights")   # (checkpoints before fingerprints: not checked)
+  have = (getattr(model, "source", None) or {}).get("weights")
+  if want is not None and have is not None:
+    changed = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+    if changed:
+      raise ValueError(f"{where}: its weights differ from those the checkpoint was made from "
+                       f"(files {changed} changed since): compared with them, the checkpoint "
+                       "would be measured against another model; pass --model PATH of the "
+                       "original")
   return model

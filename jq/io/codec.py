@@ -302,7 +302,8 @@ def describe_granularity(shape: Sequence[int], tile: Sequence[int]) -> str:
     return "per-tensor"
   chan = [i for i, (s, t) in enumerate(zip(shape, tile)) if t == 1 and s != 1]
   groups = [(i, t) for i, (s, t) in enumerate(zip(shape, tile)) if 1 < t < s]
-  parts = [f"groups of {t} along axis {i}" for i, t in groups]
+  parts = [f"groups of {t} along axis {i}" + (f" (the last of {s % t})" if s % t else "")
+           for i, t in groups for s in [shape[i]]]
   if chan:
     parts.append(f"per-channel along axis {', '.join(map(str, chan))}")
   return "; ".join(parts) or "per-tensor"

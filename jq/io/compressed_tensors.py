@@ -279,8 +279,15 @@ def _expand_rows(t: np.ndarray, tile_out: int, out: int) -> np.ndarray:
   return np.ascontiguousarray(t.T)
 
 
-def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarray]]:
-  """CT tensors (``weight_packed``/``weight`` ...) of a jq kernel QArray ``(in, out)``."""
+def _ct_from_qarray(q: QArray, module: str, group: int | None = None
+                    ) -> tuple[_Scheme, dict[str, np.ndarray]]:
+  """CT tensors (``weight_packed``/``weight`` ...) of a jq kernel QArray ``(in, out)``.
+
+  ``group``: the checkpoint's group size, if its group-wise kernels share one: a weight-only
+  per-channel kernel whose input dim it divides is stored as that group scheme, its one scale per
+  row repeated for each group (the same values: exact), so a g128 recipe whose 128-input layers
+  came out per channel stays one scheme (transformers 5 decompresses only one scheme when zero
+  points are packed)."""
   where = f"{module}: QArray(qtype={q.qtype.value}, shape={q.shape}, tile={q.tile})"
   q.validate(module)
   if q.qtype.is_float:
@@ -297,8 +304,12 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   ti, to = q.tile
   bits = q.qtype.bits
   sym = q.zero_point is None
-  if ti >= n_in:
-    strategy, g = ("tensor", None) if to >= n_out else ("channel", None)
+  if ti >= n_in and to >= n_out:
+    strategy, g = "tensor", None
+  elif ti >= n_in and group is not None and q.activation is None and n_in % group == 0:
+    strategy, g = "group", group   # one scale per row, repeated per group below
+  elif ti >= n_in:
+    strategy, g = "channel", None
   elif n_in % ti == 0:
     strategy, g = "group", ti
   else:
@@ -317,6 +328,9 @@ def _ct_from_qarray(q: QArray, module: str) -> tuple[_Scheme, dict[str, np.ndarr
   else:
     scale = _expand_rows(scale, to, n_out)                      # (out, n_groups) / (out, 1)
     zp = None if zp is None else _expand_rows(zp, to, n_out)
+    if strategy == "group" and scale.shape[1] != n_in // g:     # per channel, as groups
+      scale = np.repeat(scale, n_in // g, axis=1)
+      zp = None if zp is None else np.repeat(zp, n_in // g, axis=1)
   act = None
   if q.activation is not None:
     if bits != 8 or strategy == "group":
@@ -551,7 +565,10 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   schemes: dict[_Scheme, list[str]] = {}
   float_linears: list[str] = []
   embed_dtype = None
-  leaves = leaves_with_paths(tree)
+  leaves = list(leaves_with_paths(tree))
+  sizes = {int(x.tile[0]) for _, x in leaves if is_qarray(x) and len(x.shape) == 2
+           and x.tile[0] < x.shape[0] and x.shape[0] % x.tile[0] == 0}
+  group = sizes.pop() if len(sizes) == 1 else None   # (see _ct_from_qarray)
   if progress:
     from tqdm.auto import tqdm
     leaves = tqdm(leaves, desc="packing", unit="tensor", leave=False)
@@ -570,11 +587,11 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                                      "in a compressed-tensors checkpoint (embeddings and norms "
                                      f"stay float){tied}")
       try:
-        scheme, ts = _ct_from_qarray(leaf, module)
+        scheme, ts = _ct_from_qarray(leaf, module, group)
       except CompressedTensorsError:
         if not requantize:
           raise
-        scheme, ts = _ct_from_qarray(_requantized_qarray(leaf), module)
+        scheme, ts = _ct_from_qarray(_requantized_qarray(leaf), module, group)
         if notes is not None:
           notes.append(f"params/{p}: re-rounded from {leaf.qtype.value} "
                        f"{'sym' if leaf.zero_point is None else 'asym'} tile {tuple(leaf.tile)} to "

@@ -174,6 +174,11 @@ def test_report_and_format():
   assert T.format_report([]).splitlines()[0].startswith("path")
   with pytest.raises(ValueError, match="missing from the float tree"):
     T.report({"params": {}}, q)
+  # sizes of the model as stored (a bfloat16 checkpoint whose AWQ-folded copy is float32)
+  stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  halves = T.report(params, q, stored=stored)
+  assert [r.bytes_before * 2 for r in halves] == [r.bytes_before for r in rows]
+  assert [r.sqnr_db for r in halves] == [r.sqnr_db for r in rows]
 
 
 def test_tree_error_and_nbytes():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,17 @@ def test_registry_loads_a_directory_and_records_its_source(tiny_hf):
   cfg = json.loads((path / "config.json").read_text())
   (path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5.0}))
   with pytest.raises(ValueError, match="rope_theta"):
+    registry.load_source(model.source)
+  # so is one whose weights changed in place (same shapes, same header), while a copy elsewhere
+  # (other file times) passes as --model
+  (path / "config.json").write_text(json.dumps(cfg))
+  copy = shutil.copytree(path, path.parent / "moved")
+  assert registry.load_source(model.source, override=str(copy)).config == model.config
+  f = path / "model.safetensors"
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x40   # one byte of one weight (in a sampled chunk: see the docstring)
+  f.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"weights differ .*model.safetensors.*--model PATH"):
     registry.load_source(model.source)
 
 

@@ -46,6 +46,32 @@ def test_compressed_tensors_of_every_family_loads_in_transformers(tiny_hf, tmp_p
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-4, family
 
 
+def test_a_group_recipe_stays_one_scheme_where_a_layer_is_one_group_wide(tiny_hf, tmp_path):
+  """w4a16-g32 (zero points) on a model whose down_proj reads 32 inputs: that kernel's one group
+  per row is a per-channel tile, stored as the checkpoint's group scheme (its scales repeated per
+  group: exact), so the export is one scheme and transformers 5 loads it with jq's logits (two
+  schemes with packed zero points it refuses)."""
+  pytest.importorskip("compressed_tensors")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  src = tiny_hf("llama", intermediate_size=32)
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "ct"
+  _quantize(src, ckpt, "w4a16-g32")
+  qvars = jqio.load(ckpt)
+  down = qvars["params"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+  assert down.shape == (32, 64) and tuple(down.tile) == (32, 1)   # per channel, in effect
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 0
+  groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+  assert len(groups) == 1 and groups["group_0"]["weights"]["group_size"] == 32, groups
+  model = registry.load(str(src))
+  ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12))
+  want = np.asarray(quantized_apply(model.module.apply)(qvars, jnp.asarray(ids)))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = hf(torch.tensor(ids)).logits.numpy()
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
 def test_w8a8_export_decompresses_to_jq_weights(tiny_hf, tmp_path):
   """W8A8: transformers' CPU emulation of dynamic int8 activations is its own (vLLM serves the
   checkpoint); what the file defines, the int8 weights and their scales, must equal jq's."""

@@ -2,6 +2,8 @@
 tiny random checkpoints of every family (skipped where the ``reference`` extra is missing)."""
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +39,28 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_hf, family):
   got = decoder.greedy_generate(decoder.Decoder(config).apply, params, prompt[0], 10,
                                 config=config)
   np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("family,fields", [
+    ("gemma2", dict(attention_bias=True)),
+    ("llama", dict(attention_bias=True, mlp_bias=True)),
+    ("qwen3", dict(attention_bias=True)),
+], ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_projection_biases_match_transformers(tiny_hf, family, fields):
+  """``attention_bias`` / ``mlp_bias`` (random, nonzero biases: zero ones would hide a dropped
+  bias) give transformers' logits; a bias tensor config.json has no use for is refused by name
+  (it was dropped silently for the Gemma families)."""
+  path = tiny_hf(family, tokenizer=False, seed=4, **fields)
+  config, params = hf.load_weights(path)
+  ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, 12))
+  with torch.no_grad():
+    ref = _hf_model(path)(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
+  raw = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**raw, **{k: False for k in fields}}))
+  with pytest.raises(hf.CheckpointError, match=r"config.json gives no use for.*_proj\.bias"):
+    hf.load_weights(path)
 
 
 def test_chat_template_matches_transformers(tiny_hf):
