@@ -68,18 +68,6 @@ def pytest_unconfigure(config):
     shutil.rmtree(directory, ignore_errors=True)
 
 
-# The longest tests (60-290 s each on 2 CPU cores: meshes and process groups, the notebooks, the
-# learned-rounding and algorithm zoos), scheduled first: pytest-xdist hands out tests in collection
-# order, so one of these collected last kept a worker busy minutes after the other had finished.
-_LONG_FIRST = ("tests/distributed/", "tests/notebooks/", "tests/ptq/test_autoround.py",
-               "tests/ptq/test_quantize_model.py", "tests/models/test_cli_processes.py",
-               "tests/benchmarks/")
-
-
-def pytest_collection_modifyitems(config, items):
-  items.sort(key=lambda item: not item.nodeid.startswith(_LONG_FIRST))   # (stable)
-
-
 @pytest.fixture(autouse=True)
 def _optimized(request):
   """Tests marked ``optimized`` compile with XLA's full optimizations (see ``_fast_compile``),
