@@ -47,7 +47,7 @@ from jax.typing import ArrayLike
 
 from jq import _compat
 from jq.ops import reference
-from jq.ops.mosaic_wo import rows_written, swizzled
+from jq.ops.mosaic_wo import rows_written, run_as_matrix, swizzled
 from jq.qarray import QArray
 from jq.qtypes import QType
 from jq.spec import ActMode
@@ -304,16 +304,9 @@ def w8a8_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precision=None,
     >>> y = w8a8_dot_general(x, qw, (((x.ndim - 1,), (0,)), ((), ())))
   """
   del precision
-  x = jnp.asarray(x)
-  interpret = _compat.default_interpret() if interpret is None else interpret
-  if out_sharding is not None:
-    raise NotImplementedError("mosaic w8a8: out_sharding is not supported")
-  if (why := unsupported_reason(x.shape, x.dtype, w, dimension_numbers)) is not None:
-    raise NotImplementedError(why)
-  out_dtype = np.dtype(preferred_element_type or x.dtype)
-  kernel_dtype = out_dtype if out_dtype in OUT_DTYPES else np.dtype(np.float32)
-  return reference.matrix_matmul(w8a8_matmul_2d, x, w, dimension_numbers, out_dtype=kernel_dtype,
-                                 interpret=interpret, **tiles).astype(out_dtype)
+  return run_as_matrix(w8a8_matmul_2d, unsupported_reason, "mosaic w8a8", x, w, dimension_numbers,
+                       preferred_element_type, out_sharding=out_sharding, interpret=interpret,
+                       out_dtypes=OUT_DTYPES, **tiles)
 
 
 __all__ = ["TileConfig", "default_config", "unsupported_reason", "w8a8_matmul_2d",

@@ -356,15 +356,28 @@ def weight_only_dot_general(x: ArrayLike, w: QArray, dimension_numbers, precisio
     >>> y = weight_only_dot_general(x.astype(jnp.bfloat16), w, (((x.ndim - 1,), (0,)), ((), ())))
   """
   del precision
+  return run_as_matrix(wo_matmul_2d, unsupported_reason, "mosaic weight-only", x, w,
+                       dimension_numbers, preferred_element_type, out_sharding=out_sharding,
+                       interpret=interpret, out_dtypes=OUT_DTYPES, **tiles)
+
+
+def run_as_matrix(matmul_2d, why_not, what: str, x: ArrayLike, w: QArray, dimension_numbers,
+                  preferred_element_type, *, out_sharding, interpret: bool | None, out_dtypes,
+                  **tiles: Any) -> jax.Array:
+  """The ``dot_general`` entry of a Mosaic GPU kernel (this module's and
+  :mod:`jq.ops.mosaic_w8a8`'s): refuses ``out_sharding`` and what ``why_not(x_shape, x_dtype, w,
+  dimension_numbers)`` names, runs ``matmul_2d`` on the 2-D matrices
+  (:func:`jq.ops.reference.matrix_matmul`) in the output dtype when the kernel writes it (else
+  float32), interpret mode by default off a GPU."""
   x = jnp.asarray(x)
   interpret = _compat.default_interpret() if interpret is None else interpret
   if out_sharding is not None:
-    raise NotImplementedError("mosaic weight-only: out_sharding is not supported")
-  if (why := unsupported_reason(x.shape, x.dtype, w, dimension_numbers)) is not None:
+    raise NotImplementedError(f"{what}: out_sharding is not supported")
+  if (why := why_not(x.shape, x.dtype, w, dimension_numbers)) is not None:
     raise NotImplementedError(why)
   out_dtype = np.dtype(preferred_element_type or x.dtype)
-  kernel_dtype = out_dtype if out_dtype in OUT_DTYPES else np.dtype(np.float32)
-  return reference.matrix_matmul(wo_matmul_2d, x, w, dimension_numbers, out_dtype=kernel_dtype,
+  kernel_dtype = out_dtype if out_dtype in out_dtypes else np.dtype(np.float32)
+  return reference.matrix_matmul(matmul_2d, x, w, dimension_numbers, out_dtype=kernel_dtype,
                                  interpret=interpret, **tiles).astype(out_dtype)
 
 
