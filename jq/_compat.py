@@ -79,6 +79,17 @@ def user_context(default_value):
     return make_user_context(default_value)
   return _ContextVarConfig(default_value)
 
+def tracing() -> bool:
+  """Whether a JAX transformation (jit, grad, vmap, ...) is tracing at this point.  JAX has no
+  public test for it; its internal one where present, else True (the careful answer: callers then
+  evaluate concrete values at trace time, as under a trace)."""
+  try:
+    from jax._src import core  # pylint: disable=import-outside-toplevel
+    return not core.trace_state_clean()
+  except (ImportError, AttributeError):
+    return True
+
+
 _CompilerParams = (getattr(_pltriton, "CompilerParams", None)
                    or getattr(_pltriton, "TritonCompilerParams", None))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -93,43 +94,116 @@ def _concrete(x) -> bool:
                        and not (hasattr(x, "is_deleted") and x.is_deleted()))
 
 
-def value_check(inputs: Sequence, summary: Callable[[], Sequence], fail: Callable[..., None]
-                ) -> None:
+def value_check(inputs: Sequence, summary: Callable[[], Sequence], fail: Callable[..., None],
+                *, quick: Callable[[], jax.Array] | None = None) -> None:
   """Runs a value check on ``inputs``: ``summary()`` gives ``(ok, *details)`` as (small) arrays and
-  ``fail(*details)`` raises the ValueError.
+  ``fail(*details)`` raises the ValueError; ``quick()``, if given, just ``ok`` (cheaper to
+  compile: one reduction).
 
   Concrete inputs: checked now (one bool comes back; the details only on failure).  Traced
   inputs: inside :func:`checked` a ``jax.debug.callback``, otherwise nothing.
   """
   if all(_concrete(a) for a in inputs):
+    if not _compat.tracing():   # (summaries are jitted: one program each, run now)
+      check_summary((quick(),) if quick is not None else summary(), fail, again=summary)
+      return
     with jax.ensure_compile_time_eval():  # concrete arrays closed over by a jit trace
-      ok, *details = summary()
-      if bool(ok):
-        return
-      details = [np.asarray(d) for d in details]
-    fail(*details)
+      check_summary(summary(), fail)
   elif checks_enabled():
-    ok, *details = summary()
+    check_summary(summary(), fail)
 
-    def callback(ok, *d):
-      if not bool(ok):
-        try:
-          fail(*(np.asarray(x) for x in d))
-        except ValueError as e:
-          with _FAILURES_LOCK:
-            if not _FAILURES:
-              _FAILURES.append(str(e))
-          raise
 
-    jax.debug.callback(callback, ok, *details)
+def check_summary(summary: Sequence, fail: Callable[..., None],
+                  again: Callable[[], Sequence] | None = None) -> None:
+  """:func:`value_check` of a summary ``(ok, *details)`` already computed (in the same compiled
+  program as the values it checks): concrete, checked now; traced, a ``jax.debug.callback``
+  inside :func:`checked`, otherwise nothing.  A summary of ``ok`` alone that fails gets its
+  details from ``again()``."""
+  ok, *details = summary
+  if all(_concrete(a) for a in summary):
+    if not bool(ok):
+      if not details and again is not None:
+        _, *details = again()
+      fail(*[np.asarray(d) for d in details])
+    return
+  if not checks_enabled():
+    return
+
+  def callback(ok, *d):
+    if not bool(ok):
+      try:
+        fail(*(np.asarray(x) for x in d))
+      except ValueError as e:
+        with _FAILURES_LOCK:
+          if not _FAILURES:
+            _FAILURES.append(str(e))
+        raise
+
+  jax.debug.callback(callback, ok, *details)
 
 
 def first_bad(good: jax.Array, values: jax.Array | None = None):
-  """``(all good, count bad, flat index of the first bad, its value)`` of a boolean mask."""
-  flat = jnp.ravel(good)
-  i = jnp.argmin(flat)  # first False
-  v = jnp.ravel(values)[i] if values is not None else i
-  return jnp.all(flat), jnp.sum(~flat), i, v
+  """``(all good, count bad, flat index of the first bad, its value)`` of a boolean mask.
+
+  Reductions over the mask's own shape (no reshape or index into it): arrays split over a mesh's
+  devices (explicit sharding) take neither along a split axis."""
+  good = jnp.asarray(good)
+  flat = jnp.zeros(good.shape, jnp.int32)   # each element's row-major flat index
+  stride = 1
+  for ax in reversed(range(good.ndim)):
+    flat = flat + jax.lax.broadcasted_iota(jnp.int32, good.shape, ax) * np.int32(stride)
+    stride *= good.shape[ax]
+  ok = jnp.all(good)
+  i = jnp.where(ok, 0, jnp.min(jnp.where(good, np.int32(max(good.size, 1)), flat)))
+  if values is None:
+    return ok, jnp.sum(~good), i, i
+  v = jnp.asarray(values)
+  v = jnp.sum(jnp.where(flat == i, v, jnp.zeros((), v.dtype)), dtype=v.dtype)
+  return ok, jnp.sum(~good), i, v
+
+
+_CONDITIONS = ("dtype", "finite", "positive", "lo", "hi", "integral", "not_nan")
+
+
+def _good(x, dtype: str | None = None, finite: bool = False, positive: bool = False,
+          lo: float | None = None, hi: float | None = None, integral: bool = False,
+          not_nan: bool = False):
+  """``(mask of the values meeting every asked condition, the values cast to dtype)``."""
+  v = x if dtype is None else x.astype(dtype)
+  good = jnp.ones(v.shape, jnp.bool_)
+  if finite:
+    good &= jnp.isfinite(v)
+  if not_nan:
+    good &= ~jnp.isnan(v)
+  if positive:
+    good &= v > 0
+  if lo is not None:
+    good &= v >= lo
+  if hi is not None:
+    good &= v <= hi
+  if integral:
+    good &= v == jnp.round(v)
+  return good, v
+
+
+@functools.partial(jax.jit, static_argnames=_CONDITIONS)
+def all_good(x, **conditions) -> jax.Array:
+  """Whether every value of ``x`` meets the conditions (see :func:`bad_values`)."""
+  return jnp.all(_good(x, **conditions)[0])
+
+
+@functools.partial(jax.jit, static_argnames=_CONDITIONS)
+def bad_values(x, **conditions):
+  """:func:`first_bad` of the values of ``x`` (cast to ``dtype``) that break any of the asked
+  conditions (``finite``, ``positive``, in ``[lo, hi]``, ``integral``, ``not_nan``)."""
+  return first_bad(*_good(x, **conditions))
+
+
+def check_values(x, fail: Callable[..., None], **conditions) -> None:
+  """:func:`value_check` of ``x`` against the conditions of :func:`bad_values`: on concrete
+  arrays one compiled reduction per shape, the details only on failure."""
+  value_check([x], lambda: bad_values(x, **conditions), fail,
+              quick=lambda: all_good(x, **conditions))
 
 
 def index_str(flat_index, shape: Sequence[int]) -> str:
@@ -160,15 +234,11 @@ def check_activation_scale(scale, zero_point, spec: ActivationSpec, name: str) -
   if not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(f"{where}: the scale must be floating point")
 
-  def summary():
-    s = jnp.asarray(scale).astype(jnp.float32)
-    return first_bad(jnp.isfinite(s) & (s > 0), s)
-
   def fail(n, i, v):
     raise ValueError(f"{where}: activation scales must be finite and positive; {int(n)} bad, "
                      f"first at index {index_str(i, shape)}: {float(v)}")
 
-  value_check([scale], summary, fail)
+  check_values(jnp.asarray(scale), fail, dtype="float32", finite=True, positive=True)
   if zero_point is None:
     return
   qt = spec.qtype
@@ -179,16 +249,13 @@ def check_activation_scale(scale, zero_point, spec: ActivationSpec, name: str) -
   zshape = tuple(np.shape(zero_point))
   zwhere = f"{name}: static activation zero point shape {zshape} dtype {_dtype_of(zero_point)}"
 
-  def zsummary():
-    z = jnp.asarray(zero_point).astype(jnp.float32)
-    return first_bad(jnp.isfinite(z) & (z >= qt.qmin) & (z <= qt.qmax) & (z == jnp.round(z)), z)
-
   def zfail(n, i, v):
     raise ValueError(f"{zwhere}: activation zero points must be integers in [{qt.qmin}, "
                      f"{qt.qmax}] ({qt.value}); {int(n)} bad, first at index "
                      f"{index_str(i, zshape)}: {float(v)}")
 
-  value_check([zero_point], zsummary, zfail)
+  check_values(jnp.asarray(zero_point), zfail, dtype="float32", finite=True, lo=qt.qmin,
+               hi=qt.qmax, integral=True)
 
 
 def _host_value(x) -> bool:
@@ -338,58 +405,73 @@ class QArray:
     qt = self.qtype
     sshape = tuple(self.scale.shape)
 
-    def scale_summary():
-      s = self.scale.astype(jnp.float32)
-      return first_bad(jnp.isfinite(s) & (s > 0), s)
-
     def scale_fail(n, i, v):
       raise ValueError(f"{where}: scale shape {sshape} dtype {self.scale.dtype}: scales must be "
                        f"finite and positive; {int(n)} bad, first at index "
                        f"{index_str(i, sshape)}: {float(v)}")
 
     if self.scale.size:
-      value_check([self.scale], scale_summary, scale_fail)
+      check_values(self.scale, scale_fail, dtype="float32", finite=True, positive=True)
     zp = self.zero_point
     if zp is not None and zp.size:
-      def zp_summary():
-        z = zp.astype(jnp.int32)
-        return first_bad((z >= qt.qmin) & (z <= qt.qmax), z)
-
       def zp_fail(n, i, v):
         raise ValueError(f"{where}: zero_point shape {tuple(zp.shape)} dtype {zp.dtype}: zero "
                          f"points must lie in [{qt.qmin}, {qt.qmax}]; {int(n)} outside, first at "
                          f"index {index_str(i, zp.shape)}: {int(v)}")
 
-      value_check([zp], zp_summary, zp_fail)
+      check_values(zp, zp_fail, dtype="int32", lo=qt.qmin, hi=qt.qmax)
     # Codes: only storage that can hold values outside [qmin, qmax] needs a look (3-bit types in
     # 4-bit slots; float8, whose bytes can hold NaN); 8/4/2-bit slots hold exactly the qtype's
     # range.
     if qt.is_float and self.values.size:
-      def nan_summary():
-        v = self.values.astype(jnp.float32)
-        return first_bad(~jnp.isnan(v))
-
       def nan_fail(n, i, _):
         raise ValueError(f"{where}: values dtype {self.values.dtype}: {int(n)} NaN values, first "
                          f"at index {index_str(i, self.shape)}; {qt.value} values must be finite")
 
-      value_check([self.values], nan_summary, nan_fail)
+      check_values(self.values, nan_fail, dtype="float32", not_nan=True)
     sb = qt.storage_bits
     slot = (-(1 << (sb - 1)), (1 << (sb - 1)) - 1) if qt.signed else (0, (1 << sb) - 1)
     if not qt.is_float and slot != (qt.qmin, qt.qmax) and self.values.size:
       def code_summary():
-        v = self.unpacked().astype(jnp.int32)
-        return first_bad((v >= qt.qmin) & (v <= qt.qmax), v)
+        return _bad_codes(self.values, qt, tuple(self.shape))
+
+      def code_ok():
+        return _bad_codes(self.values, qt, tuple(self.shape), quick=True)
 
       def code_fail(n, i, v):
         raise ValueError(f"{where}: values dtype {self.values.dtype}: {qt.value} codes must lie "
                          f"in [{qt.qmin}, {qt.qmax}] after unpacking; {int(n)} outside, first at "
                          f"index {index_str(i, self.shape)}: {int(v)}")
 
-      value_check([self.values], code_summary, code_fail)
+      value_check([self.values], code_summary, code_fail, quick=code_ok)
     if self.activation is not None and self.activation.scale is not None:
       check_activation_scale(self.activation.scale, self.activation.zero_point,
                              self.activation.spec, f"{where}: activation")
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "shape", "quick"))
+def _bad_codes(values, qtype: QType, shape: tuple[int, ...], quick: bool = False):
+  """:func:`bad_values` of the unpacked codes outside the qtype's range (``quick``: just ok)."""
+  v = numerics.unpack(values, qtype, shape[-1] if shape else 1).reshape(shape)
+  good = (all_good if quick else bad_values)
+  return good(v, dtype="int32", lo=qtype.qmin, hi=qtype.qmax)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "shape", "tile", "dtype", "details"))
+def _dequantized(values, scale, zero_point, qtype: QType, shape, tile, dtype, details=False):
+  """``(dequantized values in dtype, (all finite,) or with details the first_bad of their
+  finiteness (float32 values))``: one compiled program per shape and grid."""
+  v = numerics.unpack(values, qtype, shape[-1] if shape else 1).reshape(shape)
+  s = numerics.expand(scale.astype(jnp.float32), tile, shape)
+  if qtype.is_table:
+    x = numerics.nf4_decode(v, jnp.float32)
+  else:
+    x = v.astype(jnp.float32)
+    if zero_point is not None:
+      x = x - numerics.expand(zero_point.astype(jnp.float32), tile, shape)
+  y32 = x * s
+  y = y32.astype(dtype)
+  return y, first_bad(jnp.isfinite(y), y32) if details else (jnp.all(jnp.isfinite(y)),)
 
 
 def dequantize(q: QArray, dtype=jnp.float32, *, name: str = "<dequantize>") -> jax.Array:
@@ -412,30 +494,18 @@ def dequantize(q: QArray, dtype=jnp.float32, *, name: str = "<dequantize>") -> j
                      "would be truncated; dequantize to float32/bfloat16/float16 (use "
                      "QArray.unpacked() for the integer codes)")
   q.validate(name)
-  v = q.unpacked()
-  scale = numerics.expand(q.scale.astype(jnp.float32), q.tile, q.shape)
-  if q.qtype.is_table:
-    x = numerics.nf4_decode(v, jnp.float32)
-  else:
-    x = v.astype(jnp.float32)
-    if q.zero_point is not None:
-      x = x - numerics.expand(q.zero_point.astype(jnp.float32), q.tile, q.shape)
-  y32 = x * scale
-  y = y32.astype(out_dt)
-  _check_dequantized(q, y32, y, name)
+  args = (q.values, q.scale, q.zero_point, q.qtype, tuple(q.shape), tuple(q.tile), out_dt.name)
+  y, summary = _dequantized(*args, details=checks_enabled() and not _concrete(q.values))
+  if y.size:
+    _check_dequantized(q, y, summary, name, again=lambda: _dequantized(*args, details=True)[1])
   return y
 
 
-def _check_dequantized(q: QArray, y32: jax.Array, y: jax.Array, name: str) -> None:
+def _check_dequantized(q: QArray, y: jax.Array, summary, name: str, again) -> None:
   """Dequantized values of a valid QArray (finite scales, in-range codes) that overflow ``y``'s
   dtype (a scale near float32's maximum, or float16's 65504): ValueError naming the first one.
-  Eager on concrete arrays, or under :func:`checked`."""
-  if not y.size:
-    return
+  Checked now on concrete arrays, or under :func:`checked`."""
   shape = tuple(q.shape)
-
-  def summary():
-    return first_bad(jnp.isfinite(y), y32)
 
   def fail(n, i, v):
     dt = np.dtype(y.dtype)
@@ -445,4 +515,4 @@ def _check_dequantized(q: QArray, y32: jax.Array, y: jax.Array, name: str) -> No
                      f"(first at index {index_str(i, shape)}: {float(v):.6g} in float32; the "
                      f"largest finite {dt.name} is {float(jnp.finfo(dt).max):.6g}); {fix}")
 
-  value_check([y], summary, fail)
+  check_summary(summary, fail, again)

@@ -12,7 +12,8 @@ import numpy as np
 
 from jq import numerics
 from jq.layout import Layout
-from jq.qarray import QArray, checked, dequantize, first_bad, index_str, value_check
+from jq.qarray import (QArray, check_summary, check_values, checked, checks_enabled,
+                       dequantize, first_bad, index_str)
 from jq.qtypes import QType
 from jq.spec import ClipMethod, QuantSpec
 
@@ -45,16 +46,12 @@ def check_float_input(x, name: str = "<tensor>", nan_policy: str = "raise"):
   if np.size(x):
     shape = tuple(np.shape(x))
 
-    def summary():
-      xa = jnp.asarray(x)
-      return first_bad(jnp.isfinite(xa), xa)
-
     def fail(n, i, v):
       raise ValueError(f"{name}: shape {shape} dtype {np.dtype(dt).name} has {int(n)} NaN/Inf "
                        f"values (first at index {index_str(i, shape)}: {float(v)}); refusing to "
                        "quantize a non-finite tensor (nan_policy='zero' quantizes them as 0)")
 
-    value_check([x], summary, fail)
+    check_values(jnp.asarray(x), fail, finite=True)
   return x
 
 
@@ -187,14 +184,41 @@ def _ranges(x, xb, spec: QuantSpec, tile):
   return lo, hi
 
 
-def _params(x, spec: QuantSpec, name: str, layout: Layout | None = None):
-  """``(tile, split layout of x (input dtype), scale, zero_point)``."""
-  tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
+def _grid(x, spec: QuantSpec, tile, details: bool):
+  """``(split layout of x (input dtype), scale, zero_point, the range check's summary: all
+  ranges usable, with details the first unusable one)``."""
   xb = numerics.split(x, tile, fill="edge")
   lo, hi = _ranges(x, xb, spec, tile)
-  _check_ranges(x, lo, hi, spec, name, tile)
   scale, zp = _range_to_params(lo, hi, spec)
-  return tile, xb, scale, zp
+  return xb, scale, zp, _range_summary(lo, hi, spec, details)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "tile", "details"))
+def _grid_program(x, spec: QuantSpec, tile, details: bool = False):
+  return _grid(x, spec, tile, details)[1:]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "tile", "details"))
+def _quantize_program(x, spec: QuantSpec, tile, details: bool = False):
+  """``(packed values, scale, zero_point, range summary)``: quantizing as one compiled program
+  per shape and spec (eagerly, each of its operations would compile on its own)."""
+  xb, scale, zp, summary = _grid(x, spec, tile, details)
+  q = numerics.merge(_quantize_split(xb, scale, zp, spec, x.shape, tile), tile, x.shape)
+  return numerics.pack(q, spec.qtype), scale, zp, summary
+
+
+def _details(x) -> bool:
+  """Whether checks computed in a program need their details there: traced under checks."""
+  return checks_enabled() and isinstance(x, jax.core.Tracer)
+
+
+def _params(x, spec: QuantSpec, name: str, layout: Layout | None = None):
+  """``(tile, scale, zero_point)``, the ranges checked."""
+  tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
+  scale, zp, summary = _grid_program(x, spec, tile, _details(x))
+  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary,
+                lambda: _grid_program(x, spec, tile, True)[2])
+  return tile, scale, zp
 
 
 def _max_scale(spec: QuantSpec) -> float:
@@ -204,21 +228,26 @@ def _max_scale(spec: QuantSpec) -> float:
   return min(2.0 ** 126, numerics.scale_limits(spec.scale_dtype)[1])
 
 
-def _check_ranges(x, lo, hi, spec: QuantSpec, name: str, tile) -> None:
+def _range_summary(lo, hi, spec: QuantSpec, details: bool):
+  """:func:`first_bad` of the tiles whose range needs a scale beyond :func:`_max_scale`, with
+  that tile's ``lo`` and ``hi`` (without ``details``: whether there is none)."""
+  qt = spec.qtype
+  if spec.symmetric:
+    ideal = hi * np.float32(1.0 / (1.0 if qt.is_table else qt.qmax))
+  else:
+    ideal = (hi - lo) * np.float32(1.0 / (qt.qmax - qt.qmin))
+  good = jnp.isfinite(ideal) & (ideal <= np.float32(_max_scale(spec)))
+  if not details:
+    return (jnp.all(good),)
+  ok, n, i, v = first_bad(good, ideal)
+  return ok, n, i, v, first_bad(good, lo)[3], first_bad(good, hi)[3]
+
+
+def _check_ranges(x, spec: QuantSpec, name: str, tile, tshape, summary, again) -> None:
   """Raises ValueError when a tile's range needs a scale beyond :func:`_max_scale` (values near
   float32's maximum: ``hi - lo`` overflowing, or a reciprocal that flushes to 0 and turns every
-  code to 0).  Eager on concrete input; under ``jit`` only inside :func:`jq.qarray.checked`."""
-  qt = spec.qtype
+  code to 0).  Now on concrete input; under ``jit`` only inside :func:`jq.qarray.checked`."""
   limit = _max_scale(spec)
-  tshape = tuple(np.shape(lo))
-
-  def summary():
-    if spec.symmetric:
-      ideal = hi * np.float32(1.0 / (1.0 if qt.is_table else qt.qmax))
-    else:
-      ideal = (hi - lo) * np.float32(1.0 / (qt.qmax - qt.qmin))
-    ok, n, i, v = first_bad(jnp.isfinite(ideal) & (ideal <= np.float32(limit)), ideal)
-    return ok, n, i, v, jnp.ravel(lo)[i], jnp.ravel(hi)[i]
 
   def fail(n, i, ideal, l, h):
     t = np.unravel_index(int(i), tshape) if tshape else ()
@@ -230,7 +259,7 @@ def _check_ranges(x, lo, hi, spec: QuantSpec, name: str, tile) -> None:
         f"{float(h):.6g}], which needs a scale of {float(ideal):.6g} > {limit:.6g} (the largest "
         "usable scale); rescale the tensor, or use a symmetric / wider grid or float32 scales")
 
-  value_check([lo, hi], summary, fail)
+  check_summary(summary, fail, again)
 
 
 def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
@@ -250,7 +279,7 @@ def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
   _check_spec(spec, name)
   x = jnp.asarray(check_float_input(x, name, nan_policy))
   _check_shape(x, name)
-  _, _, scale, zp = _params(x, spec, name, layout)
+  _, scale, zp = _params(x, spec, name, layout)
   return scale, zp
 
 
@@ -321,9 +350,11 @@ def _quantize_checked(x: jax.Array, spec: QuantSpec, name: str,
                       layout: Layout | None = None) -> QArray:
   """:func:`quantize` for an input that already passed :func:`check_float_input`."""
   _check_shape(x, name)
-  tile, xb, scale, zp = _params(x, spec, name, layout)
-  q = numerics.merge(_quantize_split(xb, scale, zp, spec, x.shape, tile), tile, x.shape)
-  return QArray(values=numerics.pack(q, spec.qtype), scale=scale, zero_point=zp, activation=None,
+  tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
+  values, scale, zp, summary = _quantize_program(x, spec, tile, _details(x))
+  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary,
+                lambda: _grid_program(x, spec, tile, True)[2])
+  return QArray(values=values, scale=scale, zero_point=zp, activation=None,
                 qtype=spec.qtype, shape=tuple(x.shape), tile=tile)
 
 
@@ -346,11 +377,8 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
       raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: a zero point was given "
                        f"for the symmetric spec {spec.describe()}")
     zero_point = jnp.asarray(zero_point)
-    if jnp.issubdtype(zero_point.dtype, jnp.floating):
-      zero_point = jnp.round(zero_point)
-    _check_zero_point_range(zero_point, spec, name, x)
-    zero_point = jnp.clip(zero_point, spec.qtype.qmin, spec.qtype.qmax).astype(
-        spec.qtype.unpacked_dtype)
+    given, zero_point = _given_zero_point(zero_point, spec)
+    _check_zero_point_range(given, spec, name, x)
   elif not spec.symmetric:
     raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: the asymmetric spec "
                      f"{spec.describe()} needs a zero point")
@@ -358,20 +386,31 @@ def quantize_with_params(x: jax.Array, scale: jax.Array, zero_point: jax.Array |
   if tuple(scale.shape) != want:
     raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: scale has shape "
                      f"{tuple(scale.shape)}, expected {want} for tile {tile}")
+  return QArray(values=_on_grid(x, scale, zero_point, spec, tile), scale=scale,
+                zero_point=zero_point, activation=None, qtype=spec.qtype, shape=tuple(x.shape),
+                tile=tile).validate(name)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "tile"))
+def _on_grid(x, scale, zero_point, spec: QuantSpec, tile):
+  """Packed values of ``x`` on a given grid (one compiled program per shape and spec)."""
   xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
   q = numerics.merge(_quantize_split(xb, scale, zero_point, spec, x.shape, tile), tile, x.shape)
-  return QArray(values=numerics.pack(q, spec.qtype), scale=scale, zero_point=zero_point,
-                activation=None, qtype=spec.qtype, shape=tuple(x.shape), tile=tile).validate(name)
+  return numerics.pack(q, spec.qtype)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _given_zero_point(zp, spec: QuantSpec):
+  """``(zp rounded, zp clipped to the qtype in its dtype)``."""
+  qt = spec.qtype
+  z = jnp.round(zp) if jnp.issubdtype(zp.dtype, jnp.floating) else zp
+  return z, jnp.clip(z, qt.qmin, qt.qmax).astype(qt.unpacked_dtype)
 
 
 def _check_zero_point_range(zp: jax.Array, spec: QuantSpec, name: str, x) -> None:
   """Given (rounded) zero points must be finite and in ``[qmin, qmax]``: clipping them would
-  quantize on another grid than the one asked for.  Eager, or under :func:`checked`."""
+  quantize on another grid than the one asked for.  Now, or under :func:`checked`."""
   qt, zshape = spec.qtype, tuple(zp.shape)
-
-  def summary():
-    z = zp.astype(jnp.float32)
-    return first_bad(jnp.isfinite(z) & (z >= qt.qmin) & (z <= qt.qmax), z)
 
   def fail(n, i, v):
     raise ValueError(f"{name}: shape {tuple(x.shape)} dtype {x.dtype}: zero_point shape {zshape} "
@@ -380,7 +419,7 @@ def _check_zero_point_range(zp: jax.Array, spec: QuantSpec, name: str, x) -> Non
                      f"{float(v)}")
 
   if zp.size:
-    value_check([zp], summary, fail)
+    check_values(zp, fail, dtype="float32", finite=True, lo=qt.qmin, hi=qt.qmax)
 
 
 def fake_quant(x: jax.Array, spec: QuantSpec, *, layout: Layout | None = None) -> jax.Array:
@@ -388,7 +427,7 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *, layout: Layout | None = None) -
   _check_spec(spec, "<fake_quant>")
   x = check_float_input(x, "<fake_quant>")
   _check_shape(x, "<fake_quant>")
-  tile, _, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>", layout)
+  tile, scale, zp = _params(jax.lax.stop_gradient(x), spec, "<fake_quant>", layout)
   xb = numerics.split(x.astype(jnp.float32), tile, fill="edge")
   yb = _dequant_split(_quantize_split(xb, scale, zp, spec, x.shape, tile), scale, zp, spec,
                       x.shape, tile)

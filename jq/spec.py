@@ -593,8 +593,8 @@ class Rule:
 # Paths that default rules keep in float: embeddings, norms, biases, MoE routers (small and
 # sensitive: a flipped top-k choice sends a token to another expert), the output head.
 HEAD_PATTERN = r"lm_head|(^|/)head(/|$)|output_proj"
-SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln_|layernorm", r"(^|/)bias$", r"(^|/)router(/|$)",
-                 HEAD_PATTERN)
+SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln(_|\d*(/|$))|layernorm", r"(^|/)bias$",
+                 r"(^|/)router(/|$)", HEAD_PATTERN)
 
 
 def head_rule(spec: QuantSpec, *, embeddings: bool = True) -> Rule:

@@ -43,7 +43,7 @@ from jax.typing import ArrayLike
 
 from jq import kv_cache as kvc
 from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
-from jq.qarray import first_bad, index_str, value_check
+from jq.qarray import check_values, index_str
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
@@ -431,17 +431,13 @@ def check_token_ids(tokens, vocab_size: int, name: str) -> None:
     return
   shape = tuple(np.shape(tokens))
 
-  def summary():
-    t = jnp.asarray(tokens)
-    return first_bad((t >= 0) & (t < vocab_size), t)
-
   def fail(n, i, v):
     raise ValueError(f"{name}: tokens shape {shape}: {int(n)} token id(s) outside [0, "
                      f"{vocab_size}) (vocab_size {vocab_size}), first at index "
                      f"{index_str(i, shape)}: {int(v)}; the ids come from another tokenizer or "
                      "were corrupted")
 
-  value_check([tokens], summary, fail)
+  check_values(jnp.asarray(tokens), fail, lo=0, hi=vocab_size - 1)
 
 
 def scale_embeddings(c: DecoderConfig, rows: jax.Array) -> jax.Array:

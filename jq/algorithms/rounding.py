@@ -27,6 +27,7 @@ non-finite or ends no lower than it started.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -130,14 +131,21 @@ def to_qarray(start: Start, r: Rounding, spec: QuantSpec) -> QArray:
   if jnp.dtype(spec.scale_dtype) != start.scale_dtype:
     raise ValueError(f"learned rounding: the start's scales are {start.scale_dtype}, the spec "
                      f"stores {spec.scale_dtype}")
+  values, scale, zp = _stored_parts(start.w, start.scale, start.zero_point, r, start.qtype,
+                                    start.tile, start.scale_dtype)
+  return QArray(values=values, scale=scale, zero_point=zp, activation=None, qtype=start.qtype,
+                shape=tuple(start.w.shape), tile=start.tile)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "tile", "scale_dtype"))
+def _stored_parts(w, scale, zero_point, r: Rounding, qtype: QType, tile, scale_dtype):
+  """``(packed values, scales, zero points)`` of :func:`to_qarray`, in one compiled program."""
+  start = Start(w, scale, zero_point, qtype, tile, scale_dtype)
   scale, zp = grid(start, r)
   q = _codes(start, r, scale, zp)
-  scale = scale.astype(spec.scale_dtype)
-  qt = start.qtype
-  zp_out = None if zp is None else zp.astype(qt.unpacked_dtype)
-  return QArray(values=numerics.pack(q.astype(qt.unpacked_dtype), qt), scale=scale,
-                zero_point=zp_out, activation=None, qtype=qt, shape=tuple(start.w.shape),
-                tile=start.tile)
+  zp_out = None if zp is None else zp.astype(qtype.unpacked_dtype)
+  return (numerics.pack(q.astype(qtype.unpacked_dtype), qtype), scale.astype(scale_dtype),
+          zp_out)
 
 
 def project(r: Rounding, clip_min: float) -> Rounding:

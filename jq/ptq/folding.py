@@ -50,16 +50,28 @@ class Group:
     offset: an affine producer multiplies by ``offset + param`` (Gemma's RMSNorm stores
       ``scale - 1``): the fold is ``param -> (offset + param) / s - offset``. Tried, and checked like
       any candidate, only after the plain fold (offset 0) fails on a one-parameter norm.
+    rows: rows of ``s`` (``(rows, K)``; 1: ``(K,)``): the producer's stacked layers.  Consumers
+      stacked ``n`` deep take row ``i // (n // rows)`` in their layer ``i``: ``rows == n`` for
+      layers of a scan, fewer where stacked consumers read one input (``nn.vmap`` experts with
+      ``in_axes=None`` after one norm: one row for all of them, as AutoAWQ scales Mixtral's
+      experts; under a scan, a row per scanned layer).
+    passive: float (unquantized) layers that read the same input (an MoE router): their rows are
+      multiplied by ``s`` too, so that they compute what they did, and they take no part in
+      choosing ``s``.
   """
   producer: str
   kind: str
   params: tuple[str, ...]
   consumers: tuple[str, ...]
   offset: float = 0.0
+  rows: int = 1
+  passive: tuple[str, ...] = ()
 
   def describe(self) -> str:
-    names = "+".join(c.rsplit("/", 2)[-2] for c in self.consumers)
-    return f"{self.producer} -> {names}"
+    def names(paths):
+      return "+".join(c.rsplit("/", 2)[-2] for c in paths)
+    float_ = f" (and {names(self.passive)}, kept float)" if self.passive else ""
+    return f"{self.producer} -> {names(self.consumers)}{float_}"
 
 
 def _leaves(tree) -> dict[str, Any]:
@@ -72,7 +84,17 @@ def replace_leaves(tree: PyTree, new: Mapping[str, Any]) -> PyTree:
 
 
 def _per_layer(s: jax.Array, n: int) -> jax.Array:
-  return jnp.broadcast_to(jnp.asarray(s, jnp.float32).reshape(-1, s.shape[-1]), (n, s.shape[-1]))
+  """``s`` (``(K,)`` or ``(rows, K)``) as ``(n, K)``: row ``i // (n // rows)`` for layer ``i``."""
+  s2 = jnp.asarray(s, jnp.float32).reshape(-1, s.shape[-1])
+  return jnp.repeat(s2, n // s2.shape[0], axis=0) if s2.shape[0] > 1 else jnp.broadcast_to(
+      s2, (n, s2.shape[-1]))
+
+
+def layer_row(s, layer: int, n: int) -> np.ndarray:
+  """The row of ``s`` (``(K,)`` or ``(rows, K)``) that a consumer stacked ``n`` deep applies in its
+  ``layer``."""
+  s2 = np.asarray(s).reshape(-1, np.shape(s)[-1])
+  return s2[layer // (n // len(s2))]
 
 
 def wide_dtype(dtype) -> Any:
@@ -89,7 +111,7 @@ def folded(target: Target, params: PyTree, group: Group, s: jax.Array) -> dict[s
   where they were stored in a narrower float: see :func:`wide_dtype`)."""
   leaves = _leaves(params)
   out = {}
-  for c in group.consumers:
+  for c in group.consumers + group.passive:
     view = MatrixView(tuple(leaves[c].shape), target.layouts[c])
     m = view.matrices(leaves[c].astype(jnp.float32)) * _per_layer(s, view.n)[:, :, None]
     out[c] = view.kernel(m).astype(wide_dtype(leaves[c].dtype))
@@ -144,16 +166,23 @@ def _stack(target: Target, kernel: str) -> int:
 
 
 def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
-                check_batches, log: list[str], *, seed: int = 0) -> list[Group]:
+                check_batches, log: list[str], *, float_layers: Sequence[str] = (),
+                seed: int = 0) -> list[Group]:
   """Scale groups covering ``consumers`` (kernel paths), found and verified (see module doc).
 
-  Consumers whose input has no verified producer are left out, with a line in ``log``.
+  ``float_layers``: kernels kept in float; those reading a group's input are its ``passive``
+  members.  Consumers whose input has no verified producer are left out, with a line in ``log``.
   """
   calls = target.calls(params, batch)
   leaves = _leaves(params)
   first: dict[str, tuple[int, Call]] = {}
   for i, c in enumerate(calls):
     first.setdefault(c.module, (i, c))
+  readers: dict[int, list[str]] = {}   # input id -> float kernels reading it
+  for k in float_layers:
+    mod = k.rpartition("/")[0]
+    if mod in first and first[mod][1].input_id and k in leaves:
+      readers.setdefault(first[mod][1].input_id, []).append(k)
   by_input: dict[int, list[str]] = {}
   pos: dict[int, int] = {}
   for k in consumers:
@@ -175,13 +204,15 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
     if any(_k_of(target, leaves, m) != k or _stack(target, m) != n for m in members):
       log.append(f"{'+'.join(members)}: consumers of one input disagree on K or stacking; skipped")
       continue
-    s = jnp.asarray(np.exp(rng.uniform(-1, 1, (n, k) if n > 1 else (k,))), jnp.float32)
-    pending[input_id] = (iter(_candidates(target, leaves, calls, input_id, pos[input_id],
-                                          members, k, n)), s, members)
+    s = jnp.asarray(np.exp(rng.uniform(-1, 1, (n, k))), jnp.float32)
+    passive = _passive(target, leaves, readers.get(input_id, ()), k)
+    pending[input_id] = (iter(_with_passive(target, leaves, _candidates(
+        target, leaves, calls, input_id, pos[input_id], members, k, n), passive)), s, members)
   found: dict[int, Group] = {}
   current = {i: next(it, None) for i, (it, _, _) in pending.items()}
   while any(c is not None for c in current.values()):
-    trial = {i: (c, pending[i][1]) for i, c in current.items() if c is not None}
+    trial = {i: (c, _rows_of(pending[i][1], c.rows)) for i, c in current.items()
+             if c is not None}
     ok = verify_folds(target, params, trial, check_batches, refs, run, DISCOVERY_TOL)
     for i in trial:
       if ok[i]:
@@ -197,6 +228,27 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
   if why and len(found) < len(by_input):
     warnings.warn("AWQ/SmoothQuant: no scales applied where folding failed" + why, stacklevel=3)
   return [found[i] for i in by_input if i in found]
+
+
+def _rows_of(s: jax.Array, rows: int) -> jax.Array:
+  """A trial scale for a group of ``rows`` rows (``(K,)`` for one) from ``(n, K)`` random ones."""
+  return s[0] if rows == 1 else s[:rows]
+
+
+def _passive(target: Target, leaves, readers: Sequence[str], k: int) -> list[str]:
+  """The float kernels among ``readers`` (of a group's input) with ``k`` input channels."""
+  return [r for r in readers if r in target.layouts and _k_of(target, leaves, r) == k]
+
+
+def _with_passive(target: Target, leaves, candidates, passive: Sequence[str]):
+  """Each candidate with the float readers of its input whose stacking takes its rows."""
+  for g in candidates:
+    fit = tuple(p for p in passive if _matrices(target, leaves, p) % g.rows == 0)
+    yield dataclasses.replace(g, passive=fit) if fit else g
+
+
+def _matrices(target: Target, leaves, kernel: str) -> int:
+  return MatrixView(tuple(leaves[kernel].shape), target.layouts[kernel]).n
 
 
 def _low_precision(refs) -> str:
@@ -274,24 +326,30 @@ def _candidates(target: Target, leaves, calls: Sequence[Call], input_id: int, be
 
 def _affine_groups(leaves, module: str, consumers, k: int, n: int) -> list[Group]:
   """The plain fold into an elementwise-affine module, then (one-parameter norms only) the fold
-  into a norm that multiplies by ``1 + scale``."""
-  params = tuple(p for p, v in leaves.items() if p.rpartition("/")[0] == module
-                 and len(getattr(v, "shape", ())) >= 1 and v.shape[-1] == k
-                 and (n == 1 and v.ndim == 1 or n > 1 and v.ndim == 2 and v.shape[0] == n))
-  if not params:
-    return []
-  plain = Group(module, "affine", params, tuple(consumers))
-  return [plain] + ([dataclasses.replace(plain, offset=1.0)] if len(params) == 1 else [])
+  into a norm that multiplies by ``1 + scale``.  Its parameters are ``(K,)`` (one row of scales)
+  or ``(rows, K)`` per stacked layer, ``rows`` dividing the consumers' stacking ``n`` (a norm of
+  each scanned layer before its ``nn.vmap`` experts: ``n = layers × experts``)."""
+  def rows(v):
+    return 1 if v.ndim == 1 else v.shape[0]
+  params = [(p, v) for p, v in leaves.items() if p.rpartition("/")[0] == module
+            and len(getattr(v, "shape", ())) >= 1 and v.shape[-1] == k
+            and (v.ndim == 1 or v.ndim == 2 and 1 < v.shape[0] and n % v.shape[0] == 0)]
+  out = []
+  for r in sorted({rows(v) for _, v in params}, reverse=True):
+    these = tuple(p for p, v in params if rows(v) == r)
+    plain = Group(module, "affine", these, tuple(consumers), rows=r)
+    out += [plain] + ([dataclasses.replace(plain, offset=1.0)] if len(these) == 1 else [])
+  return out
 
 
 def _linear_group(target: Target, leaves, kernel: str, consumers, k: int, n: int) -> Group | None:
   lay: Layout = target.layouts[kernel]
   view = MatrixView(tuple(leaves[kernel].shape), lay)
-  if view.out != k or view.n != n or lay.batch and n == 1:
+  if view.out != k or n % view.n or lay.batch and n == 1:
     return None
   bias = kernel.rpartition("/")[0] + "/bias"
   params = (kernel,) + ((bias,) if bias in leaves else ())
-  return Group(kernel.rpartition("/")[0], "linear", params, tuple(consumers))
+  return Group(kernel.rpartition("/")[0], "linear", params, tuple(consumers), rows=view.n)
 
 
 __all__ = ["Group", "find_groups", "folded", "apply_folds", "verify_folds", "relative_change",

@@ -40,7 +40,7 @@ from jq.ptq import folding, solves
 from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
-from jq.qarray import QArray, first_bad, index_str
+from jq.qarray import QArray, all_good, bad_values, index_str
 from jq.qtypes import QType
 from jq.sharding import qarray_sharding
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
@@ -259,7 +259,9 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   smoothing = [p for p, r in first.items() if r.algorithm in (Algorithm.AWQ,
                                                                 Algorithm.SMOOTHQUANT)]
   groups = (folding.find_groups(target, target.params, smoothing, batches[0],
-                                [_one_row(batches[0])], log) if smoothing else [])
+                                [_one_row(batches[0])], log,
+                                float_layers=[p for p in target.layouts if p not in decided])
+            if smoothing else [])
   ids, total = list(range(len(batches))), len(batches)
   if dist:
     from jq import distributed  # pylint: disable=import-outside-toplevel
@@ -354,6 +356,7 @@ class _State:
     self.inputs: dict[str, dict[int, LayerInputs]] = collections.defaultdict(dict)
     self.scaled: set[tuple[str, int]] = set()   # (kernel, layer) whose input AWQ/SQ rescaled
     self.spanning: set = set()   # scale groups over several blocks, handled with the first
+    self.rows_done: set = set()  # (group, row of its scales) folded (a row once, for all layers)
     self.report: list[LayerRow] = []
     self.notes: dict[str, list[str]] = collections.defaultdict(list)
     self.algo_used: dict[str, Algorithm] = {}
@@ -659,16 +662,21 @@ class _State:
   def _fold(self, unit: Unit, groups) -> None:
     """AWQ/SmoothQuant scales of the unit's groups: computed, folded into ``ref`` and ``cur``
     when the float model keeps its function (checked), else skipped with a log line."""
-    found = {}
+    found, covered = {}, {}
     for g in groups:
-      layers = unit.layers[g.consumers[0]]
+      rows = {r: ls for r, ls in group_rows(self.target, g, unit.layers[g.consumers[0]]).items()
+              if (g, r) not in self.rows_done}
+      if not rows:
+        continue
+      layers = tuple(i for ls in rows.values() for i in ls)
       if g.kind == "linear" and self._solved(g.params[0], layers):
         self.log.append(f"{g.describe()}: the producer {g.params[0]} is already quantized; "
                         "scales not applied")
         continue
-      s = _group_scales(self.target, self.ref, g, self.first, self.inputs, layers, self.log)
+      s = _group_scales(self.target, self.ref, g, self.first, self.inputs, rows, self.log)
       if s is not None:
-        found[g.producer + ">" + "+".join(g.consumers)] = (g, s)
+        key = g.producer + ">" + "+".join(g.consumers)
+        found[key], covered[key] = (g, s), rows
     if not found:
       return
     local = {k: v for k, v in found.items()
@@ -680,17 +688,19 @@ class _State:
       if part:
         keys += self._verified(part, jax.jit(run), batches)
     folds = [found[k] for k in keys]
-    for g, s in folds:
+    for k in keys:
+      g, s = found[k]
       self.log.append(f"{g.describe()}: {self.first[g.consumers[0]].algorithm.value} scales "
                       f"folded into {g.producer} ({g.kind}{', 1 + scale' if g.offset else ''}); "
                       "float model unchanged")
-      sv = np.asarray(s).reshape(-1, np.shape(s)[-1])
+      self.rows_done.update((g, r) for r in covered[k])
+      n = self.target.stacks.get(g.consumers[0], 1)
       for c in g.consumers:   # the consumers now read x / s: their statistics, exactly
-        if c not in unit.layers:   # (a later block's: its statistics are collected folded)
-          self.scaled.add((c, 0))
-          continue
-        for layer in unit.layers[c]:
-          row = sv[layer if len(sv) > 1 else 0]
+        for layer in (i for ls in covered[k].values() for i in ls):
+          if layer not in unit.layers.get(c, ()):   # (a later unit's: collected folded)
+            self.scaled.add((c, layer))
+            continue
+          row = folding.layer_row(s, layer, n)
           inp = self.inputs[c][layer]
           self.inputs[c][layer] = LayerInputs(
               scale_stats(inp.stats, row), inp.lo / row, inp.hi / row,
@@ -801,12 +811,12 @@ def _check_finite(params) -> None:
     if not (isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
             and getattr(x, "is_fully_addressable", True) and x.size):
       continue
-    xa = jnp.asarray(x)
-    ok, n, i, v = first_bad(jnp.isfinite(xa), xa)
-    if not bool(ok):
-      raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {int(n)} NaN/Inf "
-                       f"values (first at index {index_str(i, x.shape)}: {float(v)}); "
-                       "quantize_model cannot calibrate a model with non-finite parameters")
+    if bool(all_good(jnp.asarray(x), finite=True)):
+      continue
+    _, n, i, v = bad_values(jnp.asarray(x), finite=True)
+    raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {int(n)} NaN/Inf "
+                     f"values (first at index {index_str(i, x.shape)}: {float(v)}); "
+                     "quantize_model cannot calibrate a model with non-finite parameters")
 
 
 def _saw_nothing(inp: LayerInputs | None) -> bool:
@@ -844,10 +854,22 @@ def _round_unmapped_to_nearest(target: Target, decided: dict[str, Rule], batch,
                f"{algo} is not available there; rounded to nearest")
 
 
-def _group_scales(target: Target, params, g: folding.Group, decided, inputs, layers, log):
-  """The group's per-input-channel scales for ``layers`` (AWQ search or SmoothQuant): ``(K,)``,
-  or ``(L, K)`` for stacked layers (ones for the layers not in ``layers``); None with a log line
-  when its consumers ask for different algorithms or options."""
+def group_rows(target: Target, g: folding.Group, layers) -> dict[int, tuple[int, ...]]:
+  """The rows of ``g``'s scales that ``layers`` (a unit's layers of its consumers) fall in, each
+  with every layer it covers: a row shared by stacked consumers (experts reading one input) is
+  chosen from all of them at once, whichever of them the unit holds."""
+  n = target.stacks.get(g.consumers[0], 1)
+  if n == 1:
+    return {0: (0,)}
+  per = n // g.rows
+  return {r: tuple(range(r * per, (r + 1) * per)) for r in sorted({i // per for i in layers})}
+
+
+def _group_scales(target: Target, params, g: folding.Group, decided, inputs, rows, log):
+  """The group's per-input-channel scales for ``rows`` (see :func:`group_rows`; AWQ search or
+  SmoothQuant over every consumer matrix of each row, which all read one input): ``(K,)``, or
+  ``(g.rows, K)`` (ones for the rows not in ``rows``); None with a log line when its consumers
+  ask for different algorithms or options."""
   rules = [decided[c] for c in g.consumers]
   algos = {r.algorithm for r in rules}
   opts = {r.algorithm_options for r in rules}
@@ -858,22 +880,25 @@ def _group_scales(target: Target, params, g: folding.Group, decided, inputs, lay
   algo, opt = algos.pop(), opts.pop()
   leaves = dict(leaves_with_paths(params))
   views = [MatrixView(tuple(leaves[c].shape), target.layouts[c]) for c in g.consumers]
-  n = views[0].n
-  out = jnp.ones((n, views[0].k), jnp.float32)
-  for i in layers:
-    ws = [v.matrices(jnp.asarray(leaves[c], jnp.float32))[i] for v, c in zip(views, g.consumers)]
-    inp = inputs[g.consumers[0]][i]
-    name = g.consumers[0] + (f"[{i}]" if n > 1 else "")
+  mats = [v.matrices(jnp.asarray(leaves[c], jnp.float32)) for v, c in zip(views, g.consumers)]
+  stacked = target.stacks.get(g.consumers[0], 1) > 1
+  out = jnp.ones((g.rows, views[0].k), jnp.float32)
+  for r, layers in rows.items():
+    # one input: the consumers' matrices of these layers (all of a kernel's if it is unstacked)
+    ws = [m[i] for m in mats for i in (layers if stacked else range(len(m)))]
+    inp = next(inputs[g.consumers[0]][i] for i in layers if i in inputs[g.consumers[0]])
+    name = g.consumers[0] + (f"[{layers[0]}]" if len(layers) == 1 and stacked else
+                             f"[{layers[0]}:{layers[-1] + 1}]" if stacked else "")
     if algo is Algorithm.SMOOTHQUANT:
-      s = smooth_scales(inp.stats, ws, opt.alpha, name=name)
+      sc = smooth_scales(inp.stats, ws, opt.alpha, name=name)
     else:
       spec2 = views[0].matrix_spec(dataclasses.replace(rules[0].weight, clip=Clip()), name=name)
-      s, info = awq_search_scale(jnp.asarray(inp.samples), ws, spec2, grid=opt.grid,
-                                 act_mean=mean_abs(inp.stats, name), duo=opt.duo, name=name)
+      sc, info = awq_search_scale(jnp.asarray(inp.samples), ws, spec2, grid=opt.grid,
+                                  act_mean=mean_abs(inp.stats, name), duo=opt.duo, name=name)
       log.append(f"{name} group {g.describe()}: awq alpha={float(info.alpha):.2f} "
                  f"loss {float(info.loss):.3e} (rtn {float(info.rtn_loss):.3e})")
-    out = out.at[i].set(jnp.asarray(s, jnp.float32))
-  return out[0] if n == 1 else out
+    out = out.at[r].set(jnp.asarray(sc, jnp.float32))
+  return out[0] if g.rows == 1 else out
 
 
 __all__ = ["quantize_model", "PTQModelResult", "LayerRow"]

@@ -103,7 +103,6 @@ def test_every_single_bit_flip_of_the_header_is_detected(saved):
   orig = path.read_bytes()
   (n,) = struct.unpack("<Q", orig[:8])
   outcomes = collections.Counter()
-  t0 = time.perf_counter()
   fd = os.open(path, os.O_RDWR)
   try:
     for i in range(8 + n):
@@ -125,7 +124,6 @@ def test_every_single_bit_flip_of_the_header_is_detected(saved):
   assert path.read_bytes() == orig
   assert sum(outcomes.values()) == 8 * (8 + n)
   assert outcomes["SHA-256"] > 1000, outcomes  # the digest is what catches the parseable flips
-  assert time.perf_counter() - t0 < 60
 
 
 @pytest.mark.parametrize("edit,field", [

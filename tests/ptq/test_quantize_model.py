@@ -437,6 +437,74 @@ def test_an_expert_no_token_reached_is_rounded_to_nearest_and_takes_its_stacks_r
   assert any("stacked layers [3] saw no calibration input" in l for l in res.log), res.log
 
 
+class _MoEBlock(nn.Module):
+  """A Mixtral-style block: one norm, a router and ``nn.vmap`` experts all reading its output
+  (soft routing, so that every expert sees every token)."""
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.LayerNorm(name="ln")(x)
+    w = jax.nn.softmax(nn.Dense(4, name="router")(h), -1)
+    ys = nn.vmap(_GatedExpert, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=None, out_axes=0, axis_size=4)(name="experts")(h)
+    return x + jnp.einsum("ebsd,bse->bsd", ys, w), None
+
+
+class _GatedExpert(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    g = nn.Dense(64, use_bias=False, name="gate")(x)
+    u = nn.Dense(64, use_bias=False, name="up")(x)
+    return nn.Dense(32, use_bias=False, name="down")(nn.silu(g) * u)
+
+
+class _ScannedMoE(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.scan(_MoEBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)(name="blocks")(x, None)[0]
+
+
+@pytest.mark.parametrize("recipe,twin", [("awq-w4a16-g32", "w4a16-g32"),
+                                         ("smoothquant-w8a8", "w8a8-dynamic")])
+def test_experts_that_share_a_norm_take_one_scale_per_layer_with_the_float_router(recipe, twin):
+  """Experts (``nn.vmap``, ``in_axes=None``) under ``nn.scan`` after one LayerNorm per layer, with
+  a router that stays float: AWQ/SmoothQuant found no producer ("no producer of their input could
+  take the scales": the router reads the norm too).  Now each scanned layer's experts share one
+  scale row chosen from all of them, folded into the norm's scale and bias, and the router's rows
+  take it too (as AutoAWQ does for Mixtral); the float model is unchanged."""
+  model = _ScannedMoE()
+  rng = np.random.default_rng(0)
+  outliers = np.ones(32)
+  outliers[:3] = 30.0
+  calib = [jnp.asarray(rng.normal(size=(2, 8, 32)) * outliers, jnp.float32) for _ in range(2)]
+  variables = model.init(jax.random.key(0), calib[0])
+  # (the experts' down projections rounded to nearest: one scale search per layer, to be quick)
+  rtn_down = dataclasses.replace(jq.recipe_rules(twin)[-1], pattern=r"down/kernel$")
+  res = quantize_model(model, variables, (rtn_down,) + jq.recipe_rules(recipe), calib,
+                       config=PTQConfig(sequential=recipe.startswith("smooth")))
+  assert any(l.startswith("params/blocks/ln -> gate+up (and router, kept float): "
+                          f"{recipe.split('-')[0]} scales folded into params/blocks/ln (affine)")
+             for l in res.log), res.log
+  assert {r.path.split("/")[-2]: r.algorithm for r in res.report} == {
+      "gate": recipe.split("-")[0], "up": recipe.split("-")[0], "down": "rtn"}, res.report
+  before, after = variables["params"]["blocks"], res.ref["params"]["blocks"]
+  s = np.asarray(after["experts"]["gate"]["kernel"] / before["experts"]["gate"]["kernel"])
+  s = s[..., 0]                                                        # (layers, experts, K)
+  np.testing.assert_allclose(s, np.broadcast_to(s[:, :1], s.shape), rtol=1e-5)
+  assert not np.allclose(s[0, 0], s[1, 0], rtol=1e-3)                 # a row per layer
+  router = np.asarray(after["router"]["kernel"] / before["router"]["kernel"])[..., 0]
+  np.testing.assert_allclose(router, s[:, 0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(after["ln"]["bias"]),
+                             np.asarray(before["ln"]["bias"]) / s[:, 0], rtol=1e-5)
+  y_float = model.apply(variables, calib[0])
+  np.testing.assert_allclose(model.apply(res.ref, calib[0]), y_float, rtol=1e-4, atol=1e-4)
+  def err(qv):
+    y = jax.jit(jqnn.quantized_apply(model))(qv, calib[0])
+    return float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
+  rtn = jqnn.quantize_variables(model, variables, jq.recipe_rules(twin), calib[0])
+  assert err(res.variables) < 0.95 * err(rtn), (err(res.variables), err(rtn))
+
+
 def test_a_non_finite_parameter_and_uneven_batches_for_learned_rounding_are_named_up_front():
   """A NaN/Inf kernel surfaced as the next layer's non-finite input, blamed on the data; batches
   of different lengths under learned rounding failed in a raw concatenate after the other solves."""
