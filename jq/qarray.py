@@ -113,6 +113,12 @@ def value_check(inputs: Sequence, summary: Callable[[], Sequence], fail: Callabl
     check_summary(summary(), fail)
 
 
+def traced_checks(x) -> bool:
+  """Whether a check computed in the same program as ``x``'s values needs its details there:
+  ``x`` is traced inside :func:`checked` (concrete values get them only on failure)."""
+  return checks_enabled() and not _concrete(x)
+
+
 def check_summary(summary: Sequence, fail: Callable[..., None],
                   again: Callable[[], Sequence] | None = None) -> None:
   """:func:`value_check` of a summary ``(ok, *details)`` already computed (in the same compiled
@@ -495,7 +501,7 @@ def dequantize(q: QArray, dtype=jnp.float32, *, name: str = "<dequantize>") -> j
                      "QArray.unpacked() for the integer codes)")
   q.validate(name)
   args = (q.values, q.scale, q.zero_point, q.qtype, tuple(q.shape), tuple(q.tile), out_dt.name)
-  y, summary = _dequantized(*args, details=checks_enabled() and not _concrete(q.values))
+  y, summary = _dequantized(*args, details=traced_checks(q.values))
   if y.size:
     _check_dequantized(q, y, summary, name, again=lambda: _dequantized(*args, details=True)[1])
   return y

@@ -12,8 +12,8 @@ import numpy as np
 
 from jq import numerics
 from jq.layout import Layout
-from jq.qarray import (QArray, check_summary, check_values, checked, checks_enabled,
-                       dequantize, first_bad, index_str)
+from jq.qarray import (QArray, check_summary, check_values, checked, dequantize, first_bad,
+                       index_str, traced_checks)
 from jq.qtypes import QType
 from jq.spec import ClipMethod, QuantSpec
 
@@ -207,17 +207,11 @@ def _quantize_program(x, spec: QuantSpec, tile, details: bool = False):
   return numerics.pack(q, spec.qtype), scale, zp, summary
 
 
-def _details(x) -> bool:
-  """Whether checks computed in a program need their details there: traced under checks."""
-  return checks_enabled() and isinstance(x, jax.core.Tracer)
-
-
 def _params(x, spec: QuantSpec, name: str, layout: Layout | None = None):
   """``(tile, scale, zero_point)``, the ranges checked."""
   tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
-  scale, zp, summary = _grid_program(x, spec, tile, _details(x))
-  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary,
-                lambda: _grid_program(x, spec, tile, True)[2])
+  scale, zp, summary = _grid_program(x, spec, tile, traced_checks(x))
+  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary)
   return tile, scale, zp
 
 
@@ -243,7 +237,7 @@ def _range_summary(lo, hi, spec: QuantSpec, details: bool):
   return ok, n, i, v, first_bad(good, lo)[3], first_bad(good, hi)[3]
 
 
-def _check_ranges(x, spec: QuantSpec, name: str, tile, tshape, summary, again) -> None:
+def _check_ranges(x, spec: QuantSpec, name: str, tile, tshape, summary) -> None:
   """Raises ValueError when a tile's range needs a scale beyond :func:`_max_scale` (values near
   float32's maximum: ``hi - lo`` overflowing, or a reciprocal that flushes to 0 and turns every
   code to 0).  Now on concrete input; under ``jit`` only inside :func:`jq.qarray.checked`."""
@@ -259,7 +253,7 @@ def _check_ranges(x, spec: QuantSpec, name: str, tile, tshape, summary, again) -
         f"{float(h):.6g}], which needs a scale of {float(ideal):.6g} > {limit:.6g} (the largest "
         "usable scale); rescale the tensor, or use a symmetric / wider grid or float32 scales")
 
-  check_summary(summary, fail, again)
+  check_summary(summary, fail, lambda: _grid_program(x, spec, tile, True)[2])
 
 
 def compute_params(x: jax.Array, spec: QuantSpec, *, name: str = "<tensor>",
@@ -351,9 +345,8 @@ def _quantize_checked(x: jax.Array, spec: QuantSpec, name: str,
   """:func:`quantize` for an input that already passed :func:`check_float_input`."""
   _check_shape(x, name)
   tile = spec.tile(x.shape, layout=layout, name=name, dtype=x.dtype)
-  values, scale, zp, summary = _quantize_program(x, spec, tile, _details(x))
-  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary,
-                lambda: _grid_program(x, spec, tile, True)[2])
+  values, scale, zp, summary = _quantize_program(x, spec, tile, traced_checks(x))
+  _check_ranges(x, spec, name, tile, tuple(np.shape(scale)), summary)
   return QArray(values=values, scale=scale, zero_point=zp, activation=None,
                 qtype=spec.qtype, shape=tuple(x.shape), tile=tile)
 

@@ -86,8 +86,7 @@ def replace_leaves(tree: PyTree, new: Mapping[str, Any]) -> PyTree:
 def _per_layer(s: jax.Array, n: int) -> jax.Array:
   """``s`` (``(K,)`` or ``(rows, K)``) as ``(n, K)``: row ``i // (n // rows)`` for layer ``i``."""
   s2 = jnp.asarray(s, jnp.float32).reshape(-1, s.shape[-1])
-  return jnp.repeat(s2, n // s2.shape[0], axis=0) if s2.shape[0] > 1 else jnp.broadcast_to(
-      s2, (n, s2.shape[-1]))
+  return jnp.repeat(s2, n // s2.shape[0], axis=0)
 
 
 def layer_row(s, layer: int, n: int) -> np.ndarray:
