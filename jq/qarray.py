@@ -173,23 +173,36 @@ _CONDITIONS = ("dtype", "finite", "positive", "lo", "hi", "integral", "not_nan")
 
 def _good(x, dtype: str | None = None, finite: bool = False, positive: bool = False,
           lo: float | None = None, hi: float | None = None, integral: bool = False,
-          not_nan: bool = False):
-  """``(mask of the values meeting every asked condition, the values cast to dtype)``."""
+          not_nan: bool = False, xp=jnp):
+  """``(mask of the values meeting every asked condition, the values cast to dtype)``; ``xp`` is
+  ``jnp`` (in a compiled program) or ``np`` (:func:`values_good` on the host)."""
   v = x if dtype is None else x.astype(dtype)
-  good = jnp.ones(v.shape, jnp.bool_)
+  good = xp.ones(v.shape, bool)
   if finite:
-    good &= jnp.isfinite(v)
+    good &= xp.isfinite(v)
   if not_nan:
-    good &= ~jnp.isnan(v)
+    good &= ~xp.isnan(v)
   if positive:
     good &= v > 0
   if lo is not None:
-    good &= v >= lo
+    good &= _within(v, lo, xp, above=True)
   if hi is not None:
-    good &= v <= hi
+    good &= _within(v, hi, xp, above=False)
   if integral:
-    good &= v == jnp.round(v)
+    good &= v == xp.round(v)
   return good, v
+
+
+def _within(v, bound: float, xp, *, above: bool):
+  """``v >= bound`` (``above``) or ``v <= bound``; on integer ``v`` a bound outside its dtype's
+  range holds for every value or for none (compared directly, it would wrap: uint8 ``>= -8``)."""
+  if xp.issubdtype(v.dtype, xp.integer):
+    info = xp.iinfo(v.dtype)
+    if (bound <= info.min) if above else (bound >= info.max):
+      return xp.ones(v.shape, bool)
+    if (bound > info.max) if above else (bound < info.min):
+      return xp.zeros(v.shape, bool)
+  return v >= bound if above else v <= bound
 
 
 @functools.partial(jax.jit, static_argnames=_CONDITIONS)
@@ -205,11 +218,41 @@ def bad_values(x, **conditions):
   return first_bad(*_good(x, **conditions))
 
 
+# Up to this many values, a concrete array in host memory is checked with numpy: compiling the
+# check (one program per shape and dtype, 30-100 ms on a CPU) costs more than reading the values
+# (~1 ms per million).  Larger arrays, and arrays on accelerators, take the compiled reduction.
+HOST_CHECK_MAX = 1 << 22
+
+
+def _host_values(x, dtype: str | None) -> np.ndarray | None:
+  """``x`` as a numpy array when :func:`values_good` checks it on the host, else None.  A float to
+  integer cast is left to the compiled road (numpy and XLA differ on NaN and out-of-range)."""
+  if isinstance(x, np.ndarray):
+    host = x.size <= HOST_CHECK_MAX
+  else:
+    host = (isinstance(x, jax.Array) and _concrete(x) and x.size <= HOST_CHECK_MAX
+            and x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()))
+  if not host or (dtype is not None and jnp.issubdtype(x.dtype, jnp.inexact)
+                  and not jnp.issubdtype(np.dtype(dtype), jnp.inexact)):
+    return None
+  with np.errstate(over="ignore"):   # (float64 beyond float32: inf, as jnp.asarray makes it)
+    return np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(x.dtype))
+
+
+def values_good(x, **conditions) -> bool:
+  """:func:`all_good` of a concrete ``x``, now: small arrays in host memory with numpy (no
+  compile), others with the compiled reduction; both from the one mask :func:`_good`."""
+  host = _host_values(x, conditions.get("dtype"))
+  if host is not None:
+    return bool(np.all(_good(host, xp=np, **conditions)[0]))
+  return bool(all_good(jnp.asarray(x), **conditions))
+
+
 def check_values(x, fail: Callable[..., None], **conditions) -> None:
   """:func:`value_check` of ``x`` against the conditions of :func:`bad_values`: on concrete
-  arrays one compiled reduction per shape, the details only on failure."""
+  arrays :func:`values_good` now, the details (one compiled program) only on failure."""
   value_check([x], lambda: bad_values(x, **conditions), fail,
-              quick=lambda: all_good(x, **conditions))
+              quick=lambda: np.bool_(values_good(x, **conditions)))
 
 
 def index_str(flat_index, shape: Sequence[int]) -> str:

@@ -304,3 +304,61 @@ def test_property_validate_raises_or_dequantize_is_finite_and_exact(q):
   if zp is not None:
     x = x - zp
   np.testing.assert_allclose(deq, (x * scale).astype(np.float32), rtol=1e-6, atol=0)
+
+
+# ---- the host road of value checks -----------------------------------------------------------
+_CHECK_DTYPES = ["float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "int32", "int8",
+                 "uint8"]
+
+
+@st.composite
+def checked_arrays(draw):
+  """An array (numpy or jax, any of the dtypes checks meet) with special values here and there,
+  and a set of conditions."""
+  dtype = np.dtype(jnp.dtype(draw(st.sampled_from(_CHECK_DTYPES))))
+  shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+  x = rng.normal(0, draw(st.sampled_from([1.0, 200.0])), shape)
+  if jnp.issubdtype(dtype, jnp.floating):
+    specials = [np.nan, np.inf, -np.inf, 0.0, 1e39, 2.5, -0.5]
+    mask = rng.random(shape) < draw(st.sampled_from([0.0, 0.1, 0.5]))
+    x = np.where(mask, rng.choice(specials, shape), x)
+    x = x.astype(dtype)
+  else:
+    info = np.iinfo(dtype)
+    x = np.clip(np.round(x), info.min, info.max).astype(dtype)
+  if draw(st.booleans()):
+    x = jnp.asarray(x)
+  cond = dict(finite=draw(st.booleans()), positive=draw(st.booleans()),
+              integral=draw(st.booleans()), not_nan=draw(st.booleans()))
+  if draw(st.booleans()):
+    cond["lo"] = draw(st.sampled_from([-8, 0, 1]))
+  if draw(st.booleans()):
+    cond["hi"] = draw(st.sampled_from([7, 15, 255]))
+  cond["dtype"] = draw(st.sampled_from([None, "float32", "int32"]))
+  return x, cond
+
+
+@given(checked_arrays())
+def test_property_host_checks_equal_the_compiled_reduction(case):
+  """jq.qarray.values_good (numpy on the host for small concrete arrays) agrees with the compiled
+  reduction it stands in for, on every dtype, special value and condition."""
+  from jq import qarray
+  x, cond = case
+  want = bool(qarray.all_good(jnp.asarray(x), **cond))
+  host = qarray._host_values(x, cond["dtype"])     # pylint: disable=protected-access
+  if host is not None:
+    assert bool(np.all(qarray._good(host, xp=np, **cond)[0])) == want, (x, cond)
+  assert qarray.values_good(x, **cond) == want, (x, cond)
+
+
+def test_large_arrays_and_float_to_int_casts_take_the_compiled_check(monkeypatch):
+  from jq import qarray
+  x = np.ones((8, 8), np.float32)
+  # pylint: disable=protected-access
+  assert qarray._host_values(x, "float32") is not None
+  assert qarray._host_values(x, "int32") is None                      # float -> int: compiled
+  monkeypatch.setattr(qarray, "HOST_CHECK_MAX", 63)
+  assert qarray._host_values(x, None) is None and qarray._host_values(jnp.asarray(x), None) is None
+  x[3, 4] = np.nan
+  assert not qarray.values_good(x, finite=True)
