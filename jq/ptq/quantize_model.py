@@ -40,7 +40,7 @@ from jq.ptq import folding, solves
 from jq.ptq.matrices import MatrixView, assemble
 from jq.ptq.sequential import Schedule, Unit, first_leaf
 from jq.ptq.targets import Target, as_args, linen_target, nnx_target
-from jq.qarray import QArray, bad_values, index_str, values_good
+from jq.qarray import QArray, check_values, index_str
 from jq.qtypes import QType
 from jq.sharding import qarray_sharding
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
@@ -811,12 +811,13 @@ def _check_finite(params) -> None:
     if not (isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
             and getattr(x, "is_fully_addressable", True) and x.size):
       continue
-    if values_good(x, finite=True):
-      continue
-    _, n, i, v = bad_values(jnp.asarray(x), finite=True)
-    raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {int(n)} NaN/Inf "
-                     f"values (first at index {index_str(i, x.shape)}: {float(v)}); "
-                     "quantize_model cannot calibrate a model with non-finite parameters")
+
+    def fail(n, i, v, path=path, x=x):
+      raise ValueError(f"{path}: shape {tuple(x.shape)} dtype {x.dtype} has {int(n)} NaN/Inf "
+                       f"values (first at index {index_str(i, x.shape)}: {float(v)}); "
+                       "quantize_model cannot calibrate a model with non-finite parameters")
+
+    check_values(x, fail, finite=True)
 
 
 def _saw_nothing(inp: LayerInputs | None) -> bool:
