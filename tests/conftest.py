@@ -7,8 +7,12 @@ import shutil
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+from jax._src import compiler as jax_compiler
+
+import spawn
 
 # Property tests: no per-example deadline (the first call of a shape compiles), and a modest
 # number of examples so that the core suite stays within a couple of minutes on 2 CPU cores.
@@ -42,6 +46,38 @@ def _fast_compile() -> bool:
   return fast
 
 
+
+
+def _fast_cpu_codegen() -> None:
+  """Adds ``spawn.FAST_CPU_OPTIONS`` to every CPU compile made while
+  ``jax_disable_most_optimizations`` is on (JAX builds each compile's options in
+  ``get_compile_options``, and has no setting for options of every compile, hence the wrapper;
+  the options are part of the persistent cache's key), and puts them in the environment as XLA
+  flags for the processes the tests start.  An XLA that does not know an option refuses it, and a
+  JAX without that function has other internals: then nothing changes."""
+  original = getattr(jax_compiler, "get_compile_options", None)
+  if original is None or getattr(original, "_jq_fast_cpu", False):
+    return
+  try:
+    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(dict(spawn.FAST_CPU_OPTIONS))
+  except jax.errors.JaxRuntimeError:
+    return
+
+  def get_compile_options(*args, **kwargs):
+    options = original(*args, **kwargs)
+    backend = kwargs.get("backend")
+    if (jax.config.read("jax_disable_most_optimizations") and backend is not None
+        and backend.platform == "cpu"):
+      options.env_option_overrides = (list(options.env_option_overrides)
+                                      + list(spawn.FAST_CPU_OPTIONS.items()))
+    return options
+
+  get_compile_options._jq_fast_cpu = True   # pylint: disable=protected-access
+  jax_compiler.get_compile_options = get_compile_options
+  os.environ[spawn.FAST_XLA_FLAGS_ENV] = " ".join(f"--{k}={str(v).lower()}"
+                                                  for k, v in spawn.FAST_CPU_OPTIONS.items())
+
+
 def pytest_configure(config):
   """One persistent XLA compilation cache for the whole run, shared by the pytest-xdist workers
   and the subprocesses the tests start (CLI runs, notebooks, jax.distributed workers): many tests
@@ -60,6 +96,8 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  if config._jq_fast_compile:   # pylint: disable=protected-access
+    _fast_cpu_codegen()   # after the cache's set up: JAX decides once, at the first compile
 
 
 def pytest_unconfigure(config):

@@ -126,8 +126,9 @@ def dequantized(start: Start, r: Rounding) -> jax.Array:
 
 def to_qarray(start: Start, r: Rounding, spec: QuantSpec) -> QArray:
   """The learned rounding as an ordinary QArray of ``spec``'s grid (scales stored in
-  ``spec.scale_dtype``, as :func:`grid` already rounded them): it dequantizes to exactly
-  :func:`dequantized`."""
+  ``spec.scale_dtype``, as :func:`grid` already rounded them): the same codes as
+  :func:`dequantized`, so it dequantizes to the same values up to the last bit (XLA may contract
+  the grid's multiply-adds in one compiled program and not in another)."""
   if jnp.dtype(spec.scale_dtype) != start.scale_dtype:
     raise ValueError(f"learned rounding: the start's scales are {start.scale_dtype}, the spec "
                      f"stores {spec.scale_dtype}")

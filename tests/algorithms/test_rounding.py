@@ -53,7 +53,9 @@ def test_any_learned_point_is_an_ordinary_qarray_that_dequantizes_to_the_trained
       jnp.asarray(rng.uniform(0.4, 1.1, q0.scale.shape), jnp.float32)), 0.5)
   q = rounding.to_qarray(start, r, spec).validate("learned")
   assert q.qtype is q0.qtype and q.tile == q0.tile and q.scale.dtype == q0.scale.dtype
-  np.testing.assert_array_equal(q.dequantize(), rounding.dequantized(start, r))
+  # the same values, up to XLA contracting a multiply and an add of the grid's arithmetic into
+  # one rounding in one program and not in the other (a code one step off would be ~1e-2 off)
+  np.testing.assert_allclose(q.dequantize(), rounding.dequantized(start, r), rtol=2.5e-7, atol=0)
   # offsets move each code by at most one step from round-to-nearest on the same grid
   scale, zp = rounding.grid(start, r)
   same = jq.quantize_with_params(w, scale, zp, spec)

@@ -7,7 +7,6 @@ Spec arithmetic runs on one device (an AbstractMesh stands for the 2x4 mesh); th
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,6 +22,9 @@ import jq
 from jq import sharding as S
 from jq.layout import Layout
 from jq.qarray import ActivationQuant, QArray
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MESH = AbstractMesh((2, 4), ("data", "model"))
@@ -181,7 +183,6 @@ def test_unbox_specs_reads_partitioned_boxes():
 
 SCRIPT = textwrap.dedent(r'''
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,10 +250,7 @@ print("SPECS-OK", checked)
 
 
 def test_quantize_tree_under_jit_with_derived_out_shardings():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=spawn.env(8),
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "SPECS-OK 12" in proc.stdout, (
       f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")

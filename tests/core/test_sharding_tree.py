@@ -5,19 +5,19 @@ imported, so the rest of the suite keeps its single device.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
 import textwrap
 
-import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(r'''
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,11 +92,7 @@ print("SHARDING-OK", checked)
 
 
 def test_quantize_tree_keeps_leaves_sharded():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=spawn.env(8),
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "SHARDING-OK" in proc.stdout, (
       f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")

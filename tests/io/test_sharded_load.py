@@ -7,7 +7,6 @@ single-device forms run here.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import re
 import subprocess
@@ -23,6 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 import jq
 from jq import sharding as S
 from jq.io import CheckpointError
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -132,7 +134,6 @@ def test_sharded_load_still_checks_crc(saved, tmp_path):
 
 SCRIPT = textwrap.dedent(r'''
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,10 +223,7 @@ print("LOAD-OK", checked)
 
 
 def test_sharded_load_on_a_2x4_mesh(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=spawn.env(8),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "LOAD-OK 50" in proc.stdout, (
       f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")

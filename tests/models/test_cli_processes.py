@@ -27,11 +27,7 @@ def _run(argvs: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
   """Runs ``jq-quant`` with each of ``argvs`` at once (``--devices N``: on N virtual CPU
   devices); ``[(exit status, output)]``."""
   def env(argv):
-    out = spawn.env()
-    if "--devices" in argv:
-      n = argv[argv.index("--devices") + 1]
-      out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-    return out
+    return spawn.env(int(argv[argv.index("--devices") + 1]) if "--devices" in argv else None)
   return spawn.wait([subprocess.Popen([sys.executable, "-m", "jq.cli", *argv], cwd=spawn.ROOT,
                                       env=env(argv), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True) for argv in argvs],

@@ -5,16 +5,16 @@ importing jax, so the rest of the suite keeps one device.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
 import textwrap
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
+
 SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \\
-        " --xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
@@ -68,9 +68,8 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_execution_matches_unsharded():
   here = pathlib.Path(__file__).parent
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(here)], capture_output=True,
-                        text=True, env=env, timeout=300,
+                        text=True, env=spawn.env(8), timeout=300,
                         cwd=str(here.parent.parent))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "linen ok" in proc.stdout and "nnx ok" in proc.stdout

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import pathlib
 import re
 import subprocess
@@ -40,6 +39,9 @@ from flax import nnx
 
 import jq
 import zoo
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 
 W8A16 = jq.W8A16
 G128 = jq.W4A16_G128
@@ -533,8 +535,6 @@ def test_quantize_tree_without_layouts_refuses_rank3_kernels(name):
 
 SHARDED_SCRIPT = textwrap.dedent(r'''
     import os, sys, time
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=8")
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
@@ -650,9 +650,8 @@ SHARDED_SCRIPT = textwrap.dedent(r'''
 
 def test_sharded_quantize_and_run_match_single_device():
   here = pathlib.Path(__file__).parent
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(here)], capture_output=True,
-                        text=True, env=env, timeout=300, cwd=str(here.parent.parent))
+                        text=True, env=spawn.env(8), timeout=300, cwd=str(here.parent.parent))
   assert proc.returncode == 0, proc.stdout + proc.stderr[-6000:]
   for name in MODELS:
     assert f"{name} ok" in proc.stdout, proc.stdout

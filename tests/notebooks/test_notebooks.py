@@ -9,8 +9,12 @@ interpreter) and ``matplotlib``; without them it is skipped with a message.
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import spawn  # noqa: E402  pylint: disable=wrong-import-position
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need nbformat (dev extra)")
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need nbclient (dev extra)")
@@ -34,8 +38,11 @@ def test_notebooks_exist():
     for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs_in_small_mode(path, monkeypatch):
   monkeypatch.setenv("JQ_NOTEBOOK_SMALL", "1")
-  # each notebook picks its own devices (03 asks for 8 virtual CPU devices); don't inherit ours
+  # each notebook picks its own devices (03 asks for 8 virtual CPU devices): only the suite's
+  # compile flags (tests/spawn.py), not ours
   monkeypatch.delenv("XLA_FLAGS", raising=False)
+  if spawn.xla_flags():
+    monkeypatch.setenv("XLA_FLAGS", spawn.xla_flags())
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
