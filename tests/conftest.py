@@ -46,8 +46,6 @@ def _fast_compile() -> bool:
   return fast
 
 
-
-
 def _fast_cpu_codegen() -> None:
   """Adds ``spawn.FAST_CPU_OPTIONS`` to every CPU compile made while
   ``jax_disable_most_optimizations`` is on (JAX builds each compile's options in
