@@ -25,7 +25,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jq"))
 
 
 _CACHE_ENV = "JQ_TEST_JAX_CACHE"
-_FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def _fast_compile() -> bool:
@@ -40,8 +39,8 @@ def _fast_compile() -> bool:
   compiled the same way).  Set in the environment, so the subprocesses the tests start (CLI
   runs, notebooks, jax.distributed workers) compile the same way;
   ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs the whole suite fully optimized."""
-  os.environ.setdefault(_FAST_COMPILE_ENV, "1")
-  fast = os.environ[_FAST_COMPILE_ENV].lower() not in ("", "0", "false")
+  os.environ.setdefault(spawn.FAST_COMPILE_ENV, "1")
+  fast = spawn.unoptimized()
   jax.config.update("jax_disable_most_optimizations", fast)
   return fast
 
@@ -114,11 +113,11 @@ def _optimized(request):
     yield
     return
   jax.config.update("jax_disable_most_optimizations", False)
-  os.environ[_FAST_COMPILE_ENV] = "0"
+  os.environ[spawn.FAST_COMPILE_ENV] = "0"
   try:
     yield
   finally:
-    os.environ[_FAST_COMPILE_ENV] = "1"
+    os.environ[spawn.FAST_COMPILE_ENV] = "1"
     jax.config.update("jax_disable_most_optimizations", True)
 
 

@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # the tests start, when this XLA knows them.
 FAST_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 FAST_XLA_FLAGS_ENV = "JQ_TEST_FAST_XLA_FLAGS"
+FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"   # tests/conftest.py sets it, per test
+
+
+def unoptimized() -> bool:
+  """Whether what runs now (the test, the processes it starts) compiles unoptimized."""
+  return os.environ.get(FAST_COMPILE_ENV, "").lower() not in ("", "0", "false")
 
 
 def env(devices: int | None = None) -> dict[str, str]:
@@ -39,7 +45,7 @@ def xla_flags(devices: int | None = None) -> str:
   """XLA flags for a process a test starts: the suite's fast CPU code generation while the test
   compiles unoptimized (tests/conftest.py), and ``devices`` virtual CPU devices."""
   flags = []
-  if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "").lower() not in ("", "0", "false"):
+  if unoptimized():
     flags.append(os.environ.get(FAST_XLA_FLAGS_ENV, ""))
   if devices is not None:
     flags.append(f"--xla_force_host_platform_device_count={devices}")

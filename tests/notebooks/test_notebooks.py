@@ -41,8 +41,9 @@ def test_notebook_runs_in_small_mode(path, monkeypatch):
   # each notebook picks its own devices (03 asks for 8 virtual CPU devices): only the suite's
   # compile flags (tests/spawn.py), not ours
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  if spawn.xla_flags():
-    monkeypatch.setenv("XLA_FLAGS", spawn.xla_flags())
+  flags = spawn.xla_flags()
+  if flags:
+    monkeypatch.setenv("XLA_FLAGS", flags)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
