@@ -5,12 +5,16 @@ Layout conventions used everywhere in jq:
 * A quantized tensor of logical shape ``S`` has a *tile* ``T`` (same rank): one scale (and zero
   point) per tile, so ``scale.shape[i] == ceil(S[i] / T[i])``.  A tile that does not divide its axis
   leaves a partial last group (as in the GPTQ reference implementation).
-* Sub-byte values are packed along the last axis, little-end first: value ``j`` of a byte sits in
-  bits ``[j*b, (j+1)*b)``.  The last axis is zero-padded to a multiple of the values per byte.
+* Sub-byte values are packed densely along the last axis, little-end first, in units of whole
+  bytes (one byte for 2/4 bits, three bytes for eight 3-bit values): value ``j`` of a unit sits in
+  bits ``[j*b, (j+1)*b)`` of the unit read as a little-endian integer.  The last axis is
+  zero-padded to a whole unit.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,50 +29,60 @@ def num_tiles(shape: Sequence[int], tile: Sequence[int]) -> tuple[int, ...]:
 
 
 def packed_shape(shape: Sequence[int], qtype: QType) -> tuple[int, ...]:
-  """Shape of the packed ``values`` array for a logical ``shape``."""
+  """Shape of the packed ``values`` array for a logical ``shape``: the last axis holds
+  ``ceil(n / qtype.pack_values)`` units of ``qtype.pack_bytes`` bytes."""
   if not shape:
     return ()
-  return (*shape[:-1], -(-shape[-1] // qtype.per_byte))
+  return (*shape[:-1], -(-shape[-1] // qtype.pack_values) * qtype.pack_bytes)
 
 
-def pack(q: jax.Array, qtype: QType) -> jax.Array:
+def pack(q: Any, qtype: QType, *, xp: Any = jnp) -> Any:
   """Packs integer values (in ``[qtype.qmin, qtype.qmax]``) along the last axis.
 
   8-bit types (float8 included: pass values already encoded, see :func:`fp8_encode`) are returned
-  as ``qtype.storage_dtype`` unchanged; sub-byte ones as uint8 with ``qtype.per_byte`` values per
-  byte.
+  as ``qtype.storage_dtype`` unchanged; sub-byte ones as uint8, ``qtype.pack_values`` values in
+  each unit of ``qtype.pack_bytes`` bytes: value ``j`` of a unit in bits ``[j*b, (j+1)*b)`` of the
+  unit read as a little-endian integer (so 3-bit values cross byte boundaries).  The last unit is
+  zero-padded; a scalar is one byte holding its value in the low bits.  ``xp=np`` does the same
+  on host numpy arrays (no JAX dispatch or compilation per shape).
   """
   if qtype.storage_bits == 8:
     return q.astype(qtype.storage_dtype)
-  if q.ndim == 0:
-    q = q.reshape(1)
-  per, bits = qtype.per_byte, qtype.storage_bits
-  n = q.shape[-1]
-  pad = (-n) % per
-  u = q.astype(jnp.int32) & ((1 << bits) - 1)
+  per, nb, bits = qtype.pack_values, qtype.pack_bytes, qtype.storage_bits
+  u = q.astype(xp.int32) & ((1 << bits) - 1)
+  if u.ndim == 0:
+    return u.astype(xp.uint8)
+  pad = (-u.shape[-1]) % per
   if pad:
-    u = jnp.pad(u, [(0, 0)] * (q.ndim - 1) + [(0, pad)])
+    u = xp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
   u = u.reshape(*u.shape[:-1], u.shape[-1] // per, per)
-  shifts = jnp.arange(per, dtype=jnp.int32) * bits
-  return jnp.sum(u << shifts, axis=-1).astype(jnp.uint8)
+  word = xp.sum(u << (xp.arange(per, dtype=xp.int32) * bits), axis=-1, dtype=xp.int32)
+  if nb > 1:  # the unit's bytes, low byte first
+    word = (word[..., None] >> (xp.arange(nb, dtype=xp.int32) * 8)) & 0xFF
+    word = word.reshape(*word.shape[:-2], word.shape[-2] * nb)
+  return word.astype(xp.uint8)
 
 
-def unpack(packed: jax.Array, qtype: QType, n: int) -> jax.Array:
+def unpack(packed: Any, qtype: QType, n: int, *, xp: Any = jnp, storage_bits: int | None = None
+           ) -> Any:
   """Inverse of :func:`pack`: returns ``n`` values along the last axis as int8 (signed) or uint8
-  (float8 values as they are)."""
+  (float8 values as they are).  ``storage_bits=4`` reads 3-bit values from the 4-bit slots
+  (two per byte) that checkpoints of format version 1 hold."""
   if qtype.storage_bits == 8:
     return packed
-  if packed.ndim == 0:  # a scalar QArray: one value in the low bits of one byte
-    return unpack(packed.reshape(1), qtype, 1).reshape(())
-  per, bits = qtype.per_byte, qtype.storage_bits
-  b = packed.astype(jnp.int32)[..., None]
-  shifts = jnp.arange(per, dtype=jnp.int32) * bits
-  v = (b >> shifts) & ((1 << bits) - 1)
+  bits = storage_bits or qtype.storage_bits
+  per, nb = math.lcm(bits, 8) // bits, math.lcm(bits, 8) // 8
+  word = packed.astype(xp.int32)
+  if word.ndim == 0:  # a scalar QArray: one value in the low bits of one byte
+    per, word = 1, word.reshape(1)
+  elif nb > 1:
+    word = word.reshape(*word.shape[:-1], word.shape[-1] // nb, nb)
+    word = xp.sum(word << (xp.arange(nb, dtype=xp.int32) * 8), axis=-1, dtype=xp.int32)
+  v = (word[..., None] >> (xp.arange(per, dtype=xp.int32) * bits)) & ((1 << bits) - 1)
   if qtype.signed:  # sign-extend from the storage width
-    half = 1 << (bits - 1)
-    v = jnp.where(v >= half, v - (1 << bits), v)
-  v = v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n]
-  return v.astype(qtype.unpacked_dtype)
+    v = xp.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+  v = v.reshape(*v.shape[:-2], v.shape[-2] * per)[..., :n].astype(qtype.unpacked_dtype)
+  return v.reshape(()) if packed.ndim == 0 else v
 
 
 def _axis_kind(s: int, t: int) -> str:

@@ -1,9 +1,10 @@
 """QArray: a quantized array as plain pytree data.
 
 ``x ≈ (unpack(values) − zero_point) · expand(scale)``, or ``table[unpack(values)] · expand(scale)``
-for NF4, or ``float32(values) · expand(scale)`` for float8 e4m3 (one byte per value).  ``values`` holds packed storage (two int4 / four int2 per byte along the last axis);
-``scale`` and ``zero_point`` have the logical rank with ``ceil(shape[i] / tile[i])`` entries per
-axis.  ``qtype``, ``shape`` and ``tile`` are static (hashable) metadata.
+for NF4, or ``float32(values) · expand(scale)`` for float8 e4m3 (one byte per value).  ``values``
+holds packed storage (two int4 / four int2 per byte, eight int3 per three bytes, along the last
+axis); ``scale`` and ``zero_point`` have the logical rank with ``ceil(shape[i] / tile[i])``
+entries per axis.  ``qtype``, ``shape`` and ``tile`` are static (hashable) metadata.
 """
 from __future__ import annotations
 
@@ -391,9 +392,9 @@ class QArray:
     ``values`` (``qtype.storage_dtype``), ``scale`` (floating point), ``zero_point``
     (``qtype.unpacked_dtype``, none for NF4 and float8), the activation's mode and scale dtype.
     Value checks (``values=True``; on concrete arrays, or under :func:`checked` also on tracers):
-    scales finite and positive, zero points in ``[qmin, qmax]``, codes in ``[qmin, qmax]`` after
-    unpacking (3-bit types use 4-bit slots that can hold more), float8 values not NaN, static
-    activation scales finite and positive; each message gives the first bad index.
+    scales finite and positive, zero points in ``[qmin, qmax]``, float8 values not NaN, static
+    activation scales finite and positive; each message gives the first bad index (packed integer
+    codes always lie in ``[qmin, qmax]``).
     """
     self._validate_structure(name)
     if values:
@@ -469,41 +470,16 @@ class QArray:
                          f"index {index_str(i, zp.shape)}: {int(v)}")
 
       check_values(zp, zp_fail, dtype="int32", lo=qt.qmin, hi=qt.qmax)
-    # Codes: only storage that can hold values outside [qmin, qmax] needs a look (3-bit types in
-    # 4-bit slots; float8, whose bytes can hold NaN); 8/4/2-bit slots hold exactly the qtype's
-    # range.
+    # Codes: packed storage holds exactly the qtype's range; float8 bytes can hold NaN.
     if qt.is_float and self.values.size:
       def nan_fail(n, i, _):
         raise ValueError(f"{where}: values dtype {self.values.dtype}: {int(n)} NaN values, first "
                          f"at index {index_str(i, self.shape)}; {qt.value} values must be finite")
 
       check_values(self.values, nan_fail, dtype="float32", not_nan=True)
-    sb = qt.storage_bits
-    slot = (-(1 << (sb - 1)), (1 << (sb - 1)) - 1) if qt.signed else (0, (1 << sb) - 1)
-    if not qt.is_float and slot != (qt.qmin, qt.qmax) and self.values.size:
-      def code_summary():
-        return _bad_codes(self.values, qt, tuple(self.shape))
-
-      def code_ok():
-        return _bad_codes(self.values, qt, tuple(self.shape), quick=True)
-
-      def code_fail(n, i, v):
-        raise ValueError(f"{where}: values dtype {self.values.dtype}: {qt.value} codes must lie "
-                         f"in [{qt.qmin}, {qt.qmax}] after unpacking; {int(n)} outside, first at "
-                         f"index {index_str(i, self.shape)}: {int(v)}")
-
-      value_check([self.values], code_summary, code_fail, quick=code_ok)
     if self.activation is not None and self.activation.scale is not None:
       check_activation_scale(self.activation.scale, self.activation.zero_point,
                              self.activation.spec, f"{where}: activation")
-
-
-@functools.partial(jax.jit, static_argnames=("qtype", "shape", "quick"))
-def _bad_codes(values, qtype: QType, shape: tuple[int, ...], quick: bool = False):
-  """:func:`bad_values` of the unpacked codes outside the qtype's range (``quick``: just ok)."""
-  v = numerics.unpack(values, qtype, shape[-1] if shape else 1).reshape(shape)
-  good = (all_good if quick else bad_values)
-  return good(v, dtype="int32", lo=qtype.qmin, hi=qtype.qmax)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "shape", "tile", "dtype", "details"))

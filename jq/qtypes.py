@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 
 import ml_dtypes
 import numpy as np
@@ -23,9 +24,9 @@ class QType(enum.Enum):
 
   ``INT*``/``UINT*`` are uniform grids; ``NF4`` stores 4-bit indices into ``NF4_TABLE``;
   ``FP8_E4M3`` stores the values themselves as ``float8_e4m3fn`` (one byte each, symmetric only:
-  ``x ≈ v · scale`` with ``|v| <= 448``).  Sub-byte types are packed along the last axis: two 4-bit
-  (or 3-bit) values per byte, four 2-bit values per byte.  3-bit values use 4-bit storage slots
-  (they are not packed across byte boundaries).
+  ``x ≈ v · scale`` with ``|v| <= 448``).  Sub-byte types are packed densely along the last
+  axis in units of whole bytes: two 4-bit values per byte, four 2-bit values per byte, eight 3-bit
+  values per three bytes (:attr:`pack_values` values in :attr:`pack_bytes` bytes).
   """
   INT8 = "int8"
   INT4 = "int4"
@@ -47,12 +48,18 @@ class QType(enum.Enum):
 
   @property
   def storage_bits(self) -> int:
-    """Bits each value occupies in packed storage (3-bit values use 4-bit slots)."""
-    return {8: 8, 4: 4, 3: 4, 2: 2}[self.bits]
+    """Bits each value occupies in packed storage (as many as it carries)."""
+    return self.bits
 
   @property
-  def per_byte(self) -> int:
-    return 8 // self.storage_bits
+  def pack_values(self) -> int:
+    """Values in one packing unit: 1 (8-bit), 2 (4-bit), 4 (2-bit), 8 (3-bit)."""
+    return math.lcm(self.storage_bits, 8) // self.storage_bits
+
+  @property
+  def pack_bytes(self) -> int:
+    """Bytes of one packing unit: 3 for 3-bit values (eight of them), else 1."""
+    return math.lcm(self.storage_bits, 8) // 8
 
   @property
   def signed(self) -> bool:

@@ -1,11 +1,12 @@
 """Shardings of quantized trees, carried over from the float model's PartitionSpecs.
 
 A QArray's fields shard like the float kernel they replace.  The packed ``values`` take the
-kernel's spec (sub-byte types pack along the last axis, which gets 2 or 4 times shorter); ``scale``
-and ``zero_point`` keep the spec on per-channel and stacked-layer axes (``tile[i] == 1``: one entry
-per index, like the kernel) and are replicated along grouped axes (only ``ceil(n / group)``
-entries); static activation scales are replicated.  With a mesh known, an entry whose mesh axes do
-not divide the dimension it would split is dropped (replicated) instead of failing later.
+kernel's spec (sub-byte types pack along the last axis, which gets 2, 4 or 8/3 times shorter and is
+split only on whole packing units); ``scale`` and ``zero_point`` keep the spec on per-channel and
+stacked-layer axes (``tile[i] == 1``: one entry per index, like the kernel) and are replicated
+along grouped axes (only ``ceil(n / group)`` entries); static activation scales are replicated.
+With a mesh known, an entry whose mesh axes do not divide the dimension it would split is dropped
+(replicated) instead of failing later.
 
 Example:
   >>> qshapes = jax.eval_shape(lambda p: jq.quantize_tree(p, rules), params)
@@ -107,7 +108,9 @@ def qarray_partition_spec(q: QArray, spec: PartitionSpec, *,
                      f"PartitionSpec {spec} has {len(entries)} entries for {q.ndim} axes")
   n = len(entries)
   full = entries + (None,) * (q.ndim - n)
-  values = _fit(full, numerics.packed_shape(q.shape, q.qtype), mesh)
+  packed = numerics.packed_shape(q.shape, q.qtype)
+  units = packed[:-1] + tuple(p // q.qtype.pack_bytes for p in packed[-1:])  # 3-bit: 3 bytes each
+  values = _fit(full, units, mesh)
   per_tile = [e if t == 1 else None for e, t in zip(full, q.tile)]
   scale = _fit(per_tile, numerics.num_tiles(q.shape, q.tile), mesh)
   values, scale = PartitionSpec(*values[:n]), PartitionSpec(*scale[:n])

@@ -11,9 +11,9 @@ Tensor names are the '/'-joined parameter paths of :func:`jq.tree.leaves_with_pa
   ``params/dense/kernel.values`` (packed storage), ``.scale``, ``.zero_point`` (asymmetric only),
   and ``.act_scale`` / ``.act_zero_point`` (static activation quantization only).
 
-Header schema (format version 1)::
+Header schema (format version 2)::
 
-  {"format": "jq", "version": 1, "jq_version": "0.1.0",
+  {"format": "jq", "version": 2, "jq_version": "0.1.0",
    "metadata": {...user metadata...},
    "rules": [<rule>, ...],   # as passed to save, in jq.spec_json form (a valid --rules file)
    "tree": <node>,           # the container structure
@@ -41,6 +41,12 @@ Header schema (format version 1)::
              "components": ["values", "scale", "zero_point"],
              "activation": null | {"mode": "static", "qtype": "int8", "symmetric": true},
              "rule": null | {"index": 3, "pattern": "(^|/)kernel$", "describe": "rtn w:uint4 ..."}}
+
+Versions.  Version 2 packs 3-bit values densely, eight to three bytes (:func:`jq.numerics.pack`);
+version 1 kept them in 4-bit slots, two per byte.  Everything else is the same, so a header without
+3-bit QArrays is written as version 1, which jq releases before version 2 read too
+(:func:`format_version`); a version-1 file's 3-bit values are repacked when it is loaded, their
+codes checked first.
 
 Integrity.  ``integrity`` and the per-tensor ``sha256`` were added to format version 1 without a
 version bump, on purpose: they are additive (jq releases that predate them ignore unknown keys and
@@ -82,7 +88,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jq import spec_json
+from jq import numerics, spec_json
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType
 from jq.spec import ActivationSpec, ActMode, Rule
@@ -91,7 +97,8 @@ from jq.tree import path_str
 PyTree = Any
 
 FORMAT = "jq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest version this jq reads and writes
+DENSE_3BIT_VERSION = 2   # from this version on, 3-bit values are packed eight to three bytes
 COMPONENTS = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
 
 # numpy dtypes a checkpoint may hold, by the name written in the header.
@@ -580,7 +587,8 @@ def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
     raise CheckpointError(f"metadata must be JSON-serialisable (str keys; finite numbers): "
                           f"{e}") from e
   header = {
-      "format": FORMAT, "version": FORMAT_VERSION, "jq_version": _jq_version(),
+      "format": FORMAT, "version": format_version(qarray_qtypes(enc.leaves)),
+      "jq_version": _jq_version(),
       "metadata": user, "rules": [spec_json.rule_to_json(r) for r in rules], "tree": root,
       "leaves": enc.leaves,
       "tensors": {name: {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": crc32(a),
@@ -591,6 +599,50 @@ def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
 
 
 # ---- decoding ----------------------------------------------------------------------------------
+
+
+def qarray_qtypes(leaves: Mapping[str, Any]) -> list[str]:
+  """The qtype names of a header's QArray leaves (``header["leaves"]``)."""
+  return [str(v.get("qtype")) for v in leaves.values()
+          if isinstance(v, dict) and v.get("kind") == "qarray"]
+
+
+def format_version(qtypes: Any) -> int:
+  """The format version a checkpoint holding QArrays of ``qtypes`` (QTypes or their names) is
+  written as: :data:`DENSE_3BIT_VERSION` where one is 3-bit, else 1, so that a file without 3-bit
+  values still loads in jq releases that predate dense 3-bit packing."""
+  three = {QType.INT3.value, QType.UINT3.value}
+  return DENSE_3BIT_VERSION if any(getattr(q, "value", q) in three for q in qtypes) else 1
+
+
+def legacy_3bit_paths(header: Mapping) -> list[str]:
+  """Paths of 3-bit QArrays that ``header`` (format version 1) stores in 4-bit slots."""
+  if header.get("version", FORMAT_VERSION) >= DENSE_3BIT_VERSION:
+    return []
+  return [p for p, v in header["leaves"].items() if isinstance(v, dict)
+          and v.get("kind") == "qarray" and format_version([v.get("qtype")]) > 1]
+
+
+def _from_4bit_slots(values: Any, qtype: QType, shape: tuple[int, ...], desc: str,
+                     abstract: bool) -> Any:
+  """A version-1 file's 3-bit ``values`` (4-bit slots, two per byte) packed densely, after
+  checking that every code lies in the qtype's range (a slot can hold more)."""
+  n = shape[-1] if shape else 1
+  old = (*shape[:-1], -(-n // 2)) if shape else ()
+  if tuple(values.shape) != old:
+    raise CheckpointError(f"{desc}: values have shape {tuple(values.shape)} dtype {values.dtype}; "
+                          f"a format version 1 file holds 3-bit values two per byte: {old} "
+                          "uint8")
+  if abstract:
+    return jax.ShapeDtypeStruct(numerics.packed_shape(shape, qtype), np.uint8)
+  codes = numerics.unpack(np.asarray(values), qtype, n, xp=np, storage_bits=4).reshape(shape)
+  bad = (codes < qtype.qmin) | (codes > qtype.qmax)
+  if bad.any():
+    i = tuple(int(j) for j in np.argwhere(bad)[0])
+    raise CheckpointError(f"{desc}: values (format version 1, 4-bit slots): {int(bad.sum())} "
+                          f"codes outside [{qtype.qmin}, {qtype.qmax}], first at index {i}: "
+                          f"{int(codes[i])}; the data is corrupt")
+  return numerics.pack(codes, qtype, xp=np)
 
 
 def _need(d: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
@@ -844,6 +896,8 @@ class _Decoder:
     elif "act_scale" in comps or "act_zero_point" in comps:
       raise CheckpointError(f"{desc}: activation tensors stored but no activation spec in header")
     parts = {c: self.tensor(f"{path}.{c}", desc) for c in COMPONENTS if c in comps}
+    if qtype.bits == 3 and self.header["version"] < DENSE_3BIT_VERSION:
+      parts["values"] = _from_4bit_slots(parts["values"], qtype, shape, desc, self.abstract)
 
     def build(parts: dict) -> QArray:
       activation = None
@@ -939,7 +993,8 @@ def verify_header(header: Any, found: Mapping[str, tuple[np.dtype, tuple[int, ..
   return is_sealed(header)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "COMPONENTS", "DTYPES", "CheckpointError", "encode",
+__all__ = ["FORMAT", "FORMAT_VERSION", "DENSE_3BIT_VERSION", "format_version", "qarray_qtypes",
+           "legacy_3bit_paths", "COMPONENTS", "DTYPES", "CheckpointError", "encode",
            "decode", "check_header", "check_tensors", "tensor_specs", "rules_from_header",
            "describe_granularity", "crc32", "host_array", "sha256_hex", "parse_json",
            "canonical_json", "integrity_record", "integrity_problem", "is_sealed", "seal",

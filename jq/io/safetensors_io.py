@@ -385,6 +385,11 @@ def tensor_shardings(header: dict, shardings: PyTree, *, source: str
     CheckpointError: naming the path where the shardings tree and the checkpoint's tree differ.
   """
   leaves = header["leaves"]
+  legacy = codec.legacy_3bit_paths(header)
+  if legacy:
+    raise CheckpointError(f"{source}: {legacy[0]}: format version {header['version']} stores 3-bit "
+                          "values in 4-bit slots, which are repacked on load; load it without "
+                          "shardings and save it again to place it")
   specs = codec.tensor_specs(header, source=source)
   out: dict[str, jax.sharding.Sharding | None] = {}
   covered: set[str] = set()

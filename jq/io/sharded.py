@@ -341,8 +341,12 @@ class ShardedWriter:
     self.exchange = exchange
     plan = [[s.file, list(s.leaves), {n: [t.dtype.name, list(t.shape)] for n, t in s.infos.items()}]
             for s in self.shards]
+    # a plan holding 3-bit values records the format that packs them (version 1 partial runs,
+    # with 4-bit slots, are then refused rather than read back in the new packing)
+    fmt = codec.format_version(x.qtype for _, x in leaves if isinstance(x, QArray))
     self.fingerprint = json.loads(json.dumps({"inputs": dict(fingerprint or {}), "plan": plan,
-                                              "rules": [r.describe() for r in self.rules]}))
+                                              "rules": [r.describe() for r in self.rules],
+                                              **({"format": fmt} if fmt > 1 else {})}))
     self.work = work_dir(self.out)
     self.progress_file = PROGRESS if process_count == 1 else f"progress.p{process_index}.json"
     self.done: dict[str, dict] = {}     # shard file -> {"leaves": {...}, "tensors": {...}}
@@ -625,7 +629,8 @@ class ShardedWriter:
     names = ([f"{path}.{c}" for c in info.get("components", ())] if info.get("kind") == "qarray"
              else [info["tensor"]])
     from jq import spec_json  # pylint: disable=import-outside-toplevel
-    header = {"format": codec.FORMAT, "version": codec.FORMAT_VERSION, "metadata": {},
+    header = {"format": codec.FORMAT,
+              "version": codec.format_version(codec.qarray_qtypes({path: info})), "metadata": {},
               "rules": [spec_json.rule_to_json(r) for r in self.rules],
               "tree": {"kind": "leaf", "path": path}, "leaves": {path: info},
               "tensors": {n: rec["tensors"][n] for n in names}}
@@ -669,7 +674,7 @@ class ShardedWriter:
       tensors.update(rec["tensors"])
       shards.update({n: s.file for n in rec["tensors"]})
     from jq import spec_json  # pylint: disable=import-outside-toplevel
-    header = {"format": codec.FORMAT, "version": codec.FORMAT_VERSION,
+    header = {"format": codec.FORMAT, "version": codec.format_version(codec.qarray_qtypes(leaves)),
               "jq_version": codec._jq_version(),  # pylint: disable=protected-access
               "metadata": user, "rules": [spec_json.rule_to_json(r) for r in self.rules],
               "tree": _tree_node(self.paths), "leaves": {p: leaves[p] for p in self.paths},

@@ -144,7 +144,7 @@ def _merged_tile(sizes: Sequence[int], tiles: Sequence[int]) -> int | None:
 def matrix_tile(w: QArray, contracting: int = 1) -> tuple[int, int] | None:
   """The ``(K, N)`` tile of :func:`as_matrix` (from static fields only), or None."""
   c = int(contracting)
-  if not 1 <= c < w.ndim or w.shape[-1] % w.qtype.per_byte:
+  if not 1 <= c < w.ndim or w.shape[-1] % w.qtype.pack_values:
     return None
   tk = _merged_tile(w.shape[:c], w.tile[:c])
   free = tuple(w.shape[c:])
@@ -164,8 +164,8 @@ def as_matrix(w: QArray, contracting: int = 1) -> QArray | None:
   per tensor, and the contracting axes' tiles must be runs of the merged axis (groups inside the
   last contracting axis, or whole trailing axes).  Sub-byte values are packed along the last
   axis within each row, so the packed bytes reshape in the same row-major order (``nr`` is a
-  whole number of bytes: checked).  A ``DenseGeneral`` head's ``(d, heads, head_dim)`` kernel is
-  one, and so is its output projection's ``(heads, head_dim, d)`` with ``contracting=2``.
+  whole number of packing units: checked).  A ``DenseGeneral`` head's ``(d, heads, head_dim)``
+  kernel is one, and so is its output projection's ``(heads, head_dim, d)`` with ``contracting=2``.
   ``as_matrix(w) is None`` reads only static fields (cheap on abstract values)."""
   if w.ndim == 2 and contracting == 1:
     return w

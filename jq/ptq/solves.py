@@ -124,7 +124,7 @@ def _column_unit(t: Solve) -> int | None:
   tile_n = int(t.spec.tile((k, n), name=t.name, dtype=t.w.dtype)[-1])
   if tile_n >= n:
     return None
-  return math.lcm(tile_n, int(t.spec.qtype.per_byte))
+  return math.lcm(tile_n, int(t.spec.qtype.pack_values))
 
 
 def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int, int]]]]:
@@ -165,15 +165,15 @@ def fuse(tasks: Sequence[Solve]) -> tuple[list[Solve], list[list[tuple[int, int,
 
 def columns(q: QArray, a: int, b: int) -> QArray:
   """Output channels ``[a, b)`` of ``q`` (edges on whole scale tiles and packed bytes)."""
-  tile_n, per = int(q.tile[-1]), int(q.qtype.per_byte)
+  tile_n, per, nb = int(q.tile[-1]), q.qtype.pack_values, q.qtype.pack_bytes
   if a % tile_n or (b % tile_n and b != q.shape[-1]) or a % per or (b % per and b != q.shape[-1]):
     raise ValueError(f"columns [{a}, {b}) of a {q.shape} QArray do not fall on whole tiles "
-                     f"({tile_n}) and bytes ({per} values)")
+                     f"({tile_n}) and packed bytes ({per} values in {nb})")
 
-  def cut(x, unit):
-    return None if x is None else x[..., a // unit:-(-b // unit)]
+  def cut(x, unit, nbytes=1):
+    return None if x is None else x[..., a // unit * nbytes:-(-b // unit) * nbytes]
 
-  return QArray(values=cut(q.values, per), scale=cut(q.scale, tile_n),
+  return QArray(values=cut(q.values, per, nb), scale=cut(q.scale, tile_n),
                 zero_point=cut(q.zero_point, tile_n), activation=q.activation, qtype=q.qtype,
                 shape=(*q.shape[:-1], b - a), tile=q.tile)
 

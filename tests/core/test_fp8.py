@@ -27,7 +27,7 @@ FINITE = np.sort(np.arange(256, dtype=np.uint8).view(F8).astype(np.float32)[
 
 def test_qtype_properties():
   assert QType("fp8_e4m3") is FP8 and FP8.value == "fp8_e4m3"
-  assert (FP8.bits, FP8.storage_bits, FP8.per_byte) == (8, 8, 1)
+  assert (FP8.bits, FP8.storage_bits, FP8.pack_values, FP8.pack_bytes) == (8, 8, 1, 1)
   assert FP8.is_float and FP8.symmetric_only and FP8.signed and not FP8.is_table
   assert (FP8.qmin, FP8.qmax) == (-448, 448) == (-FP8_E4M3_MAX, FP8_E4M3_MAX)
   assert float(ml_dtypes.finfo(F8).max) == FP8_E4M3_MAX

@@ -27,7 +27,7 @@ def np_expand(t, tile, shape):
 
 # A fixed menu of shapes (odd and even last axes, ranks 1-3) keeps compilations bounded; the
 # values are what hypothesis explores.
-PACK_SHAPES = [(1,), (7,), (2, 8), (3, 5), (2, 3, 9), (4, 1)]
+PACK_SHAPES = [(1,), (7,), (2, 8), (3, 5), (2, 3, 9), (4, 1), (2, 17)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,6 +57,10 @@ def test_pack_unpack_round_trip(qtype, data):
   out = numerics.unpack(packed, qtype, v.shape[-1])
   assert out.dtype == qtype.unpacked_dtype
   np.testing.assert_array_equal(np.asarray(out), v)
+  host = numerics.pack(v, qtype, xp=np)   # the numpy road (GGUF / compressed-tensors codecs)
+  assert host.dtype == qtype.storage_dtype
+  np.testing.assert_array_equal(host, np.asarray(packed))
+  np.testing.assert_array_equal(numerics.unpack(host, qtype, v.shape[-1], xp=np), v)
   v2 = data.draw(ints_in_range(qtype))  # more values through the jitted round trip
   np.testing.assert_array_equal(np.asarray(_round_trip_fn(qtype)(jnp.asarray(v2))), v2)
 
@@ -66,16 +70,23 @@ def test_pack_bit_layout_little_end_first():
   np.testing.assert_array_equal(np.asarray(p), [0x21, 0x03])  # odd length zero-padded
   p = numerics.pack(jnp.array([-1, 0, 1, -2], jnp.int8), QType.INT2)
   assert int(p[0]) == 0b10_01_00_11
-  p = numerics.pack(jnp.array([-4, 3], jnp.int8), QType.INT3)  # 3-bit values in 4-bit slots
-  assert int(p[0]) == 0x3C
+  # 3-bit: eight values in three bytes, read as one little-endian 24-bit word (crossing bytes)
+  p = numerics.pack(jnp.array([-4, 3, -1, 0, 0, 0, 0, 0, 1], jnp.int8), QType.INT3)
+  np.testing.assert_array_equal(np.asarray(p), [0xDC, 0x01, 0x00, 0x01, 0x00, 0x00])
+  p = numerics.pack(jnp.array([0, 0, 0, 0, 0, 0, 0, 7], jnp.uint8), QType.UINT3)
+  np.testing.assert_array_equal(np.asarray(p), [0x00, 0x00, 0xE0])
+  assert numerics.packed_shape((4, 129), QType.INT3) == (4, 17 * 3)
+  # a scalar is one byte, its value in the low bits
+  assert int(numerics.pack(jnp.array(-1, jnp.int8), QType.INT3)) == 0b111
+  assert int(numerics.unpack(jnp.array(0b111, jnp.uint8), QType.INT3, 1)) == -1
   assert numerics.pack(jnp.array([-128, 127], jnp.int8), QType.INT8).dtype == jnp.int8
 
 
 @pytest.mark.parametrize("qtype", ALL_QTYPES, ids=lambda q: q.value)
 def test_qtype_properties(qtype):
   assert qtype.qmax - qtype.qmin + 1 == 2 ** qtype.bits
-  assert qtype.storage_bits * qtype.per_byte == 8
-  assert qtype.storage_bits >= qtype.bits
+  assert qtype.storage_bits * qtype.pack_values == 8 * qtype.pack_bytes
+  assert qtype.storage_bits == qtype.bits   # densely packed: no padding bits inside a unit
   assert np.iinfo(qtype.unpacked_dtype).min <= qtype.qmin
   assert np.iinfo(qtype.unpacked_dtype).max >= qtype.qmax
   if qtype is not QType.NF4:

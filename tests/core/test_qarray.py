@@ -125,7 +125,7 @@ def test_dequantize_formula_and_dtype(q4):
 def test_unpacked_shape_partial_group_and_odd_axis():
   q = quantize(_w((70, 9)), QuantSpec(qtype=QType.INT3, granularity=Granularity.GROUP,
                                        group_size=32))
-  assert q.values.shape == (70, 5) and q.scale.shape == (3, 9)
+  assert q.values.shape == (70, 6) and q.scale.shape == (3, 9)   # 9 int3 values: 2 units of 3 bytes
   assert q.unpacked().shape == (70, 9) and q.unpacked().dtype == jnp.int8
   assert int(jnp.max(q.unpacked())) <= 3 and int(jnp.min(q.unpacked())) >= -4
 

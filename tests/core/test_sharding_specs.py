@@ -71,6 +71,20 @@ def test_int2_packs_four_per_byte():
   assert (s.values, s.scale) == (P("data", None), P(None, "model"))
 
 
+def test_int3_splits_only_on_whole_units_of_three_bytes():
+  """12 int3 -> 2 units of 3 bytes: 6 bytes would split over 3 devices, but a byte boundary inside
+  a unit is not a value boundary; 24 -> 3 units split over 3 and 64 -> 8 units over 4."""
+  mesh = AbstractMesh((3, 4), ("three", "model"))
+  q = _quant(_w(64, 12), jq.W3A16_G128)
+  assert q.values.shape == (64, 6)
+  assert S.qarray_partition_spec(q, P(None, "three"), mesh=mesh).values == P(None, None)
+  q = _quant(_w(64, 24), jq.W3A16_G128)
+  assert S.qarray_partition_spec(q, P(None, "three"), mesh=mesh).values == P(None, "three")
+  q = _quant(_w(64, 64), jq.W3A16_G128)
+  assert q.values.shape == (64, 24)
+  assert S.qarray_partition_spec(q, P(None, "model"), mesh=mesh).values == P(None, "model")
+
+
 def test_per_channel_tuple_entries_and_short_specs():
   q = _quant(_w(256, 64), jq.W8A16)
   assert q.tile == (256, 1) and q.zero_point is None

@@ -162,8 +162,9 @@ def test_tampered_header_is_rejected(tmp_path):
     jq.io.load_orbax(d)
 
   open(os.path.join(d, "jq", "metadata"), "w").write(orig)
-  _edit_header(d, lambda h: h.update(version=2))
-  with pytest.raises(CheckpointError, match="version 2 is newer"):
+  newer = jq.io.FORMAT_VERSION + 1
+  _edit_header(d, lambda h: h.update(version=newer))
+  with pytest.raises(CheckpointError, match=f"version {newer} is newer"):
     jq.io.load_orbax(d)
 
   open(os.path.join(d, "jq", "metadata"), "w").write(orig)

@@ -160,8 +160,11 @@ def test_each_qtype_names_and_header(tmp_path, name, spec):
   want = {f"{base}.values", f"{base}.scale"}
   want |= set() if spec.symmetric else {f"{base}.zero_point"}
   assert set(infos) == want
-  assert infos[f"{base}.values"].shape == (40, -(-13 // spec.qtype.per_byte))
-  leaf = jq.io.load_header(path)["leaves"][base]
+  qt = spec.qtype   # 13 values: 13 bytes (8-bit), 7 (4-bit), 4 (2-bit), 2 units of 3 (3-bit)
+  assert infos[f"{base}.values"].shape == (40, {8: 13, 4: 7, 2: 4, 3: 6}[qt.bits])
+  header = jq.io.load_header(path)
+  assert header["version"] == (2 if qt.bits == 3 else 1)   # 1: older jq releases read it too
+  leaf = header["leaves"][base]
   assert leaf["qtype"] == spec.qtype.value
   assert leaf["shape"] == [40, 13] and tuple(leaf["tile"]) == q.tile
   assert leaf["symmetric"] == spec.symmetric and leaf["scale_dtype"] == spec.scale_dtype
@@ -178,7 +181,7 @@ def test_header_records_rules_metadata_and_activation(tmp_path):
   path = tmp_path / "a.safetensors"
   jq.io.save(path, qp, metadata={"model": "tiny", "recipe": "w8a8-static"}, rules=rules)
   h = jq.io.load_header(path)
-  assert h["format"] == "jq" and h["version"] == jq.io.FORMAT_VERSION
+  assert h["format"] == "jq" and h["version"] == 1   # no 3-bit values: readable by older jq
   assert h["metadata"] == {"model": "tiny", "recipe": "w8a8-static"}
   assert jq.io.rules_from_header(h) == tuple(rules)
   k = h["leaves"]["params/dense/kernel"]

@@ -30,19 +30,20 @@ CASES = {
     "gptq-w4a16-g128-actorder": jq.recipe_rules("gptq-w4a16-g128-actorder")[-1],
     "gptq-w8a16": jq.default_rules(jq.W8A16, algorithm=Algorithm.GPTQ)[-1],
     "gptq-w2a16-g32": jq.default_rules(jq.W2A16_G32, algorithm=Algorithm.GPTQ)[-1],
+    "gptq-w3a16-g128": jq.recipe_rules("gptq-w3a16-g128")[-1],   # 8 values in 3 bytes
     "awq-w4a16-g32": jq.recipe_rules("awq-w4a16-g32")[-1],
 }
 
 
 @pytest.mark.parametrize("recipe", list(CASES))
 def test_column_blocks_joined_are_the_whole_solve(recipe):
-  """150 output channels in 3 blocks (int2 packs 4 per byte: edges on multiples of 4, a ragged
-  last block), beside a narrow kernel (N < K: GPTQ's K³ factorisation dominates; not cut)."""
+  """150 output channels in 3 blocks (int2 packs 4 per byte, int3 8 per 3 bytes: edges on
+  multiples of 4 or 8, a ragged last block), beside a narrow kernel (N < K: GPTQ's K³ factorisation dominates; not cut)."""
   big, small = _task(CASES[recipe], 150), _task(CASES[recipe], 8, seed=1, name="small")
   pieces = solves.split([big, small], 3)
   cut = [p for i, p in pieces if i == 0]
   assert len(cut) == 3 and [i for i, _ in pieces].count(1) == 1
-  per = CASES[recipe].weight.qtype.per_byte
+  per = CASES[recipe].weight.qtype.pack_values
   assert all(p.cols[0] % per == 0 for p in cut) and cut[-1].cols[1] == 150
   assert [p.cols for p in cut] == [(0, cut[1].cols[0]), (cut[1].cols[0], cut[2].cols[0]),
                                    (cut[2].cols[0], 150)]

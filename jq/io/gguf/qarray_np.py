@@ -1,12 +1,14 @@
 """numpy twins of QArray operations (pack, unpack, expand per-tile values, dequantize).
 
-Same integer / float32 operations as ``jq.numerics`` and :class:`jq.qarray.QArray`, without JAX
-dispatch or compilation per shape; used by the GGUF and compressed-tensors codecs.
+Same integer / float32 operations as ``jq.numerics`` and :class:`jq.qarray.QArray` (packing is
+``jq.numerics``' own, run on numpy), without JAX dispatch or compilation per shape; used by the
+GGUF and compressed-tensors codecs.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from jq import numerics
 from jq.qarray import QArray
 from jq.qtypes import QType
 
@@ -20,33 +22,14 @@ def _expand_np(t: np.ndarray, tile: tuple[int, ...], shape: tuple[int, ...]) -> 
 
 
 def _pack_np(v: np.ndarray, qtype: QType) -> np.ndarray:
-  """numpy twin of ``numerics.pack`` (no JAX dispatch or compilation per shape)."""
-  v = np.asarray(v)
-  if qtype.storage_bits == 8:
-    return np.ascontiguousarray(v.astype(qtype.storage_dtype))
-  per, bits = qtype.per_byte, qtype.storage_bits
-  u = v.astype(np.int32) & ((1 << bits) - 1)
-  pad = (-u.shape[-1]) % per
-  if pad:
-    u = np.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
-  u = u.reshape(*u.shape[:-1], u.shape[-1] // per, per)
-  return np.ascontiguousarray((u << (np.arange(per, dtype=np.int32) * bits)).sum(-1)
-                              .astype(np.uint8))
+  """``numerics.pack`` on the host (no JAX dispatch or compilation per shape)."""
+  return np.ascontiguousarray(numerics.pack(np.asarray(v), qtype, xp=np))
 
 
 def _unpacked_np(q: QArray) -> np.ndarray:
   """numpy twin of ``QArray.unpacked()``: integer values in logical shape."""
-  packed = np.asarray(q.values)
-  qt = q.qtype
-  if qt.storage_bits == 8:
-    return packed.reshape(q.shape)
-  per, bits = qt.per_byte, qt.storage_bits
-  v = (packed.astype(np.int32)[..., None] >> (np.arange(per, dtype=np.int32) * bits)) & (
-      (1 << bits) - 1)
-  if qt.signed:
-    v = np.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
-  v = v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :q.shape[-1]]
-  return v.astype(qt.unpacked_dtype).reshape(q.shape)
+  v = numerics.unpack(np.asarray(q.values), q.qtype, q.shape[-1] if q.shape else 1, xp=np)
+  return v.reshape(q.shape)
 
 
 def _dequantize_np(q: QArray) -> np.ndarray:
