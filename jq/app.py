@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -181,26 +181,41 @@ def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool 
   return model.tokenizer.decode(toks, skip_special_tokens=True), len(toks)
 
 
-DEFAULT_OPTIONS = {"w8 channel": "w8a16", "w4 g128": "w4a16-g128", "w4 g32": "w4a16-g32",
-                   "w2 g32": "w2a16-g32"}
+# The planner's menu (recipe names).  3-bit weights are packed densely (3 bits a value), so
+# "w3 g128" sits between w4 and w2: on SmolLM2 at 4.0 bits/weight it took the plan's perplexity
+# from 152 to 54 (benchmarks/results/mixed_precision_smollm2.md).
+DEFAULT_OPTIONS = {"w8 channel": "w8a16", "w4 g32": "w4a16-g32", "w4 g128": "w4a16-g128",
+                   "w3 g128": "w3a16-g128", "w2 g32": "w2a16-g32"}
+
+
+def block_scan(model, *, options: Mapping[str, str] | None = None, calib_len: int = 256,
+               calib_sequences: int = 2, progress: bool = False) -> sensitivity.ScanResult:
+  """Sensitivity scan of a causal LM per transformer block: the next-token KL and the bytes of
+  each block quantized alone with each option (``{name: recipe}``, default
+  :data:`DEFAULT_OPTIONS`), on ``calib_sequences`` calibration sequences of ``calib_len``."""
+  if model.kind != "causal_lm":
+    raise ValueError(f"{model.name}: the sensitivity scan measures next-token KL; it needs a causal LM")
+  from jq.spec import RECIPES
+  options = {k: RECIPES[v][0] for k, v in (options or DEFAULT_OPTIONS).items()}
+  tokens = jnp.asarray(model.calibration_tokens(calib_sequences, calib_len))
+  params = model.variables
+  groups = sensitivity.group_paths(sensitivity.quantizable_kernels(params))
+  return sensitivity.sensitivity_scan(lambda p, t: model.module.apply(p, t), params, tokens,
+                                      groups, options, progress=progress)
 
 
 def mixed_precision_plan(model, *, bits_per_weight: float, calib_len: int = 256,
-                         calib_sequences: int = 2, progress: bool = False) -> dict[str, Any]:
-  """Sensitivity scan per transformer block, then a plan under ``bits_per_weight``.
+                         calib_sequences: int = 2, progress: bool = False,
+                         scan: sensitivity.ScanResult | None = None) -> dict[str, Any]:
+  """Sensitivity scan per transformer block (:func:`block_scan`, or ``scan`` if given), then a
+  plan under ``bits_per_weight``.
 
   Returns ``{"scan", "plan", "rules", "bits", "kl"}``; ``rules`` is reusable with
   ``jq-quant quantize --rules``.
   """
-  if model.kind != "causal_lm":
-    raise ValueError(f"{model.name}: the sensitivity scan measures next-token KL; it needs a causal LM")
-  from jq.spec import RECIPES
-  options = {k: RECIPES[v][0] for k, v in DEFAULT_OPTIONS.items()}
-  tokens = jnp.asarray(model.calibration_tokens(calib_sequences, calib_len))
-  params = model.variables
-  groups = sensitivity.group_paths(sensitivity.quantizable_kernels(params))
-  scan = sensitivity.sensitivity_scan(lambda p, t: model.module.apply(p, t), params, tokens,
-                                      groups, options, progress=progress)
+  if scan is None:
+    scan = block_scan(model, calib_len=calib_len, calib_sequences=calib_sequences,
+                      progress=progress)
   plan = sensitivity.plan_mixed_precision(scan, bits_per_weight=bits_per_weight)
   skips = tuple(Rule(pattern=p, weight=None, required=False) for p in SKIP_PATTERNS)
   rules = sensitivity.plan_to_rules(plan, scan, skip_rules=skips)

@@ -58,6 +58,21 @@ class ScanResult:
   nbytes: dict[str, dict[str, int]]
   numel: dict[str, int]
 
+  def with_options(self, names: Sequence[str]) -> "ScanResult":
+    """The scan restricted to the options ``names`` (to plan from a smaller menu, no new scan).
+
+    Raises:
+      ValueError: a name that is not one of the scan's options.
+    """
+    unknown = [n for n in names if n not in self.options]
+    if unknown:
+      raise ValueError(f"options {unknown} are not in the scan's {list(self.options)}")
+    keep = [o for o in self.options if o in names]
+    return dataclasses.replace(
+        self, options={o: self.options[o] for o in keep},
+        kl={g: {o: d[o] for o in keep} for g, d in self.kl.items()},
+        nbytes={g: {o: d[o] for o in keep} for g, d in self.nbytes.items()})
+
   def table(self) -> str:
     names = list(self.options)
     head = "group".ljust(14) + "".join(f"{n:>16}" for n in names)

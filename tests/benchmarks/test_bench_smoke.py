@@ -132,3 +132,19 @@ def test_ptq_summary_fractions():
   assert "DOES NOT meet" in text  # AWQ
   assert "gptq-w4a16-g128 recovers 50.0%" in text and "meets the" in text
   assert "qwix: refused: x" in text
+
+
+def test_mixed_precision_small(tmp_path):
+  mp = _load("mixed_precision")
+  out = tmp_path / "mp.json"
+  res = mp.main(["--budgets", "4.0", "--windows", "1", "--window", "32", "--calib-len", "32",
+                 "--calib-sequences", "1", "--out", str(out)])
+  assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+  assert "blocks per option" in out.with_suffix(".md").read_text()
+  rows = {r["menu"]: r for r in res["rows"]}
+  assert list(rows) == ["with w3 g128", "without w3 g128"] and res["blocks"] == 30
+  assert "w3 g128" not in rows["without w3 g128"]["blocks"]
+  for r in rows.values():
+    assert r["bits"] <= 4.0 and sum(r["blocks"].values()) == 30
+    assert math.isfinite(r["ppl"]) and r["kl"] >= 0 and r["predicted_kl"] >= 0
+  assert set(rows["with w3 g128"]["blocks"]) == set(res["options"]) >= {"w3 g128", "w2 g32"}

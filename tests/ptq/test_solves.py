@@ -38,7 +38,8 @@ CASES = {
 @pytest.mark.parametrize("recipe", list(CASES))
 def test_column_blocks_joined_are_the_whole_solve(recipe):
   """150 output channels in 3 blocks (int2 packs 4 per byte, int3 8 per 3 bytes: edges on
-  multiples of 4 or 8, a ragged last block), beside a narrow kernel (N < K: GPTQ's K³ factorisation dominates; not cut)."""
+  multiples of 4 or 8, a ragged last block), beside a narrow kernel (N < K: GPTQ's K³
+  factorisation dominates; not cut)."""
   big, small = _task(CASES[recipe], 150), _task(CASES[recipe], 8, seed=1, name="small")
   pieces = solves.split([big, small], 3)
   cut = [p for i, p in pieces if i == 0]
