@@ -629,7 +629,7 @@ def _from_4bit_slots(values: Any, qtype: QType, shape: tuple[int, ...], desc: st
   checking that every code lies in the qtype's range (a slot can hold more)."""
   n = shape[-1] if shape else 1
   old = (*shape[:-1], -(-n // 2)) if shape else ()
-  if tuple(values.shape) != old:
+  if tuple(values.shape) != old or np.dtype(values.dtype) != np.uint8:
     raise CheckpointError(f"{desc}: values have shape {tuple(values.shape)} dtype {values.dtype}; "
                           f"a format version 1 file holds 3-bit values two per byte: {old} "
                           "uint8")

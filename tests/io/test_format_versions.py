@@ -96,3 +96,11 @@ def test_written_version_follows_the_packing():
   assert header["version"] == 1
   header, arrays = jq.io.codec.encode({"w": jq.quantize(w, int3)})
   assert header["version"] == 2 and arrays["w.values"].shape == (16, 9)
+
+
+@pytest.mark.parametrize("values", [np.zeros((4, 3), np.int8), np.zeros((4, 2), np.uint8)],
+                         ids=["dtype", "shape"])
+def test_version_1_values_of_another_layout_are_refused(values):
+  with pytest.raises(CheckpointError, match=r"params/w: values have shape .*; a format version 1 "
+                                            r"file holds 3-bit values two per byte: \(4, 3\) uint8"):
+    jq.io.codec._from_4bit_slots(values, QType.INT3, (4, 5), "params/w", abstract=False)
