@@ -12,7 +12,6 @@ Layout conventions used everywhere in jq:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,15 +62,12 @@ def pack(q: Any, qtype: QType, *, xp: Any = jnp) -> Any:
   return word.astype(xp.uint8)
 
 
-def unpack(packed: Any, qtype: QType, n: int, *, xp: Any = jnp, storage_bits: int | None = None
-           ) -> Any:
+def unpack(packed: Any, qtype: QType, n: int, *, xp: Any = jnp) -> Any:
   """Inverse of :func:`pack`: returns ``n`` values along the last axis as int8 (signed) or uint8
-  (float8 values as they are).  ``storage_bits=4`` reads 3-bit values from the 4-bit slots
-  (two per byte) that checkpoints of format version 1 hold."""
+  (float8 values as they are); ``xp=np`` on host numpy arrays."""
   if qtype.storage_bits == 8:
     return packed
-  bits = storage_bits or qtype.storage_bits
-  per, nb = math.lcm(bits, 8) // bits, math.lcm(bits, 8) // 8
+  per, nb, bits = qtype.pack_values, qtype.pack_bytes, qtype.storage_bits
   word = packed.astype(xp.int32)
   if word.ndim == 0:  # a scalar QArray: one value in the low bits of one byte
     per, word = 1, word.reshape(1)

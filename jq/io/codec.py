@@ -601,6 +601,9 @@ def encode(tree: PyTree, *, metadata: Mapping[str, Any] | None = None,
 # ---- decoding ----------------------------------------------------------------------------------
 
 
+_THREE_BIT = frozenset((QType.INT3.value, QType.UINT3.value))
+
+
 def qarray_qtypes(leaves: Mapping[str, Any]) -> list[str]:
   """The qtype names of a header's QArray leaves (``header["leaves"]``)."""
   return [str(v.get("qtype")) for v in leaves.values()
@@ -611,8 +614,7 @@ def format_version(qtypes: Any) -> int:
   """The format version a checkpoint holding QArrays of ``qtypes`` (QTypes or their names) is
   written as: :data:`DENSE_3BIT_VERSION` where one is 3-bit, else 1, so that a file without 3-bit
   values still loads in jq releases that predate dense 3-bit packing."""
-  three = {QType.INT3.value, QType.UINT3.value}
-  return DENSE_3BIT_VERSION if any(getattr(q, "value", q) in three for q in qtypes) else 1
+  return DENSE_3BIT_VERSION if any(getattr(q, "value", q) in _THREE_BIT for q in qtypes) else 1
 
 
 def legacy_3bit_paths(header: Mapping) -> list[str]:
@@ -620,7 +622,7 @@ def legacy_3bit_paths(header: Mapping) -> list[str]:
   if header.get("version", FORMAT_VERSION) >= DENSE_3BIT_VERSION:
     return []
   return [p for p, v in header["leaves"].items() if isinstance(v, dict)
-          and v.get("kind") == "qarray" and format_version([v.get("qtype")]) > 1]
+          and v.get("kind") == "qarray" and v.get("qtype") in _THREE_BIT]
 
 
 def _from_4bit_slots(values: Any, qtype: QType, shape: tuple[int, ...], desc: str,
@@ -635,7 +637,8 @@ def _from_4bit_slots(values: Any, qtype: QType, shape: tuple[int, ...], desc: st
                           "uint8")
   if abstract:
     return jax.ShapeDtypeStruct(numerics.packed_shape(shape, qtype), np.uint8)
-  codes = numerics.unpack(np.asarray(values), qtype, n, xp=np, storage_bits=4).reshape(shape)
+  slots = QType.from_bits(4, signed=qtype.signed)   # a 4-bit slot reads as the 4-bit type
+  codes = numerics.unpack(np.asarray(values), slots, n, xp=np).reshape(shape)
   bad = (codes < qtype.qmin) | (codes > qtype.qmax)
   if bad.any():
     i = tuple(int(j) for j in np.argwhere(bad)[0])
