@@ -590,11 +590,12 @@ class Rule:
     return out + (f" {self.activation.describe()}" if self.activation else "")
 
 
-# Paths that default rules keep in float: embeddings, norms, biases, MoE routers (small and
-# sensitive: a flipped top-k choice sends a token to another expert), the output head.
+# Paths that default rules keep in float: embeddings, norms, biases, MoE routers and Qwen2-MoE's
+# shared-expert gate (small and sensitive: a flipped top-k choice sends a token to another
+# expert; vLLM reads both unquantized), the output head.
 HEAD_PATTERN = r"lm_head|(^|/)head(/|$)|output_proj"
 SKIP_PATTERNS = (r"embed", r"norm|(^|/)ln(_|\d*(/|$))|layernorm", r"(^|/)bias$",
-                 r"(^|/)router(/|$)", HEAD_PATTERN)
+                 r"(^|/)(router|shared_expert_gate)(/|$)", HEAD_PATTERN)
 
 
 def head_rule(spec: QuantSpec, *, embeddings: bool = True) -> Rule:
@@ -623,8 +624,8 @@ def default_rules(weight: QuantSpec | None, activation: ActivationSpec | None = 
                   options: Options | None = None,
                   kernel_pattern: str = r"(^|/)kernel$",
                   head: QuantSpec | None = None) -> tuple[Rule, ...]:
-  """Skip embeddings, norms, biases, MoE routers (``router``) and the output head; quantize
-  every other ``kernel``.
+  """Skip embeddings, norms, biases, MoE routers (``router``, ``shared_expert_gate``) and the
+  output head; quantize every other ``kernel``.
 
   ``algorithm`` and its ``options`` (see :class:`Rule`) go to the kernel rule.  ``head``: also
   quantize the output head and the embedding tables with this weight-only spec (round to

@@ -22,6 +22,11 @@ class LlamaBlocks:
   """Implements ``jq.ptq.blocks.BlockwiseModel`` for ``jq_models.decoder.Llama``."""
   config: decoder.LlamaConfig
 
+  def __post_init__(self):
+    if self.config.num_experts:   # its scale groups name a plain MLP's linears
+      raise ValueError("LlamaBlocks: a mixture-of-experts config is not supported; "
+                       "jq.ptq.quantize_model finds the blocks of any decoder itself")
+
   @property
   def num_blocks(self) -> int:
     return self.config.num_layers

@@ -1,7 +1,8 @@
 """One configurable decoder-only transformer in Flax linen, with KV-cache decoding.
 
 ``DecoderConfig`` switches the features that tell the families apart (Llama 1-3.x incl. Llama 3.1's
-RoPE scaling, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, and the bundled SmolLM2-135M). The module tree
+RoPE scaling, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen2/3-MoE, Gemma 1-3, and the bundled
+SmolLM2-135M). The module tree
 uses only standard linen layers so a quantization tool can intercept them::
 
   params/embed/embedding                      (vocab, d)        tied input embedding / output head
@@ -11,6 +12,9 @@ uses only standard linen layers so a quantization tool can intercept them::
   params/layers_{i}/attn_out_norm/scale       (d,)              sandwich_norms only (Gemma 2/3)
   params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP
   params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense (SwiGLU or GeGLU)
+  params/layers_{i}/mlp/router/kernel         (d, E)            mixture-of-experts layers: router,
+  params/layers_{i}/mlp/experts_{e}/{gate,up,down}_proj/kernel  one gated MLP per expert,
+  params/layers_{i}/mlp/shared_expert{,_gate}/...               Qwen2-MoE's shared expert
   params/layers_{i}/mlp_out_norm/scale        (d,)              sandwich_norms only
   params/final_norm/scale                     (d,)
   params/lm_head/kernel                       (d, vocab)        only when embeddings are untied
@@ -86,6 +90,8 @@ class RopeScaling:
 
 
 _ACTIVATIONS = ("silu", "gelu_tanh")
+_MOE_FIELDS = ("num_experts", "experts_per_token", "expert_size", "normalize_routing",
+               "moe_layers", "shared_expert_size", "moe_names")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,6 +128,19 @@ class DecoderConfig:
     sliding_window: keys further than this many positions back are masked on sliding layers.
     sliding_layers: which layers slide (``None``: all layers when ``sliding_window`` is set).
     local_rope_theta: RoPE base of the sliding layers (Gemma 3; ``None``: ``rope_theta``).
+    num_experts: experts of a mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE); 0: every
+      layer has one gated MLP.
+    experts_per_token: experts each token is routed to (the router's top-k).
+    expert_size: one expert's hidden width (``None``: ``intermediate_size``).
+    normalize_routing: the top-k routing weights are renormalized to sum to 1 (Mixtral; Qwen's
+      ``norm_topk_prob``); else they are the softmax's own values.
+    moe_layers: which layers are mixtures of experts (``None``: all, when ``num_experts``); the
+      others have a plain MLP of ``intermediate_size`` (Qwen's ``mlp_only_layers``).
+    shared_expert_size: hidden width of an expert every token passes through, gated by
+      ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); 0: none.
+    moe_names: Hugging Face naming of the experts: ``"qwen"`` (``mlp.experts.{e}.gate_proj``,
+      router ``mlp.gate``) or ``"mixtral"`` (``block_sparse_moe.experts.{e}.w1``, router
+      ``block_sparse_moe.gate``).
   """
   vocab_size: int = 49152
   hidden_size: int = 576
@@ -150,6 +169,13 @@ class DecoderConfig:
   sliding_window: int | None = None
   sliding_layers: tuple[bool, ...] | None = None
   local_rope_theta: float | None = None
+  num_experts: int = 0
+  experts_per_token: int = 2
+  expert_size: int | None = None
+  normalize_routing: bool = True
+  moe_layers: tuple[bool, ...] | None = None
+  shared_expert_size: int = 0
+  moe_names: str = "qwen"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -189,6 +215,7 @@ class DecoderConfig:
       if len(self.sliding_layers) != self.num_layers:
         raise ValueError(f"DecoderConfig.sliding_layers has {len(self.sliding_layers)} entries "
                          f"for {self.num_layers} layers")
+    self._check_moe()
     try:
       dtype = np.dtype(self.dtype)
     except TypeError as e:
@@ -196,6 +223,42 @@ class DecoderConfig:
     if dtype not in _COMPUTE_DTYPES:
       raise ValueError(f"DecoderConfig.dtype must be float32, bfloat16 or float16, got {dtype}")
     object.__setattr__(self, "dtype", dtype)
+
+  def _check_moe(self) -> None:
+    def count(name: str, lo: int) -> None:
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"DecoderConfig.{name} must be an int >= {lo}, got {v!r}")
+    count("num_experts", 0)
+    count("shared_expert_size", 0)
+    if self.moe_names not in ("qwen", "mixtral"):
+      raise ValueError(f"DecoderConfig.moe_names must be 'qwen' or 'mixtral', got "
+                       f"{self.moe_names!r}")
+    if not isinstance(self.normalize_routing, bool):
+      raise ValueError(f"DecoderConfig.normalize_routing must be a bool, got "
+                       f"{self.normalize_routing!r}")
+    if not self.num_experts:
+      if self.moe_layers is not None or self.shared_expert_size:
+        raise ValueError("DecoderConfig: moe_layers / shared_expert_size are set but "
+                         "num_experts is 0")
+      return
+    count("experts_per_token", 1)
+    if self.experts_per_token > self.num_experts:
+      raise ValueError(f"DecoderConfig.experts_per_token={self.experts_per_token} exceeds "
+                       f"num_experts={self.num_experts}")
+    if self.expert_size is not None:
+      count("expert_size", 1)
+    if self.moe_layers is not None:
+      object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
+      if len(self.moe_layers) != self.num_layers:
+        raise ValueError(f"DecoderConfig.moe_layers has {len(self.moe_layers)} entries for "
+                         f"{self.num_layers} layers")
+
+  def is_moe(self, layer: int) -> bool:
+    """Whether layer ``layer``'s MLP is a mixture of experts."""
+    if not self.num_experts:
+      return False
+    return True if self.moe_layers is None else self.moe_layers[layer]
 
   def is_sliding(self, layer: int) -> bool:
     """Whether layer ``layer`` uses sliding-window attention."""
@@ -206,11 +269,15 @@ class DecoderConfig:
   def to_json(self) -> dict[str, Any]:
     """A JSON-able dict that :meth:`from_json` turns back into this config."""
     out = dataclasses.asdict(self)
+    if not self.num_experts:   # a dense config's JSON stays what jq wrote before MoE support
+      for f in _MOE_FIELDS:
+        del out[f]
     out["dtype"] = np.dtype(self.dtype).name
     if self.rope_scaling is not None and self.rope_scaling.factors is not None:
       out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)
-    if self.sliding_layers is not None:
-      out["sliding_layers"] = list(self.sliding_layers)
+    for name in ("sliding_layers", "moe_layers"):
+      if getattr(self, name) is not None:
+        out[name] = list(getattr(self, name))
     return out
 
   @classmethod
@@ -226,8 +293,9 @@ class DecoderConfig:
       if scaling.get("factors") is not None:
         scaling["factors"] = tuple(scaling["factors"])
       kw["rope_scaling"] = RopeScaling(**scaling)
-    if kw.get("sliding_layers") is not None:
-      kw["sliding_layers"] = tuple(kw["sliding_layers"])
+    for name in ("sliding_layers", "moe_layers"):
+      if kw.get(name) is not None:
+        kw[name] = tuple(kw[name])
     if "dtype" in kw:
       kw["dtype"] = jnp.dtype(kw["dtype"])
     return cls(**kw)
@@ -388,16 +456,62 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """Gated feed-forward: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma)."""
+  """Gated feed-forward: ``down(act(gate(x)) * up(x))`` (SwiGLU, or GeGLU for Gemma); ``size``:
+  its hidden width (``None``: ``intermediate_size``)."""
+  config: DecoderConfig
+  size: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    size = self.size or c.intermediate_size
+    gate = _dense(size, "gate_proj", c, c.mlp_bias)(x)
+    up = _dense(size, "up_proj", c, c.mlp_bias)(x)
+    act = nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return _dense(c.hidden_size, "down_proj", c, c.mlp_bias)(act * up)
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+  """``(selected, weights)``, both ``(..., E)`` float32, of router ``logits``: the ``k`` experts
+  of highest softmax probability (``selected`` is 1 there, else 0) and their probabilities
+  (renormalized to sum to 1 when ``normalize``), 0 elsewhere."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  top, idx = jax.lax.top_k(probs, k)
+  if normalize:
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+  onehot = jax.nn.one_hot(idx, logits.shape[-1], dtype=jnp.float32)   # (..., k, E)
+  return jnp.sum(onehot, axis=-2), jnp.einsum("...k,...ke->...e", top, onehot)
+
+
+class MoE(nn.Module):
+  """Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a float ``router`` (``(d, E)``) picks
+  each token's ``experts_per_token`` experts; the output is their gated MLPs' sum weighted by
+  the routing weights (plus, with ``shared_expert_size``, ``sigmoid(shared_expert_gate(x)) *
+  shared_expert(x)``).
+
+  Every expert is an ``MLP`` of its own (``experts_{e}``), run on all tokens with the tokens not
+  routed to it zeroed (a zero row stays zero through a bias-free gated MLP, and its weight is 0):
+  the same function as the sparse dispatch, with static shapes and ``num_experts`` times the
+  expert FLOPs, and a calibration that sees in each expert exactly the tokens routed to it (its
+  GPTQ Hessian, its activation range).
+  """
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = _dense(c.intermediate_size, "gate_proj", c, c.mlp_bias)(x)
-    up = _dense(c.intermediate_size, "up_proj", c, c.mlp_bias)(x)
-    act = nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return _dense(c.hidden_size, "down_proj", c, c.mlp_bias)(act * up)
+    logits = _dense(c.num_experts, "router", c)(x)
+    selected, weights = route(logits, c.experts_per_token, c.normalize_routing)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(c.num_experts):
+      xe = x * selected[..., e:e + 1].astype(x.dtype)
+      ye = MLP(c, c.expert_size, name=f"experts_{e}")(xe)
+      out = out + ye.astype(jnp.float32) * weights[..., e:e + 1]
+    if c.shared_expert_size:
+      shared = MLP(c, c.shared_expert_size, name="shared_expert")(x)
+      gate = nn.sigmoid(_dense(1, "shared_expert_gate", c)(x))
+      out = out + (gate * shared).astype(jnp.float32)
+    return out.astype(c.dtype)
 
 
 class Block(nn.Module):
@@ -415,7 +529,8 @@ class Block(nn.Module):
     if c.sandwich_norms:
       h = _rms_norm("attn_out_norm", c)(h)
     x = x + h
-    h = MLP(c, name="mlp")(_rms_norm("post_attn_norm", c)(x))
+    mlp = MoE(c, name="mlp") if c.is_moe(self.layer) else MLP(c, name="mlp")
+    h = mlp(_rms_norm("post_attn_norm", c)(x))
     if c.sandwich_norms:
       h = _rms_norm("mlp_out_norm", c)(h)
     return x + h, kv

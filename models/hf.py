@@ -4,8 +4,9 @@ A checkpoint directory holds ``config.json``, the weights (``model.safetensors``
 ``model.safetensors.index.json``), and usually ``tokenizer.json`` + ``tokenizer_config.json`` (with
 its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` values:
 ``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
-``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers) and
-``gemma3_text`` (q/k norms, local RoPE base). ``family_config`` turns ``config.json`` into a
+``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers),
+``gemma3_text`` (q/k norms, local RoPE base) and the mixtures of experts ``mixtral``, ``qwen2_moe``
+(with its shared expert) and ``qwen3_moe``. ``family_config`` turns ``config.json`` into a
 ``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
@@ -31,7 +32,9 @@ import numpy as np
 from jq.io import decoder_names
 from jq_models.decoder import DecoderConfig, RopeScaling
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
+            "gemma2", "gemma3_text")
+_QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -89,6 +92,27 @@ def _rope(raw: Mapping[str, Any], where: str, default_theta: float
                         "default, linear, llama3)")
 
 
+def _moe(raw: Mapping[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
+  """The ``DecoderConfig`` fields of a mixture-of-experts family's ``config.json``."""
+  experts = raw.get("num_local_experts") or raw.get("num_experts")
+  k = raw.get("num_experts_per_tok")
+  if not experts or not k:
+    raise CheckpointError(f"{where}: {family} needs num_local_experts (or num_experts) and "
+                          "num_experts_per_tok")
+  if family == "mixtral":
+    return dict(num_experts=int(experts), experts_per_token=int(k), moe_names="mixtral")
+  step = int(raw.get("decoder_sparse_step", 1) or 1)
+  dense = set(raw.get("mlp_only_layers") or ())
+  moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
+  if raw.get("moe_intermediate_size") is None:
+    raise CheckpointError(f"{where}: field 'moe_intermediate_size' is missing")
+  shared = int(raw.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
+  return dict(num_experts=int(experts), experts_per_token=int(k),
+              expert_size=int(raw["moe_intermediate_size"]),
+              normalize_routing=bool(raw.get("norm_topk_prob", False)),
+              moe_layers=None if all(moe) else moe, shared_expert_size=shared, moe_names="qwen")
+
+
 def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
                   dtype: Any = np.float32) -> DecoderConfig:
   """The ``DecoderConfig`` of a Hugging Face ``config.json`` (already parsed).
@@ -113,15 +137,19 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   layers = int(need("num_hidden_layers"))
   gemma = family in _GEMMA
   kw: dict[str, Any] = {}
-  if family in ("llama", "qwen3") or gemma:   # (Mistral's projections never have biases)
+  if family in ("llama", "qwen3", "qwen3_moe") or gemma:   # (Mistral/Mixtral: never biases)
     bias = bool(raw.get("attention_bias", False))
     kw.update(qkv_bias=bias, o_bias=bias)
   if family == "llama":
     kw["mlp_bias"] = bool(raw.get("mlp_bias", False))
   if family == "qwen2":
     kw["qkv_bias"] = True
-  if family in ("qwen3", "gemma3_text"):
+  if family == "qwen2_moe":
+    kw["qkv_bias"] = bool(raw.get("qkv_bias", True))
+  if family in ("qwen3", "qwen3_moe", "gemma3_text"):
     kw["qk_norm"] = True
+  if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    kw.update(_moe(raw, family, layers, where))
   if gemma:
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):  # Gemma's legacy "gelu" means the tanh form
@@ -139,8 +167,10 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
 
   # sliding-window layers
   window = raw.get("sliding_window")
-  if family in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+  if family in _QWEN and not raw.get("use_sliding_window", False):
     window = None
+  if family in ("qwen2_moe", "qwen3_moe") and window is not None:
+    raise CheckpointError(f"{where}: use_sliding_window is not supported for {family}")
   types = raw.get("layer_types")
   if window is not None:
     if types is None and family == "gemma2":

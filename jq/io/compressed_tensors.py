@@ -196,11 +196,16 @@ _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 def _names(config: Any = None) -> tuple[dict[str, str], dict[str, str]]:
   """``(global, per-block)`` jq path -> Hugging Face module maps from ``jq.io.decoder_names`` (the
   block one for layer 0, without its prefixes); ``config=None``: plain Llama."""
-  one = types.SimpleNamespace(**{k: getattr(config, k, False) for k in (
-      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms")}, num_layers=1,
-                              tie_embeddings=False)
+  flags = {k: getattr(config, k, False) for k in (
+      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms")}
+  moe = {k: getattr(config, k) for k in ("num_experts", "shared_expert_size", "moe_names")
+         if hasattr(config, k)}
+  # one block of each kind the config has: a plain MLP, and a mixture of experts
+  ones = [types.SimpleNamespace(**flags, num_layers=1, tie_embeddings=False)]
+  if moe.get("num_experts"):
+    ones.append(types.SimpleNamespace(**flags, **moe, num_layers=1, tie_embeddings=False))
   glob, block = {}, {}
-  for t in decoder_names.decoder_tensors(one):
+  for t in (t for one in ones for t in decoder_names.decoder_tensors(one)):
     module = t.hf.rpartition(".")[0] if t.hf.endswith(".weight") else t.hf
     if t.path[0] == "layers_0":
       block["/".join(t.path[1:])] = module.removeprefix("model.layers.0.")
@@ -642,6 +647,12 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                    "it, transformers 5.x does not (its decompression applies the first config "
                    "group's scheme to every dense layer); re-quantize with one grid for "
                    "transformers")
+    experts = sorted(m for sc, modules in schemes.items() if not sc.symmetric
+                     for m in modules if ".experts." in m)
+    if experts and notes is not None:
+      notes.append(f"{len(experts)} expert linears with zero points (e.g. {experts[0]}): vLLM "
+                   "loads them, transformers 5.x does not (it fuses the experts on load without "
+                   "their weight_zero_point); a symmetric recipe (ct-w4a16) loads in both")
   dtype_name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                 np.dtype(ml_dtypes.bfloat16): "bfloat16"}.get(np.dtype(embed_dtype or np.float32),
                                                               "float32")
@@ -787,14 +798,16 @@ def _compiled(pattern: str) -> re.Pattern:
 
 
 def _matches(module: str, target: str) -> bool:
+  """Whether a target (or ignore) entry names ``module``, a linear's name (the only modules
+  schemes are looked up for: the class target ``Linear`` matches each of them, also the
+  projections not named ``*_proj``: Mixtral's experts ``w1``/``w2``/``w3``, MoE routers)."""
   if not isinstance(target, str):
     raise CompressedTensorsError(f"quantization_config: target/ignore entry {target!r} is not a "
                                  "string")
   if target.startswith("re:"):
     return _compiled(target[3:]).match(module) is not None
   if target == "Linear":
-    return module == "lm_head" or (_HF_LAYER_RE.fullmatch(module) is not None
-                                   and module.rsplit(".", 1)[-1].endswith("_proj"))
+    return True
   return target == module
 
 
@@ -808,6 +821,7 @@ def _str_list(v: Any, where: str) -> list[str]:
 
 
 def _scheme_for(module: str, qconfig: Mapping[str, Any]) -> tuple[dict, dict | None, str] | None:
+  """The ``(weights, input_activations, format)`` scheme of linear ``module``; ``None``: float."""
   if any(_matches(module, t) for t in _str_list(qconfig.get("ignore"), "ignore")):
     return None
   groups = qconfig.get("config_groups") or {}

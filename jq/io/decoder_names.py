@@ -5,6 +5,8 @@ and so on; Hugging Face names them ``model.layers.{i}.self_attn.q_proj.weight`` 
 is ``(out, in)``, jq's kernel ``(in, out)``) and llama.cpp ``blk.{i}.attn_q.weight``. The families
 differ only in which tensors exist (biases, q/k norms, Gemma 2/3's four norms per block, an untied
 head), so one table serves all of them; :func:`decoder_tensors` lists the tensors of one config.
+A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE) has a router, one module per expert and perhaps a
+shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``).
 
 Gemma 2/3 naming: Hugging Face's ``post_attention_layernorm`` is the attention *output's* norm
 (jq ``attn_out_norm``, GGUF ``post_attention_norm``) and ``pre_feedforward_layernorm`` the MLP
@@ -73,7 +75,8 @@ class TensorName:
 def decoder_tensors(config: Any) -> list[TensorName]:
   """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
   attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
-  ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``)."""
+  ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms`` and mixture-of-experts
+  fields ``num_experts``, ``moe_layers``, ``shared_expert_size``, ``moe_names``)."""
   flag = lambda name: bool(getattr(config, name, False))
   out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
          if path[0] != "lm_head" or not config.tie_embeddings]
@@ -84,16 +87,52 @@ def decoder_tensors(config: Any) -> list[TensorName]:
            **(_QK_NORMS if flag("qk_norm") else {})}
   for i in range(config.num_layers):
     blk, hf_pre, gg_pre = f"layers_{i}", f"model.layers.{i}.", f"blk.{i}."
+    moe = is_moe(config, i)
     for (mod, name), (hf, gg) in LINEARS.items():
+      if moe and mod == "mlp":
+        continue
       qk = {"q_proj": "q", "k_proj": "k"}.get(name)
       out.append(TensorName((blk, mod, name, "kernel"), f"{hf_pre}{hf}.weight",
                             f"{gg_pre}{gg}.weight", True, qk))
       if bias[name]:
         out.append(TensorName((blk, mod, name, "bias"), f"{hf_pre}{hf}.bias",
                               f"{gg_pre}{gg}.bias", False, qk))
+    if moe:
+      out += [TensorName((blk, "mlp") + path + ("kernel",), f"{hf_pre}{hf}.weight", "", True)
+              for path, hf in moe_modules(config)]
     for path, (hf, gg) in norms.items():
       out.append(TensorName((blk,) + path + ("scale",), f"{hf_pre}{hf}.weight",
                             f"{gg_pre}{gg}.weight", False))
+  return out
+
+
+# a mixture-of-experts MLP's linears (block-relative jq module under "mlp" -> Hugging Face
+# module), by the config's ``moe_names``; llama.cpp stacks the experts (``ffn_gate_exps``), which
+# jq does not read or write, so they have no GGUF name
+_EXPERT_HF = {"qwen": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj",
+                               "down_proj": "down_proj"}),
+              "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
+                                               "down_proj": "w2"})}
+
+
+def is_moe(config: Any, layer: int) -> bool:
+  """Whether ``layer``'s MLP is a mixture of experts (``num_experts``, ``moe_layers``)."""
+  layers = getattr(config, "moe_layers", None)
+  return bool(getattr(config, "num_experts", 0)) and (layers is None or bool(layers[layer]))
+
+
+def moe_modules(config: Any) -> list[tuple[tuple[str, ...], str]]:
+  """``(jq module path under the block's "mlp", Hugging Face module under the block)`` of every
+  linear of a mixture-of-experts MLP: the router, each expert's three projections, and a shared
+  expert with its gate (``shared_expert_size``)."""
+  prefix, proj = _EXPERT_HF[config.moe_names]
+  out = [(("router",), f"{prefix}.gate")]
+  for e in range(config.num_experts):
+    out += [((f"experts_{e}", name), f"{prefix}.experts.{e}.{hf}") for name, hf in proj.items()]
+  if getattr(config, "shared_expert_size", 0):
+    out += [(("shared_expert", name), f"{prefix}.shared_expert.{name}")
+            for name in ("gate_proj", "up_proj", "down_proj")]
+    out.append((("shared_expert_gate",), f"{prefix}.shared_expert_gate"))
   return out
 
 
@@ -109,6 +148,15 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
            "lm_head": (c.hidden_size, c.vocab_size)}
   if path[-1] == "embedding":
     return (c.vocab_size, c.hidden_size)
+  if path[-1] == "kernel" and path[1:2] == ("mlp",) and (
+      len(path) == 5 or path[-2] in ("router", "shared_expert_gate")):   # a mixture of experts
+    width = {"shared_expert": getattr(c, "shared_expert_size", 0)}.get(
+        path[-3], getattr(c, "expert_size", None) or c.intermediate_size)
+    moe = {"router": (c.hidden_size, getattr(c, "num_experts", 0)),
+           "shared_expert_gate": (c.hidden_size, 1),
+           "gate_proj": (c.hidden_size, width), "up_proj": (c.hidden_size, width),
+           "down_proj": (width, c.hidden_size)}
+    return moe[path[-2]]
   if path[-1] == "kernel":
     return sizes[path[-2]]
   if path[-1] == "bias":
@@ -116,4 +164,5 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.head_dim,) if path[-2] in ("q_norm", "k_norm") else (c.hidden_size,)
 
 
-__all__ = ["TensorName", "decoder_tensors", "expected_shape", "LINEARS", "GLOBALS", "GGUF_ARCH"]
+__all__ = ["TensorName", "decoder_tensors", "is_moe", "moe_modules", "expected_shape", "LINEARS",
+           "GLOBALS", "GGUF_ARCH"]

@@ -117,13 +117,21 @@ def act_scales_from_ranges(ranges: Mapping[str, tuple[Any, Any]],
 
   A stacked layer (an ``nn.vmap`` expert) that no calibration input reached (range ``[0, 0]``)
   takes the range of its stack (every expert reads the same hidden states): a scale of 1 would
-  round its real inputs to a handful of levels.  Each such case is reported, in ``log`` or as a
-  warning."""
+  round its real inputs to a handful of levels.  So does an expert of its own module
+  (``.../experts_3/gate_proj/kernel``): it takes the range of the same layer of its sibling
+  experts that were reached.  Each such case is reported, in ``log`` or as a warning."""
   out = {}
   for p, spec in specs.items():
     lo, hi = (np.asarray(r, np.float32) for r in ranges[p])
     dead = (lo == 0) & (hi == 0)
-    if dead.any() and not dead.all():
+    siblings = _sibling_ranges(p, ranges) if dead.all() else []
+    if siblings:
+      lo = np.minimum.reduce([a for a, _ in siblings]) + np.zeros_like(lo)
+      hi = np.maximum.reduce([b for _, b in siblings]) + np.zeros_like(hi)
+      line = (f"{p}: no calibration input reached this expert (no token was routed to it): its "
+              f"static activation scale takes the range of its {len(siblings)} sibling experts, "
+              f"[{float(lo.min()):.4g}, {float(hi.max()):.4g}]")
+    elif dead.any() and not dead.all():
       which = [int(i) for i in np.flatnonzero(dead)]
       lo, hi = np.where(dead, lo[~dead].min(), lo), np.where(dead, hi[~dead].max(), hi)
       line = (f"{p}: stacked layers {which} saw no calibration input (experts no token was "
@@ -140,6 +148,24 @@ def act_scales_from_ranges(ranges: Mapping[str, tuple[Any, Any]],
       else:
         log.append(line)
     out[p] = act_params(jnp.asarray(lo), jnp.asarray(hi), spec)
+  return out
+
+
+_EXPERT = re.compile(r"(^|/)experts_\d+(/)")
+
+
+def _sibling_ranges(path: str, ranges: Mapping[str, tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+  """The whole ranges (``(min, max)`` over their stacks) of the same layer of the other experts
+  (``experts_N`` in place of ``path``'s) that calibration reached; empty if ``path`` is not an
+  expert's."""
+  if not _EXPERT.search(path):
+    return []
+  pattern = re.compile(re.escape(_EXPERT.sub(r"\1experts_@\2", path)).replace("@", r"\d+"))
+  out = []
+  for q, (lo, hi) in ranges.items():
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if q != path and pattern.fullmatch(q) and (lo.any() or hi.any()):
+      out.append((lo.min(), hi.max()))
   return out
 
 

@@ -41,6 +41,18 @@ FAMILIES = {
                         head_dim=16, hidden_activation="gelu_pytorch_tanh",
                         query_pre_attn_scalar=24, sliding_window=4, rope_theta=1000000.0,
                         rope_local_base_freq=10000.0, sliding_window_pattern=2),
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_act="silu",
+                    tie_word_embeddings=False, rope_theta=1000000.0, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                      hidden_act="silu", tie_word_embeddings=False, rope_theta=1000000.0,
+                      use_sliding_window=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                      hidden_act="silu", tie_word_embeddings=False, rope_theta=1000000.0,
+                      head_dim=32, attention_bias=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=True),
 }
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] "

@@ -35,7 +35,7 @@ def test_quantize_eval_generate_from_a_directory(tiny_hf, tmp_path, capsys, fami
   assert cli.main(["generate", str(out), "--prompt", "What is the capital", "--max-new-tokens",
                    "4"]) == 0
   assert cli.main(["inspect", str(out)]) == 0
-  assert "params/layers_2/mlp/down_proj/kernel" in capsys.readouterr().out
+  assert "params/layers_2/attn/o_proj/kernel" in capsys.readouterr().out
 
   if family != "qwen2":
     return

@@ -244,6 +244,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
   out = []
+  if getattr(config, "num_experts", 0):
+    out.append(f"a mixture of experts (num_experts={config.num_experts}; jq does not write "
+               "llama.cpp's stacked expert tensors)")
   for k, v in want.items():
     have = get(k)
     if k == "norm_offset" and gemma:

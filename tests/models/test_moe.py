@@ -1,0 +1,151 @@
+"""Mixtures of experts in jq's decoder (Mixtral, Qwen2-MoE, Qwen3-MoE): each expert's calibration
+sees exactly the tokens routed to it, an expert no token reached is handled and said by name, and
+the checkpoint's names go both ways (the transformers oracle is in ``test_hf_reference``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+from jq import cli
+from jq.calibrate import capture_inputs
+from jq.io import compressed_tensors, decoder_names
+from jq.io.gguf.llama import arch_problems
+from jq.nn import quantized_apply
+from jq.ptq import quantize_model
+from jq_models import decoder, hf
+
+CONFIG = decoder.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
+                               experts_per_token=2, expert_size=24, moe_layers=(True, False),
+                               shared_expert_size=40)
+
+
+def _init(config=CONFIG, seed=0):
+  tokens = jnp.asarray(np.random.default_rng(seed).integers(0, config.vocab_size, (2, 16)))
+  model = decoder.Decoder(config)
+  return model, model.init(jax.random.key(seed), tokens), tokens
+
+
+def test_each_expert_sees_exactly_the_tokens_routed_to_it():
+  model, variables, tokens = _init()
+  _, seen = capture_inputs(model.apply, variables, tokens)
+  x = np.asarray(seen["layers_0/mlp/router/kernel"]).reshape(-1, 32)
+  logits = x @ np.asarray(variables["params"]["layers_0"]["mlp"]["router"]["kernel"])
+  top2 = np.argsort(-logits, axis=-1)[:, :2]
+  for e in range(4):
+    xe = np.asarray(seen[f"layers_0/mlp/experts_{e}/gate_proj/kernel"]).reshape(-1, 32)
+    routed = (top2 == e).any(axis=-1)
+    assert 0 < routed.sum() < len(routed)
+    np.testing.assert_array_equal(xe[routed], x[routed])
+    assert not xe[~routed].any()
+    down = np.asarray(seen[f"layers_0/mlp/experts_{e}/down_proj/kernel"]).reshape(-1, 24)
+    assert not down[~routed].any() and down[routed].any(axis=-1).all()
+  shared = np.asarray(seen["layers_0/mlp/shared_expert/gate_proj/kernel"]).reshape(-1, 32)
+  np.testing.assert_array_equal(shared, x)        # the shared expert reads every token
+  assert "layers_1/mlp/gate_proj/kernel" in seen    # layer 1 has a plain MLP
+
+
+def test_routing_weights_follow_the_config():
+  logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
+  sel, w = decoder.route(logits, 2, normalize=True)
+  np.testing.assert_array_equal(np.asarray(sel), [[1, 1, 0, 0]])
+  np.testing.assert_allclose(np.asarray(w).sum(), 1.0, rtol=1e-6)
+  _, w_raw = decoder.route(logits, 2, normalize=False)
+  p = np.exp([2.0, 1.0, 0.0, -1.0]) / np.exp([2.0, 1.0, 0.0, -1.0]).sum()
+  np.testing.assert_allclose(np.asarray(w_raw)[0], [p[0], p[1], 0, 0], rtol=1e-6)
+
+
+def test_moe_config_is_checked_and_round_trips():
+  assert decoder.DecoderConfig.from_json(CONFIG.to_json()) == CONFIG
+  dense = decoder.DecoderConfig(num_layers=2)
+  assert "num_experts" not in dense.to_json()       # a dense config's JSON is what it was
+  for bad, match in ((dict(experts_per_token=5), "exceeds num_experts"),
+                     (dict(moe_layers=(True,)), "moe_layers has 1 entries"),
+                     (dict(moe_names="deepseek"), "moe_names"),
+                     (dict(num_experts=0), "num_experts is 0")):
+    with pytest.raises(ValueError, match=match):
+      dataclasses.replace(CONFIG, **bad)
+
+
+def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_takes_its_siblings_range():
+  """Calibrating on one repeated token routes every position to the same two experts: the other
+  two have no GPTQ Hessian (rounded to nearest, logged) and W8A8-static gives them the range of
+  the experts that were reached (a scale of 1 would round their real inputs to a handful of
+  levels), logged by name."""
+  config = dataclasses.replace(CONFIG, moe_layers=None, shared_expert_size=0)
+  model, variables, _ = _init(config)
+  calib = [jnp.full((2, 16), 5, jnp.int32)] * 2
+  _, seen = capture_inputs(model.apply, variables, calib[0])
+  dead = [e for e in range(4) if not np.asarray(seen[f"layers_0/mlp/experts_{e}/gate_proj/kernel"]
+                                                ).any()]
+  assert len(dead) == 2, dead
+  res = quantize_model(model, variables, jq.recipe_rules("gptq-w4a16-g32"), calib)
+  path = f"params/layers_0/mlp/experts_{dead[0]}/gate_proj/kernel"
+  assert any(line.startswith(f"{path}: no nonzero calibration input") for line in res.log)
+  notes = {r.path: r.note or "" for r in res.report}
+  assert "no calibration input; rounded to nearest" in notes[path]
+  live = path.replace(f"experts_{dead[0]}", f"experts_{({0, 1, 2, 3} - set(dead)).pop()}")
+  assert "rounded to nearest" not in notes[live]
+  res = quantize_model(model, variables, jq.recipe_rules("w8a8-static"), calib)
+  qp = res.variables["params"]["layers_0"]["mlp"]
+  scales = [float(np.asarray(qp[f"experts_{e}"]["gate_proj"]["kernel"].activation.scale))
+            for e in range(4)]
+  live = [s for e, s in enumerate(scales) if e not in dead]
+  assert all(scales[e] >= max(live) * (1 - 1e-6) for e in dead), scales
+  assert any(line.startswith(f"{path}: no calibration input reached this expert") and
+             "2 sibling experts" in line for line in res.log), res.log
+
+
+def test_names_cover_every_param_and_refuse_gguf():
+  _, variables, _ = _init()
+  for names in ("qwen", "mixtral"):
+    config = dataclasses.replace(CONFIG, moe_names=names)
+    tensors = decoder_names.decoder_tensors(config)
+    paths = {t.jq for t in tensors}
+    assert paths == {p for p, _ in jq.leaves_with_paths(variables["params"])}
+    for t in tensors:   # the shapes the loader checks are the model's
+      want = decoder_names.expected_shape(t.path, config)
+      leaf = variables["params"]
+      for k in t.path:
+        leaf = leaf[k]
+      assert tuple(leaf.shape) == want, t.jq
+    hf_names = {t.hf for t in tensors}
+    prefix = "block_sparse_moe" if names == "mixtral" else "mlp"
+    assert f"model.layers.0.{prefix}.experts.3.{'w2' if names == 'mixtral' else 'down_proj'}" \
+        ".weight" in hf_names and f"model.layers.0.{prefix}.gate.weight" in hf_names
+  assert any("mixture of experts" in p for p in arch_problems(CONFIG, "llama"))
+
+
+def test_compressed_tensors_of_a_moe_model_reads_back_as_the_same_quantized_tree(
+    tiny_hf, tmp_path, capsys):
+  """Export (router kept float, in ``ignore``), then jq's reader, then jq-quant eval of the
+  export: the logits of the quantized model it was made from."""
+  pytest.importorskip("compressed_tensors")
+  src = tiny_hf("mixtral")
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "ct"
+  assert cli.main(["quantize", "--model", str(src), "--recipe", "ct-w4a16", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out", str(out)]) == 0
+  qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+  assert "model.layers.0.block_sparse_moe.gate" in qcfg["ignore"]
+  config, _ = hf.load_weights(src)
+  _, params = compressed_tensors.load_compressed_tensors(out, config=config)
+  ours = jq.io.load(ckpt)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)))
+  run = jax.jit(quantized_apply(decoder.Decoder(config).apply))
+  np.testing.assert_allclose(np.asarray(run({"params": params}, ids)),
+                             np.asarray(run(ours, ids)), rtol=1e-5, atol=1e-5)
+  assert cli.main(["eval", str(out), "--eval-windows", "2", "--window", "32"]) == 0
+  # zero points on experts: transformers 5 drops them when it fuses the experts, so it is said
+  asym, out2 = tmp_path / "asym.safetensors", tmp_path / "ct-asym"
+  assert cli.main(["quantize", "--model", str(src), "--recipe", "w4a16-g32", "--no-eval",
+                   "--out", str(asym)]) == 0
+  capsys.readouterr()
+  assert cli.main(["export", str(asym), "--format", "compressed-tensors", "--out", str(out2)]) == 0
+  assert "expert linears with zero points" in capsys.readouterr().out
