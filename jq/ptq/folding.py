@@ -58,6 +58,9 @@ class Group:
     passive: float (unquantized) layers that read the same input (an MoE router): their rows are
       multiplied by ``s`` too, so that they compute what they did, and they take no part in
       choosing ``s``.
+    mixed: the consumers read different inputs that the producer's output reaches through
+      per-token operations (the experts of a mixture, each reading the tokens routed to it):
+      ``s`` is chosen from all of their inputs together, as AutoAWQ scales Mixtral's experts.
   """
   producer: str
   kind: str
@@ -66,10 +69,15 @@ class Group:
   offset: float = 0.0
   rows: int = 1
   passive: tuple[str, ...] = ()
+  mixed: bool = False
 
   def describe(self) -> str:
     def names(paths):
-      return "+".join(c.rsplit("/", 2)[-2] for c in paths)
+      parts = [c.rsplit("/", 2)[-2] for c in paths]
+      if len(parts) <= 6:
+        return "+".join(parts)
+      counts = {p: parts.count(p) for p in dict.fromkeys(parts)}
+      return "+".join(f"{p} x{n}" for p, n in counts.items())
     float_ = f" (and {names(self.passive)}, kept float)" if self.passive else ""
     return f"{self.producer} -> {names(self.consumers)}{float_}"
 
@@ -207,26 +215,98 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
     passive = _passive(target, leaves, readers.get(input_id, ()), k)
     pending[input_id] = (iter(_with_passive(target, leaves, _candidates(
         target, leaves, calls, input_id, pos[input_id], members, k, n), passive)), s, members)
-  found: dict[int, Group] = {}
+  verify = lambda trial: verify_folds(target, params, trial, check_batches, refs, run,
+                                      DISCOVERY_TOL)
+  found, failed = _first_verified(pending, verify)
+  # inputs no producer takes alone may be per-token copies of one output (the experts of a
+  # mixture, each reading the tokens routed to it): tried together, with one row of scales
+  merged, order = {}, []
+  for key, ids in _by_block(failed, pending, target, leaves).items():
+    members = tuple(m for i in ids for m in pending[i][2])
+    k, n = _k_of(target, leaves, members[0]), _stack(target, members[0])
+    cands = _merged_candidates(target, leaves, calls, first, readers, ids, members, k, n)
+    merged[key] = (iter(cands), pending[ids[0]][1], members)
+    order.append((key, ids))
+  together, _ = _first_verified(merged, verify)
+  for key, ids in order:
+    if key in together:
+      found[ids[0]] = together[key]
+      failed = [i for i in failed if i not in ids]
+  for i in failed:
+    log.append(f"{'+'.join(pending[i][2])}: no producer of their input could take the scales "
+               "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied"
+               + why)
+  if why and failed:
+    warnings.warn("AWQ/SmoothQuant: no scales applied where folding failed" + why, stacklevel=3)
+  return [found[i] for i in by_input if i in found]
+
+
+def _first_verified(pending, verify) -> tuple[dict[Any, Group], list[Any]]:
+  """``(found, failed)``: for each key of ``pending`` (``key -> (candidate iterator, random
+  scales, members)``), its first candidate whose fold keeps the float model (all keys' current
+  candidates checked together), or the key in ``failed`` when none does."""
+  found: dict[Any, Group] = {}
+  failed = []
   current = {i: next(it, None) for i, (it, _, _) in pending.items()}
-  while any(c is not None for c in current.values()):
+  while current:
     trial = {i: (c, _rows_of(pending[i][1], c.rows)) for i, c in current.items()
              if c is not None}
-    ok = verify_folds(target, params, trial, check_batches, refs, run, DISCOVERY_TOL)
+    ok = verify(trial) if trial else {}
     for i in trial:
       if ok[i]:
         found[i] = current.pop(i)
       else:
         current[i] = next(pending[i][0], None)
     for i in [i for i, c in current.items() if c is None]:
-      members = pending[i][2]
-      log.append(f"{'+'.join(members)}: no producer of their input could take the scales "
-                 "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied"
-                 + why)
+      failed.append(i)
       del current[i]
-  if why and len(found) < len(by_input):
-    warnings.warn("AWQ/SmoothQuant: no scales applied where folding failed" + why, stacklevel=3)
-  return [found[i] for i in by_input if i in found]
+  return found, failed
+
+
+def _by_block(failed, pending, target: Target, leaves) -> dict[str, list[int]]:
+  """Inputs without a producer, by the module holding their consumers' modules
+  (``layers_0/mlp`` for ``layers_0/mlp/experts_3/gate_proj/kernel``), where two or more of them
+  with the same ``K`` and stacking share one."""
+  out: dict[Any, list[int]] = {}
+  for i in failed:
+    members = pending[i][2]
+    holder = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
+    if holder:
+      key = (holder, _k_of(target, leaves, members[0]), _stack(target, members[0]))
+      out.setdefault(key, []).append(i)
+  return {key[0]: ids for key, ids in out.items() if len(ids) >= 2}
+
+
+def _merged_candidates(target: Target, leaves, calls: Sequence[Call], first, readers,
+                       ids: Sequence[int], members: Sequence[str], k: int, n: int):
+  """Producer candidates for consumers reading several inputs (see :func:`_by_block`): the
+  direct producers of any of them, then earlier modules of the block around their holder
+  (``layers_0`` for ``layers_0/mlp``), each with the float kernels reading its output as
+  ``passive`` and marked ``mixed``."""
+  holder = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
+  before = min(first[m.rpartition("/")[0]][0] for m in members)
+  block = holder.rpartition("/")[0]
+  prefix = block + "/" if block else ""
+  direct = [c for c in calls[:before] if c.output_id in set(ids)]
+  scope = [c for c in reversed(calls[:before])
+           if c.module.startswith(prefix) and not c.module.startswith(holder + "/")]
+  seen, tried = set(), 0
+  for c in direct + scope:
+    if c.module in seen or tried >= MAX_CANDIDATES:
+      continue
+    seen.add(c.module)
+    kernel = c.module + "/kernel"
+    if kernel in target.layouts:
+      gs = [_linear_group(target, leaves, kernel, tuple(members), k, n)]
+    else:
+      gs = _affine_groups(leaves, c.module, tuple(members), k, n)
+    gs = [g for g in gs if g is not None]
+    if not gs:
+      continue
+    tried += 1
+    passive = tuple(p for p in _passive(target, leaves, readers.get(c.output_id, ()), k)
+                    if _matrices(target, leaves, p) % gs[0].rows == 0)
+    yield from (dataclasses.replace(g, passive=passive, mixed=True) for g in gs)
 
 
 def _rows_of(s: jax.Array, rows: int) -> jax.Array:

@@ -887,7 +887,10 @@ def _group_scales(target: Target, params, g: folding.Group, decided, inputs, row
   for r, layers in rows.items():
     # one input: the consumers' matrices of these layers (all of a kernel's if it is unstacked)
     ws = [m[i] for m in mats for i in (layers if stacked else range(len(m)))]
-    inp = next(inputs[g.consumers[0]][i] for i in layers if i in inputs[g.consumers[0]])
+    if g.mixed:   # consumers of different inputs (experts): chosen from all of them together
+      inp = _joined([inputs[c][i] for c in g.consumers for i in layers if i in inputs[c]])
+    else:
+      inp = next(inputs[g.consumers[0]][i] for i in layers if i in inputs[g.consumers[0]])
     name = g.consumers[0] + (f"[{layers[0]}]" if len(layers) == 1 and stacked else
                              f"[{layers[0]}:{layers[-1] + 1}]" if stacked else "")
     if algo is Algorithm.SMOOTHQUANT:
@@ -900,6 +903,29 @@ def _group_scales(target: Target, params, g: folding.Group, decided, inputs, row
                  f"loss {float(info.loss):.3e} (rtn {float(info.rtn_loss):.3e})")
     out = out.at[r].set(jnp.asarray(sc, jnp.float32))
   return out[0] if g.rows == 1 else out
+
+
+def _joined(parts: Sequence[LayerInputs]) -> LayerInputs:
+  """One layer's inputs from several inputs (each once): statistics summed, ranges joined, the
+  token samples' nonzero rows together (an expert's input is zero where a token was not routed
+  to it), padded with zero rows to a multiple of one sample's length (so that the AWQ search
+  compiles for few shapes; a zero row adds nothing to its loss)."""
+  parts = list({id(p): p for p in parts}.values())
+  stats = None
+  if all(p.stats is not None for p in parts):
+    st = [p.stats for p in parts]
+    stats = LayerStats(xtx=sum(x.xtx for x in st), count=sum(x.count for x in st),
+                       absmax=functools.reduce(jnp.maximum, [x.absmax for x in st]),
+                       abssum=sum(x.abssum for x in st), nonfinite=sum(x.nonfinite for x in st))
+  samples = None
+  if all(p.samples is not None for p in parts):
+    rows = np.concatenate([np.asarray(p.samples) for p in parts])
+    rows = rows[np.any(rows != 0, axis=-1)]
+    unit = max(1, len(parts[0].samples))
+    samples = np.concatenate([rows, np.zeros((-len(rows) % unit or (unit if not len(rows) else 0),
+                                              rows.shape[-1]), rows.dtype)])
+  return LayerInputs(stats, np.minimum.reduce([np.asarray(p.lo) for p in parts]),
+                     np.maximum.reduce([np.asarray(p.hi) for p in parts]), samples)
 
 
 __all__ = ["quantize_model", "PTQModelResult", "LayerRow"]

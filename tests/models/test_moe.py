@@ -102,6 +102,32 @@ def test_an_expert_no_token_reaches_is_rounded_to_nearest_and_takes_its_siblings
              "2 sibling experts" in line for line in res.log), res.log
 
 
+@pytest.mark.parametrize("recipe", ["awq-w4a16-g32", "smoothquant-w8a8"])
+def test_awq_and_smoothquant_scale_all_experts_of_a_layer_through_its_norm(recipe):
+  """Each expert reads its own masked copy of the norm's output, so no producer takes one
+  expert's scales alone: the experts (and the shared expert) take one row of scales together,
+  folded into the norm, the float router and shared-expert gate taking it into their rows (the
+  fold checked: the float model is unchanged); with AWQ the quantized model is closer to the
+  float one than rounded to nearest."""
+  model, variables, _ = _init()
+  rng = np.random.default_rng(3)
+  calib = [jnp.asarray(rng.integers(0, 64, (2, 16))) for _ in range(2)]
+  res = quantize_model(model, variables, jq.recipe_rules(recipe), calib)
+  algo = recipe.split("-")[0]
+  line = ("params/layers_0/post_attn_norm -> gate_proj x5+up_proj x5 (and router+"
+          f"shared_expert_gate, kept float): {algo} scales folded into "
+          "params/layers_0/post_attn_norm (affine); float model unchanged")
+  assert line in res.log, res.log
+  assert not any("experts_0/gate_proj" in l and "not applied" in l for l in res.log)
+  if algo != "awq":
+    return
+  run = jax.jit(quantized_apply(model.apply))
+  ref = np.asarray(model.apply(variables, calib[0]))
+  base = quantize_model(model, variables, jq.recipe_rules("w4a16-g32"), calib).variables
+  err = lambda v: np.linalg.norm(np.asarray(run(v, calib[0])) - ref) / np.linalg.norm(ref)
+  assert err(res.variables) < err(base)
+
+
 def test_names_cover_every_param_and_refuse_gguf():
   _, variables, _ = _init()
   for names in ("qwen", "mixtral"):
