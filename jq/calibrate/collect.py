@@ -238,7 +238,16 @@ def _statistics(x: jax.Array, x_axes, want: Want, per_call_samples: int, chunks:
                abssum=jnp.sum(ax, axis=0))
   if want.samples:
     run = flat.shape[0] // chunks
-    idx = jnp.linspace(0, run - 1, min(per_call_samples, run)).astype(jnp.int32)
+    n = min(per_call_samples, run)
+    idx = jnp.linspace(0, run - 1, n).astype(jnp.int32)
+    # an input with zero rows (an expert's: the tokens not routed to it) is sampled from its
+    # nonzero rows, spread evenly over them (all of them, then zero rows, when there are fewer)
+    live = jnp.any(flat[:chunks * run].reshape(chunks, run, -1) != 0, axis=-1)
+    count = jnp.sum(live, axis=-1, keepdims=True, dtype=jnp.int32)
+    first = jnp.argsort(~live, axis=-1, stable=True).astype(jnp.int32)
+    j = jnp.arange(n, dtype=jnp.int32)[None]
+    pos = jnp.where(count >= n, (j * count) // n, j)
+    idx = jnp.where(count == run, idx[None], jnp.take_along_axis(first, pos, axis=-1))
     out["samples"] = flat[(jnp.arange(chunks, dtype=jnp.int32)[:, None] * run + idx).reshape(-1)]
   return out
 

@@ -76,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -196,10 +197,17 @@ _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 def _names(config: Any = None) -> tuple[dict[str, str], dict[str, str]]:
   """``(global, per-block)`` jq path -> Hugging Face module maps from ``jq.io.decoder_names`` (the
   block one for layer 0, without its prefixes); ``config=None``: plain Llama."""
-  flags = {k: getattr(config, k, False) for k in (
-      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms")}
-  moe = {k: getattr(config, k) for k in ("num_experts", "shared_expert_size", "moe_names")
-         if hasattr(config, k)}
+  flags = tuple((k, bool(getattr(config, k, False))) for k in (
+      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms"))
+  moe = tuple((k, getattr(config, k)) for k in ("num_experts", "shared_expert_size", "moe_names")
+              if hasattr(config, k))
+  return _block_names(flags, moe)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_names(flags: tuple, moe: tuple) -> tuple[dict[str, str], dict[str, str]]:
+  """:func:`_names` of hashable fields (a model's every module is looked up: cached)."""
+  flags, moe = dict(flags), dict(moe)
   # one block of each kind the config has: a plain MLP, and a mixture of experts
   ones = [types.SimpleNamespace(**flags, num_layers=1, tie_embeddings=False)]
   if moe.get("num_experts"):

@@ -149,3 +149,29 @@ def test_vmapped_experts_get_their_own_statistics_in_expert_order():
             a = np.asarray(xin * (e + 1.0)).reshape(-1, 16)
             np.testing.assert_allclose(np.asarray(got.stats.xtx[layer * 8 + e]), a.T @ a,
                                        rtol=2e-4, atol=1e-3)
+
+
+def test_token_samples_come_from_the_nonzero_rows_of_an_input_with_zero_rows():
+  """An expert's input is zero where a token was not routed to it: its AWQ token sample spreads
+  over the rows it did get (then zeros when there are fewer), and a dense input keeps its
+  evenly spaced sample."""
+  model = nn.Dense(8)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  variables = model.init(jax.random.key(0), x)
+  qapply = jqnn.quantized_apply(model)
+  live = np.zeros(32, bool)
+  live[[1, 4, 5, 9, 17, 20, 26, 30]] = True
+  masked = x * jnp.asarray(live, x.dtype).reshape(2, 16, 1)
+  path = "params/kernel"
+  rows = np.asarray(x).reshape(-1, 32)
+  for want_n, expect in ((4, rows[[1, 5, 17, 26]]), (12, None)):
+    got = collect(lambda v, b: qapply(v, b), [masked], {path: Want(samples=want_n)},
+                  operands=variables)[path].samples
+    if expect is not None:
+      np.testing.assert_array_equal(got, expect)
+    else:   # more wanted than there are: all 8 live rows, then zero rows
+      np.testing.assert_array_equal(got[:8], rows[live])
+      assert not got[8:].any()
+  dense = collect(lambda v, b: qapply(v, b), [x], {path: Want(samples=4)},
+                  operands=variables)[path].samples
+  np.testing.assert_array_equal(dense, rows[np.linspace(0, 31, 4).astype(int)])
