@@ -160,11 +160,11 @@ def _sibling_ranges(path: str, ranges: Mapping[str, tuple[Any, Any]]) -> list[tu
   expert's."""
   if not _EXPERT.search(path):
     return []
-  pattern = re.compile(re.escape(_EXPERT.sub(r"\1experts_@\2", path)).replace("@", r"\d+"))
+  layer = _EXPERT.sub(r"\1experts_\2", path)   # the path with its expert number dropped
   out = []
   for q, (lo, hi) in ranges.items():
     lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
-    if q != path and pattern.fullmatch(q) and (lo.any() or hi.any()):
+    if q != path and _EXPERT.sub(r"\1experts_\2", q) == layer and (lo.any() or hi.any()):
       out.append((lo.min(), hi.max()))
   return out
 

@@ -263,18 +263,23 @@ def _first_verified(pending, verify) -> tuple[dict[Any, Group], list[Any]]:
   return found, failed
 
 
-def _by_block(failed, pending, target: Target, leaves) -> dict[str, list[int]]:
+def _by_block(failed, pending, target: Target, leaves) -> dict[tuple, list[int]]:
   """Inputs without a producer, by the module holding their consumers' modules
   (``layers_0/mlp`` for ``layers_0/mlp/experts_3/gate_proj/kernel``), where two or more of them
   with the same ``K`` and stacking share one."""
   out: dict[Any, list[int]] = {}
   for i in failed:
     members = pending[i][2]
-    holder = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
-    if holder:
-      key = (holder, _k_of(target, leaves, members[0]), _stack(target, members[0]))
+    if _holder(members[0]):
+      key = (_holder(members[0]), _k_of(target, leaves, members[0]), _stack(target, members[0]))
       out.setdefault(key, []).append(i)
-  return {key[0]: ids for key, ids in out.items() if len(ids) >= 2}
+  return {key: ids for key, ids in out.items() if len(ids) >= 2}
+
+
+def _holder(kernel: str) -> str:
+  """The module holding a kernel's module (``layers_0/mlp`` for
+  ``layers_0/mlp/experts_3/gate_proj/kernel``)."""
+  return kernel.rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
 
 
 def _merged_candidates(target: Target, leaves, calls: Sequence[Call], first, readers,
@@ -283,7 +288,7 @@ def _merged_candidates(target: Target, leaves, calls: Sequence[Call], first, rea
   direct producers of any of them, then earlier modules of the block around their holder
   (``layers_0`` for ``layers_0/mlp``), each with the float kernels reading its output as
   ``passive`` and marked ``mixed``."""
-  holder = members[0].rpartition("/")[0].rpartition("/")[0].rpartition("/")[0]
+  holder = _holder(members[0])
   before = min(first[m.rpartition("/")[0]][0] for m in members)
   block = holder.rpartition("/")[0]
   prefix = block + "/" if block else ""
@@ -304,9 +309,9 @@ def _merged_candidates(target: Target, leaves, calls: Sequence[Call], first, rea
     if not gs:
       continue
     tried += 1
-    passive = tuple(p for p in _passive(target, leaves, readers.get(c.output_id, ()), k)
-                    if _matrices(target, leaves, p) % gs[0].rows == 0)
-    yield from (dataclasses.replace(g, passive=passive, mixed=True) for g in gs)
+    passive = _passive(target, leaves, readers.get(c.output_id, ()), k)
+    yield from (dataclasses.replace(g, mixed=True)
+                for g in _with_passive(target, leaves, gs, passive))
 
 
 def _rows_of(s: jax.Array, rows: int) -> jax.Array:

@@ -922,8 +922,8 @@ def _joined(parts: Sequence[LayerInputs]) -> LayerInputs:
     rows = np.concatenate([np.asarray(p.samples) for p in parts])
     rows = rows[np.any(rows != 0, axis=-1)]
     unit = max(1, len(parts[0].samples))
-    samples = np.concatenate([rows, np.zeros((-len(rows) % unit or (unit if not len(rows) else 0),
-                                              rows.shape[-1]), rows.dtype)])
+    pad = -len(rows) % unit if len(rows) else unit
+    samples = np.concatenate([rows, np.zeros((pad, rows.shape[-1]), rows.dtype)])
   return LayerInputs(stats, np.minimum.reduce([np.asarray(p.lo) for p in parts]),
                      np.maximum.reduce([np.asarray(p.hi) for p in parts]), samples)
 
