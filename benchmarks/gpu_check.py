@@ -23,6 +23,9 @@ Stages (each in its own subprocess with a hard timeout, so one hang cannot eat t
    and junit file, ``pytest_mosaic.xml``, so a slow first compile cannot cost the others).
    ``python benchmarks/gpu_check.py --sweep`` adds ``benchmarks/matmul.py --sweep``: the Triton
    kernels under several launch configs at M=1 (``sweep.json``; run twice on an H100 already).
+   ``--moe`` adds ``benchmarks/moe.py`` (60 s): mixture-of-experts dispatch, grouped against
+   dense, prefill and decode (``moe.json``; ``moe_dispatch="auto"`` stays dense on GPU until
+   this is measured).
 
 Outputs in ``$OUT``: ``gpu_check.log`` (everything), ``pytest.xml`` or ``checks.json``,
 ``pytest_mosaic.xml``, ``matmul.json``, ``decode.json``, ``decode_int8head_kv8.json``,
@@ -183,6 +186,10 @@ def main() -> int:
         "sweep", [py, "benchmarks/matmul.py", "--sweep", "--out", str(OUT / "sweep.json"),
                   "--budget-s", "35", "--iters", "3" if small else "7", "--m", "1"] + small,
         50, log))
+  if "--moe" in sys.argv[1:]:
+    summary["stages"].append(_stage(
+        "moe", [py, "benchmarks/moe.py", "--out", str(OUT / "moe"), "--repeat", "3"] +
+        small, 60, log))
   (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
   log(json.dumps(summary, indent=1))
   return 0 if all(s["rc"] == 0 for s in summary["stages"]) else 1

@@ -400,9 +400,10 @@ def _load_ckpt(path: str, override: str | None = None):
   model = _float_model(path, meta, override)
   if kind == "gguf":
     from jq.io.gguf import load_gguf_params, read_gguf_metadata
-    if read_gguf_metadata(path).get("general.architecture") == "llama":
+    gmeta = read_gguf_metadata(path)
+    if gmeta.get("general.architecture") == "llama" and not gmeta.get("llama.expert_count"):
       _, params, _ = load_gguf_params(path)      # exact QArrays where the type has a jq twin
-    else:                                        # other architectures: their dequantized values
+    else:   # other architectures and Mixtral's stacked experts: their dequantized values
       from jq_models import gguf_weights
       params = gguf_weights.read_gguf_params(path, model.config)
     qvars = {"params": params}

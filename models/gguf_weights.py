@@ -1,8 +1,10 @@
 """Read a GGUF file of a supported decoder family into a ``DecoderConfig`` and a linen param tree.
 
 Architectures (``general.architecture``): ``llama`` (Llama 1-3.x and Mistral, incl. Llama 3.1's
-``rope_freqs`` tensor), ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come
-from the one mapping, ``jq.io.decoder_names``.
+``rope_freqs`` tensor; Mixtral when it has ``llama.expert_count``), ``qwen2``, ``qwen3``,
+``qwen2moe``, ``qwen3moe``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come from the one
+mapping, ``jq.io.decoder_names``; a layer's stacked experts (``ffn_gate_exps``, numpy
+``(E, out, in)``) are split into one module per expert.
 
 Every tensor is dequantized with ``gguf.quants.dequantize`` (any GGUF type gguf-py knows: F32, F16,
 Q8_0, Q4_1, K-quants, ...). GGUF lists dimensions innermost first (``ne0`` = input features), so a
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,7 +41,7 @@ class GGUFError(ValueError):
   """The file is not a readable GGUF, or not a llama model this loader supports."""
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 
@@ -123,8 +126,8 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   """``DecoderConfig`` from GGUF metadata (``{arch}.*`` keys; see ``ARCHITECTURES``).
 
   Raises:
-    GGUFError: an unsupported architecture, or a feature this decoder lacks (mixture of experts,
-      partial rotary, per-layer head counts), naming the metadata key.
+    GGUFError: an unsupported architecture, or a feature this decoder lacks (partial rotary,
+      per-layer head counts), naming the metadata key.
   """
   meta = metadata(reader)
   arch = _get(meta, "general.architecture", required=True)
@@ -135,9 +138,6 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   def key(name: str, default: Any = None, required: bool = False) -> Any:
     return _get(meta, f"{arch}.{name}", default, required=required)
 
-  if key("expert_count", 0):
-    raise GGUFError(f"GGUF {arch}.expert_count={key('expert_count')}: mixture-of-experts is not "
-                    "supported")
   hidden = int(key("embedding_length", required=True))
   heads = key("attention.head_count", required=True)
   kv_heads = key("attention.head_count_kv", heads)
@@ -166,10 +166,12 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   if "rope_freqs.weight" in names:
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     kw["rope_scaling"] = RopeScaling(kind="factors", factors=tuple(_dequantize(t).reshape(-1)))
-  if arch == "qwen2":
+  if arch == "qwen2" or arch == "qwen2moe" and "blk.0.attn_q.bias" in names:
     kw["qkv_bias"] = True
-  if arch == "qwen3" or arch == "gemma3":
+  if arch in ("qwen3", "qwen3moe", "gemma3"):
     kw["qk_norm"] = True
+  ff = int(key("feed_forward_length", required=True))
+  kw.update(_moe_config(arch, key, ff))
   if arch in _GEMMA:
     kw.update(embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
@@ -194,7 +196,7 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   try:
     return DecoderConfig(
         vocab_size=int(key("vocab_size", int(embd.shape[1]))), hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length", required=True)), num_layers=layers,
+        intermediate_size=ff, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -202,6 +204,30 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
         tie_embeddings="output.weight" not in names, **kw)
   except ValueError as e:
     raise GGUFError(f"GGUF {arch} metadata: {e}") from e
+
+
+def _moe_config(arch: str, key: Callable[..., Any], ff: int) -> dict[str, Any]:
+  """The mixture-of-experts fields of a ``DecoderConfig`` from ``{arch}.expert_*`` metadata, as
+  llama.cpp runs them: ``llama`` (Mixtral) and ``qwen3moe`` renormalize the top-k weights,
+  ``qwen2moe`` does not and has a gated shared expert; experts in every layer; an expert's width
+  ``expert_feed_forward_length`` (``llama``: ``feed_forward_length``; the Qwen architectures
+  without the key: ``feed_forward_length / expert_used_count``, llama.cpp's fallback)."""
+  experts = int(key("expert_count", 0) or 0)
+  if not experts:
+    if arch in ("qwen2moe", "qwen3moe"):
+      raise GGUFError(f"GGUF {arch}.expert_count is missing or 0: {arch} is a mixture of experts")
+    return {}
+  if arch not in ("llama", "qwen2moe", "qwen3moe"):
+    raise GGUFError(f"GGUF {arch}.expert_count={experts}: llama.cpp's {arch} has no experts")
+  used = int(key("expert_used_count", required=True))
+  kw: dict[str, Any] = dict(num_experts=experts, experts_per_token=used,
+                            normalize_routing=arch != "qwen2moe",
+                            moe_names="mixtral" if arch == "llama" else "qwen")
+  if arch != "llama":
+    kw["expert_size"] = int(key("expert_feed_forward_length", ff // used))
+  if arch == "qwen2moe":
+    kw["shared_expert_size"] = int(key("expert_shared_feed_forward_length", ff))
+  return kw
 
 
 read_llama_config = read_config  # the name of the llama-only days
@@ -260,31 +286,42 @@ def read_gguf_params(path: str | Path, config: DecoderConfig | None = None) -> d
 
 def _read_params(reader: GGUFFile, c: DecoderConfig) -> dict[str, Any]:
   arch = metadata(reader).get("general.architecture", "llama")
-  wanted = {t.gguf: t for t in decoder_names.decoder_tensors(c)}
+  wanted: dict[str, list[decoder_names.TensorName]] = {}
+  for t in decoder_names.decoder_tensors(c):
+    wanted.setdefault(t.gguf, []).append(t)   # (a stacked expert tensor: one per expert)
   params: dict[str, Any] = {}
   for t in reader.tensors:
     if t.name == "rope_freqs.weight":
       continue   # read into the config
-    name = wanted.pop(t.name, None)
-    if name is None:
+    names = wanted.pop(t.name, None)
+    if names is None:
       raise GGUFError(f"GGUF tensor {t.name!r} is not part of a {arch} model with "
                       f"{c.num_layers} layers and this config")
-    w = _dequantize(t)
-    if name.qk and arch == "llama":
-      w = unpermute_qk(w, c.num_heads if name.qk == "q" else c.num_kv_heads)
-    if name.transpose:
-      w = w.T
-    if name.path[-1] == "scale" and c.norm_offset:   # llama.cpp stores Gemma's norms as 1 + w
-      w = w - np.float32(c.norm_offset)
-    want = decoder_names.expected_shape(name.path, c)
-    if w.shape != want:
-      raise GGUFError(f"GGUF tensor {t.name} -> params/{name.jq}: shape {w.shape}, expected "
-                      f"{want} from the config")
-    _set(params, name.path, jnp.asarray(w))
+    stacked = _dequantize(t)
+    for name in names:
+      w = stacked
+      if name.expert is not None:
+        if w.ndim != 3 or w.shape[0] != c.num_experts:
+          raise GGUFError(f"GGUF tensor {t.name}: shape {w.shape}, expected one "
+                          f"(out, in) matrix per expert for {c.num_experts} experts")
+        w = w[name.expert]
+      elif name.path[-2] == "shared_expert_gate":
+        w = w.reshape(1, -1)   # llama.cpp's ffn_gate_inp_shexp may be one row or a vector
+      if name.qk and arch == "llama":
+        w = unpermute_qk(w, c.num_heads if name.qk == "q" else c.num_kv_heads)
+      if name.transpose:
+        w = w.T
+      if name.path[-1] == "scale" and c.norm_offset:   # llama.cpp stores Gemma's norms as 1 + w
+        w = w - np.float32(c.norm_offset)
+      want = decoder_names.expected_shape(name.path, c)
+      if w.shape != want:
+        raise GGUFError(f"GGUF tensor {t.name} -> params/{name.jq}: shape {w.shape}, expected "
+                        f"{want} from the config")
+      _set(params, name.path, jnp.asarray(w))
   if wanted:
     missing = sorted(wanted)
     raise GGUFError(f"GGUF is missing {len(missing)} tensors of the {arch} model, e.g. "
-                    f"{missing[:3]} (for params/{wanted[missing[0]].jq})")
+                    f"{missing[:3]} (for params/{wanted[missing[0]][0].jq})")
   return params
 
 

@@ -6,7 +6,9 @@ is ``(out, in)``, jq's kernel ``(in, out)``) and llama.cpp ``blk.{i}.attn_q.weig
 differ only in which tensors exist (biases, q/k norms, Gemma 2/3's four norms per block, an untied
 head), so one table serves all of them; :func:`decoder_tensors` lists the tensors of one config.
 A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE) has a router, one module per expert and perhaps a
-shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``).
+shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``); llama.cpp
+stacks the experts' projections into one tensor each (``blk.{i}.ffn_gate_exps.weight``, numpy
+``(E, out, in)``), so an expert's :class:`TensorName` has an ``expert`` index into it.
 
 Gemma 2/3 naming: Hugging Face's ``post_attention_layernorm`` is the attention *output's* norm
 (jq ``attn_out_norm``, GGUF ``post_attention_norm``) and ``pre_feedforward_layernorm`` the MLP
@@ -45,8 +47,10 @@ GLOBALS = {
 
 
 # Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
+             "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
+             "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +64,15 @@ class TensorName:
     transpose: jq's array is the transpose of the Hugging Face / GGUF-as-numpy one (linears).
     qk: ``"q"`` / ``"k"`` for the Q and K projection weights (llama.cpp permutes their rows for its
       interleaved RoPE in the ``llama`` architecture), else ``None``.
+    expert: for an expert's projection, its index along axis 0 of the stacked GGUF tensor
+      ``gguf`` (which holds every expert of the layer), else ``None``.
   """
   path: tuple[str, ...]
   hf: str
   gguf: str
   transpose: bool
   qk: str | None = None
+  expert: int | None = None
 
   @property
   def jq(self) -> str:
@@ -98,8 +105,10 @@ def decoder_tensors(config: Any) -> list[TensorName]:
         out.append(TensorName((blk, mod, name, "bias"), f"{hf_pre}{hf}.bias",
                               f"{gg_pre}{gg}.bias", False, qk))
     if moe:
-      out += [TensorName((blk, "mlp") + path + ("kernel",), f"{hf_pre}{hf}.weight", "", True)
-              for path, hf in moe_modules(config)]
+      for path, hf in moe_modules(config):
+        gg, expert = _moe_gguf(path)
+        out.append(TensorName((blk, "mlp") + path + ("kernel",), f"{hf_pre}{hf}.weight",
+                              f"{gg_pre}{gg}.weight", True, expert=expert))
     for path, (hf, gg) in norms.items():
       out.append(TensorName((blk,) + path + ("scale",), f"{hf_pre}{hf}.weight",
                             f"{gg_pre}{gg}.weight", False))
@@ -107,8 +116,7 @@ def decoder_tensors(config: Any) -> list[TensorName]:
 
 
 # a mixture-of-experts MLP's linears (block-relative jq module under "mlp" -> Hugging Face
-# module), by the config's ``moe_names``; llama.cpp stacks the experts (``ffn_gate_exps``), which
-# jq does not read or write, so they have no GGUF name
+# module), by the config's ``moe_names``
 _EXPERT_HF = {"qwen": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj",
                                "down_proj": "down_proj"}),
               "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
@@ -134,6 +142,22 @@ def moe_modules(config: Any) -> list[tuple[tuple[str, ...], str]]:
             for name in ("gate_proj", "up_proj", "down_proj")]
     out.append((("shared_expert_gate",), f"{prefix}.shared_expert_gate"))
   return out
+
+
+_MOE_GGUF = {"router": "ffn_gate_inp", "shared_expert_gate": "ffn_gate_inp_shexp"}
+
+
+def _moe_gguf(path: tuple[str, ...]) -> tuple[str, int | None]:
+  """``(GGUF stem, expert index)`` of a mixture-of-experts module under the block's ``mlp``: the
+  router ``ffn_gate_inp``, expert ``e``'s ``gate_proj`` row ``e`` of ``ffn_gate_exps`` (up,
+  down likewise), the shared expert's ``ffn_gate_shexp`` ... and its gate
+  ``ffn_gate_inp_shexp``."""
+  if len(path) == 1:
+    return _MOE_GGUF[path[0]], None
+  stem = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[path[1]]
+  if path[0] == "shared_expert":
+    return f"{stem}_shexp", None
+  return f"{stem}_exps", int(path[0].removeprefix("experts_"))
 
 
 def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:

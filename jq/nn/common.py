@@ -92,6 +92,12 @@ def observing(fn: Callable[[str, jax.Array, Any, Any], None]) -> Iterator[None]:
     yield
 
 
+def observing_layers() -> bool:
+  """Whether an observer (``jq.calibrate``'s collection) is watching the layers' inputs: a model
+  with two ways to compute one function can take the one whose layer inputs it documents."""
+  return bool(_OBSERVERS.get())
+
+
 def observe(path: str, x, x_axes: Sequence[int] | None = None, kernel=None) -> None:
   """Reports a layer's input to active observers.  ``x_axes``: the input axes contracted with
   the kernel's contracting axes, in the kernel's order (None where the input does not map onto

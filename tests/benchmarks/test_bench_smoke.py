@@ -148,3 +148,15 @@ def test_mixed_precision_small(tmp_path):
     assert r["bits"] <= 4.0 and sum(r["blocks"].values()) == 30
     assert math.isfinite(r["ppl"]) and r["kl"] >= 0 and r["predicted_kl"] >= 0
   assert set(rows["with w3 g128"]["blocks"]) == set(res["options"]) >= {"w3 g128", "w2 g32"}
+
+
+def test_moe_small(tmp_path):
+  """Grouped and dense mixture-of-experts roads give the same logits in every benchmarked case;
+  the results are written as JSON and markdown."""
+  moe = _load("moe")
+  assert moe.main(["--small", "--out", str(tmp_path / "moe")]) == 0
+  res = json.loads((tmp_path / "moe.json").read_text())
+  assert len(res["rows"]) == 4 and res["peak_rss_mib"] > 0
+  for r in res["rows"]:
+    assert r["max_logit_diff"] < 1e-4 and r["dense_ms"] > 0 and r["grouped_ms"] > 0, r
+  assert "dense / grouped" in (tmp_path / "moe.md").read_text()

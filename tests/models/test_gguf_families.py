@@ -15,11 +15,17 @@ from jq.io import decoder_names
 from jq_models import decoder, gguf_weights, hf, registry
 
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-        "gemma2": "gemma2", "gemma3_text": "gemma3"}
+        "gemma2": "gemma2", "gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+        "qwen3_moe": "qwen3moe"}
 # the GGUF conventions are llama.cpp's: gemma2 slides on every other layer, gemma3 on 5 of 6,
-# and both scale queries by 1/sqrt(head_dim) (below 27B)
+# and both scale queries by 1/sqrt(head_dim) (below 27B); qwen2moe does not renormalize the
+# routing weights and qwen3moe does, and both have experts in every layer (widths: multiples of
+# the 32-wide blocks)
 OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16),
-             "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window_pattern=6)}
+             "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window_pattern=6),
+             "qwen2_moe": dict(norm_topk_prob=False, mlp_only_layers=[], moe_intermediate_size=64,
+                               shared_expert_intermediate_size=96),
+             "qwen3_moe": dict(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=64)}
 
 
 def to_gguf(src, out, family):
@@ -45,10 +51,17 @@ def to_gguf(src, out, family):
     w.add_attn_logit_softcapping(config.attn_softcap)
   if config.final_softcap:
     w.add_final_logit_softcapping(config.final_softcap)
+  if config.num_experts:
+    w.add_expert_count(config.num_experts)
+    w.add_expert_used_count(config.experts_per_token)
+    w.add_expert_feed_forward_length(config.expert_size or config.intermediate_size)
+    if config.shared_expert_size:
+      w.add_expert_shared_feed_forward_length(config.shared_expert_size)
   if config.rope_scaling is not None:   # llama.cpp stores Llama 3.1's scaling as factors
     base = decoder.rope_inv_freq(config.head_dim, config.rope_theta)
     scaled = decoder.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
     w.add_tensor("rope_freqs.weight", (base / scaled).astype(np.float32))
+  stacked = {}
   for t in decoder_names.decoder_tensors(config):
     x = params
     for k in t.path:
@@ -59,7 +72,14 @@ def to_gguf(src, out, family):
       x = gguf_weights.permute_qk(x, config.num_heads if t.qk == "q" else config.num_kv_heads)
     if t.path[-1] == "scale" and config.norm_offset:
       x = x + config.norm_offset
-    w.add_tensor(t.gguf, np.ascontiguousarray(x))
+    if t.path[-2] == "shared_expert_gate":   # llama.cpp's is a vector (n_embd)
+      x = x.reshape(-1)
+    if t.expert is None:
+      w.add_tensor(t.gguf, np.ascontiguousarray(x))
+    else:   # llama.cpp stacks a layer's experts: (E, out, in)
+      stacked.setdefault(t.gguf, {})[t.expert] = x
+  for name, experts in stacked.items():
+    w.add_tensor(name, np.stack([experts[e] for e in sorted(experts)]))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -101,6 +121,39 @@ def test_gguf_logits_match_transformers_gguf_loader(tiny_hf, tmp_path, family):
   with torch.no_grad():
     want = ref(torch.tensor(ids)).logits.numpy()
   got = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_moe_export_logits_match_transformers_gguf_loader(tiny_hf, tmp_path, family):
+  """jq's GGUF export of a quantized mixture of experts (each layer's experts stacked into
+  ``ffn_{gate,up,down}_exps``, the float routers F32, Qwen2-MoE's shared expert and its gate),
+  read by transformers' own GGUF loader into the source's config, computes jq's logits."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import jq
+  from jq import nn as jqnn
+  from jq.io import gguf as G
+  src = tiny_hf(family, tokenizer=False, **OVERRIDES[family])
+  config, params = hf.load_weights(src)
+  model = decoder.Decoder(config)
+  ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, 14))
+  lays = jqnn.layouts(model, {"params": params}, jnp.asarray(ids))
+  q = jq.quantize_tree({"params": params}, jq.recipe_rules("gguf-q8_0"), layouts=lays)
+  out = tmp_path / "gguf" / f"{family}.gguf"
+  out.parent.mkdir()
+  written = G.export_gguf(q, config, None, out, "q8_0", arch=ARCH[family])
+  assert written["blk.0.ffn_gate_exps.weight"].name == "Q8_0"
+  assert written["blk.0.ffn_gate_inp.weight"].name == "F32"     # the router stays float
+  reader = gguf.GGUFReader(str(out))
+  exps = next(t for t in reader.tensors if t.name == "blk.0.ffn_down_exps.weight")
+  assert [int(n) for n in exps.shape] == [config.expert_size, config.hidden_size, 4]
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      str(out.parent), gguf_file=out.name, config=transformers.AutoConfig.from_pretrained(src),
+      dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = ref(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model.apply(jq.dequantize_tree(q), jnp.asarray(ids)))
   assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
@@ -218,3 +271,29 @@ def test_cli_evaluates_a_gemma2_gguf_like_its_checkpoint(tiny_hf, tmp_path, caps
     assert cli.main(["eval", str(path), "--json", *small]) == 0
     kl.append(json.loads(capsys.readouterr().out)["kl"])
   assert abs(kl[0] - kl[1]) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_cli_quantizes_and_exports_a_moe_gguf(tiny_hf, tmp_path, capsys, family):
+  """A mixture-of-experts GGUF through the CLI as a llama.cpp user would take it: quantize
+  (gguf-q4_0), export to GGUF (stacked experts again), evaluate: the export gives the
+  checkpoint's KL."""
+  from jq import cli
+  from jq.io import gguf as G
+  src = tiny_hf(family, **OVERRIDES.get(family, {}))
+  config, params = hf.load_weights(src)
+  source = tmp_path / "moe-f32.gguf"
+  G.export_gguf({"params": params}, config, _tokenizer_metadata(src, config.vocab_size), source,
+                "f32", arch=ARCH[family])
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "q.gguf"
+  small = ["--eval-windows", "1", "--window", "64"]
+  assert cli.main(["quantize", "--model", str(source), "--recipe", "gguf-q4_0", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out", str(out)]) == 0
+  assert "blk.1.ffn_up_exps.weight" in {t.name for t in gguf.GGUFReader(str(out)).tensors}
+  capsys.readouterr()
+  kl = []
+  for path in (ckpt, out):
+    assert cli.main(["eval", str(path), "--json", *small]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6

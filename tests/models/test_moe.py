@@ -53,12 +53,57 @@ def test_each_expert_sees_exactly_the_tokens_routed_to_it():
 
 def test_routing_weights_follow_the_config():
   logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
-  sel, w = decoder.route(logits, 2, normalize=True)
-  np.testing.assert_array_equal(np.asarray(sel), [[1, 1, 0, 0]])
+  experts, w = decoder.route(logits, 2, normalize=True)
+  np.testing.assert_array_equal(np.asarray(experts), [[0, 1]])
   np.testing.assert_allclose(np.asarray(w).sum(), 1.0, rtol=1e-6)
   _, w_raw = decoder.route(logits, 2, normalize=False)
   p = np.exp([2.0, 1.0, 0.0, -1.0]) / np.exp([2.0, 1.0, 0.0, -1.0]).sum()
-  np.testing.assert_allclose(np.asarray(w_raw)[0], [p[0], p[1], 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w_raw)[0], p[:2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,experts,k", [(1, 8, 2), (5, 4, 2), (64, 16, 4), (33, 3, 3),
+                                              (256, 128, 8)])
+def test_expert_tiles_hold_every_routed_pair_once_in_tiles_of_one_expert(tokens, experts, k):
+  rng = np.random.default_rng(tokens)
+  for skew in (False, True):       # uniform routing, and every token on the same k experts
+    ids = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)])
+    if skew:
+      ids = np.tile(np.arange(k), (tokens, 1))
+    rows = decoder.tile_rows(ids.size, experts)
+    t = decoder.expert_tiles(jnp.asarray(ids, jnp.int32), experts, rows)
+    expert, pair, valid = (np.asarray(a) for a in t)
+    assert pair.shape == (decoder.num_tiles(ids.size, experts, rows), rows)
+    np.testing.assert_array_equal(np.sort(pair[valid]), np.arange(ids.size))
+    np.testing.assert_array_equal(ids.reshape(-1)[pair[valid]],
+                                  np.broadcast_to(expert[:, None], pair.shape)[valid])
+    assert not valid[expert == experts].any()
+
+
+@pytest.mark.parametrize("recipe", [None, "w4a16-g32", "w8a8-dynamic"])
+def test_grouped_experts_compute_the_dense_function(recipe):
+  """``moe_dispatch="grouped"`` (each token through its own experts, a loop over tiles) and
+  ``"dense"`` (every expert on every token) are one function, float and quantized, prefill and
+  decode with a cache; ``"auto"`` takes the grouped road only where it computes fewer rows."""
+  config = dataclasses.replace(CONFIG, num_experts=8, experts_per_token=2)
+  model, variables, tokens = _init(config, seed=3)
+  if recipe is not None:
+    variables = quantize_model(model, variables, jq.recipe_rules(recipe), [tokens]).variables
+  run = lambda c, *a, **kw: quantized_apply(decoder.Decoder(c).apply)(variables, *a, **kw)
+  dense, grouped = (dataclasses.replace(config, moe_dispatch=d) for d in ("dense", "grouped"))
+  want = run(dense, tokens)
+  np.testing.assert_allclose(run(grouped, tokens), want, rtol=1e-5, atol=1e-5)
+  for c in (dense, grouped):          # decode one token at a time from a 12-token prefill
+    cache = decoder.init_cache(c, tokens.shape[0], 16)
+    _, cache = run(c, tokens[:, :12], cache=cache)
+    step, _ = run(c, tokens[:, 12:13], cache=cache)
+    np.testing.assert_allclose(step[:, 0], want[:, 12], rtol=1e-4, atol=1e-4)
+  grouped_jaxpr = lambda c, t: "cond" in str(jax.make_jaxpr(lambda v: run(c, t))(variables))
+  auto = dataclasses.replace(config, moe_dispatch="auto")
+  assert grouped_jaxpr(grouped, tokens) and not grouped_jaxpr(dense, tokens)
+  assert grouped_jaxpr(auto, tokens[:1, :1])      # one token: 2 of 8 experts' rows, not 8
+  assert not decoder.grouped_is_cheaper(2, 8, 2, "gpu")     # not measured there yet
+  with jq.nn.common.observing(lambda *a: None):   # calibration observes the dense road
+    assert not grouped_jaxpr(grouped, tokens)
 
 
 def test_moe_config_is_checked_and_round_trips():
@@ -128,7 +173,7 @@ def test_awq_and_smoothquant_scale_all_experts_of_a_layer_through_its_norm(recip
   assert err(res.variables) < err(base)
 
 
-def test_names_cover_every_param_and_refuse_gguf():
+def test_names_cover_every_param_and_gguf_refuses_what_llama_cpp_runs_otherwise():
   _, variables, _ = _init()
   for names in ("qwen", "mixtral"):
     config = dataclasses.replace(CONFIG, moe_names=names)
@@ -145,7 +190,16 @@ def test_names_cover_every_param_and_refuse_gguf():
     prefix = "block_sparse_moe" if names == "mixtral" else "mlp"
     assert f"model.layers.0.{prefix}.experts.3.{'w2' if names == 'mixtral' else 'down_proj'}" \
         ".weight" in hf_names and f"model.layers.0.{prefix}.gate.weight" in hf_names
-  assert any("mixture of experts" in p for p in arch_problems(CONFIG, "llama"))
+    stacked = [t for t in tensors if t.expert is not None]   # llama.cpp's (E, out, in) tensors
+    assert len(stacked) == 3 * 4 and {t.gguf for t in stacked} == {
+        f"blk.0.ffn_{w}_exps.weight" for w in ("gate", "up", "down")}
+  # CONFIG has a plain MLP in layer 1 and a shared expert: llama.cpp's llama (Mixtral) runs
+  # experts in every layer and no shared expert; qwen2 has no experts at all
+  problems = arch_problems(CONFIG, "llama")
+  assert any(p.startswith("plain MLPs in layers [1]") for p in problems), problems
+  assert any(p.startswith("shared_expert_size=40") for p in problems), problems
+  assert any("mixture of experts" in p for p in arch_problems(CONFIG, "qwen2"))
+  assert any(p.startswith("normalize_routing=True") for p in arch_problems(CONFIG, "qwen2moe"))
 
 
 def test_compressed_tensors_of_a_moe_model_reads_back_as_the_same_quantized_tree(

@@ -34,7 +34,7 @@ from jq.io.gguf.qarray_np import _pack_np, _unpacked_np
 from jq.io.gguf.reader import load_gguf_qarrays, tokenizer_metadata
 from jq.io.gguf.types import (_K_FALLBACK, EXPORT_TYPES, QK_K, GGMLType, GGUFExportError,
                               GGUFFormatError, to_ggml_type)
-from jq.qarray import QArray
+from jq.qarray import QArray, dequantize
 from jq.tree import is_qarray, leaves_with_paths
 
 
@@ -199,7 +199,8 @@ def _file_type(t: GGMLType) -> int:
   return int(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
+MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")   # (llama: Mixtral, when it has experts)
 _PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
               attn_softcap=None, final_softcap=None, rope_scaling=None, sliding_window=None,
@@ -212,7 +213,10 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   llama.cpp fixes per architecture what a ``DecoderConfig`` leaves open: which tensors exist,
   Gemma 2's sliding pattern (every other layer) and Gemma 3's (5 of 6), Gemma's query scale
   (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 27B models), the local RoPE base
-  (10000), and it has no sliding window for ``llama``.
+  (10000), and it has no sliding window for ``llama``.  Mixtures of experts: ``llama`` (Mixtral)
+  and ``qwen3moe`` renormalize the top-k routing weights and ``qwen2moe`` does not, ``qwen2moe``
+  always has a gated shared expert and the others none, every layer is a mixture, and ``llama``
+  reads the experts' width from ``feed_forward_length``.
   """
   if arch not in ARCHITECTURES:
     return [f"unknown architecture {arch!r} (choose one of {list(ARCHITECTURES)})"]
@@ -224,7 +228,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   want = dict(_PLAIN)
   if arch == "qwen2":
     want["qkv_bias"] = True
-  if arch in ("qwen3", "gemma3"):
+  if arch == "qwen2moe":   # llama.cpp reads q/k/v biases when the file has them
+    want["qkv_bias"] = get("qkv_bias")
+  if arch in ("qwen3", "qwen3moe", "gemma3"):
     want["qk_norm"] = True
   if gemma:
     want.update(embed_scale=True, activation="gelu_tanh")
@@ -243,10 +249,7 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   if arch == "llama":   # llama.cpp reads biases and RoPE scaling for llama; nothing else
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
-  out = []
-  if getattr(config, "num_experts", 0):
-    out.append(f"a mixture of experts (num_experts={config.num_experts}; jq does not write "
-               "llama.cpp's stacked expert tensors)")
+  out = _moe_problems(config, arch)
   for k, v in want.items():
     have = get(k)
     if k == "norm_offset" and gemma:
@@ -265,9 +268,40 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   return out
 
 
+def _moe_problems(config: Any, arch: str) -> list[str]:
+  experts = int(getattr(config, "num_experts", 0) or 0)
+  if not experts:
+    return ([f"no mixture of experts (llama.cpp's {arch} is one)"]
+            if arch in ("qwen2moe", "qwen3moe") else [])
+  if arch not in MOE_ARCHITECTURES:
+    return [f"a mixture of experts (num_experts={experts}; llama.cpp's {arch} has none: write "
+            f"one of {list(MOE_ARCHITECTURES)})"]
+  out = []
+  norm = arch != "qwen2moe"
+  if config.normalize_routing != norm:
+    out.append(f"normalize_routing={config.normalize_routing} (llama.cpp's {arch}: {norm})")
+  if config.moe_layers is not None and not all(config.moe_layers):
+    dense = [i for i, m in enumerate(config.moe_layers) if not m]
+    out.append(f"plain MLPs in layers {dense} (llama.cpp's {arch}: experts in every layer)")
+  shared = arch == "qwen2moe"
+  if bool(config.shared_expert_size) != shared:
+    out.append(f"shared_expert_size={config.shared_expert_size} (llama.cpp's {arch}: "
+               f"{'a gated shared expert' if shared else 'none'})")
+  if arch == "llama" and config.expert_size not in (None, config.intermediate_size):
+    out.append(f"expert_size={config.expert_size} != intermediate_size="
+               f"{config.intermediate_size} (llama.cpp's llama: experts of feed_forward_length)")
+  return out
+
+
 def _add_family_metadata(writer: gguf.GGUFWriter, config: Any, arch: str) -> None:
   if isinstance(config, Mapping):
     return
+  if getattr(config, "num_experts", 0):
+    writer.add_expert_count(int(config.num_experts))
+    writer.add_expert_used_count(int(config.experts_per_token))
+    writer.add_expert_feed_forward_length(int(config.expert_size or config.intermediate_size))
+    if config.shared_expert_size:
+      writer.add_expert_shared_feed_forward_length(int(config.shared_expert_size))
   if arch == "gemma2":
     if config.attn_softcap is not None:
       writer.add_attn_logit_softcapping(float(config.attn_softcap))
@@ -337,8 +371,12 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     extra_metadata: more key/values to write (e.g. ``general.*`` from the source file).
     notes: when given, one line per tensor whose grid changed (re-rounded, or a K-quant
       fallback), so every change to the model is reported by name.
-    arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2), ``qwen2``,
-      ``qwen3``, ``gemma``, ``gemma2`` or ``gemma3``. The config's family features (a
+    arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2, and Mixtral's
+      mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``gemma``,
+      ``gemma2`` or ``gemma3``.  A mixture of experts is written as llama.cpp stores it: each
+      layer's experts stacked into one ``ffn_{gate,up,down}_exps`` tensor (one type for all of
+      them), the float router ``ffn_gate_inp`` F32 and Qwen2-MoE's shared-expert gate one F32
+      vector. The config's family features (a
       ``DecoderConfig``: biases, q/k norms, Gemma's norms and soft-capping, sliding layers, RoPE
       scaling) must be ones that architecture runs as the config says; anything llama.cpp would
       compute differently is refused by name (see :func:`arch_problems`).
@@ -373,8 +411,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     raise GGUFExportError("params is empty")
   family = config if not isinstance(config, Mapping) else hp
   names = {t.jq: t for t in decoder_names.decoder_tensors(family)}
-  entries: list[tuple[str, Any, str, str]] = []
-  seen = {}
+  entries: list[tuple[decoder_names.TensorName, Any, str, str]] = []
   for p, leaf in leaves:
     t = names.get(p)
     if t is None:
@@ -383,15 +420,15 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
           "layers_N/{attn/{q,k,v,o}_proj,mlp/{gate,up,down}_proj}/kernel, layers_N/{input_norm,"
           "post_attn_norm}/scale, final_norm/scale, lm_head/kernel and the config's family "
           "tensors)")
-    want = decoder_names.expected_shape(t.path, hp)
+    want = decoder_names.expected_shape(t.path, family)
     if tuple(leaf.shape) != want:
       raise GGUFExportError(f"params/{p}: shape {tuple(leaf.shape)} does not match the config "
                             f"(expected {want} for {t.gguf})")
     kind = ("embed" if t.path[-1] == "embedding" else "norm" if t.path[-1] in ("scale", "bias")
             else "kernel")
-    seen[t.gguf] = p
-    entries.append((t.gguf, leaf, kind, p))
-  missing = [n for n in (t.gguf for t in names.values()) if n not in seen]
+    entries.append((t, leaf, kind, p))
+  seen = {p for _, _, _, p in entries}
+  missing = [t.gguf for t in names.values() if t.jq not in seen]
   if missing:
     raise GGUFExportError(f"params lacks {len(missing)} tensors of a {hp.num_layers}-layer {arch} "
                           f"model, e.g. {missing[:3]}")
@@ -405,13 +442,19 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
 
   # Encode everything before touching the file system.
   encoded: list[tuple[str, np.ndarray, GGMLType]] = []
+  experts: dict[str, list[tuple[int, np.ndarray, GGMLType, str]]] = {}
   written: dict[str, GGMLType] = {}
   if progress:
     from tqdm.auto import tqdm
     entries = tqdm(entries, desc="encoding", unit="tensor", leave=False)
-  for gname, leaf, kind, p in entries:
-    if kind == "norm":
-      t = GGMLType.F32
+  for tn, leaf, kind, p in entries:
+    gname = tn.gguf
+    shexp_gate = gname.endswith(".ffn_gate_inp_shexp.weight")
+    if shexp_gate:     # llama.cpp's is one F32 vector (n_embd): its exact values, float
+      leaf = dequantize(leaf, jnp.float32) if is_qarray(leaf) else leaf
+    if kind == "norm" or shexp_gate or (gname.endswith(".ffn_gate_inp.weight")
+                                        and not is_qarray(leaf)):
+      t = GGMLType.F32   # norms; a float MoE router (llama-quantize keeps routers F32 too)
     else:
       t = main_type
       if kind == "embed" or gname == "output.weight":
@@ -440,9 +483,15 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       x = np.asarray(x, np.float32) + np.float32(offset)
     data = encode_tensor(x, t, block_axis=block_axis if kind != "norm" else 0,
                          requantize=requantize, name=f"params/{p}", notes=notes)
-    encoded.append((gname, data, t))
+    if shexp_gate:
+      data = data.reshape(-1)
+    if tn.expert is None:
+      encoded.append((gname, data, t))
+    else:
+      experts.setdefault(gname, []).append((tn.expert, data, t, p))
     written[gname] = t
-
+  for gname, parts in experts.items():
+    encoded.append((gname, _stack_experts(gname, parts), parts[0][2]))
   path = Path(path)
   if not path.parent.is_dir():
     raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
@@ -490,6 +539,19 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       os.unlink(tmp)
     raise
   return written
+
+
+def _stack_experts(gname: str, parts: list[tuple[int, np.ndarray, GGMLType, str]]) -> np.ndarray:
+  """llama.cpp's stacked expert tensor (numpy ``(E, out, row bytes)``) from each expert's encoding;
+  every expert must have been written with the same type."""
+  parts = sorted(parts, key=lambda part: part[0])
+  types = {t for _, _, t, _ in parts}
+  if len(types) > 1:
+    by_type = {t.name: next(p for _, _, u, p in parts if u is t) for t in types}
+    raise GGUFExportError(f"{gname}: the experts stacked in it would get different types "
+                          f"({by_type}); llama.cpp stores one type per stacked tensor: give "
+                          "them one type (tensor_types / the rules)")
+  return np.stack([data for _, data, _, _ in parts])
 
 
 def export_model(model: Any, params: Any, path: str | os.PathLike, *,
