@@ -47,7 +47,7 @@ from jax.typing import ArrayLike
 
 from jq import kv_cache as kvc
 from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
-from jq.nn.common import observing_layers
+from jq.nn.common import reference_road
 from jq.qarray import check_values, index_str
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -559,8 +559,9 @@ class MoE(nn.Module):
   * ``"dense"``: every expert runs on all tokens with the tokens not routed to it zeroed (a zero
     row stays zero through a bias-free gated MLP, and its weight is 0): ``E / k`` times the
     FLOPs, static shapes without a loop.  Initialization takes it (every expert's params), and
-    so does calibration (``jq.calibrate`` observing the layers): each expert's statistics then
-    come from one input per model call, with the sequence axis kept.
+    so does calibration (``jq.nn.common.reference_road``): each expert's statistics then come
+    from one input per model call, with the sequence axis kept, and every calibration road
+    propagates the same bits.
   * ``"auto"`` (default): ``grouped_is_cheaper``.
   """
   config: DecoderConfig
@@ -587,7 +588,7 @@ class MoE(nn.Module):
 
   def _grouped(self, pairs: int) -> bool:
     dispatch = self.config.moe_dispatch
-    if dispatch == "dense" or self.is_initializing() or observing_layers():
+    if dispatch == "dense" or self.is_initializing() or reference_road():
       return False
     if dispatch == "grouped":
       return True

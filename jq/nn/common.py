@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -92,10 +93,29 @@ def observing(fn: Callable[[str, jax.Array, Any, Any], None]) -> Iterator[None]:
     yield
 
 
-def observing_layers() -> bool:
-  """Whether an observer (``jq.calibrate``'s collection) is watching the layers' inputs: a model
-  with two ways to compute one function can take the one whose layer inputs it documents."""
-  return bool(_OBSERVERS.get())
+_CALIBRATING: contextvars.ContextVar[bool] = contextvars.ContextVar("jq_calibrating",
+                                                                   default=False)
+
+
+def calibration(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Decorates a calibration road (``jq.ptq.quantize_model``, ``quantize_onloaded``): while it
+  runs, models with two roads to one function take the reference one (``reference_road``)."""
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    token = _CALIBRATING.set(True)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _CALIBRATING.reset(token)
+  return run
+
+
+def reference_road() -> bool:
+  """Whether a model with two roads to one function (a mixture of experts' grouped and dense
+  experts) should take its reference road: while an observer watches the layers' inputs (the
+  reference road is the one whose inputs it documents) and while a calibration runs, so that
+  every calibration road propagates the same bits (``--stream`` writes the in-memory codes)."""
+  return bool(_OBSERVERS.get()) or _CALIBRATING.get()
 
 
 def observe(path: str, x, x_axes: Sequence[int] | None = None, kernel=None) -> None:

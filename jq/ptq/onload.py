@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import stream
+from jq.nn.common import calibration
 from jq.calibrate.collect import spanned
 from jq.io import sharded
 from jq.ptq import folding
@@ -99,6 +100,7 @@ def _fingerprint(calib: np.ndarray, config: Any) -> dict:
           "calibration_shape": list(calib.shape), "ptq_config": repr(config)}
 
 
+@calibration
 def quantize_onloaded(blocks: OnloadBlocks, sources: Sequence[stream.SourceTensor],
                       rules: Sequence[Rule], calib_tokens: np.ndarray, out: str, *,
                       config: Any = None, layouts: Mapping[str, Layout] | None = None,

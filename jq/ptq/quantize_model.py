@@ -35,6 +35,7 @@ from jq.algorithms.fold import FOLD_TOLERANCE
 from jq.calibrate.collect import (LayerInputs, Want, collect, data_sharding, put,
                                   shard_batches, spanned)
 from jq.calibrate.stats import LayerStats, mean_abs, scale_stats
+from jq.nn.common import calibration
 from jq.nn.quantize import act_scales_from_ranges, runnable_rules
 from jq.ptq import folding, solves
 from jq.ptq.matrices import MatrixView, assemble
@@ -104,6 +105,7 @@ def _check_one_length(batches, ids=None) -> None:
           f"{[tuple(np.shape(x)) for x in as_args(b)]}: pad or crop them to one length")
 
 
+@calibration
 def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[Any], *,
                    config: Any = None, blocks: Any = None, calib_batches_for_check: int = 2,
                    chained: bool = True, progress: bool = False, **example_kwargs) -> PTQModelResult:

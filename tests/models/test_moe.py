@@ -104,6 +104,8 @@ def test_grouped_experts_compute_the_dense_function(recipe):
   assert not decoder.grouped_is_cheaper(2, 8, 2, "gpu")     # not measured there yet
   with jq.nn.common.observing(lambda *a: None):   # calibration observes the dense road
     assert not grouped_jaxpr(grouped, tokens)
+  # and runs it throughout, so its roads (in memory, onloaded) propagate the same bits
+  assert not jq.nn.common.calibration(grouped_jaxpr)(grouped, tokens)
 
 
 def test_moe_config_is_checked_and_round_trips():

@@ -26,7 +26,8 @@ from jq_models import blockwise, hf, registry
 
 CASES = [("llama", "gptq-w4a16-g128"), ("qwen2", "awq-w4a16-g128"),
          ("mistral", "smoothquant-w8a8-static"), ("gemma2", "w8a8-static"),
-         ("gemma3_text", "gptq-w4a16-g128-actorder")]
+         ("gemma3_text", "gptq-w4a16-g128-actorder"), ("mixtral", "gptq-w4a16-g128"),
+         ("qwen2_moe", "awq-w4a16-g128"), ("qwen3_moe", "smoothquant-w8a8-static")]
 CFG = PTQConfig(chunk=2)
 
 
