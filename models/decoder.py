@@ -1,14 +1,15 @@
 """One configurable decoder-only transformer in Flax linen, with KV-cache decoding.
 
 ``DecoderConfig`` switches the features that tell the families apart (Llama 1-3.x incl. Llama 3.1's
-RoPE scaling, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen2/3-MoE, Gemma 1-3, and the bundled
+RoPE scaling, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen2/3-MoE, OLMoE, Gemma 1-3, and the bundled
 SmolLM2-135M). The module tree
 uses only standard linen layers so a quantization tool can intercept them::
 
   params/embed/embedding                      (vocab, d)        tied input embedding / output head
   params/layers_{i}/input_norm/scale          (d,)              RMSNorm
   params/layers_{i}/attn/{q,k,v,o}_proj/kernel (in, out)        nn.Dense (+ bias: qkv_bias, o_bias)
-  params/layers_{i}/attn/{q,k}_norm/scale     (head_dim,)       qk_norm only (Qwen3, Gemma 3)
+  params/layers_{i}/attn/{q,k}_norm/scale     (head_dim,)       qk_norm only (Qwen3, Gemma 3;
+                                              (heads * head_dim,) with qk_norm_full: OLMoE)
   params/layers_{i}/attn_out_norm/scale       (d,)              sandwich_norms only (Gemma 2/3)
   params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP
   params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense (SwiGLU or GeGLU)
@@ -100,8 +101,8 @@ _MOE_DISPATCH = ("auto", "grouped", "dense")
 class DecoderConfig:
   """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
 
-  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3 and Gemma 1-3: the family features below
-  default to plain Llama. Frozen and hashable, so it can be a ``jax.jit`` static argument; variants
+  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3 and the mixtures of experts
+  Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama. Frozen and hashable, so it can be a ``jax.jit`` static argument; variants
   via ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
 
   Attributes:
@@ -119,6 +120,8 @@ class DecoderConfig:
     dtype: compute dtype (float32, bfloat16 or float16); logits are float32.
     qkv_bias, o_bias, mlp_bias: biases on q/k/v (Qwen2), on o_proj, on the MLP linears.
     qk_norm: RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
+    qk_norm_full: the q/k RMSNorms normalize each token's whole projection (``num_heads *
+      head_dim`` queries, ``num_kv_heads * head_dim`` keys) instead of each head (OLMoE).
     norm_offset: RMSNorm multiplies by ``norm_offset + scale`` (Gemma: 1.0).
     embed_scale: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma).
     activation: the MLP gate's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
@@ -160,6 +163,7 @@ class DecoderConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
+  qk_norm_full: bool = False
   norm_offset: float = 0.0
   embed_scale: bool = False
   activation: str = "silu"
@@ -191,10 +195,12 @@ class DecoderConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
-    for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "embed_scale",
-                 "sandwich_norms"):
+    for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "qk_norm_full",
+                 "embed_scale", "sandwich_norms"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.qk_norm_full and not self.qk_norm:
+      raise ValueError("DecoderConfig.qk_norm_full is set but qk_norm is False")
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"DecoderConfig.activation must be one of {_ACTIVATIONS}, got "
                        f"{self.activation!r}")
@@ -278,6 +284,8 @@ class DecoderConfig:
     if not self.num_experts:   # a dense config's JSON stays what jq wrote before MoE support
       for f in _MOE_FIELDS:
         del out[f]
+    if not self.qk_norm_full:  # (and before OLMoE's)
+      del out["qk_norm_full"]
     out["dtype"] = np.dtype(self.dtype).name
     if self.rope_scaling is not None and self.rope_scaling.factors is not None:
       out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)
@@ -434,12 +442,14 @@ class Attention(nn.Module):
     c = self.config
     b, t, _ = x.shape
     hd, qkv_bias = c.head_dim, c.qkv_bias
-    q = _dense(c.num_heads * hd, "q_proj", c, qkv_bias)(x).reshape(b, t, c.num_heads, hd)
-    k = _dense(c.num_kv_heads * hd, "k_proj", c, qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
+    q = _dense(c.num_heads * hd, "q_proj", c, qkv_bias)(x)
+    k = _dense(c.num_kv_heads * hd, "k_proj", c, qkv_bias)(x)
     v = _dense(c.num_kv_heads * hd, "v_proj", c, qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
-    if c.qk_norm:
-      q = _rms_norm("q_norm", c)(q)
-      k = _rms_norm("k_norm", c)(k)
+    if c.qk_norm and c.qk_norm_full:   # each token's whole projection (OLMoE)
+      q, k = _rms_norm("q_norm", c)(q), _rms_norm("k_norm", c)(k)
+    q, k = q.reshape(b, t, c.num_heads, hd), k.reshape(b, t, c.num_kv_heads, hd)
+    if c.qk_norm and not c.qk_norm_full:   # each head (Qwen3, Gemma 3)
+      q, k = _rms_norm("q_norm", c)(q), _rms_norm("k_norm", c)(k)
     sliding = c.is_sliding(self.layer)
     if sliding and c.local_rope_theta is not None:
       inv_freq = rope_inv_freq(hd, c.local_rope_theta)

@@ -2,8 +2,8 @@
 
 Architectures (``general.architecture``): ``llama`` (Llama 1-3.x and Mistral, incl. Llama 3.1's
 ``rope_freqs`` tensor; Mixtral when it has ``llama.expert_count``), ``qwen2``, ``qwen3``,
-``qwen2moe``, ``qwen3moe``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come from the one
-mapping, ``jq.io.decoder_names``; a layer's stacked experts (``ffn_gate_exps``, numpy
+``qwen2moe``, ``qwen3moe``, ``olmoe``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come from
+the one mapping, ``jq.io.decoder_names``; a layer's stacked experts (``ffn_gate_exps``, numpy
 ``(E, out, in)``) are split into one module per expert.
 
 Every tensor is dequantized with ``gguf.quants.dequantize`` (any GGUF type gguf-py knows: F32, F16,
@@ -41,7 +41,8 @@ class GGUFError(ValueError):
   """The file is not a readable GGUF, or not a llama model this loader supports."""
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2",
+                 "gemma3")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 
@@ -170,6 +171,8 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
     kw["qkv_bias"] = True
   if arch in ("qwen3", "qwen3moe", "gemma3"):
     kw["qk_norm"] = True
+  if arch == "olmoe":
+    kw.update(qk_norm=True, qk_norm_full=True)
   ff = int(key("feed_forward_length", required=True))
   kw.update(_moe_config(arch, key, ff))
   if arch in _GEMMA:
@@ -209,21 +212,22 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
 def _moe_config(arch: str, key: Callable[..., Any], ff: int) -> dict[str, Any]:
   """The mixture-of-experts fields of a ``DecoderConfig`` from ``{arch}.expert_*`` metadata, as
   llama.cpp runs them: ``llama`` (Mixtral) and ``qwen3moe`` renormalize the top-k weights,
-  ``qwen2moe`` does not and has a gated shared expert; experts in every layer; an expert's width
-  ``expert_feed_forward_length`` (``llama``: ``feed_forward_length``; the Qwen architectures
-  without the key: ``feed_forward_length / expert_used_count``, llama.cpp's fallback)."""
+  ``qwen2moe`` and ``olmoe`` do not, ``qwen2moe`` has a gated shared expert; experts in every
+  layer; an expert's width ``expert_feed_forward_length`` (``llama``, ``olmoe``:
+  ``feed_forward_length``; the Qwen architectures without the key: ``feed_forward_length /
+  expert_used_count``, llama.cpp's fallback)."""
   experts = int(key("expert_count", 0) or 0)
   if not experts:
-    if arch in ("qwen2moe", "qwen3moe"):
+    if arch in ("qwen2moe", "qwen3moe", "olmoe"):
       raise GGUFError(f"GGUF {arch}.expert_count is missing or 0: {arch} is a mixture of experts")
     return {}
-  if arch not in ("llama", "qwen2moe", "qwen3moe"):
+  if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe"):
     raise GGUFError(f"GGUF {arch}.expert_count={experts}: llama.cpp's {arch} has no experts")
   used = int(key("expert_used_count", required=True))
   kw: dict[str, Any] = dict(num_experts=experts, experts_per_token=used,
-                            normalize_routing=arch != "qwen2moe",
+                            normalize_routing=arch not in ("qwen2moe", "olmoe"),
                             moe_names="mixtral" if arch == "llama" else "qwen")
-  if arch != "llama":
+  if arch in ("qwen2moe", "qwen3moe"):
     kw["expert_size"] = int(key("expert_feed_forward_length", ff // used))
   if arch == "qwen2moe":
     kw["shared_expert_size"] = int(key("expert_shared_feed_forward_length", ff))

@@ -6,7 +6,7 @@ its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` 
 ``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers),
 ``gemma3_text`` (q/k norms, local RoPE base) and the mixtures of experts ``mixtral``, ``qwen2_moe``
-(with its shared expert) and ``qwen3_moe``. ``family_config`` turns ``config.json`` into a
+(with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms over the whole projection). ``family_config`` turns ``config.json`` into a
 ``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
@@ -32,8 +32,8 @@ import numpy as np
 from jq.io import decoder_names
 from jq_models.decoder import DecoderConfig, RopeScaling
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
-            "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe",
+            "gemma", "gemma2", "gemma3_text")
 _QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,6 +101,9 @@ def _moe(raw: Mapping[str, Any], family: str, layers: int, where: str) -> dict[s
                           "num_experts_per_tok")
   if family == "mixtral":
     return dict(num_experts=int(experts), experts_per_token=int(k), moe_names="mixtral")
+  if family == "olmoe":   # experts of intermediate_size in every layer, Qwen's names
+    return dict(num_experts=int(experts), experts_per_token=int(k), moe_names="qwen",
+                normalize_routing=bool(raw.get("norm_topk_prob", False)))
   step = int(raw.get("decoder_sparse_step", 1) or 1)
   dense = set(raw.get("mlp_only_layers") or ())
   moe = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
@@ -137,7 +140,7 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   layers = int(need("num_hidden_layers"))
   gemma = family in _GEMMA
   kw: dict[str, Any] = {}
-  if family in ("llama", "qwen3", "qwen3_moe") or gemma:   # (Mistral/Mixtral: never biases)
+  if family in ("llama", "qwen3", "qwen3_moe", "olmoe") or gemma:   # (Mistral/Mixtral: never)
     bias = bool(raw.get("attention_bias", False))
     kw.update(qkv_bias=bias, o_bias=bias)
   if family == "llama":
@@ -148,7 +151,12 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
     kw["qkv_bias"] = bool(raw.get("qkv_bias", True))
   if family in ("qwen3", "qwen3_moe", "gemma3_text"):
     kw["qk_norm"] = True
-  if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+  if family == "olmoe":
+    kw.update(qk_norm=True, qk_norm_full=True)
+    if raw.get("clip_qkv") is not None:
+      raise CheckpointError(f"{where}: clip_qkv={raw['clip_qkv']} is not supported (q/k/v "
+                            "clamping)")
+  if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
     kw.update(_moe(raw, family, layers, where))
   if gemma:
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"

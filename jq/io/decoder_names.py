@@ -48,7 +48,7 @@ GLOBALS = {
 
 # Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
-             "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
              "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
@@ -185,7 +185,11 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
     return sizes[path[-2]]
   if path[-1] == "bias":
     return (sizes[path[-2]][1],)
-  return (c.head_dim,) if path[-2] in ("q_norm", "k_norm") else (c.hidden_size,)
+  if path[-2] in ("q_norm", "k_norm"):
+    if not getattr(c, "qk_norm_full", False):
+      return (c.head_dim,)
+    return (q,) if path[-2] == "q_norm" else (kv,)
+  return (c.hidden_size,)
 
 
 __all__ = ["TensorName", "decoder_tensors", "is_moe", "moe_modules", "expected_shape", "LINEARS",

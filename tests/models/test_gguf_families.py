@@ -16,7 +16,7 @@ from jq_models import decoder, gguf_weights, hf, registry
 
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
         "gemma2": "gemma2", "gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe",
-        "qwen3_moe": "qwen3moe"}
+        "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
 # the GGUF conventions are llama.cpp's: gemma2 slides on every other layer, gemma3 on 5 of 6,
 # and both scale queries by 1/sqrt(head_dim) (below 27B); qwen2moe does not renormalize the
 # routing weights and qwen3moe does, and both have experts in every layer (widths: multiples of
@@ -25,7 +25,8 @@ OVERRIDES = {"gemma2": dict(query_pre_attn_scalar=16),
              "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window_pattern=6),
              "qwen2_moe": dict(norm_topk_prob=False, mlp_only_layers=[], moe_intermediate_size=64,
                                shared_expert_intermediate_size=96),
-             "qwen3_moe": dict(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=64)}
+             "qwen3_moe": dict(norm_topk_prob=True, mlp_only_layers=[], moe_intermediate_size=64),
+             "olmoe": dict(num_key_value_heads=4)}   # (llama.cpp's olmoe: no grouped queries)
 
 
 def to_gguf(src, out, family):
@@ -203,6 +204,9 @@ def test_architecture_mismatches_are_named():
   assert any("qkv_bias=True" in p for p in arch_problems(qwen2, "qwen3"))
   g3 = hf.family_config(hf_config_of("gemma3_text"))   # slides on every other layer, not 5 of 6
   assert any(p.startswith("sliding_layers=") for p in arch_problems(g3, "gemma3"))
+  olmoe = hf.family_config(hf_config_of("olmoe"))      # grouped queries: k_norm not n_embd wide
+  assert any(p.startswith("num_kv_heads=2") for p in arch_problems(olmoe, "olmoe"))
+  assert any(p.startswith("qk_norm_full=True") for p in arch_problems(olmoe, "qwen3moe"))
 
 
 def hf_config_of(family):

@@ -199,9 +199,11 @@ def _file_type(t: GGMLType) -> int:
   return int(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
-MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")   # (llama: Mixtral, when it has experts)
-_PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, norm_offset=0.0,
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2",
+                 "gemma3")
+MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe")   # (llama: Mixtral, with experts)
+_PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, qk_norm_full=False,
+              norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
               attn_softcap=None, final_softcap=None, rope_scaling=None, sliding_window=None,
               sliding_layers=None, local_rope_theta=None)
@@ -214,9 +216,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   Gemma 2's sliding pattern (every other layer) and Gemma 3's (5 of 6), Gemma's query scale
   (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 27B models), the local RoPE base
   (10000), and it has no sliding window for ``llama``.  Mixtures of experts: ``llama`` (Mixtral)
-  and ``qwen3moe`` renormalize the top-k routing weights and ``qwen2moe`` does not, ``qwen2moe``
-  always has a gated shared expert and the others none, every layer is a mixture, and ``llama``
-  reads the experts' width from ``feed_forward_length``.
+  and ``qwen3moe`` renormalize the top-k routing weights and ``qwen2moe`` and ``olmoe`` do not,
+  ``qwen2moe`` always has a gated shared expert and the others none, every layer is a mixture,
+  and ``llama`` and ``olmoe`` read the experts' width from ``feed_forward_length``.
   """
   if arch not in ARCHITECTURES:
     return [f"unknown architecture {arch!r} (choose one of {list(ARCHITECTURES)})"]
@@ -232,6 +234,8 @@ def arch_problems(config: Any, arch: str) -> list[str]:
     want["qkv_bias"] = get("qkv_bias")
   if arch in ("qwen3", "qwen3moe", "gemma3"):
     want["qk_norm"] = True
+  if arch == "olmoe":   # q/k norms over each token's whole projection
+    want.update(qk_norm=True, qk_norm_full=True)
   if gemma:
     want.update(embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
@@ -250,6 +254,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
   out = _moe_problems(config, arch)
+  if arch == "olmoe" and config.num_kv_heads != config.num_heads:   # its k_norm is n_embd wide
+    out.append(f"num_kv_heads={config.num_kv_heads} (llama.cpp's olmoe: {heads}, no "
+               "grouped-query attention)")
   for k, v in want.items():
     have = get(k)
     if k == "norm_offset" and gemma:
@@ -277,7 +284,7 @@ def _moe_problems(config: Any, arch: str) -> list[str]:
     return [f"a mixture of experts (num_experts={experts}; llama.cpp's {arch} has none: write "
             f"one of {list(MOE_ARCHITECTURES)})"]
   out = []
-  norm = arch != "qwen2moe"
+  norm = arch not in ("qwen2moe", "olmoe")
   if config.normalize_routing != norm:
     out.append(f"normalize_routing={config.normalize_routing} (llama.cpp's {arch}: {norm})")
   if config.moe_layers is not None and not all(config.moe_layers):
@@ -287,9 +294,9 @@ def _moe_problems(config: Any, arch: str) -> list[str]:
   if bool(config.shared_expert_size) != shared:
     out.append(f"shared_expert_size={config.shared_expert_size} (llama.cpp's {arch}: "
                f"{'a gated shared expert' if shared else 'none'})")
-  if arch == "llama" and config.expert_size not in (None, config.intermediate_size):
+  if arch in ("llama", "olmoe") and config.expert_size not in (None, config.intermediate_size):
     out.append(f"expert_size={config.expert_size} != intermediate_size="
-               f"{config.intermediate_size} (llama.cpp's llama: experts of feed_forward_length)")
+               f"{config.intermediate_size} (llama.cpp's {arch}: experts of feed_forward_length)")
   return out
 
 
@@ -372,7 +379,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     notes: when given, one line per tensor whose grid changed (re-rounded, or a K-quant
       fallback), so every change to the model is reported by name.
     arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2, and Mixtral's
-      mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``gemma``,
+      mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``olmoe``, ``gemma``,
       ``gemma2`` or ``gemma3``.  A mixture of experts is written as llama.cpp stores it: each
       layer's experts stacked into one ``ffn_{gate,up,down}_exps`` tensor (one type for all of
       them), the float router ``ffn_gate_inp`` F32 and Qwen2-MoE's shared-expert gate one F32
