@@ -6,12 +6,12 @@ SmolLM2-135M). The module tree
 uses only standard linen layers so a quantization tool can intercept them::
 
   params/embed/embedding                      (vocab, d)        tied input embedding / output head
-  params/layers_{i}/input_norm/scale          (d,)              RMSNorm
+  params/layers_{i}/input_norm/scale          (d,)              RMSNorm (not with pre_norms=False)
   params/layers_{i}/attn/{q,k,v,o}_proj/kernel (in, out)        nn.Dense (+ bias: qkv_bias, o_bias)
   params/layers_{i}/attn/{q,k}_norm/scale     (head_dim,)       qk_norm only (Qwen3, Gemma 3;
                                               (heads * head_dim,) with qk_norm_full: OLMoE)
   params/layers_{i}/attn_out_norm/scale       (d,)              sandwich_norms only (Gemma 2/3)
-  params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP
+  params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP (likewise)
   params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense (SwiGLU or GeGLU)
   params/layers_{i}/mlp/router/kernel         (d, E)            mixture-of-experts layers: router,
   params/layers_{i}/mlp/experts_{e}/{gate,up,down}_proj/kernel  one gated MLP per expert,
@@ -126,6 +126,8 @@ class DecoderConfig:
     embed_scale: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma).
     activation: the MLP gate's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
     sandwich_norms: extra RMSNorms on the attention and MLP outputs (Gemma 2/3).
+    pre_norms: RMSNorms on the attention's and the MLP's inputs (every family but OLMo 2, which
+      norms only their outputs: ``pre_norms=False`` with ``sandwich_norms``).
     query_scale: attention scores are multiplied by this (default ``head_dim ** -0.5``; Gemma 2/3:
       ``query_pre_attn_scalar ** -0.5``).
     attn_softcap, final_softcap: ``cap * tanh(x / cap)`` on attention scores / logits (Gemma 2).
@@ -168,6 +170,7 @@ class DecoderConfig:
   embed_scale: bool = False
   activation: str = "silu"
   sandwich_norms: bool = False
+  pre_norms: bool = True
   query_scale: float | None = None
   attn_softcap: float | None = None
   final_softcap: float | None = None
@@ -196,11 +199,14 @@ class DecoderConfig:
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
     for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "qk_norm_full",
-                 "embed_scale", "sandwich_norms"):
+                 "embed_scale", "sandwich_norms", "pre_norms"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.qk_norm_full and not self.qk_norm:
       raise ValueError("DecoderConfig.qk_norm_full is set but qk_norm is False")
+    if not self.pre_norms and not self.sandwich_norms:
+      raise ValueError("DecoderConfig: pre_norms=False needs sandwich_norms (a block without "
+                       "any norm)")
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"DecoderConfig.activation must be one of {_ACTIVATIONS}, got "
                        f"{self.activation!r}")
@@ -284,8 +290,10 @@ class DecoderConfig:
     if not self.num_experts:   # a dense config's JSON stays what jq wrote before MoE support
       for f in _MOE_FIELDS:
         del out[f]
-    if not self.qk_norm_full:  # (and before OLMoE's)
+    if not self.qk_norm_full:  # (and before OLMoE's and OLMo 2's)
       del out["qk_norm_full"]
+    if self.pre_norms:
+      del out["pre_norms"]
     out["dtype"] = np.dtype(self.dtype).name
     if self.rope_scaling is not None and self.rope_scaling.factors is not None:
       out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)
@@ -646,20 +654,22 @@ class MoE(nn.Module):
 class Block(nn.Module):
   """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; with
   ``sandwich_norms`` the attention and MLP outputs are normed too (``attn_out_norm``,
-  ``mlp_out_norm``) before they join the residual."""
+  ``mlp_out_norm``) before they join the residual, and with ``pre_norms=False`` only they are
+  (OLMo 2: ``x + norm(attn(x))``)."""
   config: DecoderConfig
   layer: int = 0
 
   @nn.compact
   def __call__(self, x, positions, kv=None, index=None, kv_quant="none"):
     c = self.config
-    h, kv = Attention(c, self.layer, name="attn")(_rms_norm("input_norm", c)(x), positions, kv,
-                                                  index, kv_quant)
+    pre = (lambda name, y: _rms_norm(name, c)(y)) if c.pre_norms else (lambda name, y: y)
+    h, kv = Attention(c, self.layer, name="attn")(pre("input_norm", x), positions, kv, index,
+                                                  kv_quant)
     if c.sandwich_norms:
       h = _rms_norm("attn_out_norm", c)(h)
     x = x + h
     mlp = MoE(c, name="mlp") if c.is_moe(self.layer) else MLP(c, name="mlp")
-    h = mlp(_rms_norm("post_attn_norm", c)(x))
+    h = mlp(pre("post_attn_norm", x))
     if c.sandwich_norms:
       h = _rms_norm("mlp_out_norm", c)(h)
     return x + h, kv

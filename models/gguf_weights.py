@@ -2,9 +2,9 @@
 
 Architectures (``general.architecture``): ``llama`` (Llama 1-3.x and Mistral, incl. Llama 3.1's
 ``rope_freqs`` tensor; Mixtral when it has ``llama.expert_count``), ``qwen2``, ``qwen3``,
-``qwen2moe``, ``qwen3moe``, ``olmoe``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names come from
-the one mapping, ``jq.io.decoder_names``; a layer's stacked experts (``ffn_gate_exps``, numpy
-``(E, out, in)``) are split into one module per expert.
+``qwen2moe``, ``qwen3moe``, ``olmo2``, ``olmoe``, ``gemma``, ``gemma2``, ``gemma3``. Tensor names
+come from the one mapping, ``jq.io.decoder_names``; a layer's stacked experts
+(``ffn_gate_exps``, numpy ``(E, out, in)``) are split into one module per expert.
 
 Every tensor is dequantized with ``gguf.quants.dequantize`` (any GGUF type gguf-py knows: F32, F16,
 Q8_0, Q4_1, K-quants, ...). GGUF lists dimensions innermost first (``ne0`` = input features), so a
@@ -41,8 +41,8 @@ class GGUFError(ValueError):
   """The file is not a readable GGUF, or not a llama model this loader supports."""
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2",
-                 "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
+                 "gemma2", "gemma3")
 _GEMMA = ("gemma", "gemma2", "gemma3")
 
 
@@ -171,8 +171,10 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
     kw["qkv_bias"] = True
   if arch in ("qwen3", "qwen3moe", "gemma3"):
     kw["qk_norm"] = True
-  if arch == "olmoe":
+  if arch in ("olmo2", "olmoe"):
     kw.update(qk_norm=True, qk_norm_full=True)
+  if arch == "olmo2":
+    kw.update(pre_norms=False, sandwich_norms=True)
   ff = int(key("feed_forward_length", required=True))
   kw.update(_moe_config(arch, key, ff))
   if arch in _GEMMA:

@@ -6,7 +6,8 @@ its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` 
 ``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers),
 ``gemma3_text`` (q/k norms, local RoPE base) and the mixtures of experts ``mixtral``, ``qwen2_moe``
-(with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms over the whole projection). ``family_config`` turns ``config.json`` into a
+(with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms over the whole projection, as
+in ``olmo2``, whose blocks norm only the attention's and MLP's outputs). ``family_config`` turns ``config.json`` into a
 ``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
@@ -32,8 +33,8 @@ import numpy as np
 from jq.io import decoder_names
 from jq_models.decoder import DecoderConfig, RopeScaling
 
-FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe",
-            "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo2",
+            "olmoe", "gemma", "gemma2", "gemma3_text")
 _QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -140,7 +141,7 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   layers = int(need("num_hidden_layers"))
   gemma = family in _GEMMA
   kw: dict[str, Any] = {}
-  if family in ("llama", "qwen3", "qwen3_moe", "olmoe") or gemma:   # (Mistral/Mixtral: never)
+  if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "olmoe") or gemma:   # (Mistral: never)
     bias = bool(raw.get("attention_bias", False))
     kw.update(qkv_bias=bias, o_bias=bias)
   if family == "llama":
@@ -151,7 +152,9 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
     kw["qkv_bias"] = bool(raw.get("qkv_bias", True))
   if family in ("qwen3", "qwen3_moe", "gemma3_text"):
     kw["qk_norm"] = True
-  if family == "olmoe":
+  if family == "olmo2":   # norms on the attention's and MLP's outputs only
+    kw.update(pre_norms=False, sandwich_norms=True)
+  if family in ("olmo2", "olmoe"):
     kw.update(qk_norm=True, qk_norm_full=True)
     if raw.get("clip_qkv") is not None:
       raise CheckpointError(f"{where}: clip_qkv={raw['clip_qkv']} is not supported (q/k/v "

@@ -199,6 +199,7 @@ def _names(config: Any = None) -> tuple[dict[str, str], dict[str, str]]:
   block one for layer 0, without its prefixes); ``config=None``: plain Llama."""
   flags = tuple((k, bool(getattr(config, k, False))) for k in (
       "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms"))
+  flags += (("pre_norms", bool(getattr(config, "pre_norms", True))),)
   moe = tuple((k, getattr(config, k)) for k in ("num_experts", "shared_expert_size", "moe_names")
               if hasattr(config, k))
   return _block_names(flags, moe)

@@ -49,6 +49,7 @@ GLOBALS = {
 # Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
              "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+             "olmo2": "olmo2",
              "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
@@ -82,7 +83,8 @@ class TensorName:
 def decoder_tensors(config: Any) -> list[TensorName]:
   """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
   attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
-  ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms`` and mixture-of-experts
+  ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``, ``pre_norms`` (default
+  True) and mixture-of-experts
   fields ``num_experts``, ``moe_layers``, ``shared_expert_size``, ``moe_names``)."""
   flag = lambda name: bool(getattr(config, name, False))
   out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
@@ -92,6 +94,8 @@ def decoder_tensors(config: Any) -> list[TensorName]:
           "down_proj": flag("mlp_bias")}
   norms = {**_NORMS, **(_SANDWICH_NORMS if flag("sandwich_norms") else _PLAIN_NORMS),
            **(_QK_NORMS if flag("qk_norm") else {})}
+  if not getattr(config, "pre_norms", True):   # OLMo 2: the attention's and MLP's outputs only
+    norms = {k: v for k, v in norms.items() if k not in (("input_norm",), ("post_attn_norm",))}
   for i in range(config.num_layers):
     blk, hf_pre, gg_pre = f"layers_{i}", f"model.layers.{i}.", f"blk.{i}."
     moe = is_moe(config, i)

@@ -53,6 +53,8 @@ FAMILIES = {
                       hidden_act="silu", tie_word_embeddings=False, rope_theta=1000000.0,
                       head_dim=32, attention_bias=False, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=48, norm_topk_prob=True),
+    "olmo2": dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", hidden_act="silu",
+                  tie_word_embeddings=False, rope_theta=500000.0, attention_bias=False),
     "olmoe": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_act="silu",
                   tie_word_embeddings=False, rope_theta=10000.0, num_experts=4,
                   num_experts_per_tok=2, norm_topk_prob=False, attention_bias=False,

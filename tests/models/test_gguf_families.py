@@ -16,7 +16,7 @@ from jq_models import decoder, gguf_weights, hf, registry
 
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
         "gemma2": "gemma2", "gemma3_text": "gemma3", "mixtral": "llama", "qwen2_moe": "qwen2moe",
-        "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+        "qwen3_moe": "qwen3moe", "olmo2": "olmo2", "olmoe": "olmoe"}
 # the GGUF conventions are llama.cpp's: gemma2 slides on every other layer, gemma3 on 5 of 6,
 # and both scale queries by 1/sqrt(head_dim) (below 27B); qwen2moe does not renormalize the
 # routing weights and qwen3moe does, and both have experts in every layer (widths: multiples of

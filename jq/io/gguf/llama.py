@@ -199,11 +199,11 @@ def _file_type(t: GGMLType) -> int:
   return int(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe", "gemma", "gemma2",
-                 "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
+                 "gemma2", "gemma3")
 MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe")   # (llama: Mixtral, with experts)
 _PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, qk_norm_full=False,
-              norm_offset=0.0,
+              pre_norms=True, norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
               attn_softcap=None, final_softcap=None, rope_scaling=None, sliding_window=None,
               sliding_layers=None, local_rope_theta=None)
@@ -234,8 +234,10 @@ def arch_problems(config: Any, arch: str) -> list[str]:
     want["qkv_bias"] = get("qkv_bias")
   if arch in ("qwen3", "qwen3moe", "gemma3"):
     want["qk_norm"] = True
-  if arch == "olmoe":   # q/k norms over each token's whole projection
+  if arch in ("olmo2", "olmoe"):   # q/k norms over each token's whole projection
     want.update(qk_norm=True, qk_norm_full=True)
+  if arch == "olmo2":   # norms on the attention's and MLP's outputs only
+    want.update(pre_norms=False, sandwich_norms=True)
   if gemma:
     want.update(embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
@@ -379,7 +381,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     notes: when given, one line per tensor whose grid changed (re-rounded, or a K-quant
       fallback), so every change to the model is reported by name.
     arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2, and Mixtral's
-      mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``olmoe``, ``gemma``,
+      mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``olmo2``,
+      ``olmoe``, ``gemma``,
       ``gemma2`` or ``gemma3``.  A mixture of experts is written as llama.cpp stores it: each
       layer's experts stacked into one ``ffn_{gate,up,down}_exps`` tensor (one type for all of
       them), the float router ``ffn_gate_inp`` F32 and Qwen2-MoE's shared-expert gate one F32
