@@ -213,25 +213,24 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
 
 def _moe_config(arch: str, key: Callable[..., Any], ff: int) -> dict[str, Any]:
   """The mixture-of-experts fields of a ``DecoderConfig`` from ``{arch}.expert_*`` metadata, as
-  llama.cpp runs them: ``llama`` (Mixtral) and ``qwen3moe`` renormalize the top-k weights,
-  ``qwen2moe`` and ``olmoe`` do not, ``qwen2moe`` has a gated shared expert; experts in every
-  layer; an expert's width ``expert_feed_forward_length`` (``llama``, ``olmoe``:
-  ``feed_forward_length``; the Qwen architectures without the key: ``feed_forward_length /
-  expert_used_count``, llama.cpp's fallback)."""
+  llama.cpp runs them (``jq.io.decoder_names.GGUF_MOE``): experts in every layer, of
+  ``feed_forward_length`` or ``expert_feed_forward_length`` (without the key:
+  ``feed_forward_length / expert_used_count``, llama.cpp's fallback)."""
   experts = int(key("expert_count", 0) or 0)
+  moe = decoder_names.GGUF_MOE.get(arch)
   if not experts:
-    if arch in ("qwen2moe", "qwen3moe", "olmoe"):
+    if moe and moe.always:
       raise GGUFError(f"GGUF {arch}.expert_count is missing or 0: {arch} is a mixture of experts")
     return {}
-  if arch not in ("llama", "qwen2moe", "qwen3moe", "olmoe"):
+  if moe is None:
     raise GGUFError(f"GGUF {arch}.expert_count={experts}: llama.cpp's {arch} has no experts")
   used = int(key("expert_used_count", required=True))
   kw: dict[str, Any] = dict(num_experts=experts, experts_per_token=used,
-                            normalize_routing=arch not in ("qwen2moe", "olmoe"),
+                            normalize_routing=moe.normalize,
                             moe_names="mixtral" if arch == "llama" else "qwen")
-  if arch in ("qwen2moe", "qwen3moe"):
+  if not moe.ff_width:
     kw["expert_size"] = int(key("expert_feed_forward_length", ff // used))
-  if arch == "qwen2moe":
+  if moe.shared:
     kw["shared_expert_size"] = int(key("expert_shared_feed_forward_length", ff))
   return kw
 

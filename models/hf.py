@@ -5,10 +5,11 @@ A checkpoint directory holds ``config.json``, the weights (``model.safetensors``
 its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` values:
 ``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
 ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers),
-``gemma3_text`` (q/k norms, local RoPE base) and the mixtures of experts ``mixtral``, ``qwen2_moe``
-(with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms over the whole projection, as
-in ``olmo2``, whose blocks norm only the attention's and MLP's outputs). ``family_config`` turns ``config.json`` into a
-``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
+``gemma3_text`` (q/k norms, local RoPE base), ``olmo2`` (norms on the attention's and MLP's
+outputs only, q/k norms over the whole projection) and the mixtures of experts ``mixtral``,
+``qwen2_moe`` (with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms as ``olmo2``'s).
+``family_config`` turns ``config.json`` into a ``DecoderConfig``; tensor names come from the one
+mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
 ``jq.stream``), with plain reads (no memory map, so nothing read stays resident); every file's

@@ -5,7 +5,7 @@ and so on; Hugging Face names them ``model.layers.{i}.self_attn.q_proj.weight`` 
 is ``(out, in)``, jq's kernel ``(in, out)``) and llama.cpp ``blk.{i}.attn_q.weight``. The families
 differ only in which tensors exist (biases, q/k norms, Gemma 2/3's four norms per block, an untied
 head), so one table serves all of them; :func:`decoder_tensors` lists the tensors of one config.
-A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE) has a router, one module per expert and perhaps a
+A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE) has a router, one module per expert and perhaps a
 shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``); llama.cpp
 stacks the experts' projections into one tensor each (``blk.{i}.ffn_gate_exps.weight``, numpy
 ``(E, out, in)``), so an expert's :class:`TensorName` has an ``expert`` index into it.
@@ -48,10 +48,32 @@ GLOBALS = {
 
 # Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
-             "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-             "olmo2": "olmo2",
-             "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "gemma": "gemma", "gemma2": "gemma2",
-             "gemma3_text": "gemma3", "gemma3": "gemma3"}
+             "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmo2": "olmo2", "olmoe": "olmoe",
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFMoE:
+  """How llama.cpp runs one architecture's mixture of experts (experts in every layer).
+
+  Attributes:
+    normalize: the top-k routing weights are renormalized to sum to 1.
+    shared: a shared expert gated by ``sigmoid(ffn_gate_inp_shexp · x)`` (Qwen2-MoE).
+    ff_width: an expert's width is ``feed_forward_length`` (else ``expert_feed_forward_length``).
+    always: the architecture is always a mixture (``llama`` is one only with ``expert_count``).
+  """
+  normalize: bool
+  shared: bool = False
+  ff_width: bool = False
+  always: bool = True
+
+
+# llama.cpp architecture -> its mixture of experts (``llama``: Mixtral)
+GGUF_MOE = {"llama": GGUFMoE(normalize=True, ff_width=True, always=False),
+            "qwen2moe": GGUFMoE(normalize=False, shared=True),
+            "qwen3moe": GGUFMoE(normalize=True),
+            "olmoe": GGUFMoE(normalize=False, ff_width=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +106,8 @@ def decoder_tensors(config: Any) -> list[TensorName]:
   """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
   attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
   ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``, ``pre_norms`` (default
-  True) and mixture-of-experts
-  fields ``num_experts``, ``moe_layers``, ``shared_expert_size``, ``moe_names``)."""
+  True) and mixture-of-experts fields ``num_experts``, ``moe_layers``, ``shared_expert_size``,
+  ``moe_names``)."""
   flag = lambda name: bool(getattr(config, name, False))
   out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
          if path[0] != "lm_head" or not config.tie_embeddings]
@@ -196,5 +218,6 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.hidden_size,)
 
 
-__all__ = ["TensorName", "decoder_tensors", "is_moe", "moe_modules", "expected_shape", "LINEARS",
+__all__ = ["TensorName", "GGUFMoE", "GGUF_MOE", "decoder_tensors", "is_moe", "moe_modules",
+           "expected_shape", "LINEARS",
            "GLOBALS", "GGUF_ARCH"]

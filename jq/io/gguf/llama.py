@@ -201,7 +201,6 @@ def _file_type(t: GGMLType) -> int:
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
                  "gemma2", "gemma3")
-MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe")   # (llama: Mixtral, with experts)
 _PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, qk_norm_full=False,
               pre_norms=True, norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
@@ -215,10 +214,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   llama.cpp fixes per architecture what a ``DecoderConfig`` leaves open: which tensors exist,
   Gemma 2's sliding pattern (every other layer) and Gemma 3's (5 of 6), Gemma's query scale
   (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 27B models), the local RoPE base
-  (10000), and it has no sliding window for ``llama``.  Mixtures of experts: ``llama`` (Mixtral)
-  and ``qwen3moe`` renormalize the top-k routing weights and ``qwen2moe`` and ``olmoe`` do not,
-  ``qwen2moe`` always has a gated shared expert and the others none, every layer is a mixture,
-  and ``llama`` and ``olmoe`` read the experts' width from ``feed_forward_length``.
+  (10000), and it has no sliding window for ``llama``.  Mixtures of experts: as
+  ``jq.io.decoder_names.GGUF_MOE`` says (renormalized routing or not, a shared expert, the
+  experts' width), experts in every layer.
   """
   if arch not in ARCHITECTURES:
     return [f"unknown architecture {arch!r} (choose one of {list(ARCHITECTURES)})"]
@@ -279,24 +277,23 @@ def arch_problems(config: Any, arch: str) -> list[str]:
 
 def _moe_problems(config: Any, arch: str) -> list[str]:
   experts = int(getattr(config, "num_experts", 0) or 0)
+  moe = decoder_names.GGUF_MOE.get(arch)
   if not experts:
-    return ([f"no mixture of experts (llama.cpp's {arch} is one)"]
-            if arch in ("qwen2moe", "qwen3moe") else [])
-  if arch not in MOE_ARCHITECTURES:
+    return [f"no mixture of experts (llama.cpp's {arch} is one)"] if moe and moe.always else []
+  if moe is None:
     return [f"a mixture of experts (num_experts={experts}; llama.cpp's {arch} has none: write "
-            f"one of {list(MOE_ARCHITECTURES)})"]
+            f"one of {list(decoder_names.GGUF_MOE)})"]
   out = []
-  norm = arch not in ("qwen2moe", "olmoe")
-  if config.normalize_routing != norm:
-    out.append(f"normalize_routing={config.normalize_routing} (llama.cpp's {arch}: {norm})")
+  if config.normalize_routing != moe.normalize:
+    out.append(f"normalize_routing={config.normalize_routing} (llama.cpp's {arch}: "
+               f"{moe.normalize})")
   if config.moe_layers is not None and not all(config.moe_layers):
     dense = [i for i, m in enumerate(config.moe_layers) if not m]
     out.append(f"plain MLPs in layers {dense} (llama.cpp's {arch}: experts in every layer)")
-  shared = arch == "qwen2moe"
-  if bool(config.shared_expert_size) != shared:
+  if bool(config.shared_expert_size) != moe.shared:
     out.append(f"shared_expert_size={config.shared_expert_size} (llama.cpp's {arch}: "
-               f"{'a gated shared expert' if shared else 'none'})")
-  if arch in ("llama", "olmoe") and config.expert_size not in (None, config.intermediate_size):
+               f"{'a gated shared expert' if moe.shared else 'none'})")
+  if moe.ff_width and config.expert_size not in (None, config.intermediate_size):
     out.append(f"expert_size={config.expert_size} != intermediate_size="
                f"{config.intermediate_size} (llama.cpp's {arch}: experts of feed_forward_length)")
   return out
@@ -382,14 +379,13 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       fallback), so every change to the model is reported by name.
     arch: the llama.cpp architecture to write: ``llama`` (Llama, Mistral, SmolLM2, and Mixtral's
       mixture of experts), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``olmo2``,
-      ``olmoe``, ``gemma``,
-      ``gemma2`` or ``gemma3``.  A mixture of experts is written as llama.cpp stores it: each
-      layer's experts stacked into one ``ffn_{gate,up,down}_exps`` tensor (one type for all of
-      them), the float router ``ffn_gate_inp`` F32 and Qwen2-MoE's shared-expert gate one F32
-      vector. The config's family features (a
-      ``DecoderConfig``: biases, q/k norms, Gemma's norms and soft-capping, sliding layers, RoPE
-      scaling) must be ones that architecture runs as the config says; anything llama.cpp would
-      compute differently is refused by name (see :func:`arch_problems`).
+      ``olmoe``, ``gemma``, ``gemma2`` or ``gemma3``.  A mixture of experts is written as
+      llama.cpp stores it: each layer's experts stacked into one ``ffn_{gate,up,down}_exps``
+      tensor (one type for all of them), the float router ``ffn_gate_inp`` F32 and Qwen2-MoE's
+      shared-expert gate one F32 vector.  The config's family features (a ``DecoderConfig``:
+      biases, q/k norms, Gemma's norms and soft-capping, sliding layers, RoPE scaling, routing)
+      must be ones that architecture runs as the config says; anything llama.cpp would compute
+      differently is refused by name (see :func:`arch_problems`).
     progress: show a bar over the tensors while encoding.
 
   Returns:
