@@ -1,15 +1,15 @@
 """One configurable decoder-only transformer in Flax linen, with KV-cache decoding.
 
 ``DecoderConfig`` switches the features that tell the families apart (Llama 1-3.x incl. Llama 3.1's
-RoPE scaling, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen2/3-MoE, OLMoE, Gemma 1-3, and the bundled
-SmolLM2-135M). The module tree
-uses only standard linen layers so a quantization tool can intercept them::
+RoPE scaling, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen2/3-MoE, OLMo 2, OLMoE, Gemma 1-3, and the
+bundled SmolLM2-135M). The module tree uses only standard linen layers so a quantization tool can
+intercept them::
 
   params/embed/embedding                      (vocab, d)        tied input embedding / output head
   params/layers_{i}/input_norm/scale          (d,)              RMSNorm (not with pre_norms=False)
   params/layers_{i}/attn/{q,k,v,o}_proj/kernel (in, out)        nn.Dense (+ bias: qkv_bias, o_bias)
   params/layers_{i}/attn/{q,k}_norm/scale     (head_dim,)       qk_norm only (Qwen3, Gemma 3;
-                                              (heads * head_dim,) with qk_norm_full: OLMoE)
+                                              (heads * head_dim,) with qk_norm_full: OLMo)
   params/layers_{i}/attn_out_norm/scale       (d,)              sandwich_norms only (Gemma 2/3)
   params/layers_{i}/post_attn_norm/scale      (d,)              the norm before the MLP (likewise)
   params/layers_{i}/mlp/{gate,up,down}_proj/kernel (in, out)    nn.Dense (SwiGLU or GeGLU)
@@ -101,9 +101,10 @@ _MOE_DISPATCH = ("auto", "grouped", "dense")
 class DecoderConfig:
   """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
 
-  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3 and the mixtures of experts
-  Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama. Frozen and hashable, so it can be a ``jax.jit`` static argument; variants
-  via ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
+  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2 and the mixtures of
+  experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama.
+  Frozen and hashable, so it can be a ``jax.jit`` static argument; variants via
+  ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
 
   Attributes:
     vocab_size: number of tokens.
@@ -121,7 +122,7 @@ class DecoderConfig:
     qkv_bias, o_bias, mlp_bias: biases on q/k/v (Qwen2), on o_proj, on the MLP linears.
     qk_norm: RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
     qk_norm_full: the q/k RMSNorms normalize each token's whole projection (``num_heads *
-      head_dim`` queries, ``num_kv_heads * head_dim`` keys) instead of each head (OLMoE).
+      head_dim`` queries, ``num_kv_heads * head_dim`` keys) instead of each head (OLMo 2, OLMoE).
     norm_offset: RMSNorm multiplies by ``norm_offset + scale`` (Gemma: 1.0).
     embed_scale: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma).
     activation: the MLP gate's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
@@ -453,7 +454,7 @@ class Attention(nn.Module):
     q = _dense(c.num_heads * hd, "q_proj", c, qkv_bias)(x)
     k = _dense(c.num_kv_heads * hd, "k_proj", c, qkv_bias)(x)
     v = _dense(c.num_kv_heads * hd, "v_proj", c, qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
-    if c.qk_norm and c.qk_norm_full:   # each token's whole projection (OLMoE)
+    if c.qk_norm and c.qk_norm_full:   # each token's whole projection (OLMo 2, OLMoE)
       q, k = _rms_norm("q_norm", c)(q), _rms_norm("k_norm", c)(k)
     q, k = q.reshape(b, t, c.num_heads, hd), k.reshape(b, t, c.num_kv_heads, hd)
     if c.qk_norm and not c.qk_norm_full:   # each head (Qwen3, Gemma 3)
@@ -722,7 +723,8 @@ class OneBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 1-3, SmolLM2: see ``DecoderConfig``).
+  """Decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 1-3, OLMo 2, their mixtures of experts,
+  SmolLM2: see ``DecoderConfig``).
 
   ``apply({"params": p}, tokens)`` returns logits ``(B, T, V)`` float32 for positions ``0..T-1``.
   ``apply({"params": p}, tokens, cache=cache)`` continues from ``cache.index``: writes the new

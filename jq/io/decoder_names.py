@@ -5,10 +5,10 @@ and so on; Hugging Face names them ``model.layers.{i}.self_attn.q_proj.weight`` 
 is ``(out, in)``, jq's kernel ``(in, out)``) and llama.cpp ``blk.{i}.attn_q.weight``. The families
 differ only in which tensors exist (biases, q/k norms, Gemma 2/3's four norms per block, an untied
 head), so one table serves all of them; :func:`decoder_tensors` lists the tensors of one config.
-A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE) has a router, one module per expert and perhaps a
-shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``); llama.cpp
-stacks the experts' projections into one tensor each (``blk.{i}.ffn_gate_exps.weight``, numpy
-``(E, out, in)``), so an expert's :class:`TensorName` has an ``expert`` index into it.
+A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE) has a router, one module per expert and
+perhaps a shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``);
+llama.cpp stacks the experts' projections into one tensor each (``blk.{i}.ffn_gate_exps.weight``,
+numpy ``(E, out, in)``), so an expert's :class:`TensorName` has an ``expert`` index into it.
 
 Gemma 2/3 naming: Hugging Face's ``post_attention_layernorm`` is the attention *output's* norm
 (jq ``attn_out_norm``, GGUF ``post_attention_norm``) and ``pre_feedforward_layernorm`` the MLP

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints through ``jq_models.hf`` and ``jq_models.registry`` (no torch needed)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -53,6 +54,19 @@ def test_family_features_read_from_config():
   params = {"rope_theta": raw.pop("rope_theta"), **raw.pop("rope_scaling")}
   assert hf.family_config({**raw, "rope_parameters": params}) == ll
   assert decoder.DecoderConfig.from_json(json.loads(json.dumps(ll.to_json()))) == ll
+  # OLMo 2 / OLMoE: q/k norms over the whole projection; OLMo 2 norms only block outputs
+  o2, oe = cfg("olmo2"), cfg("olmoe")
+  assert o2.qk_norm_full and not o2.pre_norms and o2.sandwich_norms and not o2.num_experts
+  assert oe.qk_norm_full and oe.pre_norms and oe.num_experts == 4 and not oe.normalize_routing
+  for c in (o2, oe):
+    assert decoder.DecoderConfig.from_json(json.loads(json.dumps(c.to_json()))) == c
+  assert "pre_norms" not in ll.to_json() and "qk_norm_full" not in ll.to_json()
+  with pytest.raises(hf.CheckpointError, match="clip_qkv"):
+    cfg("olmoe", clip_qkv=8.0)
+  with pytest.raises(ValueError, match="qk_norm_full is set but qk_norm is False"):
+    dataclasses.replace(ll, qk_norm_full=True)
+  with pytest.raises(ValueError, match="pre_norms=False needs sandwich_norms"):
+    dataclasses.replace(ll, pre_norms=False)
 
 
 def test_llama3_rope_frequencies():
