@@ -47,7 +47,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jq import kv_cache as kvc
-from jq.io.rope import rope_inv_freq  # noqa: F401  (part of this module's API)
+from jq.io.rope import rope_attention_factor, rope_inv_freq  # noqa: F401  (this module's API)
 from jq.nn.common import reference_road
 from jq.qarray import check_values, index_str
 
@@ -60,11 +60,17 @@ class RopeScaling:
 
   Attributes:
     kind: ``"linear"`` (all frequencies divided by ``factor``), ``"llama3"`` (Llama 3.1's
-      wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``) or
-      ``"factors"`` (each frequency divided by its own entry of ``factors``: llama.cpp's
-      ``rope_freqs`` tensor, which is how a GGUF stores Llama 3.1's scaling).
+      wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``),
+      ``"yarn"`` (YaRN: frequencies between ``beta_fast`` and ``beta_slow`` rotations over the
+      original context blended from kept to divided by ``factor``, and queries and keys scaled
+      by ``attention_factor``; Qwen3's and OLMo 3's long context) or ``"factors"`` (each
+      frequency divided by its own entry of ``factors``: llama.cpp's ``rope_freqs`` tensor,
+      which is how a GGUF stores Llama 3.1's scaling).
     factor: the scaling factor (1.0 for ``factors``).
-    low_freq_factor, high_freq_factor, original_max_position_embeddings: ``llama3`` only.
+    low_freq_factor, high_freq_factor: ``llama3`` only.
+    original_max_position_embeddings: ``llama3`` and ``yarn``: the pretraining context.
+    beta_fast, beta_slow, attention_factor, truncate: ``yarn`` only (``truncate``: the blend's
+      bounds rounded outwards to whole frequencies).
     factors: ``factors`` only; ``head_dim / 2`` positive numbers.
   """
   kind: str
@@ -73,11 +79,20 @@ class RopeScaling:
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
   factors: tuple[float, ...] | None = None
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  attention_factor: float = 1.0
+  truncate: bool = True
 
   def __post_init__(self):
-    if self.kind not in ("linear", "llama3", "factors"):
-      raise ValueError(f"RopeScaling.kind must be 'linear', 'llama3' or 'factors', got "
+    if self.kind not in ("linear", "llama3", "yarn", "factors"):
+      raise ValueError(f"RopeScaling.kind must be 'linear', 'llama3', 'yarn' or 'factors', got "
                        f"{self.kind!r}")
+    if self.kind == "yarn" and not (self.beta_fast > self.beta_slow > 0
+                                    and self.attention_factor > 0):
+      raise ValueError(f"RopeScaling(yarn): need beta_fast > beta_slow > 0 and a positive "
+                       f"attention_factor, got {self.beta_fast}, {self.beta_slow}, "
+                       f"{self.attention_factor}")
     if (self.kind == "factors") != (self.factors is not None):
       raise ValueError("RopeScaling: factors is given exactly when kind is 'factors'")
     if self.factors is not None:
@@ -101,7 +116,7 @@ _MOE_DISPATCH = ("auto", "grouped", "dense")
 class DecoderConfig:
   """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
 
-  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2 and the mixtures of
+  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2-3 and the mixtures of
   experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama.
   Frozen and hashable, so it can be a ``jax.jit`` static argument; variants via
   ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
@@ -127,12 +142,12 @@ class DecoderConfig:
     embed_scale: embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma).
     activation: the MLP gate's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
     sandwich_norms: extra RMSNorms on the attention and MLP outputs (Gemma 2/3).
-    pre_norms: RMSNorms on the attention's and the MLP's inputs (every family but OLMo 2, which
-      norms only their outputs: ``pre_norms=False`` with ``sandwich_norms``).
+    pre_norms: RMSNorms on the attention's and the MLP's inputs (every family but OLMo 2-3, which
+      norm only their outputs: ``pre_norms=False`` with ``sandwich_norms``).
     query_scale: attention scores are multiplied by this (default ``head_dim ** -0.5``; Gemma 2/3:
       ``query_pre_attn_scalar ** -0.5``).
     attn_softcap, final_softcap: ``cap * tanh(x / cap)`` on attention scores / logits (Gemma 2).
-    rope_scaling: frequency scaling of the full-attention layers (Llama 3.1: ``llama3``).
+    rope_scaling: frequency scaling of the full-attention layers (Llama 3.1: ``llama3``; YaRN).
     sliding_window: keys further than this many positions back are masked on sliding layers.
     sliding_layers: which layers slide (``None``: all layers when ``sliding_window`` is set).
     local_rope_theta: RoPE base of the sliding layers (Gemma 3; ``None``: ``rope_theta``).
@@ -365,13 +380,15 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any 
   return KVCache(keys=keys, values=values, index=jnp.zeros((), jnp.int32))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray,
+               scale: float = 1.0) -> jax.Array:
   """Rotary embedding, Hugging Face "rotate_half" convention (pairs ``(i, i + D/2)``).
 
   Args:
     x: ``(B, T, H, D)``.
     positions: ``(T,)`` integer positions.
     theta: base frequency, or the ``(D/2,)`` inverse frequencies (see :func:`rope_inv_freq`).
+    scale: multiplies cos and sin (YaRN's ``rope_attention_factor``).
 
   Returns:
     ``x`` rotated, in ``x.dtype`` (computed in float32).
@@ -382,6 +399,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray) ->
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
   cos = jnp.cos(angles)[None, :, None, :]
   sin = jnp.sin(angles)[None, :, None, :]
+  if scale != 1.0:
+    cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -461,11 +480,12 @@ class Attention(nn.Module):
       q, k = _rms_norm("q_norm", c)(q), _rms_norm("k_norm", c)(k)
     sliding = c.is_sliding(self.layer)
     if sliding and c.local_rope_theta is not None:
-      inv_freq = rope_inv_freq(hd, c.local_rope_theta)
+      inv_freq, scale = rope_inv_freq(hd, c.local_rope_theta), 1.0
     else:
       inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+      scale = rope_attention_factor(c.rope_scaling)   # (YaRN's; else 1)
+    q = apply_rope(q, positions, inv_freq, scale)
+    k = apply_rope(k, positions, inv_freq, scale)
     if kv is None:
       keys, values = kvc.fake_quant_kv(k, kv_quant), kvc.fake_quant_kv(v, kv_quant)
       key_pos = positions

@@ -2,14 +2,14 @@
 
 A checkpoint directory holds ``config.json``, the weights (``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``), and usually ``tokenizer.json`` + ``tokenizer_config.json`` (with
-its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` values:
-``llama`` (1-3.x, incl. ``rope_scaling`` type ``llama3``), ``mistral``, ``qwen2`` (q/k/v biases),
-``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding layers),
-``gemma3_text`` (q/k norms, local RoPE base), ``olmo2`` (norms on the attention's and MLP's
-outputs only, q/k norms over the whole projection) and the mixtures of experts ``mixtral``,
-``qwen2_moe`` (with its shared expert), ``qwen3_moe`` and ``olmoe`` (q/k norms as ``olmo2``'s).
-``family_config`` turns ``config.json`` into a ``DecoderConfig``; tensor names come from the one
-mapping, ``jq.io.decoder_names``.
+its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` values: ``llama``
+(1-3.x, incl. ``rope_scaling`` type ``llama3``; ``yarn`` in any family), ``mistral``, ``qwen2``
+(q/k/v biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding
+layers), ``gemma3_text`` (q/k norms, local RoPE base), ``olmo2`` (norms on the attention's and MLP's
+outputs only, q/k norms over the whole projection), ``olmo3`` (``olmo2`` with sliding layers) and
+the mixtures of experts ``mixtral``, ``qwen2_moe`` (with its shared expert), ``qwen3_moe`` and
+``olmoe`` (q/k norms as ``olmo2``'s). ``family_config`` turns ``config.json`` into a
+``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
 
 Weights are read lazily, one tensor at a time (or one row range: ``stream_sources``, the input of
 ``jq.stream``), with plain reads (no memory map, so nothing read stays resident); every file's
@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from jq.io import decoder_names
 from jq_models.decoder import DecoderConfig, RopeScaling
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo2",
-            "olmoe", "gemma", "gemma2", "gemma3_text")
+            "olmo3", "olmoe", "gemma", "gemma2", "gemma3_text")
 _QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -88,10 +89,39 @@ def _rope(raw: Mapping[str, Any], where: str, default_theta: float
           low_freq_factor=float(scaling["low_freq_factor"]),
           high_freq_factor=float(scaling["high_freq_factor"]),
           original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    if kind == "yarn":
+      return float(theta), _yarn(raw, scaling)
   except KeyError as e:
     raise CheckpointError(f"{where}: rope scaling {kind!r} lacks field {e.args[0]!r}") from e
+  except ValueError as e:
+    raise CheckpointError(f"{where}: rope scaling {kind!r}: {e}") from e
   raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported (supported: "
-                        "default, linear, llama3)")
+                        "default, linear, llama3, yarn)")
+
+
+def _yarn(raw: Mapping[str, Any], scaling: Mapping[str, Any]) -> RopeScaling:
+  """YaRN's fields as transformers reads them: the pretraining context from the config's own
+  ``original_max_position_embeddings`` first (else the scaling's, else
+  ``max_position_embeddings``), ``factor`` (else the ratio of the two contexts), the attention
+  factor given, else from ``mscale`` / ``mscale_all_dim``, else ``0.1 ln(factor) + 1``."""
+  old = int(raw.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings")
+            or raw["max_position_embeddings"])
+  factor = scaling.get("factor")
+  factor = float(raw["max_position_embeddings"] / old if factor is None else factor)
+
+  def mscale(m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+  attention = scaling.get("attention_factor")
+  if attention is None:
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+  return RopeScaling(kind="yarn", factor=factor, original_max_position_embeddings=old,
+                     beta_fast=float(scaling.get("beta_fast") or 32),
+                     beta_slow=float(scaling.get("beta_slow") or 1),
+                     attention_factor=float(attention),
+                     truncate=bool(scaling.get("truncate", True)))
 
 
 def _moe(raw: Mapping[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
@@ -142,7 +172,7 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   layers = int(need("num_hidden_layers"))
   gemma = family in _GEMMA
   kw: dict[str, Any] = {}
-  if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "olmoe") or gemma:   # (Mistral: never)
+  if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe") or gemma:  # (not Mistral)
     bias = bool(raw.get("attention_bias", False))
     kw.update(qkv_bias=bias, o_bias=bias)
   if family == "llama":
@@ -153,9 +183,9 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
     kw["qkv_bias"] = bool(raw.get("qkv_bias", True))
   if family in ("qwen3", "qwen3_moe", "gemma3_text"):
     kw["qk_norm"] = True
-  if family == "olmo2":   # norms on the attention's and MLP's outputs only
+  if family in ("olmo2", "olmo3"):   # norms on the attention's and MLP's outputs only
     kw.update(pre_norms=False, sandwich_norms=True)
-  if family in ("olmo2", "olmoe"):
+  if family in ("olmo2", "olmo3", "olmoe"):
     kw.update(qk_norm=True, qk_norm_full=True)
     if raw.get("clip_qkv") is not None:
       raise CheckpointError(f"{where}: clip_qkv={raw['clip_qkv']} is not supported (q/k/v "
@@ -178,7 +208,7 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
     kw["final_softcap"] = raw.get("final_logit_softcapping")
 
   # sliding-window layers
-  window = raw.get("sliding_window")
+  window = raw.get("sliding_window", 4096 if family == "olmo3" else None)
   if family in _QWEN and not raw.get("use_sliding_window", False):
     window = None
   if family in ("qwen2_moe", "qwen3_moe") and window is not None:
@@ -191,6 +221,8 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
       pattern = int(raw.get("sliding_window_pattern", 6))
       types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                for i in range(layers)]
+    elif types is None and family == "olmo3":   # every fourth layer is global
+      types = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(layers)]
     elif types is None and family in ("qwen2", "qwen3"):
       first = int(raw.get("max_window_layers", 28))
       types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -201,19 +233,24 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
       kw["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
     kw["sliding_window"] = int(window)
 
-  # RoPE (gemma3: a per-layer-type dict, or rope_local_base_freq for the sliding layers)
+  # RoPE (gemma3, olmo3: a per-layer-type dict; else gemma3's rope_local_base_freq for the
+  # sliding layers, and olmo3's rope_scaling on the full-attention layers only)
   theta_default = 1_000_000.0 if family == "gemma3_text" else 10_000.0
   per_type = raw.get("rope_parameters")
-  if family == "gemma3_text" and isinstance(per_type, Mapping) and "full_attention" in per_type:
-    theta, scaling = _rope({"rope_parameters": per_type["full_attention"]}, where, theta_default)
-    local, local_scaling = _rope({"rope_parameters": per_type.get("sliding_attention") or {}},
-                                 where, 10_000.0)
+  per_layer_type = family in ("gemma3_text", "olmo3")
+  if per_layer_type and isinstance(per_type, Mapping) and "full_attention" in per_type:
+    contexts = {k: raw[k] for k in ("max_position_embeddings", "original_max_position_embeddings")
+                if k in raw}   # (YaRN's)
+    theta, scaling = _rope({**contexts, "rope_parameters": per_type["full_attention"]}, where,
+                           theta_default)
+    local, local_scaling = _rope({**contexts, "rope_parameters": per_type.get("sliding_attention")
+                                  or {}}, where, 10_000.0 if family == "gemma3_text" else theta)
     if local_scaling is not None:
       raise CheckpointError(f"{where}: rope scaling on sliding layers is not supported")
   else:
     theta, scaling = _rope(raw, where, theta_default)
-    local = float(raw.get("rope_local_base_freq", 10_000.0)) if family == "gemma3_text" else None
-  if family == "gemma3_text":
+    local = float(raw.get("rope_local_base_freq", 10_000.0)) if family == "gemma3_text" else theta
+  if per_layer_type:
     kw["local_rope_theta"] = local
   if float(raw.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
     raise CheckpointError(f"{where}: partial_rotary_factor is not supported")

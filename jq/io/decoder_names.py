@@ -49,8 +49,9 @@ GLOBALS = {
 # Hugging Face model_type (or a GGUF architecture, unchanged) -> llama.cpp architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2",
              "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmo2": "olmo2", "olmoe": "olmoe",
-             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+             "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmo2": "olmo2", "olmo3": "olmo2",
+             "olmoe": "olmoe", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+             "gemma3": "gemma3"}
 
 
 @dataclasses.dataclass(frozen=True)

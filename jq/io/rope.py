@@ -12,8 +12,8 @@ import numpy as np
 def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarray:
   """RoPE inverse frequencies ``(head_dim / 2,)`` float32, as Hugging Face computes them.
 
-  ``scaling``: None or a ``jq_models.decoder.RopeScaling`` (``kind`` linear / llama3 / factors
-  and its fields).
+  ``scaling``: None or a ``jq_models.decoder.RopeScaling`` (``kind`` linear / llama3 / yarn /
+  factors and its fields; YaRN's query/key scale is :func:`rope_attention_factor`).
   """
   inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
                                       / np.float32(head_dim)))).astype(np.float32)
@@ -26,6 +26,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarra
       raise ValueError(f"RopeScaling: {len(scaling.factors)} factors for head_dim {head_dim} "
                        f"(need {inv.shape[0]})")
     return (inv / np.asarray(scaling.factors, np.float32)).astype(np.float32)
+  if scaling.kind == "yarn":
+    return _yarn_inv_freq(head_dim, float(theta), scaling)
   # llama3: long wavelengths divided by factor, short ones kept, a smooth blend in between
   old = scaling.original_max_position_embeddings
   low_wavelen = old / scaling.low_freq_factor
@@ -37,3 +39,32 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarra
   smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
   medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
   return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: Any) -> np.ndarray:
+  """YaRN: frequencies that turn fewer than ``beta_slow`` times over the original context are
+  divided by ``factor``, those turning more than ``beta_fast`` times kept, a linear ramp over the
+  frequency index in between (Hugging Face's float32 arithmetic)."""
+  def dim_of(rotations: float) -> float:   # the frequency index turning `rotations` times
+    old = scaling.original_max_position_embeddings
+    return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), 0, 1).astype(np.float32)
+  keep = np.float32(1) - ramp
+  pos = (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                               / np.float32(head_dim))).astype(np.float32)
+  extrapolated = (np.float32(1) / pos).astype(np.float32)
+  interpolated = (np.float32(1) / (np.float32(scaling.factor) * pos)).astype(np.float32)
+  return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
+
+
+def rope_attention_factor(scaling: Any) -> float:
+  """The factor YaRN scales the rotated queries and keys by (Hugging Face multiplies cos and sin
+  by it); 1.0 for every other scaling."""
+  return float(scaling.attention_factor) if scaling is not None and scaling.kind == "yarn" else 1.0

@@ -204,6 +204,12 @@ def test_architecture_mismatches_are_named():
   assert any("qkv_bias=True" in p for p in arch_problems(qwen2, "qwen3"))
   g3 = hf.family_config(hf_config_of("gemma3_text"))   # slides on every other layer, not 5 of 6
   assert any(p.startswith("sliding_layers=") for p in arch_problems(g3, "gemma3"))
+  yarn = hf.family_config({**hf_config_of("llama"), "rope_scaling": dict(
+      rope_type="yarn", factor=4.0, original_max_position_embeddings=16)})
+  assert any(p.startswith("rope_scaling=RopeScaling(kind='yarn'") for p in
+             arch_problems(yarn, "llama"))    # jq writes rope_freqs, which has no YaRN scale
+  olmo3 = hf.family_config(hf_config_of("olmo3"))      # sliding layers: not written for olmo2
+  assert any(p.startswith("sliding_window=6") for p in arch_problems(olmo3, "olmo2"))
   olmoe = hf.family_config(hf_config_of("olmoe"))      # grouped queries: k_norm not n_embd wide
   assert any(p.startswith("num_kv_heads=2") for p in arch_problems(olmoe, "olmoe"))
   assert any(p.startswith("qk_norm_full=True") for p in arch_problems(olmoe, "qwen3moe"))

@@ -63,6 +63,32 @@ def test_projection_biases_match_transformers(tiny_hf, family, fields):
     hf.load_weights(path)
 
 
+@pytest.mark.parametrize("family,scaling", [
+    ("llama", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+    ("qwen3", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=8,
+                   beta_fast=16, beta_slow=2, truncate=False)),
+    ("qwen2", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                   mscale=0.707, mscale_all_dim=1.0)),
+], ids=["llama", "qwen3-betas-untruncated", "qwen2-mscale"])
+def test_yarn_rope_scaling_matches_transformers(tiny_hf, family, scaling):
+  """YaRN (Qwen3's long context; OLMo 3's): the blended frequencies and the attention factor
+  (given, from mscale / mscale_all_dim, or from the factor) give transformers' logits past the
+  original context, and cached decoding continues them."""
+  path = tiny_hf(family, tokenizer=False, seed=5, rope_scaling=scaling)
+  config, params = hf.load_weights(path)
+  assert config.rope_scaling.kind == "yarn" and config.rope_scaling.attention_factor != 1.0
+  ids = np.random.default_rng(3).integers(0, config.vocab_size, (2, 40))
+  with torch.no_grad():
+    ref = _hf_model(path)(torch.tensor(ids)).logits.numpy()
+  model = decoder.Decoder(config)
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
+  cache = decoder.init_cache(config, 2, 48)
+  _, cache = model.apply({"params": params}, jnp.asarray(ids[:, :39]), cache=cache)
+  step, _ = model.apply({"params": params}, jnp.asarray(ids[:, 39:]), cache=cache)
+  np.testing.assert_allclose(np.asarray(step)[:, 0], ours[:, 39], rtol=1e-4, atol=1e-4)
+
+
 def test_chat_template_matches_transformers(tiny_hf):
   path = tiny_hf("qwen2")
   ours = registry.load(str(path)).tokenizer

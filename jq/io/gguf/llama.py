@@ -253,6 +253,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   if arch == "llama":   # llama.cpp reads biases and RoPE scaling for llama; nothing else
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
+    scaling = get("rope_scaling")
+    if scaling is not None and scaling.kind == "yarn":   # rope_freqs cannot hold its scale
+      want["rope_scaling"] = None
   out = _moe_problems(config, arch)
   if arch == "olmoe" and config.num_kv_heads != config.num_heads:   # its k_norm is n_embd wide
     out.append(f"num_kv_heads={config.num_kv_heads} (llama.cpp's olmoe: {heads}, no "
