@@ -586,6 +586,40 @@ def _check_out_file(out: str) -> None:
     raise PermissionError(f"--out {out}: directory {parent} is not writable")
 
 
+# probe texts for --tokenizer-gguf: spaces, digits, punctuation, accents, CJK, code, newlines
+_TOKENIZER_PROBES = ("Hello world!", "  two  spaces\tand a tab\n\nnew paragraph",
+                     "In 2024, 1,234,567 people paid $89.99 (or 12%).", "naïve café, Zürich",
+                     "東京は日本の首都です。", "def f(x):\n    return x ** 2  # square",
+                     "don't won't I'm you're", "A" * 40 + " " + "z" * 17)
+
+
+def _check_gguf_tokenizer(model: Any, path: str) -> None:
+  """``--tokenizer-gguf``: the GGUF's tokenizer must turn text into the model's own token ids
+  (probe strings and a passage of the calibration text), its special ids too; else refused,
+  naming the first text that differs."""
+  from jq_models import registry
+  from jq_models import tokenizer as gguf_tokenizer
+  ours = getattr(model, "tokenizer", None)
+  if ours is None:
+    raise ValueError(f"--tokenizer-gguf {path}: {model.name} has no tokenizer to check it against")
+  try:
+    theirs = gguf_tokenizer.load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--tokenizer-gguf {path}: {e}") from e
+  for what in ("bos_id", "eos_id"):
+    if getattr(ours, what) is not None and getattr(theirs, what) != getattr(ours, what):
+      raise ValueError(f"--tokenizer-gguf {path}: its {what} is {getattr(theirs, what)}, the "
+                       f"checkpoint's {getattr(ours, what)}: not this model's tokenizer")
+  passage = registry.calibration_text("news")[:2000]
+  for text in (*_TOKENIZER_PROBES, passage):
+    a, b = ours.encode(text, add_bos=False), theirs.encode(text, add_bos=False)
+    if a != b:
+      i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+      raise ValueError(f"--tokenizer-gguf {path}: tokenizes {text[:40]!r} differently from the "
+                       f"checkpoint's tokenizer (first at token {i}: {b[i:i + 3]} vs "
+                       f"{a[i:i + 3]}); pass a GGUF of this model")
+
+
 def cmd_export(args) -> int:
   out = Path(args.out)   # checked before the model loads and the work is done
   if args.format == "gguf":
@@ -614,17 +648,27 @@ def cmd_export(args) -> int:
                      f"{', '.join(features)} — {what} would run it differently"
                      + ("" if hf_source or arch else " (compressed-tensors export of the other "
                         "families needs a Hugging Face source checkpoint)"))
-  if args.format == "gguf" and getattr(model, "gguf_path", None) is None:
-    raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from the source "
-                     f"GGUF, and {model.name} was not loaded from one; use --format "
-                     "compressed-tensors")
+  tokenizer_gguf = None
+  if args.format == "gguf":
+    tokenizer_gguf = args.tokenizer_gguf or getattr(model, "gguf_path", None)
+    if tokenizer_gguf is None:
+      raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from a GGUF, and "
+                       f"{model.name} was not loaded from one: pass --tokenizer-gguf PATH (a "
+                       "GGUF of the same model, e.g. any quantization of it; checked to tokenize "
+                       "as this checkpoint does) or use --format compressed-tensors")
+    if args.tokenizer_gguf:
+      _check_gguf_tokenizer(model, args.tokenizer_gguf)
+  elif args.tokenizer_gguf:
+    raise ValueError("--tokenizer-gguf applies to --format gguf only (compressed-tensors keeps "
+                     "the checkpoint's own tokenizer files)")
   notes: list[str] = []
   if args.format == "gguf":
     from jq.io.gguf import export_model
     record = {"jq.source": json.dumps(source)} | ({"jq.recipe": recipe} if recipe else {})
     types = export_model(model, qvars, args.out, ggml_type=args.type,
                          embed_type=args.embed_type, requantize=args.requantize, notes=notes,
-                         extra_metadata=record, arch=arch, progress=True)
+                         extra_metadata=record, arch=arch, progress=True,
+                         source_gguf=tokenizer_gguf)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
@@ -800,6 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--requantize", action="store_true",
                  help="allow re-rounding where jq's grid has no exact equivalent (each changed "
                  "tensor is listed)")
+  x.add_argument("--tokenizer-gguf", metavar="PATH",
+                 help="--format gguf of a Hugging Face checkpoint: the GGUF whose tokenizer to "
+                 "carry over (any GGUF of the same model; checked to tokenize as the checkpoint "
+                 "does)")
   x.set_defaults(fn=cmd_export)
   return p
 

@@ -307,3 +307,41 @@ def test_cli_quantizes_and_exports_a_moe_gguf(tiny_hf, tmp_path, capsys, family)
     assert cli.main(["eval", str(path), "--json", *small]) == 0
     kl.append(json.loads(capsys.readouterr().out)["kl"])
   assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6
+
+
+def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(tiny_hf, tmp_path,
+                                                                               capsys):
+  """A Hugging Face source has no GGUF tokenizer: ``--tokenizer-gguf`` takes one from any GGUF of
+  the model, after checking that it tokenizes as the checkpoint does (a GGUF of another
+  tokenizer is refused, naming the flag); the export evaluates to the checkpoint's KL."""
+  from jq import cli
+  from jq.io import gguf as G
+  src = tiny_hf("qwen3")
+  config, params = hf.load_weights(src)
+  meta = {**_tokenizer_metadata(src, config.vocab_size), "tokenizer.ggml.eos_token_id": 4}
+  tok_gguf = tmp_path / "any-quant.gguf"
+  G.export_gguf({"params": params}, config, meta, tok_gguf, "f32", arch="qwen3")
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "q.gguf"
+  assert cli.main(["quantize", "--model", str(src), "--recipe", "gguf-q8_0", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  export = ["export", str(ckpt), "--format", "gguf", "--out", str(out)]
+  other = tmp_path / "other.gguf"   # the same vocabulary without its merges: other ids
+  G.export_gguf({"params": params}, config, {**meta, "tokenizer.ggml.merges": meta[
+      "tokenizer.ggml.merges"][:5]}, other, "f32", arch="qwen3")
+  capsys.readouterr()
+  for argv, match in ((export, "pass --tokenizer-gguf PATH"),
+                      ([*export, "--tokenizer-gguf", str(other)],
+                       "differently from the checkpoint's tokenizer"),
+                      (["export", str(ckpt), "--format", "compressed-tensors", "--out",
+                        str(tmp_path / "ct"), "--tokenizer-gguf", str(tok_gguf)],
+                       "--tokenizer-gguf applies to --format gguf only")):
+    assert cli.main(argv) != 0
+    assert match in capsys.readouterr().err
+  assert not out.exists()
+  assert cli.main([*export, "--tokenizer-gguf", str(tok_gguf)]) == 0
+  capsys.readouterr()
+  kl = []
+  for path in (ckpt, out):
+    assert cli.main(["eval", str(path), "--json", "--eval-windows", "1", "--window", "64"]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6
