@@ -24,11 +24,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "autoround_smollm2.json"
 
 
 def _peak_rss_gib() -> float:
-  with open("/proc/self/status", encoding="ascii") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20
-  return float("nan")
+  from bench_common import peak_rss_bytes
+  return peak_rss_bytes() / 2**30
 
 
 def run(args) -> dict:

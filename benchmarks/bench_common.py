@@ -7,7 +7,7 @@
   ``log_softmax``; sums in float64).
 * :class:`EncoderReference`: the float sentence embeddings of the encoder, computed once.
 * :func:`checkpoint_bytes`: size of a tree saved with ``jq.io.save`` (temporary file).
-* :func:`markdown_table`.
+* :func:`markdown_table`, :func:`peak_rss_bytes`.
 """
 from __future__ import annotations
 
@@ -181,6 +181,18 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   sep = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":")
                           for i, w in enumerate(widths)) + " |"
   return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def peak_rss_bytes() -> float:
+  """This process's peak resident memory (``VmHWM`` of ``/proc/self/status``); NaN elsewhere."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024.0
+  except OSError:
+    pass
+  return float("nan")
 
 
 def log(msg: str) -> None:

@@ -36,13 +36,6 @@ SHAPES = {
 }
 
 
-def peak_rss_mib() -> float:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) / 1024
-  return float("nan")
-
-
 def _median_s(fn, repeat: int) -> float:
   import jax
   jax.block_until_ready(fn())
@@ -60,7 +53,7 @@ def run(args) -> dict:
   import numpy as np
 
   import jq
-  from bench_common import log
+  from bench_common import log, peak_rss_bytes
   from jq.nn import quantized_apply
   from jq_models import decoder
 
@@ -108,7 +101,7 @@ def run(args) -> dict:
   machine = f"{os.cpu_count()}-core CPU" if device.platform == "cpu" else device.device_kind
   return {"date": time.strftime("%Y-%m-%d"), "machine": machine, "small": args.small,
           "hidden": width, "batch": args.batch,
-          "tokens": args.tokens, "repeat": args.repeat, "peak_rss_mib": peak_rss_mib(),
+          "tokens": args.tokens, "repeat": args.repeat, "peak_rss_mib": peak_rss_bytes() / 2**20,
           "rows": rows}
 
 

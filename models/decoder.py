@@ -110,6 +110,7 @@ _ACTIVATIONS = ("silu", "gelu_tanh")
 _MOE_FIELDS = ("num_experts", "experts_per_token", "expert_size", "normalize_routing",
                "moe_layers", "shared_expert_size", "moe_names", "moe_dispatch")
 _MOE_DISPATCH = ("auto", "grouped", "dense")
+_LATER_FIELDS = {"qk_norm_full": False, "pre_norms": True}   # OLMo's; in JSON only when set
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -306,10 +307,9 @@ class DecoderConfig:
     if not self.num_experts:   # a dense config's JSON stays what jq wrote before MoE support
       for f in _MOE_FIELDS:
         del out[f]
-    if not self.qk_norm_full:  # (and before OLMoE's and OLMo 2's)
-      del out["qk_norm_full"]
-    if self.pre_norms:
-      del out["pre_norms"]
+    for f, default in _LATER_FIELDS.items():   # likewise for features added after them
+      if out[f] == default:
+        del out[f]
     out["dtype"] = np.dtype(self.dtype).name
     if self.rope_scaling is not None and self.rope_scaling.factors is not None:
       out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)

@@ -43,7 +43,6 @@ class GGUFError(ValueError):
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
                  "gemma2", "gemma3")
-_GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 class _Field(NamedTuple):
@@ -167,22 +166,15 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   if "rope_freqs.weight" in names:
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     kw["rope_scaling"] = RopeScaling(kind="factors", factors=tuple(_dequantize(t).reshape(-1)))
-  if arch == "qwen2" or arch == "qwen2moe" and "blk.0.attn_q.bias" in names:
+  kw.update(decoder_names.GGUF_FEATURES.get(arch, {}))
+  if arch == "qwen2moe" and "blk.0.attn_q.bias" in names:
     kw["qkv_bias"] = True
-  if arch in ("qwen3", "qwen3moe", "gemma3"):
-    kw["qk_norm"] = True
-  if arch in ("olmo2", "olmoe"):
-    kw.update(qk_norm=True, qk_norm_full=True)
-  if arch == "olmo2":
-    kw.update(pre_norms=False, sandwich_norms=True)
   ff = int(key("feed_forward_length", required=True))
   kw.update(_moe_config(arch, key, ff))
-  if arch in _GEMMA:
-    kw.update(embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
     # llama.cpp: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models (46 / 62 layers)
     big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
-    kw.update(sandwich_norms=True, query_scale=(hidden / heads if big else head_dim) ** -0.5,
+    kw.update(query_scale=(hidden / heads if big else head_dim) ** -0.5,
               attn_softcap=key("attn_logit_softcapping"),
               final_softcap=key("final_logit_softcapping"))
     window = key("attention.sliding_window")

@@ -54,6 +54,18 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": 
              "gemma3": "gemma3"}
 
 
+# the decoder features each llama.cpp architecture fixes (whatever the file holds); the rest
+# (qwen2moe's biases, Gemma's query scale and sliding pattern) come from the file or the layer
+# count, in the GGUF reader and the exporter's checks
+_GEMMA_FEATURES = dict(embed_scale=True, activation="gelu_tanh")
+GGUF_FEATURES = {
+    "qwen2": dict(qkv_bias=True), "qwen3": dict(qk_norm=True), "qwen3moe": dict(qk_norm=True),
+    "olmo2": dict(qk_norm=True, qk_norm_full=True, pre_norms=False, sandwich_norms=True),
+    "olmoe": dict(qk_norm=True, qk_norm_full=True),
+    "gemma": _GEMMA_FEATURES, "gemma2": dict(_GEMMA_FEATURES, sandwich_norms=True),
+    "gemma3": dict(_GEMMA_FEATURES, sandwich_norms=True, qk_norm=True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class GGUFMoE:
   """How llama.cpp runs one architecture's mixture of experts (experts in every layer).
@@ -219,6 +231,5 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.hidden_size,)
 
 
-__all__ = ["TensorName", "GGUFMoE", "GGUF_MOE", "decoder_tensors", "is_moe", "moe_modules",
-           "expected_shape", "LINEARS",
-           "GLOBALS", "GGUF_ARCH"]
+__all__ = ["TensorName", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS", "LINEARS",
+           "decoder_tensors", "is_moe", "moe_modules", "expected_shape"]

@@ -225,23 +225,12 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   get = lambda k: getattr(config, k, _PLAIN[k])
   layers, heads, hd = int(config.num_layers), int(config.num_heads), int(config.head_dim)
   gemma = arch.startswith("gemma")
-  want = dict(_PLAIN)
-  if arch == "qwen2":
-    want["qkv_bias"] = True
+  want = {**_PLAIN, **decoder_names.GGUF_FEATURES.get(arch, {})}
   if arch == "qwen2moe":   # llama.cpp reads q/k/v biases when the file has them
     want["qkv_bias"] = get("qkv_bias")
-  if arch in ("qwen3", "qwen3moe", "gemma3"):
-    want["qk_norm"] = True
-  if arch in ("olmo2", "olmoe"):   # q/k norms over each token's whole projection
-    want.update(qk_norm=True, qk_norm_full=True)
-  if arch == "olmo2":   # norms on the attention's and MLP's outputs only
-    want.update(pre_norms=False, sandwich_norms=True)
-  if gemma:
-    want.update(embed_scale=True, activation="gelu_tanh")
   if arch in ("gemma2", "gemma3"):
     big = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
-    want.update(sandwich_norms=True,
-                query_scale=(config.hidden_size / heads if big else hd) ** -0.5)
+    want["query_scale"] = (config.hidden_size / heads if big else hd) ** -0.5
     if arch == "gemma2":   # soft-capping values are written; gemma3 has none
       want.update(attn_softcap=get("attn_softcap"), final_softcap=get("final_softcap"))
     if get("sliding_window") is not None:
