@@ -47,11 +47,16 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jq import kv_cache as kvc
-from jq.io.rope import rope_attention_factor, rope_inv_freq  # noqa: F401  (this module's API)
+from jq.io.rope import (longrope_is_long, rope_attention_factor,  # noqa: F401  (this module's API)
+                        rope_inv_freq)
 from jq.nn.common import reference_road
 from jq.qarray import check_values, index_str
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+_ROPE_KINDS = ("linear", "llama3", "yarn", "longrope", "factors")
+_ROPE_FACTOR_FIELDS = ("factors", "short_factors", "long_factors")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,15 +68,21 @@ class RopeScaling:
       wavelength-dependent interpolation between ``low_freq_factor`` and ``high_freq_factor``),
       ``"yarn"`` (YaRN: frequencies between ``beta_fast`` and ``beta_slow`` rotations over the
       original context blended from kept to divided by ``factor``, and queries and keys scaled
-      by ``attention_factor``; Qwen3's and OLMo 3's long context) or ``"factors"`` (each
-      frequency divided by its own entry of ``factors``: llama.cpp's ``rope_freqs`` tensor,
-      which is how a GGUF stores Llama 3.1's scaling).
+      by ``attention_factor``; Qwen3's and OLMo 3's long context), ``"longrope"`` (LongRoPE,
+      Phi-3's: each frequency divided by its own entry of ``short_factors``, or of
+      ``long_factors`` in a call whose positions reach past ``original_max_position_embeddings``,
+      queries and keys scaled by ``attention_factor``) or ``"factors"`` (each frequency divided
+      by its own entry of ``factors``: llama.cpp's ``rope_freqs`` tensor, which is how a GGUF
+      stores Llama 3.1's scaling).
     factor: the scaling factor (1.0 for ``factors``).
     low_freq_factor, high_freq_factor: ``llama3`` only.
-    original_max_position_embeddings: ``llama3`` and ``yarn``: the pretraining context.
-    beta_fast, beta_slow, attention_factor, truncate: ``yarn`` only (``truncate``: the blend's
-      bounds rounded outwards to whole frequencies).
+    original_max_position_embeddings: ``llama3``, ``yarn`` and ``longrope``: the pretraining
+      context.
+    beta_fast, beta_slow, truncate: ``yarn`` only (``truncate``: the blend's bounds rounded
+      outwards to whole frequencies).
+    attention_factor: ``yarn`` and ``longrope``.
     factors: ``factors`` only; ``head_dim / 2`` positive numbers.
+    short_factors, long_factors: ``longrope`` only; one positive number per rotated frequency.
   """
   kind: str
   factor: float = 1.0
@@ -83,11 +94,12 @@ class RopeScaling:
   beta_slow: float = 1.0
   attention_factor: float = 1.0
   truncate: bool = True
+  short_factors: tuple[float, ...] | None = None
+  long_factors: tuple[float, ...] | None = None
 
   def __post_init__(self):
-    if self.kind not in ("linear", "llama3", "yarn", "factors"):
-      raise ValueError(f"RopeScaling.kind must be 'linear', 'llama3', 'yarn' or 'factors', got "
-                       f"{self.kind!r}")
+    if self.kind not in _ROPE_KINDS:
+      raise ValueError(f"RopeScaling.kind must be one of {_ROPE_KINDS}, got {self.kind!r}")
     if self.kind == "yarn" and not (self.beta_fast > self.beta_slow > 0
                                     and self.attention_factor > 0):
       raise ValueError(f"RopeScaling(yarn): need beta_fast > beta_slow > 0 and a positive "
@@ -95,10 +107,21 @@ class RopeScaling:
                        f"{self.attention_factor}")
     if (self.kind == "factors") != (self.factors is not None):
       raise ValueError("RopeScaling: factors is given exactly when kind is 'factors'")
-    if self.factors is not None:
-      object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
-      if not all(f > 0 and math.isfinite(f) for f in self.factors):
-        raise ValueError("RopeScaling.factors must be positive and finite")
+    if (self.kind == "longrope") != (self.short_factors is not None) or (
+        (self.short_factors is None) != (self.long_factors is None)):
+      raise ValueError("RopeScaling: short_factors and long_factors are given exactly when kind "
+                       "is 'longrope'")
+    if self.kind == "longrope" and len(self.short_factors) != len(self.long_factors):
+      raise ValueError(f"RopeScaling(longrope): {len(self.short_factors)} short_factors but "
+                       f"{len(self.long_factors)} long_factors")
+    if self.kind == "longrope" and not self.attention_factor > 0:
+      raise ValueError(f"RopeScaling(longrope): attention_factor must be positive, got "
+                       f"{self.attention_factor!r}")
+    for name in _ROPE_FACTOR_FIELDS:
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+        if not all(f > 0 and math.isfinite(f) for f in getattr(self, name)):
+          raise ValueError(f"RopeScaling.{name} must be positive and finite")
     if not self.factor > 0:
       raise ValueError(f"RopeScaling.factor must be positive, got {self.factor!r}")
     if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
@@ -110,15 +133,17 @@ _ACTIVATIONS = ("silu", "gelu_tanh")
 _MOE_FIELDS = ("num_experts", "experts_per_token", "expert_size", "normalize_routing",
                "moe_layers", "shared_expert_size", "moe_names", "moe_dispatch")
 _MOE_DISPATCH = ("auto", "grouped", "dense")
-_LATER_FIELDS = {"qk_norm_full": False, "pre_norms": True}   # OLMo's; in JSON only when set
+# features added after the first configs were written (OLMo's, Phi-3's): in JSON only when set
+_LATER_FIELDS = {"qk_norm_full": False, "pre_norms": True, "rotary_dim": None,
+                 "fused_projections": False}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
   """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
 
-  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2-3 and the mixtures of
-  experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama.
+  One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2-3, Phi-3/4 and the
+  mixtures of experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama.
   Frozen and hashable, so it can be a ``jax.jit`` static argument; variants via
   ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
 
@@ -148,7 +173,10 @@ class DecoderConfig:
     query_scale: attention scores are multiplied by this (default ``head_dim ** -0.5``; Gemma 2/3:
       ``query_pre_attn_scalar ** -0.5``).
     attn_softcap, final_softcap: ``cap * tanh(x / cap)`` on attention scores / logits (Gemma 2).
-    rope_scaling: frequency scaling of the full-attention layers (Llama 3.1: ``llama3``; YaRN).
+    rope_scaling: frequency scaling of the full-attention layers (Llama 3.1: ``llama3``; YaRN;
+      Phi-3's LongRoPE).
+    rotary_dim: RoPE rotates the first ``rotary_dim`` features of each query and key head, the
+      rest pass unrotated (Phi-4-mini's ``partial_rotary_factor``; ``None``: the whole head).
     sliding_window: keys further than this many positions back are masked on sliding layers.
     sliding_layers: which layers slide (``None``: all layers when ``sliding_window`` is set).
     local_rope_theta: RoPE base of the sliding layers (Gemma 3; ``None``: ``rope_theta``).
@@ -165,6 +193,9 @@ class DecoderConfig:
     moe_names: Hugging Face naming of the experts: ``"qwen"`` (``mlp.experts.{e}.gate_proj``,
       router ``mlp.gate``) or ``"mixtral"`` (``block_sparse_moe.experts.{e}.w1``, router
       ``block_sparse_moe.gate``).
+    fused_projections: the checkpoint stores q/k/v as one ``qkv_proj`` and gate/up as one
+      ``gate_up_proj`` (Phi-3; ``jq.io.decoder_names``); jq's modules stay separate (the same
+      function: their outputs are the fused one's row blocks).
   """
   vocab_size: int = 49152
   hidden_size: int = 576
@@ -203,6 +234,8 @@ class DecoderConfig:
   shared_expert_size: int = 0
   moe_names: str = "qwen"
   moe_dispatch: str = "auto"
+  rotary_dim: int | None = None
+  fused_projections: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -216,7 +249,7 @@ class DecoderConfig:
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
     for name in ("tie_embeddings", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "qk_norm_full",
-                 "embed_scale", "sandwich_norms", "pre_norms"):
+                 "embed_scale", "sandwich_norms", "pre_norms", "fused_projections"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"DecoderConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.qk_norm_full and not self.qk_norm:
@@ -224,6 +257,11 @@ class DecoderConfig:
     if not self.pre_norms and not self.sandwich_norms:
       raise ValueError("DecoderConfig: pre_norms=False needs sandwich_norms (a block without "
                        "any norm)")
+    rd = self.rotary_dim
+    if rd is not None and (isinstance(rd, bool) or not isinstance(rd, (int, np.integer))
+                           or rd <= 0 or rd % 2 or rd > self.head_dim):
+      raise ValueError(f"DecoderConfig.rotary_dim must be an even int in [2, head_dim="
+                       f"{self.head_dim}] or None, got {rd!r}")
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"DecoderConfig.activation must be one of {_ACTIVATIONS}, got "
                        f"{self.activation!r}")
@@ -311,8 +349,11 @@ class DecoderConfig:
       if out[f] == default:
         del out[f]
     out["dtype"] = np.dtype(self.dtype).name
-    if self.rope_scaling is not None and self.rope_scaling.factors is not None:
-      out["rope_scaling"]["factors"] = list(self.rope_scaling.factors)
+    for name in _ROPE_FACTOR_FIELDS:
+      if self.rope_scaling is not None and getattr(self.rope_scaling, name) is not None:
+        out["rope_scaling"][name] = list(getattr(self.rope_scaling, name))
+      elif self.rope_scaling is not None and name != "factors":   # (added later: omitted)
+        del out["rope_scaling"][name]
     for name in ("sliding_layers", "moe_layers"):
       if getattr(self, name) is not None:
         out[name] = list(getattr(self, name))
@@ -328,8 +369,9 @@ class DecoderConfig:
     kw = dict(d)
     if kw.get("rope_scaling") is not None:
       scaling = dict(kw["rope_scaling"])
-      if scaling.get("factors") is not None:
-        scaling["factors"] = tuple(scaling["factors"])
+      for name in _ROPE_FACTOR_FIELDS:
+        if scaling.get(name) is not None:
+          scaling[name] = tuple(scaling[name])
       kw["rope_scaling"] = RopeScaling(**scaling)
     for name in ("sliding_layers", "moe_layers"):
       if kw.get(name) is not None:
@@ -382,20 +424,25 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int, dtype: Any 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float | np.ndarray,
                scale: float = 1.0) -> jax.Array:
-  """Rotary embedding, Hugging Face "rotate_half" convention (pairs ``(i, i + D/2)``).
+  """Rotary embedding, Hugging Face "rotate_half" convention (pairs ``(i, i + R/2)`` of the
+  first ``R`` features; the rest pass unrotated, as Phi-3's partial rotary).
 
   Args:
     x: ``(B, T, H, D)``.
     positions: ``(T,)`` integer positions.
-    theta: base frequency, or the ``(D/2,)`` inverse frequencies (see :func:`rope_inv_freq`).
-    scale: multiplies cos and sin (YaRN's ``rope_attention_factor``).
+    theta: base frequency (``R = D``), or the ``(R/2,)`` inverse frequencies (see
+      :func:`rope_inv_freq`).
+    scale: multiplies cos and sin (YaRN's and LongRoPE's ``rope_attention_factor``).
 
   Returns:
     ``x`` rotated, in ``x.dtype`` (computed in float32).
   """
-  d = x.shape[-1]
   inv_freq = (jnp.asarray(theta, jnp.float32) if np.ndim(theta) else
-              jnp.asarray(rope_inv_freq(d, float(theta))))
+              jnp.asarray(rope_inv_freq(x.shape[-1], float(theta))))
+  d = 2 * inv_freq.shape[0]
+  if d < x.shape[-1]:
+    return jnp.concatenate([apply_rope(x[..., :d], positions, inv_freq, scale), x[..., d:]],
+                           axis=-1)
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
   cos = jnp.cos(angles)[None, :, None, :]
   sin = jnp.sin(angles)[None, :, None, :]
@@ -479,11 +526,15 @@ class Attention(nn.Module):
     if c.qk_norm and not c.qk_norm_full:   # each head (Qwen3, Gemma 3)
       q, k = _rms_norm("q_norm", c)(q), _rms_norm("k_norm", c)(k)
     sliding = c.is_sliding(self.layer)
+    rd = c.rotary_dim or hd
     if sliding and c.local_rope_theta is not None:
-      inv_freq, scale = rope_inv_freq(hd, c.local_rope_theta), 1.0
+      inv_freq, scale = rope_inv_freq(rd, c.local_rope_theta), 1.0
     else:
-      inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling)
-      scale = rope_attention_factor(c.rope_scaling)   # (YaRN's; else 1)
+      inv_freq = rope_inv_freq(rd, c.rope_theta, c.rope_scaling)
+      scale = rope_attention_factor(c.rope_scaling)   # (YaRN's, LongRoPE's; else 1)
+      if c.rope_scaling is not None and c.rope_scaling.kind == "longrope":
+        inv_freq = jnp.where(longrope_is_long(c.rope_scaling, positions),
+                             rope_inv_freq(rd, c.rope_theta, c.rope_scaling, long=True), inv_freq)
     q = apply_rope(q, positions, inv_freq, scale)
     k = apply_rope(k, positions, inv_freq, scale)
     if kv is None:

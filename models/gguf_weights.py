@@ -22,6 +22,7 @@ that multiplies), so a Gemma GGUF loads with ``norm_offset=0``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 from collections.abc import Callable
@@ -284,6 +285,8 @@ def read_gguf_params(path: str | Path, config: DecoderConfig | None = None) -> d
 def _read_params(reader: GGUFFile, c: DecoderConfig) -> dict[str, Any]:
   arch = metadata(reader).get("general.architecture", "llama")
   wanted: dict[str, list[decoder_names.TensorName]] = {}
+  if c.fused_projections:   # (llama.cpp's architectures here store them unfused)
+    c = dataclasses.replace(c, fused_projections=False)
   for t in decoder_names.decoder_tensors(c):
     wanted.setdefault(t.gguf, []).append(t)   # (a stacked expert tensor: one per expert)
   params: dict[str, Any] = {}

@@ -6,7 +6,8 @@ its ``chat_template``) and ``generation_config.json``. Supported ``model_type`` 
 (1-3.x, incl. ``rope_scaling`` type ``llama3``; ``yarn`` in any family), ``mistral``, ``qwen2``
 (q/k/v biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` (soft-capping, sandwich norms, sliding
 layers), ``gemma3_text`` (q/k norms, local RoPE base), ``olmo2`` (norms on the attention's and MLP's
-outputs only, q/k norms over the whole projection), ``olmo3`` (``olmo2`` with sliding layers) and
+outputs only, q/k norms over the whole projection), ``olmo3`` (``olmo2`` with sliding layers),
+``phi3`` (Phi-3/3.5/4: fused ``qkv_proj`` / ``gate_up_proj``, LongRoPE, partial rotary) and
 the mixtures of experts ``mixtral``, ``qwen2_moe`` (with its shared expert), ``qwen3_moe`` and
 ``olmoe`` (q/k norms as ``olmo2``'s). ``family_config`` turns ``config.json`` into a
 ``DecoderConfig``; tensor names come from the one mapping, ``jq.io.decoder_names``.
@@ -36,7 +37,7 @@ from jq.io import decoder_names
 from jq_models.decoder import DecoderConfig, RopeScaling
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo2",
-            "olmo3", "olmoe", "gemma", "gemma2", "gemma3_text")
+            "olmo3", "olmoe", "phi3", "gemma", "gemma2", "gemma3_text")
 _QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -66,10 +67,11 @@ def read_json(path: Path) -> dict[str, Any]:
 # config.json -> DecoderConfig
 
 
-def _rope(raw: Mapping[str, Any], where: str, default_theta: float
+def _rope(raw: Mapping[str, Any], where: str, default_theta: float, rotary_dim: int = 0
           ) -> tuple[float, RopeScaling | None]:
   """``(theta, scaling)`` from a ``rope_parameters`` dict (transformers 5) or the older
-  ``rope_theta`` + ``rope_scaling`` pair."""
+  ``rope_theta`` + ``rope_scaling`` pair (``rotary_dim``: the rotated width LongRoPE's factors
+  must match)."""
   params = raw.get("rope_parameters")
   if isinstance(params, Mapping) and "rope_theta" in params:
     theta, scaling = params["rope_theta"], params
@@ -78,6 +80,8 @@ def _rope(raw: Mapping[str, Any], where: str, default_theta: float
   if scaling is None:
     return float(theta), None
   kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind in ("su", "yarn") and raw.get("model_type") == "phi3":   # Phi-3's older names
+    kind = "longrope"
   if kind == "default":
     return float(theta), None
   try:
@@ -91,12 +95,37 @@ def _rope(raw: Mapping[str, Any], where: str, default_theta: float
           original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
     if kind == "yarn":
       return float(theta), _yarn(raw, scaling)
+    if kind == "longrope":
+      return float(theta), _longrope(raw, scaling, rotary_dim)
   except KeyError as e:
     raise CheckpointError(f"{where}: rope scaling {kind!r} lacks field {e.args[0]!r}") from e
   except ValueError as e:
     raise CheckpointError(f"{where}: rope scaling {kind!r}: {e}") from e
   raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported (supported: "
-                        "default, linear, llama3, yarn)")
+                        "default, linear, llama3, yarn, longrope)")
+
+
+def _longrope(raw: Mapping[str, Any], scaling: Mapping[str, Any], rotary_dim: int
+              ) -> RopeScaling:
+  """LongRoPE's fields as transformers reads them: the pretraining context from the config's own
+  ``original_max_position_embeddings`` first (Phi-3's; its default 4096), else the scaling's,
+  else ``max_position_embeddings``; the attention factor given, else ``sqrt(1 + ln(factor) /
+  ln(context))`` with ``factor`` given, else the ratio of the two contexts."""
+  phi3 = raw.get("model_type") == "phi3"
+  old = int(raw.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings")
+            or (4096 if phi3 else raw["max_position_embeddings"]))
+  factor = scaling.get("factor")
+  factor = float(raw.get("max_position_embeddings", 4096) / old if factor is None else factor)
+  attention = scaling.get("attention_factor")
+  if attention is None:
+    attention = math.sqrt(1 + math.log(factor) / math.log(old)) if factor > 1 else 1.0
+  short, long = (tuple(scaling[k]) for k in ("short_factor", "long_factor"))
+  if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
+    raise ValueError(f"{len(short)} short_factor and {len(long)} long_factor entries; the "
+                     f"rotated width {rotary_dim} needs {rotary_dim // 2} each")
+  return RopeScaling(kind="longrope", factor=factor, original_max_position_embeddings=old,
+                     attention_factor=float(attention), short_factors=short, long_factors=long)
 
 
 def _yarn(raw: Mapping[str, Any], scaling: Mapping[str, Any]) -> RopeScaling:
@@ -192,6 +221,8 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
                             "clamping)")
   if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
     kw.update(_moe(raw, family, layers, where))
+  if family == "phi3":   # q/k/v stored as one qkv_proj, gate/up as one gate_up_proj
+    kw["fused_projections"] = True
   if gemma:
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):  # Gemma's legacy "gelu" means the tanh form
@@ -236,24 +267,32 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
   # RoPE (gemma3, olmo3: a per-layer-type dict; else gemma3's rope_local_base_freq for the
   # sliding layers, and olmo3's rope_scaling on the full-attention layers only)
   theta_default = 1_000_000.0 if family == "gemma3_text" else 10_000.0
+  head_dim = int(raw.get("head_dim") or hidden // heads)
+  params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), Mapping) else {}
+  partial = float(params.get("partial_rotary_factor") or raw.get("partial_rotary_factor")
+                  or 1.0)
+  rotary_dim = int(head_dim * partial)
+  if partial != 1.0 and family != "phi3":
+    raise CheckpointError(f"{where}: partial_rotary_factor={partial} is not supported for "
+                          f"{family} (only phi3)")
+  if rotary_dim != head_dim:
+    kw["rotary_dim"] = rotary_dim
   per_type = raw.get("rope_parameters")
   per_layer_type = family in ("gemma3_text", "olmo3")
   if per_layer_type and isinstance(per_type, Mapping) and "full_attention" in per_type:
     contexts = {k: raw[k] for k in ("max_position_embeddings", "original_max_position_embeddings")
                 if k in raw}   # (YaRN's)
     theta, scaling = _rope({**contexts, "rope_parameters": per_type["full_attention"]}, where,
-                           theta_default)
+                           theta_default, rotary_dim)
     local, local_scaling = _rope({**contexts, "rope_parameters": per_type.get("sliding_attention")
                                   or {}}, where, 10_000.0 if family == "gemma3_text" else theta)
     if local_scaling is not None:
       raise CheckpointError(f"{where}: rope scaling on sliding layers is not supported")
   else:
-    theta, scaling = _rope(raw, where, theta_default)
+    theta, scaling = _rope(raw, where, theta_default, rotary_dim)
     local = float(raw.get("rope_local_base_freq", 10_000.0)) if family == "gemma3_text" else theta
   if per_layer_type:
     kw["local_rope_theta"] = local
-  if float(raw.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
-    raise CheckpointError(f"{where}: partial_rotary_factor is not supported")
 
   tie_default = gemma
   try:
@@ -261,8 +300,8 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
         vocab_size=int(need("vocab_size")), hidden_size=hidden,
         intermediate_size=int(need("intermediate_size")), num_layers=layers, num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        head_dim=int(raw.get("head_dim") or hidden // heads), rope_theta=theta,
-        rope_scaling=scaling, rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family == "phi3" else 1e-6)),
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", tie_default)), dtype=dtype, **kw)
   except ValueError as e:
@@ -273,10 +312,16 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
 # tensor names
 
 
-def tensor_names(config: DecoderConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """Hugging Face tensor name -> ``(jq param path, transpose)`` for every tensor the config needs
-  (from the one mapping, ``jq.io.decoder_names``)."""
-  return {t.hf: (t.path, t.transpose) for t in decoder_names.decoder_tensors(config)}
+def hf_tensors(config: DecoderConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+  """Hugging Face tensor name -> ``(jq param path, Hugging Face shape)`` for every tensor the
+  config needs (from the one mapping, ``jq.io.decoder_names``; a fused tensor names the path of
+  its first part and has its parts' rows together)."""
+  out = {}
+  for t in decoder_names.decoder_tensors(config):
+    shape = expected_shape(t.path, config)
+    shape = shape[::-1] if t.transpose else shape
+    out.setdefault(t.hf, (t.path, shape if t.rows is None else (t.fused_rows, *shape[1:])))
+  return out
 
 
 expected_shape = decoder_names.expected_shape
@@ -322,11 +367,16 @@ def _file_tensors(file: Path) -> tuple[dict[str, Any], int]:
   return infos, start
 
 
-def _reader(file: Path, info: Any, start: int, name: str, transpose: bool):
+def _reader(file: Path, info: Any, start: int, name: str, transpose: bool,
+            rows: tuple[int, int] | None = None):
   """``read(a, b)``: columns ``[a, b)`` of the jq-layout tensor (rows of a transposed Hugging Face
-  weight, read alone with one ``pread``: no memory map, so nothing stays resident)."""
+  weight, read alone with one ``pread``: no memory map, so nothing stays resident). ``rows``: the
+  jq tensor is these rows of the (fused) Hugging Face one."""
   shape, dt = info.shape, info.dtype
   row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+  first = 0 if rows is None else rows[0]
+  if rows is not None:
+    shape = (rows[1] - rows[0], *shape[1:])
 
   def pread(begin: int, n: int) -> np.ndarray:
     buf = np.empty(n, np.uint8)
@@ -340,8 +390,8 @@ def _reader(file: Path, info: Any, start: int, name: str, transpose: bool):
 
   def read(a: int, b: int) -> np.ndarray:
     if transpose:   # Hugging Face (out, in): jq's columns are its rows
-      return pread(a * row, (b - a) * row).reshape(b - a, *shape[1:]).T
-    whole = pread(0, info.end - info.begin).reshape(shape)
+      return pread((first + a) * row, (b - a) * row).reshape(b - a, *shape[1:]).T
+    whole = pread(first * row, int(np.prod(shape, dtype=np.int64)) * dt.itemsize).reshape(shape)
     return whole if not shape or (a, b) == (0, shape[-1]) else whole[..., a:b]
 
   return read
@@ -359,7 +409,7 @@ def stream_sources(directory: str | Path, config: DecoderConfig) -> list[Any]:
   from jq.stream import SourceTensor
   directory = Path(directory)
   files = weight_files(directory)
-  names = tensor_names(config)
+  names = hf_tensors(config)
   missing = sorted(set(names) - set(files), key=_natural)
   if missing:
     raise CheckpointError(f"{directory}: {len(missing)} tensors the config needs are missing, "
@@ -380,16 +430,15 @@ def stream_sources(directory: str | Path, config: DecoderConfig) -> list[Any]:
     if info is None:
       raise CheckpointError(f"{file.name}: tensor {t.hf!r}, which the index places here, is "
                             "missing from the file")
-    shape = tuple(info.shape)
-    want = expected_shape(t.path, config)
-    if (shape[::-1] if t.transpose else shape) != want:
+    shape, want = tuple(info.shape), expected_shape(t.path, config)
+    if shape != names[t.hf][1]:
       raise CheckpointError(f"{file.name}: tensor {t.hf!r} has shape {shape}, config.json "
-                            f"implies {want[::-1] if t.transpose else want}")
+                            f"implies {names[t.hf][1]}")
     if info.dtype.name not in _FLOAT_DTYPES:
       raise CheckpointError(f"{file.name}: tensor {t.hf!r} has dtype {info.dtype}; expected "
                             "float32, bfloat16 or float16 (a quantized checkpoint?)")
     out.append(SourceTensor(path="params/" + t.jq, shape=want, dtype=info.dtype,
-                            read=_reader(file, info, start, t.hf, t.transpose),
+                            read=_reader(file, info, start, t.hf, t.transpose, t.rows),
                             where=f"{file.name}: {t.hf}"))
   return out
 

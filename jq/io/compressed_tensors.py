@@ -93,7 +93,8 @@ from jq.io import decoder_names
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
 from jq.io.gguf.llama import LlamaHParams
-from jq.io.gguf.qarray_np import _dequantize_np, _pack_np, _unpacked_np
+from jq.io.gguf.qarray_np import (_dequantize_np, _pack_np, _unpacked_np, concat_outputs,
+                                  split_outputs)
 from jq.io.safetensors_io import read_tensors, write_safetensors
 from jq.qarray import ActivationQuant, QArray
 from jq.qtypes import QType
@@ -198,8 +199,12 @@ def _names(config: Any = None) -> tuple[dict[str, str], dict[str, str]]:
   """``(global, per-block)`` jq path -> Hugging Face module maps from ``jq.io.decoder_names`` (the
   block one for layer 0, without its prefixes); ``config=None``: plain Llama."""
   flags = tuple((k, bool(getattr(config, k, False))) for k in (
-      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms"))
+      "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "sandwich_norms", "fused_projections"))
   flags += (("pre_norms", bool(getattr(config, "pre_norms", True))),)
+  if getattr(config, "fused_projections", False):   # (the parts' rows)
+    flags += tuple((k, getattr(config, k)) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+        "head_dim"))
   moe = tuple((k, getattr(config, k)) for k in ("num_experts", "shared_expert_size", "moe_names")
               if hasattr(config, k))
   return _block_names(flags, moe)
@@ -583,14 +588,14 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   sizes = {int(x.tile[0]) for _, x in leaves if is_qarray(x) and len(x.shape) == 2
            and x.tile[0] < x.shape[0] and x.shape[0] % x.tile[0] == 0}
   group = sizes.pop() if len(sizes) == 1 else None   # (see _ct_from_qarray)
+  leaves = _fuse_projections(leaves, names)
   if progress:
     from tqdm.auto import tqdm
     leaves = tqdm(leaves, desc="packing", unit="tensor", leave=False)
-  for p, leaf in leaves:
-    if p not in names:
+  for p, hf_name, leaf in leaves:
+    if hf_name is None:
       raise CompressedTensorsError(f"params/{p}: not a tensor of this decoder config (expected "
                                    f"e.g. {sorted(names)[:3]})")
-    hf_name = names[p].hf
     module, linear = hf_name.rpartition(".")[0], p.endswith("/kernel")
     if is_qarray(leaf):
       if not linear:
@@ -692,6 +697,45 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return qconfig
+
+
+def _fuse_projections(leaves: list[tuple[str, Any]], names: Mapping[str, Any]
+                      ) -> list[tuple[str, str | None, Any]]:
+  """``(path, Hugging Face name, leaf)`` of every leaf (name ``None``: not this decoder's), the
+  parts of each fused projection joined into one leaf under its first part's path (Phi-3's
+  ``qkv_proj``: q, k and v side by side along the output axis, quantized or float alike)."""
+  out, parts = [], {}
+  for p, leaf in leaves:
+    t = names.get(p)
+    if t is None or t.rows is None:
+      out.append((p, None if t is None else t.hf, leaf))
+      continue
+    group = parts.setdefault(t.hf, [])
+    group.append((t.rows, p, leaf))
+    if sum(b - a for (a, b), _, _ in group) != t.fused_rows:
+      continue
+    group.sort(key=lambda g: g[0])
+    paths, ls = [g[1] for g in group], [g[2] for g in group]
+    where = f"{t.hf} (params/{', params/'.join(paths)})"
+    if all(is_qarray(x) for x in ls):
+      try:
+        leaf = concat_outputs(ls, where)
+      except ValueError as e:
+        raise CompressedTensorsError(str(e)) from e
+    elif not any(is_qarray(x) for x in ls):
+      leaf = np.concatenate([np.asarray(x) for x in ls], axis=-1)
+    else:
+      raise CompressedTensorsError(
+          f"{where}: the checkpoint stores these as one fused layer, but only "
+          f"{[q for q, x in zip(paths, ls) if is_qarray(x)]} are quantized; quantize all or none "
+          "of them (one rule for the fused layer's parts)")
+    out.append((paths[0], t.hf, leaf))
+  incomplete = [hf for hf, g in parts.items()
+                if sum(b - a for (a, b), _, _ in g) != names[g[0][1]].fused_rows]
+  if incomplete:
+    raise CompressedTensorsError(f"{incomplete[0]}: some of its fused parts are missing from the "
+                                 f"params (have {[g[1] for g in parts[incomplete[0]]]})")
+  return out
 
 
 def export_model(params: Any, path: str | os.PathLike, *, config: Any = None,
@@ -943,12 +987,15 @@ def load_compressed_tensors(path: str | os.PathLike, config: Any = None
       continue
     modules.setdefault(module, {})[leaf] = arr
   params: dict[str, Any] = {}
+  fused = _fused_modules(config)
   for module, ts in modules.items():
-    p = jq_param_path(module, config)
+    parts = fused.get(module)
+    p = parts[0][0] if parts else jq_param_path(module, config)
     if "bias" in ts:   # a linear's bias is stored float beside its (possibly packed) weight
       if not p.endswith("/kernel"):
         raise CompressedTensorsError(f"{module}: a bias on a module that is not a linear")
-      _set(params, p.rpartition("/")[0] + "/bias", jnp.asarray(ts.pop("bias")))
+      _set_parts(params, p.rpartition("/")[0] + "/bias", jnp.asarray(ts.pop("bias")), parts,
+                 module)
     scheme = _scheme_for(module, qconfig) if p.endswith("kernel") else None
     if scheme is None or scheme[0] is None:
       if "weight" not in ts or set(ts) != {"weight"}:
@@ -957,10 +1004,44 @@ def load_compressed_tensors(path: str | os.PathLike, config: Any = None
       x = ts["weight"]
       if p.endswith("kernel"):
         x = x.T
-      _set(params, p, jnp.asarray(np.ascontiguousarray(x)))
+      _set_parts(params, p, jnp.asarray(np.ascontiguousarray(x)), parts, module)
     else:
-      _set(params, p, _qarray_from_module(module, ts, *scheme))
+      _set_parts(params, p, _qarray_from_module(module, ts, *scheme), parts, module)
   return hf, params
+
+
+def _fused_modules(config: Any) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+  """Hugging Face module of each fused projection (Phi-3's ``qkv_proj``) -> ``(jq kernel path,
+  rows)`` of its parts, in row order; empty unless ``config.fused_projections``."""
+  if not getattr(config, "fused_projections", False):
+    return {}
+  out: dict[str, list[tuple[str, tuple[int, int]]]] = {}
+  for t in decoder_names.decoder_tensors(config):
+    if t.rows is not None and t.path[-1] == "kernel":
+      out.setdefault(t.hf.removesuffix(".weight"), []).append((t.jq, t.rows))
+  return out
+
+
+def _set_parts(tree: dict, path: str, value: Any,
+               parts: list[tuple[str, tuple[int, int]]] | None, module: str) -> None:
+  """``_set`` of one module's value, or of each fused part's output columns (``parts``; the
+  path's last name, ``kernel`` or ``bias``, kept)."""
+  if not parts:
+    _set(tree, path, value)
+    return
+  leaf = path.rpartition("/")[2]
+  if value.shape[-1] != parts[-1][1][1]:
+    raise CompressedTensorsError(f"{module}: {value.shape[-1]} output features; the config's "
+                                 f"fused parts have {parts[-1][1][1]}")
+  if is_qarray(value):
+    try:
+      pieces = split_outputs(value, [rows for _, rows in parts], module)
+    except ValueError as e:
+      raise CompressedTensorsError(str(e)) from e
+  else:
+    pieces = [value[..., a:b] for _, (a, b) in parts]
+  for (p, _), piece in zip(parts, pieces):
+    _set(tree, p.rpartition("/")[0] + "/" + leaf, piece)
 
 
 def _set(tree: dict, path: str, value: Any) -> None:

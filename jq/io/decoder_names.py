@@ -9,6 +9,9 @@ A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE) has a router, one module 
 perhaps a shared expert (:func:`moe_modules`; Hugging Face names per the config's ``moe_names``);
 llama.cpp stacks the experts' projections into one tensor each (``blk.{i}.ffn_gate_exps.weight``,
 numpy ``(E, out, in)``), so an expert's :class:`TensorName` has an ``expert`` index into it.
+Phi-3 stores q/k/v as one ``self_attn.qkv_proj`` and gate/up as one ``mlp.gate_up_proj``
+(``fused_projections``): jq keeps its separate modules, each a :class:`TensorName` with the
+``rows`` of the fused tensor that are its own.
 
 Gemma 2/3 naming: Hugging Face's ``post_attention_layernorm`` is the attention *output's* norm
 (jq ``attn_out_norm``, GGUF ``post_attention_norm``) and ``pre_feedforward_layernorm`` the MLP
@@ -102,6 +105,11 @@ class TensorName:
       interleaved RoPE in the ``llama`` architecture), else ``None``.
     expert: for an expert's projection, its index along axis 0 of the stacked GGUF tensor
       ``gguf`` (which holds every expert of the layer), else ``None``.
+    rows: for a projection the checkpoint fuses with its siblings (Phi-3's ``qkv_proj``,
+      ``gate_up_proj``; ``DecoderConfig.fused_projections``), the ``[start, stop)`` rows of the
+      fused Hugging Face / GGUF-as-numpy tensor (its output features) that are this one, else
+      ``None``.
+    fused_rows: with ``rows``, the fused tensor's row count (its siblings' rows together).
   """
   path: tuple[str, ...]
   hf: str
@@ -109,6 +117,8 @@ class TensorName:
   transpose: bool
   qk: str | None = None
   expert: int | None = None
+  rows: tuple[int, int] | None = None
+  fused_rows: int | None = None
 
   @property
   def jq(self) -> str:
@@ -119,7 +129,7 @@ def decoder_tensors(config: Any) -> list[TensorName]:
   """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
   attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
   ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``, ``pre_norms`` (default
-  True) and mixture-of-experts fields ``num_experts``, ``moe_layers``, ``shared_expert_size``,
+  True), ``fused_projections`` (with the sizes: the parts' rows) and mixture-of-experts fields ``num_experts``, ``moe_layers``, ``shared_expert_size``,
   ``moe_names``)."""
   flag = lambda name: bool(getattr(config, name, False))
   out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
@@ -131,6 +141,7 @@ def decoder_tensors(config: Any) -> list[TensorName]:
            **(_QK_NORMS if flag("qk_norm") else {})}
   if not getattr(config, "pre_norms", True):   # OLMo 2: the attention's and MLP's outputs only
     norms = {k: v for k, v in norms.items() if k not in (("input_norm",), ("post_attn_norm",))}
+  fused = _fused_rows(config) if flag("fused_projections") else {}
   for i in range(config.num_layers):
     blk, hf_pre, gg_pre = f"layers_{i}", f"model.layers.{i}.", f"blk.{i}."
     moe = is_moe(config, i)
@@ -138,11 +149,12 @@ def decoder_tensors(config: Any) -> list[TensorName]:
       if moe and mod == "mlp":
         continue
       qk = {"q_proj": "q", "k_proj": "k"}.get(name)
+      hf, gg, rows, total = fused.get((mod, name), (hf, gg, None, None))
       out.append(TensorName((blk, mod, name, "kernel"), f"{hf_pre}{hf}.weight",
-                            f"{gg_pre}{gg}.weight", True, qk))
+                            f"{gg_pre}{gg}.weight", True, qk, rows=rows, fused_rows=total))
       if bias[name]:
         out.append(TensorName((blk, mod, name, "bias"), f"{hf_pre}{hf}.bias",
-                              f"{gg_pre}{gg}.bias", False, qk))
+                              f"{gg_pre}{gg}.bias", False, qk, rows=rows, fused_rows=total))
     if moe:
       for path, hf in moe_modules(config):
         gg, expert = _moe_gguf(path)
@@ -151,6 +163,25 @@ def decoder_tensors(config: Any) -> list[TensorName]:
     for path, (hf, gg) in norms.items():
       out.append(TensorName((blk,) + path + ("scale",), f"{hf_pre}{hf}.weight",
                             f"{gg_pre}{gg}.weight", False))
+  return out
+
+
+# fused projections (Phi-3): the fused module -> its parts, in row order
+FUSED = {("self_attn.qkv_proj", "attn_qkv"): (("attn", "q_proj"), ("attn", "k_proj"),
+                                              ("attn", "v_proj")),
+         ("mlp.gate_up_proj", "ffn_up"): (("mlp", "gate_proj"), ("mlp", "up_proj"))}
+
+
+def _fused_rows(config: Any) -> dict[tuple[str, str], tuple[str, str, tuple[int, int], int]]:
+  """Block-relative jq module -> ``(Hugging Face module, GGUF stem, rows, fused rows)`` of the
+  projections a ``fused_projections`` checkpoint stores together."""
+  out = {}
+  for (hf, gg), parts in FUSED.items():
+    widths = [expected_shape(("layers_0",) + p + ("kernel",), config)[1] for p in parts]
+    start = 0
+    for p, w in zip(parts, widths):
+      out[p] = (hf, gg, (start, start + w), sum(widths))
+      start += w
   return out
 
 
@@ -231,5 +262,5 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.hidden_size,)
 
 
-__all__ = ["TensorName", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS", "LINEARS",
+__all__ = ["TensorName", "FUSED", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS", "LINEARS",
            "decoder_tensors", "is_moe", "moe_modules", "expected_shape"]

@@ -6,19 +6,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None, *,
+                  long: bool = False) -> np.ndarray:
   """RoPE inverse frequencies ``(head_dim / 2,)`` float32, as Hugging Face computes them.
 
-  ``scaling``: None or a ``jq_models.decoder.RopeScaling`` (``kind`` linear / llama3 / yarn /
-  factors and its fields; YaRN's query/key scale is :func:`rope_attention_factor`).
+  ``head_dim``: the rotated width (``DecoderConfig.rotary_dim`` where only part of a head
+  rotates). ``scaling``: None or a ``jq_models.decoder.RopeScaling`` (``kind`` linear / llama3 /
+  yarn / longrope / factors and its fields; the query/key scale of YaRN and LongRoPE is
+  :func:`rope_attention_factor`). ``long``: LongRoPE's long-context frequencies (else its short
+  ones; the model picks per call, :func:`longrope_is_long`).
   """
-  inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                      / np.float32(head_dim)))).astype(np.float32)
+  powers = (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                  / np.float32(head_dim))).astype(np.float32)
+  inv = (1.0 / powers).astype(np.float32)
   if scaling is None:
     return inv
+  if scaling.kind == "longrope":
+    factors = scaling.long_factors if long else scaling.short_factors
+    if len(factors) != inv.shape[0]:
+      raise ValueError(f"RopeScaling(longrope): {len(factors)} {'long' if long else 'short'} "
+                       f"factors for a rotated width of {head_dim} (need {inv.shape[0]})")
+    return (1.0 / (np.asarray(factors, np.float32) * powers)).astype(np.float32)
   if scaling.kind == "linear":
     return (inv / np.float32(scaling.factor)).astype(np.float32)
   if scaling.kind == "factors":
@@ -65,6 +77,14 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: Any) -> np.ndarray:
 
 
 def rope_attention_factor(scaling: Any) -> float:
-  """The factor YaRN scales the rotated queries and keys by (Hugging Face multiplies cos and sin
-  by it); 1.0 for every other scaling."""
-  return float(scaling.attention_factor) if scaling is not None and scaling.kind == "yarn" else 1.0
+  """The factor YaRN and LongRoPE scale the rotated queries and keys by (Hugging Face multiplies
+  cos and sin by it; LongRoPE at every length); 1.0 for every other scaling."""
+  scaled = scaling is not None and scaling.kind in ("yarn", "longrope")
+  return float(scaling.attention_factor) if scaled else 1.0
+
+
+def longrope_is_long(scaling: Any, positions: Any) -> Any:
+  """Whether a call at ``positions`` takes LongRoPE's long factors: as Hugging Face decides, when
+  its largest position reaches past the original context (``max + 1 >
+  original_max_position_embeddings``); a boolean array (traceable)."""
+  return jnp.max(positions) + 1 > scaling.original_max_position_embeddings

@@ -63,6 +63,16 @@ FAMILIES = {
                                                       "rope_theta": 500000.0},
                                    "sliding_attention": {"rope_type": "default",
                                                          "rope_theta": 500000.0}}),
+    # Phi-4-mini's shape: LongRoPE (short factors up to the original context, long ones past it:
+    # test_hf_reference), three quarters of each head rotated, fused qkv_proj / gate_up_proj,
+    # a tied head
+    "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_act="silu",
+                 tie_word_embeddings=True, rope_theta=10000.0, partial_rotary_factor=0.75,
+                 original_max_position_embeddings=64, sliding_window=None, rms_norm_eps=1e-5,
+                 pad_token_id=0,
+                 rope_scaling={"type": "longrope",
+                               "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                               "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}),
     "olmoe": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_act="silu",
                   tie_word_embeddings=False, rope_theta=10000.0, num_experts=4,
                   num_experts_per_tok=2, norm_topk_prob=False, attention_bias=False,
@@ -107,9 +117,7 @@ def write_checkpoint(directory: Path, family: str, *, seed: int = 0, dtype=np.fl
   config = hf.family_config(raw)
   rng = np.random.default_rng(seed)
   tensors = {}
-  for name, (path, transpose) in sorted(hf.tensor_names(config).items()):
-    shape = hf.expected_shape(path, config)
-    shape = shape[::-1] if transpose else shape
+  for name, (path, shape) in sorted(hf.hf_tensors(config).items()):
     if path[-1] == "scale":  # norms: around 1 (Gemma stores scale - 1)
       base = 0.0 if config.norm_offset else 1.0
       w = base + 0.1 * rng.standard_normal(shape)

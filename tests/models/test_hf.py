@@ -151,8 +151,12 @@ def test_bad_checkpoints_name_file_and_field(tiny_hf, tmp_path):
   with_config(model_type="falcon")
   with pytest.raises(hf.CheckpointError, match=r"config.json: model_type 'falcon'.*supported"):
     hf.load_weights(path)
+  with_config(rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+  with pytest.raises(hf.CheckpointError, match="rope scaling type 'dynamic' is not supported"):
+    hf.load_weights(path)
   with_config(rope_scaling={"rope_type": "longrope", "factor": 4.0})
-  with pytest.raises(hf.CheckpointError, match="rope scaling type 'longrope'"):
+  with pytest.raises(hf.CheckpointError, match="rope scaling 'longrope' lacks field "
+                     "'short_factor'"):
     hf.load_weights(path)
   with_config(num_hidden_layers=None)
   with pytest.raises(hf.CheckpointError, match="'num_hidden_layers' is missing"):

@@ -89,6 +89,38 @@ def test_yarn_rope_scaling_matches_transformers(tiny_hf, family, scaling):
   np.testing.assert_allclose(np.asarray(step)[:, 0], ours[:, 39], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fields,length", [
+    (dict(original_max_position_embeddings=8), 16),
+    (dict(rope_scaling=None, partial_rotary_factor=1.0, sliding_window=5,
+          tie_word_embeddings=False), 16),
+    (dict(rope_scaling=None, partial_rotary_factor=None, max_position_embeddings=64,
+          rope_parameters={"rope_type": "longrope", "rope_theta": 5000.0,
+                           "partial_rotary_factor": 1.0, "attention_factor": 1.3,
+                           "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0],
+                           "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0, 20.0]}), 24),
+], ids=["longrope-long-factors", "phi3-mini-4k-sliding", "rope-parameters-whole-heads"])
+def test_phi3_variants_match_transformers(tiny_hf, fields, length):
+  """Phi-3 as its checkpoints come: LongRoPE past the original context (the long factors; a
+  greedy generation that crosses it switches from the short ones as transformers' does, keeping
+  the keys cached before), Phi-3-mini-4k's plain RoPE with a sliding window on
+  every layer and an untied head, and transformers 5's ``rope_parameters`` (LongRoPE over whole
+  heads, a given attention factor); the fused qkv_proj / gate_up_proj read as jq's separate projections."""
+  path = tiny_hf("phi3", tokenizer=False, seed=6, **fields)
+  config, params = hf.load_weights(path)
+  assert config.fused_projections and "q_proj" in params["layers_0"]["attn"]
+  ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, length))
+  with torch.no_grad():
+    ref = _hf_model(path)(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
+  with torch.no_grad():
+    want = _hf_model(path).generate(torch.tensor(ids[:1, :6]), max_new_tokens=10,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+  got = decoder.greedy_generate(decoder.Decoder(config).apply, params, ids[0, :6], 10,
+                                config=config)
+  np.testing.assert_array_equal(np.asarray(got), want[0, 6:].numpy())
+
+
 def test_chat_template_matches_transformers(tiny_hf):
   path = tiny_hf("qwen2")
   ours = registry.load(str(path)).tokenizer

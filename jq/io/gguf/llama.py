@@ -205,7 +205,7 @@ _PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, qk_no
               pre_norms=True, norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
               attn_softcap=None, final_softcap=None, rope_scaling=None, sliding_window=None,
-              sliding_layers=None, local_rope_theta=None)
+              sliding_layers=None, local_rope_theta=None, rotary_dim=None)
 
 
 def arch_problems(config: Any, arch: str) -> list[str]:
@@ -243,8 +243,8 @@ def arch_problems(config: Any, arch: str) -> list[str]:
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
     scaling = get("rope_scaling")
-    if scaling is not None and scaling.kind == "yarn":   # rope_freqs cannot hold its scale
-      want["rope_scaling"] = None
+    if scaling is not None and scaling.kind in ("yarn", "longrope"):   # rope_freqs holds one set
+      want["rope_scaling"] = None                                      # of factors, no scale
   out = _moe_problems(config, arch)
   if arch == "olmoe" and config.num_kv_heads != config.num_heads:   # its k_norm is n_embd wide
     out.append(f"num_kv_heads={config.num_kv_heads} (llama.cpp's olmoe: {heads}, no "
@@ -408,6 +408,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   if not leaves:
     raise GGUFExportError("params is empty")
   family = config if not isinstance(config, Mapping) else hp
+  if getattr(family, "fused_projections", False):   # llama.cpp's architectures here: unfused
+    family = dataclasses.replace(family, fused_projections=False)
   names = {t.jq: t for t in decoder_names.decoder_tensors(family)}
   entries: list[tuple[decoder_names.TensorName, Any, str, str]] = []
   for p, leaf in leaves:

@@ -1,4 +1,5 @@
-"""numpy twins of QArray operations (pack, unpack, expand per-tile values, dequantize).
+"""numpy twins of QArray operations (pack, unpack, expand per-tile values, dequantize), and the
+fused projections' concatenation and split along the output axis.
 
 Same integer / float32 operations as ``jq.numerics`` and :class:`jq.qarray.QArray` (packing is
 ``jq.numerics``' own, run on numpy), without JAX dispatch or compilation per shape; used by the
@@ -43,3 +44,75 @@ def _dequantize_np(q: QArray) -> np.ndarray:
   if q.zero_point is not None:
     x = x - _expand_np(np.asarray(q.zero_point).astype(np.float32), q.tile, q.shape)
   return x * s
+
+
+def _out_tiles(q: QArray, where: str) -> bool:
+  """Whether ``q``'s scales are per output column (``tile[-1] == 1``; else it must be one tile
+  over the whole tensor, per-tensor); raises naming ``where`` otherwise."""
+  if q.tile[-1] == 1:
+    return True
+  if tuple(q.tile) == tuple(q.shape) or all(t >= s for t, s in zip(q.tile, q.shape)):
+    return False
+  raise ValueError(f"{where}: QArray(qtype={q.qtype.value}, shape={q.shape}, tile={q.tile}): "
+                   "a tile spanning several output columns cannot be cut along them")
+
+
+def concat_outputs(parts: list[QArray], where: str) -> QArray:
+  """Kernels ``(..., N_i)`` of one grid side by side along the output axis, one QArray (a fused
+  projection, Phi-3's ``qkv_proj``): the same values, scales and zero points, repacked.
+
+  Raises:
+    ValueError (naming ``where``): the parts differ in qtype, leading shape, tile, symmetry or
+      activation quantization (a fused layer has one), or per-tensor scales that differ.
+  """
+  first = parts[0]
+  desc = lambda q: (f"QArray(qtype={q.qtype.value}, shape={q.shape}, tile={q.tile}, "
+                    f"{'sym' if q.zero_point is None else 'asym'})")
+  for q in parts[1:]:
+    if (q.qtype, q.shape[:-1], q.tile[:-1], q.zero_point is None) != (
+        first.qtype, first.shape[:-1], first.tile[:-1], first.zero_point is None):
+      raise ValueError(f"{where}: the fused parts differ: {desc(first)} and {desc(q)}")
+    a, b = first.activation, q.activation
+    if (a is None) != (b is None) or (a is not None and (a.spec != b.spec or not all(
+        (x is None and y is None) or (x is not None and y is not None
+                                      and np.array_equal(np.asarray(x), np.asarray(y)))
+        for x, y in ((a.scale, b.scale), (a.zero_point, b.zero_point))))):
+      raise ValueError(f"{where}: the fused parts quantize their shared input differently "
+                       f"({a} and {b}); one fused layer has one activation scale")
+  per_column = [_out_tiles(q, where) for q in parts]
+  n = sum(q.shape[-1] for q in parts)
+  if all(per_column):
+    tile = tuple(first.tile)
+    cat = lambda xs: np.concatenate([np.asarray(x) for x in xs], axis=-1)
+    scale = cat([q.scale for q in parts])
+    zp = None if first.zero_point is None else cat([q.zero_point for q in parts])
+  elif not any(per_column) and all(
+      np.array_equal(np.asarray(q.scale), np.asarray(first.scale))
+      and (q.zero_point is None or np.array_equal(np.asarray(q.zero_point),
+                                                  np.asarray(first.zero_point)))
+      for q in parts):
+    tile = (*first.tile[:-1], n)
+    scale = np.asarray(first.scale)
+    zp = None if first.zero_point is None else np.asarray(first.zero_point)
+  else:
+    raise ValueError(f"{where}: per-tensor scales that differ between the fused parts "
+                     f"({[desc(q) for q in parts]}) have no one-tensor equivalent; quantize "
+                     "them per channel")
+  values = np.concatenate([_unpacked_np(q) for q in parts], axis=-1)
+  return QArray(values=_pack_np(values, first.qtype), scale=scale, zero_point=zp,
+                activation=first.activation, qtype=first.qtype,
+                shape=(*first.shape[:-1], n), tile=tile)
+
+
+def split_outputs(q: QArray, bounds: list[tuple[int, int]], where: str) -> list[QArray]:
+  """Inverse of :func:`concat_outputs`: the output columns ``[start, stop)`` of each part."""
+  per_column = _out_tiles(q, where)
+  values = _unpacked_np(q)
+  out = []
+  for a, b in bounds:
+    cut = lambda x: None if x is None else np.ascontiguousarray(np.asarray(x)[..., a:b])
+    scale, zp = (cut(q.scale), cut(q.zero_point)) if per_column else (q.scale, q.zero_point)
+    out.append(QArray(values=_pack_np(values[..., a:b], q.qtype), scale=scale, zero_point=zp,
+                      activation=q.activation, qtype=q.qtype, shape=(*q.shape[:-1], b - a),
+                      tile=tuple(q.tile) if per_column else (*q.tile[:-1], b - a)))
+  return out
