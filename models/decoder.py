@@ -143,7 +143,8 @@ class DecoderConfig:
   """Hyperparameters of a decoder-only transformer of the Llama lineage (defaults: SmolLM2-135M).
 
   One config covers Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1-3, OLMo 2-3, Phi-3/4 and the
-  mixtures of experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain Llama.
+  mixtures of experts Mixtral, Qwen2/3-MoE and OLMoE: the family features below default to plain
+  Llama.
   Frozen and hashable, so it can be a ``jax.jit`` static argument; variants via
   ``dataclasses.replace(config, dtype=jnp.bfloat16)``.
 

@@ -129,8 +129,8 @@ def decoder_tensors(config: Any) -> list[TensorName]:
   """Every tensor a decoder with ``config`` has (a ``DecoderConfig``, or any object with its
   attribute names: ``num_layers``, ``tie_embeddings`` and the optional family flags
   ``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``, ``sandwich_norms``, ``pre_norms`` (default
-  True), ``fused_projections`` (with the sizes: the parts' rows) and mixture-of-experts fields ``num_experts``, ``moe_layers``, ``shared_expert_size``,
-  ``moe_names``)."""
+  True), ``fused_projections`` (with the sizes: the parts' rows) and mixture-of-experts fields
+  ``num_experts``, ``moe_layers``, ``shared_expert_size``, ``moe_names``)."""
   flag = lambda name: bool(getattr(config, name, False))
   out = [TensorName(path, hf, gg, t) for path, (hf, gg, t) in GLOBALS.items()
          if path[0] != "lm_head" or not config.tie_embeddings]
@@ -262,5 +262,5 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.hidden_size,)
 
 
-__all__ = ["TensorName", "FUSED", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS", "LINEARS",
-           "decoder_tensors", "is_moe", "moe_modules", "expected_shape"]
+__all__ = ["TensorName", "FUSED", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS",
+           "LINEARS", "decoder_tensors", "is_moe", "moe_modules", "expected_shape"]

@@ -102,9 +102,9 @@ def test_yarn_rope_scaling_matches_transformers(tiny_hf, family, scaling):
 def test_phi3_variants_match_transformers(tiny_hf, fields, length):
   """Phi-3 as its checkpoints come: LongRoPE past the original context (the long factors; a
   greedy generation that crosses it switches from the short ones as transformers' does, keeping
-  the keys cached before), Phi-3-mini-4k's plain RoPE with a sliding window on
-  every layer and an untied head, and transformers 5's ``rope_parameters`` (LongRoPE over whole
-  heads, a given attention factor); the fused qkv_proj / gate_up_proj read as jq's separate projections."""
+  the keys cached before), Phi-3-mini-4k's plain RoPE with a sliding window on every layer and
+  an untied head, and transformers 5's ``rope_parameters`` (LongRoPE over whole heads, a given
+  attention factor); the fused qkv_proj / gate_up_proj read as jq's separate projections."""
   path = tiny_hf("phi3", tokenizer=False, seed=6, **fields)
   config, params = hf.load_weights(path)
   assert config.fused_projections and "q_proj" in params["layers_0"]["attn"]
