@@ -26,6 +26,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -466,7 +467,7 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
       jax.block_until_ready(step(operands, batch))
     except _NotMapped:
       raise   # (the layer's, not the batch's)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, flax.errors.FlaxError) as e:
       shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
       raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {e}") from e
     jax.effects_barrier()

@@ -34,6 +34,8 @@ Header schema (format version 2)::
           | {"kind": "linen.Partitioned" | "linen.LogicallyPartitioned", "names": [...],
              "rules": [...] | null, "child": <node>}   # nn.with_partitioning boxes (no mesh)
   <leaf> := {"kind": "array", "tensor": name, "array_type": "jax" | "numpy" | "numpy_scalar"}
+          | {"kind": "array", "tensor": name, "array_type": "prng_key", "impl": "threefry2x32"}
+                                                     # a typed PRNG key (nnx.Rngs): its key data
           | {"kind": "python", "value": 3}           # int, float, bool or str leaves
           | {"kind": "qarray", "qtype": "uint4", "shape": [64, 48], "tile": [32, 1],
              "granularity": "groups of 32 along axis 0; per-channel along axis 1",
@@ -499,6 +501,11 @@ class _Encoder:
       return {"kind": f"linen.{type(x).__name__}", "names": _to_tagged(tuple(x.names), where),
               "rules": None if rules is None else _to_tagged(tuple(rules), where),
               "child": self.node(x.value, keypath + (jax.tree_util.GetAttrKey("value"),))}
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      self._add_tensor(path, jax.random.key_data(x), where)   # (an nnx.Rngs stream's key)
+      info = {"kind": "array", "tensor": path, "array_type": "prng_key",
+              "impl": str(jax.random.key_impl(x))}
+      return self._add_leaf(path, info, where)
     if isinstance(x, (jax.Array, np.ndarray, np.generic)):
       kind = ("jax" if isinstance(x, jax.Array) else
               "numpy" if isinstance(x, np.ndarray) else "numpy_scalar")
@@ -848,10 +855,16 @@ class _Decoder:
     if kind == "array":
       arr = self.tensor(_need(info, "tensor", str, where), where)
       typ = info.get("array_type", "jax")
-      if typ not in ("jax", "numpy", "numpy_scalar"):
+      if typ not in ("jax", "numpy", "numpy_scalar", "prng_key"):
         raise CheckpointError(f"{where}: unknown array_type {typ!r}")
       if self.abstract:
         return arr
+      if typ == "prng_key":
+        try:
+          return jax.random.wrap_key_data(jnp.asarray(arr), impl=_need(info, "impl", str, where))
+        except (TypeError, ValueError) as e:
+          raise CheckpointError(f"{where}: key data of shape {tuple(arr.shape)} dtype {arr.dtype} "
+                                f"is not a {info['impl']!r} PRNG key ({e})") from e
       if typ == "numpy":
         return np.array(arr)
       if typ == "numpy_scalar":

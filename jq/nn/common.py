@@ -126,6 +126,9 @@ def observe(path: str, x, x_axes: Sequence[int] | None = None, kernel=None) -> N
   input shared by stacked experts, ``in_axes=None``, is still one input per expert)."""
   if not _OBSERVERS.get():
     return
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{path}: the layer's input is a {type(x).__name__}, not an array (a "
+                    "calibration batch of another structure than the model's inputs?)")
   xa = None if x_axes is None else tuple(int(a) % np.ndim(x) for a in x_axes)
   for fn in _OBSERVERS.get():
     fn(path, x, xa, kernel)

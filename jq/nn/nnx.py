@@ -349,6 +349,8 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
       isinstance(r, Rule) for r in qstate_or_rules)
   if rules_given:
     from jq.nn import quantize as _quantize  # pylint: disable=import-outside-toplevel
+    if calibration_batches is not None and act_scales is None:
+      check_eval_mode(module, "quantize_module")
     qstate = _quantize.quantize_nnx_state(module, tuple(qstate_or_rules), act_scales=act_scales,
                                           calibration_batches=calibration_batches)
   elif isinstance(qstate_or_rules, (nnx.State, Mapping)):
@@ -393,6 +395,20 @@ def quantize_module(module: nnx.Module, qstate_or_rules: Any, *,
   if not rules_given:   # (a state quantized here from the module's own Params covers them)
     _check_covered(new, leaves)
   return new
+
+
+def check_eval_mode(module: nnx.Module, what: str) -> None:
+  """Calibration runs the model as it will infer: refuses a module with layers in training mode
+  (``nnx.BatchNorm`` normalizing by the batch's statistics and updating its running ones,
+  ``nnx.Dropout`` dropping; nnx builds both so until ``module.eval()``), naming them."""
+  training = [f"{'/'.join(map(str, p)) or '<root>'} ({type(m).__name__})"
+              for p, m in nnx.iter_modules(module)
+              if getattr(m, "use_running_average", None) is False
+              or (isinstance(m, nnx.Dropout) and m.deterministic is False and m.rate > 0)]
+  if training:
+    raise ValueError(f"{what}: layers of the module are in training mode: "
+                     f"{', '.join(training[:4])}{', ...' if training[4:] else ''}; calibration "
+                     "runs the model as it will infer: call module.eval() first")
 
 
 def _check_covered(root: nnx.Module, leaves: Mapping[str, Any]) -> None:

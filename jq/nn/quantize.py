@@ -22,6 +22,7 @@ import numpy as np
 from jq.calibrate.collect import input_ranges
 from jq.calibrate.observers import act_params
 from jq.layout import Layout
+from jq.qtypes import QType
 from jq.spec import ActMode, Rule
 from jq.tree import plan, quantize_tree
 
@@ -68,6 +69,13 @@ def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Lay
   kept = {}
   planned = plan(params, rules)
   for p in planned:
+    why = _conv_activation_problem(p, lays.get(p.path))
+    if why:
+      raise ValueError(
+          f"{p.path}: shape {p.shape} dtype {p.dtype} ({lays[p.path].layer}): rule "
+          f"{p.rule.pattern!r} ({p.rule.describe()}) quantizes this convolution's input, but "
+          f"{why}; put Rule(pattern={'^' + re.escape(p.path) + '$'!r}, weight=<its weight "
+          "spec>, activation=None) before it to quantize the kernel weight-only")
     if p.quantized and p.path not in lays:
       if len(p.shape) < 2:  # a bias, norm or scalar: the rule (not the layer) is at fault
         raise ValueError(f"{p.path}: shape {p.shape} dtype {p.dtype}: rule {p.rule.pattern!r} "
@@ -90,6 +98,21 @@ def runnable_rules(params: PyTree, rules: Sequence[Rule], lays: Mapping[str, Lay
   warnings.warn(f"jq: {len(kept)} parameter(s) the rules would quantize stay float because their "
                 f"layer cannot run quantized: {listing}", stacklevel=3)
   return skips + tuple(rules), kept
+
+
+def _conv_activation_problem(p: Any, layout: Layout | None) -> str:
+  """Why the convolution using ``p``'s kernel cannot quantize its input as ``p``'s rule asks
+  (``jq.ops.conv``: int8 activations with 8-bit integer weights only); "" when it can, or when
+  the layer is not a convolution."""
+  if not p.quantized or p.rule.activation is None or layout is None or \
+      layout.layer.split("(")[0] not in ("nn.Conv", "nnx.Conv"):
+    return ""
+  act, w = p.rule.activation.qtype, p.rule.weight.qtype
+  if act.is_float:
+    return f"{act.value} activations are not supported for convolutions (only int8)"
+  if w not in (QType.INT8, QType.UINT8):
+    return f"int8 activations need 8-bit integer weights, the rule asks for {w.value}"
+  return ""
 
 
 def static_scales(rules: Sequence[Rule], params: PyTree, run, operands,

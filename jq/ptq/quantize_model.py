@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +74,9 @@ class PTQModelResult:
 
 
 def _check_batches(batches, ids=None) -> list[Any]:
+  if batches is None or isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+    raise ValueError(f"quantize_model: batches must be an iterable of calibration inputs (arrays, "
+                     f"or tuples of arguments), got {type(batches).__name__}")
   batches = list(batches)
   if not batches:
     raise ValueError("quantize_model: no calibration batches were given")
@@ -235,7 +239,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
     variables = cfg.split(_compat.auto_typed(variables))   # (Explicit meshes: Auto)
     try:
       target = linen_target(model, variables, batches[0], example_kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, flax.errors.FlaxError) as e:
       raise ValueError(f"quantize_model: the model cannot run calibration batch 0 "
                        f"({[np.shape(x) for x in as_args(batches[0])]}): {e}") from e
   log: list[str] = []

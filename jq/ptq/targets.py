@@ -98,6 +98,7 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
 def nnx_target(module) -> Target:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
+  jnnx.check_eval_mode(module, "quantize_model")
   layers = jnnx.module_layers(module)
   prepared = jnnx.with_quantized_classes(module)
   graphdef, _, rest = nnx.split(prepared, nnx.Param, ...)
@@ -119,7 +120,8 @@ def nnx_target(module) -> Target:
       layouts={m.path: m.layout for m in layers if m.layout is not None},
       stacks={m.path: m.stack for m in layers if m.stack > 1},
       reasons={m.path: m.reason for m in layers if m.layout is None},
-      run=run, run_hooked=run_hooked, finish=lambda q: jnnx.quantize_module(module, q),
+      run=run, run_hooked=run_hooked,
+      finish=lambda q: jnnx.quantize_module(module, nnx.merge_state(nnx.state(module), q)),
       kind="nnx")
 
 

@@ -233,6 +233,35 @@ def test_nnx_state_roundtrip(tmp_path):
   assert_identical(q, out)
 
 
+def test_nnx_state_with_rng_streams_roundtrips(tmp_path):
+  """An nnx model holding ``nnx.Rngs`` streams (Dropout's) has typed PRNG keys in its state; they
+  are saved as their key data and come back as keys of the same implementation."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(32, 16, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+  rules = jq.recipe_rules("w8a16")
+  qm = jq.nn.quantize_module(Net(nnx.Rngs(0, dropout=jax.random.key(7, impl="rbg"))), rules)
+  state = nnx.state(qm)
+  path = tmp_path / "rngs.safetensors"
+  jq.io.save(path, state, rules=rules)
+  out = jq.io.load(path)
+  keys = [x for x in jax.tree_util.tree_leaves(out)
+          if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  want = [x for x in jax.tree_util.tree_leaves(state)
+          if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+  assert len(keys) == len(want) >= 1
+  for a, b in zip(keys, want):
+    assert jax.random.key_impl(a) == jax.random.key_impl(b)
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+  fresh = jq.nn.quantize_module(Net(nnx.Rngs(1)), out)
+  x = jnp.ones((2, 32))
+  np.testing.assert_array_equal(np.asarray(fresh.fc(x)), np.asarray(qm.fc(x)))
+
+
 @hypothesis.settings(max_examples=20, deadline=None,
                      suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
 @hypothesis.given(rows=st.integers(1, 9), cols=st.integers(1, 11),

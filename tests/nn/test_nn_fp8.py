@@ -76,3 +76,33 @@ def test_nnx_fp8_dynamic():
   ref = tm.nnx_reference(model, qstate, tokens)
   np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
   assert 0 < rms(y - y_float) / rms(y_float) <= 2 * 2 * 2.0 ** -4
+
+
+@pytest.mark.parametrize("recipe", ["fp8-dynamic", "fp8-static"])
+def test_fp8_activations_on_a_convolution_are_refused_when_quantizing(recipe):
+  """Convolutions quantize inputs to int8 only: an fp8-activation rule matching a conv kernel is
+  refused when quantizing (naming the kernel and the rule that would quantize it weight-only),
+  not when the checkpoint first runs; with that rule in front, the kernel is fp8 weight-only."""
+  import flax.linen as nn
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name="fc")(nn.Conv(8, (3, 3), name="conv")(x).mean((1, 2)))
+
+  m, x = M(), jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  v = m.init(jax.random.key(1), x)
+  calib = [x] if recipe.endswith("static") else None
+  rules = jq.recipe_rules(recipe)
+  with pytest.raises(ValueError, match=r"params/conv/kernel: shape \(3, 3, 4, 8\).*nn.Conv.*"
+                     r"fp8_e4m3 activations are not supported for convolutions.*"
+                     r"activation=None\) before it"):
+    jqnn.quantize_variables(m, v, rules, x, calibration_batches=calib)
+  wo = jq.Rule(pattern="^params/conv/kernel$", weight=rules[-1].weight, activation=None)
+  qv = jqnn.quantize_variables(m, v, (wo, *rules), x, calibration_batches=calib)
+  conv = qv["params"]["conv"]["kernel"]
+  assert conv.qtype is QType.FP8_E4M3 and conv.activation is None
+  assert qv["params"]["fc"]["kernel"].activation is not None
+  y = jqnn.quantized_apply(m)(qv, x)
+  ref = m.apply(v, x)
+  assert float(jnp.abs(y - ref).max() / jnp.abs(ref).max()) < 0.1

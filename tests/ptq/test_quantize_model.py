@@ -554,6 +554,8 @@ def test_bad_input_names_the_problem():
   model, variables, calib, _ = _setup("gpt2_linen")
   with pytest.raises(ValueError, match="no calibration batches"):
     quantize_model(model, variables, GPTQ, [])
+  with pytest.raises(ValueError, match="batches must be an iterable .* got NoneType"):
+    quantize_model(model, variables, GPTQ, None)
   with pytest.raises(ValueError, match="negative token ids"):
     quantize_model(model, variables, GPTQ, [-calib[0] - 1])
   with pytest.raises(ValueError, match="NaN"):
@@ -568,8 +570,58 @@ def test_bad_input_names_the_problem():
   assert any(re.match(r"params/\w+/kernel: nn.Conv.* rounded to nearest$", l) for l in res.log)
 
 
+def test_a_batch_of_another_structure_or_width_is_named_with_its_layer():
+  """A dict batch for a model taking an array reaches a layer as a dict, and a batch of the wrong
+  feature width fails in flax's shape check: both are named by batch (and layer)."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="fc")(x)
+  m, x = M(), jnp.ones((4, 32))
+  v = m.init(jax.random.key(0), x)
+  rules = jq.recipe_rules("w8a8-static")
+  with pytest.raises(ValueError, match=r"calibration batch 0 .*params/fc/kernel: the layer's "
+                     "input is a dict"):
+    jq.nn.quantize_variables(m, v, rules, x, calibration_batches=[{"x": x}])
+  with pytest.raises(ValueError, match=r"cannot run calibration batch 0 \(\[\(4, 31\)\]\).*"
+                     r"\(31, 8\)"):
+    quantize_model(m, v, jq.recipe_rules("gptq-w4a16-g128"), [jnp.ones((4, 31))])
+
+
 def test_a_later_batch_the_model_cannot_run_is_named():
   model, variables, calib, _ = _setup("gpt2_linen")
   bad = calib[:2] + [jnp.zeros((2, 8, 3), jnp.int32)]
   with pytest.raises(ValueError, match=r"calibration batch 2 \(shapes \(2, 8, 3\)\)"):
     quantize_model(model, variables, GPTQ, bad, config=PTQConfig(sequential=False))
+
+
+def test_nnx_batchnorm_model_calibrates_in_eval_mode_only():
+  """An nnx CNN with BatchNorm: in eval mode GPTQ keeps its running statistics without the
+  warning a Param-only checkpoint gets (the module's own state is complete); in training mode
+  (nnx's default until .eval()) calibration is refused by layer instead of failing inside flax or
+  calibrating on batch statistics."""
+  class CNN(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+      self.fc = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(self.drop(nnx.relu(self.bn(self.conv(x))).mean((1, 2))))
+
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  calib = [jax.random.normal(jax.random.key(i), (8, 8, 8, 3)) for i in range(2)]
+  m = CNN(nnx.Rngs(0))
+  m(x + 1.0)     # (training mode: moves the running statistics)
+  with pytest.raises(ValueError, match=r"quantize_model: layers of the module are in training "
+                     r"mode: bn \(BatchNorm\), drop \(Dropout\).*module.eval\(\)"):
+    quantize_model(m, None, GPTQ, calib)
+  with pytest.raises(ValueError, match=r"quantize_module: .*training mode: bn \(BatchNorm\)"):
+    jqnn.quantize_module(m, jq.recipe_rules("w8a8-static"), calibration_batches=calib)
+  m.eval()
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*holds no value for")
+    res = quantize_model(m, None, GPTQ, calib)
+  np.testing.assert_array_equal(np.asarray(res.module.bn.mean[...]), np.asarray(m.bn.mean[...]))
+  assert float(np.abs(np.asarray(m.bn.mean[...])).max()) > 0   # (statistics that moved)
