@@ -94,6 +94,12 @@ _CompilerParams = (getattr(_pltriton, "CompilerParams", None)
                    or getattr(_pltriton, "TritonCompilerParams", None))
 
 
+def is_mapped(x: Any) -> bool:
+  """Whether ``x`` is a value inside a ``vmap`` (a batching tracer; JAX exports no public type
+  for it, so its class name, unchanged since JAX 0.1)."""
+  return type(x).__name__ == "BatchTracer"
+
+
 def triton_params(*, num_warps: int | None = None, num_stages: int | None = None) -> Any:
   """Triton compiler parameters for ``pl.pallas_call(compiler_params=...)``."""
   if _CompilerParams is None:  # pragma: no cover - very old JAX took a dict

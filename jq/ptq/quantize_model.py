@@ -63,8 +63,10 @@ class LayerRow:
 @dataclasses.dataclass
 class PTQModelResult:
   """``variables`` (linen) or ``module`` (nnx): the quantized model; ``ref``: the float params
-  with the AWQ/SmoothQuant scales folded in (the same function as the original, checked);
-  ``report``: one row per quantized kernel; ``log``: groups, skips, fallbacks."""
+  with the AWQ/SmoothQuant scales folded in (the same function as the original, checked; the
+  kernels that were rounded: ``jq.report(res.ref, res.variables)`` gives their SQNR, against the
+  original variables it would compare scaled kernels with unscaled ones); ``report``: one row
+  per quantized kernel; ``log``: groups, skips, fallbacks."""
   variables: Any
   module: Any
   ref: Any
@@ -265,7 +267,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   smoothing = [p for p, r in first.items() if r.algorithm in (Algorithm.AWQ,
                                                                 Algorithm.SMOOTHQUANT)]
   groups = (folding.find_groups(target, target.params, smoothing, batches[0],
-                                [_one_row(batches[0])], log,
+                                [_one_row(target, batches[0])], log,
                                 float_layers=[p for p in target.layouts if p not in decided])
             if smoothing else [])
   ids, total = list(range(len(batches))), len(batches)
@@ -801,12 +803,16 @@ def _rows(items: Sequence[Any], name: str) -> Any:
   return jax.tree_util.tree_map(lambda *a: jnp.concatenate([jnp.asarray(x) for x in a]), *items)
 
 
-def _one_row(batch):
+def _one_row(target, batch):
   """The first example of a batch (leading axis), for the many forwards of group discovery: a
-  wrong fold changes any example's outputs by orders of magnitude more than rounding does."""
+  wrong fold changes any example's outputs by orders of magnitude more than rounding does. The
+  whole batch where the model cannot run on one row (its leading axis is not a free batch axis:
+  a layer contracts it, or holds one kernel per index of it, ``batch_dims``)."""
   try:
-    return jax.tree_util.tree_map(lambda a: a[:1] if np.ndim(a) else a, batch)
-  except (TypeError, IndexError):
+    row = jax.tree_util.tree_map(lambda a: a[:1] if np.ndim(a) else a, batch)
+    jax.eval_shape(target.run, target.params, row)
+    return row
+  except Exception:  # pylint: disable=broad-except  (any failure: the batch as it was given)
     return batch
 
 

@@ -73,9 +73,14 @@ class _Done(BaseException):
 def find_blocks(calls: Sequence[Call], kernels: Sequence[str],
                 stacked: Sequence[str] = ()) -> list[str]:
   """Module paths of the model's repeated blocks, in call order (see module doc): the outermost
-  family of two or more indexed siblings, each called once, of one class, holding ``kernels``.
+  family of two or more indexed siblings, each called once, of one class, holding ``kernels`` in
+  layers of their own (containers: single layers ``fc1``/``fc2``, ``Dense_0``/``Dense_1`` or
+  ``conv1``/``conv2`` are a model's successive layers, not blocks, and calibrating them one at a
+  time would quantize a fold's producer before its consumer is scaled).
   Siblings holding ``stacked`` kernels are layers *inside* an ``nn.scan``/``nnx.scan`` body
-  (``fc1``/``fc2`` of the scanned block), traced once but run once per stacked layer: no blocks."""
+  (``fc1``/``fc2`` of the scanned block), traced once but run once per stacked layer: no blocks;
+  nor are siblings called inside a ``vmap`` of the model (``Call.mapped``: a block's output,
+  taken from inside the mapped function, would leak its tracer)."""
   stacked = set(stacked)
   count = collections.Counter(c.module for c in calls)
   first: dict[str, Call] = {}
@@ -91,9 +96,10 @@ def find_blocks(calls: Sequence[Call], kernels: Sequence[str],
       families[(parent, m.group(1))].append(mod)
   blocks = []
   for members in families.values():
-    if (len(members) >= 2 and all(count[m] == 1 for m in members)
+    if (len(members) >= 2 and all(count[m] == 1 and not first[m].mapped for m in members)
         and len({first[m].cls for m in members}) == 1
-        and all(any(k.startswith(m + "/") for k in kernels) for m in members)
+        and all(any(k.startswith(m + "/") and "/" in k[len(m) + 1:] for k in kernels)
+                for m in members)
         and not any(k in stacked and k.startswith(m + "/") for m in members for k in kernels)):
       blocks += members
   outer = [b for b in blocks if not any(b.startswith(o + "/") for o in blocks if o != b)]

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jq import _compat
+
 
 def as_args(batch) -> tuple:
   return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
@@ -32,6 +34,7 @@ class Call:
   cls: str
   input_id: int
   output_id: int
+  mapped: bool = False   # its input is mapped by a vmap of the model (_compat.is_mapped)
 
 
 Hook = Callable[[Callable[..., Any], tuple, dict], Any]
@@ -56,7 +59,8 @@ class Target:
     def hook_for(path, module):
       def hook(call, a, k):
         y = call(*a, **k)
-        out.append(Call(path, type(module).__name__, _array_id(a[0]) if a else 0, _array_id(y)))
+        out.append(Call(path, type(module).__name__, _array_id(a[0]) if a else 0, _array_id(y),
+                        mapped=bool(a) and _compat.is_mapped(a[0])))
         return y
       return hook
 
