@@ -28,6 +28,10 @@ Invariants (tests hold the implementation to them):
   two terms reduce to ``Σ qw[o]`` and the window size.  Symmetric int8 activations and weights
   need only the first convolution.
 
+Gradients: with int8 activations, the straight-through estimator's (:mod:`jq.ops.ste`): the
+gradient with respect to ``lhs`` is that of the weight-only convolution (the dequantized kernel),
+zero where a static activation scale clips ``lhs``; the kernel gets none.
+
 Backends: verified on XLA:CPU.  XLA:GPU has historically refused or restricted integer
 convolutions (jax-ml/jax#7637); the int8 path there is untested.
 """
@@ -43,7 +47,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jq.ops import reference
+from jq.ops import reference, ste
 from jq.ops.dispatch import Mode, mode_of
 from jq.qarray import QArray, dequantize
 from jq.qtypes import QType
@@ -201,18 +205,13 @@ def conv_general_dilated(lhs: ArrayLike, rhs: QArray, window_strides: Sequence[i
   out_dtype = lhs.dtype if preferred_element_type is None else preferred_element_type
   rhs_spec = dnums.rhs_spec
   factors = reference.scales_factor_out(rhs, [a for a in range(rhs.ndim) if a != rhs_spec[0]])
+  float_conv = functools.partial(
+      _weight_only_conv, dnums=dnums, strides=strides, pads=pads, lhs_dil=lhs_dil,
+      rhs_dil=rhs_dil, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision, factors=factors,
+      out_dtype=out_dtype)
   if mode_of(rhs) is Mode.WEIGHT_ONLY:
-    lhs, pads = _crop_negative_padding(lhs, pads, lhs_dil, dnums.lhs_spec)
-    conv = _lax_conv(strides, pads, lhs_dil, rhs_dil, dnums)
-    acc = reference.accumulation_dtype(lhs.dtype)
-    wv = (reference.integer_valued_weight(rhs, lhs.dtype) if factors
-          else dequantize(rhs, lhs.dtype))
-    y = conv(lhs, wv, feature_group_count=feature_group_count,
-             batch_group_count=batch_group_count, precision=precision,
-             preferred_element_type=acc)
-    if factors:
-      y = y * _to_out_axis(rhs.scale.astype(acc).reshape(-1), y.ndim, dnums.out_spec[1])
-    return y.astype(out_dtype)
+    return float_conv(lhs, rhs)
   if rhs.activation.spec.qtype.is_float:
     raise ValueError(f"{where}: {rhs.activation.spec.qtype.value} activations are not supported "
                      "for convolutions (only int8); quantize this kernel weight-only "
@@ -235,7 +234,30 @@ def conv_general_dilated(lhs: ArrayLike, rhs: QArray, window_strides: Sequence[i
                        f"shape {np.shape(act.scale)}")
     if not act.spec.symmetric and act.zero_point is None:
       raise ValueError(f"{where}: static asymmetric activations need a calibrated zero point")
-  return _int8_conv(lhs, rhs, conv, dnums, pads, lhs_dil, feature_group_count).astype(out_dtype)
+  int8_conv = lambda x, w: _int8_conv(x, w, conv, dnums, pads, lhs_dil,
+                                      feature_group_count).astype(out_dtype)
+  # the int8 convolution runs forward; the gradient is the straight-through estimator's, that of
+  # the weight-only convolution (jq.ops.ste)
+  return ste.straight_through(int8_conv, float_conv, lhs, rhs)
+
+
+def _weight_only_conv(lhs: jax.Array, rhs: QArray, *, dnums, strides, pads, lhs_dil, rhs_dil,
+                      feature_group_count: int, batch_group_count: int, precision,
+                      factors: bool, out_dtype) -> jax.Array:
+  """The weight-only path of :func:`conv_general_dilated` (float convolution; ``rhs.activation``
+  is not read): the conv of the integer-valued kernel scaled per output feature where the scales
+  factor out, else of the dequantized kernel."""
+  lhs, pads = _crop_negative_padding(lhs, pads, lhs_dil, dnums.lhs_spec)
+  conv = _lax_conv(strides, pads, lhs_dil, rhs_dil, dnums)
+  acc = reference.accumulation_dtype(lhs.dtype)
+  wv = (reference.integer_valued_weight(rhs, lhs.dtype) if factors
+        else dequantize(rhs, lhs.dtype))
+  y = conv(lhs, wv, feature_group_count=feature_group_count,
+           batch_group_count=batch_group_count, precision=precision,
+           preferred_element_type=acc)
+  if factors:
+    y = y * _to_out_axis(rhs.scale.astype(acc).reshape(-1), y.ndim, dnums.out_spec[1])
+  return y.astype(out_dtype)
 
 
 def _ones(shape: Sequence[int], resize: dict[int, int]) -> jax.Array:

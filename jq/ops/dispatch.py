@@ -5,6 +5,11 @@
 ``w`` on the right.  The mode is read from ``w``: ``w.activation is None`` -> weight-only,
 otherwise int8 activations (dynamic or static).
 
+Gradients: weight-only contractions are differentiated as they compute; with quantized
+activations :func:`dot_general` runs the chosen implementation forward and differentiates it with
+the straight-through estimator of :mod:`jq.ops.ste` (as the weight-only road on the unquantized
+input), so no implementation needs a derivative of its own.
+
 Invariant: every registered implementation computes the same function as its reference in
 ``jq.ops.reference`` (tests hold them together).  Choice happens at trace time from static facts
 only (backend, mode, qtype, shapes, tiles, and the kernel policy: a value, see
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 import string
 from collections.abc import Callable
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jq.ops import reference
+from jq.ops import reference, ste
 from jq.ops.policy import KernelPolicy, current
 from jq.qarray import QArray
 from jq.qtypes import QType
@@ -251,6 +257,10 @@ def dot_general(lhs: ArrayLike, rhs: QArray, dimension_numbers, precision=None,
                 name: str | None = None, policy: KernelPolicy | None = None) -> jax.Array:
   """``lax.dot_general(lhs, dequantize(rhs), ...)``, computed quantized (see module docstring).
 
+  With quantized activations (``rhs.activation`` set) the gradient with respect to ``lhs`` is the
+  straight-through estimator's (:mod:`jq.ops.ste`): that of ``lax.dot_general(lhs,
+  dequantize(rhs))``, zero where a static activation scale clips ``lhs``; ``rhs`` gets none.
+
   Args:
     lhs: float activations.
     rhs: the quantized weight; ``rhs.activation`` selects int8 dynamic/static activations.
@@ -269,8 +279,17 @@ def dot_general(lhs: ArrayLike, rhs: QArray, dimension_numbers, precision=None,
   lhs = jnp.asarray(lhs)
   _, fn = choose(lhs, rhs, dimension_numbers, name=name, out_sharding=out_sharding,
                  policy=policy)
-  return fn(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-            out_sharding=out_sharding)
+  if mode_of(rhs) is Mode.WEIGHT_ONLY:
+    return fn(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+              out_sharding=out_sharding)
+  # Quantized activations: the chosen impl runs forward; the gradient is the straight-through
+  # estimator's, that of the XLA weight-only road (jq.ops.ste).
+  def call(impl, x, w):
+    return impl(x, w, dimension_numbers, precision, preferred_element_type,
+                out_sharding=out_sharding)
+
+  return ste.straight_through(functools.partial(call, fn),
+                              functools.partial(call, reference.weight_only_dot_general), lhs, rhs)
 
 
 def matmul(x: ArrayLike, w: QArray, *, precision=None, preferred_element_type=None,

@@ -31,7 +31,7 @@ from jax import lax
 
 from jq import numerics
 from jq.qarray import ActivationQuant, QArray, dequantize
-from jq.qtypes import QType
+from jq.qtypes import FP8_E4M3_MAX, QType
 from jq.spec import ActMode
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
@@ -245,6 +245,23 @@ def weight_only_dot_general(x: jax.Array, w: QArray, dimension_numbers: Dimensio
   return y.astype(out_dtype)
 
 
+def static_activation_params(act: ActivationQuant) -> tuple[jax.Array, jax.Array | None]:
+  """The calibrated per-tensor ``(scale, zero_point)`` of static activations: float32 scale,
+  int32 zero point (rounded) or None when symmetric."""
+  if act.scale is None:
+    raise ValueError("static activation quantization needs a calibrated scale "
+                     "(ActivationQuant.scale is None); run calibration first")
+  s = jnp.asarray(act.scale, jnp.float32)
+  z = None
+  if act.zero_point is not None:
+    z = jnp.asarray(act.zero_point).astype(jnp.float32)
+    z = numerics.round_half_even(z).astype(jnp.int32)
+  elif not act.spec.symmetric:
+    raise ValueError("static asymmetric activation quantization needs a calibrated zero point "
+                     "(ActivationQuant.zero_point is None)")
+  return s, z
+
+
 def quantize_activations(x: jax.Array, contracting: Sequence[int], act: ActivationQuant
                          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Quantizes ``x`` to ``act.spec.qtype`` (int8, uint8 or fp8 e4m3).
@@ -278,17 +295,7 @@ def quantize_activations(x: jax.Array, contracting: Sequence[int], act: Activati
     if not spec.symmetric:
       z = jnp.clip(numerics.round_half_even(qt.qmin - lo / s), qt.qmin, qt.qmax).astype(jnp.int32)
   else:
-    if act.scale is None:
-      raise ValueError("static activation quantization needs a calibrated scale "
-                       "(ActivationQuant.scale is None); run calibration first")
-    s = jnp.asarray(act.scale, jnp.float32)
-    z = None
-    if act.zero_point is not None:
-      z = jnp.asarray(act.zero_point).astype(jnp.float32)
-      z = numerics.round_half_even(z).astype(jnp.int32)
-    elif not spec.symmetric:
-      raise ValueError("static asymmetric activation quantization needs a calibrated zero point "
-                       "(ActivationQuant.zero_point is None)")
+    s, z = static_activation_params(act)
   if qt.is_float:
     return numerics.fp8_encode(xf / s), s, None
   v = numerics.round_half_even(xf / s)
@@ -296,6 +303,30 @@ def quantize_activations(x: jax.Array, contracting: Sequence[int], act: Activati
     v = v + z.astype(jnp.float32)
   q = jnp.clip(v, qt.qmin, qt.qmax).astype(jnp.int32)
   return q, s, z
+
+
+# e4m3's largest value 448 = 1.75·2^8 and the spacing there (32): unclipped, x/s up to 464 would
+# round to 448 anyway (464 is a tie, to even 448), beyond it past 448.
+_FP8_ROUNDS_TO_MAX = FP8_E4M3_MAX + 16.0
+
+
+def activation_clip_mask(x: jax.Array, act: ActivationQuant) -> jax.Array | None:
+  """Where the clip of :func:`quantize_activations` leaves the quantized ``x`` as it would be
+  without it (bool, ``x``'s shape), for the clipped straight-through estimator of static scales
+  (:mod:`jq.ops.ste`): ``qmin ≤ round(x / s) + z ≤ qmax``; fp8, which clips before rounding:
+  ``|x / s| ≤ 464`` (``e4m3(x / s)`` would not exceed 448).  None for dynamic scales, which cover
+  each token's range (identity STE)."""
+  if act.spec.mode is ActMode.DYNAMIC:
+    return None
+  qt = act.spec.qtype
+  s, z = static_activation_params(act)
+  u = x.astype(jnp.float32) / s
+  if qt.is_float:
+    return jnp.abs(u) <= _FP8_ROUNDS_TO_MAX
+  v = numerics.round_half_even(u)
+  if z is not None:
+    v = v + z.astype(jnp.float32)
+  return (v >= qt.qmin) & (v <= qt.qmax)
 
 
 def fake_quant_activations(x: jax.Array, contracting: Sequence[int], act: ActivationQuant
@@ -388,6 +419,6 @@ def fp8_dot_general(x: jax.Array, w: QArray, dimension_numbers: DimensionNumbers
 
 
 __all__ = ["DotLayout", "weight_only_dot_general", "int8_dot_general", "fp8_dot_general",
-           "quantize_activations",
+           "quantize_activations", "static_activation_params", "activation_clip_mask",
            "fake_quant_activations", "integer_valued_weight", "scales_factor_out",
            "accumulation_dtype"]
