@@ -35,6 +35,7 @@ import numpy as np
 
 from jq_models import fetch
 from jq.io import decoder_names
+from jq.io.gguf import llama as gguf_llama
 from jq_models.decoder import DecoderConfig, RopeScaling
 
 
@@ -42,8 +43,7 @@ class GGUFError(ValueError):
   """The file is not a readable GGUF, or not a llama model this loader supports."""
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
-                 "gemma2", "gemma3")
+ARCHITECTURES = gguf_llama.ARCHITECTURES
 
 
 class _Field(NamedTuple):
@@ -149,15 +149,17 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   if int(key("attention.value_length", head_dim)) != head_dim:
     raise GGUFError(f"GGUF {arch}.attention.value_length != key_length is not supported")
   rope_dim = int(key("rope.dimension_count", head_dim))
-  if rope_dim != head_dim:
+  kw: dict[str, Any] = {}
+  if rope_dim != head_dim and arch != "phi3":
     raise GGUFError(f"GGUF {arch}.rope.dimension_count={rope_dim} != head_dim={head_dim}: "
-                    "partial rotary embeddings are not supported")
+                    f"partial rotary embeddings are not supported for {arch}")
+  if rope_dim != head_dim:
+    kw["rotary_dim"] = rope_dim
   names = {t.name for t in reader.tensors}
   if "token_embd.weight" not in names:
     raise GGUFError("GGUF has no token_embd.weight tensor")
   embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
   layers = int(key("block_count", required=True))
-  kw: dict[str, Any] = {}
   scaling = key("rope.scaling.type", "none")
   factor = float(key("rope.scaling.factor", 1.0) or 1.0)
   if scaling == "linear" and factor != 1.0:
@@ -167,6 +169,8 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
   if "rope_freqs.weight" in names:
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     kw["rope_scaling"] = RopeScaling(kind="factors", factors=tuple(_dequantize(t).reshape(-1)))
+  if "rope_factors_long.weight" in names:   # LongRoPE (phi3)
+    kw["rope_scaling"] = _longrope(reader, key)
   kw.update(decoder_names.GGUF_FEATURES.get(arch, {}))
   if arch == "qwen2moe" and "blk.0.attn_q.bias" in names:
     kw["qkv_bias"] = True
@@ -202,6 +206,23 @@ def read_config(reader: GGUFFile) -> DecoderConfig:
         tie_embeddings="output.weight" not in names, **kw)
   except ValueError as e:
     raise GGUFError(f"GGUF {arch} metadata: {e}") from e
+
+
+def _longrope(reader: GGUFFile, key: Callable[..., Any]) -> RopeScaling:
+  """LongRoPE from a phi3 GGUF: ``rope_factors_short`` / ``_long`` and the attention factor and
+  original context its ``rope.scaling.*`` keys hold (llama.cpp picks the long factors for a
+  context larger than the original one; jq, as transformers, per call)."""
+  factors = {}
+  for which in ("short", "long"):
+    t = next((t for t in reader.tensors if t.name == f"rope_factors_{which}.weight"), None)
+    if t is None:
+      raise GGUFError(f"GGUF has rope_factors_long.weight but no rope_factors_{which}.weight")
+    factors[which] = tuple(float(f) for f in _dequantize(t).reshape(-1))
+  old = int(key("rope.scaling.original_context_length", required=True))
+  return RopeScaling(kind="longrope", factor=int(key("context_length", old)) / old,
+                     original_max_position_embeddings=old,
+                     attention_factor=float(key("rope.scaling.attn_factor", 1.0)),
+                     short_factors=factors["short"], long_factors=factors["long"])
 
 
 def _moe_config(arch: str, key: Callable[..., Any], ff: int) -> dict[str, Any]:
@@ -285,13 +306,13 @@ def read_gguf_params(path: str | Path, config: DecoderConfig | None = None) -> d
 def _read_params(reader: GGUFFile, c: DecoderConfig) -> dict[str, Any]:
   arch = metadata(reader).get("general.architecture", "llama")
   wanted: dict[str, list[decoder_names.TensorName]] = {}
-  if c.fused_projections:   # (llama.cpp's architectures here store them unfused)
-    c = dataclasses.replace(c, fused_projections=False)
+  if c.fused_projections != (arch in decoder_names.GGUF_FUSED):   # (the architecture's naming)
+    c = dataclasses.replace(c, fused_projections=arch in decoder_names.GGUF_FUSED)
   for t in decoder_names.decoder_tensors(c):
     wanted.setdefault(t.gguf, []).append(t)   # (a stacked expert tensor: one per expert)
   params: dict[str, Any] = {}
   for t in reader.tensors:
-    if t.name == "rope_freqs.weight":
+    if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
       continue   # read into the config
     names = wanted.pop(t.name, None)
     if names is None:
@@ -307,6 +328,11 @@ def _read_params(reader: GGUFFile, c: DecoderConfig) -> dict[str, Any]:
         w = w[name.expert]
       elif name.path[-2] == "shared_expert_gate":
         w = w.reshape(1, -1)   # llama.cpp's ffn_gate_inp_shexp may be one row or a vector
+      if name.rows is not None:   # one part of a fused tensor (phi3's attn_qkv, ffn_up)
+        if w.shape[0] != name.fused_rows:
+          raise GGUFError(f"GGUF tensor {t.name}: {w.shape[0]} rows, expected {name.fused_rows} "
+                          "from the config (its fused parts together)")
+        w = w[name.rows[0]:name.rows[1]]
       if name.qk and arch == "llama":
         w = unpermute_qk(w, c.num_heads if name.qk == "q" else c.num_kv_heads)
       if name.transpose:

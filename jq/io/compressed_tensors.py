@@ -93,7 +93,7 @@ from jq.io import decoder_names
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
 from jq.io.gguf.llama import LlamaHParams
-from jq.io.gguf.qarray_np import (_dequantize_np, _pack_np, _unpacked_np, concat_outputs,
+from jq.io.gguf.qarray_np import (_dequantize_np, _pack_np, _unpacked_np, fuse_leaves,
                                   split_outputs)
 from jq.io.safetensors_io import read_tensors, write_safetensors
 from jq.qarray import ActivationQuant, QArray
@@ -588,14 +588,19 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   sizes = {int(x.tile[0]) for _, x in leaves if is_qarray(x) and len(x.shape) == 2
            and x.tile[0] < x.shape[0] and x.shape[0] % x.tile[0] == 0}
   group = sizes.pop() if len(sizes) == 1 else None   # (see _ct_from_qarray)
-  leaves = _fuse_projections(leaves, names)
+  unknown = [p for p, _ in leaves if p not in names]
+  if unknown:
+    raise CompressedTensorsError(f"params/{unknown[0]}: not a tensor of this decoder config "
+                                 f"(expected e.g. {sorted(names)[:3]})")
+  try:
+    leaves = [(paths[0], t.hf, leaf) for t, paths, leaf in fuse_leaves(
+        [(names[p], p, leaf) for p, leaf in leaves], lambda t: t.hf)]
+  except ValueError as e:
+    raise CompressedTensorsError(str(e)) from e
   if progress:
     from tqdm.auto import tqdm
     leaves = tqdm(leaves, desc="packing", unit="tensor", leave=False)
   for p, hf_name, leaf in leaves:
-    if hf_name is None:
-      raise CompressedTensorsError(f"params/{p}: not a tensor of this decoder config (expected "
-                                   f"e.g. {sorted(names)[:3]})")
     module, linear = hf_name.rpartition(".")[0], p.endswith("/kernel")
     if is_qarray(leaf):
       if not linear:
@@ -697,45 +702,6 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return qconfig
-
-
-def _fuse_projections(leaves: list[tuple[str, Any]], names: Mapping[str, Any]
-                      ) -> list[tuple[str, str | None, Any]]:
-  """``(path, Hugging Face name, leaf)`` of every leaf (name ``None``: not this decoder's), the
-  parts of each fused projection joined into one leaf under its first part's path (Phi-3's
-  ``qkv_proj``: q, k and v side by side along the output axis, quantized or float alike)."""
-  out, parts = [], {}
-  for p, leaf in leaves:
-    t = names.get(p)
-    if t is None or t.rows is None:
-      out.append((p, None if t is None else t.hf, leaf))
-      continue
-    group = parts.setdefault(t.hf, [])
-    group.append((t.rows, p, leaf))
-    if sum(b - a for (a, b), _, _ in group) != t.fused_rows:
-      continue
-    group.sort(key=lambda g: g[0])
-    paths, ls = [g[1] for g in group], [g[2] for g in group]
-    where = f"{t.hf} (params/{', params/'.join(paths)})"
-    if all(is_qarray(x) for x in ls):
-      try:
-        leaf = concat_outputs(ls, where)
-      except ValueError as e:
-        raise CompressedTensorsError(str(e)) from e
-    elif not any(is_qarray(x) for x in ls):
-      leaf = np.concatenate([np.asarray(x) for x in ls], axis=-1)
-    else:
-      raise CompressedTensorsError(
-          f"{where}: the checkpoint stores these as one fused layer, but only "
-          f"{[q for q, x in zip(paths, ls) if is_qarray(x)]} are quantized; quantize all or none "
-          "of them (one rule for the fused layer's parts)")
-    out.append((paths[0], t.hf, leaf))
-  incomplete = [hf for hf, g in parts.items()
-                if sum(b - a for (a, b), _, _ in g) != names[g[0][1]].fused_rows]
-  if incomplete:
-    raise CompressedTensorsError(f"{incomplete[0]}: some of its fused parts are missing from the "
-                                 f"params (have {[g[1] for g in parts[incomplete[0]]]})")
-  return out
 
 
 def export_model(params: Any, path: str | os.PathLike, *, config: Any = None,

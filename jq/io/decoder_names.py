@@ -54,7 +54,11 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": 
              "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmo2": "olmo2", "olmo3": "olmo2",
              "olmoe": "olmoe", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
-             "gemma3": "gemma3"}
+             "gemma3": "gemma3", "phi3": "phi3"}
+
+# llama.cpp architectures that store q/k/v as one ``attn_qkv`` and gate/up as one ``ffn_up``
+# (rows [gate; up]): their tensors are named as a ``fused_projections`` config's
+GGUF_FUSED = frozenset({"phi3"})
 
 
 # the decoder features each llama.cpp architecture fixes (whatever the file holds); the rest
@@ -262,5 +266,6 @@ def expected_shape(path: tuple[str, ...], config: Any) -> tuple[int, ...]:
   return (c.hidden_size,)
 
 
-__all__ = ["TensorName", "FUSED", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_ARCH", "GLOBALS",
+__all__ = ["TensorName", "FUSED", "GGUFMoE", "GGUF_MOE", "GGUF_FEATURES", "GGUF_FUSED", "GGUF_ARCH",
+           "GLOBALS",
            "LINEARS", "decoder_tensors", "is_moe", "moe_modules", "expected_shape"]

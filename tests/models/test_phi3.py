@@ -118,14 +118,19 @@ def test_a_fused_layer_quantized_in_part_is_refused_by_name(tiny_hf, tmp_path):
     compressed_tensors.export_compressed_tensors(qvars, config, tmp_path / "ct")
 
 
-def test_gguf_export_refuses_longrope_and_partial_rotary_and_writes_phi4(tiny_hf, tmp_path):
-  """llama.cpp's ``llama`` architecture rotates whole heads with one set of frequencies: LongRoPE
-  and partial rotary are refused by field; Phi-4's plain RoPE over whole heads is written unfused
-  (``attn_q`` ...), and where llama-cpp-python is installed it computes jq's logits."""
+def test_gguf_export_is_checked_against_the_architecture(tiny_hf, tmp_path):
+  """llama.cpp's ``llama`` architecture rotates whole heads with one set of frequencies: a
+  LongRoPE / partial-rotary Phi-3 is refused for it by field, and written unfused where it fits
+  (Phi-4: plain RoPE over whole heads); llama.cpp's ``phi3`` takes LongRoPE and partial rotary
+  but runs no sliding window, which is refused for it."""
   from jq.io import gguf as G
   config, params = hf.load_weights(tiny_hf("phi3", tokenizer=False))
   with pytest.raises(G.GGUFExportError, match="rope_scaling=.*rotary_dim=12"):
     G.export_gguf({"params": params}, config, None, tmp_path / "x.gguf", "f32", arch="llama")
+  windowed, _ = hf.load_weights(tiny_hf("phi3", name="mini-4k", tokenizer=False,
+                                        sliding_window=5))
+  with pytest.raises(G.GGUFExportError, match=r"sliding_window=5 \(llama.cpp's phi3: None\)"):
+    G.export_gguf({"params": params}, windowed, None, tmp_path / "x.gguf", "f32", arch="phi3")
   src = tiny_hf("phi3", name="phi4", rope_scaling=None, partial_rotary_factor=1.0)
   config, params = hf.load_weights(src)
   out = tmp_path / "phi4.gguf"
@@ -142,3 +147,55 @@ def test_gguf_export_refuses_longrope_and_partial_rotary_and_writes_phi4(tiny_hf
   got = np.asarray(llm.scores[:len(ids)], np.float32)
   want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
   assert np.abs(got - want).max() / np.abs(want).max() < 2e-3
+
+
+def test_phi3_gguf_is_fused_and_reads_back_and_runs_in_llama_cpp(tiny_hf, tmp_path, capsys):
+  """The ``phi3`` export stores ``attn_qkv`` and ``ffn_up`` ([gate; up]) fused and LongRoPE as
+  ``rope_factors_short`` / ``_long`` with its attention factor and original context; jq reads the
+  file back into the same model. llama.cpp (where installed) computes jq's logits with the short
+  factors in a context within the original one, and with the long ones past it, where the
+  positions take them in jq too (llama.cpp decides by context size, jq and transformers per
+  call: a short prompt in a long context differs). From the command line, a Q8_0 export of a
+  quantized checkpoint (its tokenizer from a GGUF of the model) evaluates to the checkpoint's
+  KL."""
+  from jq.io import gguf as G
+  from jq_models import gguf_weights
+  from test_gguf_families import _tokenizer_metadata
+  src = tiny_hf("phi3", max_position_embeddings=4096, original_max_position_embeddings=256)
+  config, params = hf.load_weights(src)
+  out = tmp_path / "phi3.gguf"
+  meta = {**_tokenizer_metadata(src, config.vocab_size), "tokenizer.ggml.eos_token_id": 4}
+  G.export_gguf({"params": params}, config, meta, out, "f32", arch="phi3")
+  reader = gguf.GGUFReader(str(out))
+  shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
+  assert shapes["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 32)
+  assert shapes["blk.0.ffn_up.weight"] == (64, 2 * 96)
+  assert shapes["rope_factors_long.weight"] == (6,) and "blk.0.attn_q.weight" not in shapes
+  back, read = gguf_weights.load_gguf(out)
+  assert (back.rotary_dim, back.rope_scaling.kind) == (12, "longrope")
+  assert back.rope_scaling.long_factors == config.rope_scaling.long_factors
+  read = dict(jq.tree.leaves_with_paths(read))
+  for path, x in jq.tree.leaves_with_paths(params):
+    np.testing.assert_array_equal(np.asarray(read[path]), np.asarray(x), err_msg=path)
+  ckpt, q8 = tmp_path / "q.safetensors", tmp_path / "q8.gguf"
+  assert cli.main(["quantize", "--model", str(src), "--recipe", "gguf-q8_0", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out", str(q8),
+                   "--tokenizer-gguf", str(out)]) == 0
+  capsys.readouterr()
+  kl = []
+  for path in (ckpt, q8):
+    assert cli.main(["eval", str(path), "--json", "--eval-windows", "1", "--window", "64"]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert abs(kl[0] - kl[1]) < 1e-6
+
+  llama_cpp = pytest.importorskip("llama_cpp")
+  rng = np.random.default_rng(3)
+  for n_ctx, n in ((256, 14), (512, 300)):   # (llama.cpp rounds a context up to 256)
+    ids = [int(i) for i in rng.integers(3, config.vocab_size, n)]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=n_ctx, logits_all=True, verbose=False,
+                          n_threads=1)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:n], np.float32)
+    want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, n_ctx

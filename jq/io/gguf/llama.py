@@ -30,7 +30,7 @@ from jq.io.rope import rope_inv_freq
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.codec import encode_tensor
 from jq.io.gguf.metadata import _add_kv
-from jq.io.gguf.qarray_np import _pack_np, _unpacked_np
+from jq.io.gguf.qarray_np import _pack_np, _unpacked_np, fuse_leaves
 from jq.io.gguf.reader import load_gguf_qarrays, tokenizer_metadata
 from jq.io.gguf.types import (_K_FALLBACK, EXPORT_TYPES, QK_K, GGMLType, GGUFExportError,
                               GGUFFormatError, to_ggml_type)
@@ -200,7 +200,7 @@ def _file_type(t: GGMLType) -> int:
 
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmo2", "olmoe", "gemma",
-                 "gemma2", "gemma3")
+                 "gemma2", "gemma3", "phi3")
 _PLAIN = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, qk_norm_full=False,
               pre_norms=True, norm_offset=0.0,
               embed_scale=False, activation="silu", sandwich_norms=False, query_scale=None,
@@ -239,6 +239,11 @@ def arch_problems(config: Any, arch: str) -> list[str]:
                   sliding_layers=tuple(bool((i + 1) % pattern) for i in range(layers)))
     if arch == "gemma3":
       want["local_rope_theta"] = 10000.0 if get("sliding_window") is not None else None
+  if arch == "phi3":   # partial rotary and LongRoPE's two factor sets (no window: llama.cpp's
+    scaling = get("rope_scaling")   # phi3 ignores it)
+    want.update(rotary_dim=get("rotary_dim"),
+                rope_scaling=scaling if scaling is not None and scaling.kind == "longrope"
+                else None)
   if arch == "llama":   # llama.cpp reads biases and RoPE scaling for llama; nothing else
     for k in ("qkv_bias", "o_bias", "mlp_bias", "rope_scaling"):
       want[k] = get(k)
@@ -311,12 +316,15 @@ def _add_family_metadata(writer: gguf.GGUFWriter, config: Any, arch: str) -> Non
   if scaling is not None and scaling.kind == "linear":
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(float(scaling.factor))
+  if scaling is not None and scaling.kind == "longrope":   # (its factors: two tensors)
+    writer.add_rope_scaling_attn_factors(float(scaling.attention_factor))
+    writer.add_rope_scaling_orig_ctx_len(int(scaling.original_max_position_embeddings))
 
 
 def _rope_freqs(config: Any, head_dim: int) -> np.ndarray | None:
   """llama.cpp's ``rope_freqs`` (per-frequency divisors) of a ``llama3`` / ``factors`` scaling."""
   scaling = getattr(config, "rope_scaling", None)
-  if scaling is None or scaling.kind == "linear":
+  if scaling is None or scaling.kind in ("linear", "longrope"):
     return None
   if scaling.kind == "factors":
     return np.asarray(scaling.factors, np.float32)
@@ -408,8 +416,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   if not leaves:
     raise GGUFExportError("params is empty")
   family = config if not isinstance(config, Mapping) else hp
-  if getattr(family, "fused_projections", False):   # llama.cpp's architectures here: unfused
-    family = dataclasses.replace(family, fused_projections=False)
+  if hasattr(family, "fused_projections"):   # (the architecture's naming, whatever the source's)
+    family = dataclasses.replace(family, fused_projections=arch in decoder_names.GGUF_FUSED)
   names = {t.jq: t for t in decoder_names.decoder_tensors(family)}
   entries: list[tuple[decoder_names.TensorName, Any, str, str]] = []
   for p, leaf in leaves:
@@ -432,6 +440,12 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   if missing:
     raise GGUFExportError(f"params lacks {len(missing)} tensors of a {hp.num_layers}-layer {arch} "
                           f"model, e.g. {missing[:3]}")
+  try:   # (phi3: q/k/v into one attn_qkv, gate/up into one ffn_up)
+    kinds = {p: kind for _, _, kind, p in entries}
+    entries = [(t, leaf, kinds[paths[0]], paths[0]) for t, paths, leaf in fuse_leaves(
+        [(t, p, leaf) for t, leaf, _, p in entries], lambda t: t.gguf)]
+  except ValueError as e:
+    raise GGUFExportError(str(e)) from e
   tok = dict(tokenizer_meta or {})
   bad = [k for k in tok if not k.startswith("tokenizer.")]
   if bad:
@@ -507,7 +521,7 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     writer.add_feed_forward_length(int(hp.intermediate_size))
     writer.add_head_count(int(hp.num_heads))
     writer.add_head_count_kv(int(hp.num_kv_heads))
-    writer.add_rope_dimension_count(int(hp.head_dim))
+    writer.add_rope_dimension_count(int(getattr(config, "rotary_dim", None) or hp.head_dim))
     writer.add_rope_freq_base(float(hp.rope_theta))
     writer.add_layer_norm_rms_eps(float(hp.rms_norm_eps))
     writer.add_vocab_size(int(hp.vocab_size))
@@ -524,6 +538,11 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     freqs = _rope_freqs(config, int(hp.head_dim))
     if freqs is not None:   # llama.cpp's form of Llama 3.1's RoPE scaling
       writer.add_tensor("rope_freqs.weight", freqs)
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling is not None and scaling.kind == "longrope":
+      writer.add_tensor("rope_factors_long.weight", np.asarray(scaling.long_factors, np.float32))
+      writer.add_tensor("rope_factors_short.weight",
+                        np.asarray(scaling.short_factors, np.float32))
     for gname, data, t in encoded:
       writer.add_tensor(gname, data, raw_dtype=None if t in (GGMLType.F32, GGMLType.F16) else t)
     writer.write_header_to_file()

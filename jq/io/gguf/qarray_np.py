@@ -7,6 +7,9 @@ GGUF and compressed-tensors codecs.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from jq import numerics
@@ -102,6 +105,48 @@ def concat_outputs(parts: list[QArray], where: str) -> QArray:
   return QArray(values=_pack_np(values, first.qtype), scale=scale, zero_point=zp,
                 activation=first.activation, qtype=first.qtype,
                 shape=(*first.shape[:-1], n), tile=tile)
+
+
+def fuse_leaves(items: list[tuple[Any, str, Any]], name: Callable[[Any], str]
+                ) -> list[tuple[Any, list[str], Any]]:
+  """``(TensorName, path, leaf)`` of a decoder's leaves -> ``(TensorName, paths, leaf)``: the
+  parts of each fused projection (``TensorName.rows``: Phi-3's ``qkv_proj`` / ``attn_qkv``,
+  grouped by ``name(t)``, the Hugging Face or GGUF name) joined into one leaf along the output
+  axis in row order (:func:`concat_outputs`, or float arrays concatenated), under the first
+  part's TensorName; other leaves pass as they are.
+
+  Raises:
+    ValueError (naming the fused tensor and its parts): only some parts quantized, parts that
+      :func:`concat_outputs` cannot join, or parts missing.
+  """
+  out, groups = [], {}
+  for t, p, leaf in items:
+    if t.rows is None:
+      out.append((t, [p], leaf))
+      continue
+    group = groups.setdefault(name(t), [])
+    group.append((t, p, leaf))
+    if sum(g[0].rows[1] - g[0].rows[0] for g in group) != t.fused_rows:
+      continue
+    group.sort(key=lambda g: g[0].rows)
+    paths, leaves = [g[1] for g in group], [g[2] for g in group]
+    where = f"{name(t)} (params/{', params/'.join(paths)})"
+    quantized = [isinstance(x, QArray) for x in leaves]
+    if all(quantized):
+      leaf = concat_outputs(leaves, where)
+    elif not any(quantized):
+      leaf = np.concatenate([np.asarray(x) for x in leaves], axis=-1)
+    else:
+      raise ValueError(f"{where}: the checkpoint stores these as one fused layer, but only "
+                       f"{[p for p, q in zip(paths, quantized) if q]} are quantized; quantize "
+                       "all or none of them (one rule for the fused layer's parts)")
+    out.append((group[0][0], paths, leaf))
+    del groups[name(t)]
+  if groups:
+    fused, parts = next(iter(groups.items()))
+    raise ValueError(f"{fused}: some of its fused parts are missing from the params (have "
+                     f"{[p for _, p, _ in parts]})")
+  return out
 
 
 def split_outputs(q: QArray, bounds: list[tuple[int, int]], where: str) -> list[QArray]:
