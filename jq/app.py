@@ -148,6 +148,11 @@ def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: boo
     if len(tokens) < window:
       raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than one window of {window}")
     tokens = tokens[:need]
+    if len(tokens) < need:   # (said, not silently fewer: the text holds no more)
+      import warnings  # pylint: disable=import-outside-toplevel
+      warnings.warn(f"jq: --eval-windows {windows}: the evaluation text holds "
+                    f"{len(tokens) // window} windows of {window} tokens; evaluating those",
+                    stacklevel=2)
     f_fn, q_fn = _logits_fns(model, qvars, kind)
     cmp = compare(f_fn, q_fn, tokens, window=window, progress=progress)
     out = {"ppl_float": cmp.ref.ppl, "ppl_quant": cmp.quant.ppl, "kl": cmp.kl,

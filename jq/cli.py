@@ -237,12 +237,26 @@ def _check_out_dir(out: str) -> None:
   import os
   p = Path(out)
   if p.exists() and not p.is_dir():
-    raise ValueError(f"--out {out} is a file; the streamed road writes a directory of shards")
+    raise ValueError(f"--out {out} is a file; this writes a directory (of shards, or a "
+                     "compressed-tensors checkpoint)")
   parent = p.resolve().parent
   if not parent.is_dir():
     raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
   if not os.access(parent, os.W_OK):
     raise PermissionError(f"--out {out}: directory {parent} is not writable")
+  _probe_writable(parent, out)
+
+
+def _probe_writable(directory: Path, out: str) -> None:
+  """Creates and removes a file in ``directory`` (the output's temporary files go there first):
+  permissions alone miss read-only filesystems, ``/proc`` and the like, and root's ``access``
+  says yes to everything; so the refusal comes before the work, naming ``--out``."""
+  import tempfile
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".jq-probe-"):
+      pass
+  except OSError as e:
+    raise PermissionError(f"--out {out}: cannot write in {directory} ({e.strerror or e})") from e
 
 
 def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
@@ -584,6 +598,7 @@ def _check_out_file(out: str) -> None:
     raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
   if not os.access(parent, os.W_OK):
     raise PermissionError(f"--out {out}: directory {parent} is not writable")
+  _probe_writable(parent, out)
 
 
 # probe texts for --tokenizer-gguf: spaces, digits, punctuation, accents, CJK, code, newlines
@@ -606,6 +621,10 @@ def _check_gguf_tokenizer(model: Any, path: str) -> None:
     theirs = gguf_tokenizer.load_tokenizer(path)
   except (OSError, ValueError) as e:
     raise ValueError(f"--tokenizer-gguf {path}: {e}") from e
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  if vocab is not None and theirs.vocab_size != vocab:
+    raise ValueError(f"--tokenizer-gguf {path}: {theirs.vocab_size} tokens, the model's "
+                     f"vocab_size is {vocab}: not this model's tokenizer")
   for what in ("bos_id", "eos_id"):
     if getattr(ours, what) is not None and getattr(theirs, what) != getattr(ours, what):
       raise ValueError(f"--tokenizer-gguf {path}: its {what} is {getattr(theirs, what)}, the "
@@ -624,8 +643,8 @@ def cmd_export(args) -> int:
   out = Path(args.out)   # checked before the model loads and the work is done
   if args.format == "gguf":
     _check_out_file(args.out)
-  elif not out.parent.is_dir():
-    raise FileNotFoundError(f"--out {args.out}: directory {out.parent} does not exist")
+  else:   # compressed-tensors: a directory
+    _check_out_dir(args.out)
   model, qvars, info = _load_ckpt(args.ckpt, args.model)
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
@@ -690,7 +709,7 @@ def cmd_export(args) -> int:
     summary = ""
   for line in notes:
     _print("  " + line)
-  changed = sum(1 for line in notes if line.startswith("params/"))
+  changed = len({line.split()[0].rstrip(":") for line in notes if line.startswith("params/")})
   if changed:
     _print(f"{changed} tensors changed grid (listed above)")
   if summary:

@@ -769,10 +769,11 @@ def check_token_ids(tokens, vocab_size: int, name: str) -> None:
 
 def scale_embeddings(c: DecoderConfig, rows: jax.Array) -> jax.Array:
   """Embedding rows as the decoder's input hidden states, in ``c.dtype`` (Gemma: times
-  ``sqrt(hidden_size)`` rounded to the rows' dtype first, as in Hugging Face)."""
-  if c.embed_scale:
-    rows = rows * jnp.asarray(c.hidden_size ** 0.5, rows.dtype)
-  return rows.astype(c.dtype)
+  ``sqrt(hidden_size)`` rounded to the compute dtype, as Hugging Face rounds it to the dtype it
+  runs the model in; whatever dtype the table is stored in, so a bfloat16 checkpoint computed in
+  float32 is scaled in float32, and every road that embeds tokens gets the same bits)."""
+  rows = rows.astype(c.dtype)
+  return rows * jnp.asarray(c.hidden_size ** 0.5, c.dtype) if c.embed_scale else rows
 
 
 def embed_lookup(c: DecoderConfig, table: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -898,7 +899,9 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
   """Greedy decoding with a fixed-size KV cache, jitted end to end.
 
   One prefill call over the prompt, then a ``lax.fori_loop`` of single-token steps; the cache holds
-  ``prompt_len + max_new_tokens`` positions. Compiles once per (apply_fn, prompt shape,
+  ``prompt_len + max_new_tokens`` positions. LongRoPE (Phi-3): once the sequence grows past the
+  original context, the cache is recomputed over it with the long factors (a second prefill), as
+  transformers does. Compiles once per (apply_fn, prompt shape,
   max_new_tokens, config, eos_id); ``apply_fn`` must be hashable (a bound ``model.apply`` or any
   function object) and have the signature of ``Llama.apply``:
   ``apply_fn(variables, tokens, cache=cache) -> (logits, cache)``.
@@ -936,6 +939,21 @@ def greedy_generate(apply_fn: ApplyFn, params: Mapping[str, Any], prompt_ids: Ar
   check_token_ids(prompt, config.vocab_size, "greedy_generate: prompt_ids")
   squeeze = prompt.ndim == 1
   prompt = prompt.reshape(1, -1) if squeeze else prompt
+  scaling = config.rope_scaling
+  first = (0 if scaling is None or scaling.kind != "longrope" else
+           scaling.original_max_position_embeddings + 1 - prompt.shape[-1])
+  if 0 < first < max_new_tokens:
+    # LongRoPE: the cache of a sequence that grows past the original context holds keys rotated
+    # with the short factors; transformers (Phi-3) then recomputes it over the whole sequence
+    # with the long ones, once: so does jq (a second prefill, of the prompt and the tokens so far)
+    kw = dict(config=config, eos_id=eos_id, progress=progress, kv_cache=kv_cache)
+    head = greedy_generate(apply_fn, params, prompt, first, **kw)
+    tail = greedy_generate(apply_fn, params, jnp.concatenate([prompt, head], axis=1),
+                           max_new_tokens - first, **kw)
+    if eos_id is not None:   # (a row that ended stays ended)
+      tail = jnp.where(jnp.any(head == eos_id, axis=1, keepdims=True), eos_id, tail)
+    out = jnp.concatenate([head, tail], axis=1)
+    return out[0] if squeeze else out
   run = functools.partial(_generate, apply_fn, _variables(params), prompt.astype(jnp.int32),
                           max_new_tokens=max_new_tokens, config=config, eos_id=eos_id,
                           progress=bool(progress), kv_cache=kv_cache)

@@ -90,10 +90,17 @@ class Tokenizer:
 
   def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
                           add_generation_prompt: bool = True) -> str:
-    """The checkpoint's own chat template rendered (Jinja, sandboxed, as transformers does);
-    ChatML with SmolLM2's system prompt when the checkpoint has no template."""
+    """The checkpoint's own chat template rendered (Jinja, sandboxed, as transformers does).
+
+    Raises:
+      ValueError: the checkpoint has no template (as transformers refuses: another model's
+        format, SmolLM2's ChatML, would be plain text to this one).
+    """
     if self.chat_template is None:
-      return chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+      raise ValueError("the checkpoint has no chat template (tokenizer_config.json's "
+                       "'chat_template', chat_template.jinja, or a GGUF's "
+                       "tokenizer.chat_template): continue the prompt as plain text with --raw "
+                       "(jq-quant generate; chat=False in Python), or add the model's template")
     return render_chat_template(
         self.chat_template, messages, add_generation_prompt=add_generation_prompt,
         bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))

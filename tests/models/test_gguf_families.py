@@ -309,29 +309,41 @@ def test_cli_quantizes_and_exports_a_moe_gguf(tiny_hf, tmp_path, capsys, family)
   assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(tiny_hf, tmp_path,
-                                                                               capsys):
+                                                                               capsys, family):
   """A Hugging Face source has no GGUF tokenizer: ``--tokenizer-gguf`` takes one from any GGUF of
   the model, after checking that it tokenizes as the checkpoint does (a GGUF of another
-  tokenizer is refused, naming the flag); the export evaluates to the checkpoint's KL."""
+  tokenizer is refused, naming the flag); the export evaluates to the checkpoint's KL (llama:
+  with Llama 3.1's RoPE scaling, whose rope_freqs tensor the llama reader took for a stray
+  tensor)."""
   from jq import cli
   from jq.io import gguf as G
-  src = tiny_hf("qwen3")
+  src = tiny_hf(family)
   config, params = hf.load_weights(src)
   meta = {**_tokenizer_metadata(src, config.vocab_size), "tokenizer.ggml.eos_token_id": 4}
   tok_gguf = tmp_path / "any-quant.gguf"
-  G.export_gguf({"params": params}, config, meta, tok_gguf, "f32", arch="qwen3")
+  G.export_gguf({"params": params}, config, meta, tok_gguf, "f32", arch=ARCH[family])
   ckpt, out = tmp_path / "q.safetensors", tmp_path / "q.gguf"
   assert cli.main(["quantize", "--model", str(src), "--recipe", "gguf-q8_0", "--no-eval",
                    "--out", str(ckpt)]) == 0
   export = ["export", str(ckpt), "--format", "gguf", "--out", str(out)]
   other = tmp_path / "other.gguf"   # the same vocabulary without its merges: other ids
   G.export_gguf({"params": params}, config, {**meta, "tokenizer.ggml.merges": meta[
-      "tokenizer.ggml.merges"][:5]}, other, "f32", arch="qwen3")
+      "tokenizer.ggml.merges"][:5]}, other, "f32", arch=ARCH[family])
   capsys.readouterr()
+  bigger_src = tiny_hf(family, name="bigger", vocab_size=config.vocab_size + 12)
+  bigger_cfg, bigger_params = hf.load_weights(bigger_src)
+  bigger = tmp_path / "bigger.gguf"   # another model's tokenizer, of another vocabulary size
+  G.export_gguf({"params": bigger_params}, bigger_cfg,
+                {**_tokenizer_metadata(bigger_src, bigger_cfg.vocab_size),
+                 "tokenizer.ggml.eos_token_id": 4}, bigger, "f32", arch=ARCH[family])
   for argv, match in ((export, "pass --tokenizer-gguf PATH"),
                       ([*export, "--tokenizer-gguf", str(other)],
                        "differently from the checkpoint's tokenizer"),
+                      ([*export, "--tokenizer-gguf", str(bigger)],
+                       f"{config.vocab_size + 12} tokens, the model's vocab_size is "
+                       f"{config.vocab_size}"),
                       (["export", str(ckpt), "--format", "compressed-tensors", "--out",
                         str(tmp_path / "ct"), "--tokenizer-gguf", str(tok_gguf)],
                        "--tokenizer-gguf applies to --format gguf only")):

@@ -143,3 +143,51 @@ def test_learned_rounding_from_the_cli_on_the_users_own_text(tiny_hf, tmp_path, 
   header = jqio.load_header(out)
   assert header["metadata"]["quality"]["kl"] > 0
   assert cli.main(["eval", str(out), "--json", *SMALL]) == 0
+
+
+def test_generate_without_a_chat_template_asks_for_raw(tiny_hf, tmp_path, capsys):
+  """A checkpoint whose tokenizer_config.json has no chat_template: generate refuses to wrap the
+  prompt in another model's format (it used SmolLM2's ChatML and system prompt, silently),
+  naming --raw; with --raw it continues the prompt."""
+  path = tiny_hf("llama")
+  cfg = json.loads((path / "tokenizer_config.json").read_text())
+  del cfg["chat_template"]
+  (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "w8a16", "--no-eval",
+                   "--out", str(out)]) == 0
+  capsys.readouterr()
+  assert cli.main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "2"]) == 1
+  err = capsys.readouterr().err
+  assert "no chat template" in err and "--raw" in err
+  assert cli.main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "2",
+                   "--raw"]) == 0
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_an_out_nothing_can_be_written_in_is_refused_before_the_work(tiny_hf, tmp_path, capsys):
+  """``--out`` in a directory nothing can be created in (``/proc``; root's permission check says
+  yes to it) is refused before loading, naming the flag, not after quantizing."""
+  path = tiny_hf("llama")
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "w8a16", "--no-eval",
+                   "--out", "/proc/q.safetensors"]) == 1
+  err = capsys.readouterr()
+  assert "--out /proc/q.safetensors: cannot write in /proc" in err.err
+  assert "quantizing" not in err.out
+  ckpt = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "w8a16", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  capsys.readouterr()
+  assert cli.main(["export", str(ckpt), "--format", "compressed-tensors", "--out",
+                   "/proc/ct"]) == 1
+  assert "--out /proc/ct: cannot write in /proc" in capsys.readouterr().err
+
+
+def test_more_eval_windows_than_the_text_holds_are_said(tiny_hf, tmp_path):
+  path = tiny_hf("llama")
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "w8a16", "--no-eval",
+                   "--out", str(out)]) == 0
+  with pytest.warns(UserWarning, match=r"--eval-windows 100000: the evaluation text holds \d+ "
+                    "windows of 64 tokens; evaluating those"):
+    assert cli.main(["eval", str(out), "--eval-windows", "100000", "--window", "64"]) == 0

@@ -140,3 +140,27 @@ def test_gguf_export_of_a_hugging_face_source_is_refused_clearly(tiny_hf, tmp_pa
   assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
                    str(tmp_path / "missing" / "x.gguf")]) == 1
   assert "--out" in capsys.readouterr().err
+
+
+def test_gguf_requantize_counts_each_changed_tensor_once(tiny_hf, tmp_path, capsys):
+  """``--type q4_k --requantize`` on rows of 64: each kernel falls back to Q5_0 and is re-rounded
+  (two lines, one tensor); the summary counts tensors, not lines (it said twice as many)."""
+  from jq.io import gguf as G
+  from jq_models import hf
+  from test_gguf_families import _tokenizer_metadata
+  src = tiny_hf("llama")
+  config, params = hf.load_weights(src)
+  tok = tmp_path / "tok.gguf"
+  G.export_gguf({"params": params}, config, {**_tokenizer_metadata(src, config.vocab_size),
+                                              "tokenizer.ggml.eos_token_id": 4}, tok, "f32")
+  ckpt = tmp_path / "w4.safetensors"
+  _quantize(src, ckpt, "w4a16-g32")
+  capsys.readouterr()
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--type", "q4_k", "--requantize",
+                   "--out", str(tmp_path / "q4k.gguf"), "--tokenizer-gguf", str(tok)]) == 0
+  printed = capsys.readouterr().out
+  lines = printed.splitlines()
+  rerounded = {line.split()[0].rstrip(":") for line in lines if "re-rounded" in line}
+  fallbacks = {line.split()[0] for line in lines if "falls back to Q5_0" in line}
+  assert len(rerounded) >= 7 and fallbacks == rerounded, printed
+  assert f"\n{len(rerounded)} tensors changed grid" in printed, printed

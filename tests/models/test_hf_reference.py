@@ -101,8 +101,8 @@ def test_yarn_rope_scaling_matches_transformers(tiny_hf, family, scaling):
 ], ids=["longrope-long-factors", "phi3-mini-4k-sliding", "rope-parameters-whole-heads"])
 def test_phi3_variants_match_transformers(tiny_hf, fields, length):
   """Phi-3 as its checkpoints come: LongRoPE past the original context (the long factors; a
-  greedy generation that crosses it switches from the short ones as transformers' does, keeping
-  the keys cached before), Phi-3-mini-4k's plain RoPE with a sliding window on every layer and
+  greedy generation that crosses it recomputes its cache with them, as transformers' does),
+  Phi-3-mini-4k's plain RoPE with a sliding window on every layer and
   an untied head, and transformers 5's ``rope_parameters`` (LongRoPE over whole heads, a given
   attention factor); the fused qkv_proj / gate_up_proj read as jq's separate projections."""
   path = tiny_hf("phi3", tokenizer=False, seed=6, **fields)

@@ -199,3 +199,23 @@ def test_phi3_gguf_is_fused_and_reads_back_and_runs_in_llama_cpp(tiny_hf, tmp_pa
     got = np.asarray(llm.scores[:n], np.float32)
     want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
     assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, n_ctx
+
+
+def test_cached_generation_past_the_original_context_equals_full_forwards(tiny_hf):
+  """LongRoPE switches to the long factors once a sequence grows past the original context; the
+  keys cached before were rotated with the short ones, so (as transformers' Phi-3) the cache is
+  recomputed then: cached greedy decoding equals greedy decoding by full forwards (without the
+  recompute the tokens part after the switch)."""
+  config, params = hf.load_weights(tiny_hf("phi3", tokenizer=False, seed=6,
+                                           original_max_position_embeddings=8))
+  ids = np.random.default_rng(4).integers(0, config.vocab_size, 6)
+  model = decoder.Decoder(config)
+  got = decoder.greedy_generate(model.apply, params, ids, 20, config=config)
+  seq = list(ids)
+  for _ in range(20):
+    seq.append(int(np.argmax(np.asarray(model.apply({"params": params}, jnp.asarray([seq])))[0,
+                                                                                          -1])))
+  assert np.asarray(got).tolist() == seq[6:]
+  batch = decoder.greedy_generate(model.apply, params, np.stack([ids, ids]), 20, config=config,
+                                  eos_id=int(seq[7]))   # (a row that ended before the
+  assert np.asarray(batch)[0].tolist() == seq[6:8] + [seq[7]] * 18   # recompute stays ended)

@@ -617,6 +617,8 @@ def gguf_to_params(tensors: Mapping[str, QArray | np.ndarray], metadata: Mapping
   inv_block = {v: k for k, v in {**_BLOCK_KERNELS, **_BLOCK_NORMS}.items()}
   params: dict[str, Any] = {}
   for gname, x in tensors.items():
+    if gname == "rope_freqs.weight":
+      continue   # Llama 3.1's RoPE scaling: the config's (gguf_weights.read_config reads it)
     base = gname.removesuffix(".weight")
     if base in inv_globals:
       path, kind = inv_globals[base], base
