@@ -640,8 +640,7 @@ def _check_gguf_tokenizer(model: Any, path: str) -> None:
 
 
 def cmd_export(args) -> int:
-  out = Path(args.out)   # checked before the model loads and the work is done
-  if args.format == "gguf":
+  if args.format == "gguf":   # --out checked before the model loads and the work is done
     _check_out_file(args.out)
   else:   # compressed-tensors: a directory
     _check_out_dir(args.out)
