@@ -25,12 +25,20 @@ from jq.ptq import pipeline, recipes
 from jq.spec import Rule, SKIP_PATTERNS
 
 
-def check_context(model, length: int, what: str) -> None:
-  """A sequence longer than the model's context would be run anyway (RoPE extrapolates) and may
-  not fit in memory: refused, naming the flag."""
-  limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+DEFAULT_LENGTH = 512   # tokens per calibration sequence / evaluation window unless told
+
+
+def context_length(config, length: int | None, what: str) -> int:
+  """The sequence length to run a model of ``config`` at: ``length`` if given, else
+  :data:`DEFAULT_LENGTH` or the model's whole context where that is shorter.  A given length
+  longer than the context would be run anyway (RoPE extrapolates) and may not fit in memory:
+  refused, naming the flag (``what``)."""
+  limit = getattr(config, "max_seq_len", None)
+  if length is None:
+    return DEFAULT_LENGTH if limit is None else min(DEFAULT_LENGTH, limit)
   if limit is not None and length > limit:
     raise ValueError(f"{what} = {length} exceeds the model's context of {limit} tokens")
+  return length
 
 
 def float_variables(model) -> Any:
@@ -42,19 +50,21 @@ def float_variables(model) -> Any:
 
 
 def quantize_model(model, rules: Sequence[Rule], *, ptq_config: pipeline.PTQConfig | None = None,
-                   calib_sequences: int = 32, calib_len: int = 512, calib_text: str = "news",
-                   progress: bool = False) -> tuple[Any, Any, list[str]]:
+                   calib_sequences: int = 32, calib_len: int | None = None,
+                   calib_text: str = "news", progress: bool = False) -> tuple[Any, Any, list[str]]:
   """Returns ``(qvars, ref_vars, log)``: the quantized tree, the float tree it approximates
   (with any AWQ/SmoothQuant scales folded in) and notes from calibration.
 
   The algorithms' options come from the rules (``Rule.options``); ``ptq_config`` only says how
   the block-wise pipeline runs (sequential, chunk, sample_tokens).  ``calib_text``: a causal
-  LM's calibration text (``jq_models.registry.calibration_text``: news, shakespeare or a file)."""
+  LM's calibration text (``jq_models.registry.calibration_text``: news, shakespeare or a file);
+  ``calib_len``: tokens per sequence (default: :func:`context_length`)."""
   from jq.ptq import quantize_model as calibrated  # pylint: disable=import-outside-toplevel
   rules = tuple(rules)
   if model.kind == "causal_lm":
     if recipes.needs_calibration(rules):   # the generic road: blocks found in the module tree
-      check_context(model, calib_len, "--calib-len (calibration sequence length)")
+      calib_len = context_length(model.config, calib_len,
+                                 "--calib-len (calibration sequence length)")
       cfg = ptq_config or pipeline.PTQConfig()
       try:
         calib = model.calibration_tokens(calib_sequences, calib_len, calib_text)
@@ -130,19 +140,20 @@ def _logits_fns(model, qvars, kv_cache: kvc.KVKind = kvc.KVKind.NONE):
   return (lambda t: f_apply(fvars, t)), (lambda t: q_apply(qvars, t))
 
 
-def evaluate(model, qvars, *, windows: int = 8, window: int = 512, progress: bool = False,
+def evaluate(model, qvars, *, windows: int = 8, window: int | None = None, progress: bool = False,
              kv_cache: str | kvc.KVKind = "none") -> dict[str, Any]:
   """Quality of ``qvars`` against the float model on held-out text.
 
   Causal LM: perplexity of both, mean KL(float || quant), top-1 agreement, tokens/s, over
-  ``windows`` disjoint windows of ``window`` tokens.  Encoder: mean/min cosine similarity of
-  sentence embeddings on held-out sentences.  ``kv_cache`` (``"int8"``, ``"fp8"``; decoders
-  only): the quantized model reads keys and values as that cache stores them (the float model
-  keeps float ones), and the cache's bytes per token are reported (:func:`kv_cache_memory`).
+  ``windows`` disjoint windows of ``window`` tokens (default: :func:`context_length`).  Encoder:
+  mean/min cosine similarity of sentence embeddings on held-out sentences.  ``kv_cache``
+  (``"int8"``, ``"fp8"``; decoders only): the quantized model reads keys and values as that
+  cache stores them (the float model keeps float ones), and the cache's bytes per token are
+  reported (:func:`kv_cache_memory`).
   """
   kind = _kv_kind(model, kv_cache)
   if model.kind == "causal_lm":
-    check_context(model, window, "--window (evaluation window)")
+    window = context_length(model.config, window, "--window (evaluation window)")
     tokens = model.eval_tokens()
     need = windows * window
     if len(tokens) < window:

@@ -187,7 +187,7 @@ def _quantize(args) -> int:
   rules = _with_head(args, rules, model.config.tie_embeddings if model.kind == "causal_lm"
                      else None)
   if not args.no_eval and model.kind == "causal_lm":   # before the work, not after it
-    app.check_context(model, args.window, "--window (evaluation window)")
+    app.context_length(model.config, args.window, "--window (evaluation window)")
   _print(f"quantizing with {recipe} ...")
   t1 = time.perf_counter()
   qvars, ref_vars, log = _quantize_model(model, rules, args, cfg)
@@ -201,6 +201,7 @@ def _quantize(args) -> int:
   rows = jqtree.report(ref_vars, qvars, stored=fvars)
   _print("\nworst layers by SQNR:")
   _print(jqtree.format_report(rows, limit=args.worst))
+  _note_partial_groups(recipe, qvars)
   quality = {}
   if not args.no_eval:
     _print("\nevaluating on held-out text ...")
@@ -216,6 +217,28 @@ def _quantize(args) -> int:
   _print(f"\nwrote {out} ({_fmt_bytes(out.stat().st_size)})")
   _wait_for_process_0(args, str(out))
   return 0
+
+
+# recipes named for the format whose grid they match exactly
+_EXACT_FOR = {"gguf-q8_0": "GGUF Q8_0", "gguf-q4_0": "GGUF Q4_0",
+              "ct-w4a16": "compressed-tensors W4A16"}
+
+
+def _note_partial_groups(recipe: str, qvars: Any) -> None:
+  """A recipe made to export exactly (``gguf-q8_0``, ``ct-w4a16``) on a model whose linears'
+  inputs its group does not divide: those tensors end in a partial group, which the format cannot
+  store as it is, so their export will fall back or re-round; said now, by name."""
+  from jq import tree as jqtree
+  if recipe not in _EXACT_FOR:
+    return
+  partial = [(p, tuple(x.shape)) for p, x in jqtree.leaves_with_paths(qvars)
+             if jqtree.is_qarray(x) and any(s % t for s, t in zip(x.shape, x.tile))]
+  if partial:
+    p, shape = partial[0]
+    _print(f"note: {len(partial)} tensors end in a partial group (e.g. {p}, shape {shape}): "
+           f"{recipe}'s group does not divide their input, so {_EXACT_FOR[recipe]} cannot hold "
+           "them as they are: GGUF export writes them as float (named), compressed-tensors "
+           "export needs --requantize (a group that divides the input, named)")
 
 
 def _streamed(args, rules) -> bool:
@@ -263,6 +286,7 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
   """``quantize`` tensor by tensor from the checkpoint's files into a sharded jq directory."""
   import jax
   import jax.numpy as jnp
+  from jq import app
   from jq import nn as jqnn
   from jq import stream
   from jq.io import sharded
@@ -294,8 +318,10 @@ def _quantize_streamed(args, rules, recipe: str, t0: float) -> int:
     from jq.ptq import onload
     from jq_models import blockwise
     try:
+      calib_len = app.context_length(config, args.calib_len,
+                                     "--calib-len (calibration sequence length)")
       calib = registry.calibration_tokens(hf.load_tokenizer(directory), args.calib_sequences,
-                                          args.calib_len, args.calib_text)
+                                          calib_len, args.calib_text)
     except ValueError as e:
       raise ValueError(f"--calib-sequences/--calib-len/--calib-text: {e}") from e
     res = onload.quantize_onloaded(blockwise.onload_blocks(config), sources, rules, calib, out,
@@ -601,21 +627,12 @@ def _check_out_file(out: str) -> None:
   _probe_writable(parent, out)
 
 
-# probe texts for --tokenizer-gguf: spaces, digits, punctuation, accents, CJK, code, newlines
-_TOKENIZER_PROBES = ("Hello world!", "  two  spaces\tand a tab\n\nnew paragraph",
-                     "In 2024, 1,234,567 people paid $89.99 (or 12%).", "naïve café, Zürich",
-                     "東京は日本の首都です。", "def f(x):\n    return x ** 2  # square",
-                     "don't won't I'm you're", "A" * 40 + " " + "z" * 17)
-
-
 def _check_gguf_tokenizer(model: Any, path: str) -> None:
   """``--tokenizer-gguf``: the GGUF's tokenizer must turn text into the model's own token ids
   (probe strings and a passage of the calibration text), its special ids too; else refused,
   naming the first text that differs."""
-  from jq_models import registry
   from jq_models import tokenizer as gguf_tokenizer
-  ours = getattr(model, "tokenizer", None)
-  if ours is None:
+  if getattr(model, "tokenizer", None) is None:
     raise ValueError(f"--tokenizer-gguf {path}: {model.name} has no tokenizer to check it against")
   try:
     theirs = gguf_tokenizer.load_tokenizer(path)
@@ -625,18 +642,49 @@ def _check_gguf_tokenizer(model: Any, path: str) -> None:
   if vocab is not None and theirs.vocab_size != vocab:
     raise ValueError(f"--tokenizer-gguf {path}: {theirs.vocab_size} tokens, the model's "
                      f"vocab_size is {vocab}: not this model's tokenizer")
-  for what in ("bos_id", "eos_id"):
-    if getattr(ours, what) is not None and getattr(theirs, what) != getattr(ours, what):
-      raise ValueError(f"--tokenizer-gguf {path}: its {what} is {getattr(theirs, what)}, the "
-                       f"checkpoint's {getattr(ours, what)}: not this model's tokenizer")
+  problem = _tokenization_difference(model, theirs)
+  if problem:
+    raise ValueError(f"--tokenizer-gguf {path}: {problem}, unlike the checkpoint's tokenizer: "
+                     "pass a GGUF of this model")
+
+
+def _tokenization_difference(model: Any, theirs: Any) -> str | None:
+  """How ``theirs`` tokenizes the probe texts and a passage of the calibration text differently
+  from ``model``'s own tokenizer (``None``: identically), apart from what differs by design
+  between transformers and llama.cpp (printed)."""
+  from jq_models import gguf_vocab, registry
+  from jq_models import tokenizer as gguf_tokenizer
   passage = registry.calibration_text("news")[:2000]
-  for text in (*_TOKENIZER_PROBES, passage):
-    a, b = ours.encode(text, add_bos=False), theirs.encode(text, add_bos=False)
-    if a != b:
-      i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-      raise ValueError(f"--tokenizer-gguf {path}: tokenizes {text[:40]!r} differently from the "
-                       f"checkpoint's tokenizer (first at token {i}: {b[i:i + 3]} vs "
-                       f"{a[i:i + 3]}); pass a GGUF of this model")
+  texts, notes = gguf_vocab.comparable_texts(model.tokenizer,
+                                             (*gguf_tokenizer.PROBE_TEXTS, passage))
+  for line in notes:
+    _print(f"note: {line}")
+  return gguf_tokenizer.tokenization_difference(model.tokenizer, theirs, texts)
+
+
+def _converted_tokenizer(model: Any, ckpt: str) -> dict[str, Any]:
+  """GGUF ``tokenizer.*`` metadata converted from a Hugging Face checkpoint's ``tokenizer.json``,
+  checked to tokenize as the checkpoint does once llama.cpp's way of running it is rebuilt."""
+  from jq_models import gguf_vocab
+  from jq_models import tokenizer as gguf_tokenizer
+  how = ("pass --tokenizer-gguf PATH (a GGUF of the same model, e.g. any quantization of it) or "
+         "use --format compressed-tensors")
+  try:
+    meta = gguf_vocab.gguf_tokenizer_metadata(model.tokenizer, model.config.vocab_size)
+    theirs = gguf_tokenizer.tokenizer_from_metadata(meta)
+  except ValueError as e:
+    raise ValueError(f"{ckpt}: --format gguf: {model.name}'s tokenizer cannot be written for "
+                     f"llama.cpp: {e}; {how}") from e
+  kind = meta["tokenizer.ggml.model"] + (f", pre-tokenizer {meta['tokenizer.ggml.pre']}"
+                                         if "tokenizer.ggml.pre" in meta else "")
+  problem = _tokenization_difference(model, theirs)
+  if problem:
+    raise ValueError(f"{ckpt}: --format gguf: {model.name}'s tokenizer.json converted for "
+                     f"llama.cpp ({kind}) does not tokenize as the checkpoint does: {problem}; "
+                     f"{how}")
+  _print(f"tokenizer: tokenizer.json converted for llama.cpp ({kind}); it tokenizes the probe "
+         "texts and a passage of news as the checkpoint does")
+  return meta
 
 
 def cmd_export(args) -> int:
@@ -666,14 +714,17 @@ def cmd_export(args) -> int:
                      f"{', '.join(features)} — {what} would run it differently"
                      + ("" if hf_source or arch else " (compressed-tensors export of the other "
                         "families needs a Hugging Face source checkpoint)"))
-  tokenizer_gguf = None
+  tokenizer_gguf, tokenizer_meta = None, None
   if args.format == "gguf":
     tokenizer_gguf = args.tokenizer_gguf or getattr(model, "gguf_path", None)
-    if tokenizer_gguf is None:
-      raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from a GGUF, and "
-                       f"{model.name} was not loaded from one: pass --tokenizer-gguf PATH (a "
-                       "GGUF of the same model, e.g. any quantization of it; checked to tokenize "
-                       "as this checkpoint does) or use --format compressed-tensors")
+    if tokenizer_gguf is None and hf_source and getattr(model, "tokenizer", None) is not None:
+      tokenizer_meta = _converted_tokenizer(model, args.ckpt)
+    elif tokenizer_gguf is None:
+      raise ValueError(f"{args.ckpt}: --format gguf carries the tokenizer over from a GGUF or "
+                       f"a Hugging Face tokenizer.json, and {model.name} has neither: pass "
+                       "--tokenizer-gguf PATH (a GGUF of the same model, e.g. any quantization "
+                       "of it; checked to tokenize as this checkpoint does) or use --format "
+                       "compressed-tensors")
     if args.tokenizer_gguf:
       _check_gguf_tokenizer(model, args.tokenizer_gguf)
   elif args.tokenizer_gguf:
@@ -686,7 +737,7 @@ def cmd_export(args) -> int:
     types = export_model(model, qvars, args.out, ggml_type=args.type,
                          embed_type=args.embed_type, requantize=args.requantize, notes=notes,
                          extra_metadata=record, arch=arch, progress=True,
-                         source_gguf=tokenizer_gguf)
+                         source_gguf=tokenizer_gguf, tokenizer_meta=tokenizer_meta)
     counts: dict[str, int] = {}
     for t in types.values():
       counts[getattr(t, "name", str(t))] = counts.get(getattr(t, "name", str(t)), 0) + 1
@@ -708,9 +759,13 @@ def cmd_export(args) -> int:
     summary = ""
   for line in notes:
     _print("  " + line)
-  changed = len({line.split()[0].rstrip(":") for line in notes if line.startswith("params/")})
-  if changed:
-    _print(f"{changed} tensors changed grid (listed above)")
+  def count(what: str) -> int:
+    return len({line.split()[0].rstrip(":") for line in notes
+                if line.startswith("params/") and what in line})
+  for n, what in ((count(": re-rounded"), "changed grid"),
+                  (count(" falls back to "), "written in another type than asked")):
+    if n:
+      _print(f"{n} tensors {what} (listed above)")
   if summary:
     _print(summary)
   _print(f"wrote {args.out}")
@@ -754,8 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
   def eval_opts(sp):
     sp.add_argument("--eval-windows", type=_at_least(1), default=8,
                     help="evaluation windows (default 8)")
-    sp.add_argument("--window", type=_at_least(2), default=512,
-                    help="tokens per window (default 512)")
+    sp.add_argument("--window", type=_at_least(2), default=None,
+                    help="tokens per window (default 512, or the model's context if shorter)")
 
   def kv_opt(sp, what):
     sp.add_argument("--kv-cache", choices=kv_cache.KINDS, default="none",
@@ -815,7 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="several processes: how long one waits for the others at each step "
                  "(default 1800 s)")
   q.add_argument("--calib-sequences", type=_at_least(1), default=32)
-  q.add_argument("--calib-len", type=_at_least(2), default=512)
+  q.add_argument("--calib-len", type=_at_least(2), default=None,
+                 help="tokens per calibration sequence (default 512, or the model's context if "
+                 "shorter)")
   q.add_argument("--calib-text", default="news", metavar="SOURCE",
                  help="calibration text of a causal LM: news (default: the calibration split of "
                  "the bundled articles), shakespeare, or the path of a UTF-8 text file")
@@ -863,9 +920,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="allow re-rounding where jq's grid has no exact equivalent (each changed "
                  "tensor is listed)")
   x.add_argument("--tokenizer-gguf", metavar="PATH",
-                 help="--format gguf of a Hugging Face checkpoint: the GGUF whose tokenizer to "
-                 "carry over (any GGUF of the same model; checked to tokenize as the checkpoint "
-                 "does)")
+                 help="--format gguf: the GGUF whose tokenizer to carry over (any GGUF of the "
+                 "same model; checked to tokenize as the checkpoint does).  Default: the "
+                 "model's own GGUF, or a Hugging Face checkpoint's tokenizer.json converted "
+                 "(byte-level or SentencePiece BPE; checked the same way)")
   x.set_defaults(fn=cmd_export)
   return p
 

@@ -28,8 +28,9 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
@@ -44,15 +45,17 @@ _GPT2_PRE = ("gpt2", "gpt-2", "default", "mpt", "olmo", "jais")
 # llama.cpp's LLAMA3 regex (Llama 3's tokenizer.json; digits in groups of up to three). These
 # pre-tokenizers also set ignore_merges (a word that is a whole token is not re-merged) and add BOS.
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-               "lfm2", "dbrx", "smaug-bpe")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+               "lfm2")
+# The same regex without ignore_merges or a default BOS (as llama.cpp reads these names).
+_GPT4_PRE = ("dbrx", "smaug-bpe")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp's QWEN2 regex (Qwen2's tokenizer.json; every digit on its own).
 _QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp token types (tokenizer.ggml.token_type).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "\u2581"  # SentencePiece's "▁"
 # Tokens that end generation besides EOS, found by their text as llama.cpp does (its EOG list).
 _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
@@ -191,18 +194,18 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, str]], *
     raise ValueError(f"chat template: {e}") from e
 
 
-def _field(reader, key: str, default=None, *, required: bool = False):
-  if key not in reader.fields:
+def _field(meta: Mapping[str, Any], key: str, default=None, *, required: bool = False):
+  if key not in meta:
     if required:
       raise GGUFError(f"GGUF metadata key {key!r} is missing (no tokenizer in this file?)")
     return default
-  return reader.fields[key].contents()
+  return meta[key]
 
 
-def _array(reader, key: str, kind: type | tuple[type, ...], n: int | None = None, *,
-           required: bool = True) -> list | None:
+def _array(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...],
+           n: int | None = None, *, required: bool = True) -> list | None:
   """The array ``key``, checked to hold ``kind`` values (``n`` of them when given)."""
-  value = _field(reader, key, required=required)
+  value = _field(meta, key, required=required)
   if value is None:
     return None
   if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
@@ -214,9 +217,10 @@ def _array(reader, key: str, kind: type | tuple[type, ...], n: int | None = None
   return value
 
 
-def _token_id(reader, key: str, n_tokens: int, default: int | None = None) -> int | None:
+def _token_id(meta: Mapping[str, Any], key: str, n_tokens: int,
+              default: int | None = None) -> int | None:
   """Special token id ``key`` (``default`` when absent), checked to lie in the vocabulary."""
-  value = _field(reader, key)
+  value = _field(meta, key)
   if value is None:
     return default if default is not None and default < n_tokens else None
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_tokens:
@@ -225,8 +229,8 @@ def _token_id(reader, key: str, n_tokens: int, default: int | None = None) -> in
   return value
 
 
-def _flag(reader, key: str, default: bool) -> bool:
-  value = _field(reader, key)
+def _flag(meta: Mapping[str, Any], key: str, default: bool) -> bool:
+  value = _field(meta, key)
   if value is None:
     return default
   if not isinstance(value, (bool, int)):
@@ -237,8 +241,8 @@ def _flag(reader, key: str, default: bool) -> bool:
 def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
   """Byte-level pre-tokenizer for llama.cpp's ``tokenizer.ggml.pre`` name, and whether the name
   is one of llama.cpp's LLAMA3 family (``ignore_merges`` on, BOS added by default)."""
-  if pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
-    split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT
+  if pre in _LLAMA3_PRE or pre in _GPT4_PRE or pre in _QWEN2_PRE:
+    split = QWEN2_SPLIT if pre in _QWEN2_PRE else LLAMA3_SPLIT
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), pre in _LLAMA3_PRE
@@ -248,20 +252,20 @@ def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
                                     byte_level]), False
   if pre in _GPT2_PRE:
     return byte_level, False
-  raise GGUFError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: "
-                  f"{', '.join(_LLAMA3_PRE + _QWEN2_PRE + _DIGIT_SPLIT_PRE + _GPT2_PRE)}")
+  known = _LLAMA3_PRE + _GPT4_PRE + _QWEN2_PRE + _DIGIT_SPLIT_PRE + _GPT2_PRE
+  raise GGUFError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; known: {', '.join(known)}")
 
 
-def _byte_level_bpe(reader, vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, bool]:
+def _byte_level_bpe(meta, vocab: dict[str, int]) -> tuple[tokenizers.Tokenizer, bool]:
   """``tokenizer.ggml.model = gpt2``: the backend and llama.cpp's default for adding BOS."""
-  merges = _array(reader, "tokenizer.ggml.merges", str)
+  merges = _array(meta, "tokenizer.ggml.merges", str)
   pairs = []
   for m in merges:
     a, sep, b = m.partition(" ")
     if not sep or not a or not b:
       raise GGUFError(f"GGUF tokenizer.ggml.merges: malformed merge {m!r}")
     pairs.append((a, b))
-  pre = _field(reader, "tokenizer.ggml.pre", "default")
+  pre = _field(meta, "tokenizer.ggml.pre", "default")
   pre_tokenizer, llama3 = _pre_tokenizer(pre)
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
                                             byte_fallback=False, ignore_merges=llama3))
@@ -325,16 +329,23 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
       pre-tokenizer, or missing/inconsistent tokenizer metadata (the message names the key).
   """
   reader = open_gguf(fetch.fetch(fetch.SMOLLM2_GGUF) if path is None else path)
-  kind = _field(reader, "tokenizer.ggml.model", required=True)
+  return tokenizer_from_metadata({k: f.contents() for k, f in reader.fields.items()
+                                  if k.startswith("tokenizer.")})
+
+
+def tokenizer_from_metadata(meta: Mapping[str, Any]) -> Tokenizer:
+  """The tokenizer of GGUF ``tokenizer.*`` metadata (as :func:`load_tokenizer` reads it from a
+  file, or as ``jq_models.gguf_vocab`` writes it), built as llama.cpp runs it."""
+  kind = _field(meta, "tokenizer.ggml.model", required=True)
   if kind not in ("gpt2", "llama"):
     raise GGUFError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' "
                     "(byte-level BPE), 'llama' (SentencePiece BPE)")
-  tokens = _array(reader, "tokenizer.ggml.tokens", str)
+  tokens = _array(meta, "tokenizer.ggml.tokens", str)
   n = len(tokens)
   if n == 0:
     raise GGUFError("GGUF metadata key 'tokenizer.ggml.tokens' is empty")
   tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # llama.cpp's name for ""
-  types = _array(reader, "tokenizer.ggml.token_type", int, n, required=False) or [_NORMAL] * n
+  types = _array(meta, "tokenizer.ggml.token_type", int, n, required=False) or [NORMAL] * n
   vocab = {t: i for i, t in enumerate(tokens)}
   if len(vocab) != n:
     seen: set[str] = set()
@@ -343,23 +354,23 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 
   spm = kind == "llama"
   # llama.cpp's defaults: SentencePiece vocabularies start <unk>, <s>, </s>.
-  bos = _token_id(reader, "tokenizer.ggml.bos_token_id", n, 1 if spm else None)
-  eos = _token_id(reader, "tokenizer.ggml.eos_token_id", n, 2 if spm else None)
-  unk = _token_id(reader, "tokenizer.ggml.unknown_token_id", n, 0 if spm else None)
-  pad = _token_id(reader, "tokenizer.ggml.padding_token_id", n)
+  bos = _token_id(meta, "tokenizer.ggml.bos_token_id", n, 1 if spm else None)
+  eos = _token_id(meta, "tokenizer.ggml.eos_token_id", n, 2 if spm else None)
+  unk = _token_id(meta, "tokenizer.ggml.unknown_token_id", n, 0 if spm else None)
+  pad = _token_id(meta, "tokenizer.ggml.padding_token_id", n)
   if spm:
-    scores = _array(reader, "tokenizer.ggml.scores", (int, float), n)
+    scores = _array(meta, "tokenizer.ggml.scores", (int, float), n)
     backend = _sentencepiece_bpe(
         tokens, scores, vocab, unk_id=unk,
-        add_space_prefix=_flag(reader, "tokenizer.ggml.add_space_prefix", True))
+        add_space_prefix=_flag(meta, "tokenizer.ggml.add_space_prefix", True))
     add_bos_default = True
   else:
-    backend, add_bos_default = _byte_level_bpe(reader, vocab)
+    backend, add_bos_default = _byte_level_bpe(meta, vocab)
 
   special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-             for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)]
+             for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
   user = [tokenizers.AddedToken(tokens[i], special=False, normalized=False)
-          for i, t in enumerate(types) if t == _USER_DEFINED]
+          for i, t in enumerate(types) if t == USER_DEFINED]
   backend.add_special_tokens(special)
   if user:
     backend.add_tokens(user)
@@ -367,7 +378,31 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
   stops = [eos] if eos is not None else []
   stops += [vocab[t] for t in _EOG_TEXTS if t in vocab and vocab[t] != eos]
   return Tokenizer(backend, bos_id=bos, eos_id=eos, pad_id=pad,
-                   add_bos=_flag(reader, "tokenizer.ggml.add_bos_token", add_bos_default),
-                   add_eos=_flag(reader, "tokenizer.ggml.add_eos_token", False),
+                   add_bos=_flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default),
+                   add_eos=_flag(meta, "tokenizer.ggml.add_eos_token", False),
                    stop_ids=stops,
-                   chat_template=_field(reader, "tokenizer.chat_template"))
+                   chat_template=_field(meta, "tokenizer.chat_template"))
+
+
+# Texts two tokenizers of one model are compared on: spaces, digits, punctuation, accents, CJK,
+# code, newlines, long runs (a passage of real text is added by the callers).
+PROBE_TEXTS = ("Hello world!", "  two  spaces\tand a tab\n\nnew paragraph",
+               "In 2024, 1,234,567 people paid $89.99 (or 12%).", "naïve café, Zürich",
+               "東京は日本の首都です。", "def f(x):\n    return x ** 2  # square",
+               "don't won't I'm you're", "A" * 40 + " " + "z" * 17)
+
+
+def tokenization_difference(ours: Tokenizer, theirs: Tokenizer,
+                            texts: Iterable[str] = PROBE_TEXTS) -> str | None:
+  """Where ``theirs`` tokenizes differently from ``ours`` (BOS/EOS ids, the ids of the first
+  differing text), or ``None`` when they agree on all of ``texts``."""
+  for what in ("bos_id", "eos_id"):
+    if getattr(ours, what) is not None and getattr(theirs, what) != getattr(ours, what):
+      return f"its {what} is {getattr(theirs, what)}, not {getattr(ours, what)}"
+  for text in texts:
+    a, b = ours.encode(text, add_bos=False), theirs.encode(text, add_bos=False)
+    if a != b:
+      i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+      return (f"it tokenizes {text[:40]!r} differently (first at token {i}: {b[i:i + 3]} vs "
+              f"{a[i:i + 3]})")
+  return None

@@ -348,6 +348,33 @@ def test_llama_export_k_quants_and_fallback(tmp_path):
   assert err < 0.05 * np.abs(params["layers_0"]["attn"]["q_proj"]["kernel"]).max()
 
 
+def test_rows_no_block_divides_fall_back_to_float_by_name(tmp_path):
+  """Inputs of 80 / 112: a 32-block type (asked for, or Q4_K's Q5_0) falls back to F16 for a
+  float tensor (llama-quantize's last resort), to F32 for a QArray F16 cannot hold exactly (so
+  the export still computes the checkpoint's function), each named in the notes."""
+  cfg = {**CFG, "hidden_size": 80, "head_dim": 20, "intermediate_size": 112}
+  params = tiny_llama(np.random.default_rng(3), cfg)
+  for t in ("q8_0", "q4_k"):
+    notes = []
+    written = G.export_gguf(params, cfg, None, tmp_path / f"{t}.gguf", t, embed_type="q8_0",
+                            notes=notes)
+    assert written["blk.0.ffn_down.weight"] == written["token_embd.weight"] == T.F16, written
+    assert any(n.startswith("params/layers_0/mlp/down_proj/kernel (blk.0.ffn_down.weight): 112 "
+                            f"input columns are not a multiple of {32 if t == 'q8_0' else 256}, "
+                            f"so {t.upper()} falls back to F16") for n in notes), notes
+    assert len(notes) == 2 * 7 + 1
+  w = params["layers_1"]["mlp"]["up_proj"]["kernel"]
+  q = _quantize(w, jq.QuantSpec(qtype=jq.QType.INT8))   # one scale per column of 80
+  grid = dict(params, layers_1={**params["layers_1"], "mlp": {**params["layers_1"]["mlp"],
+                                                              "up_proj": {"kernel": q}}})
+  written = G.export_gguf(grid, cfg, None, tmp_path / "grid.gguf", "q8_0")
+  assert written["blk.1.ffn_up.weight"] == T.F32
+  _, back, _ = G.load_gguf_params(tmp_path / "grid.gguf")
+  assert np.array_equal(_deq(back["layers_1"]["mlp"]["up_proj"]["kernel"]), _deq(q))
+  written = G.export_gguf(grid, cfg, None, tmp_path / "grid16.gguf", "q8_0", requantize=True)
+  assert written["blk.1.ffn_up.weight"] == T.F16   # asked to round: F16, as llama-quantize
+
+
 def test_an_int8_embedding_is_written_as_q8_0_not_as_the_linears_type(tmp_path):
   """An int8 head (``jq.head_rule``) keeps 8 bits in GGUF without ``embed_type``: Q8_0, exact when
   its grid is Q8_0's, re-rounded (and reported) only in its block scales otherwise."""

@@ -151,3 +151,17 @@ def tiny_hf(tmp_path):
   def make(family: str, name: str | None = None, **kw) -> Path:
     return write_checkpoint(tmp_path / (name or family), family, **kw)
   return make
+
+
+def llama_cpp_error(path: Path, config, params, ids: list[int], n_ctx: int = 64) -> float:
+  """Max |llama.cpp's logits - jq's| / max |jq's| for ``ids`` through the GGUF at ``path`` and
+  jq's decoder of ``config`` / ``params`` (llama-cpp-python: callers skip without it)."""
+  import jax.numpy as jnp
+  import llama_cpp
+  from jq_models import decoder
+  llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                        n_threads=1)
+  llm.eval(ids)
+  got = np.asarray(llm.scores[:len(ids)], np.float32)
+  want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
+  return float(np.abs(got - want).max() / np.abs(want).max())

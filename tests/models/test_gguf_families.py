@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import llama_cpp_error
+
 from jq.io import decoder_names
 from jq_models import decoder, gguf_weights, hf, registry
 
@@ -244,7 +246,7 @@ def _tokenizer_metadata(src, vocab_size):
 def test_llama_cpp_runs_every_exported_architecture(tiny_hf, tmp_path, family):
   """Optional (needs llama-cpp-python): llama.cpp loads jq's export of each architecture and
   computes jq's logits (F32 tensors, so the comparison is of the architectures, not of rounding)."""
-  llama_cpp = pytest.importorskip("llama_cpp")
+  pytest.importorskip("llama_cpp")
   from jq.io import gguf as G
   src = tiny_hf(family, **OVERRIDES.get(family, {}))
   config, params = hf.load_weights(src)
@@ -252,12 +254,7 @@ def test_llama_cpp_runs_every_exported_architecture(tiny_hf, tmp_path, family):
   G.export_gguf({"params": params}, config, _tokenizer_metadata(src, config.vocab_size), out,
                 "f32", arch=ARCH[family])
   ids = [int(i) for i in np.random.default_rng(2).integers(3, config.vocab_size, 14)]
-  llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False,
-                        n_threads=1)
-  llm.eval(ids)
-  got = np.asarray(llm.scores[:len(ids)], np.float32)
-  want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
-  assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, family   # seen: 3e-4 .. 8e-4
+  assert llama_cpp_error(out, config, params, ids) < 2e-3, family   # seen: 3e-4 .. 8e-4
 
 
 def test_cli_evaluates_a_gemma2_gguf_like_its_checkpoint(tiny_hf, tmp_path, capsys):
@@ -312,11 +309,11 @@ def test_cli_quantizes_and_exports_a_moe_gguf(tiny_hf, tmp_path, capsys, family)
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(tiny_hf, tmp_path,
                                                                                capsys, family):
-  """A Hugging Face source has no GGUF tokenizer: ``--tokenizer-gguf`` takes one from any GGUF of
-  the model, after checking that it tokenizes as the checkpoint does (a GGUF of another
-  tokenizer is refused, naming the flag); the export evaluates to the checkpoint's KL (llama:
-  with Llama 3.1's RoPE scaling, whose rope_freqs tensor the llama reader took for a stray
-  tensor)."""
+  """A Hugging Face source has no GGUF tokenizer: by default its tokenizer.json is converted
+  (checked to tokenize as the checkpoint does); ``--tokenizer-gguf`` takes one from any GGUF of
+  the model instead, after the same check (a GGUF of another tokenizer is refused, naming the
+  flag); both exports evaluate to the checkpoint's KL (llama: with Llama 3.1's RoPE scaling,
+  whose rope_freqs tensor the llama reader took for a stray tensor)."""
   from jq import cli
   from jq.io import gguf as G
   src = tiny_hf(family)
@@ -338,9 +335,8 @@ def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(
   G.export_gguf({"params": bigger_params}, bigger_cfg,
                 {**_tokenizer_metadata(bigger_src, bigger_cfg.vocab_size),
                  "tokenizer.ggml.eos_token_id": 4}, bigger, "f32", arch=ARCH[family])
-  for argv, match in ((export, "pass --tokenizer-gguf PATH"),
-                      ([*export, "--tokenizer-gguf", str(other)],
-                       "differently from the checkpoint's tokenizer"),
+  for argv, match in (([*export, "--tokenizer-gguf", str(other)],
+                       "differently (first at token"),
                       ([*export, "--tokenizer-gguf", str(bigger)],
                        f"{config.vocab_size + 12} tokens, the model's vocab_size is "
                        f"{config.vocab_size}"),
@@ -351,9 +347,15 @@ def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(
     assert match in capsys.readouterr().err
   assert not out.exists()
   assert cli.main([*export, "--tokenizer-gguf", str(tok_gguf)]) == 0
+  converted = tmp_path / "converted.gguf"
+  assert cli.main([*export[:-1], str(converted)]) == 0
   capsys.readouterr()
   kl = []
-  for path in (ckpt, out):
+  for path in (ckpt, out, converted):
     assert cli.main(["eval", str(path), "--json", "--eval-windows", "1", "--window", "64"]) == 0
     kl.append(json.loads(capsys.readouterr().out)["kl"])
-  assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6
+  assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6 and abs(kl[0] - kl[2]) < 1e-6
+  written = G.read_gguf_metadata(converted)
+  assert written["tokenizer.ggml.pre"] == "gpt-2" and written["tokenizer.ggml.eos_token_id"] == 4
+  assert written["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
+  assert written["tokenizer.ggml.merges"] == meta["tokenizer.ggml.merges"]

@@ -336,7 +336,7 @@ BL_ID = {t: i for i, t in enumerate(BL_TOKENS)}
 BL_MERGE_STRINGS = [f"{a} {b}" for a, b in _BL_MERGES]
 
 
-@pytest.fixture(scope="module", params=["llama-bpe", "qwen2"])
+@pytest.fixture(scope="module", params=["llama-bpe", "dbrx", "qwen2"])
 def byte_level(request, tmp_path_factory):
   pre = request.param
   d = tmp_path_factory.mktemp(pre)
@@ -353,11 +353,11 @@ def _pieces(tok, text):
 def test_byte_level_splits_and_ids(byte_level):
   pre, _, tok = byte_level
   g = _G
-  if pre == "llama-bpe":
+  if pre in ("llama-bpe", "dbrx"):   # (the same regex)
     assert _pieces(tok, "Hello world 12345") == ["Hello", g + "world", g, "123", "45"]
     assert tok.encode("Hello world 12345", add_bos=False) == [
         BL_ID["Hello"], BL_ID[g + "world"], BL_ID[g], BL_ID["123"], BL_ID["45"]]
-    assert tok.add_bos  # llama.cpp's default for the LLAMA3 pre-tokenizers
+    assert tok.add_bos == (pre == "llama-bpe")  # llama.cpp's default for the LLAMA3 names
   else:
     assert _pieces(tok, "Hello world 12345") == ["Hello", g + "world", g, "1", "2", "3", "4",
                                                  "5"]
@@ -377,7 +377,8 @@ def test_byte_level_splits_and_ids(byte_level):
 
 def test_byte_level_ignore_merges(byte_level):
   """llama.cpp's LLAMA3 pre-tokenizers keep a word that is a whole token as that token
-  (ignore_merges); qwen2 builds it from the merges (here: none, so bytes)."""
+  (ignore_merges); qwen2 and dbrx (Llama 3's regex without it) build it from the merges (here:
+  none, so bytes)."""
   pre, _, tok = byte_level
   expected = [BL_ID["abc"]] if pre == "llama-bpe" else [BL_ID["a"], BL_ID["b"], BL_ID["c"]]
   assert tok.encode("abc", add_bos=False) == expected

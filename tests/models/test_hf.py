@@ -207,3 +207,28 @@ def test_awq_folds_into_gemma_norms_exactly(tiny_hf):
   assert np.abs(after - before).max() / np.abs(before).max() < 1e-5
   changed = res.ref["params"]["layers_0"]["input_norm"]["scale"]
   assert not np.allclose(changed, model.params["layers_0"]["input_norm"]["scale"])
+
+
+def test_cli_lengths_default_to_a_short_context(tiny_hf, tmp_path, capsys):
+  """A model with a context under 512 tokens quantizes, calibrates (in memory and streamed) and
+  evaluates without --window / --calib-len: they default to its context; given, longer is
+  refused."""
+  from jq import cli
+  from jq import io as jqio
+  path = tiny_hf("llama", max_position_embeddings=64)
+  out = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "awq-w4a16-g32", "--out",
+                   str(out), "--calib-sequences", "2", "--eval-windows", "2"]) == 0, \
+      capsys.readouterr().err
+  assert jqio.load_header(out)["metadata"]["quality"]["eval_tokens"] == 2 * 63
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "awq-w4a16-g32", "--stream",
+                   "--out", str(tmp_path / "s"), "--calib-sequences", "2"]) == 0
+  capsys.readouterr()
+  assert cli.main(["eval", str(out), "--eval-windows", "1", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["eval_tokens"] == 63
+  assert cli.main(["eval", str(out), "--window", "65"]) == 1
+  assert "--window (evaluation window) = 65 exceeds the model's context of 64" in \
+      capsys.readouterr().err
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "awq-w4a16-g32", "--stream",
+                   "--out", str(tmp_path / "s2"), "--calib-len", "100"]) == 1
+  assert "--calib-len (calibration sequence length) = 100 exceeds" in capsys.readouterr().err

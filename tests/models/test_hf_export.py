@@ -126,11 +126,15 @@ def test_gguf_export_of_a_hugging_face_source_is_refused_clearly(tiny_hf, tmp_pa
   src = tiny_hf("qwen3")
   ckpt = tmp_path / "q.safetensors"
   _quantize(src, ckpt, "gguf-q8_0")
+  tj = json.loads((src / "tokenizer.json").read_text())   # a prefix space llama.cpp never adds
+  tj["pre_tokenizer"]["add_prefix_space"] = True          # (test_gguf_families: without, it goes)
+  (src / "tokenizer.json").write_text(json.dumps(tj))
   capsys.readouterr()
   assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
                    str(tmp_path / "x.gguf")]) == 1
-  err = capsys.readouterr().err   # (test_gguf_families: with --tokenizer-gguf it goes)
-  assert "carries the tokenizer over from a GGUF" in err and "--tokenizer-gguf PATH" in err
+  err = capsys.readouterr().err
+  assert "qwen3's tokenizer cannot be written for llama.cpp: tokenizer.json's ByteLevel " \
+      "pre-tokenizer adds a prefix space" in err and "--tokenizer-gguf PATH" in err
   g2 = tiny_hf("gemma2")   # query_pre_attn_scalar 24: llama.cpp's gemma2 scales by 1/sqrt(16)
   _quantize(g2, tmp_path / "g2.safetensors", "gguf-q8_0")
   capsys.readouterr()
@@ -164,3 +168,29 @@ def test_gguf_requantize_counts_each_changed_tensor_once(tiny_hf, tmp_path, caps
   fallbacks = {line.split()[0] for line in lines if "falls back to Q5_0" in line}
   assert len(rerounded) >= 7 and fallbacks == rerounded, printed
   assert f"\n{len(rerounded)} tensors changed grid" in printed, printed
+
+
+def test_rows_gguf_blocks_do_not_divide_are_said_at_quantize_and_written_float(tiny_hf, tmp_path,
+                                                                              capsys):
+  """Hidden 80, intermediate 112: gguf-q8_0's groups of 32 end partial, which quantize says;
+  the GGUF export writes those tensors F32 (exact), each named, and evaluates to the checkpoint's
+  KL (the export had refused the whole model)."""
+  src = tiny_hf("llama", hidden_size=80, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=20, intermediate_size=112)
+  ckpt, out = tmp_path / "q.safetensors", tmp_path / "q.gguf"
+  capsys.readouterr()
+  _quantize(src, ckpt, "gguf-q8_0")
+  printed = capsys.readouterr().out
+  assert "note: 21 tensors end in a partial group (e.g. params/layers_0/attn/k_proj/kernel, " \
+      "shape (80, 40))" in printed
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "params/layers_0/mlp/down_proj/kernel (blk.0.ffn_down.weight): 112 input columns are " \
+      "not a multiple of 32, so Q8_0 falls back to F32" in printed
+  assert "21 tensors written in another type than asked" in printed
+  assert "changed grid" not in printed
+  kl = []
+  for path in (ckpt, out):
+    assert cli.main(["eval", str(path), "--json", "--eval-windows", "1", "--window", "64"]) == 0
+    kl.append(json.loads(capsys.readouterr().out)["kl"])
+  assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import llama_cpp_error
 
 import jq
 from jq import cli
@@ -139,14 +140,9 @@ def test_gguf_export_is_checked_against_the_architecture(tiny_hf, tmp_path):
                 "f32", arch="llama")
   names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
   assert "blk.0.attn_q.weight" in names and "blk.0.ffn_gate.weight" in names
-  llama_cpp = pytest.importorskip("llama_cpp")
+  pytest.importorskip("llama_cpp")
   ids = [int(i) for i in np.random.default_rng(2).integers(3, config.vocab_size, 14)]
-  llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False,
-                        n_threads=1)
-  llm.eval(ids)
-  got = np.asarray(llm.scores[:len(ids)], np.float32)
-  want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
-  assert np.abs(got - want).max() / np.abs(want).max() < 2e-3
+  assert llama_cpp_error(out, config, params, ids) < 2e-3
 
 
 def test_phi3_gguf_is_fused_and_reads_back_and_runs_in_llama_cpp(tiny_hf, tmp_path, capsys):
@@ -189,16 +185,11 @@ def test_phi3_gguf_is_fused_and_reads_back_and_runs_in_llama_cpp(tiny_hf, tmp_pa
     kl.append(json.loads(capsys.readouterr().out)["kl"])
   assert abs(kl[0] - kl[1]) < 1e-6
 
-  llama_cpp = pytest.importorskip("llama_cpp")
+  pytest.importorskip("llama_cpp")
   rng = np.random.default_rng(3)
   for n_ctx, n in ((256, 14), (512, 300)):   # (llama.cpp rounds a context up to 256)
     ids = [int(i) for i in rng.integers(3, config.vocab_size, n)]
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=n_ctx, logits_all=True, verbose=False,
-                          n_threads=1)
-    llm.eval(ids)
-    got = np.asarray(llm.scores[:n], np.float32)
-    want = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray([ids])))[0]
-    assert np.abs(got - want).max() / np.abs(want).max() < 2e-3, n_ctx
+    assert llama_cpp_error(out, config, params, ids, n_ctx) < 2e-3, n_ctx
 
 
 def test_cached_generation_past_the_original_context_equals_full_forwards(tiny_hf):

@@ -30,7 +30,7 @@ from jq.io.rope import rope_inv_freq
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.gguf.codec import encode_tensor
 from jq.io.gguf.metadata import _add_kv
-from jq.io.gguf.qarray_np import _pack_np, _unpacked_np, fuse_leaves
+from jq.io.gguf.qarray_np import _dequantize_np, _pack_np, _unpacked_np, fuse_leaves
 from jq.io.gguf.reader import load_gguf_qarrays, tokenizer_metadata
 from jq.io.gguf.types import (_K_FALLBACK, EXPORT_TYPES, QK_K, GGMLType, GGUFExportError,
                               GGUFFormatError, to_ggml_type)
@@ -480,12 +480,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
           t = ot
           break
     x, block_axis = leaf, (1 if kind == "embed" else 0)
-    if t in _K_FALLBACK and leaf.shape[block_axis] % QK_K:
-      if notes is not None:
-        notes.append(f"params/{p} ({gname}): {leaf.shape[block_axis]} input columns are not a "
-                     f"multiple of 256, so {t.name} falls back to {_K_FALLBACK[t].name} (as "
-                     "llama-quantize does)")
-      t = _K_FALLBACK[t]   # llama-quantize's fallback for rows that are not a multiple of 256
+    t = _fitting_type(t, leaf, block_axis if kind != "norm" else 0, f"params/{p} ({gname})",
+                      requantize, notes)
     if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
       heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
       if kind == "norm":   # a q/k bias: the same row order as its weight
@@ -571,6 +567,29 @@ def _stack_experts(gname: str, parts: list[tuple[int, np.ndarray, GGMLType, str]
                           f"({by_type}); llama.cpp stores one type per stacked tensor: give "
                           "them one type (tensor_types / the rules)")
   return np.stack([data for _, data, _, _ in parts])
+
+
+def _fitting_type(t: GGMLType, leaf: Any, block_axis: int, name: str, requantize: bool,
+                  notes: list[str] | None) -> GGMLType:
+  """``t``, or what llama-quantize falls back to for rows its blocks do not divide: a K-quant
+  (256) to Q5_0 / Q8_0, and a 32-block type to F16.  jq goes on to F16 for a 32-block type
+  asked for directly too (llama-quantize stops there), and to F32 for a QArray whose values F16
+  cannot hold exactly (unless ``requantize``); every fallback is noted by name."""
+  n = leaf.shape[block_axis] if leaf.ndim == 2 else None
+  chosen = t
+  if n is not None and chosen in _K_FALLBACK and n % QK_K:
+    chosen = _K_FALLBACK[chosen]
+  if n is not None and n % gguf.GGML_QUANT_SIZES[chosen][0]:
+    chosen = GGMLType.F16
+    if is_qarray(leaf) and not requantize:
+      deq = _dequantize_np(leaf)
+      if not np.array_equal(deq.astype(np.float16).astype(np.float32), deq):
+        chosen = GGMLType.F32
+  if chosen is not t and notes is not None:
+    notes.append(f"{name}: {n} input columns are not a multiple of "
+                 f"{gguf.GGML_QUANT_SIZES[t][0]}, so {t.name} falls back to {chosen.name}"
+                 + (" (as llama-quantize does)" if chosen is _K_FALLBACK.get(t) else ""))
+  return chosen
 
 
 def export_model(model: Any, params: Any, path: str | os.PathLike, *,
