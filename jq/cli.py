@@ -414,8 +414,9 @@ def _ckpt_metadata(path: str, kind: str) -> dict:
   return header.get("metadata", {})
 
 
-def _float_model(path: str, meta: dict, override: str | None):
-  """The float model a checkpoint was made from: its ``source`` record (or ``--model``)."""
+def _float_model(path: str, meta: dict, override: str | None, weights: bool = True):
+  """The float model a checkpoint was made from: its ``source`` record (or ``--model``);
+  ``weights=False``: without its float weights (``registry.load``)."""
   from jq_models import registry
   source = meta.get("source")
   if source is None and override is None:
@@ -426,18 +427,20 @@ def _float_model(path: str, meta: dict, override: str | None):
   if source is None:
     source = {"kind": "bundled", "name": meta.get("model")}
   try:
-    return registry.load_source(source, override=override)
+    return registry.load_source(source, override=override, weights=weights)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{path}: {e}") from e
 
 
-def _load_ckpt(path: str, override: str | None = None):
+def _load_ckpt(path: str, override: str | None = None, *, float_weights: bool = True):
   """``(float model, quantized variables, metadata)`` of a jq, GGUF or compressed-tensors
-  checkpoint; the quantized tree is checked against the float model's."""
+  checkpoint; the quantized tree is checked against the float model's.  ``float_weights=False``
+  (export, generate): the float model without its weights, so a checkpoint of a model bigger
+  than memory needs only its own size."""
   from jq import app
   kind = _ckpt_kind(path)
   meta = _ckpt_metadata(path, kind)
-  model = _float_model(path, meta, override)
+  model = _float_model(path, meta, override, float_weights)
   if kind == "gguf":
     from jq.io.gguf import load_gguf_params, read_gguf_metadata
     gmeta = read_gguf_metadata(path)
@@ -564,7 +567,7 @@ def cmd_generate(args) -> int:
   from jq import app
   if not args.prompt.strip() and args.raw:
     raise ValueError("--prompt is empty; with --raw there is nothing to continue from")
-  model, qvars, _ = _load_ckpt(args.ckpt, args.model)
+  model, qvars, _ = _load_ckpt(args.ckpt, args.model, float_weights=False)
   if model.kind != "causal_lm":
     raise SystemExit(f"error: generate needs a causal LM; {args.ckpt} holds {model.name}")
   t0 = time.perf_counter()
@@ -692,7 +695,7 @@ def cmd_export(args) -> int:
     _check_out_file(args.out)
   else:   # compressed-tensors: a directory
     _check_out_dir(args.out)
-  model, qvars, info = _load_ckpt(args.ckpt, args.model)
+  model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False)
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
   hf_source = source.get("kind") == "hf"

@@ -147,12 +147,16 @@ def truncated(model: CausalLM, blocks: int) -> CausalLM:
                   tokenizer=model.tokenizer, blocks=blockwise.LlamaBlocks(cfg))
 
 
-def load(name: str, *, place: Callable[[Any], Any] | None = None) -> CausalLM | Encoder:
+def load(name: str, *, place: Callable[[Any], Any] | None = None,
+         weights: bool = True) -> CausalLM | Encoder:
   """Loads a known model by name, or a checkpoint by path (see the module docstring).
 
   ``place``: a causal LM's parameter tree goes through it (e.g. ``PTQConfig.split``, which splits
   it over a mesh's devices); a Hugging Face checkpoint's tensors reach it as NumPy arrays, so they
-  go straight into their shards, never whole onto one device.
+  go straight into their shards, never whole onto one device.  ``weights=False``: a checkpoint
+  path's parameters are only their shapes (``jax.ShapeDtypeStruct``), none read, for work that
+  needs the model's config, tokenizer and tree but not its float weights (exporting or running a
+  quantized checkpoint of a model bigger than memory).
 
   Raises:
     ValueError: neither a known name nor a supported checkpoint path (``jq_models.hf.CheckpointError``
@@ -173,9 +177,9 @@ def load(name: str, *, place: Callable[[Any], Any] | None = None) -> CausalLM | 
     return Encoder(name=name, config=module.config, module=module, tokenizer=tok)
   path = Path(name)
   if path.is_dir():
-    return _load_hf(path, place)
+    return _load_hf(path, place, weights)
   if path.is_file() and path.suffix == ".gguf":
-    return _load_gguf(path, place)
+    return _load_gguf(path, place, weights)
   if path.exists():
     raise ValueError(f"{name}: not a model jq knows how to load (expected a Hugging Face "
                      "checkpoint directory with config.json, or a .gguf file)")
@@ -236,23 +240,35 @@ def hf_source(path: str | Path) -> tuple[Any, dict[str, Any]]:
                   "weights": weights_fingerprint(sorted(set(hf.weight_files(path).values())))}
 
 
-def _load_hf(path: Path, place=None) -> CausalLM:
+def _shapes_only(config) -> dict[str, Any]:
+  """A decoder's parameter tree as shapes and dtypes, no array made (``weights=False``)."""
+  import jax
+  tokens = jax.ShapeDtypeStruct((1, 8), jax.numpy.int32)
+  return jax.eval_shape(decoder_module(config).init, jax.random.key(0), tokens)["params"]
+
+
+def _load_hf(path: Path, place=None, weights: bool = True) -> CausalLM:
   import jax
   from jq_models import hf
   config, source = hf_source(path)
-  _, params = hf.load_weights(path)
+  if weights:
+    _, params = hf.load_weights(path)
+    params = jax.tree.map(jax.numpy.asarray, params) if place is None else place(params)
+  else:
+    params = _shapes_only(config)
   return CausalLM(name=path.resolve().name, config=config, module=decoder_module(config),
-                  params=jax.tree.map(jax.numpy.asarray, params) if place is None else
-                  place(params),
-                  tokenizer=hf.load_tokenizer(path), source=source)
+                  params=params, tokenizer=hf.load_tokenizer(path), source=source)
 
 
-def _load_gguf(path: Path, place=None) -> CausalLM:
+def _load_gguf(path: Path, place=None, weights: bool = True) -> CausalLM:
   from jq_models import gguf_weights, tokenizer
   reader = gguf_weights.open_gguf(path)
   config = gguf_weights.read_config(reader)
-  params = gguf_weights.read_gguf_params(path, config)
-  params = params if place is None else place(params)
+  if weights:
+    params = gguf_weights.read_gguf_params(path, config)
+    params = params if place is None else place(params)
+  else:
+    params = _shapes_only(config)
   tok = tokenizer.load_tokenizer(path)
   _check_vocab(tok, config, f"{path}: tokenizer.ggml.tokens vs the token_embd rows")
   return CausalLM(name=path.stem, config=config, module=decoder_module(config), params=params,
@@ -262,9 +278,11 @@ def _load_gguf(path: Path, place=None) -> CausalLM:
                           "config": config.to_json(), "weights": weights_fingerprint([path])})
 
 
-def load_source(source: dict[str, Any], *, override: str | None = None) -> CausalLM | Encoder:
+def load_source(source: dict[str, Any], *, override: str | None = None,
+                weights: bool = True) -> CausalLM | Encoder:
   """The float model a checkpoint's ``source`` record names (or ``override``, a name or path, when
-  the model has moved); checks that its config is the recorded one.
+  the model has moved); checks that its config is the recorded one.  ``weights``: see
+  :func:`load`.
 
   Raises:
     ValueError: the record is malformed, or the model found has a different config.
@@ -278,7 +296,7 @@ def load_source(source: dict[str, Any], *, override: str | None = None) -> Causa
   if override is None and source["kind"] != "bundled" and not Path(where).exists():
     raise FileNotFoundError(f"the float model this checkpoint was made from, {where}, is not "
                             "there any more; pass --model PATH to say where it is now")
-  model = load(where)
+  model = load(where, weights=weights)
   want = source.get("config")
   have = model.config.to_json() if hasattr(model.config, "to_json") else None
   if want is not None and have is not None and have != want:

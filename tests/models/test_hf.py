@@ -232,3 +232,26 @@ def test_cli_lengths_default_to_a_short_context(tiny_hf, tmp_path, capsys):
   assert cli.main(["quantize", "--model", str(path), "--recipe", "awq-w4a16-g32", "--stream",
                    "--out", str(tmp_path / "s2"), "--calib-len", "100"]) == 1
   assert "--calib-len (calibration sequence length) = 100 exceeds" in capsys.readouterr().err
+
+
+def test_export_and_generate_read_no_float_weights(tiny_hf, tmp_path, monkeypatch):
+  """``export`` and ``generate`` need the float model's config, tokenizer and tree, not its
+  weights (a streamed checkpoint of a model bigger than memory would not fit beside them):
+  loaded with ``weights=False``, the tree is shapes only."""
+  from jq import cli
+  path = tiny_hf("qwen2")
+  ckpt = tmp_path / "q.safetensors"
+  assert cli.main(["quantize", "--model", str(path), "--recipe", "gguf-q8_0", "--no-eval",
+                   "--out", str(ckpt)]) == 0
+  shapes = registry.load(str(path), weights=False)
+  leaf = shapes.params["layers_0"]["attn"]["q_proj"]["kernel"]
+  assert isinstance(leaf, jax.ShapeDtypeStruct) and leaf.shape == (64, 64)
+
+  def no_weights(*a, **k):
+    raise AssertionError("float weights read")
+  monkeypatch.setattr(hf, "load_weights", no_weights)
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out",
+                   str(tmp_path / "q.gguf")]) == 0
+  assert cli.main(["generate", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+  with pytest.raises(AssertionError, match="float weights read"):   # (eval compares with them)
+    cli.main(["eval", str(ckpt), "--eval-windows", "1", "--window", "32"])
