@@ -8,10 +8,13 @@ file-backed pages, so a memory-mapped read would show) and its wall time.
 
   python benchmarks/scale.py --shape llama-3.1-8b --dir /tmp/jq-scale     # write + measure
   python benchmarks/scale.py --shape llama-3.2-1b --steps gptq-w4a16-g128 --calib-sequences 16
+  python benchmarks/scale.py --shape llama-3.1-8b --steps gguf-q4_0 --export gguf   # + export
 
 Goals (issue "Bigger than memory"): streamed RTN peak RSS <= 2x the largest tensor + 1 GiB (and
 <= 3 GiB for the 8B shape); onloaded calibration <= one block's float32 weights x 3 + the hidden
-states + 2 GiB (and <= 4 GiB for the 1B shape).  Results:
+states + 2 GiB (and <= 4 GiB for the 1B shape).  ``--export gguf`` also exports each streamed
+result (``jq-quant export DIR --format gguf``, leaves read one at a time): the same goal as
+streamed RTN, whatever the checkpoint's size.  Results:
 ``benchmarks/results/scale_<shape>_<steps>.json``; the summary is ``results/scale.md``.
 """
 from __future__ import annotations
@@ -116,24 +119,18 @@ def write_checkpoint(directory: Path, shape: str, shard_bytes: int = 5 << 30) ->
 
 
 def _write_tokenizer(directory: Path, vocab_size: int) -> None:
-  """A word-level tokenizer whose vocabulary holds the words of jq's calibration and evaluation
-  text first (so calibration sees varied ids), then fillers up to ``vocab_size``."""
-  import re
+  """A byte-level BPE tokenizer (GPT-2's pre-tokenizer, so GGUF export converts it) trained on
+  jq's calibration and evaluation text, up to ``vocab_size`` tokens (the text holds fewer
+  merges: the model's other rows are never looked up)."""
   import tokenizers
-  from tokenizers import models, pre_tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
   from jq_models import text
-  words = dict.fromkeys(re.findall(r"\w+|[^\w\s]+", text.calibration_text() + text.eval_text()))
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-  for w in words:
-    if len(vocab) >= vocab_size:
-      break
-    vocab.setdefault(w, len(vocab))
-  i = 0
-  while len(vocab) < vocab_size:
-    vocab.setdefault(f"<w{i}>", len(vocab))
-    i += 1
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([text.calibration_text(), text.eval_text()], trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(str(directory / "tokenizer.json"))
   (directory / "tokenizer_config.json").write_text(json.dumps(
       {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
@@ -172,6 +169,9 @@ def main() -> int:
                   "calibrated ones (gptq-...) calibrate one block at a time")
   ap.add_argument("--calib-sequences", type=int, default=16)
   ap.add_argument("--calib-len", type=int, default=512)
+  ap.add_argument("--export", choices=["gguf"], default=None,
+                  help="also export each result (GGUF: --type q4_0 for 4-bit recipes, q8_0 "
+                  "for 8-bit ones, --requantize where the grid is not GGUF's)")
   ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
   ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
   args = ap.parse_args()
@@ -212,7 +212,7 @@ def main() -> int:
                  "wall_s": round(res["wall_s"], 1),
                  "read_gib_per_s": round(total / 2**30 / res["wall_s"], 3),
                  "peak_rss_gib": round(res["peak_rss_gib"], 3), "goal_rss_gib": round(goal, 3),
-                 "meets_goal": res["peak_rss_gib"] <= goal,
+                 "meets_goal": res["rc"] == 0 and res["peak_rss_gib"] <= goal,
                  "checkpoint_gib": round(total / 2**30, 3),
                  "largest_tensor_gib": round(largest / 2**30, 3),
                  "block_gib": round(block / 2**30, 3),
@@ -220,12 +220,33 @@ def main() -> int:
                     if calibrated else {}),
                  "output_gib": round(written / 2**30, 3)})
     print(json.dumps(rows[-1]), flush=True)
+    if args.export and res["rc"] == 0:
+      gguf_out = root / f"{args.shape}-{recipe}.gguf"
+      bits4 = "4" in recipe.split("-")[0] or recipe.endswith("q4_0")
+      argv = ["export", str(out), "--format", "gguf", "--out", str(gguf_out),
+              "--type", "q4_0" if bits4 else "q8_0"]
+      if not recipe.startswith("gguf-"):
+        argv.append("--requantize")
+      print(f"{recipe} export: jq-quant {' '.join(argv)}", flush=True)
+      ex = run_step(argv, root / f"{args.shape}-{recipe}-export.log")
+      goal = 2 * largest / 2**30 + 1.0
+      rows.append({"shape": args.shape, "step": "GGUF export of the streamed result",
+                   "recipe": recipe, "rc": ex["rc"], "wall_s": round(ex["wall_s"], 1),
+                   "peak_rss_gib": round(ex["peak_rss_gib"], 3), "goal_rss_gib": round(goal, 3),
+                   "meets_goal": ex["rc"] == 0 and ex["peak_rss_gib"] <= goal,
+                   "input_gib": round(written / 2**30, 3),
+                   "largest_tensor_gib": round(largest / 2**30, 3),
+                   "output_gib": round(gguf_out.stat().st_size / 2**30, 3)
+                   if gguf_out.exists() else None})
+      print(json.dumps(rows[-1]), flush=True)
+      gguf_out.unlink(missing_ok=True)
     if not args.keep:
       shutil.rmtree(out, ignore_errors=True)
   machine = f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, {platform.machine()}, no GPU"
   result = {"machine": machine, "checkpoint_write_s": round(t_write, 1), "rows": rows}
   Path(args.results).mkdir(parents=True, exist_ok=True)
-  path = Path(args.results) / f"scale_{args.shape}_{'_'.join(args.steps.split(','))}.json"
+  path = Path(args.results) / (f"scale_{args.shape}_{'_'.join(args.steps.split(','))}"
+                               f"{'_export' if args.export else ''}.json")
   path.write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(result))
   if not args.keep:

@@ -432,11 +432,13 @@ def _float_model(path: str, meta: dict, override: str | None, weights: bool = Tr
     raise FileNotFoundError(f"{path}: {e}") from e
 
 
-def _load_ckpt(path: str, override: str | None = None, *, float_weights: bool = True):
+def _load_ckpt(path: str, override: str | None = None, *, float_weights: bool = True,
+               lazy: bool = False):
   """``(float model, quantized variables, metadata)`` of a jq, GGUF or compressed-tensors
   checkpoint; the quantized tree is checked against the float model's.  ``float_weights=False``
-  (export, generate): the float model without its weights, so a checkpoint of a model bigger
-  than memory needs only its own size."""
+  (export, generate): the float model without its weights; ``lazy`` (GGUF export): a jq
+  checkpoint's leaves read one at a time by their consumer (``jq.io.load(lazy=True)``), so a
+  checkpoint of a model bigger than memory exports in one tensor's room."""
   from jq import app
   kind = _ckpt_kind(path)
   meta = _ckpt_metadata(path, kind)
@@ -456,7 +458,7 @@ def _load_ckpt(path: str, override: str | None = None, *, float_weights: bool = 
     qvars = {"params": params}
   else:
     from jq import io as jqio
-    qvars = jqio.load_orbax(path) if kind == "orbax" else jqio.load(path)
+    qvars = jqio.load_orbax(path) if kind == "orbax" else jqio.load(path, lazy=lazy)
   app.check_matches(model, qvars, source=path)
   return model, qvars, {"metadata": meta, "kind": kind}
 
@@ -695,7 +697,8 @@ def cmd_export(args) -> int:
     _check_out_file(args.out)
   else:   # compressed-tensors: a directory
     _check_out_dir(args.out)
-  model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False)
+  model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False,
+                                  lazy=args.format == "gguf")
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
   hf_source = source.get("kind") == "hf"

@@ -18,20 +18,22 @@ Example:
 import os
 
 from jq.io.atomic import atomic_write, replace_dir
-from jq.io.codec import FORMAT_VERSION, CheckpointError, describe_granularity, rules_from_header
+from jq.io.codec import (FORMAT_VERSION, CheckpointError, LazyLeaf, describe_granularity,
+                         load_leaf, rules_from_header)
 from jq.io.orbax_io import load_orbax, load_orbax_header, save_orbax
 from jq.io import safetensors_io as _st
 from jq.io import sharded
 from jq.io.safetensors_io import read_tensors, save
 
 
-def load(path, *, verify: bool = True, shardings=None):
+def load(path, *, verify: bool = True, shardings=None, lazy: bool = False):
   """Loads a jq checkpoint: a ``.safetensors`` file (:func:`jq.io.safetensors_io.load`, whose
-  docstring gives the arguments and checks) or a sharded directory (:func:`jq.io.sharded.load`)."""
+  docstring gives the arguments and checks) or a sharded directory (:func:`jq.io.sharded.load`).
+  ``lazy``: leaves as :class:`LazyLeaf`s read one at a time by their ``load()``."""
   if os.path.isdir(path):
     _sharded_or_raise(path)
-    return sharded.load(path, verify=verify, shardings=shardings)
-  return _st.load(path, verify=verify, shardings=shardings)
+    return sharded.load(path, verify=verify, shardings=shardings, lazy=lazy)
+  return _st.load(path, verify=verify, shardings=shardings, lazy=lazy)
 
 
 def load_header(path) -> dict:
@@ -52,4 +54,5 @@ def _sharded_or_raise(path) -> None:
 
 __all__ = ["save", "load", "load_header", "read_tensors", "save_orbax", "load_orbax", "load_orbax_header",
            "CheckpointError", "FORMAT_VERSION", "rules_from_header", "describe_granularity",
+           "LazyLeaf", "load_leaf",
            "atomic_write", "replace_dir"]

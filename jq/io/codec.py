@@ -735,14 +735,48 @@ def check_tensors(header: dict, found: Mapping[str, tuple[np.dtype, tuple[int, .
                             "the file was modified or is corrupt")
 
 
-class _Decoder:
-  """Rebuilds the tree; with ``abstract``, ``arrays`` holds ``jax.ShapeDtypeStruct``s and only the
-  structure is checked (QArrays are validated under ``jax.eval_shape``, no data is read)."""
+class LazyLeaf:
+  """An array or QArray leaf of a checkpoint not read yet (``jq.io.load(path, lazy=True)``).
+
+  ``shape`` (a QArray's logical shape), ``dtype`` (arrays) and ``qtype`` (QArrays, else None)
+  come from the header; :meth:`load` reads the leaf's tensors and returns the array or QArray,
+  checked exactly as :func:`decode` checks it.  Each call reads again (nothing is kept), so a
+  tree of these holds no tensor data: a consumer loads one leaf at a time."""
 
   def __init__(self, header: dict, arrays: Mapping[str, Any], source: str, verify: bool,
-               abstract: bool = False):
+               path: str, info: dict):
+    self._header, self._arrays, self._source, self._verify = header, arrays, source, verify
+    self.path = path
+    if info["kind"] == "qarray":
+      self.qtype, self.dtype = QType(info["qtype"]), None
+      self.shape = tuple(int(n) for n in info["shape"])
+    else:
+      self.qtype = None
+      self.dtype, self.shape = _tensor_spec(info["tensor"], header["tensors"][info["tensor"]],
+                                            source)
+
+  def load(self) -> Any:
+    return _Decoder(self._header, self._arrays, self._source, self._verify).leaf(self.path)
+
+  def __repr__(self) -> str:
+    what = f"qtype={self.qtype.value}" if self.qtype is not None else f"dtype={self.dtype}"
+    return f"LazyLeaf({self.path!r}, shape={self.shape}, {what})"
+
+
+def load_leaf(x: Any) -> Any:
+  """``x`` read if it is a :class:`LazyLeaf`, else ``x``."""
+  return x.load() if isinstance(x, LazyLeaf) else x
+
+
+class _Decoder:
+  """Rebuilds the tree; with ``abstract``, ``arrays`` holds ``jax.ShapeDtypeStruct``s and only the
+  structure is checked (QArrays are validated under ``jax.eval_shape``, no data is read); with
+  ``lazy``, array and QArray leaves become :class:`LazyLeaf`s (the structure checked first)."""
+
+  def __init__(self, header: dict, arrays: Mapping[str, Any], source: str, verify: bool,
+               abstract: bool = False, lazy: bool = False):
     self.header, self.arrays, self.source, self.verify = header, arrays, source, verify
-    self.abstract = abstract
+    self.abstract, self.lazy = abstract, lazy
     self.used: set[str] = set()
     self.seen: set[str] = set()
 
@@ -847,6 +881,10 @@ class _Decoder:
       raise CheckpointError(f"{where}: leaf is missing from the checkpoint header's 'leaves'")
     info = leaves[path]
     kind = _need(info, "kind", str, where)
+    if self.lazy and kind in ("array", "qarray"):
+      self.used.update([info["tensor"]] if kind == "array" else
+                       [f"{path}.{c}" for c in info["components"]])
+      return LazyLeaf(self.header, self.arrays, self.source, self.verify, path, info)
     if kind == "python":
       v = _from_tagged(info.get("value"))
       if type(v) not in (bool, int, float, str):
@@ -936,7 +974,7 @@ class _Decoder:
 
 
 def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
-           verify: bool = True) -> PyTree:
+           verify: bool = True, lazy: bool = False) -> PyTree:
   """Rebuilds the tree :func:`encode` split (arrays as jax arrays unless saved as numpy).
 
   Args:
@@ -944,17 +982,21 @@ def decode(header: dict, arrays: Mapping[str, np.ndarray], *, source: str,
     arrays: ``{tensor name: numpy array}`` read from the container.
     source: the file or directory, for error messages.
     verify: check each tensor's CRC-32 against the header.
+    lazy: array and QArray leaves as :class:`LazyLeaf`s, read (and checked) by their ``load()``
+      from ``arrays``, which must stay readable (the structure is checked here, reading nothing).
 
   Raises:
     CheckpointError: any disagreement between header and tensors, naming path, shape and dtype.
   """
   check_header(header, source=source)
-  return _decode(header, arrays, source=source, verify=verify, abstract=False)
+  if lazy:
+    check_structure(header, source=source)
+  return _decode(header, arrays, source=source, verify=verify, abstract=False, lazy=lazy)
 
 
 def _decode(header: dict, arrays: Mapping[str, Any], *, source: str, verify: bool,
-            abstract: bool) -> PyTree:
-  dec = _Decoder(header, arrays, source, verify, abstract)
+            abstract: bool, lazy: bool = False) -> PyTree:
+  dec = _Decoder(header, arrays, source, verify, abstract, lazy)
   tree = dec.node(header["tree"], source)
   unused = set(header["tensors"]) - dec.used
   if unused:

@@ -232,6 +232,20 @@ class _LazyArrays(_Tensors):
     return _read_array(self._f, self._infos[name], self._start, name, self._source)
 
 
+class _OnDemand(_Tensors):
+  """Each tensor read when asked, its file opened for that read alone: a lazily loaded tree
+  (:class:`jq.io.codec.LazyLeaf`) holds no open file and no data."""
+
+  def __init__(self, where: dict[str, tuple[str, TensorInfo, int]]):
+    self._where = where   # name -> (file, info, data start)
+    self._infos = {n: w[1] for n, w in where.items()}
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    path, info, start = self._where[name]
+    with open(path, "rb") as f:
+      return _read_array(f, info, start, name, path)
+
+
 def read_safetensors_header(path: str | os.PathLike
                             ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
   """``({name: TensorInfo}, __metadata__)`` of any safetensors file, checked for consistency."""
@@ -491,8 +505,8 @@ class _PlacedArrays(_Tensors):
     return jax.make_array_from_callback(t.shape, sharding, lambda idx: _copy_slice(host, idx))
 
 
-def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | None = None
-         ) -> PyTree:
+def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | None = None,
+         lazy: bool = False) -> PyTree:
   """Loads a checkpoint written by :func:`save`; no model code needed.
 
   The tree is rebuilt with the same containers and keys, QArrays with their static metadata, and
@@ -516,6 +530,9 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
       NamedSharding per QArray: its fields are then split like the float kernel's) or
       ``jax.ShapeDtypeStruct``s with ``.sharding`` set (``jax.eval_shape`` output).  One Sharding
       may stand for a whole subtree.
+    lazy: read nothing yet: array and QArray leaves are :class:`jq.io.codec.LazyLeaf`s (shape,
+      dtype/qtype), each read and checked by its ``load()`` (the structure is checked now), so a
+      consumer holds one leaf at a time (GGUF export of a model bigger than memory).
 
   Example:
     >>> qshapes = jax.eval_shape(lambda p: jq.quantize_tree(p, rules), params)
@@ -530,10 +547,16 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
       nested, or a shardings tree that differs from the stored tree (naming the path).
   """
   source = os.fspath(path)
+  if lazy and shardings is not None:
+    raise ValueError("jq.io.load: lazy=True reads leaves one at a time on the host; it does not "
+                     "take shardings")
   with open(source, "rb") as f:
     infos, meta, start = _read_header(f, source)
     header = _jq_header(meta, source)
     codec.verify_header(header, _found(infos), source=source)  # (always, also without verify)
+    if lazy:
+      return codec.decode(header, _OnDemand({n: (source, t, start) for n, t in infos.items()}),
+                          source=source, verify=verify, lazy=True)
     if shardings is None:
       return codec.decode(header, _LazyArrays(f, infos, start, source), source=source,
                           verify=verify)

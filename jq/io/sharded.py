@@ -74,9 +74,9 @@ import numpy as np
 from jq.io import codec
 from jq.io.atomic import _fsync_dir, atomic_write, replace_dir
 from jq.io.codec import CheckpointError
-from jq.io.safetensors_io import (_NAMES, TensorInfo, _PlacedArrays, _read_array, _read_header,
-                                  _Tensors, check_shardings_tree, read_safetensors_header,
-                                  tensor_shardings)
+from jq.io.safetensors_io import (_NAMES, TensorInfo, _OnDemand, _PlacedArrays, _read_array,
+                                  _read_header, _Tensors, check_shardings_tree,
+                                  read_safetensors_header, tensor_shardings)
 from jq.qarray import QArray
 from jq.spec import Rule
 
@@ -810,11 +810,12 @@ class _Placed(_Tensors):
     return self._by[self._where[name][0]][name]
 
 
-def load(directory: str | os.PathLike, *, verify: bool = True, shardings: PyTree | None = None
-         ) -> PyTree:
+def load(directory: str | os.PathLike, *, verify: bool = True, shardings: PyTree | None = None,
+         lazy: bool = False) -> PyTree:
   """Loads a sharded jq checkpoint (see the module doc): the same tree and checks as
   :func:`jq.io.load` (header integrity always; each tensor's CRC-32 and SHA-256 with ``verify``;
-  ``shardings`` places every array as there, each device reading its own slice).
+  ``shardings`` places every array as there, each device reading its own slice; ``lazy``: leaves
+  as :class:`jq.io.codec.LazyLeaf`s, each read from its shard by its ``load()``).
 
   Raises:
     CheckpointError: a missing, truncated or foreign shard, a shard name leaving the directory,
@@ -825,6 +826,13 @@ def load(directory: str | os.PathLike, *, verify: bool = True, shardings: PyTree
   where, found = _open_shards(directory, header)
   source = os.path.join(directory, INDEX)
   codec.verify_header(header, found, source=source)
+  if lazy:
+    if shardings is not None:
+      raise ValueError("jq.io.load: lazy=True reads leaves one at a time on the host; it does "
+                       "not take shardings")
+    return codec.decode(header, _OnDemand({n: (os.path.join(directory, w[0]), w[1], w[2])
+                                           for n, w in where.items()}),
+                        source=source, verify=verify, lazy=True)
   shard_names = sorted({w[0] for w in where.values()})
   if shardings is not None:
     placement = tensor_shardings(header, shardings, source=source)

@@ -87,6 +87,15 @@ def test_float_export_bytes_equal_gguf(t, block_axis):
   got = G.encode_tensor(w, t, block_axis=block_axis)
   assert got.dtype == ref.dtype and got.shape == ref.shape
   assert np.array_equal(got.view(np.uint8), ref.view(np.uint8))
+  # a bf16 / f16 tensor written as its own type: its bits as they are (no float32 detour), the
+  # same bytes as gguf's rounding of its float32 values, subnormals and signed zeros included
+  for dt in (jnp.bfloat16, np.float16):
+    x = (w * np.float32(10.0) ** rng.integers(-42, 2, w.shape)).astype(dt)
+    x[:3, 0] = np.asarray([0.0, -0.0, 1e-41], np.float32).astype(dt)
+    ref = gguf.quants.quantize(np.ascontiguousarray(
+        (x.T if block_axis == 0 else x).astype(np.float32)), T[t])
+    got = G.encode_tensor(x, t, block_axis=block_axis)
+    assert got.dtype == ref.dtype and np.array_equal(got.view(np.uint8), ref.view(np.uint8))
 
 
 @pytest.mark.parametrize("t", ["Q8_0", "Q4_0", "Q5_0"])
@@ -425,6 +434,13 @@ def test_qarray_tree_round_trip(tmp_path):
       assert is_qarray(y) and (x.qtype, x.tile, x.shape) == (y.qtype, y.tile, y.shape)
       assert np.array_equal(np.asarray(x.values), np.asarray(y.values))
       assert np.array_equal(np.asarray(x.scale), np.asarray(y.scale))
+  # a jq checkpoint of the tree, loaded lazily (each leaf read as it is encoded): the same file
+  jq.io.save(tmp_path / "mixed.safetensors", {"params": tree})
+  lazy = jq.io.load(tmp_path / "mixed.safetensors", lazy=True)
+  assert isinstance(lazy["params"]["layers_0"]["mlp"]["up_proj"]["kernel"], jq.io.LazyLeaf)
+  assert G.export_gguf(lazy, CFG, None, tmp_path / "lazy.gguf", "q8_0", embed_type="q5_0",
+                       tensor_types={r"ffn_": "q4_0"}) == written
+  assert (tmp_path / "lazy.gguf").read_bytes() == path.read_bytes()
 
 
 def test_model_level_errors(tmp_path):

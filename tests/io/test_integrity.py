@@ -172,6 +172,30 @@ def test_tensor_bit_flips_fail_verify_but_load_without(saved):
   assert_identical(tree, jq.io.load(path))
 
 
+def test_lazy_leaves_are_checked_when_read(saved):
+  """``load(lazy=True)`` checks the header and structure, reads nothing; each leaf's ``load()``
+  reads and checks its tensors as ``load`` does, so a corrupt tensor fails there, by name."""
+  path, tree = saved
+  lazy = jq.io.load(path, lazy=True)
+  kernel = lazy["params"]["dense"]["kernel"]
+  assert isinstance(kernel, jq.io.LazyLeaf) and lazy["step"] == 3
+  assert (kernel.shape, kernel.qtype) == ((4, 8), jq.QType.INT4)
+  assert lazy["params"]["dense"]["bias"].dtype == np.float32
+  assert_identical(tree, jax.tree.map(jq.io.load_leaf, lazy))
+  st, _ = _split(path)
+  orig = path.read_bytes()
+  begin, end = st["params/dense/kernel.scale"]["data_offsets"]
+  data = bytearray(orig)
+  data[len(orig) - len(_split(path)[1]) + begin] ^= 0x10
+  path.write_bytes(bytes(data))
+  lazy = jq.io.load(path, lazy=True)     # (the header is intact)
+  jq.io.load_leaf(lazy["params"]["dense"]["bias"])
+  with pytest.raises(CheckpointError, match=r"kernel\.scale.*(CRC-32|SHA-256)"):
+    kernel = lazy["params"]["dense"]["kernel"].load()
+  with pytest.raises(ValueError, match="lazy=True .* does not take shardings"):
+    jq.io.load(path, lazy=True, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
 def test_sha256_is_checked_beyond_crc32(saved):
   """A header that is consistent (re-sealed) but records another SHA-256 for a tensor: the CRC
   agrees, the SHA-256 does not (both the whole-file and the sharded paths)."""

@@ -62,6 +62,9 @@ def test_streamed_equals_quantize_tree_bit_for_bit(tiny_hf, tmp_path, recipe):
   assert res.written == len(hf.stream_sources(path, config)) and res.resumed == 0
   assert len(list(sharded.iter_shard_paths(out))) > 2
   _assert_same(jqio.load(out), want)
+  lazy = jqio.load(out, lazy=True)   # leaves read one at a time, from their shards
+  assert all(isinstance(x, jqio.LazyLeaf) for x in jax.tree.leaves(lazy))
+  _assert_same(jax.tree.map(jqio.load_leaf, lazy), want)
   header = jqio.load_header(out)
   assert header["verified"] and header["metadata"] == {}
   assert jqio.rules_from_header(header) == tuple(rules)

@@ -28,6 +28,7 @@ import numpy as np
 from jq.io import decoder_names
 from jq.io.rope import rope_inv_freq
 from jq.io.hints import REQUANTIZE_HINT
+from jq.io.codec import load_leaf
 from jq.io.gguf.codec import encode_tensor
 from jq.io.gguf.metadata import _add_kv
 from jq.io.gguf.qarray_np import _dequantize_np, _pack_np, _unpacked_np, fuse_leaves
@@ -443,7 +444,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
   try:   # (phi3: q/k/v into one attn_qkv, gate/up into one ffn_up)
     kinds = {p: kind for _, _, kind, p in entries}
     entries = [(t, leaf, kinds[paths[0]], paths[0]) for t, paths, leaf in fuse_leaves(
-        [(t, p, leaf) for t, leaf, _, p in entries], lambda t: t.gguf)]
+        [(t, p, leaf if t.rows is None else load_leaf(leaf)) for t, leaf, _, p in entries],
+        lambda t: t.gguf)]
   except ValueError as e:
     raise GGUFExportError(str(e)) from e
   tok = dict(tokenizer_meta or {})
@@ -454,61 +456,26 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     raise GGUFExportError(f"tokenizer has {len(tok['tokenizer.ggml.tokens'])} tokens but "
                           f"vocab_size={hp.vocab_size}")
 
-  # Encode everything before touching the file system.
-  encoded: list[tuple[str, np.ndarray, GGMLType]] = []
+  # Each tensor is encoded, handed to the writer's spooled temporary file and dropped: the export
+  # holds one tensor at a time (a layer's experts until they are stacked) beside ``params``, whose
+  # leaves may be read here one by one (jq.io.load(path, lazy=True): nothing held at all).
   experts: dict[str, list[tuple[int, np.ndarray, GGMLType, str]]] = {}
+  n_experts: dict[str, int] = {}
+  for tn, _, _, _ in entries:
+    if tn.expert is not None:
+      n_experts[tn.gguf] = n_experts.get(tn.gguf, 0) + 1
   written: dict[str, GGMLType] = {}
-  if progress:
-    from tqdm.auto import tqdm
-    entries = tqdm(entries, desc="encoding", unit="tensor", leave=False)
-  for tn, leaf, kind, p in entries:
-    gname = tn.gguf
-    shexp_gate = gname.endswith(".ffn_gate_inp_shexp.weight")
-    if shexp_gate:     # llama.cpp's is one F32 vector (n_embd): its exact values, float
-      leaf = dequantize(leaf, jnp.float32) if is_qarray(leaf) else leaf
-    if kind == "norm" or shexp_gate or (gname.endswith(".ffn_gate_inp.weight")
-                                        and not is_qarray(leaf)):
-      t = GGMLType.F32   # norms; a float MoE router (llama-quantize keeps routers F32 too)
-    else:
-      t = main_type
-      if kind == "embed" or gname == "output.weight":
-        t = emb_type if emb_type is not None else (
-            _qarray_default(leaf, main_type) if is_qarray(leaf)
-            else _FLOAT_OF.get(np.dtype(leaf.dtype), GGMLType.F32))
-      for rx, ot in overrides:
-        if rx.search(gname):
-          t = ot
-          break
-    x, block_axis = leaf, (1 if kind == "embed" else 0)
-    t = _fitting_type(t, leaf, block_axis if kind != "norm" else 0, f"params/{p} ({gname})",
-                      requantize, notes)
-    if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
-      heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
-      if kind == "norm":   # a q/k bias: the same row order as its weight
-        x = np.asarray(x)[_qk_perm(leaf.shape[0], heads, f"params/{p}")]
-      else:
-        x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)
-    offset = float(getattr(config, "norm_offset", 0.0) or 0.0)
-    if offset and gname.endswith("norm.weight"):   # llama.cpp stores Gemma's norms as 1 + w
-      x = np.asarray(x, np.float32) + np.float32(offset)
-    data = encode_tensor(x, t, block_axis=block_axis if kind != "norm" else 0,
-                         requantize=requantize, name=f"params/{p}", notes=notes)
-    if shexp_gate:
-      data = data.reshape(-1)
-    if tn.expert is None:
-      encoded.append((gname, data, t))
-    else:
-      experts.setdefault(gname, []).append((tn.expert, data, t, p))
-    written[gname] = t
-  for gname, parts in experts.items():
-    encoded.append((gname, _stack_experts(gname, parts), parts[0][2]))
   path = Path(path)
   if not path.parent.is_dir():
     raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.jq-tmp-", dir=path.parent)
   os.close(fd)
+  writer = None
   try:
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, arch, use_temp_file=True)
+    # (its tensors wait in a file beside the output, not in gguf-py's 256 MB in-memory spool)
+    writer.temp_file = tempfile.TemporaryFile(  # pylint: disable=consider-using-with
+        dir=path.parent)
     writer.add_name(name or "jq export")
     writer.add_string("general.quantized_by", "jq")
     writer.add_context_length(int(hp.max_seq_len))
@@ -539,8 +506,53 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
       writer.add_tensor("rope_factors_long.weight", np.asarray(scaling.long_factors, np.float32))
       writer.add_tensor("rope_factors_short.weight",
                         np.asarray(scaling.short_factors, np.float32))
-    for gname, data, t in encoded:
-      writer.add_tensor(gname, data, raw_dtype=None if t in (GGMLType.F32, GGMLType.F16) else t)
+    if progress:
+      from tqdm.auto import tqdm
+      entries = tqdm(entries, desc="encoding", unit="tensor", leave=False)
+    for tn, leaf, kind, p in entries:
+      leaf = load_leaf(leaf)   # (a lazily loaded checkpoint's leaf: read now, dropped after)
+      gname = tn.gguf
+      shexp_gate = gname.endswith(".ffn_gate_inp_shexp.weight")
+      if shexp_gate:     # llama.cpp's is one F32 vector (n_embd): its exact values, float
+        leaf = dequantize(leaf, jnp.float32) if is_qarray(leaf) else leaf
+      if kind == "norm" or shexp_gate or (gname.endswith(".ffn_gate_inp.weight")
+                                          and not is_qarray(leaf)):
+        t = GGMLType.F32   # norms; a float MoE router (llama-quantize keeps routers F32 too)
+      else:
+        t = main_type
+        if kind == "embed" or gname == "output.weight":
+          t = emb_type if emb_type is not None else (
+              _qarray_default(leaf, main_type) if is_qarray(leaf)
+              else _FLOAT_OF.get(np.dtype(leaf.dtype), GGMLType.F32))
+        for rx, ot in overrides:
+          if rx.search(gname):
+            t = ot
+            break
+      x, block_axis = leaf, (1 if kind == "embed" else 0)
+      t = _fitting_type(t, leaf, block_axis if kind != "norm" else 0, f"params/{p} ({gname})",
+                        requantize, notes)
+      if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+        heads = hp.num_heads if ".attn_q." in gname else hp.num_kv_heads
+        if kind == "norm":   # a q/k bias: the same row order as its weight
+          x = np.asarray(x)[_qk_perm(leaf.shape[0], heads, f"params/{p}")]
+        else:
+          x = _permute_rows(x, _qk_perm(leaf.shape[1], heads, f"params/{p}"), block_axis)
+      offset = float(getattr(config, "norm_offset", 0.0) or 0.0)
+      if offset and gname.endswith("norm.weight"):   # llama.cpp stores Gemma's norms as 1 + w
+        x = np.asarray(x, np.float32) + np.float32(offset)
+      data = encode_tensor(x, t, block_axis=block_axis if kind != "norm" else 0,
+                           requantize=requantize, name=f"params/{p}", notes=notes)
+      if shexp_gate:
+        data = data.reshape(-1)
+      if tn.expert is None:
+        writer.add_tensor(gname, data, raw_dtype=_raw_type(t))
+      else:   # a layer's experts: stacked once the last one is encoded
+        parts = experts.setdefault(gname, [])
+        parts.append((tn.expert, data, t, p))
+        if len(parts) == n_experts[gname]:
+          writer.add_tensor(gname, _stack_experts(gname, experts.pop(gname)),
+                            raw_dtype=_raw_type(t))
+      written[gname] = t
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -550,10 +562,19 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
+    if writer is not None:
+      writer.close()
+      if writer.temp_file is not None:
+        writer.temp_file.close()
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
   return written
+
+
+def _raw_type(t: GGMLType) -> GGMLType | None:
+  """``GGUFWriter.add_tensor``'s ``raw_dtype``: None for F32/F16 (numpy's own dtypes)."""
+  return None if t in (GGMLType.F32, GGMLType.F16) else t
 
 
 def _stack_experts(gname: str, parts: list[tuple[int, np.ndarray, GGMLType, str]]) -> np.ndarray:
