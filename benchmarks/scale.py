@@ -169,9 +169,9 @@ def main() -> int:
                   "calibrated ones (gptq-...) calibrate one block at a time")
   ap.add_argument("--calib-sequences", type=int, default=16)
   ap.add_argument("--calib-len", type=int, default=512)
-  ap.add_argument("--export", choices=["gguf"], default=None,
+  ap.add_argument("--export", choices=["gguf", "compressed-tensors"], default=None,
                   help="also export each result (GGUF: --type q4_0 for 4-bit recipes, q8_0 "
-                  "for 8-bit ones, --requantize where the grid is not GGUF's)")
+                  "for 8-bit ones; --requantize where the grid is not the format's)")
   ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
   ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
   args = ap.parse_args()
@@ -199,7 +199,7 @@ def main() -> int:
       argv += ["--calib-sequences", str(args.calib_sequences), "--calib-len", str(args.calib_len)]
     print(f"{recipe}: jq-quant {' '.join(argv)}", flush=True)
     res = run_step(argv, root / f"{args.shape}-{recipe}.log")
-    written = sum(p.stat().st_size for p in out.iterdir())
+    written = _size(out)
     if calibrated:   # one block's float32 weights x 3 + the hidden states + 2 GiB
       acts = args.calib_sequences * args.calib_len * cfg["hidden_size"] * 4
       goal = 3 * 2 * block / 2**30 + acts / 2**30 + 2.0
@@ -221,37 +221,46 @@ def main() -> int:
                  "output_gib": round(written / 2**30, 3)})
     print(json.dumps(rows[-1]), flush=True)
     if args.export and res["rc"] == 0:
-      gguf_out = root / f"{args.shape}-{recipe}.gguf"
+      gguf = args.export == "gguf"
+      exported = root / f"{args.shape}-{recipe}.{'gguf' if gguf else 'ct'}"
       bits4 = "4" in recipe.split("-")[0] or recipe.endswith("q4_0")
-      argv = ["export", str(out), "--format", "gguf", "--out", str(gguf_out),
-              "--type", "q4_0" if bits4 else "q8_0"]
-      if not recipe.startswith("gguf-"):
+      argv = ["export", str(out), "--format", args.export, "--out", str(exported)]
+      if gguf:
+        argv += ["--type", "q4_0" if bits4 else "q8_0"]
+      if not recipe.startswith("gguf-" if gguf else "ct-"):
         argv.append("--requantize")
       print(f"{recipe} export: jq-quant {' '.join(argv)}", flush=True)
       ex = run_step(argv, root / f"{args.shape}-{recipe}-export.log")
       goal = 2 * largest / 2**30 + 1.0
-      rows.append({"shape": args.shape, "step": "GGUF export of the streamed result",
+      rows.append({"shape": args.shape, "step": f"{args.export} export of the streamed result",
                    "recipe": recipe, "rc": ex["rc"], "wall_s": round(ex["wall_s"], 1),
                    "peak_rss_gib": round(ex["peak_rss_gib"], 3), "goal_rss_gib": round(goal, 3),
                    "meets_goal": ex["rc"] == 0 and ex["peak_rss_gib"] <= goal,
                    "input_gib": round(written / 2**30, 3),
                    "largest_tensor_gib": round(largest / 2**30, 3),
-                   "output_gib": round(gguf_out.stat().st_size / 2**30, 3)
-                   if gguf_out.exists() else None})
+                   "output_gib": round(_size(exported) / 2**30, 3)
+                   if exported.exists() else None})
       print(json.dumps(rows[-1]), flush=True)
-      gguf_out.unlink(missing_ok=True)
+      if exported.is_dir():
+        shutil.rmtree(exported)
+      else:
+        exported.unlink(missing_ok=True)
     if not args.keep:
       shutil.rmtree(out, ignore_errors=True)
   machine = f"{os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, {platform.machine()}, no GPU"
   result = {"machine": machine, "checkpoint_write_s": round(t_write, 1), "rows": rows}
   Path(args.results).mkdir(parents=True, exist_ok=True)
   path = Path(args.results) / (f"scale_{args.shape}_{'_'.join(args.steps.split(','))}"
-                               f"{'_export' if args.export else ''}.json")
+                               f"{'_export_' + args.export if args.export else ''}.json")
   path.write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(result))
   if not args.keep:
     shutil.rmtree(src, ignore_errors=True)
   return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+def _size(p: Path) -> int:
+  return sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else p.stat().st_size
 
 
 def _mem_gib() -> float:

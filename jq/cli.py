@@ -436,9 +436,10 @@ def _load_ckpt(path: str, override: str | None = None, *, float_weights: bool = 
                lazy: bool = False):
   """``(float model, quantized variables, metadata)`` of a jq, GGUF or compressed-tensors
   checkpoint; the quantized tree is checked against the float model's.  ``float_weights=False``
-  (export, generate): the float model without its weights; ``lazy`` (GGUF export): a jq
-  checkpoint's leaves read one at a time by their consumer (``jq.io.load(lazy=True)``), so a
-  checkpoint of a model bigger than memory exports in one tensor's room."""
+  (export, generate): the float model without its weights; ``lazy`` (export): a jq checkpoint's
+  leaves read one at a time by their consumer (``jq.io.load(lazy=True)``), so a checkpoint of a
+  model bigger than memory exports in one tensor's (GGUF) or one shard's (compressed-tensors)
+  room."""
   from jq import app
   kind = _ckpt_kind(path)
   meta = _ckpt_metadata(path, kind)
@@ -697,8 +698,7 @@ def cmd_export(args) -> int:
     _check_out_file(args.out)
   else:   # compressed-tensors: a directory
     _check_out_dir(args.out)
-  model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False,
-                                  lazy=args.format == "gguf")
+  model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False, lazy=True)
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
   hf_source = source.get("kind") == "hf"

@@ -738,8 +738,8 @@ def check_tensors(header: dict, found: Mapping[str, tuple[np.dtype, tuple[int, .
 class LazyLeaf:
   """An array or QArray leaf of a checkpoint not read yet (``jq.io.load(path, lazy=True)``).
 
-  ``shape`` (a QArray's logical shape), ``dtype`` (arrays) and ``qtype`` (QArrays, else None)
-  come from the header; :meth:`load` reads the leaf's tensors and returns the array or QArray,
+  ``shape`` (a QArray's logical shape), ``dtype`` (arrays), ``qtype`` and ``tile`` (QArrays, else
+  None) come from the header; :meth:`load` reads the leaf's tensors and returns the array or QArray,
   checked exactly as :func:`decode` checks it.  Each call reads again (nothing is kept), so a
   tree of these holds no tensor data: a consumer loads one leaf at a time."""
 
@@ -750,8 +750,9 @@ class LazyLeaf:
     if info["kind"] == "qarray":
       self.qtype, self.dtype = QType(info["qtype"]), None
       self.shape = tuple(int(n) for n in info["shape"])
+      self.tile = tuple(int(n) for n in info["tile"])
     else:
-      self.qtype = None
+      self.qtype = self.tile = None
       self.dtype, self.shape = _tensor_spec(info["tensor"], header["tensors"][info["tensor"]],
                                             source)
 

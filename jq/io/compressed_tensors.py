@@ -92,6 +92,7 @@ import numpy as np
 from jq.io import decoder_names
 from jq.io.hints import REQUANTIZE_HINT
 from jq.io.atomic import atomic_write, replace_dir, temporary_sibling_dir
+from jq.io.codec import load_leaf
 from jq.io.gguf.llama import LlamaHParams
 from jq.io.gguf.qarray_np import (_dequantize_np, _pack_np, _unpacked_np, fuse_leaves,
                                   split_outputs)
@@ -547,13 +548,18 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                               extra_files: Mapping[str, str | bytes] | None = None,
                               hf_config: Mapping[str, Any] | None = None,
                               notes: list[str] | None = None,
-                              progress: bool = False) -> dict[str, Any]:
+                              progress: bool = False,
+                              max_shard_bytes: int = 2 << 30) -> dict[str, Any]:
   """Writes a decoder param tree with jq int8/int4 (int3/int2) or fp8 kernels as a compressed-tensors
   dir.
 
-  The directory gets ``model.safetensors`` and ``config.json`` (``LlamaForCausalLM`` plus
-  ``quantization_config``) and is replaced atomically.  Float leaves are stored in their own
-  dtype; float linears (and ``lm_head``) go into the ``ignore`` list.
+  The directory gets ``model.safetensors`` (or, past ``max_shard_bytes``, Hugging Face's
+  ``model-0000i-of-0000N.safetensors`` shards and ``model.safetensors.index.json``) and
+  ``config.json`` (``LlamaForCausalLM`` plus ``quantization_config``), and is replaced atomically.
+  Float leaves are stored in their own dtype; float linears (and ``lm_head``) go into the
+  ``ignore`` list.  Each leaf is packed and goes into the shard being filled, written when full:
+  with a lazily loaded checkpoint (``jq.io.load(path, lazy=True)``, each leaf read as it is
+  packed) the export holds one shard, not the model.
 
   Args:
     params: ``{"params": {...}}`` or the inner dict (``models/decoder.py`` paths).
@@ -580,13 +586,9 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
   names = {t.jq: t for t in decoder_names.decoder_tensors(
       config if not isinstance(config, Mapping) else hp)}
   tree = params["params"] if isinstance(params, Mapping) and set(params) == {"params"} else params
-  tensors: dict[str, np.ndarray] = {}
-  schemes: dict[_Scheme, list[str]] = {}
-  float_linears: list[str] = []
-  embed_dtype = None
   leaves = list(leaves_with_paths(tree))
-  sizes = {int(x.tile[0]) for _, x in leaves if is_qarray(x) and len(x.shape) == 2
-           and x.tile[0] < x.shape[0] and x.shape[0] % x.tile[0] == 0}
+  sizes = {int(x.tile[0]) for _, x in leaves if getattr(x, "qtype", None) is not None
+           and len(x.shape) == 2 and x.tile[0] < x.shape[0] and x.shape[0] % x.tile[0] == 0}
   group = sizes.pop() if len(sizes) == 1 else None   # (see _ct_from_qarray)
   unknown = [p for p, _ in leaves if p not in names]
   if unknown:
@@ -594,13 +596,88 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                                  f"(expected e.g. {sorted(names)[:3]})")
   try:
     leaves = [(paths[0], t.hf, leaf) for t, paths, leaf in fuse_leaves(
-        [(names[p], p, leaf) for p, leaf in leaves], lambda t: t.hf)]
+        [(names[p], p, leaf if names[p].rows is None else load_leaf(leaf))
+         for p, leaf in leaves], lambda t: t.hf)]
   except ValueError as e:
     raise CompressedTensorsError(str(e)) from e
   if progress:
     from tqdm.auto import tqdm
     leaves = tqdm(leaves, desc="packing", unit="tensor", leave=False)
+  path = Path(path)
+  tmp = temporary_sibling_dir(path)
+  try:
+    shards = _ShardFiller(tmp, max_shard_bytes)
+    qconfig, hf = _pack_all(leaves, shards, hp, group, requantize, notes, hf_config,
+                            hf_config_extra)
+    shards.finish()
+    with atomic_write(os.path.join(tmp, "config.json")) as f:
+      f.write(json.dumps(hf, indent=2, sort_keys=True).encode("utf-8"))
+    for name, content in (extra_files or {}).items():
+      if os.path.basename(name) != name or name in (*shards.names, "config.json",
+                                                    "model.safetensors.index.json"):
+        raise CompressedTensorsError(f"extra file name {name!r} must be a plain file name other "
+                                     "than the weights' and config.json")
+      with atomic_write(os.path.join(tmp, name)) as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    replace_dir(tmp, path)
+  except BaseException:
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return qconfig
+
+
+class _ShardFiller:
+  """Tensors into safetensors files of at most ``max_bytes`` each (one tensor may exceed it),
+  each written when full; :meth:`finish` names them as Hugging Face does (``model.safetensors``
+  alone, else ``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json``)."""
+
+  def __init__(self, directory: str, max_bytes: int):
+    self.directory, self.max_bytes = directory, max_bytes
+    self.pending: dict[str, np.ndarray] = {}
+    self.parts: list[list[str]] = []
+    self.total = 0
+    self.names: list[str] = []
+
+  def put(self, name: str, x: np.ndarray) -> None:
+    if self.pending and sum(v.nbytes for v in self.pending.values()) + x.nbytes > self.max_bytes:
+      self._flush()
+    self.pending[name] = x
+    self.total += x.nbytes
+
+  def _flush(self) -> None:
+    write_safetensors(os.path.join(self.directory, f".part-{len(self.parts):05d}"), self.pending,
+                      {"format": "pt"})
+    self.parts.append(sorted(self.pending))
+    self.pending = {}
+
+  def finish(self) -> None:
+    if self.pending or not self.parts:
+      self._flush()
+    n = len(self.parts)
+    self.names = (["model.safetensors"] if n == 1 else
+                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    for i, name in enumerate(self.names):
+      os.replace(os.path.join(self.directory, f".part-{i:05d}"),
+                 os.path.join(self.directory, name))
+    if n > 1:
+      index = {"metadata": {"total_size": self.total},
+               "weight_map": {t: name for name, part in zip(self.names, self.parts)
+                              for t in part}}
+      with atomic_write(os.path.join(self.directory, "model.safetensors.index.json")) as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True).encode("utf-8"))
+
+
+def _pack_all(leaves, shards: _ShardFiller, hp: LlamaHParams, group: int | None,
+              requantize: bool, notes: list[str] | None, hf_config: Mapping[str, Any] | None,
+              hf_config_extra: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict]:
+  """Packs every leaf into ``shards`` (read there if lazy); returns ``(quantization_config,
+  config.json)``."""
+  schemes: dict[_Scheme, list[str]] = {}
+  float_linears: list[str] = []
+  embed_dtype = None
   for p, hf_name, leaf in leaves:
+    leaf = load_leaf(leaf)
     module, linear = hf_name.rpartition(".")[0], p.endswith("/kernel")
     if is_qarray(leaf):
       if not linear:
@@ -624,7 +701,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
                        f"{'' if scheme.group_size is None else f' {scheme.group_size}'}")
       schemes.setdefault(scheme, []).append(module)
       for k, v in ts.items():
-        tensors[f"{module}.{k}"] = v
+        shards.put(f"{module}.{k}", v)
     else:
       x = np.asarray(leaf)
       if not (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
@@ -635,7 +712,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
         float_linears.append(module)
       if p == "embed/embedding":
         embed_dtype = x.dtype
-      tensors[hf_name] = np.ascontiguousarray(x)
+      shards.put(hf_name, np.ascontiguousarray(x))
   if not schemes:
     raise CompressedTensorsError("params has no QArray kernels; nothing to compress (use "
                                  "jq.io.save or plain safetensors for float models)")
@@ -683,25 +760,7 @@ def export_compressed_tensors(params: Any, config: Any, path: str | os.PathLike,
     hf = hf_llama_config(hp, torch_dtype=dtype_name)
   hf.update(dict(hf_config_extra or {}))
   hf["quantization_config"] = qconfig
-  path = Path(path)
-  tmp = temporary_sibling_dir(path)
-  try:
-    write_safetensors(os.path.join(tmp, "model.safetensors"), tensors,
-                      {"format": "pt"})
-    with atomic_write(os.path.join(tmp, "config.json")) as f:
-      f.write(json.dumps(hf, indent=2, sort_keys=True).encode("utf-8"))
-    for name, content in (extra_files or {}).items():
-      if os.path.basename(name) != name or name in ("model.safetensors", "config.json"):
-        raise CompressedTensorsError(f"extra file name {name!r} must be a plain file name other "
-                                     "than model.safetensors / config.json")
-      with atomic_write(os.path.join(tmp, name)) as f:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
-    replace_dir(tmp, path)
-  except BaseException:
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return qconfig
+  return qconfig, hf
 
 
 def export_model(params: Any, path: str | os.PathLike, *, config: Any = None,

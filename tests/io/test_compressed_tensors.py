@@ -152,6 +152,29 @@ def test_round_trip(tmp_path, name):
   assert qd.qtype is (spec.qtype if spec.symmetric else jq.QType.from_bits(bits, signed=False))
 
 
+def test_sharded_and_lazy_exports_hold_the_same_checkpoint(tmp_path):
+  """Past ``max_shard_bytes`` the weights go into Hugging Face's numbered shards and index (each
+  written as it fills), and a lazily loaded jq checkpoint (leaves read one at a time) exports the
+  same tensors; both read back to the same values."""
+  q = qtree(tiny_llama(np.random.default_rng(3)), jq.default_rules(jq.W4A16_G32))
+  one = C.export_compressed_tensors({"params": q}, CFG, tmp_path / "one")
+  jq.io.save(tmp_path / "q.safetensors", {"params": q})
+  lazy = jq.io.load(tmp_path / "q.safetensors", lazy=True)
+  assert C.export_compressed_tensors(lazy, CFG, tmp_path / "many", max_shard_bytes=20_000) == one
+  files = sorted(p.name for p in (tmp_path / "many").iterdir())
+  shards = [f for f in files if f.startswith("model-")]
+  assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+  assert "model.safetensors" not in files and not any(f.startswith(".") for f in files)
+  index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+  whole = read_tensors(tmp_path / "one" / "model.safetensors")
+  assert set(index["weight_map"]) == set(whole) and set(index["weight_map"].values()) == set(shards)
+  assert index["metadata"]["total_size"] == sum(v.nbytes for v in whole.values())
+  for name, shard in index["weight_map"].items():
+    np.testing.assert_array_equal(read_tensors(tmp_path / "many" / shard)[name], whole[name])
+  _assert_same_values(C.load_compressed_tensors(tmp_path / "many")[1],
+                      C.load_compressed_tensors(tmp_path / "one")[1])
+
+
 def test_static_w8a8_and_mixed_precision(tmp_path):
   params = tiny_llama(np.random.default_rng(1))
   paths = [p for p, _ in leaves_with_paths(params) if p.endswith("kernel")]
