@@ -532,7 +532,7 @@ def load(path: str | os.PathLike, *, verify: bool = True, shardings: PyTree | No
       may stand for a whole subtree.
     lazy: read nothing yet: array and QArray leaves are :class:`jq.io.codec.LazyLeaf`s (shape,
       dtype/qtype), each read and checked by its ``load()`` (the structure is checked now), so a
-      consumer holds one leaf at a time (GGUF export of a model bigger than memory).
+      consumer holds one leaf at a time (export of a model bigger than memory).
 
   Example:
     >>> qshapes = jax.eval_shape(lambda p: jq.quantize_tree(p, rules), params)

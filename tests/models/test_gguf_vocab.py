@@ -1,4 +1,4 @@
-"""GGUF tokenizer metadata written from a Hugging Face ``tokenizer.json`` (``jq_models.gguf_vocab``).
+"""GGUF tokenizer metadata written from a Hugging Face ``tokenizer.json`` (jq_models.gguf_vocab).
 
 Each case builds a ``tokenizer.json`` in the style of one family (trained on a little text, so the
 merges are real): GPT-2's byte-level regex, SmolLM2's single digits, Llama 3's and Qwen2's split
