@@ -70,7 +70,9 @@ def check_rules(rules: Any) -> tuple[Rule, ...]:
   """``rules`` as a tuple of :class:`jq.Rule` (a single Rule, a spec or a string is refused)."""
   if isinstance(rules, (Rule, str)) or not hasattr(rules, "__iter__"):
     raise ValueError(f"rules must be a list or tuple of jq.Rule, got a {type(rules).__name__}"
-                     + (" (wrap one rule: (rule,))" if isinstance(rules, Rule) else ""))
+                     + (" (wrap one rule: (rule,))" if isinstance(rules, Rule) else "")
+                     + (f" (a recipe name? jq.recipe_rules({rules!r:.40}))"
+                        if isinstance(rules, str) else ""))
   rules = tuple(rules)
   bad = [r for r in rules if not isinstance(r, Rule)]
   if bad:
@@ -226,7 +228,9 @@ def _per_stacked_layer(v, shape: Sequence[int], where: str):
     if lead > n:
       break
   raise ValueError(f"{where}: {n} static activation scales (one per stacked layer) do not match "
-                   "the kernel's leading (stacked) axes")
+                   "the kernel's leading (stacked) axes (a stack on a later axis, e.g. "
+                   "nn.scan(..., variable_axes={'params': 1}), takes no static activation scales: "
+                   "stack the layers on axis 0, or quantize their inputs dynamically)")
 
 
 def dequantize_tree(tree: PyTree, dtype=jnp.float32) -> PyTree:
@@ -262,6 +266,11 @@ def report(params: PyTree, qparams: PyTree, stored: PyTree | None = None) -> lis
   SmoothQuant hand back ``params`` folded in float32 from a bfloat16 / float16 checkpoint),
   else of ``params``'."""
   ref = dict(leaves_with_paths(params))
+  quantized_ref = [p for p, x in ref.items() if is_qarray(x)]
+  if quantized_ref and not any(is_qarray(q) for _, q in leaves_with_paths(qparams)):
+    raise ValueError(f"report: the float tree holds quantized leaves ({quantized_ref[0]}"
+                     f"{', ...' if quantized_ref[1:] else ''}) and the quantized tree none; "
+                     "swapped arguments? jq.report(float_params, quantized_params)")
   sizes = {p: int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
            for p, x in leaves_with_paths(params if stored is None else stored)}
   rows = []
@@ -271,6 +280,9 @@ def report(params: PyTree, qparams: PyTree, stored: PyTree | None = None) -> lis
     if path not in ref:
       raise ValueError(f"report: {path} is quantized but missing from the float tree")
     w = ref[path]
+    if is_qarray(w):
+      raise ValueError(f"report: {path} is quantized in the float tree too; pass the float "
+                       "parameters first: jq.report(float_params, quantized_params)")
     deq = dequantize(q, jnp.float32)
     desc = f"{q.qtype.value} tile={'x'.join(map(str, q.tile))}"
     desc += "" if q.zero_point is None else " asym"

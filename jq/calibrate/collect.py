@@ -467,9 +467,10 @@ def collect(run: Callable[[Any, Any], Any], batches: Iterable[Any], wants: Mappi
       jax.block_until_ready(step(operands, batch))
     except _NotMapped:
       raise   # (the layer's, not the batch's)
-    except (TypeError, ValueError, flax.errors.FlaxError) as e:
+    except (TypeError, ValueError, KeyError, flax.errors.FlaxError) as e:
       shapes = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), batch)
-      raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {e}") from e
+      kind = "KeyError " if isinstance(e, KeyError) else ""   # (a bare KeyError: only the key)
+      raise ValueError(f"calibration batch {ids[b]} (shapes {shapes}): {kind}{e}") from e
     jax.effects_barrier()
     for group, calls in seen.items():
       n, names = wants[group].stack, ", ".join(groups[group])

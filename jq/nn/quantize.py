@@ -128,6 +128,11 @@ def static_scales(rules: Sequence[Rule], params: PyTree, run, operands,
   if batches is None:
     raise ValueError(f"rules ask for static int8 activations for {sorted(wanted)[:3]}...; pass "
                      "calibration_batches=[inputs, ...] (or act_scales=) to calibrate them")
+  if isinstance(batches, Mapping) or not hasattr(batches, "__iter__"):  # (a dict: its keys)
+    raise ValueError(f"calibration_batches must be an iterable of calibration inputs, got a "
+                     f"{type(batches).__name__}"
+                     + (f" with keys {list(batches)[:4]}" if isinstance(batches, Mapping) else "")
+                     + " (one batch? pass a list of them: [batch, ...])")
   ranges = input_ranges(run, batches, paths=wanted, operands=operands,
                         stacks={p: n for p, n in stacks.items() if p in wanted})
   return act_scales_from_ranges(ranges, wanted)

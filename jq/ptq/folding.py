@@ -232,6 +232,9 @@ def find_groups(target: Target, params: PyTree, consumers: Sequence[str], batch,
     if key in together:
       found[ids[0]] = together[key]
       failed = [i for i in failed if i not in ids]
+  if failed and not why:   # (outputs cast to float32 at the end: the layers may still be 16-bit)
+    why = _low_precision_inputs(target, params, check_batches[0],
+                                {m.rpartition("/")[0] for i in failed for m in pending[i][2]})
   for i in failed:
     log.append(f"{'+'.join(pending[i][2])}: no producer of their input could take the scales "
                "(none found, or folding changed the model); AWQ/SmoothQuant scales not applied"
@@ -338,7 +341,30 @@ def _matrices(target: Target, leaves, kernel: str) -> int:
 def _low_precision(refs) -> str:
   """A note for the log when the model computes in a 16-bit float: there any fold moves the
   outputs by rounding (~1e-3 relative), far beyond the checks' tolerance, so none can be found."""
-  low = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(refs)
+  return _low_note(jax.tree_util.tree_leaves(refs))
+
+
+def _low_precision_inputs(target: Target, params: PyTree, batch, modules) -> str:
+  """:func:`_low_precision` from the inputs of ``modules`` (the failed groups' consumers, traced
+  abstractly): a model whose layers compute in bfloat16 may still return float32 (logits cast at
+  the end), and its folds fail for the same reason."""
+  seen = []
+  def hook_for(path, _):
+    if path not in modules:
+      return None
+    def hook(call, a, kw):
+      seen.extend(x for x in jax.tree_util.tree_leaves(a[:1]) if hasattr(x, "dtype"))
+      return call(*a, **kw)
+    return hook
+  try:
+    jax.eval_shape(lambda p, b: target.run_hooked(p, b, hook_for), params, batch)
+  except Exception:  # pylint: disable=broad-except  (only a note for the log is at stake)
+    return ""
+  return _low_note(seen)
+
+
+def _low_note(arrays) -> str:
+  low = sorted({str(x.dtype) for x in arrays
                 if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
   if not low:
     return ""

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.errors
@@ -46,7 +46,7 @@ from jq.qarray import QArray, check_values, index_str
 from jq.qtypes import QType
 from jq.sharding import qarray_sharding
 from jq.spec import ActMode, Algorithm, AutoRoundOptions, Clip, Rule
-from jq.tree import leaves_with_paths, plan, with_activation
+from jq.tree import check_rules, leaves_with_paths, path_str, plan, with_activation
 
 PyTree = Any
 
@@ -75,21 +75,38 @@ class PTQModelResult:
   seconds: float
 
 
+def _batch_shapes(batch) -> Any:
+  """The shapes of one calibration batch's inputs, as they nest (dicts of arrays too)."""
+  return jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), list(as_args(batch)))
+
+
+def _cannot_run(batch, e: Exception) -> ValueError:
+  kind = "KeyError " if isinstance(e, KeyError) else ""   # (a bare KeyError says only the key)
+  return ValueError(f"quantize_model: the model cannot run calibration batch 0 "
+                    f"({_batch_shapes(batch)}): {kind}{e}")
+
+
 def _check_batches(batches, ids=None) -> list[Any]:
   if batches is None or isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
     raise ValueError(f"quantize_model: batches must be an iterable of calibration inputs (arrays, "
                      f"or tuples of arguments), got {type(batches).__name__}")
+  if isinstance(batches, Mapping):   # iterating it would give its keys
+    raise ValueError(f"quantize_model: batches must be an iterable of calibration inputs, got a "
+                     f"{type(batches).__name__} with keys {list(batches)[:4]} (one batch? pass a "
+                     "list of them: [batch, ...])")
   batches = list(batches)
   if not batches:
     raise ValueError("quantize_model: no calibration batches were given")
   for i, b in zip(range(len(batches)) if ids is None else ids, batches):
     for x in as_args(b):
+      for leaf in jax.tree_util.tree_leaves(x):   # (dict batches: every array in them)
+        a = np.asarray(leaf)
+        if a.size == 0:
+          raise ValueError(f"quantize_model: calibration batch {i} has an empty input of shape "
+                           f"{a.shape}")
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+          raise ValueError(f"quantize_model: calibration batch {i} holds NaN/Inf values")
       a = np.asarray(x)
-      if a.size == 0:
-        raise ValueError(f"quantize_model: calibration batch {i} has an empty input of shape "
-                         f"{a.shape}")
-      if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-        raise ValueError(f"quantize_model: calibration batch {i} holds NaN/Inf values")
       if np.issubdtype(a.dtype, np.integer) and a.min() < 0:
         raise ValueError(f"quantize_model: calibration batch {i} holds negative token ids "
                          f"(min {a.min()})")
@@ -100,15 +117,33 @@ def _check_one_length(batches, ids=None) -> None:
   """Learned rounding draws rows from all the calibration batches at once: they must agree in
   every axis but the leading (batch) one."""
   def tail(b):
-    return [tuple(np.shape(x))[1:] for x in as_args(b)]
+    return [tuple(np.shape(x))[1:] for x in jax.tree_util.tree_leaves(list(as_args(b)))]
   ids = list(range(len(batches))) if ids is None else list(ids)
   for i, b in zip(ids[1:], batches[1:]):
     if tail(b) != tail(batches[0]):
       raise ValueError(
           f"quantize_model: learned rounding (autoround) draws rows from all calibration batches "
           f"together, so they must agree in every axis but the first; batch {ids[0]} has inputs "
-          f"of shapes {[tuple(np.shape(x)) for x in as_args(batches[0])]}, batch {i} "
-          f"{[tuple(np.shape(x)) for x in as_args(b)]}: pad or crop them to one length")
+          f"of shapes {_batch_shapes(batches[0])}, batch {i} "
+          f"{_batch_shapes(b)}: pad or crop them to one length")
+
+
+def _check_kwargs_broadcast(batches, example_kwargs) -> None:
+  """Learned rounding runs the model on rows drawn from all the batches with the same keyword
+  arguments: one holding a row per example (a mask of the batch's size) would meet other rows
+  (a broadcasting error deep in the model, or silently another row's mask)."""
+  first = jax.tree_util.tree_leaves(list(as_args(batches[0])))
+  n = np.shape(first[0])[0] if first and np.ndim(first[0]) else None
+  if not n or n == 1:
+    return
+  for kp, x in jax.tree_util.tree_leaves_with_path(example_kwargs):
+    if np.ndim(x) and np.shape(x)[0] == n:
+      raise ValueError(
+          f"quantize_model: learned rounding (autoround) draws rows from all calibration batches "
+          f"together, but the keyword argument {path_str(kp)!r} of shape "
+          f"{tuple(np.shape(x))} has a row per example of the batches (leading size {n}): pass "
+          "per-example inputs inside the batches (a tuple or dict per batch), or give it a "
+          "leading size of 1 so that it broadcasts")
 
 
 @calibration
@@ -133,7 +168,7 @@ def quantize_model(model, variables, rules: Sequence[Rule], batches: Iterable[An
     chained: sequential calibration runs one block per step where the model chains its blocks
       (``x = block(x, ...)``); False runs the whole model per block (the reference road).
     progress: a progress bar over the calibrated units (blocks).
-    **example_kwargs: extra keyword arguments of the model call (linen).
+    **example_kwargs: extra keyword arguments of the model call (linen and nnx).
 
   Example:
     >>> res = jq.ptq.quantize_model(model, variables, jq.recipe_rules("gptq-w4a16-g128"),
@@ -207,6 +242,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   t0 = time.perf_counter()
   given_ids, given_total = getattr(batches, "indices", None), getattr(batches, "total", None)
   batches = _check_batches(batches, given_ids)
+  rules = check_rules(rules)
   if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND for r in rules) and (
       blocks is not None or dist):
     raise ValueError("quantize_model: learned rounding (autoround) runs on the adapter-free road "
@@ -215,6 +251,7 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
                                    f"this run has {jax.process_count()} processes"))
   if any(r.weight is not None and r.algorithm is Algorithm.AUTOROUND for r in rules):
     _check_one_length(batches, given_ids)
+    _check_kwargs_broadcast(batches, example_kwargs)
   if blocks is not None and (cfg.mesh is not None or dist):
     raise ValueError("quantize_model: blocks= (the adapter pipeline) runs on one device in one "
                      "process; PTQConfig.mesh and several processes need the adapter-free road "
@@ -233,17 +270,20 @@ def _quantize_model(model, variables, rules, batches, cfg, blocks, calib_batches
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise ValueError("quantize_model: an nnx module carries its own state; pass variables=None")
-    target = nnx_target(model)
+    target = nnx_target(model, example_kwargs)
     target.params = cfg.split(_compat.auto_typed(target.params))
+    try:   # (abstractly: named like a linen model's batch 0, not a raw error deep in the model)
+      jax.eval_shape(target.run, target.params, batches[0])
+    except (TypeError, ValueError, KeyError, flax.errors.FlaxError) as e:
+      raise _cannot_run(batches[0], e) from e
   else:
     if variables is None:
       raise ValueError("quantize_model: a linen model needs its variables")
     variables = cfg.split(_compat.auto_typed(variables))   # (Explicit meshes: Auto)
     try:
       target = linen_target(model, variables, batches[0], example_kwargs)
-    except (TypeError, ValueError, flax.errors.FlaxError) as e:
-      raise ValueError(f"quantize_model: the model cannot run calibration batch 0 "
-                       f"({[np.shape(x) for x in as_args(batches[0])]}): {e}") from e
+    except (TypeError, ValueError, KeyError, flax.errors.FlaxError) as e:
+      raise _cannot_run(batches[0], e) from e
   log: list[str] = []
   rules, kept = runnable_rules(target.params, tuple(rules), target.layouts,
                                target.reasons, target.stacks)

@@ -99,7 +99,7 @@ def linen_target(model, variables, example_batch, example_kwargs: dict) -> Targe
                 run_hooked=run_hooked, finish=lambda q: q, kind="linen")
 
 
-def nnx_target(module) -> Target:
+def nnx_target(module, example_kwargs: dict | None = None) -> Target:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jq.nn import nnx as jnnx  # pylint: disable=import-outside-toplevel
   jnnx.check_eval_mode(module, "quantize_model")
@@ -107,8 +107,10 @@ def nnx_target(module) -> Target:
   prepared = jnnx.with_quantized_classes(module)
   graphdef, _, rest = nnx.split(prepared, nnx.Param, ...)
 
+  kwargs = dict(example_kwargs or {})
+
   def run(p, batch):
-    return nnx.merge(graphdef, p, rest)(*as_args(batch))
+    return nnx.merge(graphdef, p, rest)(*as_args(batch), **kwargs)
 
   def run_hooked(p, batch, hook_for):
     clone = nnx.merge(graphdef, p, rest)
@@ -117,7 +119,7 @@ def nnx_target(module) -> Target:
         hook = hook_for("/".join(map(str, path)), m)
         if hook is not None:
           m.__class__ = _hooked_class(type(m), hook)
-    return clone(*as_args(batch))
+    return clone(*as_args(batch), **kwargs)
 
   return Target(
       params=nnx.state(module, nnx.Param),

@@ -174,6 +174,12 @@ def test_report_and_format():
   assert T.format_report([]).splitlines()[0].startswith("path")
   with pytest.raises(ValueError, match="missing from the float tree"):
     T.report({"params": {}}, q)
+  # swapped arguments gave an empty table; the quantized tree twice a raw error
+  with pytest.raises(ValueError, match=r"the float tree holds quantized leaves .* swapped "
+                                       r"arguments\? jq.report\(float_params, quantized_params\)"):
+    T.report(q, params)
+  with pytest.raises(ValueError, match=r"is quantized in the float tree too"):
+    T.report(q, q)
   # sizes of the model as stored (a bfloat16 checkpoint whose AWQ-folded copy is float32)
   stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   halves = T.report(params, q, stored=stored)

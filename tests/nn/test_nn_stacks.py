@@ -138,3 +138,32 @@ def test_a_scanned_norm_of_its_own_is_not_reported_as_a_matrix():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     jqnn.quantize_variables(model, variables, jq.default_rules(jq.W8A16), x)
+
+
+class _ScanOnAxis1(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Blk(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return h + nn.Dense(16, name="fc")(h), None
+    h, _ = nn.scan(Blk, variable_axes={"params": 1}, split_rngs={"params": True},
+                   length=3)(name="s")(x, None)
+    return h
+
+
+def test_a_scan_stacked_on_axis_1_gets_per_layer_weight_scales_and_says_why_not_static():
+  """``nn.scan(variable_axes={"params": 1})``: weight scales per layer on the kernel's axis 1;
+  static activation scales (one per layer) cannot be sliced there, which was said as a bare
+  'do not match the kernel's leading (stacked) axes'."""
+  model, x = _ScanOnAxis1(), jax.random.normal(jax.random.key(1), (4, 16))
+  variables = model.init(jax.random.key(0), x)
+  assert jqnn.layouts(model, variables, x)["params/s/fc/kernel"].batch == (1,)
+  qv = jqnn.quantize_variables(model, variables, jq.recipe_rules("w8a16"), x)
+  assert qv["params"]["s"]["fc"]["kernel"].scale.shape == (1, 3, 16)
+  y = jax.jit(jqnn.quantized_apply(model))(qv, x)
+  assert float(jq.sqnr(model.apply(variables, x), y)) > 30
+  with pytest.raises(ValueError, match=r"params/s/fc/kernel: shape \(16, 3, 16\) .* stack the "
+                                       r"layers on axis 0, or quantize their inputs dynamically"):
+    jqnn.quantize_variables(model, variables, jq.recipe_rules("w8a8-static"), x,
+                            calibration_batches=[x])

@@ -74,3 +74,23 @@ def test_roads_learned_rounding_cannot_take_are_refused():
   model, variables, calib, _ = _setup("gpt2_linen")
   with pytest.raises(ValueError, match="adapter-free road"):
     quantize_model(model, variables, _rules(steps=2), calib, blocks=object())
+
+
+def test_a_per_example_keyword_argument_is_refused_up_front_and_a_broadcast_one_runs():
+  """Learned rounding runs rows drawn from all batches with the same keyword arguments: a mask
+  with a row per example failed in a raw broadcast deep in the attention (or, at a step of the
+  batches' size, would silently mask other rows)."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, mask):
+      h = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x, x, mask=mask)
+      return nn.Dense(16, name="fc")(x + h)
+  m = M()
+  calib = [jax.random.normal(jax.random.key(i), (4, 6, 16)) for i in range(3)]
+  per_example = jnp.ones((4, 1, 6, 6), bool)
+  variables = m.init(jax.random.key(0), calib[0], mask=per_example)
+  with pytest.raises(ValueError, match=r"keyword argument 'mask' of shape \(4, 1, 6, 6\) has a "
+                                       r"row per example .* leading size of 1"):
+    quantize_model(m, variables, _rules(steps=2), calib, mask=per_example)
+  res = quantize_model(m, variables, _rules(steps=2), calib, mask=per_example[:1])
+  assert any("outside blocks: autoround" in line for line in res.log), res.log
