@@ -187,6 +187,10 @@ def generate(model, qvars, prompt: str, *, max_new_tokens: int = 64, chat: bool 
   from jq.nn import quantized_apply
   kind = _kv_kind(model, kv_cache)
   ids = model.prompt_ids(prompt, chat=chat)
+  limit = getattr(model.config, "max_seq_len", None)
+  if limit is not None and len(ids) + max_new_tokens > limit:
+    raise ValueError(f"--max-new-tokens {max_new_tokens} after the prompt's {len(ids)} tokens "
+                     f"exceeds the model's context of {limit} tokens")
   out = model.generate(quantized_apply(model.module.apply), qvars, ids, max_new_tokens,
                        progress=progress, kv_cache=kind.value)
   stop = set(getattr(model.tokenizer, "stop_ids", ()) or ()) | {model.tokenizer.eos_id}

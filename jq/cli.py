@@ -264,7 +264,8 @@ def _check_out_dir(out: str) -> None:
                      "compressed-tensors checkpoint)")
   parent = p.resolve().parent
   if not parent.is_dir():
-    raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
+    raise FileNotFoundError(f"--out {out}: {parent} is a file, not a directory" if parent.exists()
+                            else f"--out {out}: directory {parent} does not exist")
   if not os.access(parent, os.W_OK):
     raise PermissionError(f"--out {out}: directory {parent} is not writable")
   _probe_writable(parent, out)
@@ -627,7 +628,8 @@ def _check_out_file(out: str) -> None:
     raise ValueError(f"--out {out} is a directory; give a file name")
   parent = p.parent
   if not parent.is_dir():
-    raise FileNotFoundError(f"--out {out}: directory {parent} does not exist")
+    raise FileNotFoundError(f"--out {out}: {parent} is a file, not a directory" if parent.exists()
+                            else f"--out {out}: directory {parent} does not exist")
   if not os.access(parent, os.W_OK):
     raise PermissionError(f"--out {out}: directory {parent} is not writable")
   _probe_writable(parent, out)
@@ -694,10 +696,25 @@ def _converted_tokenizer(model: Any, ckpt: str) -> dict[str, Any]:
 
 
 def cmd_export(args) -> int:
-  if args.format == "gguf":   # --out checked before the model loads and the work is done
+  if args.format == "gguf":   # --out and the types checked before the model loads and the work
     _check_out_file(args.out)
+    from jq.io.gguf.types import EXPORT_TYPES, to_ggml_type
+    for flag, name in (("--type", args.type), ("--embed-type", args.embed_type)):
+      if name is None:
+        continue
+      try:
+        kind = to_ggml_type(name)
+      except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+      if kind not in EXPORT_TYPES:
+        raise ValueError(f"{flag} {name}: jq cannot write GGUF {kind.name}; choose one of "
+                         f"{[t.name.lower() for t in EXPORT_TYPES]}")
   else:   # compressed-tensors: a directory
     _check_out_dir(args.out)
+    for flag, given in (("--type", args.type), ("--embed-type", args.embed_type)):
+      if given is not None:
+        raise ValueError(f"{flag} applies to --format gguf only (compressed-tensors keeps the "
+                         "recipe's own grid and embeddings float)")
   model, qvars, info = _load_ckpt(args.ckpt, args.model, float_weights=False, lazy=True)
   source = getattr(model, "source", {}) or {}
   recipe = info["metadata"].get("recipe")
@@ -740,7 +757,7 @@ def cmd_export(args) -> int:
   if args.format == "gguf":
     from jq.io.gguf import export_model
     record = {"jq.source": json.dumps(source)} | ({"jq.recipe": recipe} if recipe else {})
-    types = export_model(model, qvars, args.out, ggml_type=args.type,
+    types = export_model(model, qvars, args.out, ggml_type=args.type or "q8_0",
                          embed_type=args.embed_type, requantize=args.requantize, notes=notes,
                          extra_metadata=record, arch=arch, progress=True,
                          source_gguf=tokenizer_gguf, tokenizer_meta=tokenizer_meta)
@@ -750,9 +767,6 @@ def cmd_export(args) -> int:
     summary = "tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
   else:
     from jq.io import compressed_tensors
-    if args.embed_type:
-      raise ValueError("--embed-type applies to --format gguf only (compressed-tensors keeps "
-                       "embeddings float)")
     kw: dict[str, Any] = {"hf_config_extra": {"jq_source": source, "jq_recipe": recipe}}
     if hf_source:
       src = Path(source["path"])
@@ -875,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--process-timeout", type=_positive_float, default=1800.0, metavar="S",
                  help="several processes: how long one waits for the others at each step "
                  "(default 1800 s)")
-  q.add_argument("--calib-sequences", type=_at_least(1), default=32)
+  q.add_argument("--calib-sequences", type=_at_least(1), default=32, metavar="N",
+                 help="calibrated recipes: calibration sequences of --calib-len tokens from "
+                 "--calib-text (default 32)")
   q.add_argument("--calib-len", type=_at_least(2), default=None,
                  help="tokens per calibration sequence (default 512, or the model's context if "
                  "shorter)")
@@ -899,9 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
   i.set_defaults(fn=cmd_inspect)
 
   gen = sub.add_parser("generate", help="greedy decoding from a quantized causal LM")
-  gen.add_argument("ckpt")
-  gen.add_argument("--prompt", required=True)
-  gen.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+  gen.add_argument("ckpt", help="a jq checkpoint (file or sharded directory), a GGUF file or a "
+                   "compressed-tensors directory")
+  gen.add_argument("--prompt", required=True, help="the user message (wrapped in the "
+                   "checkpoint's chat template unless --raw)")
+  gen.add_argument("--max-new-tokens", type=_at_least(1), default=64,
+                   help="tokens to generate at most (default 64; prompt + these must fit the "
+                   "model's context)")
   gen.add_argument("--raw", action="store_true", help="no chat template around the prompt")
   gen.add_argument("--model", help=MODEL_OVERRIDE)
   kv_opt(gen, "dequantized inside the jitted decoding step")
@@ -915,12 +935,17 @@ def build_parser() -> argparse.ArgumentParser:
   pl.set_defaults(fn=cmd_plan)
 
   x = sub.add_parser("export", help="export to GGUF (llama.cpp) or compressed-tensors (vLLM)")
-  x.add_argument("ckpt")
-  x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
-  x.add_argument("--type", default="q8_0", help="GGUF tensor type for quantized kernels")
+  x.add_argument("ckpt", help="the checkpoint to export, as eval reads it (a jq file or sharded "
+                 "directory: read one tensor at a time)")
+  x.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"],
+                 help="gguf: one llama.cpp file; compressed-tensors: a Hugging Face directory "
+                 "vLLM and transformers load")
+  x.add_argument("--type", help="--format gguf: GGUF tensor type for quantized kernels "
+                 "(default q8_0)")
   x.add_argument("--embed-type", help="GGUF type of token_embd/output (default: a float "
                  "embedding stays float, a quantized one takes --type)")
-  x.add_argument("--out", required=True)
+  x.add_argument("--out", required=True, help="the .gguf file, or the compressed-tensors "
+                 "directory")
   x.add_argument("--model", help=MODEL_OVERRIDE)
   x.add_argument("--requantize", action="store_true",
                  help="allow re-rounding where jq's grid has no exact equivalent (each changed "

@@ -237,6 +237,13 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
     kw["query_scale"] = float(raw.get("query_pre_attn_scalar") or 256) ** -0.5
     kw["attn_softcap"] = raw.get("attn_logit_softcapping")
     kw["final_softcap"] = raw.get("final_logit_softcapping")
+    if family == "gemma3_text" and kw["attn_softcap"] is not None:
+      # transformers' Gemma 3 keeps the field but never passes it to its attention (Gemma 3
+      # has q/k norms instead), so the checkpoint's function has no attention soft-capping
+      import warnings  # pylint: disable=import-outside-toplevel
+      warnings.warn(f"{where}: attn_logit_softcapping={kw['attn_softcap']} is ignored for "
+                    "gemma3_text, as transformers' Gemma 3 ignores it", stacklevel=2)
+      kw["attn_softcap"] = None
 
   # sliding-window layers
   window = raw.get("sliding_window", 4096 if family == "olmo3" else None)
@@ -304,6 +311,8 @@ def family_config(raw: Mapping[str, Any], *, where: str = "config.json",
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family == "phi3" else 1e-6)),
         max_seq_len=int(raw.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", tie_default)), dtype=dtype, **kw)
+  except CheckpointError:   # (need()'s, which names ``where`` already)
+    raise
   except ValueError as e:
     raise CheckpointError(f"{where}: {e}") from e
 

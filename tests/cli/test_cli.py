@@ -127,3 +127,13 @@ def test_arguments_are_checked_before_any_work(tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   assert cli.main(["inspect", str(tmp_path)]) == 1
   assert "is a directory, not a checkpoint" in capsys.readouterr().err
+
+
+def test_quantize_help_documents_the_calibration_count(capsys):
+  """``--calib-sequences`` was listed in ``quantize --help`` with no text (its default, 32,
+  unsaid)."""
+  with pytest.raises(SystemExit):
+    cli.main(["quantize", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--calib-sequences N calibrated recipes: calibration sequences" in text
+  assert "(default 32)" in text

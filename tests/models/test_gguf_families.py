@@ -4,6 +4,7 @@ load into the same model as the Hugging Face checkpoint they came from; where tr
 the GGUF too, its logits agree."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gguf
@@ -359,3 +360,24 @@ def test_cli_exports_a_hugging_face_checkpoint_to_gguf_with_a_checked_tokenizer(
   assert written["tokenizer.ggml.pre"] == "gpt-2" and written["tokenizer.ggml.eos_token_id"] == 4
   assert written["tokenizer.ggml.tokens"] == meta["tokenizer.ggml.tokens"]
   assert written["tokenizer.ggml.merges"] == meta["tokenizer.ggml.merges"]
+
+
+def test_gemma3_linear_rope_scaling_exports_and_runs_in_llama_cpp(tiny_hf, tmp_path):
+  """Gemma 3 4B-27B scale RoPE linearly (factor 8) on their global layers only; llama.cpp's
+  gemma3 does the same from ``rope.scaling.*`` (the export was refused): jq reads its export back
+  with the scaling, and llama.cpp (where installed) computes jq's logits past the window."""
+  from jq.io import gguf as G
+  src = tiny_hf("gemma3_text", **OVERRIDES["gemma3_text"], num_hidden_layers=6,
+                rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
+  config, params = hf.load_weights(src)
+  assert config.rope_scaling.kind == "linear"
+  out = tmp_path / "g3.gguf"
+  G.export_gguf({"params": params}, config, _tokenizer_metadata(src, config.vocab_size), out,
+                "f32", arch="gemma3")
+  back, _ = gguf_weights.load_gguf(out)
+  assert back.rope_scaling == config.rope_scaling
+  pytest.importorskip("llama_cpp")
+  ids = [int(i) for i in np.random.default_rng(4).integers(3, config.vocab_size, 40)]
+  assert llama_cpp_error(out, config, params, ids) < 2e-3
+  plain = dataclasses.replace(config, rope_scaling=None)   # (the 6th layer's scaling is felt)
+  assert llama_cpp_error(out, plain, params, ids) > 1e-2

@@ -161,6 +161,9 @@ def test_bad_checkpoints_name_file_and_field(tiny_hf, tmp_path):
   with_config(num_hidden_layers=None)
   with pytest.raises(hf.CheckpointError, match="'num_hidden_layers' is missing"):
     hf.load_weights(path)
+  with_config(vocab_size=None)   # (read inside the DecoderConfig call: its file was named twice)
+  with pytest.raises(hf.CheckpointError, match=r"^[^:]*config.json: field 'vocab_size' is missing"):
+    hf.load_weights(path)
   with_config(intermediate_size=80)   # the tensors disagree with the config
   with pytest.raises(hf.CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp"):
     hf.load_weights(path)
@@ -232,6 +235,12 @@ def test_cli_lengths_default_to_a_short_context(tiny_hf, tmp_path, capsys):
   assert cli.main(["quantize", "--model", str(path), "--recipe", "awq-w4a16-g32", "--stream",
                    "--out", str(tmp_path / "s2"), "--calib-len", "100"]) == 1
   assert "--calib-len (calibration sequence length) = 100 exceeds" in capsys.readouterr().err
+  assert cli.main(["generate", str(out), "--prompt", "Hi", "--max-new-tokens", "60"]) == 1
+  assert "--max-new-tokens 60 after the prompt's" in capsys.readouterr().err
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  assert cli.main(["export", str(out), "--format", "gguf", "--out", str(afile / "x.gguf")]) == 1
+  assert f"{afile} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_export_and_generate_read_no_float_weights(tiny_hf, tmp_path, monkeypatch):

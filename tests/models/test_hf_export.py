@@ -194,3 +194,37 @@ def test_rows_gguf_blocks_do_not_divide_are_said_at_quantize_and_written_float(t
     assert cli.main(["eval", str(path), "--json", "--eval-windows", "1", "--window", "64"]) == 0
     kl.append(json.loads(capsys.readouterr().out)["kl"])
   assert kl[0] > 0 and abs(kl[0] - kl[1]) < 1e-6
+
+
+def test_export_type_flags_are_checked_for_the_format_before_loading(tiny_hf, tmp_path, capsys,
+                                                                     monkeypatch):
+  """``--type`` / ``--embed-type`` are GGUF flags: compressed-tensors refused ``--embed-type`` but
+  dropped ``--type q4_0`` silently; a type jq cannot write (``--embed-type q5_k``) was written as
+  F16 where the rows were narrower than its blocks (refused only on wider ones). All are refused
+  by flag before the checkpoint is read; ``export_gguf`` refuses such an ``embed_type`` too."""
+  from jq.io import gguf as G
+  from jq_models import hf
+  src = tiny_hf("qwen2")
+  ckpt = tmp_path / "q.safetensors"
+  _quantize(src, ckpt, "gguf-q8_0")
+  capsys.readouterr()
+  loads = []
+  real = cli._load_ckpt
+  monkeypatch.setattr(cli, "_load_ckpt", lambda *a, **k: loads.append(a) or real(*a, **k))
+  for argv, match in (
+      (["--format", "compressed-tensors", "--type", "q4_0", "--out", str(tmp_path / "ct")],
+       "--type applies to --format gguf only"),
+      (["--format", "compressed-tensors", "--embed-type", "q8_0", "--out", str(tmp_path / "ct")],
+       "--embed-type applies to --format gguf only"),
+      (["--format", "gguf", "--embed-type", "q5_k", "--out", str(tmp_path / "x.gguf")],
+       "--embed-type q5_k: jq cannot write GGUF Q5_K"),
+      (["--format", "gguf", "--type", "bogus", "--out", str(tmp_path / "x.gguf")],
+       "--type: unknown GGUF tensor type 'bogus'")):
+    assert cli.main(["export", str(ckpt), *argv]) == 1
+    err = capsys.readouterr().err
+    assert match in err, err
+  assert not loads and not (tmp_path / "ct").exists() and not (tmp_path / "x.gguf").exists()
+  config, params = hf.load_weights(src)
+  with pytest.raises(G.GGUFExportError, match="cannot write GGUF Q5_K"):
+    G.export_gguf({"params": params}, config, None, tmp_path / "y.gguf", "f32", embed_type="q5_k")
+  assert cli.main(["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 0

@@ -129,3 +129,19 @@ def test_chat_template_matches_transformers(tiny_hf):
   text = ours.apply_chat_template(messages)
   assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
   assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gemma3_attention_softcapping_is_ignored_as_transformers_does(tiny_hf):
+  """Gemma 3's config keeps ``attn_logit_softcapping``, but transformers' Gemma 3 attention never
+  applies it (only ``final_logit_softcapping``); jq applied it, 5e-2 off transformers' logits on
+  a checkpoint that set it. Now ignored with a warning naming the field."""
+  path = tiny_hf("gemma3_text", tokenizer=False, seed=7, attn_logit_softcapping=1.0,
+                 final_logit_softcapping=3.0)
+  with pytest.warns(UserWarning, match="attn_logit_softcapping=1.0 is ignored"):
+    config, params = hf.load_weights(path)
+  assert config.attn_softcap is None and config.final_softcap == 3.0
+  ids = np.random.default_rng(5).integers(0, config.vocab_size, (2, 12))
+  with torch.no_grad():
+    ref = _hf_model(path)(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(decoder.Decoder(config).apply({"params": params}, jnp.asarray(ids)))
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4

@@ -215,7 +215,8 @@ def arch_problems(config: Any, arch: str) -> list[str]:
   llama.cpp fixes per architecture what a ``DecoderConfig`` leaves open: which tensors exist,
   Gemma 2's sliding pattern (every other layer) and Gemma 3's (5 of 6), Gemma's query scale
   (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` for the 27B models), the local RoPE base
-  (10000), and it has no sliding window for ``llama``.  Mixtures of experts: as
+  (10000; Gemma 3's linear RoPE scaling applies to its global layers only, as in jq and
+  transformers), and it has no sliding window for ``llama``.  Mixtures of experts: as
   ``jq.io.decoder_names.GGUF_MOE`` says (renormalized routing or not, a shared expert, the
   experts' width), experts in every layer.
   """
@@ -240,6 +241,9 @@ def arch_problems(config: Any, arch: str) -> list[str]:
                   sliding_layers=tuple(bool((i + 1) % pattern) for i in range(layers)))
     if arch == "gemma3":
       want["local_rope_theta"] = 10000.0 if get("sliding_window") is not None else None
+      scaling = get("rope_scaling")   # linear on the global layers (Gemma 3 4B-27B: factor 8),
+      if scaling is not None and scaling.kind == "linear":   # the local ones unscaled: as jq
+        want["rope_scaling"] = scaling
   if arch == "phi3":   # partial rotary and LongRoPE's two factor sets (no window: llama.cpp's
     scaling = get("rope_scaling")   # phi3 ignores it)
     want.update(rotary_dim=get("rotary_dim"),
@@ -406,6 +410,9 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     raise GGUFExportError(f"cannot write GGUF {main_type.name}; choose one of "
                           f"{[x.name.lower() for x in EXPORT_TYPES]}")
   emb_type = None if embed_type is None else to_type(embed_type)
+  if emb_type is not None and emb_type not in EXPORT_TYPES:   # (not only where its blocks fit)
+    raise GGUFExportError(f"cannot write GGUF {emb_type.name} (embed_type); choose one of "
+                          f"{[x.name.lower() for x in EXPORT_TYPES]}")
   overrides = [(re.compile(p), to_type(v)) for p, v in (tensor_types or {}).items()]
   hp = LlamaHParams.from_config(config)
   problems = arch_problems(config, arch)
@@ -596,6 +603,8 @@ def _fitting_type(t: GGMLType, leaf: Any, block_axis: int, name: str, requantize
   (256) to Q5_0 / Q8_0, and a 32-block type to F16.  jq goes on to F16 for a 32-block type
   asked for directly too (llama-quantize stops there), and to F32 for a QArray whose values F16
   cannot hold exactly (unless ``requantize``); every fallback is noted by name."""
+  if t not in EXPORT_TYPES:   # (encode_tensor names it)
+    return t
   n = leaf.shape[block_axis] if leaf.ndim == 2 else None
   chosen = t
   if n is not None and chosen in _K_FALLBACK and n % QK_K:
