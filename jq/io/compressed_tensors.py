@@ -635,21 +635,22 @@ class _ShardFiller:
   def __init__(self, directory: str, max_bytes: int):
     self.directory, self.max_bytes = directory, max_bytes
     self.pending: dict[str, np.ndarray] = {}
+    self.pending_bytes = self.total = 0
     self.parts: list[list[str]] = []
-    self.total = 0
     self.names: list[str] = []
 
   def put(self, name: str, x: np.ndarray) -> None:
-    if self.pending and sum(v.nbytes for v in self.pending.values()) + x.nbytes > self.max_bytes:
+    if self.pending and self.pending_bytes + x.nbytes > self.max_bytes:
       self._flush()
     self.pending[name] = x
+    self.pending_bytes += x.nbytes
     self.total += x.nbytes
 
   def _flush(self) -> None:
     write_safetensors(os.path.join(self.directory, f".part-{len(self.parts):05d}"), self.pending,
                       {"format": "pt"})
     self.parts.append(sorted(self.pending))
-    self.pending = {}
+    self.pending, self.pending_bytes = {}, 0
 
   def finish(self) -> None:
     if self.pending or not self.parts:

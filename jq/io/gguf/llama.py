@@ -463,8 +463,8 @@ def export_gguf(params: Any, config: Any, tokenizer_meta: Mapping[str, Any] | No
     raise GGUFExportError(f"tokenizer has {len(tok['tokenizer.ggml.tokens'])} tokens but "
                           f"vocab_size={hp.vocab_size}")
 
-  # Each tensor is encoded, handed to the writer's spooled temporary file and dropped: the export
-  # holds one tensor at a time (a layer's experts until they are stacked) beside ``params``, whose
+  # Each tensor is encoded, handed to the writer's temporary file (beside the output) and dropped:
+  # the export holds one tensor at a time (a layer's experts until they are stacked) beside ``params``, whose
   # leaves may be read here one by one (jq.io.load(path, lazy=True): nothing held at all).
   experts: dict[str, list[tuple[int, np.ndarray, GGMLType, str]]] = {}
   n_experts: dict[str, int] = {}
