@@ -324,9 +324,34 @@ def quantized_apply(apply_fn_or_module: nn.Module | Callable[..., Any], *,
   @functools.wraps(fn)
   def apply(variables, *args, **kwargs):
     with maybe_policy(policy), nn.intercept_methods(adapter_interceptor):
-      return fn(variables, *args, **kwargs)
+      try:
+        return fn(variables, *args, **kwargs)
+      except (AttributeError, TypeError) as e:
+        direct = _direct_use(e, variables)
+        if direct is None:
+          raise
+        raise direct from e
 
   return apply
+
+
+def _direct_use(e: Exception, variables: Any) -> ValueError | None:
+  """The model's own code used a QArray as an array, outside the layers jq adapts (a tied
+  decoder reading ``enc.variables["params"]["kernel"]``): named, with the way out, instead of a
+  bare ``'QArray' object has no attribute 'T'``."""
+  obj = getattr(e, "obj", None)
+  if not isinstance(obj, QArray) and "QArray" not in str(e):
+    return None
+  found = [(p, x) for p, x in leaves_with_paths(variables) if isinstance(x, QArray)]
+  if isinstance(obj, QArray):
+    found = [(p, x) for p, x in found if (x.shape, x.qtype, x.tile) == (obj.shape, obj.qtype,
+                                                                         obj.tile)]
+  which = ", ".join(f"{p} {tuple(x.shape)} {x.qtype.value}" for p, x in found[:4])
+  return ValueError(
+      f"the model's own code uses a quantized parameter as an array, outside the layers jq "
+      f"adapts ({type(e).__name__}: {e}); it is {'one of ' if len(found) > 1 else ''}{which}. "
+      "A kernel a layer uses and the model also reads directly (a tied decoder, a weight the "
+      "model transforms) must stay float: put Rule(pattern=<its path>, weight=None) first")
 
 
 def _apply_fn(model) -> Callable[..., Any]:

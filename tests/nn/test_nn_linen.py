@@ -211,3 +211,30 @@ def test_static_rules_without_calibration_are_refused(linen):
   with pytest.raises(ValueError, match="calibrated input scale"):
     jq.quantize_tree(variables, jq.default_rules(jq.W8A16, jq.A8_STATIC),
                      layouts=_layouts(variables))
+
+
+def test_a_kernel_the_model_reads_directly_is_named():
+  """A tied autoencoder reads its encoder's kernel beside the layer (``h @ w.T``): quantized, the
+  model's own code met a QArray (a bare AttributeError); the error names the parameter and the
+  rule that keeps it float, with which the model runs."""
+  import flax.linen as nn
+
+  class AE(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      enc = nn.Dense(32, name="enc")
+      h = nn.relu(enc(x))
+      return nn.Dense(16, name="out")(h @ enc.variables["params"]["kernel"].T)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64)), jnp.float32)
+  model = AE()
+  variables = model.init(jax.random.key(0), x)
+  q = jqnn.quantize_variables(model, variables, jq.recipe_rules("w8a16"), x)
+  with pytest.raises(ValueError, match=r"uses a quantized parameter as an array.*it is "
+                                       r"params/enc/kernel \(64, 32\) int8.*weight=None"):
+    jqnn.quantized_apply(model)(q, x)
+  rules = (Rule(pattern="enc/kernel$", weight=None), *jq.recipe_rules("w8a16"))
+  q = jqnn.quantize_variables(model, variables, rules, x)
+  assert isinstance(q["params"]["out"]["kernel"], jq.QArray)
+  y, ref = jqnn.quantized_apply(model)(q, x), model.apply(variables, x)
+  assert float(jq.metrics.sqnr(ref, y)) > 30
